@@ -1,0 +1,103 @@
+"""The one place where causalpatch registers PyTorch hooks.
+
+:func:`hooked` installs a list of :class:`Hook` objects for the duration of a ``with`` block and
+removes exactly those handles on every exit path (normal exit, exception in a user callable,
+``KeyboardInterrupt``). Hooks that the user or other libraries installed are never touched.
+
+A hook function receives the canonical activation (e.g. ``[batch, pos, n_heads, d_head]`` for
+``attn.z``) and returns a replacement of the same shape, or ``None`` to leave it unchanged (a
+read-only hook, used for caching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .adapters.base import ModelDims
+from .names import Site
+
+HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A function to run on a site's activation during the forward pass."""
+
+    site: Site
+    fn: HookFn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (e.g. once every cached site is read)."""
+
+
+def _apply(hook: Hook, tensor: torch.Tensor, dims: ModelDims) -> torch.Tensor | None:
+    view = hook.site.view
+    new = hook.fn(view.read(tensor, dims))
+    if new is None:
+        return None
+    return view.write(tensor, new, dims)
+
+
+def _output_hook(hook: Hook, dims: ModelDims) -> Callable[..., Any]:
+    def run(module: nn.Module, args: Any, output: Any) -> Any:
+        tensor = output[0] if isinstance(output, tuple) else output
+        new = _apply(hook, tensor, dims)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return run
+
+
+def _input_hook(hook: Hook, dims: ModelDims) -> Callable[..., Any]:
+    def run(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            new = _apply(hook, args[0], dims)
+            return None if new is None else ((new, *args[1:]), kwargs)
+        key = "hidden_states" if "hidden_states" in kwargs else next(
+            k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+        new = _apply(hook, kwargs[key], dims)
+        return None if new is None else (args, {**kwargs, key: new})
+
+    return run
+
+
+@contextmanager
+def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[None]:
+    """Install ``hooks`` on ``root``'s sub-modules for the ``with`` block, then remove them.
+
+    Hooks on the same site run in list order, each seeing the previous one's result.
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for hook in hooks:
+            module = root.get_submodule(hook.site.module_path)
+            if hook.site.hook == "output":
+                handles.append(module.register_forward_hook(_output_hook(hook, dims)))
+            else:
+                handles.append(module.register_forward_pre_hook(
+                    _input_hook(hook, dims), with_kwargs=True))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+
+
+def hook_counts(root: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module_path: (n_forward_hooks, n_forward_pre_hooks)}`` for modules that have any.
+
+    Used by tests and by :meth:`InterpretableModel.hook_snapshot` to prove no hook leaked.
+    """
+    counts = {}
+    for path, module in root.named_modules():
+        n = (len(module._forward_hooks), len(module._forward_pre_hooks))
+        if n != (0, 0):
+            counts[path] = n
+    return counts

@@ -1,0 +1,195 @@
+"""Component names: parse ``blocks.5.attn.z``, ``layers.5.mlp`` or ``model.layers.5.mlp``.
+
+A name resolves to a :class:`Site`: the module to hook, the hook kind, the view that turns the
+hooked tensor into the canonical activation, and the layer. Canonical names are
+
+* ``blocks.{L}.resid_pre`` – input of decoder layer ``L`` ``[batch, pos, d_model]``
+* ``blocks.{L}.resid_mid`` – residual stream between attention and MLP
+* ``blocks.{L}.resid_post`` – output of decoder layer ``L``
+* ``blocks.{L}.attn`` / ``blocks.{L}.mlp`` – block outputs before the residual add
+* ``blocks.{L}.attn.z`` – per-head output before the output projection
+  ``[batch, pos, n_heads, d_head]``
+* ``blocks.{L}.attn.q|k|v`` – per-head queries/keys/values (k/v have ``n_kv_heads`` heads)
+* ``blocks.{L}.mlp.post`` – MLP hidden activations ``[batch, pos, d_mlp]``
+* ``embed`` – token embedding output; ``ln_final`` – final norm output.
+
+Raw module paths of the Hugging Face model and the short forms ``layers.{L}.mlp`` /
+``layers.{L}.self_attn`` are accepted as well.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from .adapters.base import IDENTITY, Adapter, HookKind, ModelDims, View
+from .errors import OutOfRangeError, UnknownComponentError
+
+#: TransformerLens hook names users type from habit -> our site names.
+_TL_HOOKS = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn",
+    "hook_mlp_out": "mlp",
+    "attn.hook_z": "attn.z",
+    "attn.hook_q": "attn.q",
+    "attn.hook_k": "attn.k",
+    "attn.hook_v": "attn.v",
+    "mlp.hook_post": "mlp.post",
+}
+
+_D_MODEL_SITES = {"resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn.in", "mlp.in",
+                  "attn.raw", "mlp.raw"}
+_D_MLP_SITES = {"mlp.post", "mlp.gate", "mlp.up", "mlp.pre"}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A resolved hook site.
+
+    Attributes:
+        name: canonical name (``blocks.3.attn.z``) or, for raw modules, the module path.
+        kind: site kind within a layer (``attn.z``), or ``"module"`` for raw modules.
+        layer: decoder layer index, ``None`` outside the layer stack.
+        module_path: module path from the model root.
+        hook: ``"input"`` or ``"output"``.
+        view: maps the hooked tensor to the activation and back.
+    """
+
+    name: str
+    kind: str
+    layer: int | None
+    module_path: str
+    hook: HookKind
+    view: View = IDENTITY
+
+    def feature_shape(self, dims: ModelDims) -> tuple[int, ...] | None:
+        """Trailing shape of the activation after ``[batch, pos]``, when known."""
+        if self.view.per_head:
+            return (self.view.n_heads(dims), dims.d_head)
+        if self.kind in _D_MODEL_SITES or self.kind in {"embed", "ln_final"}:
+            return (dims.d_model,)
+        if self.kind in _D_MLP_SITES:
+            return (dims.d_mlp,)
+        return None
+
+    @property
+    def per_head(self) -> bool:
+        return self.view.per_head
+
+
+def site_kinds(adapter: Adapter, config: Any = None) -> list[str]:
+    """Every per-layer site kind this adapter defines (for this config)."""
+    unsupported = adapter.unsupported(config) if config is not None else {}
+    kinds = ["resid_pre", *adapter.sites.keys(), "resid_post"]
+    return [k for k in kinds if k not in unsupported]
+
+
+def canonical_names(adapter: Adapter, dims: ModelDims, config: Any = None) -> list[str]:
+    """All canonical names of a model, layer by layer."""
+    names = ["embed"]
+    for layer in range(dims.n_layers):
+        names += [f"blocks.{layer}.{k}" for k in site_kinds(adapter, config)]
+    return names + ["ln_final"]
+
+
+def _strip_root(name: str, adapter: Adapter) -> str:
+    """``model.model.layers.3.mlp`` (mlxterp) and ``model.layers.3.mlp`` -> ``layers.3.mlp``."""
+    layers_leaf = adapter.layers.split(".")[-1]
+    prefix = adapter.layers[: -len(layers_leaf)]
+    while name.startswith("model.") and not name.startswith(prefix + layers_leaf + "."):
+        name = name[len("model.") :]
+    if prefix and name.startswith(prefix + layers_leaf + "."):
+        name = name[len(prefix) :]
+    return name
+
+
+def resolve(name: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
+            config: Any = None) -> Site:
+    """Resolve a component name into a :class:`Site`.
+
+    Raises:
+        UnknownComponentError: the name names nothing; the message lists close matches.
+        OutOfRangeError: the layer index is outside ``[0, n_layers)``.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnknownComponentError(f"component name must be a non-empty string, got {name!r}")
+    n_layers = dims.n_layers
+    if name == "embed":
+        return Site("embed", "embed", None, adapter.embed, "output")
+    if name in ("ln_final", "final_norm"):
+        return Site("ln_final", "ln_final", None, adapter.final_norm, "output")
+
+    match = re.fullmatch(r"blocks\.(-?\d+)\.(.+)", name)
+    layer_leaf = adapter.layers.split(".")[-1]
+    if match is None:
+        stripped = _strip_root(name, adapter)
+        match = re.fullmatch(rf"{re.escape(layer_leaf)}\.(-?\d+)\.?(.*)", stripped)
+        if match is not None and match.group(2) == "":
+            match = None
+            raw_layer = int(stripped.split(".")[1])
+            _check_layer(raw_layer, n_layers, name)
+            return Site(f"blocks.{raw_layer}.resid_post", "resid_post", raw_layer,
+                        f"{adapter.layers}.{raw_layer}", "output")
+    if match is not None:
+        layer = int(match.group(1))
+        _check_layer(layer, n_layers, name)
+        rest = _TL_HOOKS.get(match.group(2), match.group(2))
+        rest = adapter.aliases.get(rest, rest)
+        layer_path = f"{adapter.layers}.{layer}"
+        unsupported = adapter.unsupported(config) if config is not None else {}
+        if rest in unsupported:
+            raise UnknownComponentError(f"component {name!r} is not defined: {unsupported[rest]}")
+        if rest == "resid_pre":
+            return Site(f"blocks.{layer}.resid_pre", rest, layer, layer_path, "input")
+        if rest == "resid_post":
+            return Site(f"blocks.{layer}.resid_post", rest, layer, layer_path, "output")
+        if rest in adapter.sites:
+            spec = adapter.sites[rest]
+            return Site(f"blocks.{layer}.{rest}", rest, layer, f"{layer_path}.{spec.module}",
+                        spec.hook, spec.view)
+        # a raw sub-module of the layer: hook its output as is
+        if _has_module(root, f"{layer_path}.{rest}"):
+            for kind, spec in adapter.sites.items():
+                if spec.module == rest and spec.hook == "output" and not spec.view.per_head:
+                    return Site(f"blocks.{layer}.{kind}", kind, layer,
+                                f"{layer_path}.{rest}", "output")
+            return Site(f"{layer_path}.{rest}", "module", layer, f"{layer_path}.{rest}",
+                        "output")
+    elif _has_module(root, name) and name != "":
+        return Site(name, "module", None, name, "output")
+
+    candidates = canonical_names(adapter, dims, config)
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownComponentError(
+        f"unknown component {name!r} for this {adapter.name} model.{hint} Canonical names look "
+        f"like 'blocks.0.resid_pre'; per-layer sites: {', '.join(site_kinds(adapter, config))}; "
+        "raw module paths (e.g. from model.hf_model.named_modules()) work too."
+    )
+
+
+def _check_layer(layer: int, n_layers: int, name: str) -> None:
+    if not 0 <= layer < n_layers:
+        raise OutOfRangeError(
+            f"layer {layer} in component {name!r} is out of range: this model has {n_layers} "
+            f"layers, so layer must be in [0, {n_layers - 1}]"
+        )
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def site_name(kind: str, layer: int) -> str:
+    """``site_name("attn.z", 3) == "blocks.3.attn.z"``."""
+    return f"blocks.{layer}.{kind}"
