@@ -69,6 +69,25 @@ def _input_hook(hook: Hook, dims: ModelDims) -> Callable[..., Any]:
     return run
 
 
+def _residual_hooks(hook: Hook, dims: ModelDims) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``resid_mid``: remember the layer input, then read/write ``residual + attn_out``."""
+    state: dict[str, torch.Tensor] = {}
+
+    def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state["residual"] = args[0] if args else kwargs["hidden_states"]
+
+    def on_attn(module: nn.Module, args: Any, output: Any) -> Any:
+        out = output[0] if isinstance(output, tuple) else output
+        residual = state["residual"]
+        new = hook.fn(residual + out)
+        if new is None:
+            return None
+        new_out = new - residual
+        return (new_out, *output[1:]) if isinstance(output, tuple) else new_out
+
+    return remember, on_attn
+
+
 @contextmanager
 def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[None]:
     """Install ``hooks`` on ``root``'s sub-modules for the ``with`` block, then remove them.
@@ -79,7 +98,12 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
     try:
         for hook in hooks:
             module = root.get_submodule(hook.site.module_path)
-            if hook.site.hook == "output":
+            if hook.site.residual_from is not None:
+                remember, on_attn = _residual_hooks(hook, dims)
+                layer = root.get_submodule(hook.site.residual_from)
+                handles.append(layer.register_forward_pre_hook(remember, with_kwargs=True))
+                handles.append(module.register_forward_hook(on_attn))
+            elif hook.site.hook == "output":
                 handles.append(module.register_forward_hook(_output_hook(hook, dims)))
             else:
                 handles.append(module.register_forward_pre_hook(
@@ -101,3 +125,29 @@ def hook_counts(root: nn.Module) -> dict[str, tuple[int, int]]:
         if n != (0, 0):
             counts[path] = n
     return counts
+
+
+@contextmanager
+def recorded_calls(root: nn.Module, paths: Sequence[str]) -> Iterator[dict[str, tuple[tuple, dict]]]:
+    """Record the ``(args, kwargs)`` each module in ``paths`` is called with (last call wins).
+
+    The sweep engine uses this to learn exactly what Hugging Face passes to each decoder layer
+    (masks, rotary embeddings, cache), so it can call the real layers itself.
+    """
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+
+    def recorder(path: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[path] = (args, dict(kwargs))
+
+        return record
+
+    try:
+        for path in paths:
+            module = root.get_submodule(path)
+            handles.append(module.register_forward_pre_hook(recorder(path), with_kwargs=True))
+        yield calls
+    finally:
+        for handle in reversed(handles):
+            handle.remove()

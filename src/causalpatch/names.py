@@ -59,6 +59,10 @@ class Site:
         module_path: module path from the model root.
         hook: ``"input"`` or ``"output"``.
         view: maps the hooked tensor to the activation and back.
+        residual_from: for ``resid_mid`` only: the decoder layer whose input (the residual) is
+            added to the hooked attention output. The site is read as ``residual + attn`` and
+            written by setting ``attn = new - residual``, so a patch changes the residual
+            stream itself and not just what the MLP's norm sees.
     """
 
     name: str
@@ -67,6 +71,7 @@ class Site:
     module_path: str
     hook: HookKind
     view: View = IDENTITY
+    residual_from: str | None = None
 
     def feature_shape(self, dims: ModelDims) -> tuple[int, ...] | None:
         """Trailing shape of the activation after ``[batch, pos]``, when known."""
@@ -147,6 +152,10 @@ def resolve(name: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
             raise UnknownComponentError(f"component {name!r} is not defined: {unsupported[rest]}")
         if rest == "resid_pre":
             return Site(f"blocks.{layer}.resid_pre", rest, layer, layer_path, "input")
+        if rest == "resid_mid":
+            attn = adapter.sites["attn"]
+            return Site(f"blocks.{layer}.resid_mid", rest, layer, f"{layer_path}.{attn.module}",
+                        "output", residual_from=layer_path)
         if rest == "resid_post":
             return Site(f"blocks.{layer}.resid_post", rest, layer, layer_path, "output")
         if rest in adapter.sites:

@@ -1,0 +1,218 @@
+"""Metrics on next-token logits, one signature and a name registry.
+
+Every metric takes the logits at the last position, ``[batch, vocab]``, and a
+:class:`MetricInputs`, and returns one value per row, ``[batch]``, in float32 whatever the
+model's dtype. Two kinds:
+
+* **scores** (``logit_diff``, ``prob``, ``logprob``, ``ce_diff``): a number about the answer
+  tokens; patching moves it from the base run's value towards the source run's.
+* **distances** (``l2``, ``mse``, ``cosine``, ``kl``): how far the logits are from the *source*
+  run's logits; 0 at the source.
+
+Both are normalised the same way, :func:`normalize`:
+``effect = (patched - base) / (source - base)``. For a distance, ``source`` is 0, so the effect is
+the seeds' recovery ``(d_base - d_patched) / d_base``.
+
+Numerics: logits are cast to float32 before any arithmetic; KL uses ``log_softmax`` (no
+``log(0)``); L2 sums squares in float32 (float16 logits cannot overflow it, even with 262k-token
+vocabularies). A non-finite result raises :class:`NonFiniteError` instead of propagating.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InvalidArgumentError, InvalidTypeError, NonFiniteError, NormalizationError
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """What a metric may need besides the logits (all rows aligned with the logits' batch).
+
+    Attributes:
+        target_logits: ``[batch, vocab]`` logits of the source run (distance metrics).
+        correct: ``[batch]`` answer token ids.
+        incorrect: ``[batch]`` wrong-answer token ids.
+    """
+
+    target_logits: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    incorrect: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor | slice) -> MetricInputs:
+        """The inputs restricted to some rows."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return MetricInputs(pick(self.target_logits), pick(self.correct), pick(self.incorrect))
+
+    def expand(self, n: int) -> MetricInputs:
+        """Repeat single-row inputs ``n`` times."""
+        grow = lambda t: None if t is None else t.expand(n, *t.shape[1:])  # noqa: E731
+        return MetricInputs(grow(self.target_logits), grow(self.correct), grow(self.incorrect))
+
+
+MetricFn = Callable[[torch.Tensor, MetricInputs], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric."""
+
+    name: str
+    fn: MetricFn
+    kind: Literal["score", "distance"]
+    needs: tuple[str, ...] = ()
+    doc: str = ""
+
+    def __call__(self, logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+        values = self.fn(logits.float(), inputs)
+        if values.dim() == 0:
+            values = values.expand(logits.shape[0])
+        values = values.float()
+        if not torch.isfinite(values).all():
+            raise NonFiniteError(
+                f"metric {self.name!r} produced non-finite values {values.tolist()[:5]}; check the "
+                "model's dtype (try float32) and the inputs")
+        return values
+
+
+def _need(inputs: MetricInputs, name: str, metric: str) -> torch.Tensor:
+    value = getattr(inputs, name)
+    if value is None:
+        raise InvalidArgumentError(
+            f"metric {metric!r} needs {name}_token; pass metric_kwargs={{'correct_token': ..., "
+            "'incorrect_token': ...}} or correct=' Mary', incorrect=' John'")
+    return value
+
+
+def _gather(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return logits.gather(-1, ids.view(-1, 1).to(logits.device)).squeeze(-1)
+
+
+def logit_diff(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """``logit[correct] - logit[incorrect]`` per row."""
+    return _gather(logits, _need(inputs, "correct", "logit_diff")) - _gather(
+        logits, _need(inputs, "incorrect", "logit_diff"))
+
+
+def prob(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """Probability of the correct token."""
+    return _gather(torch.softmax(logits, dim=-1), _need(inputs, "correct", "prob"))
+
+
+def logprob(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """Log-probability of the correct token (stable ``log_softmax``)."""
+    return _gather(torch.log_softmax(logits, dim=-1), _need(inputs, "correct", "logprob"))
+
+
+def ce_diff(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """Negative cross-entropy of the correct token (higher = the model is more right).
+
+    Normalised, it is the fraction of the clean/corrupted loss gap that patching closes.
+    """
+    return logprob(logits, inputs)
+
+
+def l2(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """Euclidean distance to the source logits, in float32."""
+    target = _need(inputs, "target_logits", "l2").float()
+    return torch.linalg.vector_norm(logits - target, dim=-1)
+
+
+def mse(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """Mean squared difference to the source logits."""
+    target = _need(inputs, "target_logits", "mse").float()
+    return (logits - target).pow(2).mean(dim=-1)
+
+
+def cosine(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """Cosine distance ``1 - cos(logits, source logits)``."""
+    target = _need(inputs, "target_logits", "cosine").float()
+    return 1.0 - F.cosine_similarity(logits, target, dim=-1, eps=1e-12)
+
+
+def kl(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """``KL(source || patched)`` of the next-token distributions, from ``log_softmax``."""
+    target = _need(inputs, "target_logits", "kl").float()
+    log_p = torch.log_softmax(target, dim=-1)
+    log_q = torch.log_softmax(logits, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("logit_diff", logit_diff, "score", ("correct", "incorrect"), logit_diff.__doc__ or ""),
+        Metric("prob", prob, "score", ("correct",), prob.__doc__ or ""),
+        Metric("logprob", logprob, "score", ("correct",), logprob.__doc__ or ""),
+        Metric("ce_diff", ce_diff, "score", ("correct",), ce_diff.__doc__ or ""),
+        Metric("l2", l2, "distance", ("target_logits",), l2.__doc__ or ""),
+        Metric("mse", mse, "distance", ("target_logits",), mse.__doc__ or ""),
+        Metric("cosine", cosine, "distance", ("target_logits",), cosine.__doc__ or ""),
+        Metric("kl", kl, "distance", ("target_logits",), kl.__doc__ or ""),
+    )
+}
+
+
+def register_metric(name: str, fn: MetricFn, kind: Literal["score", "distance"] = "score",
+                    needs: tuple[str, ...] = ()) -> Metric:
+    """Add a metric to the registry so it can be named by string."""
+    metric = Metric(name, fn, kind, needs, fn.__doc__ or "")
+    METRICS[name] = metric
+    return metric
+
+
+def get_metric(metric: str | Metric | Callable[..., Any]) -> Metric:
+    """Look up a metric by name, or wrap a callable.
+
+    A callable may take ``(logits)`` or ``(logits, inputs)`` and return ``[batch]`` or a scalar;
+    it is treated as a score.
+
+    Raises:
+        InvalidArgumentError: unknown name (the message lists the known ones).
+    """
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise InvalidArgumentError(
+                f"unknown metric {metric!r}; expected one of {', '.join(sorted(METRICS))} or a "
+                "callable (logits [batch, vocab]) -> [batch]")
+        return METRICS[metric]
+    if callable(metric):
+        try:
+            n_params = len(inspect.signature(metric).parameters)
+        except (TypeError, ValueError):
+            n_params = 2
+        fn = metric if n_params >= 2 else (lambda logits, inputs, _f=metric: _f(logits))
+        name = getattr(metric, "__name__", "custom")
+        return Metric(name, lambda lg, inp: torch.as_tensor(fn(lg, inp), dtype=torch.float32),
+                      "score")
+    raise InvalidTypeError(
+        f"metric must be a name ({', '.join(sorted(METRICS))}) or a callable, got "
+        f"{type(metric).__name__}")
+
+
+def normalize(patched: torch.Tensor, base: torch.Tensor | float, source: torch.Tensor | float,
+              what: str = "metric") -> torch.Tensor:
+    """``(patched - base) / (source - base)`` with a specific error when undefined.
+
+    Raises:
+        NormalizationError: ``|source - base|`` is too small relative to the values.
+    """
+    base_t = torch.as_tensor(base, dtype=torch.float32)
+    source_t = torch.as_tensor(source, dtype=torch.float32)
+    gap = source_t - base_t
+    scale = torch.maximum(torch.ones(()), torch.maximum(base_t.abs(), source_t.abs()))
+    if bool((gap.abs() <= 1e-6 * scale).any()):
+        raise NormalizationError(
+            f"cannot normalise the effect: the {what} is {float(source_t.mean()):.6g} on the "
+            f"source run and {float(base_t.mean()):.6g} on the base run, so (source - base) is "
+            "~0. Choose prompts/answers that the model tells apart, or pass normalize=False for "
+            "raw metric values")
+    return (patched.float() - base_t) / gap
