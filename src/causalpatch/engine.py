@@ -209,9 +209,11 @@ class _Prepared:
     start: int  # first suffix position s
     layer_inputs: list[torch.Tensor]  # per layer: [1, q, d_model] base residual (suffix)
     final_input: torch.Tensor  # [1, q, d_model] input of the final norm (suffix)
+    layer_args: list[tuple[Any, ...]]  # per layer: positional args after the hidden state
     layer_kwargs: list[dict[str, Any]]  # per layer: kwargs Hugging Face passed
     prefix_cache: Any  # Hugging Face Cache holding positions < s (or None)
     cache_key: str | None  # name of the cache kwarg ("cache" or "past_key_values")
+    cache_arg: int | None  # index in layer_args where the cache is passed positionally
 
 
 def _model_kwargs(model: InterpretableModel) -> set[str]:
@@ -224,7 +226,7 @@ def _prepare(model: InterpretableModel, base_ids: torch.Tensor, start: int) -> _
     adapter = model.adapter
     n_layers = model.n_layers
     params = _model_kwargs(model)
-    cache_key = "cache" if "cache" in params else "past_key_values"
+    cache_key: str | None = "cache" if "cache" in params else "past_key_values"
     prefix_cache = None
     with torch.no_grad():
         if start > 0:
@@ -238,18 +240,29 @@ def _prepare(model: InterpretableModel, base_ids: torch.Tensor, start: int) -> _
         paths = [f"{adapter.layers}.{i}" for i in range(n_layers)] + [adapter.final_norm]
         with recorded_calls(hf, paths) as calls:
             hf(**kwargs)
-    layer_inputs, layer_kwargs = [], []
+    from transformers.cache_utils import Cache
+
+    layer_inputs, layer_args, layer_kwargs = [], [], []
+    cache_arg = None
     for i in range(n_layers):
         args, kw = calls[paths[i]]
         hidden = args[0] if args else kw.pop("hidden_states")
-        kw = {k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}
-        if args[1:]:
-            raise RuntimeError("decoder layer called with extra positional arguments")
+        for key, value in list(kw.items()):  # the cache kwarg's name varies by model
+            if isinstance(value, Cache) or (key in ("cache", "past_key_values", "layer_past")
+                                            and value is None):
+                kw[key] = None
+                cache_key = key
+        rest = list(args[1:])
+        for j, arg in enumerate(rest):  # GPT-2 passes its cache positionally
+            if isinstance(arg, Cache):
+                rest[j], cache_arg = None, j
         layer_inputs.append(hidden.detach())
+        layer_args.append(tuple(rest))
         layer_kwargs.append(kw)
     final_args, final_kw = calls[adapter.final_norm]
     final_input = (final_args[0] if final_args else next(iter(final_kw.values()))).detach()
-    return _Prepared(start, layer_inputs, final_input, layer_kwargs, prefix_cache, cache_key)
+    return _Prepared(start, layer_inputs, final_input, layer_args, layer_kwargs, prefix_cache,
+                     cache_key, cache_arg)
 
 
 def _layer_cache(prepared: _Prepared, layer: int, batch: int) -> Any:
@@ -377,11 +390,15 @@ def _staircase(model: InterpretableModel, prepared: _Prepared,
             if layer == n_layers:
                 break
             hooks = [Hook(site, _writer(w.freeze())) for site, w in site_writes[layer].values()]
+            args = list(prepared.layer_args[layer])
             kwargs = dict(prepared.layer_kwargs[layer])
             cache = _layer_cache(prepared, layer, hidden.shape[0])
             if cache is not None:
-                kwargs[prepared.cache_key] = cache
+                if prepared.cache_arg is not None:
+                    args[prepared.cache_arg] = cache
+                else:
+                    kwargs[prepared.cache_key] = cache
             with hooked(root, hooks, model.dims):
-                result = layer_root[layer](hidden, **kwargs)
+                result = layer_root[layer](hidden, *args, **kwargs)
             hidden = result[0] if isinstance(result, tuple) else result
         return unembed(model, hidden[:, -1])
