@@ -195,13 +195,6 @@ def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations
     return out
 
 
-def _differs(site: Site, base: RunActivations, source: RunActivations) -> torch.Tensor:
-    """``[pos]`` or ``[pos, unit]`` bool: where the source differs from the base at a site."""
-    diff = source.acts[site.name][0] != base.acts[site.name][0]
-    keep = 2 if site.per_head else 1
-    return diff.flatten(keep).any(-1) if diff.dim() > keep else diff
-
-
 @dataclass
 class _Prepared:
     """Everything the staircase needs for one base prompt."""
@@ -220,26 +213,46 @@ def _model_kwargs(model: InterpretableModel) -> set[str]:
     return set(inspect.signature(model.hf_model.forward).parameters)
 
 
-def _prepare(model: InterpretableModel, base_ids: torch.Tensor, start: int) -> _Prepared:
-    """Prefill the base prompt's prefix and record each layer's call on the suffix."""
+def _cache_of(out: Any) -> Any:
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _cachers(store: dict[str, torch.Tensor], sites: Sequence[Site]) -> list[Hook]:
+    def saver(name: str) -> Callable[[torch.Tensor], None]:
+        def save(act: torch.Tensor) -> None:
+            store[name] = act.detach().clone()
+
+        return save
+
+    return [Hook(site, saver(site.name)) for site in sites]
+
+
+def _suffix_run(model: InterpretableModel, ids: torch.Tensor, start: int, prefix_cache: Any,
+                sites: Sequence[Site], record: bool
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, _Prepared | None]:
+    """Run positions ``start..T-1`` of ``ids`` on top of ``prefix_cache``.
+
+    Returns the activations of ``sites`` on those positions, the last-position logits
+    ``[vocab]`` and, with ``record``, the staircase context (each layer's call arguments).
+    """
     hf = model.hf_model
     adapter = model.adapter
     n_layers = model.n_layers
     params = _model_kwargs(model)
     cache_key: str | None = "cache" if "cache" in params else "past_key_values"
-    prefix_cache = None
-    with torch.no_grad():
-        if start > 0:
-            out = hf(input_ids=base_ids[:, :start], use_cache=True)
-            prefix_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        kwargs: dict[str, Any] = {"input_ids": base_ids[:, start:], "use_cache": start > 0}
-        if start > 0:
-            kwargs[cache_key] = copy.deepcopy(prefix_cache)
-        if "logits_to_keep" in params:
-            kwargs["logits_to_keep"] = 1
-        paths = [f"{adapter.layers}.{i}" for i in range(n_layers)] + [adapter.final_norm]
-        with recorded_calls(hf, paths) as calls:
-            hf(**kwargs)
+    kwargs: dict[str, Any] = {"input_ids": ids[:, start:], "use_cache": start > 0}
+    if start > 0:
+        kwargs[cache_key] = copy.deepcopy(prefix_cache)
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    paths = ([f"{adapter.layers}.{i}" for i in range(n_layers)] + [adapter.final_norm]
+             if record else [])
+    acts: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), hooked(hf, _cachers(acts, sites), model.dims), \
+            recorded_calls(hf, paths) as calls:
+        last = hf(**kwargs).logits[0, -1].float()
+    if not record:
+        return acts, last, None
     from transformers.cache_utils import Cache
 
     layer_inputs, layer_args, layer_kwargs = [], [], []
@@ -261,8 +274,74 @@ def _prepare(model: InterpretableModel, base_ids: torch.Tensor, start: int) -> _
         layer_kwargs.append(kw)
     final_args, final_kw = calls[adapter.final_norm]
     final_input = (final_args[0] if final_args else next(iter(final_kw.values()))).detach()
-    return _Prepared(start, layer_inputs, final_input, layer_args, layer_kwargs, prefix_cache,
-                     cache_key, cache_arg)
+    prepared = _Prepared(start, layer_inputs, final_input, layer_args, layer_kwargs,
+                         prefix_cache, cache_key, cache_arg)
+    return acts, last, prepared
+
+
+def _prefix_run(model: InterpretableModel, ids: torch.Tensor, start: int,
+                sites: Sequence[Site]) -> tuple[dict[str, torch.Tensor], Any]:
+    """Run positions ``0..start-1`` with a cache; activations of ``sites`` and the cache."""
+    if start == 0:
+        return {}, None
+    acts: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), hooked(model.hf_model, _cachers(acts, sites), model.dims):
+        out = model.hf_model(input_ids=ids[:, :start], use_cache=True)
+    return acts, _cache_of(out)
+
+
+def _prepare(model: InterpretableModel, base_ids: torch.Tensor, start: int) -> _Prepared:
+    """Prefill the base prompt's prefix and record each layer's call on the suffix."""
+    _, cache = _prefix_run(model, base_ids, start, [])
+    prepared = _suffix_run(model, base_ids, start, cache, [], record=True)[2]
+    assert prepared is not None
+    return prepared
+
+
+def _join(prefix: dict[str, torch.Tensor], suffix: dict[str, torch.Tensor]) -> RunActivations:
+    return RunActivations({name: torch.cat([prefix[name], act], dim=1) if name in prefix
+                           else act for name, act in suffix.items()})
+
+
+@dataclass
+class PairRun:
+    """The base and source runs of one pair, sharing their common prefix.
+
+    Attributes:
+        base_ids: ``[1, T]`` the prompt patched into.
+        base, source: activations at the sweep's sites, ``[1, T, ...]``; positions before the
+            first differing token come from one shared computation, so they are bitwise equal.
+        base_last, source_last: ``[vocab]`` last-position logits.
+        prepared: the staircase context of the base run.
+    """
+
+    base_ids: torch.Tensor
+    base: RunActivations
+    source: RunActivations
+    base_last: torch.Tensor
+    source_last: torch.Tensor
+    prepared: _Prepared | None
+
+
+def run_pair(model: InterpretableModel, base_ids: Sequence[int], source_ids: Sequence[int],
+             sites: Sequence[Site]) -> PairRun:
+    """Run base and source once each, the shared prefix only once.
+
+    The prefix (tokens before the first position where the prompts differ) is run with a
+    key/value cache; each prompt's suffix continues from it. The base suffix run also records
+    the arguments of every decoder layer for the staircase.
+    """
+    base_t = torch.tensor([list(base_ids)], dtype=torch.long, device=model.device)
+    src_t = torch.tensor([list(source_ids)], dtype=torch.long, device=model.device)
+    T = base_t.shape[1]
+    differ = (base_t[0] != src_t[0]).nonzero()
+    start = min(int(differ[0]) if len(differ) else T - 1, T - 1)
+    prefix_acts, cache = _prefix_run(model, base_t, start, sites)
+    base_acts, base_last, prepared = _suffix_run(model, base_t, start, cache, sites, True)
+    src_acts, src_last, _ = _suffix_run(model, src_t, start, cache, sites, False)
+    assert prepared is not None
+    return PairRun(base_t, _join(prefix_acts, base_acts), _join(prefix_acts, src_acts),
+                   base_last, src_last, prepared)
 
 
 def _layer_cache(prepared: _Prepared, layer: int, batch: int) -> Any:
@@ -307,7 +386,8 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
                         patches: Sequence[Patch], base: RunActivations, source: RunActivations,
                         base_last_logits: torch.Tensor, batch_size: int | None = None,
                         memory_mb: float = 1024.0,
-                        progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                        progress: Callable[[int], None] | None = None,
+                        prepared: _Prepared | None = None) -> torch.Tensor:
     """Same output as :func:`naive_patched_logits`, computed with the staircase engine.
 
     Args:
@@ -318,6 +398,8 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
         base_last_logits: ``[vocab]`` the base run's last-position logits (rows that are
             no-ops get exactly these).
         batch_size: rows per staircase pass; default from ``memory_mb``.
+        prepared: the base run's staircase context from :func:`run_pair` (saves re-running
+            the base prompt); its window must start at or before every changed entry.
 
     Returns:
         ``[n_patches, vocab]`` float32 logits at the last position.
@@ -337,8 +419,9 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
         return out
     start = min(p for _, changed in live for _, entries in changed for p, _ in entries)
     start = min(start, T - 1)
-    prepared = _prepare(model, base_ids, start)
-    q = T - start
+    if prepared is None or prepared.start > start:
+        prepared = _prepare(model, base_ids, start)
+    q = T - prepared.start
 
     def row_stage(item: tuple[int, list]) -> int:
         return min(_stage(sp, n_layers) for sp, _ in item[1])

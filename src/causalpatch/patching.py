@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .engine import (Patch, RunActivations, SitePatch, collect_sites, fast_patched_logits,
-                     fast_supported, naive_patched_logits)
+from .engine import (Patch, PairRun, RunActivations, SitePatch, collect_sites,
+                     fast_patched_logits, fast_supported, naive_patched_logits, run_pair)
 from .errors import (InvalidArgumentError, InvalidTypeError, OutOfRangeError)
 from .metrics import Metric, MetricInputs, get_metric, normalize
 from .names import Site
@@ -308,17 +308,33 @@ def run_sites(model: InterpretableModel, ids: list[int], sites: Sequence[Site]
     return RunActivations(dict(tr.cache)), tr.last_logits[0].float()
 
 
+def run_pair_or_sites(model: InterpretableModel, base_ids: list[int], source_ids: list[int],
+                      sites: Sequence[Site], patches: Sequence[Patch], method: str) -> PairRun:
+    """Base and source runs: shared-prefix :func:`engine.run_pair` for the fast engine, or two
+    plain forward passes for the naive reference (whose context is then ``None``)."""
+    if method == "fast" and fast_supported(patches):
+        return run_pair(model, base_ids, source_ids, sites)
+    base, base_last = run_sites(model, base_ids, sites)
+    source, source_last = run_sites(model, source_ids, sites)
+    ids = torch.tensor([base_ids], dtype=torch.long, device=model.device)
+    return PairRun(ids, base, source, base_last, source_last, None)
+
+
 def patched_logits(model: InterpretableModel, base_ids: list[int], patches: Sequence[Patch],
                    base: RunActivations, source: RunActivations, base_last: torch.Tensor,
                    method: str = "fast", batch_size: int | None = None,
                    memory_mb: float = 1024.0,
-                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Dispatch to the fast engine or the naive reference; ``[n_patches, vocab]`` logits."""
+                   progress: Callable[[int], None] | None = None,
+                   prepared: Any = None) -> torch.Tensor:
+    """Dispatch to the fast engine or the naive reference; ``[n_patches, vocab]`` logits.
+
+    ``prepared`` is the base run's staircase context from :func:`engine.run_pair`.
+    """
     ids = torch.tensor([base_ids], dtype=torch.long, device=model.device)
     if method == "naive" or not fast_supported(patches):
         return naive_patched_logits(model, ids, patches, source, progress)
     return fast_patched_logits(model, ids, patches, base, source, base_last, batch_size,
-                               memory_mb, progress)
+                               memory_mb, progress, prepared)
 
 
 def _check_method(method: str, batch_size: int | None) -> None:
@@ -452,12 +468,13 @@ class CausalTrace:
             base_ids, src_ids = ((pair.corrupted, pair.clean) if self.direction is
                                  Direction.DENOISE else (pair.clean, pair.corrupted))
             sites = [s for s, _, _ in self._patches]
-            base, base_last = run_sites(self.model, base_ids, sites)
-            source, source_last = run_sites(self.model, src_ids, sites)
             patch = tuple(SitePatch(s, tuple(range(len(base_ids)) if pos is None else pos),
                                     None if heads is None else tuple(heads))
                           for s, pos, heads in self._patches)
-            logits = patched_logits(self.model, base_ids, [patch], base, source, base_last)
+            run = run_pair_or_sites(self.model, base_ids, src_ids, sites, [patch], "fast")
+            base_last, source_last = run.base_last, run.source_last
+            logits = patched_logits(self.model, base_ids, [patch], run.base, run.source,
+                                    base_last, prepared=run.prepared)
             inputs = _inputs(m, c, k, source_last)
             values = m(torch.stack([logits[0], base_last, source_last]), inputs.expand(3))
             effects.append(float(normalize(values[:1], values[1], values[2], m.name)[0]))

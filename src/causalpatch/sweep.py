@@ -22,7 +22,7 @@ from .engine import collect_sites
 from .metrics import get_metric, normalize as normalize_fn
 from .patching import (Direction, _check_method, _direction, _inputs, build_patches,
                        make_pairs, patched_logits, plan_component, resolve_answers,
-                       resolve_positions, run_sites)
+                       resolve_positions, run_pair_or_sites)
 
 if TYPE_CHECKING:
     from .model import InterpretableModel
@@ -98,8 +98,9 @@ def run_sweep(model: InterpretableModel, clean: Any, corrupted: Any, *, componen
             else:
                 base_ids, src_ids = pair.clean, pair.corrupted
             sites = collect_sites(patches)
-            base, base_last = run_sites(model, base_ids, sites)
-            source, source_last = run_sites(model, src_ids, sites)
+            run = run_pair_or_sites(model, base_ids, src_ids, sites, patches, method)
+            base, source, base_last, source_last = (run.base, run.source, run.base_last,
+                                                    run.source_last)
             inputs = _inputs(m, pair.correct, pair.incorrect, source_last)
             ends = m(torch.stack([base_last, source_last]), inputs.expand(2))
             base_values[i], source_values[i] = ends[0], ends[1]
@@ -115,7 +116,8 @@ def run_sweep(model: InterpretableModel, clean: Any, corrupted: Any, *, componen
             for lo in range(0, len(todo), max(step, 1)):
                 idx = todo[lo : lo + step]
                 logits = patched_logits(model, base_ids, [patches[j] for j in idx], base, source,
-                                        base_last, method, batch_size, memory_mb, tick)
+                                        base_last, method, batch_size, memory_mb, tick,
+                                        run.prepared)
                 values = m(logits, inputs.expand(len(idx)))
                 raw[i, idx] = values
                 if ckpt is not None:

@@ -1,0 +1,350 @@
+"""The ``causalpatch`` command line.
+
+Examples::
+
+    causalpatch patch --model smollm2 \\
+        --clean "When Mary and John went to the store, John gave a drink to" \\
+        --corrupted "When Mary and John went to the store, Mary gave a drink to" \\
+        --correct " Mary" --incorrect " John" --component attn_head --out out/ioi
+    causalpatch ioi --model smollm2 --n 16 --out out/demo
+    causalpatch trace --model smollm2 --prompt "The Eiffel Tower is in the city of" \\
+        --subject "The Eiffel Tower"
+    causalpatch models
+    causalpatch info smollm2
+
+User errors print one line and exit with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Fast, exact activation patching for Hugging Face language models.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+class _State:
+    debug = False
+    quiet = False
+
+
+def _fail(exc: BaseException) -> None:
+    if _State.debug:
+        traceback.print_exception(exc)
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn causalpatch's errors (and bad files) into one line and exit code 2."""
+    from .errors import CausalPatchError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (CausalPatchError, FileNotFoundError, PermissionError, ValueError) as exc:
+        _fail(exc)
+
+
+@contextmanager
+def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | bool]:
+    if not enabled:
+        yield False
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _load(model: str, dtype: str | None = None) -> Any:
+    import torch
+
+    from .model import InterpretableModel
+
+    dtypes = {None: None, "float32": torch.float32, "float16": torch.float16,
+              "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"--dtype must be one of float32, float16, bfloat16; got {dtype!r}")
+    with console.status(f"loading {model}…") if not _State.quiet else _nullcontext():
+        return InterpretableModel(model, dtype=dtypes[dtype])
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"{what} must be comma-separated integers like '0,5,-1', got {text!r}") from None
+
+
+def _top_table(result: Any, k: int = 10) -> Table:
+    table = Table(title=f"top {k} components: {result.component} ({result.metric}, "
+                        f"{result.direction})")
+    axes = list(result.axes)
+    for axis in axes:
+        table.add_column(axis)
+    table.add_column("effect", justify="right")
+    for index, effect in result.top_components(k):
+        idx = index if isinstance(index, tuple) else (index,)
+        cells = []
+        for axis, value in zip(axes, idx):
+            if axis == "position":
+                cells.append(str(result.labels["position"][result.extra["positions"].index(value)]
+                                 if value in result.extra.get("positions", []) else value))
+            else:
+                cells.append(str(value))
+        table.add_row(*cells, f"{effect:+.3f}")
+    return table
+
+
+def _write_outputs(results: list[Any], out: Path, title: str) -> dict[str, str]:
+    from .report import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    if len(results) == 1:
+        results[0].to_json(out / "result.json")
+        files["result"] = str(out / "result.json")
+        results[0].save(out / "heatmap.png")
+        files["heatmap"] = str(out / "heatmap.png")
+    else:
+        for r in results:
+            stem = r.component + ("_by_position" if "position" in r.axes else "")
+            r.to_json(out / f"{stem}.json")
+            r.save(out / f"{stem}.png")
+            files[stem] = str(out / f"{stem}.json")
+    report(results, out / "report.html", title=title)
+    files["report"] = str(out / "report.html")
+    return files
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables.")
+         ) -> None:
+    """Fast, exact activation patching for Hugging Face language models."""
+    _State.debug = debug
+    _State.quiet = quiet
+
+
+@app.command()
+def patch(
+    clean: str = typer.Option(..., help="Clean prompt."),
+    corrupted: str = typer.Option(..., help="Corrupted prompt (same number of tokens)."),
+    model: str = typer.Option("smollm2", help="Alias, .gguf path, HF folder or hub name."),
+    correct: Optional[str] = typer.Option(None, help="Correct answer token, e.g. ' Mary'."),
+    incorrect: Optional[str] = typer.Option(None, help="Incorrect answer token, e.g. ' John'."),
+    component: str = typer.Option("resid_post", help="resid_pre|resid_mid|resid_post|attn|mlp|"
+                                  "attn_head|attn_head_q|attn_head_k|attn_head_v|mlp_neuron"),
+    metric: str = typer.Option("logit_diff", help="logit_diff|prob|logprob|ce_diff|l2|mse|cosine|kl"),
+    by_position: bool = typer.Option(False, "--by-position", help="One patch per position."),
+    direction: str = typer.Option("denoise", help="denoise (clean into corrupted) or noise."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default all)."),
+    heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default all)."),
+    positions: Optional[str] = typer.Option(None, help="Comma-separated positions."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
+    out: Path = typer.Option(Path("out/patch"), help="Output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Patch one clean/corrupted pair and write result.json, heatmap.png and report.html.
+
+    Example:
+
+        causalpatch patch --model smollm2 --clean "When Mary and John went to the store,
+        John gave a drink to" --corrupted "When Mary and John went to the store, Mary gave a
+        drink to" --correct " Mary" --incorrect " John" --component attn_head --out out/ioi
+    """
+    from .patching import activation_patching
+
+    with _user_errors():
+        m = _load(model, dtype)
+        with _progress("patching", not _State.quiet and not as_json) as progress:
+            result = activation_patching(
+                m, clean, corrupted, component=component, metric=metric, correct=correct,
+                incorrect=incorrect, by_position=by_position, direction=direction,
+                layers=_ints(layers, "--layers"), heads=_ints(heads, "--heads"),
+                positions=_ints(positions, "--positions"), progress=progress)
+        files = _write_outputs([result], out, f"causalpatch: {component}")
+    _finish([result], files, as_json)
+
+
+def _finish(results: list[Any], files: dict[str, str], as_json: bool) -> None:
+    if as_json:
+        payload = {"files": files, "results": [
+            {"component": r.component, "metric": r.metric, "direction": r.direction,
+             "shape": list(r.effect_matrix.shape), "clean_metric": r.clean_metric,
+             "corrupted_metric": r.corrupted_metric, "timings": r.timings,
+             "top": [[list(i) if isinstance(i, tuple) else i, e] for i, e in r.top_components(10)]}
+            for r in results]}
+        out_console.print_json(json.dumps(payload))
+        return
+    if not _State.quiet:
+        for r in results:
+            out_console.print(_top_table(r))
+        for name, path in files.items():
+            out_console.print(f"[green]wrote[/] {name}: {path}")
+
+
+@app.command()
+def ioi(
+    model: str = typer.Option("smollm2", help="Alias, .gguf path, HF folder or hub name."),
+    n: int = typer.Option(16, help="Number of IOI prompt pairs."),
+    seed: int = typer.Option(0, help="Dataset seed."),
+    out: Path = typer.Option(Path("out/ioi"), help="Output folder."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Indirect-object identification on a dataset: resid_post by position, attn, mlp and heads.
+
+    Example:
+
+        causalpatch ioi --model smollm2 --n 16 --out out/demo
+    """
+    from .datasets import IOIDataset
+    from .patching import activation_patching
+
+    with _user_errors():
+        if n < 1:
+            from .errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"--n must be at least 1, got {n}")
+        m = _load(model, dtype)
+        dataset = IOIDataset(m, n=n, seed=seed)
+        results = []
+        plan = [("resid_post", True), ("attn", False), ("mlp", False), ("attn_head", False)]
+        for component, by_position in plan:
+            with _progress(f"{component}", not _State.quiet and not as_json) as progress:
+                results.append(activation_patching(m, dataset, component=component,
+                                                   by_position=by_position, progress=progress))
+        files = _write_outputs(results, out, f"IOI on {m.name} ({len(dataset)} pairs)")
+    _finish(results, files, as_json)
+
+
+@app.command()
+def trace(
+    prompt: str = typer.Option(..., help="A factual prompt."),
+    subject: str = typer.Option(..., help="The subject inside the prompt, to corrupt."),
+    model: str = typer.Option("smollm2", help="Alias, .gguf path, HF folder or hub name."),
+    samples: int = typer.Option(10, help="Noise samples."),
+    out: Path = typer.Option(Path("out/trace"), help="Output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """ROME-style causal tracing: noise the subject, restore states layer x position.
+
+    Example:
+
+        causalpatch trace --model smollm2 --prompt "The Eiffel Tower is in the city of"
+        --subject "The Eiffel Tower"
+    """
+    with _user_errors():
+        from .causal_tracing import causal_tracing
+
+        m = _load(model)
+        result = causal_tracing(m, prompt, subject, n_samples=samples)
+        results = list(result.values()) if isinstance(result, dict) else [result]
+        files = _write_outputs(results, out, f"Causal tracing: {prompt}")
+    _finish(results, files, as_json)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON.")) -> None:
+    """List model aliases, whether their packages are installed, and supported architectures.
+
+    Example:
+
+        causalpatch models
+    """
+    from .adapters import ADAPTERS
+    from .loading import ALIASES, GEMMA3_PACKAGE, SMOLLM2_PACKAGE, _package_dir
+
+    installed = {"smollm2": _package_dir(SMOLLM2_PACKAGE) is not None,
+                 "smollm2-135m": _package_dir(SMOLLM2_PACKAGE) is not None,
+                 "gemma3-270m": _package_dir(GEMMA3_PACKAGE) is not None}
+    data = {"aliases": [{"alias": a, "description": d, "installed": installed.get(a, False)}
+                        for a, d in ALIASES.items()],
+            "adapters": [{"name": a.name, "model_types": list(a.model_types)} for a in ADAPTERS]}
+    if as_json:
+        out_console.print_json(json.dumps(data))
+        return
+    table = Table(title="model aliases")
+    for col in ("alias", "description", "installed"):
+        table.add_column(col)
+    for row in data["aliases"]:
+        table.add_row(row["alias"], row["description"], "yes" if row["installed"] else "no")
+    out_console.print(table)
+    adapters = Table(title="architecture adapters")
+    adapters.add_column("adapter")
+    adapters.add_column("config.model_type")
+    for row in data["adapters"]:
+        adapters.add_row(row["name"], ", ".join(row["model_types"]))
+    out_console.print(adapters)
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help="Alias, .gguf path, HF folder or hub name."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON.")) -> None:
+    """Show a model's sizes and its component names.
+
+    Example:
+
+        causalpatch info smollm2
+    """
+    from .names import site_kinds
+
+    with _user_errors():
+        m = _load(model)
+    d = m.dims
+    data = {"name": m.name, "architecture": m.architecture, "n_layers": d.n_layers,
+            "n_heads": d.n_heads, "n_kv_heads": d.n_kv_heads, "d_model": d.d_model,
+            "d_head": d.d_head, "d_mlp": d.d_mlp, "vocab_size": d.vocab_size,
+            "components": [f"blocks.L.{k}" for k in site_kinds(m.adapter, m.config)]}
+    if as_json:
+        out_console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"{m.name}")
+    table.add_column("property")
+    table.add_column("value")
+    for key, value in data.items():
+        table.add_row(key, "\n".join(value) if isinstance(value, list) else str(value))
+    out_console.print(table)
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
