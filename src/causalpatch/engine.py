@@ -387,7 +387,8 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
                         base_last_logits: torch.Tensor, batch_size: int | None = None,
                         memory_mb: float = 1024.0,
                         progress: Callable[[int], None] | None = None,
-                        prepared: _Prepared | None = None) -> torch.Tensor:
+                        prepared: _Prepared | None = None,
+                        stats: dict[str, int] | None = None) -> torch.Tensor:
     """Same output as :func:`naive_patched_logits`, computed with the staircase engine.
 
     Args:
@@ -400,6 +401,8 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
         batch_size: rows per staircase pass; default from ``memory_mb``.
         prepared: the base run's staircase context from :func:`run_pair` (saves re-running
             the base prompt); its window must start at or before every changed entry.
+        stats: if given, receives counts: ``rows`` computed, ``skipped`` no-op patches,
+            ``window`` suffix positions, ``chunks`` staircase passes.
 
     Returns:
         ``[n_patches, vocab]`` float32 logits at the last position.
@@ -416,6 +419,8 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
         elif progress is not None:
             progress(1)
     if not live:
+        if stats is not None:
+            stats["skipped"] = stats.get("skipped", 0) + len(patches)
         return out
     start = min(p for _, changed in live for _, entries in changed for p, _ in entries)
     start = min(start, T - 1)
@@ -428,6 +433,10 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
 
     live.sort(key=row_stage)
     chunk = batch_size or rows_per_chunk(model, q, T, memory_mb)
+    if stats is not None:
+        for key, value in (("rows", len(live)), ("skipped", len(patches) - len(live)),
+                           ("window", q), ("chunks", -(-len(live) // chunk))):
+            stats[key] = stats.get(key, 0) + value if key != "window" else value
     for lo in range(0, len(live), chunk):
         part = live[lo : lo + chunk]
         logits = _staircase(model, prepared, part, source, row_stage)

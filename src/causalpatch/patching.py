@@ -325,7 +325,7 @@ def patched_logits(model: InterpretableModel, base_ids: list[int], patches: Sequ
                    method: str = "fast", batch_size: int | None = None,
                    memory_mb: float = 1024.0,
                    progress: Callable[[int], None] | None = None,
-                   prepared: Any = None) -> torch.Tensor:
+                   prepared: Any = None, stats: dict[str, int] | None = None) -> torch.Tensor:
     """Dispatch to the fast engine or the naive reference; ``[n_patches, vocab]`` logits.
 
     ``prepared`` is the base run's staircase context from :func:`engine.run_pair`.
@@ -334,7 +334,7 @@ def patched_logits(model: InterpretableModel, base_ids: list[int], patches: Sequ
     if method == "naive" or not fast_supported(patches):
         return naive_patched_logits(model, ids, patches, source, progress)
     return fast_patched_logits(model, ids, patches, base, source, base_last, batch_size,
-                               memory_mb, progress, prepared)
+                               memory_mb, progress, prepared, stats)
 
 
 def _check_method(method: str, batch_size: int | None) -> None:

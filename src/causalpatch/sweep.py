@@ -91,6 +91,7 @@ def run_sweep(model: InterpretableModel, clean: Any, corrupted: Any, *, componen
     base_values = torch.empty(len(pairs))
     source_values = torch.empty(len(pairs))
     t_setup = time.perf_counter() - t0
+    stats: dict[str, int] = {}
     try:
         for i, (pair, (patches, _)) in enumerate(zip(pairs, cells)):
             if direction_ is Direction.DENOISE:
@@ -117,7 +118,7 @@ def run_sweep(model: InterpretableModel, clean: Any, corrupted: Any, *, componen
                 idx = todo[lo : lo + step]
                 logits = patched_logits(model, base_ids, [patches[j] for j in idx], base, source,
                                         base_last, method, batch_size, memory_mb, tick,
-                                        run.prepared)
+                                        run.prepared, stats)
                 values = m(logits, inputs.expand(len(idx)))
                 raw[i, idx] = values
                 if ckpt is not None:
@@ -169,6 +170,6 @@ def run_sweep(model: InterpretableModel, clean: Any, corrupted: Any, *, componen
         per_pair=per_pair.reshape(len(pairs), *shape).float() if len(pairs) > 1 else None,
         std=None if std is None else std.reshape(shape).float(),
         timings={"setup_s": t_setup, "run_s": t_run, "total_s": time.perf_counter() - t0},
-        extra={"engine": method, "n_pairs": len(pairs), "positions": pos_lists[0],
+        extra={"engine": method, "n_pairs": len(pairs), **stats, "positions": pos_lists[0],
                "answers": [[p.correct, p.incorrect] for p in pairs[:1]]},
     )

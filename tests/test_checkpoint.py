@@ -1,0 +1,92 @@
+"""Checkpointed sweeps survive SIGKILL and resume without recomputing finished cells."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import causalpatch.sweep as sweep_module
+from causalpatch.errors import CheckpointMismatchError, CorruptResultError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ckpt_worker import sweep, tiny_model  # noqa: E402
+
+WORKER = Path(__file__).with_name("ckpt_worker.py")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _cells_done(path: Path) -> int:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return sum(len(c) for c in data["cells"].values())
+
+
+def test_killed_sweep_resumes_without_recomputing(model, tmp_path, monkeypatch):
+    ckpt = tmp_path / "sweep.ckpt.json"
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(ckpt), "0.05"],
+                            env={**os.environ, "PYTHONPATH": str(WORKER.parent)})
+    try:
+        deadline = time.time() + 120
+        while _cells_done(ckpt) < 6 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = _cells_done(ckpt)
+    total = 4 * 12 * 4  # layers x positions x heads
+    assert 6 <= done_before < total, "the kill must land mid-sweep"
+
+    computed: list[int] = []
+    real = sweep_module.patched_logits
+
+    def counting(model_, base_ids, patches, *args, **kwargs):
+        computed.append(len(patches))
+        return real(model_, base_ids, patches, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "patched_logits", counting)
+    resumed = sweep(model, str(ckpt))
+    monkeypatch.setattr(sweep_module, "patched_logits", real)
+    assert sum(computed) == total - done_before  # nothing finished is recomputed
+    fresh = sweep(model, None)
+    assert torch.allclose(resumed.effect_matrix, fresh.effect_matrix, atol=1e-6)
+    assert _cells_done(ckpt) == total
+
+
+def test_checkpoint_from_other_arguments_is_refused(model, tmp_path):
+    ckpt = tmp_path / "a.json"
+    sweep(model, str(ckpt))
+    with pytest.raises(CheckpointMismatchError, match="different sweep"):
+        sweep(model, str(ckpt), direction="noise")
+
+
+def test_checkpoint_from_other_model_is_refused(model, tmp_path):
+    ckpt = tmp_path / "b.json"
+    sweep(model, str(ckpt))
+    other = tiny_model()
+    with torch.no_grad():
+        other.hf_model.get_submodule("model.embed_tokens").weight.add_(1.0)
+    with pytest.raises(CheckpointMismatchError):
+        sweep(other, str(ckpt))
+
+
+def test_corrupt_checkpoint_is_refused(model, tmp_path):
+    ckpt = tmp_path / "c.json"
+    ckpt.write_text('{"format": "causalpatch-checkpoint/1", "key": ')
+    with pytest.raises(CorruptResultError, match="not valid JSON"):
+        sweep(model, str(ckpt))
