@@ -1,0 +1,104 @@
+"""Numerics across dtypes and vocabularies.
+
+Stated tolerances (absolute, on normalised effects, against the float32 run of the same sweep):
+float16 <= 0.01, bfloat16 <= 0.05 (bfloat16 keeps 8 bits of mantissa).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from causalpatch import InterpretableModel, activation_patching
+from causalpatch.metrics import METRICS, MetricInputs, get_metric
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+TOLERANCE = {torch.float16: 0.01, torch.bfloat16: 0.05}
+SWEEP = dict(component="resid_post", layers=[0, 5, 10, 15, 20, 25, 29], positions=[9, 13],
+             by_position=True, correct=" Mary", incorrect=" John")
+
+
+@pytest.fixture(scope="module", params=[torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def low_precision(request, smollm2):
+    hf = copy.deepcopy(smollm2.hf_model).to(request.param)
+    return InterpretableModel(hf, tokenizer=smollm2.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def float32_effects(smollm2):
+    return activation_patching(smollm2, CLEAN, CORRUPTED, **SWEEP).effect_matrix
+
+
+def test_low_precision_effects_match_float32(low_precision, float32_effects):
+    result = activation_patching(low_precision, CLEAN, CORRUPTED, **SWEEP)
+    assert torch.isfinite(result.effect_matrix).all()
+    diff = (result.effect_matrix - float32_effects).abs().max().item()
+    assert diff <= TOLERANCE[low_precision.dtype], diff
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_every_metric_is_finite_in_low_precision(low_precision, metric):
+    result = activation_patching(low_precision, CLEAN, CORRUPTED, metric=metric,
+                                 component="resid_post", layers=[10, 29], positions=[-1],
+                                 correct=" Mary", incorrect=" John")
+    assert torch.isfinite(result.effect_matrix).all()
+    assert abs(result.effect_matrix[1].item() - 1.0) < 1e-3
+
+
+# -- Gemma 3 270M: 262,144-token vocabulary ------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma_logits():
+    model = InterpretableModel("gemma3-270m")
+    assert model.vocab_size == 262_144
+    prompts = ["The Eiffel Tower is in the city of", "The Colosseum is in the city of"]
+    logits = torch.stack([model.trace(p).run().last_logits[0] for p in prompts])
+    return model, logits
+
+
+def _float64_reference(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x, t = logits.double(), target.double()
+    if name == "l2":
+        return ((x - t) ** 2).sum(-1).sqrt()
+    if name == "mse":
+        return ((x - t) ** 2).mean(-1)
+    if name == "cosine":
+        return 1 - (x * t).sum(-1) / (x.norm(dim=-1) * t.norm(dim=-1))
+    p = torch.softmax(t, -1)
+    return (p * (torch.log_softmax(t, -1) - torch.log_softmax(x, -1))).sum(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["l2", "mse", "cosine", "kl"])
+def test_distance_metrics_on_gemma_vocabulary(gemma_logits, name, dtype):
+    _, logits = gemma_logits
+    x, target = logits[:1].to(dtype), logits[1:].to(dtype)
+    value = get_metric(name)(x, MetricInputs(target_logits=target))
+    assert value.dtype == torch.float32 and torch.isfinite(value).all()
+    expected = _float64_reference(name, x.float(), target.float())
+    assert torch.allclose(value.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_float16_l2_does_not_overflow_with_large_logits():
+    # float16 squares overflow at 256; a 262k-vocabulary l2 must still be finite
+    x = torch.full((1, 262_144), 300.0, dtype=torch.float16)
+    t = torch.full((1, 262_144), -300.0, dtype=torch.float16)
+    value = get_metric("l2")(x, MetricInputs(target_logits=t))
+    assert torch.isfinite(value).all()
+    assert value.item() == pytest.approx(600 * 512, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_gemma_sweep_in_float16_is_finite(gemma_logits):
+    model, _ = gemma_logits
+    half = InterpretableModel(copy.deepcopy(model.hf_model).to(torch.float16),
+                              tokenizer=model.tokenizer)
+    for metric in ("l2", "kl", "cosine", "mse"):
+        result = activation_patching(half, "The Eiffel Tower is in the city of",
+                                     "The Colosseum is in the city of", component="mlp",
+                                     layers=[3, 17], metric=metric)
+        assert torch.isfinite(result.effect_matrix).all()
