@@ -48,7 +48,7 @@ def _figure_spec(result: PatchingResult, title: str) -> list[dict[str, Any]]:
         axis = result.axes[0]
         return [{
             "data": [{"type": "bar", "x": [str(x) for x in names[0]], "y": m.tolist(),
-                      "marker": {"color": m.tolist(), "colorscale": "RdBu", "reversescale": True,
+                      "marker": {"color": m.tolist(), "colorscale": "RdBu_r",
                                  "cmin": -vmax, "cmax": vmax},
                       "hovertemplate": f"{axis} %{{x}}<br>effect %{{y:.4f}}<extra></extra>"}],
             "layout": {"title": {"text": title}, "xaxis": {"title": {"text": axis}},
@@ -62,7 +62,7 @@ def _figure_spec(result: PatchingResult, title: str) -> list[dict[str, Any]]:
         panels.append({
             "data": [{"type": "heatmap", "z": mat.tolist(),
                       "x": [str(c) for c in names[1]], "y": [str(r) for r in names[0]],
-                      "colorscale": "RdBu", "reversescale": True, "zmid": 0,
+                      "colorscale": "RdBu_r", "zmid": 0,
                       "zmin": -vmax, "zmax": vmax, "colorbar": colorbar,
                       "hovertemplate": (f"{row_axis} %{{y}}<br>{col_axis} %{{x}}<br>"
                                         "effect %{z:.4f}<extra></extra>")}],
