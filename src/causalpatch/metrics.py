@@ -100,6 +100,11 @@ def logit_diff(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
         logits, _need(inputs, "incorrect", "logit_diff"))
 
 
+def logit(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+    """The logit of the correct token."""
+    return _gather(logits, _need(inputs, "correct", "logit"))
+
+
 def prob(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
     """Probability of the correct token."""
     return _gather(torch.softmax(logits, dim=-1), _need(inputs, "correct", "prob"))
@@ -148,6 +153,7 @@ METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
         Metric("logit_diff", logit_diff, "score", ("correct", "incorrect"), logit_diff.__doc__ or ""),
+        Metric("logit", logit, "score", ("correct",), logit.__doc__ or ""),
         Metric("prob", prob, "score", ("correct",), prob.__doc__ or ""),
         Metric("logprob", logprob, "score", ("correct",), logprob.__doc__ or ""),
         Metric("ce_diff", ce_diff, "score", ("correct",), ce_diff.__doc__ or ""),

@@ -352,7 +352,7 @@ def activation_patching(
     clean: Prompts | Any,
     corrupted: Prompts | None = None,
     component: str = "resid_post",
-    metric: str | Metric | Callable[..., Any] = "logit_diff",
+    metric: str | Metric | Callable[..., Any] | None = None,
     metric_kwargs: Mapping[str, Any] | None = None,
     *,
     correct: Any = None,
@@ -381,8 +381,9 @@ def activation_patching(
         component: ``resid_pre | resid_mid | resid_post | attn | mlp | attn_head |
             attn_head_q | attn_head_k | attn_head_v | mlp_neuron``, a per-layer site kind, or
             one full site name (``"blocks.5.mlp"``).
-        metric: ``logit_diff | prob | logprob | ce_diff | l2 | mse | cosine | kl`` or a callable
-            ``(logits [batch, vocab]) -> [batch]``.
+        metric: ``logit_diff | logit | prob | logprob | ce_diff | l2 | mse | cosine | kl`` or
+            a callable ``(logits [batch, vocab]) -> [batch]``. Default: the dataset's metric,
+            else ``logit_diff``.
         metric_kwargs / correct / incorrect: answer tokens (strings must be single tokens).
         layers, heads, neurons: subsets (default all).
         positions: patch only these positions (jointly, or one cell each with ``by_position``).

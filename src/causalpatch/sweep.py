@@ -59,6 +59,9 @@ def run_sweep(model: InterpretableModel, clean: Any, corrupted: Any, *, componen
     # -- validate everything first ----------------------------------------------------------
     direction_ = _direction(direction)
     _check_method(method, batch_size)
+    if metric is None:
+        metric = getattr(clean, "metric", None) if corrupted is None else None
+        metric = metric or "logit_diff"
     m = get_metric(metric)
     correct, incorrect = resolve_answers(model, metric_kwargs, correct, incorrect)
     pairs = make_pairs(model, clean, corrupted, correct, incorrect)

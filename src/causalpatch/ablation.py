@@ -1,0 +1,380 @@
+"""Ablations: knock out one component at a time and measure how the metric changes.
+
+For every cell of a sweep (a layer's ``attn``/``mlp``/residual output, a head, a neuron) the
+cell's activation is replaced, at the chosen positions of every prompt, by
+
+* ``"zero"``: zeros;
+* ``"mean"``: the mean activation over a *reference* set (default: the prompts themselves),
+  averaged over rows and over every real (non-padding) token position, one vector per site
+  (``[d_model]``, ``[n_heads, d_head]`` of which the cell's head is used, or ``[d_mlp]``);
+* ``"resample"``: the same site's activation, at the same positions, in another row of the
+  reference set. With the prompts as reference, row ``i`` takes row ``sigma(i)`` where
+  ``sigma`` walks a seeded random ordering of the rows one step forward (a cyclic permutation:
+  no row ever takes itself). With a separate reference set of ``m`` rows, row ``i`` takes
+  reference row ``order[i mod m]`` for a seeded random ``order``.
+
+Only the ablated cell changes; everything downstream is recomputed by the model.
+
+**The effect** of a cell is the raw change of the metric, averaged over prompts::
+
+    effect[cell] = mean over prompts i of (metric_i(ablated) - metric_i(original))
+
+so ``result.normalized`` is ``False`` and the unit is the metric's own (e.g. logits for
+``logit_diff``). A negative effect on ``logit_diff`` means the component supported the correct
+answer. ``result.extra["fraction_kept"]`` holds ``mean ablated metric / mean original metric``
+per cell (score metrics only: 1.0 = nothing lost, 0.0 = the behaviour is gone). Distance
+metrics (``l2``, ``kl``, ...) are measured from each prompt's *original* (unablated) logits, so
+their original value is 0 and the effect is the distance the ablation moves the output.
+
+Prompts may have different token lengths (they are right-padded; positions index each row's own
+tokens, negative positions count from each row's end), except for ``"resample"``, which needs
+every prompt and reference row to have the same length so positions line up.
+
+Cost: one forward over the prompts (plus one over a separate reference set), then one forward
+row per (cell, prompt), ``batch_size`` rows per pass.
+
+Example::
+
+    from causalpatch import InterpretableModel
+    from causalpatch.ablation import ablate
+    model = InterpretableModel("smollm2")
+    result = ablate(model, "When Mary and John went to the store, John gave a drink to",
+                    component="attn_head", kind="zero", correct=" Mary", incorrect=" John")
+    result.effect_matrix.shape    # (30, 9): change of the logit difference per head
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .attribution import last_logits, plan_sites, result_axes
+from .errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
+from .hooks import Hook
+from .metrics import Metric, MetricInputs, get_metric
+from .names import Site
+from .patching import (ComponentPlan, _index_list, _inputs, _per_pair, plan_component,
+                       resolve_answers)
+from .tracing import make_batch, token_lists
+
+if TYPE_CHECKING:
+    from .model import InterpretableModel
+    from .result import PatchingResult
+
+#: The ablation kinds :func:`ablate` accepts.
+KINDS = ("zero", "mean", "resample")
+#: Forward rows per pass when ``batch_size`` is not given.
+DEFAULT_ROWS_PER_BATCH = 64
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One result cell: a site and optionally one head/neuron of it."""
+
+    site: Site
+    unit: int | None
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _rows_of(model: InterpretableModel, obj: Any, what: str) -> tuple[list[list[int]], Any, Any]:
+    """Token rows of prompts or a dataset, and the dataset's answers (or None)."""
+    for attr in ("clean", "prompts"):
+        if not isinstance(obj, (str, list, tuple, torch.Tensor)) and hasattr(obj, attr):
+            rows = token_lists(model, getattr(obj, attr), what)
+            correct = list(getattr(obj, "correct", []) or []) or None
+            incorrect = list(getattr(obj, "incorrect", []) or []) or None
+            return rows, correct, incorrect
+    return token_lists(model, obj, what), None, None
+
+
+def _row_positions(positions: list[int] | None, lengths: Sequence[int]) -> list[list[int]]:
+    """Absolute positions per row (``None``: all of the row's tokens)."""
+    if positions is None:
+        return [list(range(n)) for n in lengths]
+    shortest = min(lengths)
+    for p in positions:
+        if not -shortest <= p < shortest:
+            raise OutOfRangeError(
+                f"positions contains {p}, out of range for the shortest prompt ({shortest} "
+                f"tokens): positions must be in [{-shortest}, {shortest - 1}]")
+    return [sorted({p % n for p in positions}) for n in lengths]
+
+
+def _resample_sources(n_rows: int, n_ref: int, same_set: bool, seed: int) -> list[int]:
+    """Reference row used by each row; a cyclic permutation (no fixed points) on the same set."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_ref, generator=gen).tolist()
+    if same_set:
+        sources = [0] * n_rows
+        for j, row in enumerate(order):
+            sources[row] = order[(j + 1) % n_ref]
+        return sources
+    return [order[i % n_ref] for i in range(n_rows)]
+
+
+# -- running ---------------------------------------------------------------------------------------
+def _forward_last(model: InterpretableModel, rows: Sequence[Sequence[int]],
+                  hooks: Sequence[Hook]) -> torch.Tensor:
+    """Logits ``[batch, vocab]`` at each row's last real token (rows right-padded if needed)."""
+    batch = make_batch([list(r) for r in rows], model.pad_token_id, model.device)
+    with torch.no_grad():
+        if not batch.padded:
+            return last_logits(model, batch.input_ids, hooks).float()
+        logits = model.forward(batch, hooks)
+        return logits[torch.arange(len(rows), device=logits.device), batch.last_index].float()
+
+
+def _cache_run(model: InterpretableModel, rows: list[list[int]], sites: Sequence[Site],
+               rows_per_batch: int) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+    """Last logits ``[n, vocab]`` and, per site, each row's activation ``[len_i, *feature]``."""
+    acts: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    last = []
+    for lo in range(0, len(rows), rows_per_batch):
+        chunk = rows[lo : lo + rows_per_batch]
+        store: dict[str, torch.Tensor] = {}
+
+        def saver(name: str) -> Callable[[torch.Tensor], None]:
+            def save(act: torch.Tensor) -> None:
+                store[name] = act.detach().clone()
+
+            return save
+
+        last.append(_forward_last(model, chunk, [Hook(s, saver(s.name)) for s in sites]))
+        for s in sites:
+            acts[s.name] += [store[s.name][i, : len(r)] for i, r in enumerate(chunk)]
+    return torch.cat(last), acts
+
+
+def _ablating_hook(cells: Sequence[_Cell], rows: torch.Tensor, prompt_of: torch.Tensor,
+                   pos_mask: torch.Tensor, kind: str, mean: torch.Tensor | None,
+                   resampled: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Replace, in batch rows ``rows``, each row's cell entries at its masked positions.
+
+    Args:
+        cells: the cell of each ablated row (same site for all).
+        rows: ``[R]`` batch rows to ablate.
+        prompt_of: ``[R]`` prompt index of each row (for resampled values).
+        pos_mask: ``[R, pos]`` positions to ablate.
+        mean: ``[*feature]`` mean activation (``kind="mean"``).
+        resampled: ``[n_prompts, pos, *feature]`` values to take (``kind="resample"``).
+    """
+    units = [c.unit for c in cells]
+
+    def ablate_rows(act: torch.Tensor) -> torch.Tensor:
+        sub = act[rows]  # [R, pos, *feature]
+        mask = pos_mask.to(act.device)
+        extra_dims = sub.dim() - 2
+        if units[0] is not None:
+            onehot = F.one_hot(torch.tensor(units), sub.shape[2]).bool().to(act.device)
+            mask = mask[:, :, None] & onehot[:, None, :]  # [R, pos, n_units]
+            mask = mask.reshape(*mask.shape, *([1] * (extra_dims - 1)))
+        else:
+            mask = mask.reshape(*mask.shape, *([1] * extra_dims))
+        if kind == "zero":
+            value = torch.zeros((), dtype=act.dtype, device=act.device)
+        elif kind == "mean":
+            assert mean is not None
+            value = mean.to(act.device, act.dtype)
+        else:
+            assert resampled is not None
+            value = resampled[prompt_of].to(act.device, act.dtype)
+        out = act.clone()
+        out[rows] = torch.where(mask, value, sub)
+        return out
+
+    return ablate_rows
+
+
+def ablate(
+    model: InterpretableModel,
+    prompts_or_dataset: Any,
+    component: str = "attn_head",
+    kind: str = "zero",
+    metric: str | Metric | Callable[..., Any] = "logit_diff",
+    metric_kwargs: Mapping[str, Any] | None = None,
+    *,
+    correct: Any = None,
+    incorrect: Any = None,
+    layers: Sequence[int] | int | None = None,
+    heads: Sequence[int] | int | None = None,
+    neurons: Sequence[int] | int | None = None,
+    positions: Sequence[int] | int | None = None,
+    reference: Any = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> PatchingResult:
+    """Ablate every cell of ``component`` in turn; the mean change of the metric per cell.
+
+    Args:
+        model: the :class:`InterpretableModel`.
+        prompts_or_dataset: a prompt, a list of prompts (strings or token ids; lengths may
+            differ except for ``"resample"``), or a dataset with ``.clean`` (or ``.prompts``)
+            and optional ``.correct``/``.incorrect`` answer lists.
+        component: ``resid_pre | resid_mid | resid_post | attn | mlp | attn_head |
+            attn_head_q | attn_head_k | attn_head_v | mlp_neuron``, another per-layer site
+            kind, or one full site name.
+        kind: ``"zero"``, ``"mean"`` or ``"resample"``.
+        metric: metric name or callable; distance metrics are measured from each prompt's
+            original logits.
+        metric_kwargs / correct / incorrect: answer tokens (one, or one per prompt).
+        layers, heads, neurons: subsets of the cells (default all).
+        positions: ablate only these positions of each prompt (negative: from each prompt's
+            end), all of them jointly; default every position.
+        reference: prompts (or a dataset) for ``"mean"``/``"resample"``; default the prompts.
+        seed: seed of the resampling permutation.
+        batch_size: forward rows (cell x prompt) per pass.
+
+    Returns:
+        :class:`PatchingResult` (``method="ablation"``, ``normalized=False``) whose
+        ``effect_matrix`` ``(n_layers,)``, ``(n_layers, n_heads)`` or ``(n_layers, n_neurons)``
+        holds ``mean(ablated - original)``; ``per_pair`` ``[n_prompts, *shape]`` the
+        per-prompt changes; ``extra["fraction_kept"]`` ``ablated / original`` (score metrics).
+
+    Raises:
+        InvalidArgumentError: unknown ``kind``; ``"resample"`` with a reference set of fewer
+            than 2 rows or prompts of different token lengths; ``reference`` with ``"zero"``.
+    """
+    from .result import PatchingResult
+
+    t0 = time.perf_counter()
+    # -- validate everything first ----------------------------------------------------------
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise InvalidArgumentError(
+            f"unknown ablation kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InvalidTypeError(f"seed must be an int, got {seed!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(
+            batch_size, bool) or batch_size < 1):
+        raise InvalidArgumentError(
+            f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
+    if kind == "zero" and reference is not None:
+        raise InvalidArgumentError(
+            "reference is only used by kind='mean' and kind='resample', not by zero ablation")
+    m = get_metric(metric)
+    correct, incorrect = resolve_answers(model, metric_kwargs, correct, incorrect)
+    rows, data_correct, data_incorrect = _rows_of(model, prompts_or_dataset, "prompts")
+    correct = correct if correct is not None else data_correct
+    incorrect = incorrect if incorrect is not None else data_incorrect
+    n = len(rows)
+    corrects = _per_pair(model, correct, n, "correct")
+    incorrects = _per_pair(model, incorrect, n, "incorrect")
+    for c, k in zip(corrects, incorrects):
+        _inputs(m, c, k, torch.zeros(1))  # answers present?
+    plan: ComponentPlan = plan_component(model, component, layers, heads, neurons)
+    lengths = [len(r) for r in rows]
+    row_pos = _row_positions(_index_list(positions, "positions"), lengths)
+    ref_rows = rows
+    if reference is not None:
+        ref_rows = _rows_of(model, reference, "reference")[0]
+    if kind == "resample":
+        if len(ref_rows) < 2:
+            raise InvalidArgumentError(
+                f"resample ablation needs a reference set of at least 2 rows, got "
+                f"{len(ref_rows)}; pass more prompts or reference=[...]")
+        all_lengths = sorted({len(r) for r in (*rows, *ref_rows)})
+        if len(all_lengths) > 1:
+            raise InvalidArgumentError(
+                f"resample ablation needs every prompt and reference row to have the same token "
+                f"length (positions must line up), got lengths {all_lengths}; group prompts by "
+                "length or use kind='mean'")
+    rows_per_batch = batch_size or DEFAULT_ROWS_PER_BATCH
+    sites = plan_sites(model, plan)
+    units: list[int | None] = list(plan.units) if plan.units is not None else [None]
+    cells = [_Cell(site, u) for site in sites for u in units]
+    axes, labels, shape = result_axes(model, plan, None, False, rows[0])
+
+    # -- original run (and the reference statistics) ------------------------------------------
+    need_acts = kind != "zero" and reference is None
+    original_last, acts = _cache_run(model, rows, sites if need_acts else [], rows_per_batch)
+    ref_acts = acts
+    if kind != "zero" and reference is not None:
+        ref_acts = _cache_run(model, ref_rows, sites, rows_per_batch)[1]
+    inputs = MetricInputs(
+        target_logits=original_last,
+        correct=None if corrects[0] is None else torch.tensor(corrects),
+        incorrect=None if incorrects[0] is None else torch.tensor(incorrects),
+    )
+    original = m(original_last, inputs)  # [n]
+    means: dict[str, torch.Tensor] = {}
+    resampled: dict[str, torch.Tensor] = {}
+    sources: list[int] | None = None
+    if kind == "mean":
+        for s in sites:
+            stacked = torch.cat([a.float() for a in ref_acts[s.name]])  # [sum len, *feature]
+            means[s.name] = stacked.mean(0)
+    elif kind == "resample":
+        sources = _resample_sources(n, len(ref_rows), reference is None, seed)
+        for s in sites:
+            resampled[s.name] = torch.stack([ref_acts[s.name][j] for j in sources])
+    t_setup = time.perf_counter() - t0
+
+    # -- ablated runs: rows are (cell, prompt), batch_size of them per pass -------------------
+    jobs = [(c, i) for c in range(len(cells)) for i in range(n)]
+    raw = torch.empty(len(cells), n)
+    for lo in range(0, len(jobs), rows_per_batch):
+        part = jobs[lo : lo + rows_per_batch]
+        width = max(lengths[i] for _, i in part)
+        by_site: dict[str, list[int]] = {}
+        for r, (c, _) in enumerate(part):
+            by_site.setdefault(cells[c].site.name, []).append(r)
+        hooks = []
+        for name, batch_rows in by_site.items():
+            mask = torch.zeros(len(batch_rows), width, dtype=torch.bool)
+            for j, r in enumerate(batch_rows):
+                mask[j, row_pos[part[r][1]]] = True
+            site = cells[part[batch_rows[0]][0]].site
+            hooks.append(Hook(site, _ablating_hook(
+                [cells[part[r][0]] for r in batch_rows], torch.tensor(batch_rows),
+                torch.tensor([part[r][1] for r in batch_rows]), mask, kind,
+                means.get(name), resampled.get(name))))
+        prompt_idx = torch.tensor([i for _, i in part])
+        logits = _forward_last(model, [rows[i] for _, i in part], hooks)
+        values = m(logits, inputs.rows(prompt_idx))
+        for (c, i), v in zip(part, values.tolist()):
+            raw[c, i] = v
+    t_run = time.perf_counter() - t0 - t_setup
+
+    # -- aggregate ------------------------------------------------------------------------------
+    diff = raw - original[None, :]  # [n_cells, n]
+    effect = diff.mean(1)
+    mean_original = float(original.mean())
+    ablated_mean = raw.mean(1)
+    fraction = None
+    if m.kind == "score" and abs(mean_original) > 1e-6:
+        fraction = (ablated_mean / mean_original).reshape(shape).tolist()
+    std = diff.std(1, unbiased=False).reshape(shape) if n > 1 else None
+    decode = model.tokenizer.decode
+    return PatchingResult(
+        effect_matrix=effect.reshape(shape).float(),
+        axes=axes,
+        labels=labels,
+        component=component,
+        metric=m.name,
+        direction=f"{kind} ablation",
+        method="ablation",
+        model_name=model.name,
+        clean_prompts=[decode(r) for r in rows],
+        corrupted_prompts=[],
+        clean_tokens=[model.to_str_tokens(rows[0])],
+        clean_metric=mean_original,
+        corrupted_metric=None,
+        normalized=False,
+        per_pair=diff.T.reshape(n, *shape).float() if n > 1 else None,
+        std=None if std is None else std.float(),
+        timings={"setup_s": t_setup, "run_s": t_run, "total_s": time.perf_counter() - t0},
+        extra={"kind": kind, "effect": "mean over prompts of ablated - original metric",
+               "n_prompts": n, "n_pairs": n, "original_metric": original.tolist(),
+               "ablated_metric": ablated_mean.reshape(shape).tolist(),
+               "fraction_kept": fraction, "positions": None if positions is None else row_pos,
+               "reference_rows": len(ref_rows) if kind != "zero" else 0,
+               "seed": seed, "resample_sources": sources,
+               "answers": [[c, k] for c, k in zip(corrects, incorrects)][:1]},
+    )
+
+
+__all__ = ["KINDS", "ablate"]
