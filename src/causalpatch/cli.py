@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,6 +82,9 @@ def _load(model: str, dtype: str | None = None) -> Any:
 
     from .model import InterpretableModel
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     dtypes = {None: None, "float32": torch.float32, "float16": torch.float16,
               "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
@@ -243,11 +245,13 @@ def ioi(
             raise InvalidArgumentError(f"--n must be at least 1, got {n}")
         m = _load(model, dtype)
         dataset = IOIDataset(m, n=n, seed=seed)
+        aligned = IOIDataset(m, n=n, seed=seed, equal_length=True)  # one length: by position
         results = []
-        plan = [("resid_post", True), ("attn", False), ("mlp", False), ("attn_head", False)]
+        plan = [("resid_post", True), ("attn", True), ("mlp", True), ("attn_head", False)]
         for component, by_position in plan:
             with _progress(f"{component}", not _State.quiet and not as_json) as progress:
-                results.append(activation_patching(m, dataset, component=component,
+                results.append(activation_patching(m, aligned if by_position else dataset,
+                                                   component=component,
                                                    by_position=by_position, progress=progress))
         files = _write_outputs(results, out, f"IOI on {m.name} ({len(dataset)} pairs)")
     _finish(results, files, as_json)

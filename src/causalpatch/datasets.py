@@ -170,11 +170,14 @@ class IOIDataset(PatchingDataset):
     ``order="ABBA"`` puts the indirect object first ("Mary and John ..., John"), ``"BABA"`` the
     subject first; ``"both"`` alternates. Names that are not a single token (with a leading
     space) for the model's tokenizer are dropped; ``dropped_names`` counts them.
+    ``equal_length=True`` keeps every prompt at one token length (one template, pairs of
+    another length re-drawn), as ``by_position`` sweeps over a dataset need.
     """
 
     def __init__(self, model: InterpretableModel, n: int = 32, seed: int = 0,
                  templates: Sequence[str] | None = None, names: Sequence[str] | None = None,
-                 corruption: str = "swap", order: str = "both") -> None:
+                 corruption: str = "swap", order: str = "both",
+                 equal_length: bool = False) -> None:
         if n < 1:
             raise InvalidArgumentError(f"n must be at least 1, got {n}")
         if corruption not in ("swap", "abc"):
@@ -189,18 +192,34 @@ class IOIDataset(PatchingDataset):
                 f"at least {need + 1} (pass names= with more common first names)")
         rng = random.Random(seed)
         templates = list(templates or IOI_TEMPLATES)
+        if equal_length:
+            templates = templates[:1]
         clean, corrupted, correct, incorrect, orders = [], [], [], [], []
         tok = model.tokenizer
-        for i in range(n):
+        target = None
+        i = -1
+        attempts = 0
+        while len(clean) < n:
+            i += 1
+            attempts += 1
+            if attempts > 50 * n:
+                raise InvalidArgumentError(
+                    f"could not draw {n} IOI prompts of equal token length; lower n")
             template = templates[i % len(templates)] if i < len(templates) else rng.choice(
                 templates)
             io, s, c1, c2, c3 = rng.sample(pool, 5) if len(pool) >= 5 else (
                 *rng.sample(pool, 2), *rng.sample(pool, 3))
-            this = order if order != "both" else ("ABBA" if i % 2 == 0 else "BABA")
+            this = order if order != "both" else ("ABBA" if len(clean) % 2 == 0 else "BABA")
             x, y = (io, s) if this == "ABBA" else (s, io)
             place, obj = rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS)
             fill = dict(place=place, obj=obj)
-            clean.append(template.format(X=x, Y=y, S=s, **fill))
+            text = template.format(X=x, Y=y, S=s, **fill)
+            if equal_length:
+                length = len(tok(text)["input_ids"])
+                target = length if target is None else target
+                if length != target:
+                    continue
+            clean.append(text)
             if corruption == "swap":
                 corrupted.append(template.format(X=x, Y=y, S=io, **fill))
             else:
