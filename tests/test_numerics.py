@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from causalpatch import InterpretableModel, activation_patching
+from causalpatch.errors import NonFiniteError
 from causalpatch.metrics import METRICS, MetricInputs, get_metric
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -93,12 +94,18 @@ def test_float16_l2_does_not_overflow_with_large_logits():
 
 
 @pytest.mark.slow
-def test_gemma_sweep_in_float16_is_finite(gemma_logits):
+def test_gemma_sweeps_are_finite_in_bfloat16_and_refuse_float16_overflow(gemma_logits):
     model, _ = gemma_logits
-    half = InterpretableModel(copy.deepcopy(model.hf_model).to(torch.float16),
+    pair = ("The Eiffel Tower is in the city of", "The Colosseum is in the city of")
+    bf16 = InterpretableModel(copy.deepcopy(model.hf_model).to(torch.bfloat16),
                               tokenizer=model.tokenizer)
     for metric in ("l2", "kl", "cosine", "mse"):
-        result = activation_patching(half, "The Eiffel Tower is in the city of",
-                                     "The Colosseum is in the city of", component="mlp",
-                                     layers=[3, 17], metric=metric)
+        result = activation_patching(bf16, *pair, component="mlp", layers=[3, 17],
+                                     metric=metric)
         assert torch.isfinite(result.effect_matrix).all()
+    # Gemma's activations overflow float16 (the model's own logits become NaN): causalpatch
+    # says so instead of returning NaN effects
+    half = InterpretableModel(copy.deepcopy(model.hf_model).to(torch.float16),
+                              tokenizer=model.tokenizer)
+    with pytest.raises(NonFiniteError, match="float32"):
+        activation_patching(half, *pair, component="mlp", layers=[3], metric="l2")

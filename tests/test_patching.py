@@ -190,3 +190,14 @@ def test_unknown_single_site_lists_close_matches(smollm2):
                             correct=" Mary", incorrect=" John")
     with pytest.raises(UnknownComponentError):
         smollm2.site("blocks.3.atn")
+
+
+@pytest.mark.parametrize("component,by_position,shape,axes", [
+    ("blocks.23.attn.z", False, (9,), ("head",)),
+    ("blocks.5.mlp", True, (14,), ("position",)),
+    ("layers.9.self_attn", False, (1,), ("site",)),
+])
+def test_single_named_site_results(smollm2, component, by_position, shape, axes):
+    result = activation_patching(smollm2, CLEAN, CORRUPTED, component=component,
+                                 by_position=by_position, correct=" Mary", incorrect=" John")
+    assert result.effect_matrix.shape == shape and result.axes == axes

@@ -8,14 +8,23 @@ report/CLI (``report``, ``plotting``, ``cli``).
 Importing the package has no side effects (no global plotting state, no downloads).
 """
 
-from . import errors, interventions, metrics
+from . import datasets, errors, interventions, metrics
+from .ablation import ablate
+from .attribution import attribution_patching
 from .errors import CausalPatchError
 from .metrics import MetricInputs, get_metric, register_metric
 from .model import InterpretableModel
 from .patching import CausalTrace, Direction, activation_patching
+from .report import report
+from .result import PatchingResult
 
 __all__ = [
     "CausalPatchError",
+    "PatchingResult",
+    "ablate",
+    "attribution_patching",
+    "datasets",
+    "report",
     "CausalTrace",
     "Direction",
     "InterpretableModel",

@@ -1,98 +1,186 @@
 """Static matplotlib figures of results, readable in a paper.
 
-Object API only (``matplotlib.figure.Figure``): no pyplot state, no rcParams changes, nothing
-done at import time. Diverging colour map centred at 0 with symmetric limits; token strings as
-tick labels on position axes.
+Object API only (``matplotlib.figure.Figure``): no pyplot state, no rcParams changes, and
+matplotlib is imported inside the functions, so importing causalpatch stays side-effect free.
+
+* 1-D results: a bar chart over the axis (red positive, blue negative; error bars from
+  ``std``).
+* 2-D results: a heatmap, rows the first axis (e.g. layer), columns the second (head or
+  position, with the token strings as tick labels).
+* 3-D results, e.g. ``(layer, position, head)``: a grid of heatmaps of the first two axes, one
+  per entry of the last axis, all on one colour scale with one colour bar. When an ``ax`` is
+  given, when there would be more than :data:`MAX_PANELS` panels, or for 4+ axes, one heatmap
+  of the largest-magnitude (signed) effect over the trailing axes instead.
+
+Heatmaps use the diverging map :data:`CMAP` with limits symmetric around 0, so white is "no
+effect"; NaN cells are grey. Long axes show every k-th tick label (at most :data:`MAX_TICKS`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from .result import PatchingResult
 
 CMAP = "RdBu_r"
+"""Diverging colour map: red = positive effect, blue = negative."""
+POSITIVE, NEGATIVE = "#b2182b", "#2166ac"
+MAX_TICKS = 48
+MAX_PANELS = 16
 AXIS_TITLES = {"layer": "layer", "position": "position (token)", "head": "head",
                "neuron": "neuron", "site": "site", "group": "position group"}
 
 
-def _limit(values: torch.Tensor) -> float:
-    vmax = float(values.abs().max()) if values.numel() else 1.0
+def symmetric_limit(values: np.ndarray) -> float:
+    """``max |value|`` over the finite values (1.0 when there is none or it is 0)."""
+    import numpy as np
+
+    finite = np.abs(values[np.isfinite(values)])
+    vmax = float(finite.max()) if finite.size else 0.0
     return vmax if vmax > 0 else 1.0
 
 
-def _title(result: PatchingResult, title: str | None) -> str:
-    if title:
-        return title
-    kind = "effect" if result.normalized else f"raw {result.metric}"
-    return f"{result.method.replace('_', ' ')}: {result.component} ({result.metric} {kind}, " \
-           f"{result.direction})"
+def max_magnitude(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The signed value of largest magnitude along ``axis``, and its index (NaN-aware)."""
+    import numpy as np
+
+    key = np.where(np.isfinite(values), np.abs(values), -1.0)
+    index = key.argmax(axis=axis)
+    picked = np.take_along_axis(values, np.expand_dims(index, axis), axis=axis)
+    return picked.squeeze(axis), index
 
 
-def _heatmap(fig: Any, ax: Any, mat: torch.Tensor, rows: list[Any], cols: list[Any],
-             row_axis: str, col_axis: str, vmax: float, label: str) -> None:
-    image = ax.imshow(mat.numpy(), cmap=CMAP, vmin=-vmax, vmax=vmax, aspect="auto",
+def title_of(result: PatchingResult) -> str:
+    """Default title: method, component, metric, direction."""
+    kind = "effect" if result.normalized else "(raw)"
+    return (f"{result.method.replace('_', ' ')}: {result.component} - {result.metric} {kind}, "
+            f"{result.direction}")
+
+
+def value_label(result: PatchingResult) -> str:
+    """Colour bar / y-axis label."""
+    return "effect (0 = none, 1 = full)" if result.normalized else result.metric
+
+
+def _texts(result: PatchingResult, axis: str, n: int) -> list[str]:
+    return [result.cell_text(axis, i) for i in range(n)]
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+def _set_ticks(ax: Any, which: str, texts: list[str], axis_name: str, show: bool = True) -> None:
+    n = len(texts)
+    step = max(1, math.ceil(n / MAX_TICKS))
+    ticks = list(range(0, n, step))
+    if which == "x":
+        ax.set_xticks(ticks)
+        if not show:
+            ax.set_xticklabels([])
+            return
+        rotate = axis_name == "position" or max((len(texts[i]) for i in ticks), default=0) > 4
+        ax.set_xticklabels([texts[i] for i in ticks], fontsize=7, rotation=60 if rotate else 0,
+                           ha="right" if rotate else "center", rotation_mode="anchor")
+        ax.set_xlabel(AXIS_TITLES.get(axis_name, axis_name))
+    else:
+        ax.set_yticks(ticks)
+        if not show:
+            ax.set_yticklabels([])
+            return
+        ax.set_yticklabels([texts[i] for i in ticks], fontsize=7)
+        ax.set_ylabel(AXIS_TITLES.get(axis_name, axis_name))
+
+
+def _cmap() -> Any:
+    from matplotlib import colormaps
+
+    return colormaps[CMAP].with_extremes(bad="#d0d0d0")
+
+
+def _heatmap(ax: Any, mat: np.ndarray, rows: list[str], cols: list[str], row_axis: str,
+             col_axis: str, vmax: float, show_x: bool = True, show_y: bool = True) -> Any:
+    image = ax.imshow(mat, cmap=_cmap(), vmin=-vmax, vmax=vmax, aspect="auto",
                       interpolation="nearest")
-    ax.set_ylabel(AXIS_TITLES.get(row_axis, row_axis))
-    ax.set_xlabel(AXIS_TITLES.get(col_axis, col_axis))
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([str(r) for r in rows], fontsize=7)
-    ax.set_xticks(range(len(cols)))
-    rotate = 60 if col_axis == "position" else 0
-    ax.set_xticklabels([str(c) for c in cols], fontsize=7, rotation=rotate,
-                       ha="right" if rotate else "center")
-    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label(label)
+    _set_ticks(ax, "y", rows, row_axis, show_y)
+    _set_ticks(ax, "x", cols, col_axis, show_x)
+    return image
 
 
 def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None) -> Any:
-    """Bar chart (1-D), heatmap (2-D) or one heatmap per last-axis entry (3-D)."""
+    """Draw ``result`` (see the module docstring) and return the matplotlib ``Figure``."""
+    import numpy as np
     from matplotlib.figure import Figure
 
-    m = result.effect_matrix.float()
-    label = "effect (0 = none, 1 = full)" if result.normalized else result.metric
-    labels = [result.labels.get(a, list(range(n))) for a, n in zip(result.axes, m.shape)]
-    if m.dim() == 3:
-        n = m.shape[2]
-        cols = min(n, 3)
-        rows = -(-n // cols)
-        fig = Figure(figsize=(5.2 * cols, 0.28 * m.shape[0] * rows + 2.5), layout="constrained")
-        axes = fig.subplots(rows, cols, squeeze=False)
-        vmax = _limit(m)
-        for k in range(rows * cols):
-            a = axes[k // cols][k % cols]
-            if k >= n:
-                a.set_visible(False)
-                continue
-            _heatmap(fig, a, m[:, :, k], labels[0], labels[1], result.axes[0], result.axes[1],
-                     vmax, label)
-            a.set_title(f"{result.axes[2]} {labels[2][k]}", fontsize=9)
-        fig.suptitle(_title(result, title))
-        return fig
-    if ax is None:
-        height = 4.0 if m.dim() == 1 else max(4.0, 0.25 * m.shape[0] + 1.5)
-        width = 7.0 if m.dim() == 1 else max(6.0, 0.45 * m.shape[1] + 3)
-        fig = Figure(figsize=(width, height), layout="constrained")
-        ax = fig.add_subplot()
-    else:
+    m = result.effect_matrix.double().numpy()
+    axes = result.axes
+    names = [_texts(result, a, n) for a, n in zip(axes, m.shape)]
+    heading = title or title_of(result)
+    vlabel = value_label(result)
+
+    if m.ndim == 1:
+        if ax is None:
+            fig = Figure(figsize=(_clamp(0.22 * len(m) + 2.5, 5.0, 14.0), 3.8),
+                         layout="constrained")
+            ax = fig.add_subplot()
         fig = ax.figure
-    if m.dim() == 1:
-        values = m.numpy()
-        colors = ["#b2182b" if v > 0 else "#2166ac" for v in values]
-        ax.bar(range(len(values)), values, color=colors)
+        x = np.arange(len(m))
+        ax.bar(x, np.nan_to_num(m), color=[POSITIVE if v > 0 else NEGATIVE for v in m])
         if result.std is not None:
-            ax.errorbar(range(len(values)), values, yerr=result.std.numpy(), fmt="none",
-                        ecolor="black", capsize=2, linewidth=0.8)
+            ax.errorbar(x, m, yerr=result.std.double().numpy(), fmt="none", ecolor="black",
+                        capsize=2, linewidth=0.8)
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(values)))
-        ax.set_xticklabels([str(x) for x in labels[0]], fontsize=7)
-        ax.set_xlabel(AXIS_TITLES.get(result.axes[0], result.axes[0]))
-        ax.set_ylabel(label)
-    else:
-        _heatmap(fig, ax, m, labels[0], labels[1], result.axes[0], result.axes[1], _limit(m),
-                 label)
-    ax.set_title(_title(result, title), fontsize=10)
+        ax.set_xlim(-0.6, len(m) - 0.4)
+        _set_ticks(ax, "x", names[0], axes[0])
+        ax.set_ylabel(vlabel)
+        ax.set_title(heading, fontsize=10)
+        return fig
+
+    reduce = m.ndim > 3 or ax is not None or (m.ndim == 3 and m.shape[2] > MAX_PANELS)
+    if m.ndim == 2 or reduce:
+        if m.ndim > 2:
+            trailing = " x ".join(axes[2:])
+            m, _ = max_magnitude(m.reshape(m.shape[0], m.shape[1], -1), axis=2)
+            heading = f"{heading}\n(largest |effect| over {trailing})"
+        if ax is None:
+            fig = Figure(figsize=(_clamp(0.38 * m.shape[1] + 3.2, 5.0, 18.0),
+                                  _clamp(0.24 * m.shape[0] + 2.0, 3.5, 14.0)),
+                         layout="constrained")
+            ax = fig.add_subplot()
+        fig = ax.figure
+        image = _heatmap(ax, m, names[0], names[1], axes[0], axes[1], symmetric_limit(m))
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+        bar.set_label(vlabel)
+        ax.set_title(heading, fontsize=10)
+        return fig
+
+    # 3-D: one panel per entry of the last axis, shared colour scale.
+    n = m.shape[2]
+    ncols = min(4, math.ceil(math.sqrt(n)))
+    nrows = math.ceil(n / ncols)
+    panel_w = _clamp(0.24 * m.shape[1] + 1.4, 2.4, 5.0)
+    panel_h = _clamp(0.12 * m.shape[0] + 1.3, 2.0, 5.0)
+    fig = Figure(figsize=(panel_w * ncols + 1.2, panel_h * nrows + 1.0), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    vmax = symmetric_limit(m)
+    image, shown = None, []
+    for k in range(nrows * ncols):
+        panel = grid[k // ncols][k % ncols]
+        if k >= n:
+            panel.set_visible(False)
+            continue
+        image = _heatmap(panel, m[:, :, k], names[0], names[1], axes[0], axes[1], vmax,
+                         show_x=k + ncols >= n, show_y=k % ncols == 0)
+        panel.set_title(f"{axes[2]} {names[2][k]}", fontsize=9)
+        shown.append(panel)
+    bar = fig.colorbar(image, ax=shown, shrink=0.8)
+    bar.set_label(vlabel)
+    fig.suptitle(heading, fontsize=11)
     return fig
+
+
+__all__ = ["CMAP", "max_magnitude", "plot_result", "symmetric_limit", "title_of", "value_label"]

@@ -1,8 +1,9 @@
 """``PatchingResult``: the effect matrix of a sweep with its labels and metadata.
 
 Every method (activation, attribution and path patching, ablations, causal tracing) returns
-one. Axes are named (``layer``, ``position``, ``head``, ``neuron``, ...); ``labels[axis]`` holds
-the tick labels (layer indices, ``"9: ' John'"`` for positions, head indices).
+one. Axes are named (``layer``, ``position``, ``head``, ``neuron``; ``site`` for a single named
+site); ``labels[axis]`` holds the tick labels: layer indices (possibly a subset), head and neuron
+indices, and ``"5: ' John'"`` (token position and token string) for positions.
 
 Example::
 
@@ -12,13 +13,22 @@ Example::
     result.to_dataframe()         # one row per cell
     result.plot()                 # matplotlib Figure
     result.save("heads.png")      # or .svg/.pdf/.json/.md/.html
+
+Saved JSON files carry a format name, a version and a sha256 checksum of the payload; loading
+checks all three and every field, and raises :class:`~causalpatch.errors.CorruptResultError` for
+a truncated, hand-edited or otherwise invalid file. Files are parsed as data only (``json``).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
+import itertools
 import json
+import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,28 +36,54 @@ from typing import Any
 import torch
 
 from ._io import atomic_write_bytes, atomic_write_text
-from .errors import CorruptResultError, InvalidArgumentError
+from .errors import (
+    CausalPatchError,
+    CorruptResultError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NonFiniteError,
+)
 
 FORMAT = "causalpatch-result"
+"""Value of the ``format`` field of a saved result."""
 VERSION = 1
+"""Version of the saved-result format this causalpatch writes and reads."""
+AXES = ("layer", "position", "head", "neuron")
+"""The usual axis names, in their usual order (``site`` names a single named site)."""
+SAVE_SUFFIXES = (".png", ".svg", ".pdf", ".json", ".md", ".html", ".htm")
+"""File suffixes :meth:`PatchingResult.save` understands."""
+
 _TENSORS = ("effect_matrix", "per_pair", "std")
+_REQUIRED = ("effect_matrix", "axes", "labels", "component", "metric")
+_STRINGS = ("component", "metric", "direction", "method", "model_name")
 
 
-@dataclass
+@dataclass(eq=False)
 class PatchingResult:
     """Result of a patching sweep.
 
     Attributes:
-        effect_matrix: float32 tensor, one axis per entry of ``axes``.
-        axes: axis names, e.g. ``("layer", "head")``.
-        labels: axis name -> tick labels.
+        effect_matrix: float32 tensor (CPU), one dimension per entry of ``axes``.
+        axes: axis names, e.g. ``("layer",)``, ``("layer", "head")``, ``("layer", "position")``
+            or ``("layer", "position", "head")``.
+        labels: axis name -> tick labels, one per entry of that axis. Layer, head and neuron
+            labels are ints (the actual indices; layers may be a subset), position labels are
+            strings like ``"5: ' John'"``. Axes without labels get ``0..n-1``.
         component, metric, direction, method: what was measured and how.
+        model_name: the model's name.
+        clean_prompts, corrupted_prompts: the prompt pairs (text).
+        clean_tokens: token strings per clean prompt (at least the first).
         clean_metric, corrupted_metric: the metric on the unpatched runs (mean over pairs).
         normalized: True when ``effect = (patched - base) / (source - base)``.
-        per_pair: ``[n_pairs, *shape]`` per-pair effects (datasets), or None.
-        std: standard deviation over pairs, or None.
+        per_pair: ``[n_pairs, *effect_matrix.shape]`` per-pair effects, or None.
+        std: standard deviation over pairs (same shape as ``effect_matrix``), or None.
         timings: seconds spent, by phase.
-        extra: method-specific, JSON-serialisable metadata.
+        extra: method-specific metadata. It must hold only JSON values (dicts with string
+            keys, lists, strings, finite numbers, booleans, None) to survive a JSON round trip
+            unchanged; ``extra["positions"]``, when present, lists the token position of each
+            entry of the position axis.
+
+    Two results are equal (``==``) when every field is equal, tensors included.
     """
 
     effect_matrix: torch.Tensor
@@ -70,54 +106,187 @@ class PatchingResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.axes, str) or not isinstance(self.axes, Iterable):
+            raise InvalidTypeError(
+                f"axes must be a tuple of axis names like ('layer', 'head'), got {self.axes!r}")
         self.axes = tuple(self.axes)
-        self.effect_matrix = torch.as_tensor(self.effect_matrix, dtype=torch.float32)
-        if self.effect_matrix.dim() != len(self.axes):
+        if not self.axes:
             raise InvalidArgumentError(
-                f"effect_matrix has {self.effect_matrix.dim()} dims but axes are {self.axes}")
-        for axis, size in zip(self.axes, self.effect_matrix.shape):
-            if axis in self.labels and len(self.labels[axis]) != size:
+                "axes is empty: a result has at least one axis (('site',) for one named site)")
+        for axis in self.axes:
+            if not isinstance(axis, str) or not axis:
+                raise InvalidTypeError(f"axis names must be non-empty strings, got {axis!r}")
+        if len(set(self.axes)) != len(self.axes):
+            raise InvalidArgumentError(f"axes {self.axes} name an axis twice")
+        self.effect_matrix = _float_tensor("effect_matrix", self.effect_matrix)
+        shape = self.shape
+        if len(shape) != len(self.axes):
+            raise InvalidArgumentError(
+                f"effect_matrix has {len(shape)} dimensions (shape {shape}) but axes are "
+                f"{self.axes}")
+        if 0 in shape:
+            raise InvalidArgumentError(f"effect_matrix is empty (shape {shape})")
+        if not isinstance(self.labels, Mapping):
+            raise InvalidTypeError(
+                f"labels must be a dict axis -> list of labels, got {type(self.labels).__name__}")
+        labels: dict[str, list[Any]] = {}
+        for axis, values in self.labels.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+                raise InvalidTypeError(
+                    f"labels[{axis!r}] must be a list of labels, got {values!r}")
+            labels[axis] = list(values)
+        for axis, size in zip(self.axes, shape):
+            if axis not in labels:
+                labels[axis] = list(range(size))
+            elif len(labels[axis]) != size:
                 raise InvalidArgumentError(
-                    f"axis {axis!r} has {size} entries but {len(self.labels[axis])} labels")
+                    f"axis {axis!r} has {size} entries but {len(labels[axis])} labels")
+        self.labels = labels
+        if self.per_pair is not None:
+            self.per_pair = _float_tensor("per_pair", self.per_pair)
+            if self.per_pair.dim() != len(shape) + 1 or tuple(self.per_pair.shape[1:]) != shape:
+                raise InvalidArgumentError(
+                    f"per_pair has shape {tuple(self.per_pair.shape)}, expected "
+                    f"(n_pairs, {', '.join(map(str, shape))})")
+        if self.std is not None:
+            self.std = _float_tensor("std", self.std)
+            if tuple(self.std.shape) != shape:
+                raise InvalidArgumentError(
+                    f"std has shape {tuple(self.std.shape)}, expected {shape} like effect_matrix")
+        for name in ("clean_metric", "corrupted_metric"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    setattr(self, name, float(value))
+                except (TypeError, ValueError):
+                    raise InvalidTypeError(
+                        f"{name} must be a number or None, got {value!r}") from None
+        for name in _STRINGS:
+            if not isinstance(getattr(self, name), str):
+                raise InvalidTypeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        self.clean_prompts = list(self.clean_prompts)
+        self.corrupted_prompts = list(self.corrupted_prompts)
+        self.clean_tokens = [list(tokens) for tokens in self.clean_tokens]
+        self.normalized = bool(self.normalized)
+        if not isinstance(self.timings, Mapping) or not isinstance(self.extra, Mapping):
+            raise InvalidTypeError("timings and extra must be dicts")
+        self.timings = dict(self.timings)
+        self.extra = dict(self.extra)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PatchingResult):
+            return NotImplemented
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name in _TENSORS:
+                if (a is None) != (b is None):
+                    return False
+                if a is not None and (a.shape != b.shape or not torch.equal(a, b)):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like any dataclass with __eq__
+
+    def __repr__(self) -> str:
+        return (f"PatchingResult(method={self.method!r}, component={self.component!r}, "
+                f"metric={self.metric!r}, direction={self.direction!r}, "
+                f"axes={self.axes}, shape={self.shape})")
 
     # -- access --------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape of ``effect_matrix``."""
         return tuple(self.effect_matrix.shape)
 
     @property
     def layers(self) -> list[Any] | None:
-        return self.labels.get("layer")
+        """Layer labels (layer indices), or None without a layer axis."""
+        return self.labels.get("layer") if "layer" in self.axes else None
 
     @property
     def heads(self) -> list[Any] | None:
-        return self.labels.get("head")
+        """Head labels (head indices), or None without a head axis."""
+        return self.labels.get("head") if "head" in self.axes else None
 
     @property
     def positions(self) -> list[Any] | None:
-        return self.labels.get("position")
+        """Position labels (``"5: ' John'"``), or None without a position axis."""
+        return self.labels.get("position") if "position" in self.axes else None
 
-    def _index_label(self, axis: str, i: int) -> Any:
+    @property
+    def neurons(self) -> list[Any] | None:
+        """Neuron labels (neuron indices), or None without a neuron axis."""
+        return self.labels.get("neuron") if "neuron" in self.axes else None
+
+    def _token_positions(self) -> list[Any]:
+        """Token position of each entry of the position axis."""
+        n = self.shape[self.axes.index("position")]
+        positions = self.extra.get("positions")
+        if isinstance(positions, list) and len(positions) == n:
+            return positions
+        return list(range(n))
+
+    def index_value(self, axis: str, i: int) -> Any:
+        """The value :meth:`top_components` reports for entry ``i`` of ``axis``.
+
+        The label for most axes (layer index, head index, ...), the token position for the
+        position axis.
+        """
         if axis == "position":
-            positions = self.extra.get("positions")
-            return positions[i] if isinstance(positions, list) and len(positions) > i else i
-        labels = self.labels.get(axis)
-        return labels[i] if labels is not None else i
+            return self._token_positions()[i]
+        return self.labels[axis][i]
+
+    def cell_text(self, axis: str, i: int) -> str:
+        """Display text of entry ``i`` of ``axis``: its label (``"5: ' John'"`` for positions)."""
+        return str(self.labels[axis][i])
+
+    def describe_cell(self, coords: tuple[int, ...]) -> str:
+        """``"layer 9, position 5: ' John'"`` for array coordinates of a cell."""
+        return ", ".join(f"{a} {self.cell_text(a, c)}" for a, c in zip(self.axes, coords))
+
+    def describe_index(self, index: Any) -> str:
+        """``"layer 9, head 3"`` for an index returned by :meth:`top_components`."""
+        values = index if isinstance(index, tuple) else (index,)
+        parts = []
+        for axis, value in zip(self.axes, values):
+            text = str(value)
+            if axis == "position":
+                positions = self._token_positions()
+                if value in positions:
+                    text = self.cell_text(axis, positions.index(value))
+            parts.append(f"{axis} {text}")
+        return ", ".join(parts)
 
     def top_components(self, k: int = 5, by: str = "abs") -> list[tuple[Any, float]]:
-        """The ``k`` cells with the largest effect.
+        """The ``k`` cells with the largest effect, largest first.
 
-        Returns ``[(index, effect), ...]``: ``index`` is a tuple of labels (layer index, head
-        index, token position) for N-D results and the bare label for 1-D results (so
-        ``top_components(1)[0][0]`` is a layer number for per-layer sweeps).
+        Returns ``[(index, effect), ...]``. ``index`` is a tuple with one value per axis:
+        the label for integer axes (layer index, head index, neuron index) and the token
+        position for the position axis. For 1-D results it is the bare label instead of a
+        1-tuple, so ``top_components(1)[0][0]`` is a layer number for per-layer sweeps.
+        Ties keep row-major order; NaN cells come last.
 
         Args:
+            k: how many cells (fewer when the result has fewer cells).
             by: ``"abs"`` (largest magnitude, default) or ``"value"`` (largest signed value).
         """
+        out: list[tuple[Any, float]] = []
+        for coords, effect in self._top_cells(k, by):
+            values = tuple(self.index_value(a, c) for a, c in zip(self.axes, coords))
+            out.append((values[0] if len(values) == 1 else values, effect))
+        return out
+
+    def _top_cells(self, k: int = 5, by: str = "abs") -> list[tuple[tuple[int, ...], float]]:
+        """Like :meth:`top_components` with array coordinates (always tuples) as indices."""
         if by not in ("abs", "value"):
             raise InvalidArgumentError(f"by must be 'abs' or 'value', got {by!r}")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise InvalidTypeError(f"k must be an int, got {k!r}")
         flat = self.effect_matrix.flatten()
-        key = flat.abs() if by == "abs" else flat
+        key = flat.abs() if by == "abs" else flat.clone()
+        key[torch.isnan(key)] = -math.inf
         order = torch.argsort(key, descending=True, stable=True)[: max(0, k)]
         out = []
         for idx in order.tolist():
@@ -126,211 +295,338 @@ class PatchingResult:
             for size in reversed(self.shape):
                 coords.append(rem % size)
                 rem //= size
-            coords.reverse()
-            labels = tuple(self._index_label(a, c) for a, c in zip(self.axes, coords))
-            out.append((labels[0] if len(labels) == 1 else labels, float(flat[idx])))
+            out.append((tuple(reversed(coords)), float(flat[idx])))
         return out
 
     def summary(self, k: int = 5) -> str:
-        """A few lines: what was run, baselines, shape, top components, timings."""
+        """A few lines of text: what was run, baselines, shape, top components, timings."""
+        kind = "normalised effect" if self.normalized else "raw values"
         lines = [
-            f"{self.method} of {self.component!r} on {self.model_name or 'model'}",
-            f"  metric: {self.metric} ({'normalised effect' if self.normalized else 'raw'}), "
-            f"direction: {self.direction}",
+            f"{self.method} of {self.component!r} on {self.model_name or 'an unnamed model'}",
+            f"  metric: {self.metric} ({kind}), direction: {self.direction}",
         ]
-        if self.clean_metric is not None and self.corrupted_metric is not None:
-            lines.append(f"  clean {self.metric}: {self.clean_metric:.4f}, corrupted: "
-                         f"{self.corrupted_metric:.4f}")
-        n_pairs = self.extra.get("n_pairs", len(self.clean_prompts) or 1)
-        lines.append(f"  shape: {self.shape} ({' x '.join(self.axes)}), pairs: {n_pairs}")
-        lines.append(f"  top {k}:")
-        for index, effect in self.top_components(k):
-            name = ", ".join(f"{a}={v}" for a, v in zip(
-                self.axes, index if isinstance(index, tuple) else (index,)))
-            lines.append(f"    {name}: {effect:+.4f}")
+        baselines = []
+        if self.clean_metric is not None:
+            baselines.append(f"clean {self.clean_metric:.4f}")
+        if self.corrupted_metric is not None:
+            baselines.append(f"corrupted {self.corrupted_metric:.4f}")
+        if baselines:
+            lines.append(f"  baselines ({self.metric}): " + ", ".join(baselines))
+        lines.append(f"  shape: {' x '.join(map(str, self.shape))} ({' x '.join(self.axes)}), "
+                     f"pairs: {self.n_pairs}")
+        lines.append(f"  top {k} by |effect|:")
+        std = self.std.flatten().tolist() if self.std is not None else None
+        for coords, effect in self._top_cells(k):
+            line = f"    {self.describe_cell(coords)}: {effect:+.4f}"
+            if std is not None:
+                flat = 0
+                for c, n in zip(coords, self.shape):
+                    flat = flat * n + c
+                line += f" (std {std[flat]:.4f})"
+            lines.append(line)
         if self.timings:
-            lines.append("  time: " + ", ".join(f"{k}={v:.2f}s" for k, v in self.timings.items()))
+            lines.append("  time: " + ", ".join(
+                f"{_timing_name(name)} {value:.2f} s" for name, value in self.timings.items()))
         return "\n".join(lines)
 
-    def __repr__(self) -> str:
-        return (f"PatchingResult(method={self.method!r}, component={self.component!r}, "
-                f"metric={self.metric!r}, direction={self.direction!r}, shape={self.shape})")
+    @property
+    def n_pairs(self) -> int:
+        """Number of prompt pairs (or prompts, for ablations) the result averages over."""
+        n = self.extra.get("n_pairs")
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+        if self.per_pair is not None:
+            return int(self.per_pair.shape[0])
+        return max(len(self.clean_prompts), 1)
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tensors as nested lists)."""
+        """A JSON-ready dict (tensors as nested lists, copies of the containers).
+
+        Raises:
+            InvalidTypeError: ``labels``, ``timings`` or ``extra`` hold a value JSON cannot
+                store (tensors and numpy arrays become lists; tuples become lists).
+        """
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in _TENSORS:
-                value = None if value is None else value.tolist()
-            elif f.name == "axes":
-                value = list(value)
-            out[f.name] = value
+                out[f.name] = None if value is None else value.tolist()
+            else:
+                out[f.name] = _plain(value, f.name)
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PatchingResult:
-        """Rebuild from :meth:`to_dict` output, validating it."""
-        names = {f.name for f in fields(cls)}
-        required = {"effect_matrix", "axes", "labels", "component", "metric"}
-        missing = required - set(data)
+    def from_dict(cls, data: Mapping[str, Any]) -> PatchingResult:
+        """Rebuild a result from :meth:`to_dict` output, checking every field.
+
+        Raises:
+            CorruptResultError: a field is missing, unknown, of the wrong type, not finite, or
+                the shapes of the tensors and labels disagree.
+        """
+        if not isinstance(data, Mapping):
+            raise CorruptResultError(f"result payload must be an object, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in _REQUIRED if n not in data]
         if missing:
-            raise CorruptResultError(f"result is missing fields {sorted(missing)}")
-        unknown = set(data) - names
+            raise CorruptResultError(f"result is missing the fields {missing}")
+        unknown = sorted(set(data) - set(names))
         if unknown:
-            raise CorruptResultError(f"result has unknown fields {sorted(unknown)}")
-        kwargs = dict(data)
+            raise CorruptResultError(
+                f"result has unknown fields {unknown} (written by a newer causalpatch?)")
+        kwargs = copy.deepcopy(dict(data))
+        _check_types(kwargs)
+        for name in _TENSORS:
+            if kwargs.get(name) is None:
+                continue
+            try:
+                tensor = torch.tensor(kwargs[name], dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise CorruptResultError(
+                    f"result field {name!r} is not a rectangular array of numbers") from None
+            if not torch.isfinite(tensor).all():
+                raise CorruptResultError(f"result field {name!r} holds NaN or infinite values")
+            kwargs[name] = tensor
         try:
-            for name in _TENSORS:
-                if kwargs.get(name) is not None:
-                    tensor = torch.tensor(kwargs[name], dtype=torch.float32)
-                    if not torch.isfinite(tensor).all():
-                        raise CorruptResultError(f"result field {name!r} holds NaN or inf")
-                    kwargs[name] = tensor
-            kwargs["axes"] = tuple(kwargs["axes"])
-            result = cls(**kwargs)
-        except CorruptResultError:
-            raise
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise CorruptResultError(f"result does not hold a valid effect matrix: {exc}") from None
-        for name in ("per_pair", "std"):
-            value = getattr(result, name)
-            if value is not None and name == "std" and tuple(value.shape) != result.shape:
-                raise CorruptResultError(f"{name} has shape {tuple(value.shape)}, expected "
-                                         f"{result.shape}")
-        return result
+            return cls(**kwargs)
+        except CausalPatchError as exc:
+            raise CorruptResultError(f"result fields are inconsistent: {exc}") from None
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
-        """JSON text with a format tag and a sha256 checksum; written atomically to ``path``."""
+        """JSON text with format name, version and sha256 checksum of the payload.
+
+        Args:
+            path: when given, the text is also written there atomically (temporary file in the
+                same folder, ``fsync``, ``os.replace``).
+
+        Raises:
+            NonFiniteError: a tensor, baseline, timing or ``extra`` value is NaN or infinite
+                (such a file could not be loaded back).
+            InvalidTypeError: ``extra`` (or labels, timings) holds a non-JSON value.
+        """
+        for name in _TENSORS:
+            tensor = getattr(self, name)
+            if tensor is not None and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise NonFiniteError(
+                    f"cannot save the result: {name} holds {bad} NaN or infinite values")
         payload = self.to_dict()
-        body = json.dumps(payload, sort_keys=True, allow_nan=False)
-        doc = {"format": FORMAT, "version": VERSION,
-               "sha256": hashlib.sha256(body.encode()).hexdigest(), "result": payload}
-        text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False)
+        where = _find_nonfinite({k: v for k, v in payload.items() if k not in _TENSORS})
+        if where is not None:
+            raise NonFiniteError(f"cannot save the result: {where} is NaN or infinite")
+        doc = {"format": FORMAT, "version": VERSION, "sha256": _checksum(payload),
+               "result": payload}
+        text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"
         if path is not None:
             atomic_write_text(path, text)
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str | os.PathLike[str]) -> PatchingResult:
-        """Load a result saved by :meth:`to_json` (JSON text or a file path).
+    def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> PatchingResult:
+        """Load a result saved by :meth:`to_json`, from JSON text or a file path.
+
+        A ``str`` that starts with ``{`` or ``[``, is blank or spans several lines is read as
+        JSON text; any other ``str``, or a path object, as a file path.
 
         Raises:
-            CorruptResultError: truncated, hand-edited (checksum mismatch), wrong format, wrong
-                shapes or non-finite values.
+            CorruptResultError: the text is empty, truncated or not JSON, is not a causalpatch
+                result, has another format version, fails its checksum (edited after saving),
+                or holds missing fields, wrong shapes or non-finite numbers.
+            FileNotFoundError: the path does not exist.
         """
         source = "text"
-        text = os.fspath(text_or_path)
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.exists():
-                raise FileNotFoundError(f"result file {text!r} does not exist")
-            source, text = repr(str(path)), path.read_text(encoding="utf-8")
+        raw: str | bytes
+        if isinstance(text_or_path, (bytes, bytearray)):
+            raw = bytes(text_or_path)
+        elif isinstance(text_or_path, str) and (text_or_path.lstrip().startswith(("{", "["))
+                                                 or not text_or_path.strip()
+                                                 or "\n" in text_or_path):
+            raw = text_or_path
+        elif isinstance(text_or_path, (str, os.PathLike)):
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"result file {str(path)!r} does not exist")
+            source, raw = f"file {str(path)!r}", path.read_bytes()
+        else:
+            raise InvalidTypeError(
+                f"from_json takes JSON text or a path, got {type(text_or_path).__name__}")
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptResultError(f"result {source} is not UTF-8 text") from None
+        if not raw.strip():
+            raise CorruptResultError(f"result {source} is empty")
         try:
-            doc = json.loads(text, parse_constant=_reject_constant)
-        except (json.JSONDecodeError, ValueError) as exc:
+            doc = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
             raise CorruptResultError(
                 f"result {source} is not valid JSON (truncated or edited?): {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise CorruptResultError(f"result {source} is not a causalpatch result file")
-        if doc.get("version") != VERSION:
             raise CorruptResultError(
-                f"result {source} has format version {doc.get('version')!r}; this causalpatch "
-                f"reads version {VERSION}")
+                f"result {source} is not a causalpatch result (no \"format\": \"{FORMAT}\")")
+        version = doc.get("version")
+        if version != VERSION:
+            newer = isinstance(version, int) and version > VERSION
+            raise CorruptResultError(
+                f"result {source} has format version {version!r}; this causalpatch reads "
+                f"version {VERSION}" + (" (upgrade causalpatch)" if newer else ""))
+        digest = doc.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise CorruptResultError(f"result {source} has no sha256 checksum")
         payload = doc.get("result")
         if not isinstance(payload, dict):
-            raise CorruptResultError(f"result {source} has no result payload")
-        body = json.dumps(payload, sort_keys=True, allow_nan=False)
-        if hashlib.sha256(body.encode()).hexdigest() != doc.get("sha256"):
+            raise CorruptResultError(f"result {source} has no \"result\" object")
+        try:
+            actual = _checksum(payload)
+        except ValueError:
+            raise CorruptResultError(f"result {source} holds a non-finite number") from None
+        if actual != digest:
             raise CorruptResultError(
-                f"result {source} fails its checksum: it was edited or damaged after saving")
-        return cls.from_dict(payload)
+                f"result {source} fails its sha256 checksum: it was edited or damaged after "
+                "saving")
+        try:
+            return cls.from_dict(payload)
+        except CorruptResultError as exc:
+            raise CorruptResultError(f"result {source}: {exc}") from None
 
-    def to_markdown(self, max_rows: int = 200, digits: int = 3) -> str:
-        """Metadata header and the effect table (3-D results: one table per middle index)."""
-        head = [f"### {self.method}: `{self.component}` ({self.metric}, {self.direction})", ""]
+    # -- tables ---------------------------------------------------------------------------------
+    def to_markdown(self, max_rows: int = 100, max_cols: int = 40, digits: int = 3) -> str:
+        """Markdown: a metadata header and the effect table.
+
+        1-D results: one row per entry (with a ``std`` column when present). 2-D results:
+        rows are the first axis, columns the second. 3-D results: one table per entry of the
+        middle axis (e.g. per position: layers x heads). More axes: rows are the combinations
+        of all axes but the last.
+
+        Args:
+            max_rows: rows per table; the rest is left out with a note.
+            max_cols: columns per table; the rest is left out with a note.
+            digits: decimals of each effect.
+        """
+        kind = ("normalised: (patched - base) / (source - base)" if self.normalized
+                else "raw values")
+        lines = [f"### {_md_text(self.method)}: {_md_code(self.component)} "
+                 f"({_md_text(self.metric)}, {_md_text(self.direction)})", ""]
         if self.model_name:
-            head.append(f"- model: {self.model_name}")
+            lines.append(f"- **model**: {_md_code(self.model_name)}")
+        lines.append(f"- **metric**: {_md_text(self.metric)} ({kind})")
+        baselines = []
         if self.clean_metric is not None:
-            head.append(f"- clean {self.metric}: {self.clean_metric:.4f}; corrupted: "
-                        f"{self.corrupted_metric:.4f}")
-        head.append(f"- shape: {self.shape} ({' x '.join(self.axes)})")
-        head.append("")
-        m = self.effect_matrix
+            baselines.append(f"clean {self.clean_metric:.4f}")
+        if self.corrupted_metric is not None:
+            baselines.append(f"corrupted {self.corrupted_metric:.4f}")
+        if baselines:
+            lines.append("- **baselines**: " + "; ".join(baselines))
+        lines.append(f"- **shape**: {' x '.join(map(str, self.shape))} "
+                     f"({' x '.join(_md_text(a) for a in self.axes)}); pairs: {self.n_pairs}")
+        if self.clean_prompts:
+            more = len(self.clean_prompts) - 1
+            lines.append(f"- **clean prompt**: {_md_code(self.clean_prompts[0])}"
+                         + (f" (and {more} more)" if more else ""))
+        if self.corrupted_prompts:
+            lines.append(f"- **corrupted prompt**: {_md_code(self.corrupted_prompts[0])}")
+        if self.timings:
+            lines.append("- **time**: " + ", ".join(
+                f"{_md_text(_timing_name(k))} {v:.2f} s" for k, v in self.timings.items()))
+        lines += [""]
         fmt = f"{{:+.{digits}f}}"
-
-        def table(mat: torch.Tensor, row_axis: str, col_axis: str | None) -> list[str]:
-            rows_l = self.labels.get(row_axis, list(range(mat.shape[0])))
-            if col_axis is None:
-                lines = [f"| {row_axis} | effect |", "|---|---:|"]
-                for label, v in list(zip(rows_l, mat.tolist()))[:max_rows]:
-                    lines.append(f"| {_md(label)} | {fmt.format(v)} |")
-                return lines
-            cols = self.labels.get(col_axis, list(range(mat.shape[1])))
-            lines = ["| " + row_axis + " \\ " + col_axis + " | " +
-                     " | ".join(_md(c) for c in cols) + " |",
-                     "|---|" + "---:|" * len(cols)]
-            for label, row in list(zip(rows_l, mat.tolist()))[:max_rows]:
-                lines.append(f"| {_md(label)} | " + " | ".join(fmt.format(v) for v in row) + " |")
-            return lines
-
-        body: list[str] = []
+        m = self.effect_matrix
         if m.dim() == 1:
-            body = table(m, self.axes[0], None)
+            axis = self.axes[0]
+            std = None if self.std is None else self.std.tolist()
+            rows = [[self.cell_text(axis, i), fmt.format(v)]
+                    + ([f"{std[i]:.{digits}f}"] if std is not None else [])
+                    for i, v in enumerate(m.tolist())]
+            lines += _md_table([axis, "effect"] + (["std"] if std is not None else []), rows,
+                               max_rows, max_cols + 1)
         elif m.dim() == 2:
-            body = table(m, self.axes[0], self.axes[1])
+            lines += self._md_grid(m, self.axes[0], self.axes[1], fmt, max_rows, max_cols)
+        elif m.dim() == 3:
+            mid = self.axes[1]
+            for j in range(m.shape[1]):
+                lines += [f"**{_md_text(mid)} {_md_text(self.cell_text(mid, j))}**", ""]
+                lines += self._md_grid(m[:, j], self.axes[0], self.axes[2], fmt, max_rows,
+                                       max_cols)
+                lines.append("")
         else:
-            mids = self.labels.get(self.axes[1], list(range(m.shape[1])))
-            for j, mid in enumerate(mids):
-                body += [f"**{self.axes[1]} {mid}**", ""]
-                body += table(m[:, j], self.axes[0], self.axes[2]) + [""]
-        return "\n".join(head + body) + "\n"
+            last = self.axes[-1]
+            head = [" / ".join(self.axes[:-1]) + " \\ " + last] + [
+                self.cell_text(last, j) for j in range(m.shape[-1])]
+            rows = []
+            flat = m.reshape(-1, m.shape[-1]).tolist()
+            for coords, values in zip(itertools.product(*map(range, self.shape[:-1])), flat):
+                name = ", ".join(f"{a} {self.cell_text(a, c)}"
+                                 for a, c in zip(self.axes[:-1], coords))
+                rows.append([name] + [fmt.format(v) for v in values])
+            lines += _md_table(head, rows, max_rows, max_cols + 1)
+        return "\n".join(lines).rstrip("\n") + "\n"
+
+    def _md_grid(self, mat: torch.Tensor, row_axis: str, col_axis: str, fmt: str,
+                 max_rows: int, max_cols: int) -> list[str]:
+        head = [f"{row_axis} \\ {col_axis}"] + [
+            self.cell_text(col_axis, j) for j in range(mat.shape[1])]
+        rows = [[self.cell_text(row_axis, i)] + [fmt.format(v) for v in values]
+                for i, values in enumerate(mat.tolist())]
+        return _md_table(head, rows, max_rows, max_cols + 1)
 
     def to_dataframe(self) -> Any:
-        """Long format: one row per cell, a column per axis, ``effect`` (and ``std``)."""
-        import itertools
+        """Long-format pandas DataFrame: one row per cell.
 
+        Columns: one per axis (the values :meth:`top_components` reports: layer index, head
+        index, token position), ``token`` (the position label, when there is a position axis),
+        ``effect`` and ``std`` (when present).
+        """
+        import numpy as np
         import pandas as pd
 
-        ranges = [range(n) for n in self.shape]
-        records = []
-        std = self.std
-        for idx in itertools.product(*ranges):
-            row: dict[str, Any] = {a: self._index_label(a, i) for a, i in zip(self.axes, idx)}
-            if "position" in self.axes:
-                row["token"] = self.labels["position"][idx[self.axes.index("position")]]
-            row["effect"] = float(self.effect_matrix[idx])
-            if std is not None:
-                row["std"] = float(std[idx])
-            records.append(row)
-        return pd.DataFrame.from_records(records)
+        grid = np.indices(self.shape).reshape(len(self.shape), -1)
+        columns: dict[str, Any] = {}
+        for d, axis in enumerate(self.axes):
+            n = self.shape[d]
+            values = [self.index_value(axis, i) for i in range(n)]
+            columns[axis] = pd.Series(np.array(values, dtype=object)[grid[d]]).infer_objects()
+            if axis == "position":
+                texts = np.array([self.cell_text(axis, i) for i in range(n)], dtype=object)
+                columns["token"] = pd.Series(texts[grid[d]])
+        columns["effect"] = self.effect_matrix.double().flatten().numpy()
+        if self.std is not None:
+            columns["std"] = self.std.double().flatten().numpy()
+        return pd.DataFrame(columns)
 
-    # -- pictures -------------------------------------------------------------------------------
+    # -- pictures and files -----------------------------------------------------------------------
     def plot(self, ax: Any = None, title: str | None = None) -> Any:
-        """A matplotlib Figure: bars for 1-D, a heatmap for 2-D, one heatmap per head (3-D)."""
+        """A matplotlib ``Figure`` (object API, no pyplot state).
+
+        1-D: bar chart over the axis (error bars when ``std`` is set). 2-D: heatmap, rows the
+        first axis, columns the second, token strings as tick labels on a position axis.
+        3-D: a grid of heatmaps (first x second axis), one per entry of the last axis (e.g. one
+        per head), sharing one colour scale; with ``ax`` given, more than 16 panels or more
+        axes, one heatmap of the largest-magnitude effect over the trailing axes instead.
+        Heatmaps use a diverging colour map (red positive, blue negative) with limits symmetric
+        around 0.
+
+        Args:
+            ax: a matplotlib ``Axes`` to draw into (its figure is returned).
+            title: overrides the default title (method, component, metric, direction).
+        """
         from .plotting import plot_result
 
         return plot_result(self, ax=ax, title=title)
 
-    def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None) -> str:
-        """A self-contained interactive HTML report of this result."""
-        from .report import report
-
-        return report([self], path, title=title or f"causalpatch: {self.component}")
-
-    def _repr_html_(self) -> str:
-        from .report import compact_html
-
-        return compact_html(self)
-
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save by suffix: .png/.svg/.pdf (plot), .json, .md, .html."""
+        """Save atomically, in a format chosen by suffix.
+
+        ``.png``/``.svg``/``.pdf``: :meth:`plot`; ``.json``: :meth:`to_json`; ``.md``:
+        :meth:`to_markdown`; ``.html``/``.htm``: :meth:`to_html`.
+
+        Raises:
+            InvalidArgumentError: any other suffix.
+            FileNotFoundError: the folder does not exist.
+        """
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix in (".png", ".svg", ".pdf"):
-            import io
-
             fig = self.plot()
             buffer = io.BytesIO()
             fig.savefig(buffer, format=suffix[1:], dpi=150, bbox_inches="tight")
@@ -343,14 +639,173 @@ class PatchingResult:
             self.to_html(path)
         else:
             raise InvalidArgumentError(
-                f"cannot save to {str(path)!r}: unknown suffix {suffix!r}; use .png, .svg, .pdf, "
-                ".json, .md or .html")
+                f"cannot save to {str(path)!r}: unknown suffix {suffix or '(none)'!r}; use one of "
+                + ", ".join(SAVE_SUFFIXES))
         return path
 
+    def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None) -> str:
+        """A self-contained interactive HTML report of this result (see :func:`report`)."""
+        from .report import report
 
-def _md(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+        return report([self], path,
+                      title=title or f"causalpatch: {self.method} of {self.component}")
+
+    def _repr_html_(self) -> str:
+        from .report import compact_html
+
+        return compact_html(self)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _float_tensor(name: str, value: Any) -> torch.Tensor:
+    try:
+        tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidTypeError(f"{name} cannot be made a tensor: {exc}") from None
+    if tensor.is_complex():
+        raise InvalidTypeError(f"{name} must be real, got dtype {tensor.dtype}")
+    return tensor.to(device="cpu", dtype=torch.float32)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """A deep copy of ``value`` made of JSON types only."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise InvalidTypeError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}; JSON keys are "
+                    "strings")
+            out[key if isinstance(key, str) else json.dumps(key)] = _plain(
+                item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise InvalidTypeError(
+        f"{where} holds a {type(value).__name__}, which a JSON result file cannot store")
+
+
+def _find_nonfinite(value: Any, where: str = "") -> str | None:
+    """Path of the first NaN/inf float in a JSON-like value, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where or "value"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_nonfinite(item, f"{where}[{key!r}]" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_nonfinite(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _checksum(payload: Any) -> str:
+    """sha256 of the canonical JSON of the payload (sorted keys, ASCII, no NaN)."""
+    body = json.dumps(payload, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(body.encode("ascii")).hexdigest()
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} in result JSON")
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """Type checks of a loaded payload (before tensors are built)."""
+
+    def bad(name: str, expected: str) -> CorruptResultError:
+        return CorruptResultError(
+            f"result field {name!r} should be {expected}, got {_short(data[name])}")
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(data["axes"], list) or not all(isinstance(a, str) for a in data["axes"]):
+        raise bad("axes", "a list of axis names")
+    labels = data["labels"]
+    if not isinstance(labels, dict) or not all(isinstance(v, list) for v in labels.values()):
+        raise bad("labels", "an object axis -> list of labels")
+    for name in _STRINGS:
+        if name in data and not isinstance(data[name], str):
+            raise bad(name, "a string")
+    for name in ("clean_prompts", "corrupted_prompts"):
+        if name in data and not (isinstance(data[name], list)
+                                 and all(isinstance(p, str) for p in data[name])):
+            raise bad(name, "a list of strings")
+    if "clean_tokens" in data and not (
+            isinstance(data["clean_tokens"], list)
+            and all(isinstance(t, list) and all(isinstance(s, str) for s in t)
+                    for t in data["clean_tokens"])):
+        raise bad("clean_tokens", "a list of lists of strings")
+    for name in ("clean_metric", "corrupted_metric"):
+        value = data.get(name)
+        if value is not None and not (is_num(value) and math.isfinite(value)):
+            raise bad(name, "a finite number or null")
+    if "normalized" in data and not isinstance(data["normalized"], bool):
+        raise bad("normalized", "true or false")
+    if "timings" in data and not (isinstance(data["timings"], dict) and all(
+            is_num(v) and math.isfinite(v) for v in data["timings"].values())):
+        raise bad("timings", "an object of finite numbers")
+    if "extra" in data and not isinstance(data["extra"], dict):
+        raise bad("extra", "an object")
+    where = _find_nonfinite(data.get("extra"), "extra")
+    if where is not None:
+        raise CorruptResultError(f"result field {where} is NaN or infinite")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _timing_name(name: str) -> str:
+    return name[:-2] if name.endswith("_s") else name
+
+
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|#"})
+
+
+def _md_text(value: Any) -> str:
+    """Text shown literally in Markdown (inline HTML and emphasis neutralised)."""
+    text = " ".join(str(value).split("\n"))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.translate(_MD_SPECIAL)
+
+
+def _md_code(value: Any) -> str:
+    """A Markdown code span holding ``value`` verbatim (on one line)."""
+    text = " ".join(str(value).split("\n"))
+    run, longest = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") or not text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _md_table(head: list[str], rows: list[list[str]], max_rows: int, max_cols: int) -> list[str]:
+    """A Markdown table (first column left-aligned, the others right-aligned)."""
+    n_cols = len(head)
+    cut_cols = n_cols > max_cols
+    head = head[:max_cols]
+    lines = ["| " + " | ".join(_md_text(h) for h in head) + " |",
+             "|---|" + "---:|" * (len(head) - 1)]
+    for row in rows[:max_rows]:
+        lines.append("| " + " | ".join(_md_text(c) for c in row[:max_cols]) + " |")
+    notes = []
+    if len(rows) > max_rows:
+        notes.append(f"{len(rows) - max_rows} more rows")
+    if cut_cols:
+        notes.append(f"{n_cols - max_cols} more columns")
+    if notes:
+        lines += ["", f"*({' and '.join(notes)} not shown; see to_dataframe())*"]
+    return lines

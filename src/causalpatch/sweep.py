@@ -151,6 +151,8 @@ def run_sweep(model: InterpretableModel, clean: Any, corrupted: Any, *, componen
     if plan.unit_axis is not None:
         axes += (plan.unit_axis,)
         labels[plan.unit_axis] = list(plan.units or [])
+    if plan.single_site is not None:  # one named site: no layer axis
+        shape = shape[1:]
     if not axes:  # one named site, all positions jointly: a 1-element result
         axes, labels = ("site",), {"site": [plan.single_site]}
         shape = (1,)

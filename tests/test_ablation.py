@@ -1,0 +1,242 @@
+"""Specification of ablations: each cell's zero/mean/resample ablation equals doing it by hand with
+``model.trace`` and interventions; bad input is refused; no hook is left behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import causalpatch.interventions as iv
+from causalpatch import InterpretableModel
+from causalpatch.ablation import KINDS, ablate
+from causalpatch.errors import InvalidArgumentError, OutOfRangeError
+from causalpatch.metrics import MetricInputs, get_metric
+
+PROMPTS = [[1, 2, 5, 4, 3, 7], [8, 9, 5, 4, 3, 10], [1, 5, 2, 4, 3, 7], [11, 2, 13, 4, 3, 7]]
+RAGGED = [[1, 2, 5, 4], [8, 9, 5, 4, 3, 10], [1, 5, 2, 4, 3]]
+ANSWERS = dict(correct=3, incorrect=9)
+
+
+class IdTokenizer:
+    """Just enough tokenizer for prompts given as token ids."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def decode(self, ids):
+        return "".join(f"<{int(i)}>" for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        raise ValueError("this test tokenizer only takes token ids")
+
+    def __call__(self, text):
+        raise ValueError("this test tokenizer only takes token ids")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: one thread avoids OpenMP overhead on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> InterpretableModel:
+    """A 2-layer LLaMA, d_model 32, 4 query heads, 2 key/value heads, fixed seed."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, initializer_range=0.2)
+    return InterpretableModel(LlamaForCausalLM(config), tokenizer=IdTokenizer())
+
+
+def logit_diff_of(model, prompts, interventions=None) -> torch.Tensor:
+    """``[n]`` logit difference of each prompt, each run on its own (no padding involved)."""
+    out = []
+    for i, row in enumerate(prompts):
+        ivs = interventions(i) if callable(interventions) else interventions
+        tr = model.trace([row], interventions=ivs).run()
+        last = tr.last_logits
+        out.append(last[0, 3] - last[0, 9])
+    return torch.stack(out).float()
+
+
+# -- zero ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompts", [PROMPTS, RAGGED], ids=["equal", "ragged"])
+def test_zero_ablation_of_a_head_equals_zeroing_it_by_hand(tiny, prompts):
+    before = tiny.hook_snapshot()
+    res = ablate(tiny, prompts, "attn_head", "zero", **ANSWERS)
+    assert res.shape == (2, 4) and res.axes == ("layer", "head")
+    assert res.method == "ablation" and not res.normalized
+    original = logit_diff_of(tiny, prompts)
+    assert res.clean_metric == pytest.approx(float(original.mean()), abs=1e-5)
+    for layer in range(2):
+        for head in range(4):
+            manual = logit_diff_of(tiny, prompts, {f"blocks.{layer}.attn.z": iv.zero(heads=[head])})
+            assert float(res.effect_matrix[layer, head]) == pytest.approx(
+                float((manual - original).mean()), abs=1e-5)
+            assert torch.allclose(res.per_pair[:, layer, head], manual - original, atol=1e-5)
+    assert res.effect_matrix.abs().max() > 1e-2  # not vacuous
+    assert tiny.hook_snapshot() == before
+
+
+def test_zero_ablation_at_positions_counts_from_each_prompts_end(tiny):
+    res = ablate(tiny, RAGGED, "mlp", "zero", positions=[-1], **ANSWERS)
+    original = logit_diff_of(tiny, RAGGED)
+    for layer in range(2):
+        manual = logit_diff_of(tiny, RAGGED, {f"blocks.{layer}.mlp": iv.zero(positions=[-1])})
+        assert float(res.effect_matrix[layer]) == pytest.approx(
+            float((manual - original).mean()), abs=1e-5)
+
+
+def test_result_shapes(tiny):
+    assert ablate(tiny, PROMPTS, "attn_head", **ANSWERS).shape == (2, 4)
+    assert ablate(tiny, PROMPTS, "mlp", **ANSWERS).shape == (2,)
+    assert ablate(tiny, PROMPTS, "attn_head_v", **ANSWERS).shape == (2, 2)  # kv heads
+    sub = ablate(tiny, PROMPTS, "mlp_neuron", layers=[1], neurons=[0, 5, 63], **ANSWERS)
+    assert sub.shape == (1, 3) and sub.labels == {"layer": [1], "neuron": [0, 5, 63]}
+    one = ablate(tiny, PROMPTS[0], "resid_post", **ANSWERS)
+    assert one.shape == (2,) and one.per_pair is None and one.std is None
+
+
+def test_batch_size_does_not_change_results(tiny):
+    a = ablate(tiny, RAGGED, "attn_head", "mean", batch_size=1, **ANSWERS)
+    b = ablate(tiny, RAGGED, "attn_head", "mean", batch_size=5, **ANSWERS)
+    c = ablate(tiny, RAGGED, "attn_head", "mean", **ANSWERS)
+    assert torch.allclose(a.effect_matrix, b.effect_matrix, atol=1e-5)
+    assert torch.allclose(a.effect_matrix, c.effect_matrix, atol=1e-5)
+
+
+# -- mean ----------------------------------------------------------------------------------------
+def _mean_over_rows_and_positions(model, rows, name) -> torch.Tensor:
+    acts = [model.trace([r], cache=[name]).run().cache[name][0] for r in rows]
+    return torch.cat(acts).mean(0)
+
+
+def test_mean_ablation_equals_replacing_with_the_mean(tiny):
+    res = ablate(tiny, RAGGED, "attn_head", "mean", **ANSWERS)
+    original = logit_diff_of(tiny, RAGGED)
+    for layer in range(2):
+        name = f"blocks.{layer}.attn.z"
+        mean = _mean_over_rows_and_positions(tiny, RAGGED, name)  # [n_heads, d_head]
+        for head in range(4):
+            manual = logit_diff_of(tiny, RAGGED, {name: iv.mean(mean[head], heads=[head])})
+            assert float(res.effect_matrix[layer, head]) == pytest.approx(
+                float((manual - original).mean()), abs=1e-5)
+
+
+def test_mean_ablation_with_a_separate_reference_set(tiny):
+    reference = [[20, 21, 22, 23, 24, 25, 26], [30, 31, 32]]
+    res = ablate(tiny, PROMPTS, "mlp", "mean", reference=reference, **ANSWERS)
+    original = logit_diff_of(tiny, PROMPTS)
+    for layer in range(2):
+        name = f"blocks.{layer}.mlp"
+        mean = _mean_over_rows_and_positions(tiny, reference, name)
+        manual = logit_diff_of(tiny, PROMPTS, {name: iv.mean(mean)})
+        assert float(res.effect_matrix[layer]) == pytest.approx(
+            float((manual - original).mean()), abs=1e-5)
+    assert res.extra["reference_rows"] == 2
+
+
+# -- resample ------------------------------------------------------------------------------------
+def test_resample_takes_another_rows_activation(tiny):
+    res = ablate(tiny, PROMPTS, "attn_head", "resample", seed=3, **ANSWERS)
+    sources = res.extra["resample_sources"]
+    assert sorted(sources) == list(range(len(PROMPTS)))  # a permutation ...
+    assert all(src != i for i, src in enumerate(sources))  # ... without fixed points
+    original = logit_diff_of(tiny, PROMPTS)
+    for layer in range(2):
+        name = f"blocks.{layer}.attn.z"
+        cached = [tiny.trace([r], cache=[name]).run().cache[name] for r in PROMPTS]
+        for head in range(4):
+            manual = logit_diff_of(tiny, PROMPTS, lambda i: {
+                name: iv.replace_with(cached[sources[i]], heads=[head])})
+            assert torch.allclose(res.per_pair[:, layer, head], manual - original, atol=1e-5)
+
+
+def test_resample_is_seeded(tiny):
+    a = ablate(tiny, PROMPTS, "mlp", "resample", seed=1, **ANSWERS)
+    b = ablate(tiny, PROMPTS, "mlp", "resample", seed=1, **ANSWERS)
+    assert a.extra["resample_sources"] == b.extra["resample_sources"]
+    assert torch.equal(a.effect_matrix, b.effect_matrix)
+    seen = {tuple(ablate(tiny, PROMPTS, "mlp", "resample", seed=s, layers=[0], **ANSWERS)
+                  .extra["resample_sources"]) for s in range(6)}
+    assert len(seen) > 1
+
+
+def test_resample_with_one_row_errors(tiny):
+    with pytest.raises(InvalidArgumentError, match="at least 2 rows"):
+        ablate(tiny, PROMPTS[:1], "attn_head", "resample", **ANSWERS)
+    with pytest.raises(InvalidArgumentError, match="at least 2 rows"):
+        ablate(tiny, PROMPTS, "attn_head", "resample", reference=[PROMPTS[0]], **ANSWERS)
+
+
+def test_resample_needs_equal_lengths(tiny):
+    with pytest.raises(InvalidArgumentError, match=r"same token length.*\[4, 5, 6\]"):
+        ablate(tiny, RAGGED, "attn_head", "resample", **ANSWERS)
+
+
+# -- metrics, datasets, errors --------------------------------------------------------------------
+def test_distance_metric_measures_from_the_original_output(tiny):
+    res = ablate(tiny, PROMPTS, "mlp", "zero", metric="kl")
+    assert res.clean_metric == pytest.approx(0.0, abs=1e-6)
+    assert torch.all(res.effect_matrix > 0)
+    assert res.extra["fraction_kept"] is None
+    name = "blocks.1.mlp"
+    kl = get_metric("kl")
+    manual = []
+    for row in PROMPTS:
+        clean = tiny.trace([row]).run().last_logits
+        ablated = tiny.trace([row], interventions={name: iv.zero()}).run().last_logits
+        manual.append(kl(ablated, MetricInputs(target_logits=clean)))
+    assert float(res.effect_matrix[1]) == pytest.approx(float(torch.cat(manual).mean()), abs=1e-5)
+
+
+def test_fraction_kept_and_dataset_answers(tiny):
+    class Data:
+        clean = PROMPTS
+        correct = [3, 3, 11, 3]
+        incorrect = [9, 9, 12, 9]
+
+    res = ablate(tiny, Data(), "mlp", "zero")
+    assert res.extra["answers"] == [[3, 9]]
+    original = torch.tensor(res.extra["original_metric"])
+    ablated = torch.tensor(res.extra["ablated_metric"])
+    assert torch.allclose(ablated - original.mean(), res.effect_matrix, atol=1e-5)
+    assert res.extra["fraction_kept"] == pytest.approx(
+        (ablated / original.mean()).tolist(), abs=1e-5)
+    res.to_json()  # everything in extra is JSON-serialisable
+
+
+def test_bad_arguments_are_refused(tiny):
+    with pytest.raises(InvalidArgumentError, match="'zero', 'mean', 'resample'"):
+        ablate(tiny, PROMPTS, "attn_head", "gaussian", **ANSWERS)
+    assert KINDS == ("zero", "mean", "resample")
+    with pytest.raises(InvalidArgumentError, match="reference"):
+        ablate(tiny, PROMPTS, "attn_head", "zero", reference=PROMPTS, **ANSWERS)
+    with pytest.raises(InvalidArgumentError, match="needs correct"):
+        ablate(tiny, PROMPTS, "attn_head")
+    with pytest.raises(OutOfRangeError, match="shortest prompt"):
+        ablate(tiny, RAGGED, "mlp", positions=[4], **ANSWERS)
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        ablate(tiny, PROMPTS, "mlp", batch_size=0, **ANSWERS)
+    with pytest.raises(OutOfRangeError):
+        ablate(tiny, PROMPTS, "attn_head", heads=[7], **ANSWERS)
+
+
+def test_hooks_removed_after_an_error_in_the_metric(tiny):
+    before = tiny.hook_snapshot()
+    calls = []
+
+    def flaky(logits):
+        calls.append(len(logits))
+        if len(calls) > 1:
+            raise RuntimeError("boom")
+        return logits[:, 3] - logits[:, 9]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ablate(tiny, PROMPTS, "attn_head", "zero", metric=flaky)
+    assert tiny.hook_snapshot() == before
