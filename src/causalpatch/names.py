@@ -134,7 +134,8 @@ def resolve(name: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
     layer_leaf = adapter.layers.split(".")[-1]
     if match is None:
         stripped = _strip_root(name, adapter)
-        match = re.fullmatch(rf"{re.escape(layer_leaf)}\.(-?\d+)\.?(.*)", stripped)
+        match = re.fullmatch(rf"{re.escape(layer_leaf)}\.(-?\d+)\.?(.*)", stripped) or \
+            re.fullmatch(r"(?:model\.)*layers\.(-?\d+)\.?(.*)", name)  # seed-style short form
         if match is not None and match.group(2) == "":
             match = None
             raw_layer = int(stripped.split(".")[1])
