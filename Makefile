@@ -28,7 +28,7 @@ $(VENV)/.test-extras: $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/causalpatch ioi --model smollm2 --n 16 --out out/demo
+	$(VENV)/bin/causalpatch ioi --model smollm2 --n 8 --out out/demo
 
 test: $(VENV)/.test-extras
 	$(VENV)/bin/pytest -q
