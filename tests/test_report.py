@@ -1,83 +1,310 @@
-"""The HTML report: self-contained, escaped, small, and it renders in headless Chromium."""
+"""The HTML report: self-contained, escaped, small, and it renders in headless Chromium.
+
+The Chromium tests need Debian's ``chromium`` package (``apt-get install chromium``); without
+it they FAIL, on purpose: CI installs it.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
+import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
 
-from causalpatch.report import report
+from causalpatch._io import atomic_write_bytes
+from causalpatch.errors import InvalidArgumentError, InvalidTypeError
+from causalpatch.report import report, script_json
 from causalpatch.result import PatchingResult
 
-HOSTILE = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
 ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "img" / "report.png"
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
+IOI_NAMES = [("Mary", "John"), ("Anne", "Tom"), ("Lisa", "Mark")]
+IOI_CLEAN = [f"When {a} and {b} went to the store, {b} gave a drink to" for a, b in IOI_NAMES]
+IOI_CORRUPTED = [f"When {a} and {b} went to the store, {a} gave a drink to" for a, b in IOI_NAMES]
+IOI_TOKENS = ["When", " Mary", " and", " John", " went", " to", " the", " store", ",", " John",
+              " gave", " a", " drink", " to"]
+FIVE_MB = 5_000_000  # decimal megabytes: the stricter reading of "5 MB"
 
 
-def grid(shape, axes, component, seed=0):
+def ioi_like(shape, axes, component, seed=0, **overrides) -> PatchingResult:
+    """A synthetic result that looks like an IOI sweep: small noise plus a few strong cells."""
     g = torch.Generator().manual_seed(seed)
+    m = torch.randn(*shape, generator=g) * 0.04
+    flat = m.view(-1)
+    strong = torch.randperm(flat.numel(), generator=g)[:6]
+    flat[strong] = torch.tensor([0.62, -0.41, 0.35, 0.27, -0.22, 0.18])
     labels = {"layer": list(range(shape[0]))}
     if "position" in axes:
-        labels["position"] = [f"{i}: {HOSTILE[i % 2]!r}" for i in range(shape[1])]
-    if "head" in axes:
-        labels["head"] = list(range(shape[-1]))
+        n = shape[axes.index("position")]
+        labels["position"] = [f"{i}: {IOI_TOKENS[i]!r}" for i in range(n)]
+    for axis in axes:
+        if axis not in labels:
+            labels[axis] = list(range(shape[axes.index(axis)]))
+    fields = dict(
+        effect_matrix=m, axes=axes, labels=labels, component=component, metric="logit_diff",
+        model_name="smollm2-135m (synthetic data)", clean_prompts=IOI_CLEAN,
+        corrupted_prompts=IOI_CORRUPTED, clean_tokens=[IOI_TOKENS], clean_metric=3.21,
+        corrupted_metric=-0.84, std=m.abs() / 4, timings={"setup_s": 0.41, "run_s": 2.73},
+        extra={"n_pairs": 3, "positions": list(range(len(labels.get("position", []))))})
+    fields.update(overrides)
+    return PatchingResult(**fields)
+
+
+def hostile_result() -> PatchingResult:
+    """Every user-controlled string is an injection attempt."""
+    labels = {"layer": [0, 1, 2], "position": [f"{i}: {HOSTILE[i % 2]!r}" for i in range(4)]}
     return PatchingResult(
-        effect_matrix=torch.randn(*shape, generator=g), axes=axes, labels=labels,
-        component=component, metric="logit_diff", model_name=HOSTILE[1],
-        clean_prompts=[HOSTILE[0]], corrupted_prompts=[HOSTILE[1]],
-        clean_tokens=[HOSTILE], clean_metric=1.0, corrupted_metric=-1.0,
-        extra={"positions": list(range(shape[1])) if "position" in axes else None})
+        effect_matrix=torch.randn(3, 4, generator=torch.Generator().manual_seed(7)),
+        axes=("layer", "position"), labels=labels, component="resid_post</script>",
+        metric="logit_diff", model_name=HOSTILE[1], clean_prompts=[HOSTILE[0]],
+        corrupted_prompts=[HOSTILE[1]], clean_tokens=[HOSTILE],
+        clean_metric=1.0, corrupted_metric=-1.0,
+        extra={"note": HOSTILE[0] + "</script><!--", "positions": [0, 1, 2, 3]})
 
 
 @pytest.fixture(scope="module")
 def four_results():
-    return [grid((30, 9), ("layer", "head"), "attn_head"),
-            grid((30, 14), ("layer", "position"), "resid_post", 1),
-            grid((30, 14), ("layer", "position"), "attn", 2),
-            grid((30, 14), ("layer", "position"), "mlp", 3)]
+    """The size budget's case: one 30x9 heads heatmap and three 30x14 position heatmaps."""
+    return [ioi_like((30, 9), ("layer", "head"), "attn_head"),
+            ioi_like((30, 14), ("layer", "position"), "resid_post", 1),
+            ioi_like((30, 14), ("layer", "position"), "attn_out", 2),
+            ioi_like((30, 14), ("layer", "position"), "mlp_out", 3)]
 
 
-def test_user_text_is_escaped(four_results, tmp_path):
-    page = report(four_results, tmp_path / "r.html", title=HOSTILE[0])
-    scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL)
-    outside = re.sub(r"<script>.*?</script>", "", page, flags=re.DOTALL)
+def scripts_of(page: str) -> list[tuple[str, str]]:
+    """(attributes, body) of every <script> element."""
+    return re.findall(r"<script([^>]*)>(.*?)</script>", page, flags=re.DOTALL)
+
+
+def figures_of(page: str) -> list[dict]:
+    (body,) = [b for attrs, b in scripts_of(page) if "application/json" in attrs]
+    return json.loads(body)
+
+
+# -- structure, escaping and size ---------------------------------------------------------------
+def test_user_text_is_escaped(tmp_path):
+    page = report([hostile_result()], tmp_path / "r.html", title=HOSTILE[0])
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.DOTALL)
     assert "<script>alert" not in outside and "<img src=x" not in outside
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in outside
-    assert all("</script" not in s for s in scripts)  # embedded JSON cannot close the tag
+    assert "<img" not in outside
+    assert html.escape(HOSTILE[0]) in outside and html.escape(HOSTILE[1]) in outside
+    assert f"<title>{html.escape(HOSTILE[0])}</title>" in page
+    scripts = scripts_of(page)
+    assert len(scripts) == 3  # plotly.js, the figures (JSON), the 10-line init script
+    data, init = scripts[1][1], scripts[2][1]
+    assert "application/json" in scripts[1][0]
+    assert "</" not in data and "<!--" not in data and "alert(1)" in data and "</" not in init
+    # text plotly draws is escaped as well (plotly reads some HTML tags in labels)
+    (figure,) = figures_of(page)
+    ticks = figure["data"][0]["x"]
+    assert all("<" not in t for t in ticks) and "&lt;script&gt;" in ticks[0]
+
+
+def test_script_json_cannot_close_the_script_element():
+    text = script_json({"a": "</script><!-- \u2028 \u2029 </SCRIPT>"})
+    assert "</" not in text and "<!--" not in text and "\u2028" not in text
+    assert json.loads(text) == {"a": "</script><!-- \u2028 \u2029 </SCRIPT>"}
+
+
+def test_report_of_four_results_has_plotly_once_and_is_small(four_results, tmp_path):
     from plotly.offline import get_plotlyjs
 
-    assert page.count(get_plotlyjs()) == 1  # plotly.js inlined exactly once
-    assert len(scripts) == 2  # plotly.js, then the plot calls
-
-
-def test_report_is_self_contained_and_small(four_results, tmp_path):
     path = tmp_path / "r.html"
     page = report(four_results, path)
-    assert "src=\"http" not in page and "src='http" not in page
-    assert path.stat().st_size < 5 * 2**20
+    size = path.stat().st_size
+    print(f"report size: {size} bytes ({size / 2**20:.2f} MiB); plotly.js "
+          f"{len(get_plotlyjs().encode())} bytes")
+    assert size == len(page.encode()) and size < FIVE_MB
+    assert page.count(get_plotlyjs()) == 1 and page.count("<script") == 3
+    assert len(figures_of(page)) == 4 and len(re.findall(r"<section id='result-\d+'", page)) == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # atomic: no temp file left
+
+
+def test_report_is_self_contained(four_results):
+    page = report(four_results)
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.DOTALL)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", outside)
+    assert "<link" not in outside and "@import" not in outside
+    # the Content-Security-Policy allows exactly the page's own two scripts and no network
+    csp = re.search(r'http-equiv=.Content-Security-Policy. content="([^"]*)"', page).group(1)
+    assert "default-src 'none'" in csp and "http" not in csp
+    for attrs, body in scripts_of(page):
+        if "application/json" not in attrs:
+            digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in csp
+
+
+def test_report_shows_metadata_versions_and_top_components(four_results):
+    page = report(four_results[1], title="IOI")
+    for text in ("logit_diff", "denoise", "smollm2-135m (synthetic data)", "3.2100", "-0.8400",
+                 html.escape(IOI_CLEAN[2]), "setup 0.41 s", "causalpatch ", "torch ",
+                 "transformers ", "Top components", "<th>position</th>", "std"):
+        assert text in page, text
+    (index, effect), = four_results[1].top_components(1)
+    assert f"{effect:+.4f}" in page
+    assert html.escape(four_results[1].describe_index(index).split("position ")[1]) in page
+
+
+def test_hover_text_names_layer_position_token_head_and_effect():
+    result = ioi_like((5, 4, 3), ("layer", "position", "head"), "attn_head")
+    (figure,) = figures_of(report(result))
+    trace = figure["data"][0]
+    assert trace["type"] == "heatmap" and trace["x"][1] == "1: ' Mary'"
+    assert "layer %{y}" in trace["hovertemplate"] and "position %{x}" in trace["hovertemplate"]
+    assert "head %{customdata}" in trace["hovertemplate"] and "%{z" in trace["hovertemplate"]
+    steps = figure["layout"]["sliders"][0]["steps"]
+    assert len(steps) == 1 + 3  # the largest effect over heads, then one step per head
+    assert "head 2" in steps[3]["args"][0]["hovertemplate"][0]
+    assert figure["data"][0]["zmin"] == -figure["data"][0]["zmax"]
+
+
+def test_one_dimensional_results_are_bar_charts_and_nan_is_null():
+    result = ioi_like((6,), ("layer",), "mlp_out")
+    result.effect_matrix[2] = float("nan")
+    (figure,) = figures_of(result.to_html())
+    trace = figure["data"][0]
+    assert trace["type"] == "bar" and trace["y"][2] is None and len(trace["x"]) == 6
+    assert "layer %{x}" in trace["hovertemplate"]
+
+
+def test_to_html_writes_a_report(tmp_path):
+    result = ioi_like((4, 3), ("layer", "head"), "attn_head")
+    page = result.to_html(tmp_path / "one.html", title="heads")
+    assert (tmp_path / "one.html").read_text() == page and "<title>heads</title>" in page
+
+
+def test_report_argument_errors():
+    with pytest.raises(InvalidArgumentError, match="at least one"):
+        report([])
+    with pytest.raises(InvalidTypeError, match="PatchingResult"):
+        report(["not a result"])
+
+
+# -- headless Chromium ---------------------------------------------------------------------------
+def chromium_binary() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, ("headless Chromium is required for the report rendering test: install "
+                   "Debian's package with `apt-get update && apt-get install -y chromium` "
+                   "(`make test` does)")
+    return found
+
+
+def chromium(path: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000",
+             "--enable-logging=stderr", "--v=0", *extra]
+    return subprocess.run([chromium_binary(), *flags, path.as_uri()], capture_output=True,
+                          text=True, timeout=180)
+
+
+class _PlotScan(HTMLParser):
+    """For each element with id ``plot-N``: does it hold svg.main-svg and drawn marks?"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plots: dict[str, dict[str, int]] = {}
+        self.stack: list[str | None] = []
+        self.images = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images += 1
+        if tag in ("br", "img", "meta", "input", "hr", "link"):
+            return
+        current = next((p for p in reversed(self.stack) if p), None)
+        if re.fullmatch(r"plot-\d+", a.get("id") or ""):
+            current = a["id"]
+            self.plots[current] = {"main-svg": 0, "image": 0, "bar": 0}
+            self.stack.append(current)
+            return
+        self.stack.append(current)
+        if current is None:
+            return
+        classes = (a.get("class") or "").split()
+        counts = self.plots[current]
+        counts["main-svg"] += tag == "svg" and "main-svg" in classes
+        counts["image"] += tag == "image"  # plotly draws a heatmap as one <image>
+        counts["bar"] += tag == "g" and "point" in classes  # one per bar
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in ("br", "img", "meta", "input", "hr", "link"):
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag):
+        if tag not in ("br", "img", "meta", "input", "hr", "link") and self.stack:
+            self.stack.pop()
+
+
+def page_problems(proc: subprocess.CompletedProcess, expected_plots: list[str]) -> list[str]:
+    """Everything wrong with a rendered page: missing plots, console output, crashes."""
+    problems = []
+    if proc.returncode != 0:
+        problems.append(f"chromium exited with {proc.returncode}")
+    scan = _PlotScan()
+    scan.feed(proc.stdout)
+    for plot_id in expected_plots:
+        counts = scan.plots.get(plot_id)
+        if counts is None:
+            problems.append(f"{plot_id}: no such element")
+        elif counts["main-svg"] < 1 or counts["image"] + counts["bar"] < 1:
+            problems.append(f"{plot_id}: not rendered ({counts})")
+    # Chromium logs every console message (any level) and uncaught error as INFO:CONSOLE;
+    # the report logs nothing, so any such line is a problem.
+    for line in proc.stderr.splitlines():
+        if re.search(r":CONSOLE[:(]", line) or "Uncaught" in line:
+            problems.append(line.strip()[:300])
+    if scan.images:
+        problems.append(f"{scan.images} <img> elements (injected markup?)")
+    return problems
 
 
 def test_chromium_renders_every_plot_without_console_errors(four_results, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is required (make test installs it: apt-get install chromium)"
+    """Every kind of plot (heatmaps, a bar chart, a 3-D slider, hostile labels) renders in
+    headless Chromium with nothing on the console; a screenshot goes to docs/img/report.png."""
+    realistic = [*four_results, ioi_like((30,), ("layer",), "mlp_out", 4),
+                 ioi_like((30, 14, 9), ("layer", "position", "head"), "attn_head", 5)]
+    results = [*realistic, hostile_result()]
     path = tmp_path / "report.html"
-    report(four_results, path, title="IOI report (synthetic data)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run([chromium, *flags, "--enable-logging=stderr", "--v=0", "--dump-dom",
-                          path.as_uri()], capture_output=True, text=True, timeout=120)
-    n_plots = len(re.findall(r'id="plot-\d+-\d+"', dom.stdout))
-    rendered = len(re.findall(r'class="plot[^"]*js-plotly-plot', dom.stdout))
-    assert n_plots == 4 and rendered == 4, (n_plots, rendered, dom.stderr[-2000:])
-    assert dom.stdout.count("main-svg") >= 8
-    errors = [line for line in dom.stderr.splitlines()
-              if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
-    assert errors == []
-    shot = ROOT / "docs" / "img" / "report.png"
-    subprocess.run([chromium, *flags, "--window-size=1400,1800", f"--screenshot={shot}",
-                    path.as_uri()], capture_output=True, timeout=120, check=True)
-    assert shot.stat().st_size > 10_000
+    report(results, path, title="IOI on SmolLM2-135M (synthetic data)")
+    dom = chromium(path, tmp_path, "--dump-dom")
+    expected = [f"plot-{i}" for i in range(len(results))]
+    assert page_problems(dom, expected) == [], dom.stderr[-3000:]
+    assert dom.stdout.count("js-plotly-plot") >= len(results)
+    # the hostile labels were drawn as literal text (entities decoded once by plotly)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom.stdout
+    drawn = re.sub(r'data-unformatted="[^"]*"', "", dom.stdout.split('id="plot-6"')[1])
+    assert "&amp;lt;" not in drawn and "&lt;script&gt;alert(1)" in drawn
+
+    shown = tmp_path / "shown.html"  # the picture for the docs leaves out the hostile result
+    report(realistic, shown, title="IOI on SmolLM2-135M (synthetic data)")
+    shot = tmp_path / "report.png"
+    proc = chromium(shown, tmp_path, "--window-size=1400,2000", f"--screenshot={shot}")
+    assert proc.returncode == 0 and shot.stat().st_size > 50_000, proc.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    if not SCREENSHOT.exists() or SCREENSHOT.read_bytes() != shot.read_bytes():
+        atomic_write_bytes(SCREENSHOT, shot.read_bytes())
+
+
+def test_the_chromium_check_catches_broken_pages(tmp_path):
+    """The checker itself: console errors, exceptions and unrendered plots are all reported."""
+    page = tmp_path / "broken.html"
+    page.write_text("<!DOCTYPE html><html><body><div id='plot-0'></div>"
+                    "<script>console.error('boom')</script>"
+                    "<script>undefinedFunction()</script></body></html>")
+    problems = page_problems(chromium(page, tmp_path, "--dump-dom"), ["plot-0", "plot-1"])
+    text = "\n".join(problems)
+    assert "plot-0: not rendered" in text and "plot-1: no such element" in text
+    assert "boom" in text and "Uncaught ReferenceError" in text

@@ -1,13 +1,21 @@
-"""Task datasets of clean/corrupted prompt pairs with answer tokens.
+"""Task datasets: many clean/corrupted prompt pairs with answer tokens.
 
-Any object with aligned lists ``.clean``, ``.corrupted``, ``.correct``, ``.incorrect`` can be
-passed to :func:`causalpatch.activation_patching` in place of a single pair; every dataset here
-is a :class:`PatchingDataset`. Pairs are averaged as described in :mod:`causalpatch.sweep`.
+Every dataset is a :class:`PatchingDataset`: four lists aligned by index,
 
-* :class:`IOIDataset` – indirect object identification (Wang et al., 2022).
-* :class:`FactualRecallDataset` – subject swaps within a relation of the ROME "known facts".
-* :class:`GreaterThanDataset` – "from the year 1732 to the year 17..." (Hanna et al., 2023).
-* :class:`InductionDataset` – repeated random token sequences.
+* ``clean[i]`` / ``corrupted[i]`` — prompts (strings, or token-id lists for
+  :class:`InductionDataset`) with the **same token length** pairwise,
+* ``correct[i]`` / ``incorrect[i]`` — answer token ids (``int``),
+
+so it can be passed wherever a single clean/corrupted pair is accepted, e.g.
+``activation_patching(model, dataset, ...)``; the dataset's ``metric`` is used unless another
+one is given.
+
+* :class:`IOIDataset` — indirect object identification (Wang et al., 2022).
+* :class:`FactualRecallDataset` — subject swaps within a relation of the ROME "known facts"
+  (Meng et al., 2022); :func:`known_facts` lists the facts a model gets right.
+* :class:`GreaterThanDataset` — "The war lasted from the year 1732 to the year 17"
+  (Hanna et al., 2023), with :func:`greater_than_metric`.
+* :class:`InductionDataset` — a random token sequence repeated twice.
 
 Example::
 
@@ -15,32 +23,70 @@ Example::
     from causalpatch.datasets import IOIDataset
     model = InterpretableModel("smollm2")
     ioi = IOIDataset(model, n=16, seed=0)
+    ioi[0]     # PatchingPair(clean='When ... John gave a drink to', corrupted=..., ...)
     result = activation_patching(model, ioi, component="attn_head")
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+import string
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError, ShapeMismatchError
 from .metrics import Metric, MetricInputs
 
 if TYPE_CHECKING:
     from .model import InterpretableModel
 
 
+# -- helpers ----------------------------------------------------------------------------------
+def _n_tokens(model: InterpretableModel, prompt: Any) -> int:
+    """Token length of one prompt exactly as the patching functions tokenise it."""
+    from .tracing import token_lists
+
+    return len(token_lists(model, prompt)[0])
+
+
+def _first_token(model: InterpretableModel, text: str) -> int:
+    """Id of the first token of ``" " + text`` (no special tokens)."""
+    ids = model.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
+    if not ids:
+        raise InvalidArgumentError(f"{text!r} has no tokens for this tokenizer")
+    return int(ids[0])
+
+
+def _is_single_token_name(model: InterpretableModel, name: str) -> bool:
+    return len(model.tokenizer.encode(" " + name, add_special_tokens=False)) == 1
+
+
+def _check_n(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise InvalidTypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise InvalidArgumentError(f"n must be at least 1, got {n}")
+
+
+def _as_list(value: Any, what: str) -> list[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Tensor)):
+        raise InvalidTypeError(
+            f"{what} must be a list (one entry per pair), got {type(value).__name__}")
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
+
+
+# -- the base class ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PatchingPair:
-    """One clean/corrupted pair with its answer token ids."""
+    """One clean/corrupted pair with its answer token ids (one row of a dataset)."""
 
     clean: Any
     corrupted: Any
@@ -48,15 +94,31 @@ class PatchingPair:
     incorrect: int | None
 
 
-@dataclass
+@dataclass(repr=False)
 class PatchingDataset:
-    """Aligned clean/corrupted prompts and answer tokens.
+    """Clean/corrupted prompt pairs and answer token ids, aligned by index.
 
-    Attributes:
-        clean, corrupted: prompts (strings or token-id lists), equal token length pairwise.
-        correct, incorrect: answer token ids, one per pair.
-        metric: the metric this task is measured with (a name or a :class:`Metric`).
+    Args:
+        clean, corrupted: ``n`` prompts each: strings or token-id lists.
+        correct, incorrect: ``n`` answer token ids (strings are converted with
+            ``model.to_single_token`` when ``model`` is given).
+        metric: the metric this task is measured with, a registered name (``"logit_diff"``)
+            or a :class:`~causalpatch.metrics.Metric`.
+        metric_kwargs: extra settings of the metric, kept with the data (may be empty).
         name: a short description.
+        info: free-form metadata (seed, corruption, ...).
+        model: keyword only; when given, every pair must have equal clean/corrupted token
+            length (otherwise :class:`InvalidArgumentError` naming the pair and both lengths).
+
+    Raises:
+        InvalidArgumentError: no pairs ("dataset has no pairs"), lists of different lengths,
+            unequal token lengths within a pair (with ``model``).
+
+    Example::
+
+        data = PatchingDataset.from_pairs(model, [
+            ("The capital of France is", "The capital of Italy is", " Paris", " Rome")])
+        len(data), data[0].correct        # 1, model.to_single_token(" Paris")
     """
 
     clean: list[Any]
@@ -64,178 +126,344 @@ class PatchingDataset:
     correct: list[int]
     incorrect: list[int]
     metric: str | Metric = "logit_diff"
+    metric_kwargs: dict[str, Any] = field(default_factory=dict)
     name: str = "custom"
     info: dict[str, Any] = field(default_factory=dict)
+    _: KW_ONLY
+    model: InitVar[Any] = None
 
-    def __post_init__(self) -> None:
-        lengths = {len(self.clean), len(self.corrupted), len(self.correct), len(self.incorrect)}
+    #: names of further per-pair lists a subclass keeps aligned (sliced by :meth:`subset`)
+    per_pair_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self, model: InterpretableModel | None) -> None:
+        self.clean = _as_list(self.clean, "clean")
+        self.corrupted = _as_list(self.corrupted, "corrupted")
+        self.correct = _as_list(self.correct, "correct")
+        self.incorrect = _as_list(self.incorrect, "incorrect")
+        self.metric_kwargs = dict(self.metric_kwargs or {})
+        self.info = dict(self.info or {})
         if len(self.clean) == 0:
-            raise InvalidArgumentError(f"dataset {self.name!r} has no pairs")
-        if len(lengths) != 1:
             raise InvalidArgumentError(
-                f"dataset {self.name!r} lists differ in length: clean {len(self.clean)}, "
-                f"corrupted {len(self.corrupted)}, correct {len(self.correct)}, incorrect "
-                f"{len(self.incorrect)}")
+                f"dataset has no pairs ({self.name!r}): give at least one clean/corrupted pair")
+        lengths = (len(self.clean), len(self.corrupted), len(self.correct), len(self.incorrect))
+        if len(set(lengths)) != 1:
+            raise InvalidArgumentError(
+                f"dataset {self.name!r}: lists differ in length: clean {lengths[0]}, corrupted "
+                f"{lengths[1]}, correct {lengths[2]}, incorrect {lengths[3]}")
+        self.correct = [self._answer(model, a, "correct", i) for i, a in enumerate(self.correct)]
+        self.incorrect = [self._answer(model, a, "incorrect", i)
+                          for i, a in enumerate(self.incorrect)]
+        if model is not None:
+            self.check_lengths(model)
 
+    @staticmethod
+    def _answer(model: InterpretableModel | None, value: Any, what: str, i: int) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if model is None:
+                raise InvalidTypeError(
+                    f"{what}[{i}] is the string {value!r}; pass model= (or use from_pairs) to "
+                    "convert answer strings to token ids")
+            return model.to_single_token(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise InvalidTypeError(
+                f"{what}[{i}] must be a token id (int), got {type(value).__name__}")
+        token = int(value)
+        if model is not None:
+            token = model.to_single_token(token)  # range check
+        return token
+
+    # -- sequence protocol ----------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.clean)
 
     def __getitem__(self, i: int) -> PatchingPair:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise InvalidTypeError(
+                f"dataset index must be an int, got {type(i).__name__}; use .subset(indices)")
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise OutOfRangeError(f"pair index {i} is out of range for {len(self)} pairs")
         return PatchingPair(self.clean[i], self.corrupted[i], self.correct[i], self.incorrect[i])
 
     def __iter__(self) -> Iterator[PatchingPair]:
         return (self[i] for i in range(len(self)))
 
+    def __repr__(self) -> str:
+        metric = self.metric if isinstance(self.metric, str) else self.metric.name
+        return f"{type(self).__name__}(name={self.name!r}, pairs={len(self)}, metric={metric!r})"
+
+    # -- slicing ----------------------------------------------------------------------------------
     def subset(self, indices: Sequence[int]) -> PatchingDataset:
-        """A dataset of the pairs at ``indices``."""
-        pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
-        return PatchingDataset(pick(self.clean), pick(self.corrupted), pick(self.correct),
-                               pick(self.incorrect), self.metric, self.name, dict(self.info))
+        """A dataset of the same class holding the pairs at ``indices`` (in that order).
+
+        Per-pair extras of a subclass (``orders``, ``subjects``, ``years_above`` ...) are sliced
+        too, so ``greater_than_metric(logits, data.subset(rows))`` stays aligned.
+        """
+        idx = []
+        for i in indices:
+            if isinstance(i, bool) or not hasattr(i, "__index__"):
+                raise InvalidTypeError(f"subset indices must be ints, got {type(i).__name__}")
+            if not -len(self) <= int(i) < len(self):
+                raise OutOfRangeError(f"pair index {int(i)} is out of range for {len(self)} pairs")
+            idx.append(int(i))
+        if not idx:
+            raise InvalidArgumentError("dataset has no pairs: subset() needs at least one index")
+        new = copy.copy(self)
+        for name in ("clean", "corrupted", "correct", "incorrect", *self.per_pair_fields):
+            values = getattr(self, name)
+            setattr(new, name, [values[i] for i in idx])
+        new.info = dict(self.info)
+        new.metric_kwargs = dict(self.metric_kwargs)
+        return new
 
     def batches(self, size: int) -> Iterator[PatchingDataset]:
-        """Consecutive sub-datasets of at most ``size`` pairs."""
-        if size < 1:
-            raise InvalidArgumentError(f"batch size must be at least 1, got {size}")
+        """Consecutive sub-datasets of at most ``size`` pairs (see :meth:`subset`)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InvalidArgumentError(f"batch size must be an int >= 1, got {size!r}")
         for lo in range(0, len(self), size):
             yield self.subset(range(lo, min(lo + size, len(self))))
 
+    # -- checks and construction ------------------------------------------------------------------
     def check_lengths(self, model: InterpretableModel) -> None:
-        """Raise if any pair's clean and corrupted prompts differ in token length."""
-        from .tracing import token_lists
-
+        """Raise :class:`InvalidArgumentError` if a pair's prompts differ in token length."""
         for i, (c, k) in enumerate(zip(self.clean, self.corrupted)):
-            nc, nk = len(token_lists(model, c)[0]), len(token_lists(model, k)[0])
+            nc, nk = _n_tokens(model, c), _n_tokens(model, k)
             if nc != nk:
                 raise InvalidArgumentError(
-                    f"pair {i} of dataset {self.name!r}: clean has {nc} tokens, corrupted has {nk}")
+                    f"pair {i} of dataset {self.name!r}: clean has {nc} tokens, corrupted has "
+                    f"{nk}; patching needs equal token lengths (check model.to_str_tokens)")
 
     @classmethod
     def from_pairs(cls, model: InterpretableModel,
-                   pairs: Sequence[tuple[str, str, str | int, str | int]],
-                   metric: str | Metric = "logit_diff", name: str = "custom") -> PatchingDataset:
-        """Build from ``(clean, corrupted, correct, incorrect)`` tuples; answers as strings
-        must be single tokens."""
+                   pairs: Sequence[tuple[Any, Any, str | int, str | int]],
+                   metric: str | Metric = "logit_diff", name: str = "custom",
+                   metric_kwargs: dict[str, Any] | None = None) -> PatchingDataset:
+        """Build from ``(clean, corrupted, correct, incorrect)`` tuples.
+
+        Answers given as strings must be single tokens (``" Paris"``, mind the space); token
+        lengths are checked pair by pair.
+
+        Example::
+
+            PatchingDataset.from_pairs(model, [("When Mary and John went out, John gave it to",
+                                                "When Mary and John went out, Mary gave it to",
+                                                " Mary", " John")])
+        """
+        pairs = _as_list(pairs, "pairs")
         if not pairs:
-            raise InvalidArgumentError(f"dataset {name!r} has no pairs")
-        data = cls([p[0] for p in pairs], [p[1] for p in pairs],
-                   [model.to_single_token(p[2]) for p in pairs],
-                   [model.to_single_token(p[3]) for p in pairs], metric, name)
-        data.check_lengths(model)
-        return data
-
-
-def _single_token_names(model: InterpretableModel, names: Sequence[str]) -> tuple[list[str], int]:
-    keep = [n for n in names
-            if len(model.tokenizer.encode(" " + n, add_special_tokens=False)) == 1]
-    return keep, len(names) - len(keep)
+            raise InvalidArgumentError("dataset has no pairs: from_pairs got an empty list")
+        for i, p in enumerate(pairs):
+            if not isinstance(p, (tuple, list)) or len(p) != 4:
+                raise InvalidArgumentError(
+                    f"pairs[{i}] must be a (clean, corrupted, correct, incorrect) tuple, got "
+                    f"{p!r}")
+        return PatchingDataset([p[0] for p in pairs], [p[1] for p in pairs],
+                               [model.to_single_token(p[2]) for p in pairs],
+                               [model.to_single_token(p[3]) for p in pairs], metric,
+                               metric_kwargs or {}, name, model=model)
 
 
 # -- IOI --------------------------------------------------------------------------------------
-#: Templates: {X} and {Y} are the first two mentions, {S} the repeated subject.
+#: IOI templates, written in ABBA form: ``{A}`` the indirect object, ``{B}`` the subject.
+#: ``{place}`` and ``{object}`` are filled from :data:`IOI_PLACES` / :data:`IOI_OBJECTS`.
 IOI_TEMPLATES: tuple[str, ...] = (
-    "When {X} and {Y} went to the {place}, {S} gave a {obj} to",
-    "After {X} and {Y} arrived at the {place}, {S} handed a {obj} to",
-    "While {X} and {Y} were at the {place}, {S} passed a {obj} to",
-    "Then {X} and {Y} had a long day at the {place}. {S} gave a {obj} to",
-    "Yesterday {X} and {Y} were working at the {place}. {S} decided to give a {obj} to",
-    "When {X} and {Y} got a {obj} at the {place}, {S} gave it to",
-    "Once {X} and {Y} met at the {place}, {S} threw a {obj} to",
-    "Because {X} and {Y} stayed at the {place}, {S} brought a {obj} to",
-    "After the lunch, {X} and {Y} went to the {place}. {S} sold a {obj} to",
-    "Later {X} and {Y} walked into the {place}, and {S} showed a {obj} to",
+    "When {A} and {B} went to the {place}, {B} gave a {object} to",
+    "After {A} and {B} arrived at the {place}, {B} handed a {object} to",
+    "While {A} and {B} were sitting in the {place}, {B} passed a {object} to",
+    "Then, {A} and {B} spent the afternoon at the {place}. {B} gave a {object} to",
+    "Yesterday {A} and {B} were working at the {place}, and {B} offered a {object} to",
+    "When {A} and {B} came back from the {place}, {B} brought a {object} to",
+    "Once {A} and {B} met at the {place}, {B} sent a {object} to",
+    "After lunch, {A} and {B} walked to the {place}. {B} showed a {object} to",
+    "Because {A} and {B} were late for the {place}, {B} lent a {object} to",
+    "On Sunday {A} and {B} visited the {place}, where {B} sold a {object} to",
+    "Later, {A} and {B} were cleaning the {place}, and {B} tossed a {object} to",
+    "In the morning {A} and {B} went over to the {place}. {B} returned a {object} to",
 )
+#: Common English first names; only those that are one token with a leading space are used.
 IOI_NAMES: tuple[str, ...] = (
     "Mary", "John", "Alice", "Bob", "James", "Sarah", "David", "Emma", "Michael", "Anna",
     "Tom", "Lisa", "Paul", "Laura", "Mark", "Kate", "Peter", "Jane", "George", "Rachel",
     "Daniel", "Emily", "Chris", "Anne", "Steve", "Amy", "Kevin", "Helen", "Brian", "Susan",
     "Jack", "Linda", "Eric", "Karen", "Adam", "Julia", "Ryan", "Grace", "Sam", "Lucy",
-    "Henry", "Nancy", "Frank", "Alex", "Robert", "Maria", "Richard", "Jessica",
+    "Henry", "Nancy", "Frank", "Alex", "Robert", "Maria", "Richard", "Jessica", "Tim", "Joe",
+    "Ben", "Dan", "Matt", "Nick", "Andrew", "Scott", "Jennifer", "Victoria", "Sophie", "Oliver",
+    "Ethan", "Chloe", "Martin", "Claire",
 )
 IOI_PLACES: tuple[str, ...] = ("store", "school", "park", "hospital", "station", "office",
-                               "garden", "market", "restaurant", "library")
-IOI_OBJECTS: tuple[str, ...] = ("drink", "book", "ball", "gift", "bag", "letter", "key",
-                                "ring", "bottle", "basket")
+                               "garden", "market", "restaurant", "library", "beach", "museum")
+IOI_OBJECTS: tuple[str, ...] = ("drink", "book", "ball", "gift", "bag", "letter", "key", "ring",
+                                "bottle", "basket", "pen", "ticket")
+_IOI_EXTRA_FIELDS = {"place", "object"}
+
+
+def _ioi_template(template: str) -> str:
+    """Rewrite an ABBA template's name slots as ``{n0} {n1} {n2}``; refuse malformed ones."""
+    if not isinstance(template, str):
+        raise InvalidTypeError(f"IOI templates must be strings, got {type(template).__name__}")
+    out, slots = [], []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InvalidArgumentError(
+            f"IOI template {template!r} is not a format string: {exc}") from None
+    for literal, fname, spec, conv in parsed:
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if fname is None:
+            continue
+        if spec or conv:
+            raise InvalidArgumentError(f"IOI template {template!r}: no format specs allowed")
+        if fname in ("A", "B"):
+            out.append("{n%d}" % len(slots))
+            slots.append(fname)
+        elif fname in _IOI_EXTRA_FIELDS:
+            out.append("{" + fname + "}")
+        else:
+            raise InvalidArgumentError(
+                f"IOI template {template!r} has an unknown field {{{fname}}}; allowed: {{A}} "
+                "(indirect object), {B} (subject), {place}, {object}")
+    if slots != ["A", "B", "B"]:
+        raise InvalidArgumentError(
+            f"IOI template {template!r} must name {{A}}, {{B}}, {{B}} in that order (ABBA form, "
+            "e.g. 'When {A} and {B} went to the store, {B} gave a drink to'); got "
+            f"{', '.join('{' + s + '}' for s in slots) or 'no names'}")
+    return "".join(out)
 
 
 class IOIDataset(PatchingDataset):
     """Indirect object identification pairs in the style of Wang et al. (2022).
 
-    Clean: "When Mary and John went to the store, John gave a drink to" (answer: the indirect
-    object " Mary"; wrong answer: the subject " John"). Corruptions:
+    Clean: "When Mary and John went to the store, John gave a drink to" — ``correct`` is the
+    indirect object " Mary", ``incorrect`` the subject " John". Corruptions:
 
-    * ``"swap"``: the second subject mention becomes the other name ("... Mary gave a drink
-      to"), so the repeated name — and the right answer — flips;
-    * ``"abc"``: all three name slots get three unrelated names.
+    * ``"swap"``: the second subject mention (S2) becomes the other name ("..., Mary gave a
+      drink to"), so the repeated name, and hence the right answer, flips;
+    * ``"abc"``: all three name slots get three other distinct names, none from the clean
+      prompt ("When Paul and Kate went to the store, Lucy gave a drink to").
 
-    ``order="ABBA"`` puts the indirect object first ("Mary and John ..., John"), ``"BABA"`` the
-    subject first; ``"both"`` alternates. Names that are not a single token (with a leading
-    space) for the model's tokenizer are dropped; ``dropped_names`` counts them.
-    ``equal_length=True`` keeps every prompt at one token length (one template, pairs of
-    another length re-drawn), as ``by_position`` sweeps over a dataset need.
+    ``order="ABBA"`` mentions the indirect object first ("Mary and John ..., John"),
+    ``"BABA"`` the subject first ("John and Mary ..., John"); ``"both"`` alternates, starting
+    with ABBA. Names that are not one token with a leading space for the model's tokenizer are
+    dropped (their number is ``dropped_names``); pairs whose clean and corrupted prompts would
+    differ in token length are re-drawn (``dropped_pairs``). ``equal_length=True`` keeps every
+    prompt at one token length and uses only the first template, so positions line up across
+    pairs (for ``by_position`` sweeps).
+
+    Args:
+        model: gives the tokenizer.
+        n: number of pairs.
+        seed: ``random.Random(seed)`` draws templates, names, places and objects.
+        templates: ABBA templates with ``{A}`` (indirect object), ``{B}`` (subject, twice) and
+            optionally ``{place}``, ``{object}``; default :data:`IOI_TEMPLATES`.
+        names: first names; default :data:`IOI_NAMES`. At least 3 (``"abc"``: 5) must be single
+            tokens.
+        corruption: ``"swap"`` or ``"abc"``.
+        order: ``"both"``, ``"ABBA"`` or ``"BABA"``.
+
+    Attributes (besides the :class:`PatchingDataset` lists, one entry per pair):
+        orders: ``"ABBA"`` / ``"BABA"``.
+        io_names, subject_names: the clean prompt's indirect object and subject.
+        names: the single-token name pool used; dropped_names: how many were dropped.
+
+    Example::
+
+        ioi = IOIDataset(model, n=8, seed=0)
+        ioi.clean[0], ioi.corrupted[0], ioi.orders[:2]    # ..., ['ABBA', 'BABA']
     """
+
+    per_pair_fields: ClassVar[tuple[str, ...]] = ("orders", "io_names", "subject_names")
 
     def __init__(self, model: InterpretableModel, n: int = 32, seed: int = 0,
                  templates: Sequence[str] | None = None, names: Sequence[str] | None = None,
                  corruption: str = "swap", order: str = "both",
                  equal_length: bool = False) -> None:
-        if n < 1:
-            raise InvalidArgumentError(f"n must be at least 1, got {n}")
+        _check_n(n)
         if corruption not in ("swap", "abc"):
             raise InvalidArgumentError(f"corruption must be 'swap' or 'abc', got {corruption!r}")
         if order not in ("both", "ABBA", "BABA"):
             raise InvalidArgumentError(f"order must be 'both', 'ABBA' or 'BABA', got {order!r}")
-        pool, self.dropped_names = _single_token_names(model, names or IOI_NAMES)
-        need = 5 if corruption == "abc" else 2
-        if len(pool) < need + 1:
-            raise InvalidArgumentError(
-                f"only {len(pool)} of the names are single tokens for this tokenizer; IOI needs "
-                f"at least {need + 1} (pass names= with more common first names)")
-        rng = random.Random(seed)
-        templates = list(templates or IOI_TEMPLATES)
+        raw_templates = list(IOI_TEMPLATES if templates is None else templates)
+        if not raw_templates:
+            raise InvalidArgumentError("templates is empty: give at least one IOI template")
+        forms = [_ioi_template(t) for t in raw_templates]
         if equal_length:
-            templates = templates[:1]
-        clean, corrupted, correct, incorrect, orders = [], [], [], [], []
-        tok = model.tokenizer
-        target = None
-        i = -1
+            forms = forms[:1]
+        given = list(dict.fromkeys(IOI_NAMES if names is None else names))  # dedupe, keep order
+        if not all(isinstance(x, str) and x.strip() for x in given):
+            raise InvalidArgumentError("names must be non-empty strings")
+        pool = [x.strip() for x in given if _is_single_token_name(model, x.strip())]
+        self.names: list[str] = pool
+        self.dropped_names: int = len(given) - len(pool)
+        need = 5 if corruption == "abc" else 3
+        if len(pool) < need:
+            raise InvalidArgumentError(
+                f"only {len(pool)} of {len(given)} names are single tokens (with a leading "
+                f"space) for this tokenizer; IOI with corruption={corruption!r} needs at least "
+                f"{need}: pass names= with more common first names")
+
+        rng = random.Random(seed)
+        clean: list[str] = []
+        corrupted: list[str] = []
+        correct: list[int] = []
+        incorrect: list[int] = []
+        orders: list[str] = []
+        ios: list[str] = []
+        subjects: list[str] = []
+        target_len: int | None = None
+        dropped_pairs = 0
+        max_attempts = 100 * n + 100
         attempts = 0
         while len(clean) < n:
-            i += 1
             attempts += 1
-            if attempts > 50 * n:
+            if attempts > max_attempts:
                 raise InvalidArgumentError(
-                    f"could not draw {n} IOI prompts of equal token length; lower n")
-            template = templates[i % len(templates)] if i < len(templates) else rng.choice(
-                templates)
-            io, s, c1, c2, c3 = rng.sample(pool, 5) if len(pool) >= 5 else (
-                *rng.sample(pool, 2), *rng.sample(pool, 3))
+                    f"could only build {len(clean)} of {n} IOI pairs with equal clean/corrupted "
+                    "token lengths; try other names/templates or a smaller n")
+            form = rng.choice(forms)
+            fill = {"place": rng.choice(IOI_PLACES), "object": rng.choice(IOI_OBJECTS)}
+            drawn = rng.sample(pool, need)
+            io, s = drawn[0], drawn[1]
             this = order if order != "both" else ("ABBA" if len(clean) % 2 == 0 else "BABA")
-            x, y = (io, s) if this == "ABBA" else (s, io)
-            place, obj = rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS)
-            fill = dict(place=place, obj=obj)
-            text = template.format(X=x, Y=y, S=s, **fill)
+            first, second = (io, s) if this == "ABBA" else (s, io)
+            text = form.format(n0=first, n1=second, n2=s, **fill)
+            if corruption == "swap":
+                other = form.format(n0=first, n1=second, n2=io, **fill)
+            else:
+                other = form.format(n0=drawn[2], n1=drawn[3], n2=drawn[4], **fill)
+            length = _n_tokens(model, text)
+            if length != _n_tokens(model, other):
+                dropped_pairs += 1
+                continue
             if equal_length:
-                length = len(tok(text)["input_ids"])
-                target = length if target is None else target
-                if length != target:
+                target_len = length if target_len is None else target_len
+                if length != target_len:
                     continue
             clean.append(text)
-            if corruption == "swap":
-                corrupted.append(template.format(X=x, Y=y, S=io, **fill))
-            else:
-                corrupted.append(template.format(X=c1, Y=c2, S=c3, **fill))
-            correct.append(tok.encode(" " + io, add_special_tokens=False)[0])
-            incorrect.append(tok.encode(" " + s, add_special_tokens=False)[0])
+            corrupted.append(other)
+            correct.append(model.to_single_token(" " + io))
+            incorrect.append(model.to_single_token(" " + s))
             orders.append(this)
-        super().__init__(clean, corrupted, correct, incorrect, "logit_diff", "ioi",
-                         {"corruption": corruption, "orders": orders, "seed": seed})
-        self.orders = orders
-        self.check_lengths(model)
+            ios.append(io)
+            subjects.append(s)
+        self.orders, self.io_names, self.subject_names = orders, ios, subjects
+        self.dropped_pairs = dropped_pairs
+        super().__init__(clean, corrupted, correct, incorrect, "logit_diff", {}, "ioi",
+                         {"corruption": corruption, "order": order, "seed": seed,
+                          "equal_length": equal_length}, model=model)
 
 
 # -- factual recall ---------------------------------------------------------------------------
 def load_known_facts(path: str | Path | None = None) -> list[dict[str, Any]]:
-    """The ROME "known facts" (Meng et al., 2022; MIT licence) shipped with the package."""
+    """The ROME "known facts" (Meng et al., 2022; MIT licence) shipped with the package.
+
+    Returns a list of dicts with ``known_id``, ``subject``, ``attribute``, ``template``,
+    ``prediction``, ``prompt`` and ``relation_id`` (1,209 facts). ``path`` reads another file
+    of the same format instead.
+    """
     if path is not None:
         text = Path(path).read_text(encoding="utf-8")
     else:
@@ -244,180 +472,415 @@ def load_known_facts(path: str | Path | None = None) -> list[dict[str, Any]]:
     facts = json.loads(text)
     if not isinstance(facts, list) or not facts:
         raise InvalidArgumentError("known facts file must hold a non-empty JSON list")
+    need = ("subject", "attribute", "prompt", "relation_id")
+    for i, fact in enumerate(facts):
+        if not isinstance(fact, dict) or any(k not in fact for k in need):
+            raise InvalidArgumentError(f"known fact {i} must be an object with fields {need}")
+        if fact["subject"] not in fact["prompt"]:
+            raise InvalidArgumentError(
+                f"known fact {i}: subject {fact['subject']!r} does not occur in its prompt")
     return facts
 
 
-def _first_token(model: InterpretableModel, text: str) -> int:
-    return model.tokenizer.encode(" " + text.strip(), add_special_tokens=False)[0]
+class KnownFact(NamedTuple):
+    """A fact from :func:`known_facts`: ``prompt``, ``subject`` and ``attribute_token``, the id
+    of the first token of ``" " + attribute``."""
+
+    prompt: str
+    subject: str
+    attribute_token: int
 
 
-def known_facts(model: InterpretableModel, n: int = 100, seed: int = 0, only_correct: bool = True,
-                path: str | Path | None = None, batch_size: int = 32) -> list[dict[str, Any]]:
-    """Up to ``n`` facts (dicts with ``prompt``, ``subject``, ``attribute``, ``answer`` id) that
-    the model completes correctly (top-1 next token = first token of the attribute)."""
+def known_facts(model: InterpretableModel, n: int | None = 100, seed: int = 0,
+                only_correct: bool = True, path: str | Path | None = None,
+                batch_size: int = 32) -> list[KnownFact]:
+    """Up to ``n`` known facts, shuffled with ``seed``, that the model gets right.
+
+    With ``only_correct=True`` a fact is kept when the model's top-1 next token after
+    ``prompt`` is the first token of ``" " + attribute`` (one forward pass per ``batch_size``
+    prompts, stopping once ``n`` are found). Fewer than ``n`` are returned when the file has
+    fewer; ``n=None`` checks all of them.
+
+    Example::
+
+        for prompt, subject, token in known_facts(model, n=3):
+            print(prompt, "->", model.tokenizer.decode([token]))
+    """
+    if n is not None:
+        _check_n(n)
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
     facts = load_known_facts(path)
     random.Random(seed).shuffle(facts)
-    out: list[dict[str, Any]] = []
+    out: list[KnownFact] = []
+    limit = len(facts) if n is None else n
     for lo in range(0, len(facts), batch_size):
-        chunk = facts[lo : lo + batch_size]
+        chunk = facts[lo:lo + batch_size]
         answers = [_first_token(model, f["attribute"]) for f in chunk]
         if only_correct:
             with torch.no_grad():
                 top = model.trace([f["prompt"] for f in chunk]).run().last_logits.argmax(-1)
-        for j, fact in enumerate(chunk):
-            if not only_correct or int(top[j]) == answers[j]:
-                out.append({**fact, "answer": answers[j]})
-            if len(out) >= n:
-                return out
+            keep = [int(t) == a for t, a in zip(top.tolist(), answers)]
+        else:
+            keep = [True] * len(chunk)
+        for fact, answer, ok in zip(chunk, answers, keep):
+            if ok:
+                out.append(KnownFact(fact["prompt"], fact["subject"], answer))
+                if len(out) >= limit:
+                    return out
     return out
 
 
 class FactualRecallDataset(PatchingDataset):
-    """Counterfactual pairs from the known facts: the subject swapped within a relation.
+    """Counterfactual pairs from the known facts: the subject swapped within one relation.
 
-    Clean: "Vinson Massif is located in the continent of" (answer " Antarctica"); corrupted:
-    the same template with another subject of the same relation and the same token length
-    (answer of that fact = the incorrect token).
+    Clean: a fact's ``prompt``, e.g. "Vinson Massif is located in the continent of"
+    (``correct`` = first token of " Antarctica"). Corrupted: the same prompt with the subject
+    of another fact of the same ``relation_id`` whose prompt then has the same total token
+    length; ``incorrect`` = first token of " " + that fact's attribute. Pairs whose two answer
+    tokens coincide are skipped; each fact is the clean prompt of at most one pair.
+
+    Args:
+        model: gives the tokenizer.
+        n: number of pairs (error if the facts allow fewer).
+        seed: shuffles facts and partners (``random.Random(seed)``).
+        relation: keep only this ``relation_id`` (e.g. ``"P30"``, continents).
+        path: another known-facts JSON file instead of the packaged one.
+
+    Attributes (one entry per pair): ``subjects``, ``corrupted_subjects`` (for causal
+    tracing), ``relation_ids``, ``attributes``, ``corrupted_attributes``, ``known_ids``,
+    ``corrupted_known_ids``.
+
+    Example::
+
+        facts = FactualRecallDataset(model, n=8, relation="P30")
+        facts.clean[0], facts.corrupted[0], facts.subjects[0]
     """
+
+    per_pair_fields: ClassVar[tuple[str, ...]] = (
+        "subjects", "corrupted_subjects", "relation_ids", "attributes", "corrupted_attributes",
+        "known_ids", "corrupted_known_ids")
 
     def __init__(self, model: InterpretableModel, n: int = 32, seed: int = 0,
                  relation: str | None = None, path: str | Path | None = None) -> None:
-        if n < 1:
-            raise InvalidArgumentError(f"n must be at least 1, got {n}")
+        _check_n(n)
         facts = load_known_facts(path)
         if relation is not None:
             facts = [f for f in facts if f["relation_id"] == relation]
             if not facts:
                 raise InvalidArgumentError(f"no known facts with relation_id {relation!r}")
-        by_template: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for fact in facts:
-            by_template[fact["template"]].append(fact)
+        by_relation: dict[str, list[int]] = defaultdict(list)
+        for i, fact in enumerate(facts):
+            by_relation[fact["relation_id"]].append(i)
         rng = random.Random(seed)
-        candidates = []
-        for template, group in by_template.items():
-            lengths = defaultdict(list)
-            for fact in group:
-                lengths[len(model.tokenizer(template.format(fact["subject"]))["input_ids"])].append(fact)
-            for same in lengths.values():
-                for a in same:
-                    for b in same:
-                        if a is not b:
-                            candidates.append((template, a, b))
-        rng.shuffle(candidates)
-        clean, corrupted, correct, incorrect, subj, csubj, rel = [], [], [], [], [], [], []
-        for template, a, b in candidates:
-            ca, cb = _first_token(model, a["attribute"]), _first_token(model, b["attribute"])
-            if ca == cb:
-                continue
-            clean.append(template.format(a["subject"]))
-            corrupted.append(template.format(b["subject"]))
-            correct.append(ca)
-            incorrect.append(cb)
-            subj.append(a["subject"])
-            csubj.append(b["subject"])
-            rel.append(a["relation_id"])
-            if len(clean) >= n:
+        order = list(range(len(facts)))
+        rng.shuffle(order)
+        answer = [_first_token(model, f["attribute"]) for f in facts]
+        rows: dict[str, list[Any]] = defaultdict(list)
+        for i in order:
+            a = facts[i]
+            prefix, _, suffix = a["prompt"].partition(a["subject"])
+            target = _n_tokens(model, a["prompt"])
+            partners = [j for j in by_relation[a["relation_id"]] if j != i]
+            rng.shuffle(partners)
+            for j in partners:
+                b = facts[j]
+                if b["subject"] == a["subject"] or answer[j] == answer[i]:
+                    continue
+                text = prefix + b["subject"] + suffix
+                if _n_tokens(model, text) != target:
+                    continue
+                for key, value in (("clean", a["prompt"]), ("corrupted", text),
+                                   ("correct", answer[i]), ("incorrect", answer[j]),
+                                   ("subjects", a["subject"]), ("corrupted_subjects", b["subject"]),
+                                   ("relation_ids", a["relation_id"]),
+                                   ("attributes", a["attribute"]),
+                                   ("corrupted_attributes", b["attribute"]),
+                                   ("known_ids", a.get("known_id", i)),
+                                   ("corrupted_known_ids", b.get("known_id", j))):
+                    rows[key].append(value)
                 break
-        super().__init__(clean, corrupted, correct, incorrect, "logit_diff", "factual_recall",
-                         {"seed": seed})
-        self.subjects, self.corrupted_subjects, self.relations = subj, csubj, rel
+            if len(rows["clean"]) >= n:
+                break
+        found = len(rows["clean"])
+        if found < n:
+            where = f" with relation_id {relation!r}" if relation is not None else ""
+            raise InvalidArgumentError(
+                f"only {found} factual pairs{where} have an equal-length partner with a "
+                f"different answer; asked for n={n}")
+        for key in self.per_pair_fields:
+            setattr(self, key, rows[key])
+        super().__init__(rows["clean"], rows["corrupted"], rows["correct"], rows["incorrect"],
+                         "logit_diff", {}, "factual_recall", {"seed": seed, "relation": relation},
+                         model=model)
 
 
 # -- greater-than -----------------------------------------------------------------------------
-GT_NOUNS: tuple[str, ...] = ("war", "expedition", "drought", "reign", "project", "journey",
-                             "siege", "strike", "festival", "famine")
+GT_NOUNS: tuple[str, ...] = (
+    "war", "expedition", "drought", "reign", "siege", "strike", "famine", "festival",
+    "journey", "rebellion", "occupation", "voyage", "campaign", "epidemic", "alliance",
+    "construction",
+)
+_GT_TEMPLATE = "The {noun} lasted from the year {century}{yy:02d} to the year {century}"
 
 
-def greater_than_metric(digit_ids: Sequence[int]) -> Metric:
-    """Probability mass on next digits above the threshold minus mass below it.
+def _year_mass(logits: torch.Tensor, above: Sequence[Sequence[int]],
+               below: Sequence[Sequence[int]]) -> torch.Tensor:
+    if logits.dim() == 3:
+        logits = logits[:, -1]
+    if logits.dim() != 2:
+        raise ShapeMismatchError(
+            f"greater_than_metric takes logits [batch, vocab], got shape {tuple(logits.shape)}")
+    if len(above) != logits.shape[0] or len(below) != logits.shape[0]:
+        raise ShapeMismatchError(
+            f"greater_than_metric: logits have {logits.shape[0]} rows but the dataset rows "
+            f"give {len(above)}")
+    probs = torch.softmax(logits.float(), dim=-1)
+    mask = torch.zeros_like(probs)
+    for r, (up, down) in enumerate(zip(above, below)):
+        mask[r, list(up)] = 1.0
+        mask[r, list(down)] = -1.0
+    return (probs * mask).sum(-1)
 
-    ``inputs.correct`` holds the token id of each row's threshold digit (the clean prompt's
-    start-year tens digit). SmolLM2-style tokenizers split years into single digits, so after
-    "... to the year 17" the next token is the tens digit; a larger tens digit means a later
-    year, a smaller one an earlier year, an equal one is undecided (counted in neither).
+
+def greater_than_metric(logits: torch.Tensor, rows: Any) -> torch.Tensor:
+    """Probability on years after the start year minus probability on the others.
+
+    Args:
+        logits: ``[batch, vocab]`` next-token logits (``[batch, pos, vocab]``: last position).
+        rows: a :class:`GreaterThanDataset` (or a ``subset`` of one) aligned with the batch;
+            its ``years_above[i]`` / ``years_below[i]`` are the answer tokens whose every year
+            is later than / not later than row ``i``'s start year.
+
+    Returns:
+        ``[batch]`` float32: ``sum p(years_above) - sum p(years_below)``, in ``[-1, 1]``.
+
+    Example::
+
+        gt = GreaterThanDataset(model, n=8)
+        greater_than_metric(model.trace(gt.clean).run().last_logits, gt)   # shape [8]
     """
-    ids = torch.tensor(list(digit_ids))
+    if not hasattr(rows, "years_above") or not hasattr(rows, "years_below"):
+        raise InvalidTypeError(
+            "greater_than_metric needs the GreaterThanDataset rows (with years_above and "
+            f"years_below), got {type(rows).__name__}")
+    return _year_mass(logits, rows.years_above, rows.years_below)
 
-    def fn(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=-1)[:, ids.to(logits.device)]  # [batch, 10]
-        assert inputs.correct is not None
-        threshold = (inputs.correct.view(-1, 1).to(ids.device) == ids.view(1, -1)).float().argmax(-1)
-        digits = torch.arange(10).view(1, -1)
-        above = (digits > threshold.view(-1, 1)).float().to(probs.device)
-        below = (digits < threshold.view(-1, 1)).float().to(probs.device)
-        return (probs * above).sum(-1) - (probs * below).sum(-1)
 
-    return Metric("greater_than", fn, "score", ("correct",), greater_than_metric.__doc__ or "")
+def _greater_than_metric_object(answer_ids: Sequence[int]) -> Metric:
+    """The dataset's :class:`Metric`: sets derived from each row's correct/incorrect token.
+
+    ``answer_ids`` are the answer tokens in year order; ``correct`` is the earliest token that
+    is entirely later than the start year and ``incorrect`` the latest token that is entirely
+    not later, so tokens at or after ``correct`` count as "above" and tokens at or before
+    ``incorrect`` as "below" (a decade digit holding the start year counts in neither).
+    """
+    ids = torch.tensor(list(answer_ids))
+
+    def greater_than(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+        if inputs.correct is None or inputs.incorrect is None:
+            raise InvalidArgumentError("metric 'greater_than' needs correct and incorrect tokens")
+        where = ids.to(logits.device).view(1, -1)
+        hit_c = inputs.correct.view(-1, 1).to(logits.device) == where
+        hit_i = inputs.incorrect.view(-1, 1).to(logits.device) == where
+        if not bool(hit_c.any(-1).all() and hit_i.any(-1).all()):
+            raise InvalidArgumentError(
+                "metric 'greater_than' needs correct/incorrect tokens from a GreaterThanDataset")
+        pos = torch.arange(len(ids), device=logits.device).view(1, -1)
+        c_pos = hit_c.float().argmax(-1, keepdim=True)  # [batch, 1] index into ids
+        i_pos = hit_i.float().argmax(-1, keepdim=True)
+        probs = torch.softmax(logits.float(), dim=-1)[:, ids.to(logits.device)]
+        return (probs * (pos >= c_pos)).sum(-1) - (probs * (pos <= i_pos)).sum(-1)
+
+    return Metric("greater_than", greater_than, "score", ("correct", "incorrect"),
+                  greater_than.__doc__ or _greater_than_metric_object.__doc__ or "")
 
 
 class GreaterThanDataset(PatchingDataset):
     """"The war lasted from the year 1732 to the year 17" vs the "1701" corruption.
 
-    The metric (:func:`greater_than_metric`) is the probability of a later tens digit minus an
-    earlier one, relative to the clean start year; ``correct`` holds the threshold digit's
-    token id and ``incorrect`` the token id of "0" (the corrupted start year's tens digit).
+    After Hanna et al. (2023). The answer is the next token after the final "17". How a year
+    is split depends on the tokenizer, detected at construction (``answer_unit``):
+
+    * ``"digit"`` — the tokenizer splits numbers into single digits (SmolLM2, Gemma, Qwen,
+      LLaMA-3 style): the next token is the **tens digit** of the end year. A start year
+      ``17YY`` with tens digit ``d`` and units ``u`` gives ``years_above`` = digits ``> d``
+      (every year of those decades is later) and ``years_below`` = digits ``< d``, plus ``d``
+      itself when ``u = 9``. Otherwise the start decade mixes earlier and later years and
+      counts in neither. Start years are drawn from 1710–1789, so both sets are non-empty
+      (the paper draws 1702–1798).
+    * ``"two_digit"`` — the tokenizer makes "17" and "YY" separate tokens (GPT-2 style, as in
+      the paper): the next token is the two-digit year ``YY``; ``years_above`` are the ``YY'``
+      tokens with ``YY' > YY``, ``years_below`` those with ``YY' <= YY``. Start years
+      ``02..98`` whose "YY" is one token there.
+
+    Corrupted: the same sentence starting from "1701", as in the paper. ``correct[i]`` is the
+    earliest token in ``years_above[i]`` and ``incorrect[i]`` the latest in
+    ``years_below[i]``; the dataset's ``metric`` (``"greater_than"``) recovers both sets from
+    them and equals :func:`greater_than_metric`.
+
+    Attributes (one entry per pair): ``start_years`` (e.g. 1732), ``years_above``,
+    ``years_below`` (token-id lists); ``answer_ids`` (all answer tokens in year order).
+
+    Example::
+
+        gt = GreaterThanDataset(model, n=8, seed=0)
+        gt.clean[0]          # 'The war lasted from the year 1732 to the year 17'
+        gt.answer_unit       # 'digit' for SmolLM2
     """
 
+    per_pair_fields: ClassVar[tuple[str, ...]] = ("start_years", "years_above", "years_below",
+                                                   "nouns")
+
     def __init__(self, model: InterpretableModel, n: int = 32, seed: int = 0,
-                 century: int = 17) -> None:
-        if n < 1:
-            raise InvalidArgumentError(f"n must be at least 1, got {n}")
-        tok = model.tokenizer
-        digit_ids = [tok.encode(str(d), add_special_tokens=False)[-1] for d in range(10)]
-        if len(set(digit_ids)) != 10:
-            raise InvalidArgumentError("this tokenizer does not give each digit its own token")
+                 century: int = 17, nouns: Sequence[str] | None = None) -> None:
+        _check_n(n)
+        if isinstance(century, bool) or not isinstance(century, int) or not 10 <= century <= 99:
+            raise InvalidArgumentError(f"century must be a two-digit int like 17, got {century!r}")
+        noun_pool = list(GT_NOUNS if nouns is None else nouns)
+        if not noun_pool:
+            raise InvalidArgumentError("nouns is empty")
+        probe = _GT_TEMPLATE.format(noun=noun_pool[0], century=century, yy=1)
+        unit, answers = self._answer_tokens(model, probe)
+        self.answer_unit: str = unit
+        # answers: [(token id, first year offset, last year offset)] in year order
+        self.answer_ids: list[int] = [a[0] for a in answers]
+        if unit == "digit":
+            starts = list(range(10, 90))
+        else:
+            single = {a[1] for a in answers}
+            starts = [y for y in range(2, 99) if y in single and y + 1 <= max(single)]
         rng = random.Random(seed)
-        clean, corrupted, correct, incorrect, years = [], [], [], [], []
-        for i in range(n):
-            noun = GT_NOUNS[i % len(GT_NOUNS)]
-            yy = rng.randint(21, 88)
-            text = "The {} lasted from the year {}{:02d} to the year {}"
-            clean.append(text.format(noun, century, yy, century))
-            corrupted.append(text.format(noun, century, 1, century))
-            correct.append(digit_ids[yy // 10])
-            incorrect.append(digit_ids[0])
-            years.append(century * 100 + yy)
-        super().__init__(clean, corrupted, correct, incorrect, greater_than_metric(digit_ids),
-                         "greater_than", {"seed": seed, "start_years": years})
-        self.start_years = years
-        self.check_lengths(model)
+        rows: dict[str, list[Any]] = defaultdict(list)
+        attempts = 0
+        while len(rows["clean"]) < n:
+            attempts += 1
+            if attempts > 100 * n + 100:
+                raise InvalidArgumentError(
+                    f"could only build {len(rows['clean'])} of {n} greater-than pairs with equal "
+                    "clean/corrupted token lengths for this tokenizer")
+            noun, yy = rng.choice(noun_pool), rng.choice(starts)
+            text = _GT_TEMPLATE.format(noun=noun, century=century, yy=yy)
+            other = _GT_TEMPLATE.format(noun=noun, century=century, yy=1)
+            if _n_tokens(model, text) != _n_tokens(model, other):
+                continue
+            above = [t for t, lo, _ in answers if lo > yy]
+            below = [t for t, _, hi in answers if hi <= yy]
+            if not above or not below:
+                continue
+            for key, value in (("clean", text), ("corrupted", other), ("correct", above[0]),
+                               ("incorrect", below[-1]), ("start_years", century * 100 + yy),
+                               ("years_above", above), ("years_below", below),
+                               ("nouns", noun)):
+                rows[key].append(value)
+        for key in self.per_pair_fields:
+            setattr(self, key, rows[key])
+        super().__init__(rows["clean"], rows["corrupted"], rows["correct"], rows["incorrect"],
+                         _greater_than_metric_object(self.answer_ids), {}, "greater_than",
+                         {"seed": seed, "century": century, "answer_unit": unit}, model=model)
+
+    @staticmethod
+    def _answer_tokens(model: InterpretableModel,
+                       probe: str) -> tuple[str, list[tuple[int, int, int]]]:
+        """Detect how the year after ``probe`` ("... to the year 17") is tokenised."""
+        from .tracing import token_lists
+
+        base = token_lists(model, probe)[0]
+
+        def next_token(suffix: str) -> int | None:
+            ids = token_lists(model, probe + suffix)[0]
+            if len(ids) == len(base) + 1 and ids[:len(base)] == base:
+                return ids[-1]
+            return None
+
+        two = [(next_token(f"{y:02d}"), y) for y in range(100)]
+        two_ok = [(t, y, y) for t, y in two if t is not None]
+        if len(two_ok) >= 50 and len({t for t, _, _ in two_ok}) == len(two_ok):
+            return "two_digit", two_ok
+        digits = [next_token(str(d)) for d in range(10)]
+        if all(t is not None for t in digits) and len(set(digits)) == 10:
+            return "digit", [(int(t), 10 * d, 10 * d + 9)  # type: ignore[arg-type]
+                             for d, t in enumerate(digits)]
+        raise InvalidArgumentError(
+            "this tokenizer neither splits years into single digits nor into '17' + two-digit "
+            "tokens after 'to the year 17'; GreaterThanDataset does not support it")
 
 
 # -- induction --------------------------------------------------------------------------------
 class InductionDataset(PatchingDataset):
-    """Repeated random token sequences: ``[r, r[:-1]]`` should predict ``r[-1]``.
+    """A random token sequence repeated twice; the answer continues the repetition.
 
-    Clean: a random sequence ``r`` of ``seq_len`` tokens followed by its first ``seq_len - 1``
-    tokens; the answer is the token that continues the repeat. Corrupted: the first half is a
-    different random sequence, so there is nothing to copy. Prompts are token-id lists (random
-    ids do not round-trip through text). ``incorrect`` is the corrupted first half's token at
-    the same place. Metric: ``logit`` of the repeated token.
+    Clean: ``[r, r]`` — ``seq_len`` random token ids ``r`` (no repeats inside) followed by
+    ``r`` again, so at the last position an induction mechanism predicts ``r[0]`` (what came
+    after ``r[-1]`` the first time): ``correct[i] = r[0]``. Corrupted: ``[r, r']``, the second
+    half a different random sequence of the same length (no token shared with ``r``), so
+    nothing can be copied; ``incorrect[i] = r'[0]``, what ``r'`` repeated would predict.
+    Prompts are token-id lists (random ids do not round-trip through text), prefixed by the
+    special tokens the tokenizer adds to text (e.g. BOS for Gemma; none for SmolLM2), so each
+    prompt has ``2 * seq_len`` (+ prefix) tokens.
+
+    Token ids are drawn from ``token_range`` (default: ids ``[min(1000, vocab // 4),
+    tokenizer size)``), skipping special and added tokens. Metric: ``"logit"`` of ``r[0]``.
+
+    Attributes: ``clean_tokens``, ``corrupted_tokens`` (the same lists as ``clean``,
+    ``corrupted``); ``prefix`` (the special-token prefix); ``seq_len``.
+
+    Example::
+
+        ind = InductionDataset(model, n=8, seq_len=10, seed=0)
+        len(ind.clean[0]), ind.correct[0] == ind.clean[0][0]     # 20, True
     """
 
+    per_pair_fields: ClassVar[tuple[str, ...]] = ("clean_tokens", "corrupted_tokens")
+
     def __init__(self, model: InterpretableModel, n: int = 32, seq_len: int = 10,
-                 seed: int = 0) -> None:
-        if n < 1 or seq_len < 2:
-            raise InvalidArgumentError(f"need n >= 1 and seq_len >= 2, got n={n}, seq_len={seq_len}")
-        special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
-        low, high = min(1000, model.vocab_size // 4), model.vocab_size - 1
-        gen = torch.Generator().manual_seed(seed)
+                 seed: int = 0, token_range: tuple[int, int] | None = None) -> None:
+        _check_n(n)
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+            raise InvalidArgumentError(f"seq_len must be an int >= 2, got {seq_len!r}")
+        tok = model.tokenizer
+        try:
+            size = min(model.vocab_size, len(tok))
+        except TypeError:
+            size = model.vocab_size
+        low, high = token_range if token_range is not None else (min(1000, size // 4), size)
+        if not 0 <= low < high <= model.vocab_size:
+            raise InvalidArgumentError(
+                f"token_range must satisfy 0 <= low < high <= {model.vocab_size}, got "
+                f"{(low, high)}")
+        special = set(getattr(tok, "all_special_ids", None) or [])
+        special |= set(getattr(tok, "added_tokens_decoder", None) or {})
+        candidates = [t for t in range(low, high) if t not in special]
+        if len(candidates) < 2 * seq_len:
+            raise InvalidArgumentError(
+                f"token_range {(low, high)} has {len(candidates)} usable ids; need at least "
+                f"{2 * seq_len}")
+        with_special = list(tok("hello")["input_ids"])
+        plain = list(tok.encode("hello", add_special_tokens=False))
+        cut = len(with_special) - len(plain)
+        self.prefix: list[int] = with_special[:cut] if cut > 0 and with_special[cut:] == plain \
+            else []
+        self.seq_len = seq_len
+        rng = random.Random(seed)
         clean, corrupted, correct, incorrect = [], [], [], []
         for _ in range(n):
-            first, other = [], []
-            while len(first) < seq_len or len(other) < seq_len:
-                t = int(torch.randint(low, high, (1,), generator=gen))
-                if t in special:
-                    continue
-                (first if len(first) < seq_len else other).append(t)
-            clean.append(first + first[:-1])
-            corrupted.append(other + first[:-1])
-            correct.append(first[-1])
-            incorrect.append(other[-1])
-        super().__init__(clean, corrupted, correct, incorrect, "logit", "induction",
-                         {"seed": seed, "seq_len": seq_len})
-        self.clean_tokens, self.corrupted_tokens = clean, corrupted
+            drawn = rng.sample(candidates, 2 * seq_len)
+            r, r2 = drawn[:seq_len], drawn[seq_len:]
+            clean.append(self.prefix + r + r)
+            corrupted.append(self.prefix + r + r2)
+            correct.append(r[0])
+            incorrect.append(r2[0])
+        super().__init__(clean, corrupted, correct, incorrect, "logit", {}, "induction",
+                         {"seed": seed, "seq_len": seq_len, "token_range": (low, high)},
+                         model=model)
+        self.clean_tokens, self.corrupted_tokens = self.clean, self.corrupted
+
+    def subset(self, indices: Sequence[int]) -> InductionDataset:
+        new = super().subset(indices)
+        new.clean_tokens, new.corrupted_tokens = new.clean, new.corrupted  # keep them shared
+        return new  # type: ignore[return-value]
 
 
-__all__ = ["FactualRecallDataset", "GreaterThanDataset", "IOIDataset", "InductionDataset",
-           "PatchingDataset", "PatchingPair", "greater_than_metric", "known_facts",
-           "load_known_facts"]
+__all__ = ["FactualRecallDataset", "GreaterThanDataset", "IOIDataset", "IOI_NAMES",
+           "IOI_TEMPLATES", "InductionDataset", "KnownFact", "PatchingDataset", "PatchingPair",
+           "greater_than_metric", "known_facts", "load_known_facts"]

@@ -138,7 +138,9 @@ def mse(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
 def cosine(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
     """Cosine distance ``1 - cos(logits, source logits)``."""
     target = _need(inputs, "target_logits", "cosine").float()
-    return 1.0 - F.cosine_similarity(logits, target, dim=-1, eps=1e-12)
+    distance = 1.0 - F.cosine_similarity(logits, target, dim=-1, eps=1e-12)
+    same = (logits == target).all(dim=-1)  # identical (even all-zero) logits: distance 0
+    return torch.where(same, torch.zeros_like(distance), distance)
 
 
 def kl(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:

@@ -16,7 +16,7 @@ page's own two scripts (by sha256) and no network access at all; plotly's "share
 button is switched off.
 
 Size: plotly.js is about 4.8 MB; data is rounded to 5 significant digits, so a report with a
-30x9 and three 30x14 heatmaps is about 4.85 MB.
+30x9 and three 30x14 heatmaps is about 4.87 MB (4.65 MiB).
 """
 
 from __future__ import annotations
@@ -363,8 +363,8 @@ def report(results: PatchingResult | Sequence[PatchingResult],
             f"<div><h3>Run</h3>{metadata_table(result)}</div></div></section>")
     plotly_js = get_plotlyjs()
     csp = ("default-src 'none'; script-src " + _csp_hash(plotly_js) + " " + _csp_hash(_INIT)
-           + "; style-src 'unsafe-inline'; img-src data: blob:; font-src data:; form-action 'none'; "
-           "base-uri 'none'")
+           + "; style-src 'unsafe-inline'; img-src data: blob:; font-src data:; "
+           "form-action 'none'; base-uri 'none'")
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     nav = f"<nav><ol>{''.join(toc)}</ol></nav>" if len(items) > 1 else ""
     page = (

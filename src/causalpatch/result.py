@@ -728,7 +728,8 @@ def _check_types(data: dict[str, Any]) -> None:
     def is_num(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    if not isinstance(data["axes"], list) or not all(isinstance(a, str) for a in data["axes"]):
+    if not isinstance(data["axes"], (list, tuple)) or not all(
+            isinstance(a, str) for a in data["axes"]):
         raise bad("axes", "a list of axis names")
     labels = data["labels"]
     if not isinstance(labels, dict) or not all(isinstance(v, list) for v in labels.values()):
