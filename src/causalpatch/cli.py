@@ -57,7 +57,7 @@ def _user_errors() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except (CausalPatchError, FileNotFoundError, PermissionError, ValueError) as exc:
+    except (CausalPatchError, FileNotFoundError, PermissionError, ValueError, ImportError) as exc:
         _fail(exc)
 
 
@@ -274,7 +274,13 @@ def trace(
         --subject "The Eiffel Tower"
     """
     with _user_errors():
-        from .causal_tracing import causal_tracing
+        try:
+            from .causal_tracing import causal_tracing
+        except ImportError:
+            from .errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                "causal tracing is not part of this causalpatch build yet") from None
 
         m = _load(model)
         result = causal_tracing(m, prompt, subject, n_samples=samples)
