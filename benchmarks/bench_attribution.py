@@ -49,7 +49,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cost(model: Any, repeats: int, exact: bool) -> None:
     from causalpatch import activation_patching
-    from causalpatch.attribution import attribution_patching
+    from causalpatch import attribution_patching
 
     ids = model.to_tokens(CORRUPTED)
 
@@ -89,7 +89,7 @@ def accuracy(model: Any, figure: Path) -> None:
     from matplotlib.figure import Figure
 
     from causalpatch import activation_patching
-    from causalpatch.attribution import attribution_patching
+    from causalpatch import attribution_patching
 
     panels = []
     for component, by_position in (("attn_head", False), ("resid_post", True)):

@@ -100,7 +100,7 @@ def main() -> None:
 
     def ours(component: str, by_position: bool, method: str = "fast") -> torch.Tensor:
         return activation_patching(model, CLEAN, CORRUPTED, component=component,
-                                   by_position=by_position, method=method, correct=" Mary",
+                                   by_position=by_position, engine=method, correct=" Mary",
                                    incorrect=" John").effect_matrix
 
     sweeps = {

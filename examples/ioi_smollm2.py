@@ -17,7 +17,7 @@ import torch
 
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.datasets import IOIDataset
-from causalpatch.report import report
+from causalpatch import report
 
 
 def main(out: Path) -> None:

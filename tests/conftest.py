@@ -1,16 +1,408 @@
-"""Shared fixtures: real models are loaded once per test session."""
+"""Shared test fixtures and the one copy of the tiny test models and tokenizer.
+
+Fixtures:
+
+* ``smollm2``: the embedded SmolLM2-135M-Instruct (~17 s to load); mark its tests ``real``.
+* ``tiny_family`` / ``tiny_lm``: every tiny random architecture of :data:`FAMILIES`
+  (parametrised; each model is built once per session, so tests must leave it unchanged).
+* ``make_tiny_lm``: the factory :func:`tiny_model`, for a test that needs its own fresh copy.
+* ``one_thread``: run a test with one torch thread. Tiny models need it: on a busy machine each
+  2-thread matmul waits ~20 ms for the second thread, making a 1 ms forward take 0.5 s.
+
+Tiny models: each builder seeds ``torch`` so the weights are identical on every call. The models
+are small enough (3 layers, ``d_model`` 48-64, vocab 256) to build in milliseconds. The
+tokenizer is a character-level BPE with a few whole-word merges (``" Mary"``, ``" Paris"``...)
+so short answers are single tokens, exactly like a real tokenizer, while any ASCII text still
+round-trips (``"abcdefghijkl"`` is 12 tokens).
+
+:data:`REFERENCE` holds, per family, the Hugging Face module paths written out by hand. Tests
+use them to compute expected values *independently* of :mod:`causalpatch.adapters`.
+
+Test modules import the plain helpers with ``from conftest import ...`` (pytest puts ``tests/``
+on ``sys.path``); prefer the fixtures where a test only needs a model.
+"""
 
 from __future__ import annotations
 
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
 import pytest
 import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 torch.set_num_threads(2)
 
+VOCAB_SIZE = 256
+SEED = 0
 
+#: Words that become single tokens (with their leading space where they have one).
+WORDS = (
+    "The", "When", " the", " city", " of", " is", " in", " Eiffel", " Tower", " Paris",
+    " Rome", " Mary", " John", " and", " went", " to", " store", " gave", " a", " drink",
+)
+SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    tokens: list[str] = list(SPECIALS) + list(string.printable[:-5])  # printable minus \t\n...
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        for end in range(2, len(word) + 1):
+            prefix, new = word[: end - 1], word[:end]
+            if new not in tokens:
+                tokens.append(new)
+                merges.append((prefix, word[end - 1]))
+    assert len(tokens) <= VOCAB_SIZE, len(tokens)
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level BPE tokenizer with whole-word merges for :data:`WORDS`.
+
+    Pad id 0, no special tokens added when encoding; ``decode`` concatenates tokens.
+    """
+    vocab, merges = _vocab_and_merges()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[^ ]+| +"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+        eos_token="<eos>")
+
+
+# -- tiny model configs ------------------------------------------------------------------------
+def _common(**overrides: object) -> dict[str, object]:
+    """Settings shared by the LLaMA-like configs; ``initializer_range`` is raised from 0.02 so
+    that activations (and the effect of ablations) are far above float32 rounding."""
+    base: dict[str, object] = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        initializer_range=0.1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3,
+    )
+    base.update(overrides)
+    return base
+
+
+def _without_head_dim(**overrides: object) -> dict[str, object]:
+    """:func:`_common` for configs that derive ``head_dim`` (64 / 4 = 16 all the same)."""
+    cfg = _common(**overrides)
+    cfg.pop("head_dim")
+    return cfg
+
+
+def gpt2_config() -> transformers.PretrainedConfig:
+    return transformers.GPT2Config(
+        vocab_size=VOCAB_SIZE, n_embd=48, n_layer=3, n_head=4, n_positions=128,
+        initializer_range=0.1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
+def llama_config() -> transformers.PretrainedConfig:
+    return transformers.LlamaConfig(**_common())
+
+
+def mistral_config() -> transformers.PretrainedConfig:
+    return transformers.MistralConfig(**_common(sliding_window=None))
+
+
+def smollm3_config() -> transformers.PretrainedConfig:
+    """SmolLM3: the LLaMA layout; layer 1 is a NoPE layer (no rotary embedding)."""
+    return transformers.SmolLM3Config(**_without_head_dim(no_rope_layers=[1, 0, 1]))
+
+
+def qwen2_config() -> transformers.PretrainedConfig:
+    return transformers.Qwen2Config(**_without_head_dim())
+
+
+def qwen3_config() -> transformers.PretrainedConfig:
+    return transformers.Qwen3Config(**_common())
+
+
+def gemma_config() -> transformers.PretrainedConfig:
+    """Gemma 1: the LLaMA layout (no sandwich norms), embeddings scaled by sqrt(d_model)."""
+    return transformers.GemmaConfig(**_common())
+
+
+def gemma2_config() -> transformers.PretrainedConfig:
+    """Gemma 2: sandwich norms, one sliding-window layer (window 4) between global ones, both
+    soft-caps on."""
+    return transformers.Gemma2Config(**_common(
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        sliding_window=4, query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0))
+
+
+def gemma3_config() -> transformers.PretrainedConfig:
+    """Two sliding-window layers (window 4) and one global one, with soft-capping on."""
+    return transformers.Gemma3TextConfig(**_common(
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=4, query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0))
+
+
+def _neox_config(parallel: bool) -> transformers.PretrainedConfig:
+    return transformers.GPTNeoXConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
+        use_parallel_residual=parallel, initializer_range=0.1, hidden_dropout=0.0,
+        attention_dropout=0.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3)
+
+
+#: Family name -> config builder. Family names are the config's ``model_type``, except the two
+#: GPT-NeoX residual variants.
+CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "gpt2": gpt2_config,
+    "llama": llama_config,
+    "mistral": mistral_config,
+    "smollm3": smollm3_config,
+    "qwen2": qwen2_config,
+    "qwen3": qwen3_config,
+    "gemma": gemma_config,
+    "gemma2": gemma2_config,
+    "gemma3_text": gemma3_config,
+    "gpt_neox_parallel": lambda: _neox_config(True),
+    "gpt_neox_sequential": lambda: _neox_config(False),
+}
+
+#: Every family name accepted by :func:`tiny_model`.
+FAMILIES: list[str] = list(CONFIGS)
+
+
+def tiny_hf_model(family: str) -> transformers.PreTrainedModel:
+    """A seeded random ``*ForCausalLM`` of ``family`` in eval mode (float32, CPU)."""
+    if family not in CONFIGS:
+        raise KeyError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]())
+    return model.eval()
+
+
+def tiny_model(family: str) -> Any:
+    """``InterpretableModel`` wrapping :func:`tiny_hf_model` and :func:`tiny_tokenizer`."""
+    from causalpatch import InterpretableModel
+
+    return InterpretableModel(tiny_hf_model(family), tokenizer=tiny_tokenizer())
+
+
+# -- hand-written reference module paths -------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """Hand-written HF module paths of one family (``{L}`` is the layer index), read off the
+    ``transformers`` modelling code rather than from :mod:`causalpatch.adapters`.
+
+    Attributes:
+        sites: canonical site kind -> ``(module path, "in" | "out")``: the activation is that
+            module's first input or (first) output. ``attn`` and ``mlp`` are the modules whose
+            output is added to the residual stream; ``resid_pre`` is the decoder layer.
+        o_proj: the attention output projection whose *input* is the per-head ``z``.
+        qkv: ``(q, k, v)`` projection paths (all three equal for fused projections).
+        qkv_layout: ``"separate"``, ``"gpt2"`` (``[q|k|v]`` blocks) or ``"neox"`` (per-head
+            interleaved ``[q_h|k_h|v_h]``).
+        raw_paths: raw or short module path -> the canonical site kind it must alias.
+        parallel: attention and MLP both read ``resid_pre`` (no ``resid_mid``).
+    """
+
+    sites: dict[str, tuple[str, str]]
+    o_proj: str
+    qkv: tuple[str, str, str]
+    qkv_layout: str
+    raw_paths: dict[str, str]
+    parallel: bool = False
+
+
+def _llama_like(norm_after: bool) -> Reference:
+    """LLaMA/Mistral/SmolLM3/Qwen/Gemma 1 layout, or Gemma 2/3's sandwich norms when
+    ``norm_after``."""
+    lay = "model.layers.{L}"
+    sites = {
+        "embed": ("model.embed_tokens", "out"), "ln_final": ("model.norm", "out"),
+        "resid_pre": (lay, "in"), "resid_post": (lay, "out"),
+        "attn.in": (f"{lay}.input_layernorm", "out"),
+        "attn.z": (f"{lay}.self_attn.o_proj", "in"),
+        "mlp.post": (f"{lay}.mlp.down_proj", "in"),
+        "mlp.gate": (f"{lay}.mlp.gate_proj", "out"), "mlp.up": (f"{lay}.mlp.up_proj", "out"),
+    }
+    if norm_after:  # Gemma 2/3: what is added to the residual is the post-norm output
+        sites.update({
+            "attn": (f"{lay}.post_attention_layernorm", "out"),
+            "attn.raw": (f"{lay}.self_attn", "out"),
+            "resid_mid": (f"{lay}.pre_feedforward_layernorm", "in"),
+            "mlp.in": (f"{lay}.pre_feedforward_layernorm", "out"),
+            "mlp": (f"{lay}.post_feedforward_layernorm", "out"),
+            "mlp.raw": (f"{lay}.mlp", "out"),
+        })
+        # A layer's 'mlp' always means the canonical MLP site (here: after its post-norm); a raw
+        # module path means that module's output, so 'self_attn' is the pre-norm attn.raw.
+        raw = {"model.layers.{L}.mlp": "mlp", "layers.{L}.self_attn": "attn.raw",
+               "model.layers.{L}.post_feedforward_layernorm": "mlp",
+               "model.layers.{L}.pre_feedforward_layernorm": "mlp.in",
+               "model.layers.{L}": "resid_post"}
+    else:
+        sites.update({
+            "attn": (f"{lay}.self_attn", "out"),
+            "resid_mid": (f"{lay}.post_attention_layernorm", "in"),
+            "mlp.in": (f"{lay}.post_attention_layernorm", "out"),
+            "mlp": (f"{lay}.mlp", "out"),
+        })
+        raw = {"model.layers.{L}.mlp": "mlp", "layers.{L}.self_attn": "attn",
+               "layers.{L}.mlp": "mlp", "model.layers.{L}": "resid_post",
+               "model.model.layers.{L}.mlp": "mlp"}  # mlxterp spelling
+    return Reference(
+        sites=sites, o_proj=f"{lay}.self_attn.o_proj",
+        qkv=(f"{lay}.self_attn.q_proj", f"{lay}.self_attn.k_proj", f"{lay}.self_attn.v_proj"),
+        qkv_layout="separate", raw_paths=raw)
+
+
+def _neox(parallel: bool) -> Reference:
+    lay = "gpt_neox.layers.{L}"
+    sites = {
+        "embed": ("gpt_neox.embed_in", "out"), "ln_final": ("gpt_neox.final_layer_norm", "out"),
+        "resid_pre": (lay, "in"), "resid_post": (lay, "out"),
+        "attn.in": (f"{lay}.input_layernorm", "out"), "attn": (f"{lay}.attention", "out"),
+        "attn.z": (f"{lay}.attention.dense", "in"),
+        "mlp.in": (f"{lay}.post_attention_layernorm", "out"), "mlp": (f"{lay}.mlp", "out"),
+        "mlp.pre": (f"{lay}.mlp.dense_h_to_4h", "out"),
+        "mlp.post": (f"{lay}.mlp.dense_4h_to_h", "in"),
+    }
+    if not parallel:
+        sites["resid_mid"] = (f"{lay}.post_attention_layernorm", "in")
+    return Reference(
+        sites=sites, o_proj=f"{lay}.attention.dense", qkv=(f"{lay}.attention.query_key_value",) * 3,
+        qkv_layout="neox", parallel=parallel,
+        raw_paths={"gpt_neox.layers.{L}.mlp": "mlp", "gpt_neox.layers.{L}.attention": "attn",
+                   "layers.{L}.mlp": "mlp", "gpt_neox.layers.{L}": "resid_post",
+                   "layers.{L}.self_attn": "attn"})
+
+
+_GPT2_LAYER = "transformer.h.{L}"
+REFERENCE: dict[str, Reference] = {
+    "gpt2": Reference(
+        sites={
+            "embed": ("transformer.wte", "out"), "ln_final": ("transformer.ln_f", "out"),
+            "resid_pre": (_GPT2_LAYER, "in"), "resid_post": (_GPT2_LAYER, "out"),
+            "attn.in": (f"{_GPT2_LAYER}.ln_1", "out"), "attn": (f"{_GPT2_LAYER}.attn", "out"),
+            "attn.z": (f"{_GPT2_LAYER}.attn.c_proj", "in"),
+            "resid_mid": (f"{_GPT2_LAYER}.ln_2", "in"), "mlp.in": (f"{_GPT2_LAYER}.ln_2", "out"),
+            "mlp": (f"{_GPT2_LAYER}.mlp", "out"), "mlp.pre": (f"{_GPT2_LAYER}.mlp.c_fc", "out"),
+            "mlp.post": (f"{_GPT2_LAYER}.mlp.c_proj", "in"),
+        },
+        o_proj=f"{_GPT2_LAYER}.attn.c_proj", qkv=(f"{_GPT2_LAYER}.attn.c_attn",) * 3,
+        qkv_layout="gpt2",
+        raw_paths={"transformer.h.{L}.mlp": "mlp", "transformer.h.{L}.attn": "attn",
+                   "h.{L}.mlp": "mlp", "transformer.h.{L}": "resid_post",
+                   "layers.{L}.self_attn": "attn"},
+    ),
+    "llama": _llama_like(norm_after=False),
+    "mistral": _llama_like(norm_after=False),
+    "smollm3": _llama_like(norm_after=False),
+    "qwen2": _llama_like(norm_after=False),
+    "qwen3": _llama_like(norm_after=False),
+    "gemma": _llama_like(norm_after=False),  # Gemma 1 has no sandwich norms
+    "gemma2": _llama_like(norm_after=True),
+    "gemma3_text": _llama_like(norm_after=True),
+    "gpt_neox_parallel": _neox(parallel=True),
+    "gpt_neox_sequential": _neox(parallel=False),
+}
+
+
+def reference_qkv(family: str, which: int, proj_out: torch.Tensor, n_heads: int,
+                  n_kv_heads: int, d_head: int) -> torch.Tensor:
+    """Per-head q (0), k (1) or v (2) ``[b, p, heads, d_head]`` from the raw projection output,
+    following the Hugging Face modelling code of ``family`` line by line."""
+    layout = REFERENCE[family].qkv_layout
+    b, p, _ = proj_out.shape
+    if layout == "separate":
+        return proj_out.view(b, p, -1, d_head)
+    if layout == "gpt2":  # self.c_attn(h).split(self.split_size, dim=2)
+        return proj_out.split(n_heads * d_head, dim=2)[which].view(b, p, n_heads, d_head)
+    if layout == "neox":  # .view(*shape, -1, 3 * head_size) ... .chunk(3, dim=-1)
+        return proj_out.view(b, p, -1, 3 * d_head).chunk(3, dim=-1)[which]
+    raise ValueError(layout)
+
+
+# -- plain PyTorch hooks (no causalpatch code) -------------------------------------------------
+def first_tensor(value: object) -> torch.Tensor:
+    """The first tensor of a module input/output (``(x, ...)`` tuples or a bare tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"no leading tensor in {type(value).__name__}")
+
+
+def capture_modules(hf_model: torch.nn.Module, ids: torch.Tensor,
+                    wanted: dict[str, tuple[str, str]],
+                    attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Run ``hf_model`` on ``ids`` with plain PyTorch hooks (no causalpatch code) and return
+    ``{key: clone of the first input ("in") or output ("out") of the module path}``."""
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def pre(key: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            got[key] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
+    def post(key: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            got[key] = first_tensor(output).detach().clone()
+        return hook
+
+    try:
+        for key, (path, io) in wanted.items():
+            module = hf_model.get_submodule(path)
+            if io == "in":
+                handles.append(module.register_forward_pre_hook(pre(key), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(post(key)))
+        with torch.no_grad():
+            hf_model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
+
+
+# -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), loaded once."""
     from causalpatch import InterpretableModel
 
     return InterpretableModel("smollm2")
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_family(request: pytest.FixtureRequest) -> str:
+    """Name of a tiny architecture family (:data:`FAMILIES`)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_family: str):
+    """A tiny random ``InterpretableModel`` of ``tiny_family``, built once per session."""
+    return tiny_model(tiny_family)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_lm() -> Callable[[str], Any]:
+    """The factory :func:`tiny_model`: ``make_tiny_lm("llama")`` builds a fresh copy."""
+    return tiny_model
+
+
+@pytest.fixture
+def one_thread():
+    """Use one torch thread for the test, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import causalpatch.interventions as iv
 from causalpatch import InterpretableModel
-from causalpatch.ablation import KINDS, ablate
+from causalpatch import AblationKind
+from causalpatch.methods.ablation import ablate
 from causalpatch.errors import InvalidArgumentError, OutOfRangeError
 from causalpatch.metrics import MetricInputs, get_metric
 
@@ -214,11 +215,13 @@ def test_fraction_kept_and_dataset_answers(tiny):
 def test_bad_arguments_are_refused(tiny):
     with pytest.raises(InvalidArgumentError, match="'zero', 'mean', 'resample'"):
         ablate(tiny, PROMPTS, "attn_head", "gaussian", **ANSWERS)
-    assert KINDS == ("zero", "mean", "resample")
+    assert [k.value for k in AblationKind] == ["zero", "mean", "resample"]
     with pytest.raises(InvalidArgumentError, match="reference"):
         ablate(tiny, PROMPTS, "attn_head", "zero", reference=PROMPTS, **ANSWERS)
     with pytest.raises(InvalidArgumentError, match="needs correct"):
-        ablate(tiny, PROMPTS, "attn_head")
+        ablate(tiny, PROMPTS, "attn_head", metric="logit_diff")
+    # without answers the default metric is l2, as for every entry point
+    assert ablate(tiny, PROMPTS, "attn_head", layers=[0]).metric == "l2"
     with pytest.raises(OutOfRangeError, match="shortest prompt"):
         ablate(tiny, RAGGED, "mlp", positions=[4], **ANSWERS)
     with pytest.raises(InvalidArgumentError, match="batch_size"):

@@ -14,9 +14,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from causalpatch import InterpretableModel, activation_patching
-from causalpatch.attribution import attribution_patching
+from causalpatch.methods.attribution import attribution_patching
 from causalpatch.errors import InvalidArgumentError, InvalidTypeError
-from causalpatch.patching import COMPONENTS
+from causalpatch.plan import SWEEP_COMPONENTS as COMPONENTS
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
@@ -259,7 +259,7 @@ def test_bad_arguments_are_refused(tiny):
         attribution_patching(tiny, [[1, 2, 5], [1, 2, 5, 4]], [[1, 2, 6], [1, 2, 6, 4]],
                              by_position=True, **ANSWERS)
     with pytest.raises(InvalidArgumentError, match="needs correct"):
-        attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS)
+        attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, metric="logit_diff")
 
 
 # -- SmolLM2, IOI ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import causalpatch.sweep as sweep_module
+import causalpatch.assemble as sweep_module
 from causalpatch.errors import CheckpointMismatchError, CorruptResultError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,9 +55,9 @@ def test_killed_sweep_resumes_without_recomputing(model, tmp_path, monkeypatch):
     computed: list[int] = []
     real = sweep_module.patched_logits
 
-    def counting(model_, base_ids, patches, *args, **kwargs):
+    def counting(model_, run, patches, *args, **kwargs):
         computed.append(len(patches))
-        return real(model_, base_ids, patches, *args, **kwargs)
+        return real(model_, run, patches, *args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "patched_logits", counting)
     resumed = sweep(model, str(ckpt))

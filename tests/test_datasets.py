@@ -16,7 +16,7 @@ from causalpatch.datasets import (FactualRecallDataset, GreaterThanDataset, Indu
                                   greater_than_metric, known_facts, load_known_facts)
 from causalpatch.errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
 from causalpatch.metrics import MetricInputs
-from causalpatch.tracing import token_lists
+from causalpatch.tokens import token_lists
 
 pytestmark = pytest.mark.real
 

@@ -64,7 +64,7 @@ def test_keyboard_interrupt_mid_sweep(guarded, method):
     with pytest.raises(KeyboardInterrupt):
         activation_patching(model, [CLEAN], [CORRUPTED], component="attn_head",
                             by_position=True, correct=3, incorrect=4, batch_size=2,
-                            method=method, progress=interrupt)
+                            engine=method, progress=interrupt)
     assert ticks and ticks[-1] < 4 * 12 * 4  # it stopped part-way
     _assert_clean(model, fired, ids, reference, before)
 

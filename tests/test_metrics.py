@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from causalpatch.errors import (InvalidArgumentError, NonFiniteError, NormalizationError,
                                 OutOfRangeError)
 from causalpatch.metrics import METRICS, MetricInputs, get_metric, normalize
-from causalpatch.patching import resolve_positions
+from causalpatch.plan import resolve_positions
 
 finite = st.floats(min_value=-60, max_value=60, allow_nan=False, allow_infinity=False,
                    width=32)

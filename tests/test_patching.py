@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from causalpatch import activation_patching
-from causalpatch.engine import collect_sites
+from causalpatch.engine import collect_sites, patched_logits, run_base_and_source
+from causalpatch.enums import Engine
 from causalpatch.errors import (InvalidArgumentError, NormalizationError, OutOfRangeError,
                                 UnknownComponentError)
-from causalpatch.patching import (build_patches, make_pairs, patched_logits, plan_component,
-                                  resolve_positions, run_sites)
+from causalpatch.plan import (build_patches, make_pairs, plan_component, resolve_positions,
+                              result_axes)
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
@@ -25,11 +26,12 @@ def _cells(model, component, by_position):
     neurons = list(range(0, model.d_mlp, 97)) if component == "mlp_neuron" else None
     plan = plan_component(model, component, None, None, neurons)
     positions = resolve_positions(None, by_position, len(pair.clean))
-    patches, shape = build_patches(model, plan, positions, by_position, len(pair.clean))
-    sites = collect_sites(patches)
-    base, base_last = run_sites(model, pair.corrupted, sites)
-    source, _ = run_sites(model, pair.clean, sites)
-    return pair, patches, shape, base, source, base_last
+    patches = build_patches(plan, positions, by_position, len(pair.clean))
+    shape = result_axes(model, plan, positions, by_position, pair.clean)[2]
+    # plain runs (no shared prefix): the fast engine prepares its own staircase
+    run = run_base_and_source(model, pair.corrupted, pair.clean, collect_sites(patches), patches,
+                              Engine.NAIVE)
+    return pair, patches, shape, run
 
 
 @pytest.mark.parametrize("by_position", [False, True])
@@ -37,16 +39,16 @@ def _cells(model, component, by_position):
                                        "attn_head", "attn_head_q", "attn_head_k",
                                        "attn_head_v", "mlp_neuron"])
 def test_fast_engine_equals_naive_loop_on_smollm2(smollm2, component, by_position):
-    pair, patches, shape, base, source, base_last = _cells(smollm2, component, by_position)
-    fast = patched_logits(smollm2, pair.corrupted, patches, base, source, base_last, "fast")
+    pair, patches, shape, run = _cells(smollm2, component, by_position)
+    base_last = run.base_last
+    fast = patched_logits(smollm2, run, patches, Engine.FAST)
     assert fast.shape == (len(patches), smollm2.vocab_size)
     # the naive loop is one forward per patch: compare on a spread of cells, live ones included
     gen = torch.Generator().manual_seed(0)
     sample = torch.randperm(len(patches), generator=gen)[:10].tolist()
     live = [i for i, p in enumerate(patches) if max(p[0].positions) >= FIRST_DIFF]
     sample = sorted(set(sample) | set(live[-3:]) | set(live[:2]))
-    naive = patched_logits(smollm2, pair.corrupted, [patches[i] for i in sample], base, source,
-                           base_last, "naive")
+    naive = patched_logits(smollm2, run, [patches[i] for i in sample], Engine.NAIVE)
     assert (fast[sample] - naive).abs().max().item() <= TOL
     # and the patches really do something somewhere (the comparison is not vacuous)
     assert (naive - base_last).abs().max().item() > 1e-2
@@ -56,7 +58,7 @@ def test_sweep_effects_fast_equal_naive(smollm2):
     kw = dict(component="resid_post", by_position=True, layers=[0, 13, 29], correct=" Mary",
               incorrect=" John")
     fast = activation_patching(smollm2, CLEAN, CORRUPTED, **kw)
-    naive = activation_patching(smollm2, CLEAN, CORRUPTED, method="naive", **kw)
+    naive = activation_patching(smollm2, CLEAN, CORRUPTED, engine="naive", **kw)
     assert fast.effect_matrix.shape == (3, 14)
     assert torch.allclose(fast.effect_matrix, naive.effect_matrix, atol=1e-5)
 
@@ -144,7 +146,8 @@ BAD_SWEEPS = [
     (dict(corrupted="When Mary and John went to the big store, Mary gave a drink to"),
      InvalidArgumentError, "different token lengths"),
     (dict(metric="accuracy"), InvalidArgumentError, "unknown metric"),
-    (dict(correct=None, incorrect=None), InvalidArgumentError, "needs correct"),
+    (dict(correct=None, incorrect=None, metric="logit_diff"), InvalidArgumentError,
+     "needs correct"),
     (dict(correct=" Eiffel"), InvalidArgumentError, "2 tokens"),
     (dict(positions=[14]), OutOfRangeError, "positions"),
     (dict(positions=[3, -11], by_position=True), InvalidArgumentError, "repeat"),
@@ -152,7 +155,7 @@ BAD_SWEEPS = [
     (dict(layers=[30]), OutOfRangeError, "layers"),
     (dict(component="attn_head", heads=[9]), OutOfRangeError, "heads"),
     (dict(batch_size=0), InvalidArgumentError, "batch_size"),
-    (dict(component="attention_heads"), InvalidArgumentError, "component"),
+    (dict(component="attention_heads"), UnknownComponentError, "Did you mean: attn_head"),
     (dict(component="mlp", heads=[0]), InvalidArgumentError, "heads"),
     (dict(clean=""), InvalidArgumentError, "empty"),
 ]
@@ -185,7 +188,7 @@ def test_tiny_normalisation_gap_is_an_error_not_nan(smollm2):
 
 
 def test_unknown_single_site_lists_close_matches(smollm2):
-    with pytest.raises(InvalidArgumentError, match="unknown component"):
+    with pytest.raises(UnknownComponentError, match="Did you mean: blocks.3.attn"):
         activation_patching(smollm2, CLEAN, CORRUPTED, component="blocks.3.atn",
                             correct=" Mary", incorrect=" John")
     with pytest.raises(UnknownComponentError):

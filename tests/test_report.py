@@ -21,7 +21,8 @@ import torch
 
 from causalpatch._io import atomic_write_bytes
 from causalpatch.errors import InvalidArgumentError, InvalidTypeError
-from causalpatch.report import report, script_json
+from causalpatch.render.html import report, script_json
+from causalpatch.render.markdown import to_markdown
 from causalpatch.result import PatchingResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,46 @@ def test_report_argument_errors():
         report([])
     with pytest.raises(InvalidTypeError, match="PatchingResult"):
         report(["not a result"])
+
+
+def test_report_is_duck_typed_on_results():
+    """render/ never imports causalpatch.result: an object shaped like a result is reported."""
+
+    class Wrapped:
+        def __init__(self, result):
+            self._result = result
+
+        def __getattr__(self, name):
+            return getattr(self._result, name)
+
+    result = ioi_like((4, 3), ("layer", "head"), "attn_head")
+    assert report(Wrapped(result)) == report(result) == report([Wrapped(result)])
+    assert to_markdown(Wrapped(result)) == result.to_markdown()  # the Markdown renderer too
+
+
+def test_render_does_not_import_result_or_private_names():
+    """Rank 13 (render/) sits below result (14): runtime imports of it are a cycle. Names
+    used across modules are public."""
+    import ast
+
+    import causalpatch.render
+
+    for path in sorted(Path(causalpatch.render.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        checking = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                    and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in checking or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                internal = node.level > 0 or module.startswith("causalpatch")
+                assert not (internal and module.endswith("result")), (path.name, module)
+                if internal:
+                    private = [a.name for a in node.names if a.name.startswith("_")]
+                    assert not private, (path.name, module, private)
+            else:
+                assert not any(a.name.startswith("causalpatch.result") for a in node.names)
 
 
 # -- headless Chromium ---------------------------------------------------------------------------

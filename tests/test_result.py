@@ -418,6 +418,42 @@ def test_plotting_changes_no_global_matplotlib_state():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_plot_returns_a_figure_whose_show_works():
+    """``result.plot().show()`` works: the object-API figure is handed to pyplot on show()
+    (a plain object-API Figure raises AttributeError there), also on matplotlib < 3.10."""
+    code = (
+        "import io, sys, torch\n"
+        "from causalpatch.result import PatchingResult\n"
+        "from matplotlib.figure import Figure\n"
+        "figs = [PatchingResult(torch.randn(*shape), axes, {}, 'attn_head', 'l2').plot()\n"
+        "        for shape, axes in [((3,), ('layer',)), ((3, 4), ('layer', 'head')),\n"
+        "                            ((3, 2, 2), ('layer', 'position', 'head'))]]\n"
+        "assert all(isinstance(fig, Figure) for fig in figs), figs\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot before show'\n"
+        "import matplotlib.pyplot as plt\n"
+        "for fig in figs:\n"
+        "    fig.show()\n"
+        "    assert fig.canvas.manager is not None and fig.number in plt.get_fignums()\n"
+        "    fig.show()  # twice is fine\n"
+        "    fig.savefig(io.BytesIO(), format='png')\n"
+        "r = PatchingResult(torch.randn(3, 4), ('layer', 'head'), {}, 'attn_head', 'l2')\n"
+        "real = plt.figure\n"
+        "def old_figure(num=None, **kw):  # matplotlib 3.7-3.9 refuse unmanaged figures\n"
+        "    if isinstance(num, Figure):\n"
+        "        raise ValueError('The passed figure is not managed by pyplot')\n"
+        "    return real(num, **kw)\n"
+        "plt.figure = old_figure\n"
+        "fig = r.plot()\n"
+        "fig.show()\n"
+        "assert fig.canvas.manager is not None and fig.number in plt.get_fignums()\n"
+        "fig.savefig(io.BytesIO(), format='png')\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_repr_html_is_small_with_plot_and_table():
     page = make((3, 4, 2), axes=("layer", "position", "head"))._repr_html_()
     assert "<img" in page and "data:image/png;base64," in page and "<table" in page

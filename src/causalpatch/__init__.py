@@ -1,21 +1,25 @@
 """causalpatch: fast, exact activation patching on Hugging Face causal language models.
 
-The pipeline, one module each: load (``loading``) -> names (``adapters``, ``names``) -> hooks
-(``hooks``) -> interventions (``interventions``) -> trace (``tracing``) -> sweep engine
-(``engine``, ``patching``, ``sweep``) -> metrics (``metrics``) -> result (``result``) ->
-report/CLI (``report``, ``plotting``, ``cli``).
+The pipeline (docs/architecture.md): ``adapters`` -> ``names`` -> ``hooks`` -> ``tokens`` ->
+``interventions`` -> ``loading`` -> ``tracing`` -> ``model`` ; ``metrics`` -> ``plan`` ->
+``engine`` -> ``assemble`` -> ``result`` (rendered by ``render/``) -> ``methods/`` ->
+``interpretable`` -> ``cli``.
 
 Importing the package has no side effects (no global plotting state, no downloads).
 """
 
 from . import datasets, errors, interventions, metrics
-from .ablation import ablate
-from .attribution import attribution_patching
+from .enums import AblationKind, Direction, Engine
 from .errors import CausalPatchError
+from .interpretable import InterpretableModel
+from .methods.ablation import ablate
+from .methods.activation_patching import CausalTrace, activation_patching
+from .methods.attribution import attribution_patching
+from .methods.causal_tracing import causal_tracing, causal_tracing_dataset
+from .methods.path_patching import path_patching
 from .metrics import MetricInputs, get_metric, register_metric
-from .model import InterpretableModel
-from .patching import CausalTrace, Direction, activation_patching
-from .report import report
+from .model import HookedModel
+from .render.html import report
 from .result import PatchingResult
 
 __all__ = [
@@ -23,10 +27,15 @@ __all__ = [
     "PatchingResult",
     "ablate",
     "attribution_patching",
+    "causal_tracing",
+    "causal_tracing_dataset",
     "datasets",
     "report",
+    "AblationKind",
     "CausalTrace",
     "Direction",
+    "Engine",
+    "HookedModel",
     "InterpretableModel",
     "MetricInputs",
     "activation_patching",
@@ -34,6 +43,7 @@ __all__ = [
     "get_metric",
     "interventions",
     "metrics",
+    "path_patching",
     "register_metric",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ Examples::
         --correct " Mary" --incorrect " John" --component attn_head --out out/ioi
     causalpatch ioi --model smollm2 --n 16 --out out/demo
     causalpatch trace --model smollm2 --prompt "The Eiffel Tower is in the city of" \\
-        --subject "The Eiffel Tower"
+        --subject "Eiffel Tower" --out out/trace
+    causalpatch trace --dataset known_facts --n 100 --out out/rome
     causalpatch models
     causalpatch info smollm2
 
@@ -80,7 +81,7 @@ def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] 
 def _load(model: str, dtype: str | None = None) -> Any:
     import torch
 
-    from .model import InterpretableModel
+    from .interpretable import InterpretableModel
 
     from transformers.utils import logging as hf_logging
 
@@ -132,21 +133,37 @@ def _top_table(result: Any, k: int = 10) -> Table:
     return table
 
 
-def _write_outputs(results: list[Any], out: Path, title: str) -> dict[str, str]:
-    from .report import report
+def _write_outputs(results: list[Any], out: Path, title: str,
+                   figure: Callable[[Any], Any] | None = None) -> dict[str, str]:
+    """Write each result's JSON and PNG (``figure(result)``, default ``result.plot()``) and
+    one HTML report of all of them into ``out``."""
+    from .render.html import report
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
+
+    def save_png(result: Any, path: Path) -> None:
+        if figure is None:
+            result.save(path)
+            return
+        import io
+
+        from ._io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        figure(result).savefig(buffer, format="png", dpi=150, bbox_inches="tight")
+        atomic_write_bytes(path, buffer.getvalue())
+
     if len(results) == 1:
         results[0].to_json(out / "result.json")
         files["result"] = str(out / "result.json")
-        results[0].save(out / "heatmap.png")
+        save_png(results[0], out / "heatmap.png")
         files["heatmap"] = str(out / "heatmap.png")
     else:
         for r in results:
             stem = r.component + ("_by_position" if "position" in r.axes else "")
             r.to_json(out / f"{stem}.json")
-            r.save(out / f"{stem}.png")
+            save_png(r, out / f"{stem}.png")
             files[stem] = str(out / f"{stem}.json")
     report(results, out / "report.html", title=title)
     files["report"] = str(out / "report.html")
@@ -189,7 +206,7 @@ def patch(
         John gave a drink to" --corrupted "When Mary and John went to the store, Mary gave a
         drink to" --correct " Mary" --incorrect " John" --component attn_head --out out/ioi
     """
-    from .patching import activation_patching
+    from .methods.activation_patching import activation_patching
 
     with _user_errors():
         m = _load(model, dtype)
@@ -236,7 +253,7 @@ def ioi(
         causalpatch ioi --model smollm2 --n 16 --out out/demo
     """
     from .datasets import IOIDataset
-    from .patching import activation_patching
+    from .methods.activation_patching import activation_patching
 
     with _user_errors():
         if n < 1:
@@ -259,33 +276,75 @@ def ioi(
 
 @app.command()
 def trace(
-    prompt: str = typer.Option(..., help="A factual prompt."),
-    subject: str = typer.Option(..., help="The subject inside the prompt, to corrupt."),
+    prompt: Optional[str] = typer.Option(None, help="A factual prompt (one fact)."),
+    subject: Optional[str] = typer.Option(None, help="The subject inside --prompt, to corrupt."),
+    answer: Optional[str] = typer.Option(
+        None, help="Answer token, e.g. ' Paris' (default: the model's top-1 next token)."),
+    dataset: Optional[str] = typer.Option(
+        None, help="known_facts: average over ROME's known facts the model gets right."),
+    n: int = typer.Option(100, help="Number of facts with --dataset."),
     model: str = typer.Option("smollm2", help="Alias, .gguf path, HF folder or hub name."),
-    samples: int = typer.Option(10, help="Noise samples."),
+    components: str = typer.Option("resid_post,mlp,attn",
+                                   help="Comma-separated: resid_post, mlp, attn, resid_pre."),
+    samples: int = typer.Option(10, help="Noise samples per prompt."),
+    noise: float = typer.Option(3.0, help="Noise scale, a multiple of the embedding std."),
+    window: int = typer.Option(1, help="Layers restored together for mlp/attn (ROME: 10)."),
+    seed: int = typer.Option(0, help="Noise seed (and the facts' shuffle with --dataset)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
     out: Path = typer.Option(Path("out/trace"), help="Output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
-    """ROME-style causal tracing: noise the subject, restore states layer x position.
+    """ROME causal tracing: noise the subject, restore one state per layer x position.
+
+    One fact (every position) or ROME's known facts averaged in six position groups; writes
+    each component's JSON and ROME-style PNG and report.html.
 
     Example:
 
         causalpatch trace --model smollm2 --prompt "The Eiffel Tower is in the city of"
-        --subject "The Eiffel Tower"
+        --subject "Eiffel Tower" --out out/trace
+
+        causalpatch trace --dataset known_facts --n 100 --window 10 --out out/rome
     """
+    from .errors import InvalidArgumentError
+    from .methods.causal_tracing import causal_tracing, causal_tracing_dataset
+    from .render.plots import plot_trace
+
     with _user_errors():
-        try:
-            from .causal_tracing import causal_tracing
-        except ImportError:
-            from .errors import MissingDependencyError
+        if (prompt is None) == (dataset is None):
+            raise InvalidArgumentError(
+                "give either --prompt (with --subject) for one fact or --dataset known_facts")
+        if dataset is not None and dataset != "known_facts":
+            raise InvalidArgumentError(f"unknown --dataset {dataset!r}; expected known_facts")
+        if prompt is not None and subject is None:
+            raise InvalidArgumentError("--subject is required with --prompt")
+        if dataset is not None and (subject is not None or answer is not None):
+            raise InvalidArgumentError(
+                "--subject and --answer are for --prompt; each known fact has its own")
+        if n < 1:
+            raise InvalidArgumentError(f"--n must be at least 1, got {n}")
+        kinds = tuple(c for c in components.replace(" ", "").split(",") if c)
+        m = _load(model, dtype)
+        settings = dict(noise=noise, n_samples=samples, seed=seed, components=kinds,
+                        window=window)
+        with _progress("causal tracing", not _State.quiet and not as_json) as progress:
+            if prompt is not None:
+                traced = causal_tracing(m, prompt, subject, answer=answer,
+                                        position_groups=False, progress=progress, **settings)
+                title = f"Causal tracing: {prompt}"
+            else:
+                from .datasets import known_facts
 
-            raise MissingDependencyError(
-                "causal tracing is not part of this causalpatch build yet") from None
-
-        m = _load(model)
-        result = causal_tracing(m, prompt, subject, n_samples=samples)
-        results = list(result.values()) if isinstance(result, dict) else [result]
-        files = _write_outputs(results, out, f"Causal tracing: {prompt}")
+                facts = known_facts(m, n, seed=seed)
+                if not facts:
+                    raise InvalidArgumentError(
+                        f"none of ROME's known facts is answered correctly by {m.name}")
+                traced = causal_tracing_dataset(m, facts, progress=progress, **settings)
+                title = f"Causal tracing: {len(facts)} known facts on {m.name}"
+        results = list(traced.values())
+        files = _write_outputs(results, out, title, figure=plot_trace)
+    if not as_json and not _State.quiet:
+        out_console.print(traced.summary(), highlight=False)
     _finish(results, files, as_json)
 
 
@@ -298,11 +357,11 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         causalpatch models
     """
     from .adapters import ADAPTERS
-    from .loading import ALIASES, GEMMA3_PACKAGE, SMOLLM2_PACKAGE, _package_dir
+    from .loading import ALIASES, GEMMA3_PACKAGE, SMOLLM2_PACKAGE, package_dir
 
-    installed = {"smollm2": _package_dir(SMOLLM2_PACKAGE) is not None,
-                 "smollm2-135m": _package_dir(SMOLLM2_PACKAGE) is not None,
-                 "gemma3-270m": _package_dir(GEMMA3_PACKAGE) is not None}
+    installed = {"smollm2": package_dir(SMOLLM2_PACKAGE) is not None,
+                 "smollm2-135m": package_dir(SMOLLM2_PACKAGE) is not None,
+                 "gemma3-270m": package_dir(GEMMA3_PACKAGE) is not None}
     data = {"aliases": [{"alias": a, "description": d, "installed": installed.get(a, False)}
                         for a, d in ALIASES.items()],
             "adapters": [{"name": a.name, "model_types": list(a.model_types)} for a in ADAPTERS]}

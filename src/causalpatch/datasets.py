@@ -46,18 +46,18 @@ from .errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError, Sha
 from .metrics import Metric, MetricInputs
 
 if TYPE_CHECKING:
-    from .model import InterpretableModel
+    from .model import HookedModel
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _n_tokens(model: InterpretableModel, prompt: Any) -> int:
+def _n_tokens(model: HookedModel, prompt: Any) -> int:
     """Token length of one prompt exactly as the patching functions tokenise it."""
-    from .tracing import token_lists
+    from .tokens import token_lists
 
     return len(token_lists(model, prompt)[0])
 
 
-def _first_token(model: InterpretableModel, text: str) -> int:
+def _first_token(model: HookedModel, text: str) -> int:
     """Id of the first token of ``" " + text`` (no special tokens)."""
     ids = model.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
     if not ids:
@@ -65,7 +65,7 @@ def _first_token(model: InterpretableModel, text: str) -> int:
     return int(ids[0])
 
 
-def _is_single_token_name(model: InterpretableModel, name: str) -> bool:
+def _is_single_token_name(model: HookedModel, name: str) -> bool:
     return len(model.tokenizer.encode(" " + name, add_special_tokens=False)) == 1
 
 
@@ -135,7 +135,7 @@ class PatchingDataset:
     #: names of further per-pair lists a subclass keeps aligned (sliced by :meth:`subset`)
     per_pair_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __post_init__(self, model: InterpretableModel | None) -> None:
+    def __post_init__(self, model: HookedModel | None) -> None:
         self.clean = _as_list(self.clean, "clean")
         self.corrupted = _as_list(self.corrupted, "corrupted")
         self.correct = _as_list(self.correct, "correct")
@@ -157,7 +157,7 @@ class PatchingDataset:
             self.check_lengths(model)
 
     @staticmethod
-    def _answer(model: InterpretableModel | None, value: Any, what: str, i: int) -> int | None:
+    def _answer(model: HookedModel | None, value: Any, what: str, i: int) -> int | None:
         if value is None:
             return None
         if isinstance(value, str):
@@ -228,7 +228,7 @@ class PatchingDataset:
             yield self.subset(range(lo, min(lo + size, len(self))))
 
     # -- checks and construction ------------------------------------------------------------------
-    def check_lengths(self, model: InterpretableModel) -> None:
+    def check_lengths(self, model: HookedModel) -> None:
         """Raise :class:`InvalidArgumentError` if a pair's prompts differ in token length."""
         for i, (c, k) in enumerate(zip(self.clean, self.corrupted)):
             nc, nk = _n_tokens(model, c), _n_tokens(model, k)
@@ -238,7 +238,7 @@ class PatchingDataset:
                     f"{nk}; patching needs equal token lengths (check model.to_str_tokens)")
 
     @classmethod
-    def from_pairs(cls, model: InterpretableModel,
+    def from_pairs(cls, model: HookedModel,
                    pairs: Sequence[tuple[Any, Any, str | int, str | int]],
                    metric: str | Metric = "logit_diff", name: str = "custom",
                    metric_kwargs: dict[str, Any] | None = None) -> PatchingDataset:
@@ -377,7 +377,7 @@ class IOIDataset(PatchingDataset):
 
     per_pair_fields: ClassVar[tuple[str, ...]] = ("orders", "io_names", "subject_names")
 
-    def __init__(self, model: InterpretableModel, n: int = 32, seed: int = 0,
+    def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  templates: Sequence[str] | None = None, names: Sequence[str] | None = None,
                  corruption: str = "swap", order: str = "both",
                  equal_length: bool = False) -> None:
@@ -491,7 +491,7 @@ class KnownFact(NamedTuple):
     attribute_token: int
 
 
-def known_facts(model: InterpretableModel, n: int | None = 100, seed: int = 0,
+def known_facts(model: HookedModel, n: int | None = 100, seed: int = 0,
                 only_correct: bool = True, path: str | Path | None = None,
                 batch_size: int = 32) -> list[KnownFact]:
     """Up to ``n`` known facts, shuffled with ``seed``, that the model gets right.
@@ -561,7 +561,7 @@ class FactualRecallDataset(PatchingDataset):
         "subjects", "corrupted_subjects", "relation_ids", "attributes", "corrupted_attributes",
         "known_ids", "corrupted_known_ids")
 
-    def __init__(self, model: InterpretableModel, n: int = 32, seed: int = 0,
+    def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  relation: str | None = None, path: str | Path | None = None) -> None:
         _check_n(n)
         facts = load_known_facts(path)
@@ -732,7 +732,7 @@ class GreaterThanDataset(PatchingDataset):
     per_pair_fields: ClassVar[tuple[str, ...]] = ("start_years", "years_above", "years_below",
                                                    "nouns")
 
-    def __init__(self, model: InterpretableModel, n: int = 32, seed: int = 0,
+    def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  century: int = 17, nouns: Sequence[str] | None = None) -> None:
         _check_n(n)
         if isinstance(century, bool) or not isinstance(century, int) or not 10 <= century <= 99:
@@ -780,10 +780,10 @@ class GreaterThanDataset(PatchingDataset):
                          {"seed": seed, "century": century, "answer_unit": unit}, model=model)
 
     @staticmethod
-    def _answer_tokens(model: InterpretableModel,
+    def _answer_tokens(model: HookedModel,
                        probe: str) -> tuple[str, list[tuple[int, int, int]]]:
         """Detect how the year after ``probe`` ("... to the year 17") is tokenised."""
-        from .tracing import token_lists
+        from .tokens import token_lists
 
         base = token_lists(model, probe)[0]
 
@@ -833,7 +833,7 @@ class InductionDataset(PatchingDataset):
 
     per_pair_fields: ClassVar[tuple[str, ...]] = ("clean_tokens", "corrupted_tokens")
 
-    def __init__(self, model: InterpretableModel, n: int = 32, seq_len: int = 10,
+    def __init__(self, model: HookedModel, n: int = 32, seq_len: int = 10,
                  seed: int = 0, token_range: tuple[int, int] | None = None) -> None:
         _check_n(n)
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:

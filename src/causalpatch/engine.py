@@ -31,8 +31,6 @@ Both return ``[n_patches, vocab]`` logits at the last position; tests prove them
 
 from __future__ import annotations
 
-import copy
-import inspect
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,37 +38,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .hooks import Hook, hooked, recorded_calls
+from .adapters.runtime import LayerCall, first_argument, parse_layer_call, stack_paths
+from .enums import Engine
+from .hooks import Hook, StopForward, hooked, recorded_calls
 from .names import Site
+from .plan import Patch, SitePatch
+from .tokens import make_batch
 
 if TYPE_CHECKING:
-    from .model import InterpretableModel
+    from .model import HookedModel
 
 #: Site kinds that are the decoder layer's input/output: patched by editing the hidden state
 #: handed to a layer rather than by a hook.
 RESIDUAL_INJECTED = ("resid_pre", "resid_post")
-
-
-@dataclass(frozen=True)
-class SitePatch:
-    """Entries of one site to take from the source run.
-
-    Attributes:
-        site: where.
-        positions: absolute token positions (non-negative).
-        units: head (per-head sites) or neuron indices, or ``None`` for the whole vector.
-    """
-
-    site: Site
-    positions: tuple[int, ...]
-    units: tuple[int, ...] | None = None
-
-    def entries(self) -> list[tuple[int, int | None]]:
-        units: Sequence[int | None] = self.units if self.units is not None else (None,)
-        return [(p, u) for p in self.positions for u in units]
-
-
-Patch = tuple[SitePatch, ...]
 
 
 @dataclass
@@ -134,7 +114,7 @@ def _writer(writes: _Writes) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 # -- naive reference ---------------------------------------------------------------------------
-def naive_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
+def naive_patched_logits(model: HookedModel, base_ids: torch.Tensor,
                          patches: Sequence[Patch], source: RunActivations,
                          progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Reference implementation: one forward pass per patch.
@@ -147,8 +127,6 @@ def naive_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
     Returns:
         ``[n_patches, vocab]`` float32 logits at the last position.
     """
-    from .tracing import make_batch
-
     batch = make_batch([base_ids[0].tolist()], model.pad_token_id, model.device)
     rows = []
     for patch in patches:
@@ -196,28 +174,27 @@ def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations
 
 
 @dataclass
-class _Prepared:
-    """Everything the staircase needs for one base prompt."""
+class Staircase:
+    """What the staircase needs of one base prompt: every layer's recorded call on the suffix.
 
-    start: int  # first suffix position s
-    layer_inputs: list[torch.Tensor]  # per layer: [1, q, d_model] base residual (suffix)
-    final_input: torch.Tensor  # [1, q, d_model] input of the final norm (suffix)
-    layer_args: list[tuple[Any, ...]]  # per layer: positional args after the hidden state
-    layer_kwargs: list[dict[str, Any]]  # per layer: kwargs Hugging Face passed
-    prefix_cache: Any  # Hugging Face Cache holding positions < s (or None)
-    cache_key: str | None  # name of the cache kwarg ("cache" or "past_key_values")
-    cache_arg: int | None  # index in layer_args where the cache is passed positionally
+    Attributes:
+        start: first suffix position ``s``; positions ``< s`` live in ``prefix_cache``.
+        calls: per decoder layer, how Hugging Face called it (``calls[L].hidden`` is the base
+            residual stream entering layer ``L``, ``[1, T - s, d_model]``).
+        final_input: ``[1, T - s, d_model]`` the input of the final norm.
+        prefix_cache: the Hugging Face cache of positions ``< s`` (``None`` when ``s == 0``).
+    """
 
-
-def _model_kwargs(model: InterpretableModel) -> set[str]:
-    return set(inspect.signature(model.hf_model.forward).parameters)
-
-
-def _cache_of(out: Any) -> Any:
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    start: int
+    calls: list[LayerCall]
+    final_input: torch.Tensor
+    prefix_cache: Any
 
 
-def _cachers(store: dict[str, torch.Tensor], sites: Sequence[Site]) -> list[Hook]:
+def cachers(store: dict[str, torch.Tensor], sites: Sequence[Site]) -> list[Hook]:
+    """Read-only hooks saving each site's activation (a detached clone) into
+    ``store[site.name]``."""
+
     def saver(name: str) -> Callable[[torch.Tensor], None]:
         def save(act: torch.Tensor) -> None:
             store[name] = act.detach().clone()
@@ -227,71 +204,43 @@ def _cachers(store: dict[str, torch.Tensor], sites: Sequence[Site]) -> list[Hook
     return [Hook(site, saver(site.name)) for site in sites]
 
 
-def _suffix_run(model: InterpretableModel, ids: torch.Tensor, start: int, prefix_cache: Any,
+def _suffix_run(model: HookedModel, ids: torch.Tensor, start: int, prefix_cache: Any,
                 sites: Sequence[Site], record: bool
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, _Prepared | None]:
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Staircase | None]:
     """Run positions ``start..T-1`` of ``ids`` on top of ``prefix_cache``.
 
     Returns the activations of ``sites`` on those positions, the last-position logits
     ``[vocab]`` and, with ``record``, the staircase context (each layer's call arguments).
     """
-    hf = model.hf_model
-    adapter = model.adapter
-    n_layers = model.n_layers
-    params = _model_kwargs(model)
-    cache_key: str | None = "cache" if "cache" in params else "past_key_values"
-    kwargs: dict[str, Any] = {"input_ids": ids[:, start:], "use_cache": start > 0}
-    if start > 0:
-        kwargs[cache_key] = copy.deepcopy(prefix_cache)
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1
-    paths = ([f"{adapter.layers}.{i}" for i in range(n_layers)] + [adapter.final_norm]
-             if record else [])
+    runtime = model.runtime
+    paths = stack_paths(runtime) if record else []
     acts: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), hooked(hf, _cachers(acts, sites), model.dims), \
-            recorded_calls(hf, paths) as calls:
-        last = hf(**kwargs).logits[0, -1].float()
+    with torch.no_grad(), hooked(model.hf_model, cachers(acts, sites), model.dims), \
+            recorded_calls(model.hf_model, paths) as calls:
+        logits, _ = runtime.forward(ids[:, start:], cache=prefix_cache if start > 0 else None,
+                                    last_only=True)
+    last = logits[0, -1].float()
     if not record:
         return acts, last, None
-    from transformers.cache_utils import Cache
-
-    layer_inputs, layer_args, layer_kwargs = [], [], []
-    cache_arg = None
-    for i in range(n_layers):
-        args, kw = calls[paths[i]]
-        hidden = args[0] if args else kw.pop("hidden_states")
-        for key, value in list(kw.items()):  # the cache kwarg's name varies by model
-            if isinstance(value, Cache) or (key in ("cache", "past_key_values", "layer_past")
-                                            and value is None):
-                kw[key] = None
-                cache_key = key
-        rest = list(args[1:])
-        for j, arg in enumerate(rest):  # GPT-2 passes its cache positionally
-            if isinstance(arg, Cache):
-                rest[j], cache_arg = None, j
-        layer_inputs.append(hidden.detach())
-        layer_args.append(tuple(rest))
-        layer_kwargs.append(kw)
-    final_args, final_kw = calls[adapter.final_norm]
-    final_input = (final_args[0] if final_args else next(iter(final_kw.values()))).detach()
-    prepared = _Prepared(start, layer_inputs, final_input, layer_args, layer_kwargs,
-                         prefix_cache, cache_key, cache_arg)
-    return acts, last, prepared
+    layer_calls = [parse_layer_call(*calls[path]) for path in runtime.layer_paths]
+    final_input = first_argument(*calls[runtime.final_norm_path])
+    return acts, last, Staircase(start, layer_calls, final_input, prefix_cache)
 
 
-def _prefix_run(model: InterpretableModel, ids: torch.Tensor, start: int,
+def _prefix_run(model: HookedModel, ids: torch.Tensor, start: int,
                 sites: Sequence[Site]) -> tuple[dict[str, torch.Tensor], Any]:
     """Run positions ``0..start-1`` with a cache; activations of ``sites`` and the cache."""
     if start == 0:
         return {}, None
     acts: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), hooked(model.hf_model, _cachers(acts, sites), model.dims):
-        out = model.hf_model(input_ids=ids[:, :start], use_cache=True)
-    return acts, _cache_of(out)
+    with torch.no_grad(), hooked(model.hf_model, cachers(acts, sites), model.dims):
+        _, cache = model.runtime.forward(ids[:, :start], keep_cache=True, last_only=True)
+    return acts, cache
 
 
-def _prepare(model: InterpretableModel, base_ids: torch.Tensor, start: int) -> _Prepared:
-    """Prefill the base prompt's prefix and record each layer's call on the suffix."""
+def prepare_staircase(model: HookedModel, base_ids: torch.Tensor, start: int) -> Staircase:
+    """Prefill the base prompt's prefix (positions ``< start``) and record each layer's call
+    on the suffix; ``base_ids`` is ``[1, T]``."""
     _, cache = _prefix_run(model, base_ids, start, [])
     prepared = _suffix_run(model, base_ids, start, cache, [], record=True)[2]
     assert prepared is not None
@@ -320,10 +269,10 @@ class PairRun:
     source: RunActivations
     base_last: torch.Tensor
     source_last: torch.Tensor
-    prepared: _Prepared | None
+    prepared: Staircase | None
 
 
-def run_pair(model: InterpretableModel, base_ids: Sequence[int], source_ids: Sequence[int],
+def run_pair(model: HookedModel, base_ids: Sequence[int], source_ids: Sequence[int],
              sites: Sequence[Site]) -> PairRun:
     """Run base and source once each, the shared prefix only once.
 
@@ -344,34 +293,62 @@ def run_pair(model: InterpretableModel, base_ids: Sequence[int], source_ids: Seq
                    base_last, src_last, prepared)
 
 
-def _layer_cache(prepared: _Prepared, layer: int, batch: int) -> Any:
-    """A cache object whose layer ``layer`` holds the base prefix repeated ``batch`` times."""
-    template = prepared.prefix_cache
-    if template is None:
+def run_layer(model: HookedModel, staircase: Staircase, layer: int, hidden: torch.Tensor,
+              hooks: Sequence[Hook] = (), stop_ok: bool = False, *, prefix_cache: Any = None,
+              prefix_rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Decoder layer ``layer`` on ``hidden`` ``[rows, T - start, d_model]``: every row is a
+    variant of the staircase's base prompt on the suffix positions (the prefix is shared).
+
+    Args:
+        hooks: installed for this call only.
+        stop_ok: a hook may raise :class:`~causalpatch.hooks.StopForward` to end the call early
+            (then ``None`` is returned).
+        prefix_cache: rows whose *prefix activations* differ (same tokens, e.g. different noise
+            on the embeddings): a cache of their positions ``< start`` from
+            :func:`run_prefix`, used instead of the staircase's own one-row prefix.
+        prefix_rows: with ``prefix_cache``, ``[rows]`` the cache row of each row of ``hidden``.
+    """
+    if prefix_cache is None:
+        prefix_cache, prefix_rows = staircase.prefix_cache, None
+    try:
+        with torch.no_grad(), hooked(model.hf_model, hooks, model.dims):
+            return model.runtime.run_layer(layer, staircase.calls[layer], hidden,
+                                           prefix_cache, prefix_rows)
+    except StopForward:
+        if stop_ok:
+            return None
+        raise
+
+
+def run_prefix(model: HookedModel, ids: torch.Tensor, start: int,
+               hooks: Sequence[Hook] = ()) -> Any:
+    """The key/value cache of positions ``< start`` of ``ids`` ``[rows, T]``, run with
+    ``hooks`` (e.g. noise on the embeddings): the ``prefix_cache`` of :func:`run_layer` for rows
+    whose prefixes differ. ``None`` when ``start == 0``."""
+    if start == 0:
         return None
-    cache = copy.copy(template)
-    cache.layers = list(template.layers)
-    entry = copy.copy(template.layers[layer])
-    if getattr(entry, "keys", None) is not None and entry.keys.numel() > 0:
-        entry.keys = entry.keys.expand(batch, *entry.keys.shape[1:])
-        entry.values = entry.values.expand(batch, *entry.values.shape[1:])
-    cache.layers[layer] = entry
-    return cache
+    with torch.no_grad(), hooked(model.hf_model, hooks, model.dims):
+        return model.runtime.forward(ids[:, :start], keep_cache=True, last_only=True)[1]
 
 
-def unembed(model: InterpretableModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm, output projection and soft-cap: ``[batch, d_model] -> [batch, vocab]``."""
-    root = model.hf_model
-    logits = root.get_submodule(model.adapter.unembed)(
-        root.get_submodule(model.adapter.final_norm)(hidden))
-    cap_attr = model.adapter.logit_softcap_attr
-    cap = getattr(model.config, cap_attr, None) if cap_attr else None
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+def embed(model: HookedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The token embedding's output (the ``embed`` site) for ``ids``, without hooks:
+    ``[..., pos] -> [..., pos, d_model]``."""
+    with torch.no_grad():
+        return model.runtime.embed(ids)
 
 
-def rows_per_chunk(model: InterpretableModel, n_query: int, n_keys: int,
+def unembed(model: HookedModel, hidden: torch.Tensor,
+            columns: Sequence[int] | None = None) -> torch.Tensor:
+    """Final norm, output projection and soft-cap: ``[batch, d_model] -> [batch, vocab]``.
+
+    ``columns``: compute only these vocabulary entries (the others are 0) where the model
+    allows it (see :meth:`~causalpatch.adapters.runtime.Runtime.unembed`).
+    """
+    return model.runtime.unembed(hidden, model.config, columns)
+
+
+def rows_per_chunk(model: HookedModel, n_query: int, n_keys: int,
                    memory_mb: float) -> int:
     """How many patch rows fit a memory budget in one staircase pass (at least 1)."""
     d = model.dims
@@ -382,12 +359,12 @@ def rows_per_chunk(model: InterpretableModel, n_query: int, n_keys: int,
     return max(1, int(memory_mb * 2**20 // per_row))
 
 
-def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
+def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
                         patches: Sequence[Patch], base: RunActivations, source: RunActivations,
                         base_last_logits: torch.Tensor, batch_size: int | None = None,
                         memory_mb: float = 1024.0,
                         progress: Callable[[int], None] | None = None,
-                        prepared: _Prepared | None = None,
+                        prepared: Staircase | None = None,
                         stats: dict[str, int] | None = None) -> torch.Tensor:
     """Same output as :func:`naive_patched_logits`, computed with the staircase engine.
 
@@ -425,7 +402,7 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
     start = min(p for _, changed in live for _, entries in changed for p, _ in entries)
     start = min(start, T - 1)
     if prepared is None or prepared.start > start:
-        prepared = _prepare(model, base_ids, start)
+        prepared = prepare_staircase(model, base_ids, start)
     q = T - prepared.start
 
     def row_stage(item: tuple[int, list]) -> int:
@@ -446,7 +423,7 @@ def fast_patched_logits(model: InterpretableModel, base_ids: torch.Tensor,
     return out
 
 
-def _staircase(model: InterpretableModel, prepared: _Prepared,
+def _staircase(model: HookedModel, prepared: Staircase,
                rows: list[tuple[int, list[tuple[SitePatch, list[tuple[int, int | None]]]]]],
                source: RunActivations, row_stage: Callable[[Any], int]) -> torch.Tensor:
     """Run one chunk of rows (sorted by entry stage) through the decoder stack."""
@@ -467,14 +444,13 @@ def _staircase(model: InterpretableModel, prepared: _Prepared,
                         r, pos - s, unit, value)
 
     root = model.hf_model
-    layer_root = root.get_submodule(model.adapter.layers)
     first = stages[0]
-    hidden = prepared.layer_inputs[0][:, :0].new_empty((0, *prepared.final_input.shape[1:]))
+    hidden = prepared.final_input.new_empty((0, *prepared.final_input.shape[1:]))
     with torch.no_grad():
         for layer in range(first, n_layers + 1):
             n_before = hidden.shape[0]
             n_now = sum(1 for st in stages if st <= layer)
-            base_in = prepared.layer_inputs[layer] if layer < n_layers else prepared.final_input
+            base_in = prepared.calls[layer].hidden if layer < n_layers else prepared.final_input
             if n_now > n_before:
                 hidden = torch.cat([hidden, base_in.expand(n_now - n_before, -1, -1)])
             if layer in injections:
@@ -482,15 +458,56 @@ def _staircase(model: InterpretableModel, prepared: _Prepared,
             if layer == n_layers:
                 break
             hooks = [Hook(site, _writer(w.freeze())) for site, w in site_writes[layer].values()]
-            args = list(prepared.layer_args[layer])
-            kwargs = dict(prepared.layer_kwargs[layer])
-            cache = _layer_cache(prepared, layer, hidden.shape[0])
-            if cache is not None:
-                if prepared.cache_arg is not None:
-                    args[prepared.cache_arg] = cache
-                else:
-                    kwargs[prepared.cache_key] = cache
             with hooked(root, hooks, model.dims):
-                result = layer_root[layer](hidden, *args, **kwargs)
-            hidden = result[0] if isinstance(result, tuple) else result
+                hidden = model.runtime.run_layer(layer, prepared.calls[layer], hidden,
+                                                 prepared.prefix_cache)
         return unembed(model, hidden[:, -1])
+
+
+# -- dispatch ----------------------------------------------------------------------------------
+def run_sites(model: HookedModel, ids: Sequence[int], sites: Sequence[Site]
+              ) -> tuple[RunActivations, torch.Tensor]:
+    """One plain forward pass: activations at ``sites`` ``[1, pos, ...]`` and last logits."""
+    tr = model.trace([list(ids)], cache=[s.name for s in sites]).run()
+    return RunActivations({s.name: tr.cache[s.name] for s in sites}), tr.last_logits[0].float()
+
+
+def run_base_and_source(model: HookedModel, base_ids: Sequence[int], source_ids: Sequence[int],
+                        sites: Sequence[Site], patches: Sequence[Patch],
+                        engine: Engine = Engine.FAST) -> PairRun:
+    """The base and source runs of a pair: :func:`run_pair` (shared prefix, staircase context)
+    for the fast engine, or two plain forward passes for the naive reference."""
+    if engine is Engine.FAST and fast_supported(patches):
+        return run_pair(model, base_ids, source_ids, sites)
+    base, base_last = run_sites(model, base_ids, sites)
+    source, source_last = run_sites(model, source_ids, sites)
+    ids = torch.tensor([list(base_ids)], dtype=torch.long, device=model.device)
+    return PairRun(ids, base, source, base_last, source_last, None)
+
+
+def patched_logits(model: HookedModel, run: PairRun, patches: Sequence[Patch],
+                   engine: Engine = Engine.FAST, batch_size: int | None = None,
+                   memory_mb: float = 1024.0, progress: Callable[[int], None] | None = None,
+                   stats: dict[str, int] | None = None) -> torch.Tensor:
+    """``[n_patches, vocab]`` last-position logits of every patch applied to ``run``'s base.
+
+    Args:
+        engine: ``FAST`` (the staircase) or ``NAIVE`` (one forward per patch); same numbers.
+        batch_size: patch rows per staircase pass (default: from ``memory_mb``).
+        stats: receives the fast engine's counts (rows, skipped, window, chunks).
+    """
+    if engine is Engine.NAIVE or not fast_supported(patches):
+        return naive_patched_logits(model, run.base_ids, patches, run.source, progress)
+    return fast_patched_logits(model, run.base_ids, patches, run.base, run.source,
+                               run.base_last, batch_size, memory_mb, progress, run.prepared,
+                               stats)
+
+
+def last_logits(model: HookedModel, ids: torch.Tensor, hooks: Sequence[Hook] = ()
+                ) -> torch.Tensor:
+    """Last-position logits ``[batch, vocab]`` of an unpadded batch ``ids`` ``[batch, pos]``.
+
+    Runs under the caller's grad mode (attribution patching differentiates through it).
+    """
+    with hooked(model.hf_model, hooks, model.dims):
+        return model.runtime.forward(ids, last_only=True)[0][:, -1]

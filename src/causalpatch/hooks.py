@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .adapters.base import ModelDims
+from .adapters.runtime import first_input, first_output
 from .names import Site
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -47,24 +48,18 @@ def _apply(hook: Hook, tensor: torch.Tensor, dims: ModelDims) -> torch.Tensor | 
 
 def _output_hook(hook: Hook, dims: ModelDims) -> Callable[..., Any]:
     def run(module: nn.Module, args: Any, output: Any) -> Any:
-        tensor = output[0] if isinstance(output, tuple) else output
+        tensor, rebuild = first_output(output)
         new = _apply(hook, tensor, dims)
-        if new is None:
-            return None
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return None if new is None else rebuild(new)
 
     return run
 
 
 def _input_hook(hook: Hook, dims: ModelDims) -> Callable[..., Any]:
     def run(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if args:
-            new = _apply(hook, args[0], dims)
-            return None if new is None else ((new, *args[1:]), kwargs)
-        key = "hidden_states" if "hidden_states" in kwargs else next(
-            k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
-        new = _apply(hook, kwargs[key], dims)
-        return None if new is None else (args, {**kwargs, key: new})
+        tensor, rebuild = first_input(args, kwargs)
+        new = _apply(hook, tensor, dims)
+        return None if new is None else rebuild(new)
 
     return run
 
@@ -74,16 +69,13 @@ def _residual_hooks(hook: Hook, dims: ModelDims) -> tuple[Callable[..., Any], Ca
     state: dict[str, torch.Tensor] = {}
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state["residual"] = args[0] if args else kwargs["hidden_states"]
+        state["residual"] = first_input(args, kwargs)[0]
 
     def on_attn(module: nn.Module, args: Any, output: Any) -> Any:
-        out = output[0] if isinstance(output, tuple) else output
+        out, rebuild = first_output(output)
         residual = state["residual"]
         new = hook.fn(residual + out)
-        if new is None:
-            return None
-        new_out = new - residual
-        return (new_out, *output[1:]) if isinstance(output, tuple) else new_out
+        return None if new is None else rebuild(new - residual)
 
     return remember, on_attn
 
@@ -95,19 +87,22 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
     Hooks on the same site run in list order, each seeing the previous one's result.
     """
     handles: list[torch.utils.hooks.RemovableHandle] = []
+    remembers: list[tuple[nn.Module, Callable[..., Any]]] = []
     try:
         for hook in hooks:
             module = root.get_submodule(hook.site.module_path)
             if hook.site.residual_from is not None:
                 remember, on_attn = _residual_hooks(hook, dims)
-                layer = root.get_submodule(hook.site.residual_from)
-                handles.append(layer.register_forward_pre_hook(remember, with_kwargs=True))
+                remembers.append((root.get_submodule(hook.site.residual_from), remember))
                 handles.append(module.register_forward_hook(on_attn))
             elif hook.site.hook == "output":
                 handles.append(module.register_forward_hook(_output_hook(hook, dims)))
             else:
                 handles.append(module.register_forward_pre_hook(
                     _input_hook(hook, dims), with_kwargs=True))
+        # resid_mid must remember the layer input *after* any resid_pre hook changed it
+        for layer, remember in remembers:
+            handles.append(layer.register_forward_pre_hook(remember, with_kwargs=True))
         yield
     finally:
         for handle in reversed(handles):

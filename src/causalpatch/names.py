@@ -14,7 +14,10 @@ hooked tensor into the canonical activation, and the layer. Canonical names are
 * ``embed`` – token embedding output; ``ln_final`` – final norm output.
 
 Raw module paths of the Hugging Face model and the short forms ``layers.{L}.mlp`` /
-``layers.{L}.self_attn`` are accepted as well.
+``layers.{L}.self_attn`` are accepted as well. A raw path always means that module's
+**output** (as in the seeds): ``layers.{L}.self_attn.o_proj`` is the projected attention
+output, while the per-head input of ``o_proj`` is the canonical ``blocks.{L}.attn.z`` (and the
+input of the MLP's down projection is ``blocks.{L}.mlp.post``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import torch.nn as nn
 from .adapters.base import IDENTITY, Adapter, HookKind, ModelDims, View
 from .errors import OutOfRangeError, UnknownComponentError
 
-#: TransformerLens hook names users type from habit -> our site names.
-_TL_HOOKS = {
+#: Other words for per-layer site kinds: TransformerLens hook names users type from habit, and
+#: the sweep words of :func:`causalpatch.activation_patching` (``attn_head`` = every head's
+#: ``attn.z``). The one vocabulary besides the canonical kinds themselves.
+ALIASES: dict[str, str] = {
     "hook_resid_pre": "resid_pre",
     "hook_resid_mid": "resid_mid",
     "hook_resid_post": "resid_post",
@@ -41,6 +46,12 @@ _TL_HOOKS = {
     "attn.hook_k": "attn.k",
     "attn.hook_v": "attn.v",
     "mlp.hook_post": "mlp.post",
+    "attn_head": "attn.z",
+    "attn_head_q": "attn.q",
+    "attn_head_k": "attn.k",
+    "attn_head_v": "attn.v",
+    "mlp_neuron": "mlp.post",
+    "self_attn": "attn",  # the seeds' name, for families whose attention module is not so named
 }
 
 _D_MODEL_SITES = {"resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn.in", "mlp.in",
@@ -145,32 +156,9 @@ def resolve(name: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
     if match is not None:
         layer = int(match.group(1))
         _check_layer(layer, n_layers, name)
-        rest = _TL_HOOKS.get(match.group(2), match.group(2))
-        rest = adapter.aliases.get(rest, rest)
-        layer_path = f"{adapter.layers}.{layer}"
-        unsupported = adapter.unsupported(config) if config is not None else {}
-        if rest in unsupported:
-            raise UnknownComponentError(f"component {name!r} is not defined: {unsupported[rest]}")
-        if rest == "resid_pre":
-            return Site(f"blocks.{layer}.resid_pre", rest, layer, layer_path, "input")
-        if rest == "resid_mid":
-            attn = adapter.sites["attn"]
-            return Site(f"blocks.{layer}.resid_mid", rest, layer, f"{layer_path}.{attn.module}",
-                        "output", residual_from=layer_path)
-        if rest == "resid_post":
-            return Site(f"blocks.{layer}.resid_post", rest, layer, layer_path, "output")
-        if rest in adapter.sites:
-            spec = adapter.sites[rest]
-            return Site(f"blocks.{layer}.{rest}", rest, layer, f"{layer_path}.{spec.module}",
-                        spec.hook, spec.view)
-        # a raw sub-module of the layer: hook its output as is
-        if _has_module(root, f"{layer_path}.{rest}"):
-            for kind, spec in adapter.sites.items():
-                if spec.module == rest and spec.hook == "output" and not spec.view.per_head:
-                    return Site(f"blocks.{layer}.{kind}", kind, layer,
-                                f"{layer_path}.{rest}", "output")
-            return Site(f"{layer_path}.{rest}", "module", layer, f"{layer_path}.{rest}",
-                        "output")
+        site = _layer_site(match.group(2), layer, adapter, root, config, name)
+        if site is not None:
+            return site
     elif _has_module(root, name) and name != "":
         return Site(name, "module", None, name, "output")
 
@@ -182,6 +170,58 @@ def resolve(name: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
         f"like 'blocks.0.resid_pre'; per-layer sites: {', '.join(site_kinds(adapter, config))}; "
         "raw module paths (e.g. from model.hf_model.named_modules()) work too."
     )
+
+
+def canonical_kind(word: str) -> str:
+    """The canonical site kind of ``word`` (a kind, a TransformerLens name or a sweep word)."""
+    return ALIASES.get(word, word)
+
+
+def layer_site(kind: str, layer: int, adapter: Adapter, dims: ModelDims, root: nn.Module,
+               config: Any = None) -> Site:
+    """The :class:`Site` of a per-layer ``kind`` at ``layer``, built directly (no name parsing).
+
+    Raises:
+        UnknownComponentError: the kind does not exist for this architecture.
+        OutOfRangeError: ``layer`` is outside ``[0, n_layers)``.
+    """
+    name = f"blocks.{layer}.{kind}"
+    _check_layer(layer, dims.n_layers, name)
+    site = _layer_site(kind, layer, adapter, root, config, name)
+    if site is None:
+        return resolve(name, adapter, dims, root, config)  # raises with suggestions
+    return site
+
+
+def _layer_site(rest: str, layer: int, adapter: Adapter, root: nn.Module, config: Any,
+                name: str) -> Site | None:
+    """The site ``rest`` of decoder layer ``layer``: a canonical kind, else a raw sub-module
+    path (its output, under its canonical name when it has one), else an alias."""
+    layer_path = f"{adapter.layers}.{layer}"
+    unsupported = adapter.unsupported(config) if config is not None else {}
+    if rest in unsupported:
+        raise UnknownComponentError(f"component {name!r} is not defined: {unsupported[rest]}")
+    if rest == "resid_pre":
+        return Site(f"blocks.{layer}.resid_pre", rest, layer, layer_path, "input")
+    if rest == "resid_mid":
+        attn = adapter.sites["attn"]
+        return Site(f"blocks.{layer}.resid_mid", rest, layer, f"{layer_path}.{attn.module}",
+                    "output", residual_from=layer_path)
+    if rest == "resid_post":
+        return Site(f"blocks.{layer}.resid_post", rest, layer, layer_path, "output")
+    if rest in adapter.sites:
+        spec = adapter.sites[rest]
+        return Site(f"blocks.{layer}.{rest}", rest, layer, f"{layer_path}.{spec.module}",
+                    spec.hook, spec.view)
+    if rest and _has_module(root, f"{layer_path}.{rest}"):
+        for kind, spec in adapter.sites.items():
+            if spec.module == rest and spec.hook == "output" and not spec.view.per_head:
+                return Site(f"blocks.{layer}.{kind}", kind, layer, f"{layer_path}.{rest}",
+                            "output")
+        return Site(f"{layer_path}.{rest}", "module", layer, f"{layer_path}.{rest}", "output")
+    if rest in ALIASES:
+        return _layer_site(ALIASES[rest], layer, adapter, root, config, name)
+    return None
 
 
 def _check_layer(layer: int, n_layers: int, name: str) -> None:
@@ -200,6 +240,3 @@ def _has_module(root: nn.Module, path: str) -> bool:
     return True
 
 
-def site_name(kind: str, layer: int) -> str:
-    """``site_name("attn.z", 3) == "blocks.3.attn.z"``."""
-    return f"blocks.{layer}.{kind}"

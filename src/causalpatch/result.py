@@ -14,6 +14,9 @@ Example::
     result.plot()                 # matplotlib Figure
     result.save("heads.png")      # or .svg/.pdf/.json/.md/.html
 
+Rendering lives in :mod:`causalpatch.render` (Markdown, matplotlib, the HTML report); the
+methods here delegate to it.
+
 Saved JSON files carry a format name, a version and a sha256 checksum of the payload; loading
 checks all three and every field, and raises :class:`~causalpatch.errors.CorruptResultError` for
 a truncated, hand-edited or otherwise invalid file. Files are parsed as data only (``json``).
@@ -24,14 +27,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +45,13 @@ from .errors import (
     InvalidTypeError,
     NonFiniteError,
 )
+from .render.html import compact_html, report
+from .render.markdown import timing_name
+from .render.markdown import to_markdown as render_markdown
+from .render.plots import plot_result
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FORMAT = "causalpatch-result"
 """Value of the ``format`` field of a saved result."""
@@ -273,13 +282,17 @@ class PatchingResult:
             by: ``"abs"`` (largest magnitude, default) or ``"value"`` (largest signed value).
         """
         out: list[tuple[Any, float]] = []
-        for coords, effect in self._top_cells(k, by):
+        for coords, effect in self.top_cells(k, by):
             values = tuple(self.index_value(a, c) for a, c in zip(self.axes, coords))
             out.append((values[0] if len(values) == 1 else values, effect))
         return out
 
-    def _top_cells(self, k: int = 5, by: str = "abs") -> list[tuple[tuple[int, ...], float]]:
-        """Like :meth:`top_components` with array coordinates (always tuples) as indices."""
+    def top_cells(self, k: int = 5, by: str = "abs") -> list[tuple[tuple[int, ...], float]]:
+        """Like :meth:`top_components` with array coordinates (always tuples) as indices.
+
+        Returns ``[(coords, effect), ...]``, e.g. ``[((9, 2), 0.58), ...]`` where
+        ``effect_matrix[9, 2] == 0.58``; :meth:`describe_cell` names a cell.
+        """
         if by not in ("abs", "value"):
             raise InvalidArgumentError(f"by must be 'abs' or 'value', got {by!r}")
         if isinstance(k, bool) or not isinstance(k, int):
@@ -316,7 +329,7 @@ class PatchingResult:
                      f"pairs: {self.n_pairs}")
         lines.append(f"  top {k} by |effect|:")
         std = self.std.flatten().tolist() if self.std is not None else None
-        for coords, effect in self._top_cells(k):
+        for coords, effect in self.top_cells(k):
             line = f"    {self.describe_cell(coords)}: {effect:+.4f}"
             if std is not None:
                 flat = 0
@@ -326,7 +339,7 @@ class PatchingResult:
             lines.append(line)
         if self.timings:
             lines.append("  time: " + ", ".join(
-                f"{_timing_name(name)} {value:.2f} s" for name, value in self.timings.items()))
+                f"{timing_name(name)} {value:.2f} s" for name, value in self.timings.items()))
         return "\n".join(lines)
 
     @property
@@ -504,71 +517,7 @@ class PatchingResult:
             max_cols: columns per table; the rest is left out with a note.
             digits: decimals of each effect.
         """
-        kind = ("normalised: (patched - base) / (source - base)" if self.normalized
-                else "raw values")
-        lines = [f"### {_md_text(self.method)}: {_md_code(self.component)} "
-                 f"({_md_text(self.metric)}, {_md_text(self.direction)})", ""]
-        if self.model_name:
-            lines.append(f"- **model**: {_md_code(self.model_name)}")
-        lines.append(f"- **metric**: {_md_text(self.metric)} ({kind})")
-        baselines = []
-        if self.clean_metric is not None:
-            baselines.append(f"clean {self.clean_metric:.4f}")
-        if self.corrupted_metric is not None:
-            baselines.append(f"corrupted {self.corrupted_metric:.4f}")
-        if baselines:
-            lines.append("- **baselines**: " + "; ".join(baselines))
-        lines.append(f"- **shape**: {' x '.join(map(str, self.shape))} "
-                     f"({' x '.join(_md_text(a) for a in self.axes)}); pairs: {self.n_pairs}")
-        if self.clean_prompts:
-            more = len(self.clean_prompts) - 1
-            lines.append(f"- **clean prompt**: {_md_code(self.clean_prompts[0])}"
-                         + (f" (and {more} more)" if more else ""))
-        if self.corrupted_prompts:
-            lines.append(f"- **corrupted prompt**: {_md_code(self.corrupted_prompts[0])}")
-        if self.timings:
-            lines.append("- **time**: " + ", ".join(
-                f"{_md_text(_timing_name(k))} {v:.2f} s" for k, v in self.timings.items()))
-        lines += [""]
-        fmt = f"{{:+.{digits}f}}"
-        m = self.effect_matrix
-        if m.dim() == 1:
-            axis = self.axes[0]
-            std = None if self.std is None else self.std.tolist()
-            rows = [[self.cell_text(axis, i), fmt.format(v)]
-                    + ([f"{std[i]:.{digits}f}"] if std is not None else [])
-                    for i, v in enumerate(m.tolist())]
-            lines += _md_table([axis, "effect"] + (["std"] if std is not None else []), rows,
-                               max_rows, max_cols + 1)
-        elif m.dim() == 2:
-            lines += self._md_grid(m, self.axes[0], self.axes[1], fmt, max_rows, max_cols)
-        elif m.dim() == 3:
-            mid = self.axes[1]
-            for j in range(m.shape[1]):
-                lines += [f"**{_md_text(mid)} {_md_text(self.cell_text(mid, j))}**", ""]
-                lines += self._md_grid(m[:, j], self.axes[0], self.axes[2], fmt, max_rows,
-                                       max_cols)
-                lines.append("")
-        else:
-            last = self.axes[-1]
-            head = [" / ".join(self.axes[:-1]) + " \\ " + last] + [
-                self.cell_text(last, j) for j in range(m.shape[-1])]
-            rows = []
-            flat = m.reshape(-1, m.shape[-1]).tolist()
-            for coords, values in zip(itertools.product(*map(range, self.shape[:-1])), flat):
-                name = ", ".join(f"{a} {self.cell_text(a, c)}"
-                                 for a, c in zip(self.axes[:-1], coords))
-                rows.append([name] + [fmt.format(v) for v in values])
-            lines += _md_table(head, rows, max_rows, max_cols + 1)
-        return "\n".join(lines).rstrip("\n") + "\n"
-
-    def _md_grid(self, mat: torch.Tensor, row_axis: str, col_axis: str, fmt: str,
-                 max_rows: int, max_cols: int) -> list[str]:
-        head = [f"{row_axis} \\ {col_axis}"] + [
-            self.cell_text(col_axis, j) for j in range(mat.shape[1])]
-        rows = [[self.cell_text(row_axis, i)] + [fmt.format(v) for v in values]
-                for i, values in enumerate(mat.tolist())]
-        return _md_table(head, rows, max_rows, max_cols + 1)
+        return render_markdown(self, max_rows=max_rows, max_cols=max_cols, digits=digits)
 
     def to_dataframe(self) -> Any:
         """Long-format pandas DataFrame: one row per cell.
@@ -595,7 +544,7 @@ class PatchingResult:
         return pd.DataFrame(columns)
 
     # -- pictures and files -----------------------------------------------------------------------
-    def plot(self, ax: Any = None, title: str | None = None) -> Any:
+    def plot(self, ax: Any = None, title: str | None = None) -> Figure:
         """A matplotlib ``Figure`` (object API, no pyplot state).
 
         1-D: bar chart over the axis (error bars when ``std`` is set). 2-D: heatmap, rows the
@@ -606,12 +555,14 @@ class PatchingResult:
         Heatmaps use a diverging colour map (red positive, blue negative) with limits symmetric
         around 0.
 
+        Without ``ax`` the figure is new and ``result.plot().show()`` opens it with pyplot's
+        backend (it is handed to pyplot on the first ``show()``; until then pyplot knows nothing
+        of it). With ``ax`` it is ``ax.figure``. Never an ``Axes``.
+
         Args:
             ax: a matplotlib ``Axes`` to draw into (its figure is returned).
             title: overrides the default title (method, component, metric, direction).
         """
-        from .plotting import plot_result
-
         return plot_result(self, ax=ax, title=title)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -644,15 +595,15 @@ class PatchingResult:
         return path
 
     def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None) -> str:
-        """A self-contained interactive HTML report of this result (see :func:`report`)."""
-        from .report import report
+        """A self-contained interactive HTML report of this result.
 
+        See :func:`causalpatch.render.html.report`; ``path`` (when given) is written
+        atomically. Returns the HTML text.
+        """
         return report([self], path,
                       title=title or f"causalpatch: {self.method} of {self.component}")
 
     def _repr_html_(self) -> str:
-        from .report import compact_html
-
         return compact_html(self)
 
 
@@ -765,48 +716,3 @@ def _check_types(data: dict[str, Any]) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _timing_name(name: str) -> str:
-    return name[:-2] if name.endswith("_s") else name
-
-
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]|#"})
-
-
-def _md_text(value: Any) -> str:
-    """Text shown literally in Markdown (inline HTML and emphasis neutralised)."""
-    text = " ".join(str(value).split("\n"))
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.translate(_MD_SPECIAL)
-
-
-def _md_code(value: Any) -> str:
-    """A Markdown code span holding ``value`` verbatim (on one line)."""
-    text = " ".join(str(value).split("\n"))
-    run, longest = 0, 0
-    for ch in text:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    fence = "`" * (longest + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") or not text else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
-def _md_table(head: list[str], rows: list[list[str]], max_rows: int, max_cols: int) -> list[str]:
-    """A Markdown table (first column left-aligned, the others right-aligned)."""
-    n_cols = len(head)
-    cut_cols = n_cols > max_cols
-    head = head[:max_cols]
-    lines = ["| " + " | ".join(_md_text(h) for h in head) + " |",
-             "|---|" + "---:|" * (len(head) - 1)]
-    for row in rows[:max_rows]:
-        lines.append("| " + " | ".join(_md_text(c) for c in row[:max_cols]) + " |")
-    notes = []
-    if len(rows) > max_rows:
-        notes.append(f"{len(rows) - max_rows} more rows")
-    if cut_cols:
-        notes.append(f"{n_cols - max_cols} more columns")
-    if notes:
-        lines += ["", f"*({' and '.join(notes)} not shown; see to_dataframe())*"]
-    return lines

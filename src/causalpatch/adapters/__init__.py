@@ -17,6 +17,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     qwen.QWEN2,
     qwen.QWEN3,
     gemma.ADAPTER,
+    gemma.GEMMA1,
     gpt2.ADAPTER,
     neox.ADAPTER,
 )
@@ -38,10 +39,10 @@ def adapter_for(config: Any) -> Adapter:
         if model_type in adapter.model_types:
             return adapter
     raise UnsupportedArchitectureError(
-        f"architecture model_type={model_type!r} is not supported. Supported model types: "
-        f"{', '.join(supported_model_types())}. To add one, write a small adapter in "
-        "causalpatch/adapters/ mapping its module paths (see adapters/llama.py) and register "
-        "it in causalpatch.adapters.ADAPTERS."
+        f"unsupported architecture: config.model_type={model_type!r} has no adapter. "
+        f"Supported model types: {', '.join(supported_model_types())}. To add one, write a "
+        "small adapter in causalpatch/adapters/ mapping its module paths (see "
+        "adapters/llama.py) and register it in causalpatch.adapters.ADAPTERS."
     )
 
 

@@ -182,7 +182,6 @@ class Adapter:
         unembed: path of the output projection (``lm_head``).
         embed: path of the token embedding.
         sites: canonical per-layer site name -> :class:`SiteSpec`.
-        aliases: short names users know (``self_attn``) -> canonical site names.
         dims: reads :class:`ModelDims` from a config.
         logit_softcap_attr: config attribute holding a final logit soft-cap, if any.
         unsupported: site name -> reason it is not defined for a given config.
@@ -195,8 +194,6 @@ class Adapter:
     unembed: str
     embed: str
     sites: dict[str, SiteSpec]
-    aliases: dict[str, str] = field(default_factory=dict)
     dims: Callable[[Any], ModelDims] = default_dims
     logit_softcap_attr: str | None = None
     unsupported: Callable[[Any], dict[str, str]] = lambda config: {}
-    example_config: Callable[[], Any] | None = None

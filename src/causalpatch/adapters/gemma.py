@@ -1,14 +1,23 @@
-"""Gemma 3 (text): sandwich norms around attention and MLP.
+"""Gemma 1, 2 and 3 (text).
 
-Gemma normalises each block's output *before* the residual add, so ``attn`` is the output of
-``post_attention_layernorm`` and ``mlp`` the output of ``post_feedforward_layernorm``: exactly
-what is added to the residual stream. ``resid_mid`` is the input of
-``pre_feedforward_layernorm``.
+Gemma 2 and 3 put sandwich norms around attention and MLP: each block's output is normalised
+*before* the residual add, so ``attn`` is the output of ``post_attention_layernorm`` and ``mlp``
+the output of ``post_feedforward_layernorm``: exactly what is added to the residual stream.
+``resid_mid`` is the input of ``pre_feedforward_layernorm``.
+
+Gemma 1 has no sandwich norms: its decoder layer is the LLaMA layout (``input_layernorm``,
+``self_attn``, ``post_attention_layernorm``, ``mlp``), so it uses the LLaMA site table. Its
+``sqrt(d_model)`` embedding scale is applied inside ``embed_tokens`` and changes no site.
+
+Only the text-only models are served: the multimodal Gemma 3 (``model_type="gemma3"``,
+``Gemma3ForConditionalGeneration``) nests its decoder under ``model.language_model`` and is not
+supported.
 """
 
 from __future__ import annotations
 
 from .base import Adapter, Heads, SiteSpec
+from .llama import LLAMA_SITES
 
 GEMMA_SITES: dict[str, SiteSpec] = {
     "resid_mid": SiteSpec("pre_feedforward_layernorm", "input", doc="residual after attention"),
@@ -27,14 +36,25 @@ GEMMA_SITES: dict[str, SiteSpec] = {
     "mlp.post": SiteSpec("mlp.down_proj", "input", doc="MLP hidden activations (neurons)"),
 }
 
+#: Gemma 2 and Gemma 3 (text): sandwich norms, final logit soft-cap.
 ADAPTER = Adapter(
     name="gemma3",
-    model_types=("gemma3_text", "gemma3", "gemma2", "gemma"),
+    model_types=("gemma3_text", "gemma2"),
     layers="model.layers",
     final_norm="model.norm",
     unembed="lm_head",
     embed="model.embed_tokens",
     sites=GEMMA_SITES,
-    aliases={"self_attn": "attn.raw", "self_attn.o_proj": "attn.z", "mlp.down_proj": "mlp.post"},
     logit_softcap_attr="final_logit_softcapping",
+)
+
+#: Gemma 1: the LLaMA layout (no sandwich norms, no soft-cap).
+GEMMA1 = Adapter(
+    name="gemma",
+    model_types=("gemma",),
+    layers="model.layers",
+    final_norm="model.norm",
+    unembed="lm_head",
+    embed="model.embed_tokens",
+    sites=LLAMA_SITES,
 )

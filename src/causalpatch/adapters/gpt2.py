@@ -26,5 +26,4 @@ ADAPTER = Adapter(
     unembed="lm_head",
     embed="transformer.wte",
     sites=GPT2_SITES,
-    aliases={"self_attn": "attn", "attn.c_proj": "attn.z", "mlp.c_proj": "mlp.post"},
 )

@@ -1,11 +1,12 @@
-"""LLaMA family: LLaMA 2/3, SmolLM/SmolLM2, Mistral (pre-norm, separate q/k/v, gated MLP)."""
+"""LLaMA family: LLaMA 2/3, SmolLM/SmolLM2 (``llama``), SmolLM3, Mistral (pre-norm, separate
+q/k/v, gated MLP)."""
 
 from __future__ import annotations
 
 from .base import Adapter, Heads, SiteSpec
 
 #: Sites shared by every model whose decoder layer follows the LLaMA layout. Other adapters
-#: (Qwen, Gemma) start from this table and change what differs.
+#: (Qwen, Gemma 1) start from this table and change what differs.
 LLAMA_SITES: dict[str, SiteSpec] = {
     "resid_mid": SiteSpec("post_attention_layernorm", "input", doc="residual after attention"),
     "attn": SiteSpec("self_attn", "output", doc="attention output before the residual add"),
@@ -21,12 +22,6 @@ LLAMA_SITES: dict[str, SiteSpec] = {
     "mlp.post": SiteSpec("mlp.down_proj", "input", doc="MLP hidden activations (neurons)"),
 }
 
-LLAMA_ALIASES: dict[str, str] = {
-    "self_attn": "attn",
-    "attention": "attn",
-    "self_attn.o_proj": "attn.z",
-    "mlp.down_proj": "mlp.post",
-}
 
 ADAPTER = Adapter(
     name="llama",
@@ -36,5 +31,4 @@ ADAPTER = Adapter(
     unembed="lm_head",
     embed="model.embed_tokens",
     sites=LLAMA_SITES,
-    aliases=LLAMA_ALIASES,
 )

@@ -39,6 +39,5 @@ ADAPTER = Adapter(
     unembed="lm_head",
     embed="gpt_neox.embed_in",
     sites=NEOX_SITES,
-    aliases={"self_attn": "attn", "attention.dense": "attn.z", "mlp.dense_4h_to_h": "mlp.post"},
     unsupported=_unsupported,
 )

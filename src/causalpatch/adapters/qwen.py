@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter, Heads, SiteSpec
-from .llama import LLAMA_ALIASES, LLAMA_SITES
+from .llama import LLAMA_SITES
 
 QWEN3_SITES: dict[str, SiteSpec] = {
     **LLAMA_SITES,
@@ -19,7 +19,6 @@ QWEN2 = Adapter(
     unembed="lm_head",
     embed="model.embed_tokens",
     sites=LLAMA_SITES,
-    aliases=LLAMA_ALIASES,
 )
 
 QWEN3 = Adapter(
@@ -30,5 +29,4 @@ QWEN3 = Adapter(
     unembed="lm_head",
     embed="model.embed_tokens",
     sites=QWEN3_SITES,
-    aliases=LLAMA_ALIASES,
 )

@@ -1,7 +1,8 @@
 """Static matplotlib figures of results, readable in a paper.
 
-Object API only (``matplotlib.figure.Figure``): no pyplot state, no rcParams changes, and
-matplotlib is imported inside the functions, so importing causalpatch stays side-effect free.
+Object API only (``matplotlib.figure.Figure``): no pyplot state (until you call a figure's
+``show()``), no rcParams changes, and matplotlib is imported inside the functions, so importing
+causalpatch stays side-effect free.
 
 * 1-D results: a bar chart over the axis (red positive, blue negative; error bars from
   ``std``).
@@ -11,9 +12,18 @@ matplotlib is imported inside the functions, so importing causalpatch stays side
   per entry of the last axis, all on one colour scale with one colour bar. When an ``ax`` is
   given, when there would be more than :data:`MAX_PANELS` panels, or for 4+ axes, one heatmap
   of the largest-magnitude (signed) effect over the trailing axes instead.
+* Causal tracing (:func:`plot_trace`): ROME's layer x position-group heatmap on a sequential
+  colour scale.
 
 Heatmaps use the diverging map :data:`CMAP` with limits symmetric around 0, so white is "no
 effect"; NaN cells are grey. Long axes show every k-th tick label (at most :data:`MAX_TICKS`).
+
+New figures are :class:`~causalpatch.render.figure.ResultFigure` objects: ordinary ``Figure``
+objects whose ``show()`` works although pyplot did not create them (it hands the figure to
+pyplot first; on a plain object-API ``Figure``, ``show()`` raises ``AttributeError``).
+
+Results are duck-typed: anything with ``effect_matrix``, ``axes``, ``std``, ``normalized``,
+``method``, ``component``, ``metric``, ``direction`` and ``cell_text(axis, i)`` can be drawn.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from .result import PatchingResult
+    from ..result import PatchingResult
 
 CMAP = "RdBu_r"
 """Diverging colour map: red = positive effect, blue = negative."""
@@ -112,9 +122,15 @@ def _heatmap(ax: Any, mat: np.ndarray, rows: list[str], cols: list[str], row_axi
 
 
 def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None) -> Any:
-    """Draw ``result`` (see the module docstring) and return the matplotlib ``Figure``."""
+    """Draw ``result`` (see the module docstring) and return the matplotlib ``Figure``.
+
+    Without ``ax`` the figure is a new :class:`~causalpatch.render.figure.ResultFigure` (so
+    ``plot_result(r).show()`` works); with ``ax`` it is ``ax.figure``, the caller's figure.
+    Always a figure, never an ``Axes``.
+    """
     import numpy as np
-    from matplotlib.figure import Figure
+
+    from .figure import ResultFigure
 
     m = result.effect_matrix.double().numpy()
     axes = result.axes
@@ -124,8 +140,8 @@ def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None
 
     if m.ndim == 1:
         if ax is None:
-            fig = Figure(figsize=(_clamp(0.22 * len(m) + 2.5, 5.0, 14.0), 3.8),
-                         layout="constrained")
+            fig = ResultFigure(figsize=(_clamp(0.22 * len(m) + 2.5, 5.0, 14.0), 3.8),
+                               layout="constrained")
             ax = fig.add_subplot()
         fig = ax.figure
         x = np.arange(len(m))
@@ -147,9 +163,9 @@ def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None
             m, _ = max_magnitude(m.reshape(m.shape[0], m.shape[1], -1), axis=2)
             heading = f"{heading}\n(largest |effect| over {trailing})"
         if ax is None:
-            fig = Figure(figsize=(_clamp(0.38 * m.shape[1] + 3.2, 5.0, 18.0),
-                                  _clamp(0.24 * m.shape[0] + 2.0, 3.5, 14.0)),
-                         layout="constrained")
+            fig = ResultFigure(figsize=(_clamp(0.38 * m.shape[1] + 3.2, 5.0, 18.0),
+                                        _clamp(0.24 * m.shape[0] + 2.0, 3.5, 14.0)),
+                               layout="constrained")
             ax = fig.add_subplot()
         fig = ax.figure
         image = _heatmap(ax, m, names[0], names[1], axes[0], axes[1], symmetric_limit(m))
@@ -164,7 +180,8 @@ def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None
     nrows = math.ceil(n / ncols)
     panel_w = _clamp(0.24 * m.shape[1] + 1.4, 2.4, 5.0)
     panel_h = _clamp(0.12 * m.shape[0] + 1.3, 2.0, 5.0)
-    fig = Figure(figsize=(panel_w * ncols + 1.2, panel_h * nrows + 1.0), layout="constrained")
+    fig = ResultFigure(figsize=(panel_w * ncols + 1.2, panel_h * nrows + 1.0),
+                       layout="constrained")
     grid = fig.subplots(nrows, ncols, squeeze=False)
     vmax = symmetric_limit(m)
     image, shown = None, []
@@ -183,4 +200,61 @@ def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None
     return fig
 
 
-__all__ = ["CMAP", "max_magnitude", "plot_result", "symmetric_limit", "title_of", "value_label"]
+#: Sequential colour maps of ROME's causal-tracing figures: hidden states purple, MLP green,
+#: attention red.
+TRACE_CMAPS: dict[str, str] = {"resid_post": "Purples", "resid_pre": "Purples", "mlp": "Greens",
+                               "attn": "Reds"}
+
+
+def plot_trace(result: PatchingResult, ax: Any = None, title: str | None = None) -> Any:
+    """ROME-style heatmap of a causal-tracing result (``method="causal_tracing"``).
+
+    Rows are the position groups (or tokens), columns the layers, as in Meng et al.'s figures,
+    on a sequential colour scale from 0 (:data:`TRACE_CMAPS`: purple for hidden states, green
+    for MLPs, red for attention). Groups no prompt contributed to
+    (``extra["group_counts"]`` 0) are left blank. Returns the Figure (a new
+    :class:`~causalpatch.render.figure.ResultFigure` without ``ax``, else ``ax.figure``).
+    """
+    import numpy as np
+
+    from .figure import ResultFigure
+
+    matrix = result.effect_matrix.numpy().T.astype(float)  # [groups/positions, layers]
+    counts = result.extra.get("group_counts")
+    if counts is not None:
+        matrix[np.asarray(counts) == 0, :] = np.nan
+    row_axis = result.axes[1]
+    rows = list(result.labels[row_axis])
+    if counts is not None:
+        rows = [f"{r} ({c})" for r, c in zip(rows, counts)]
+    if ax is None:
+        fig = ResultFigure(figsize=(max(6.0, 0.22 * matrix.shape[1] + 3), 0.42 * len(rows) + 1.6),
+                           layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    cmap = TRACE_CMAPS.get(result.component, "Purples")
+    finite = matrix[np.isfinite(matrix)]
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap=cmap, vmin=0.0,
+                      vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows)
+    layers = list(result.labels["layer"])
+    step = max(1, len(layers) // 15)
+    ax.set_xticks(range(0, len(layers), step))
+    ax.set_xticklabels([str(v) for v in layers[::step]])
+    ax.set_xlabel("layer" + (f" (window {result.extra.get('window')})"
+                             if result.component in ("mlp", "attn") else ""))
+    colorbar = fig.colorbar(image, ax=ax)
+    colorbar.set_label("indirect effect  p(restored) - p(corrupted)")
+    if title is None:
+        n = result.extra.get("n_prompts", 1)
+        title = (f"causal tracing: restore {result.component} — {result.model_name}, "
+                 f"{n} prompt{'s' if n != 1 else ''}")
+    ax.set_title(title)
+    return fig
+
+
+__all__ = ["CMAP", "TRACE_CMAPS", "max_magnitude", "plot_result", "plot_trace",
+           "symmetric_limit", "title_of", "value_label"]

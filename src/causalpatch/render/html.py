@@ -17,6 +17,9 @@ button is switched off.
 
 Size: plotly.js is about 4.8 MB; data is rounded to 5 significant digits, so a report with a
 30x9 and three 30x14 heatmaps is about 4.87 MB (4.65 MiB).
+
+Results are duck-typed (see :func:`is_result`): this module never imports
+``causalpatch.result``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import base64
 import hashlib
 import html
 import io
+import itertools
 import json
 import math
 import os
@@ -33,11 +37,13 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from ._io import atomic_write_text
-from .errors import InvalidArgumentError, InvalidTypeError
+from .._io import atomic_write_text
+from ..errors import InvalidArgumentError, InvalidTypeError
+from .markdown import timing_name
+from .plots import max_magnitude, plot_result, symmetric_limit
 
 if TYPE_CHECKING:
-    from .result import PatchingResult
+    from ..result import PatchingResult
 
 # ColorBrewer RdBu, reversed: blue negative, white 0, red positive (matplotlib's "RdBu_r").
 COLORSCALE = [[i / 10, c] for i, c in enumerate([
@@ -47,6 +53,14 @@ POSITIVE, NEGATIVE = "#b2182b", "#2166ac"
 MAX_PROMPTS = 10
 MAX_EXTRA_CHARS = 20_000
 _SIG_DIGITS = 5
+RESULT_ATTRIBUTES = ("effect_matrix", "axes", "labels", "shape", "std", "method", "component",
+                     "metric", "direction", "normalized", "cell_text", "top_cells")
+"""What :func:`report` needs of a result (a ``PatchingResult`` has all of them)."""
+
+
+def is_result(value: Any) -> bool:
+    """True for a ``PatchingResult`` or any object with its :data:`RESULT_ATTRIBUTES`."""
+    return all(hasattr(value, name) for name in RESULT_ATTRIBUTES)
 
 
 def library_versions() -> dict[str, str]:
@@ -118,8 +132,6 @@ def figure_spec(result: PatchingResult) -> dict[str, Any]:
     """The plotly figure (``data`` and ``layout``) of one result, all text escaped for plotly."""
     import numpy as np
 
-    from .plotting import max_magnitude, symmetric_limit
-
     m = result.effect_matrix.double().numpy()
     axes = result.axes
     names = [_unique([_pt(result.cell_text(a, i)) for i in range(n)])
@@ -183,8 +195,6 @@ def figure_spec(result: PatchingResult) -> dict[str, Any]:
     if m.ndim == 3:
         panel_axis, panel_names = axes[2], names[2]
     else:
-        import itertools
-
         panel_axis = " / ".join(axes[2:])
         panel_names = [", ".join(f"{_pt(a)} {names[2 + d][i]}" for d, (a, i)
                                  in enumerate(zip(axes[2:], coords)))
@@ -224,7 +234,7 @@ def top_table(result: PatchingResult, k: int = 10) -> str:
     if result.std is not None:
         head += "<th>std</th>"
     rows = []
-    for coords, effect in result._top_cells(k):
+    for coords, effect in result.top_cells(k):
         cells = "".join(f"<td>{_esc(result.cell_text(a, c))}</td>"
                         for a, c in zip(result.axes, coords))
         cells += f"<td class='num'>{effect:+.4f}</td>"
@@ -255,7 +265,7 @@ def metadata_table(result: PatchingResult) -> str:
     items.append(("pairs", str(result.n_pairs)))
     if result.timings:
         items.append(("timings", ", ".join(
-            f"{k[:-2] if k.endswith('_s') else k} {v:.2f} s" for k, v in result.timings.items())))
+            f"{timing_name(k)} {v:.2f} s" for k, v in result.timings.items())))
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
     parts = [f"<table class='meta'>{rows}</table>"]
 
@@ -335,17 +345,16 @@ def report(results: PatchingResult | Sequence[PatchingResult],
 
     Raises:
         InvalidArgumentError: no results.
-        InvalidTypeError: an item is not a :class:`~causalpatch.result.PatchingResult`.
+        InvalidTypeError: an item is not a :class:`~causalpatch.result.PatchingResult` (nor
+            shaped like one, see :func:`is_result`).
     """
     from plotly.offline import get_plotlyjs
 
-    from .result import PatchingResult
-
-    items = [results] if isinstance(results, PatchingResult) else list(results)
+    items = [results] if is_result(results) else list(results)
     if not items:
         raise InvalidArgumentError("report needs at least one result, got none")
     for item in items:
-        if not isinstance(item, PatchingResult):
+        if not is_result(item):
             raise InvalidTypeError(
                 f"report takes PatchingResult objects, got {type(item).__name__}")
     title = "causalpatch report" if title is None else str(title)
@@ -391,8 +400,6 @@ def compact_html(result: PatchingResult) -> str:
     """
     from matplotlib.figure import Figure
 
-    from .plotting import plot_result
-
     fig = Figure(figsize=(6.0, 3.6), layout="constrained")
     plot_result(result, ax=fig.add_subplot())
     buffer = io.BytesIO()
@@ -413,5 +420,6 @@ def compact_html(result: PatchingResult) -> str:
               f"src='data:image/png;base64,{image}'/>{top_table(result, 5)}</div>")
 
 
-__all__ = ["compact_html", "figure_spec", "library_versions", "report", "script_json",
+__all__ = ["COLORSCALE", "RESULT_ATTRIBUTES", "compact_html", "figure_spec", "is_result",
+           "library_versions", "metadata_table", "report", "result_title", "script_json",
            "top_table"]

@@ -35,9 +35,9 @@ row per (cell, prompt), ``batch_size`` rows per pass.
 
 Example::
 
-    from causalpatch import InterpretableModel
+    from causalpatch import HookedModel
     from causalpatch.ablation import ablate
-    model = InterpretableModel("smollm2")
+    model = HookedModel("smollm2")
     result = ablate(model, "When Mary and John went to the store, John gave a drink to",
                     component="attn_head", kind="zero", correct=" Mary", incorrect=" John")
     result.effect_matrix.shape    # (30, 9): change of the logit difference per head
@@ -53,22 +53,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .attribution import last_logits, plan_sites, result_axes
-from .errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
-from .hooks import Hook
-from .metrics import Metric, MetricInputs, get_metric
-from .names import Site
-from .patching import (ComponentPlan, _index_list, _inputs, _per_pair, plan_component,
-                       resolve_answers)
-from .tracing import make_batch, token_lists
+from ..assemble import GroupValues, Scale, build_result, run_pairs
+from ..engine import last_logits
+from ..enums import AblationKind, parse
+from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
+from ..hooks import Hook
+from ..metrics import Metric
+from ..names import Site
+from ..plan import (ComponentPlan, Pair, answer_tokens, check_answers, check_int,
+                    choose_metric, index_list, metric_inputs, plan_component, resolve_answers, result_axes)
+from ..tokens import make_batch, token_lists
 
 if TYPE_CHECKING:
-    from .model import InterpretableModel
-    from .result import PatchingResult
+    from ..model import HookedModel
+    from ..result import PatchingResult
 
-#: The ablation kinds :func:`ablate` accepts.
-KINDS = ("zero", "mean", "resample")
-#: Forward rows per pass when ``batch_size`` is not given.
+#: Forward rows (cell x prompt) per pass when ``batch_size`` is not given.
 DEFAULT_ROWS_PER_BATCH = 64
 
 
@@ -81,7 +81,7 @@ class _Cell:
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def _rows_of(model: InterpretableModel, obj: Any, what: str) -> tuple[list[list[int]], Any, Any]:
+def _rows_of(model: HookedModel, obj: Any, what: str) -> tuple[list[list[int]], Any, Any]:
     """Token rows of prompts or a dataset, and the dataset's answers (or None)."""
     for attr in ("clean", "prompts"):
         if not isinstance(obj, (str, list, tuple, torch.Tensor)) and hasattr(obj, attr):
@@ -118,7 +118,7 @@ def _resample_sources(n_rows: int, n_ref: int, same_set: bool, seed: int) -> lis
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _forward_last(model: InterpretableModel, rows: Sequence[Sequence[int]],
+def _forward_last(model: HookedModel, rows: Sequence[Sequence[int]],
                   hooks: Sequence[Hook]) -> torch.Tensor:
     """Logits ``[batch, vocab]`` at each row's last real token (rows right-padded if needed)."""
     batch = make_batch([list(r) for r in rows], model.pad_token_id, model.device)
@@ -129,7 +129,7 @@ def _forward_last(model: InterpretableModel, rows: Sequence[Sequence[int]],
         return logits[torch.arange(len(rows), device=logits.device), batch.last_index].float()
 
 
-def _cache_run(model: InterpretableModel, rows: list[list[int]], sites: Sequence[Site],
+def _cache_run(model: HookedModel, rows: list[list[int]], sites: Sequence[Site],
                rows_per_batch: int) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """Last logits ``[n, vocab]`` and, per site, each row's activation ``[len_i, *feature]``."""
     acts: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
@@ -191,11 +191,11 @@ def _ablating_hook(cells: Sequence[_Cell], rows: torch.Tensor, prompt_of: torch.
 
 
 def ablate(
-    model: InterpretableModel,
+    model: HookedModel,
     prompts_or_dataset: Any,
     component: str = "attn_head",
-    kind: str = "zero",
-    metric: str | Metric | Callable[..., Any] = "logit_diff",
+    kind: str | AblationKind = "zero",
+    metric: str | Metric | Callable[..., Any] | None = None,
     metric_kwargs: Mapping[str, Any] | None = None,
     *,
     correct: Any = None,
@@ -211,16 +211,16 @@ def ablate(
     """Ablate every cell of ``component`` in turn; the mean change of the metric per cell.
 
     Args:
-        model: the :class:`InterpretableModel`.
+        model: the model.
         prompts_or_dataset: a prompt, a list of prompts (strings or token ids; lengths may
             differ except for ``"resample"``), or a dataset with ``.clean`` (or ``.prompts``)
             and optional ``.correct``/``.incorrect`` answer lists.
         component: ``resid_pre | resid_mid | resid_post | attn | mlp | attn_head |
             attn_head_q | attn_head_k | attn_head_v | mlp_neuron``, another per-layer site
             kind, or one full site name.
-        kind: ``"zero"``, ``"mean"`` or ``"resample"``.
-        metric: metric name or callable; distance metrics are measured from each prompt's
-            original logits.
+        kind: ``"zero"``, ``"mean"`` or ``"resample"`` (an :class:`AblationKind`).
+        metric: metric name or callable (default ``logit_diff``); distance metrics are measured
+            from each prompt's original logits.
         metric_kwargs / correct / incorrect: answer tokens (one, or one per prompt).
         layers, heads, neurons: subsets of the cells (default all).
         positions: ablate only these positions of each prompt (negative: from each prompt's
@@ -233,45 +233,40 @@ def ablate(
         :class:`PatchingResult` (``method="ablation"``, ``normalized=False``) whose
         ``effect_matrix`` ``(n_layers,)``, ``(n_layers, n_heads)`` or ``(n_layers, n_neurons)``
         holds ``mean(ablated - original)``; ``per_pair`` ``[n_prompts, *shape]`` the
-        per-prompt changes; ``extra["fraction_kept"]`` ``ablated / original`` (score metrics).
+        per-prompt changes; ``extra["kind"]`` the ablation kind; ``extra["fraction_kept"]``
+        ``ablated / original`` (score metrics).
 
     Raises:
         InvalidArgumentError: unknown ``kind``; ``"resample"`` with a reference set of fewer
             than 2 rows or prompts of different token lengths; ``reference`` with ``"zero"``.
     """
-    from .result import PatchingResult
-
     t0 = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise InvalidArgumentError(
-            f"unknown ablation kind {kind!r}; expected one of {', '.join(map(repr, KINDS))}")
+    kind_ = parse(AblationKind, kind, "ablation kind")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InvalidTypeError(f"seed must be an int, got {seed!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(
-            batch_size, bool) or batch_size < 1):
-        raise InvalidArgumentError(
-            f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
-    if kind == "zero" and reference is not None:
+    check_int(batch_size, "batch_size", 1, allow_none=True)
+    if kind_ is AblationKind.ZERO and reference is not None:
         raise InvalidArgumentError(
             "reference is only used by kind='mean' and kind='resample', not by zero ablation")
-    m = get_metric(metric)
-    correct, incorrect = resolve_answers(model, metric_kwargs, correct, incorrect)
+    correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
     rows, data_correct, data_incorrect = _rows_of(model, prompts_or_dataset, "prompts")
     correct = correct if correct is not None else data_correct
     incorrect = incorrect if incorrect is not None else data_incorrect
     n = len(rows)
-    corrects = _per_pair(model, correct, n, "correct")
-    incorrects = _per_pair(model, incorrect, n, "incorrect")
-    for c, k in zip(corrects, incorrects):
-        _inputs(m, c, k, torch.zeros(1))  # answers present?
+    corrects = answer_tokens(model, correct, n, "correct")
+    incorrects = answer_tokens(model, incorrect, n, "incorrect")
+    prompts = [Pair(r, [], c, k) for r, c, k in zip(rows, corrects, incorrects)]
+    m = choose_metric(metric, prompts, prompts_or_dataset if hasattr(
+        prompts_or_dataset, "corrupted") else None)
+    check_answers(m, prompts)
     plan: ComponentPlan = plan_component(model, component, layers, heads, neurons)
     lengths = [len(r) for r in rows]
-    row_pos = _row_positions(_index_list(positions, "positions"), lengths)
+    row_pos = _row_positions(index_list(positions, "positions"), lengths)
     ref_rows = rows
     if reference is not None:
         ref_rows = _rows_of(model, reference, "reference")[0]
-    if kind == "resample":
+    if kind_ is AblationKind.RESAMPLE:
         if len(ref_rows) < 2:
             raise InvalidArgumentError(
                 f"resample ablation needs a reference set of at least 2 rows, got "
@@ -283,98 +278,85 @@ def ablate(
                 f"length (positions must line up), got lengths {all_lengths}; group prompts by "
                 "length or use kind='mean'")
     rows_per_batch = batch_size or DEFAULT_ROWS_PER_BATCH
-    sites = plan_sites(model, plan)
+    sites = list(plan.sites)
     units: list[int | None] = list(plan.units) if plan.units is not None else [None]
     cells = [_Cell(site, u) for site in sites for u in units]
     axes, labels, shape = result_axes(model, plan, None, False, rows[0])
+    kind_name = kind_.value
 
     # -- original run (and the reference statistics) ------------------------------------------
-    need_acts = kind != "zero" and reference is None
+    need_acts = kind_ is not AblationKind.ZERO and reference is None
     original_last, acts = _cache_run(model, rows, sites if need_acts else [], rows_per_batch)
     ref_acts = acts
-    if kind != "zero" and reference is not None:
+    if kind_ is not AblationKind.ZERO and reference is not None:
         ref_acts = _cache_run(model, ref_rows, sites, rows_per_batch)[1]
-    inputs = MetricInputs(
-        target_logits=original_last,
-        correct=None if corrects[0] is None else torch.tensor(corrects),
-        incorrect=None if incorrects[0] is None else torch.tensor(incorrects),
-    )
+    inputs = metric_inputs(m, corrects, incorrects, original_last)
     original = m(original_last, inputs)  # [n]
     means: dict[str, torch.Tensor] = {}
     resampled: dict[str, torch.Tensor] = {}
     sources: list[int] | None = None
-    if kind == "mean":
+    if kind_ is AblationKind.MEAN:
         for s in sites:
             stacked = torch.cat([a.float() for a in ref_acts[s.name]])  # [sum len, *feature]
             means[s.name] = stacked.mean(0)
-    elif kind == "resample":
+    elif kind_ is AblationKind.RESAMPLE:
         sources = _resample_sources(n, len(ref_rows), reference is None, seed)
         for s in sites:
             resampled[s.name] = torch.stack([ref_acts[s.name][j] for j in sources])
     t_setup = time.perf_counter() - t0
 
     # -- ablated runs: rows are (cell, prompt), batch_size of them per pass -------------------
-    jobs = [(c, i) for c in range(len(cells)) for i in range(n)]
-    raw = torch.empty(len(cells), n)
-    for lo in range(0, len(jobs), rows_per_batch):
-        part = jobs[lo : lo + rows_per_batch]
-        width = max(lengths[i] for _, i in part)
-        by_site: dict[str, list[int]] = {}
-        for r, (c, _) in enumerate(part):
-            by_site.setdefault(cells[c].site.name, []).append(r)
-        hooks = []
-        for name, batch_rows in by_site.items():
-            mask = torch.zeros(len(batch_rows), width, dtype=torch.bool)
-            for j, r in enumerate(batch_rows):
-                mask[j, row_pos[part[r][1]]] = True
-            site = cells[part[batch_rows[0]][0]].site
-            hooks.append(Hook(site, _ablating_hook(
-                [cells[part[r][0]] for r in batch_rows], torch.tensor(batch_rows),
-                torch.tensor([part[r][1] for r in batch_rows]), mask, kind,
-                means.get(name), resampled.get(name))))
-        prompt_idx = torch.tensor([i for _, i in part])
-        logits = _forward_last(model, [rows[i] for _, i in part], hooks)
-        values = m(logits, inputs.rows(prompt_idx))
-        for (c, i), v in zip(part, values.tolist()):
-            raw[c, i] = v
-    t_run = time.perf_counter() - t0 - t_setup
+    def evaluate(group: list[int], todo: list[int], tick: Callable[[int], None] | None
+                 ) -> GroupValues:
+        jobs = [(c, i) for c in todo for i in group]
+        raw = torch.empty(len(group), len(todo))
+        col = {c: j for j, c in enumerate(todo)}
+        row = {i: r for r, i in enumerate(group)}
+        for lo in range(0, len(jobs), rows_per_batch):
+            part = jobs[lo : lo + rows_per_batch]
+            width = max(lengths[i] for _, i in part)
+            by_site: dict[str, list[int]] = {}
+            for r, (c, _) in enumerate(part):
+                by_site.setdefault(cells[c].site.name, []).append(r)
+            hooks = []
+            for name, batch_rows in by_site.items():
+                mask = torch.zeros(len(batch_rows), width, dtype=torch.bool)
+                for j, r in enumerate(batch_rows):
+                    mask[j, row_pos[part[r][1]]] = True
+                site = cells[part[batch_rows[0]][0]].site
+                hooks.append(Hook(site, _ablating_hook(
+                    [cells[part[r][0]] for r in batch_rows], torch.tensor(batch_rows),
+                    torch.tensor([part[r][1] for r in batch_rows]), mask, kind_name,
+                    means.get(name), resampled.get(name))))
+            prompt_idx = torch.tensor([i for _, i in part])
+            logits = _forward_last(model, [rows[i] for _, i in part], hooks)
+            values = m(logits, inputs.rows(prompt_idx))
+            for (c, i), v in zip(part, values.tolist()):
+                raw[row[i], col[c]] = v
+            if tick is not None:
+                tick(len(part))
+        return GroupValues(original[group], None, raw)
 
-    # -- aggregate ------------------------------------------------------------------------------
-    diff = raw - original[None, :]  # [n_cells, n]
-    effect = diff.mean(1)
+    values = run_pairs(model, prompts, len(cells), evaluate, groups=[list(range(n))],
+                       label="ablating")
+
+    # -- the result ---------------------------------------------------------------------------
     mean_original = float(original.mean())
-    ablated_mean = raw.mean(1)
+    ablated_mean = values.raw.mean(0)
     fraction = None
     if m.kind == "score" and abs(mean_original) > 1e-6:
         fraction = (ablated_mean / mean_original).reshape(shape).tolist()
-    std = diff.std(1, unbiased=False).reshape(shape) if n > 1 else None
-    decode = model.tokenizer.decode
-    return PatchingResult(
-        effect_matrix=effect.reshape(shape).float(),
-        axes=axes,
-        labels=labels,
-        component=component,
-        metric=m.name,
-        direction=f"{kind} ablation",
-        method="ablation",
-        model_name=model.name,
-        clean_prompts=[decode(r) for r in rows],
-        corrupted_prompts=[],
-        clean_tokens=[model.to_str_tokens(rows[0])],
-        clean_metric=mean_original,
-        corrupted_metric=None,
-        normalized=False,
-        per_pair=diff.T.reshape(n, *shape).float() if n > 1 else None,
-        std=None if std is None else std.float(),
-        timings={"setup_s": t_setup, "run_s": t_run, "total_s": time.perf_counter() - t0},
-        extra={"kind": kind, "effect": "mean over prompts of ablated - original metric",
-               "n_prompts": n, "n_pairs": n, "original_metric": original.tolist(),
+    return build_result(
+        model, values=values, scale=Scale.CHANGE, metric=m, axes=axes, labels=labels,
+        shape=shape, component=component, method="ablation", direction="none",
+        clean=rows, corrupted=[], answers=[[c, k] for c, k in zip(corrects, incorrects)],
+        timings={"setup_s": t_setup},
+        extra={"kind": kind_name, "effect": "mean over prompts of ablated - original metric",
+               "n_prompts": n, "original_metric": original.tolist(),
                "ablated_metric": ablated_mean.reshape(shape).tolist(),
                "fraction_kept": fraction, "positions": None if positions is None else row_pos,
-               "reference_rows": len(ref_rows) if kind != "zero" else 0,
-               "seed": seed, "resample_sources": sources,
-               "answers": [[c, k] for c, k in zip(corrects, incorrects)][:1]},
-    )
+               "reference_rows": len(ref_rows) if kind_ is not AblationKind.ZERO else 0,
+               "seed": seed, "resample_sources": sources}, t_start=t0)
 
 
-__all__ = ["KINDS", "ablate"]
+__all__ = ["ablate"]

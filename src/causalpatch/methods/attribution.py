@@ -34,9 +34,9 @@ reliable than that of ``logit_diff``. Use ``verify_top_k`` to check the cells th
 
 Example::
 
-    from causalpatch import InterpretableModel
+    from causalpatch import HookedModel
     from causalpatch.attribution import attribution_patching
-    model = InterpretableModel("smollm2")
+    model = HookedModel("smollm2")
     result = attribution_patching(
         model,
         "When Mary and John went to the store, John gave a drink to",
@@ -48,78 +48,29 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import InvalidArgumentError, InvalidTypeError, NonFiniteError
-from .hooks import Hook, hooked
-from .metrics import Metric, MetricInputs, get_metric, normalize as normalize_fn
-from .names import Site
-from .patching import (ComponentPlan, Direction, Pair, _direction, _inputs, build_patches,
-                       make_pairs, patched_logits, plan_component, resolve_answers,
-                       resolve_positions, run_pair_or_sites)
+from ..assemble import GroupValues, Scale, build_result, pair_evaluator, run_pairs
+from ..engine import last_logits
+from ..enums import Direction, Engine, parse
+from ..errors import InvalidArgumentError, NonFiniteError
+from ..hooks import Hook
+from ..metrics import Metric, normalize as normalize_metric
+from ..names import Site
+from ..plan import (ComponentPlan, Pair, build_patches, check_answers, check_int,
+                    choose_metric, make_pairs, metric_inputs, pair_positions, plan_component,
+                    resolve_answers, result_axes)
 
 if TYPE_CHECKING:
-    from .model import InterpretableModel
-    from .result import PatchingResult
+    from ..model import HookedModel
+    from ..result import PatchingResult
 
 #: Pairs per forward/backward batch when ``batch_size`` is not given.
 DEFAULT_PAIRS_PER_BATCH = 8
-
-
-# -- small shared helpers (also used by causalpatch.ablation) -----------------------------------
-def plan_sites(model: InterpretableModel, plan: ComponentPlan) -> list[Site]:
-    """The site of every layer of ``plan``, in the order of the result's layer axis."""
-    if plan.single_site is not None:
-        return [model.site(plan.single_site)]
-    return [model.site(f"blocks.{layer}.{plan.kind}") for layer in plan.layers]
-
-
-def result_axes(model: InterpretableModel, plan: ComponentPlan, positions: list[int] | None,
-                by_position: bool, tokens: Sequence[int]
-                ) -> tuple[tuple[str, ...], dict[str, list[Any]], tuple[int, ...]]:
-    """Axes, labels and shape of a result, the same as :func:`activation_patching` builds.
-
-    A single named site without positions or units gives the 1-element axis ``("site",)``.
-    """
-    axes: tuple[str, ...] = ()
-    labels: dict[str, list[Any]] = {}
-    shape: tuple[int, ...] = ()
-    if plan.single_site is None:
-        axes, labels["layer"], shape = ("layer",), list(plan.layers), (len(plan.layers),)
-    if by_position:
-        assert positions is not None
-        toks = model.to_str_tokens(list(tokens))
-        axes += ("position",)
-        labels["position"] = [f"{p}: {toks[p]!r}" for p in positions]
-        shape += (len(positions),)
-    if plan.unit_axis is not None:
-        axes += (plan.unit_axis,)
-        labels[plan.unit_axis] = list(plan.units or [])
-        shape += (len(plan.units or []),)
-    if not axes:
-        axes, labels, shape = ("site",), {"site": [plan.single_site]}, (1,)
-    return axes, labels, shape
-
-
-def last_logits(model: InterpretableModel, ids: torch.Tensor, hooks: Sequence[Hook] = ()
-                ) -> torch.Tensor:
-    """Last-position logits ``[batch, vocab]`` of an unpadded batch ``ids`` ``[batch, pos]``.
-
-    Runs under the caller's grad mode; only the last position is unembedded when the model
-    supports ``logits_to_keep``.
-    """
-    hf = model.hf_model
-    kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
-    if "logits_to_keep" in inspect.signature(hf.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    with hooked(hf, hooks, model.dims):
-        logits = hf(**kwargs).logits
-    return logits[:, -1]
 
 
 def _reduce(contrib: torch.Tensor, plan: ComponentPlan, positions: list[int] | None,
@@ -139,13 +90,6 @@ def _reduce(contrib: torch.Tensor, plan: ComponentPlan, positions: list[int] | N
     if positions is not None:
         cells = cells[:, positions]
     return cells if by_position else cells.sum(1)
-
-
-def _check_int(value: Any, what: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidTypeError(f"{what} must be an int, got {value!r}")
-    if value < minimum:
-        raise InvalidArgumentError(f"{what} must be >= {minimum}, got {value}")
 
 
 # -- the attribution pass -----------------------------------------------------------------------
@@ -169,7 +113,7 @@ def _with_delta(acts: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], 
     return add_delta
 
 
-def _estimate_batch(model: InterpretableModel, metric: Metric, sites: Sequence[Site],
+def _estimate_batch(model: HookedModel, metric: Metric, sites: Sequence[Site],
                     base_ids: torch.Tensor, source_ids: torch.Tensor, pairs: Sequence[Pair],
                     plan: ComponentPlan, positions: list[int] | None, by_position: bool,
                     timings: dict[str, float]
@@ -189,12 +133,8 @@ def _estimate_batch(model: InterpretableModel, metric: Metric, sites: Sequence[S
         source_last = last_logits(model, source_ids,
                                   [Hook(s, _saver(source_acts, s.name)) for s in sites]).float()
     t1 = time.perf_counter()
-    inputs = MetricInputs(
-        target_logits=source_last,
-        correct=None if pairs[0].correct is None else torch.tensor([p.correct for p in pairs]),
-        incorrect=None if pairs[0].incorrect is None else torch.tensor(
-            [p.incorrect for p in pairs]),
-    )
+    inputs = metric_inputs(metric, [p.correct for p in pairs], [p.incorrect for p in pairs],
+                           source_last)
     base_acts: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
     with torch.enable_grad():
@@ -235,11 +175,11 @@ def _estimate_batch(model: InterpretableModel, metric: Metric, sites: Sequence[S
 
 
 def attribution_patching(
-    model: InterpretableModel,
+    model: HookedModel,
     clean: Any,
     corrupted: Any = None,
     component: str = "resid_post",
-    metric: str | Metric | Callable[..., Any] = "logit_diff",
+    metric: str | Metric | Callable[..., Any] | None = None,
     metric_kwargs: Mapping[str, Any] | None = None,
     *,
     correct: Any = None,
@@ -260,7 +200,7 @@ def attribution_patching(
     when noising), then normalised by ``metric(source) - metric(base)``.
 
     Args:
-        model: the :class:`InterpretableModel`.
+        model: the :class:`HookedModel`.
         clean, corrupted: as in :func:`causalpatch.activation_patching` (strings, token ids,
             equal-length lists, or a dataset with ``.clean``/``.corrupted``/``.correct``/
             ``.incorrect`` as ``clean``).
@@ -286,130 +226,85 @@ def attribution_patching(
         ``(n_layers,)``, ``(n_layers, n_heads)``, ``(n_layers, n_positions)`` or
         ``(n_layers, n_positions, n_heads)`` (``n_neurons`` for ``mlp_neuron``).
     """
-    from .result import PatchingResult
-
     t_start = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
-    direction_ = _direction(direction)
-    _check_int(verify_top_k, "verify_top_k", 0)
-    if batch_size is not None:
-        _check_int(batch_size, "batch_size", 1)
-    m = get_metric(metric)
-    correct, incorrect = resolve_answers(model, metric_kwargs, correct, incorrect)
+    direction_ = parse(Direction, direction, "direction")
+    check_int(verify_top_k, "verify_top_k", 0)
+    check_int(batch_size, "batch_size", 1, allow_none=True)
+    correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
     pairs = make_pairs(model, clean, corrupted, correct, incorrect)
+    m = choose_metric(metric, pairs, clean if corrupted is None else None)
     plan = plan_component(model, component, layers, heads, neurons)
-    lengths = sorted({len(p.clean) for p in pairs})
-    if by_position and len(lengths) > 1:
-        raise InvalidArgumentError(
-            f"by_position=True needs all pairs to have the same token length, got lengths "
-            f"{lengths}; group pairs by length or use by_position=False")
-    pos_by_length = {n: resolve_positions(positions, by_position, n) for n in lengths}
-    for pair in pairs:
-        _inputs(m, pair.correct, pair.incorrect, torch.zeros(1))  # answers present?
-    answered = {(p.correct is None, p.incorrect is None) for p in pairs}
-    if len(answered) > 1:
-        raise InvalidArgumentError("some pairs have answer tokens and others do not")
-    sites = plan_sites(model, plan)
-    axes, labels, shape = result_axes(model, plan, pos_by_length[len(pairs[0].clean)],
-                                      by_position, pairs[0].clean)
+    positions_of = pair_positions(pairs, positions, by_position)
+    check_answers(m, pairs)
+    axes, labels, shape = result_axes(model, plan, positions_of[0], by_position, pairs[0].clean)
     n_cells = int(torch.Size(shape).numel())
     per_batch = batch_size or DEFAULT_PAIRS_PER_BATCH
 
-    # -- run: pairs grouped by length, batched --------------------------------------------------
+    # -- run: pairs of one length and one position list, batched -----------------------------
+    groups: dict[tuple[int, tuple[int, ...] | None], list[int]] = {}
+    for i, (pair, pos) in enumerate(zip(pairs, positions_of)):
+        groups.setdefault((len(pair.clean), None if pos is None else tuple(pos)), []).append(i)
+    batches = [idx[lo : lo + per_batch] for idx in groups.values()
+               for lo in range(0, len(idx), per_batch)]
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t_start}
-    est = torch.empty(len(pairs), n_cells)
-    base_values = torch.empty(len(pairs))
-    source_values = torch.empty(len(pairs))
-    for n_tok in lengths:
-        idx = [i for i, p in enumerate(pairs) if len(p.clean) == n_tok]
-        for lo in range(0, len(idx), per_batch):
-            rows = idx[lo : lo + per_batch]
-            chunk = [pairs[i] for i in rows]
-            clean_ids = torch.tensor([p.clean for p in chunk], device=model.device)
-            corrupted_ids = torch.tensor([p.corrupted for p in chunk], device=model.device)
-            base_ids, src_ids = ((corrupted_ids, clean_ids) if direction_ is Direction.DENOISE
-                                 else (clean_ids, corrupted_ids))
-            e, b, s = _estimate_batch(model, m, sites, base_ids, src_ids, chunk, plan,
-                                      pos_by_length[n_tok], by_position, timings)
-            est[rows], base_values[rows], source_values[rows] = e.cpu(), b.cpu(), s.cpu()
-    attribution_s = (timings["source_forward_s"] + timings["base_forward_s"]
-                     + timings["backward_s"])
+    denoise = direction_ is Direction.DENOISE
 
-    # -- aggregate exactly like the exact sweep --------------------------------------------------
-    mean_base, mean_source = base_values.mean(), source_values.mean()
-    effect = normalize_fn(mean_base + est.mean(0), mean_base, mean_source, m.name)
-    per_pair = est / (mean_source - mean_base)
-    std = per_pair.std(0, unbiased=False) if len(pairs) > 1 else None
+    def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
+                 ) -> GroupValues:
+        chunk = [pairs[i] for i in group]
+        runs = [p.runs(denoise) for p in chunk]
+        base_ids = torch.tensor([b for b, _ in runs], device=model.device)
+        src_ids = torch.tensor([s for _, s in runs], device=model.device)
+        est, base, source = _estimate_batch(model, m, plan.sites, base_ids, src_ids, chunk,
+                                            plan, positions_of[group[0]], by_position, timings)
+        # an estimate is a first-order change: patched ~= base + estimate
+        patched = base.detach().cpu()[:, None] + est.cpu()
+        if tick is not None:
+            tick(len(group) * len(cells))
+        return GroupValues(base.cpu(), source.cpu(), patched[:, cells])
+
+    values = run_pairs(model, pairs, n_cells, evaluate, groups=batches)
+    timings["attribution_s"] = (timings["source_forward_s"] + timings["base_forward_s"]
+                                + timings["backward_s"])
 
     # -- optional exact check of the largest estimates ---------------------------------------
     t_verify = time.perf_counter()
     verified: list[dict[str, Any]] = []
     if verify_top_k > 0:
-        verified = _verify(model, m, pairs, plan, pos_by_length, by_position, direction_, effect,
-                           shape, axes, labels, min(verify_top_k, n_cells), batch_size)
+        mean_base, mean_source = values.base.mean(), values.source.mean()
+        effect = normalize_metric(values.raw.mean(0), mean_base, mean_source, m.name)
+        verified = _verify(model, m, pairs, plan, positions_of, by_position, direction_,
+                           effect, shape, axes, labels, min(verify_top_k, n_cells), batch_size)
     timings["verify_s"] = time.perf_counter() - t_verify
-    timings["attribution_s"] = attribution_s
-    timings["total_s"] = time.perf_counter() - t_start
-
-    clean_v, corrupted_v = ((source_values, base_values) if direction_ is Direction.DENOISE
-                            else (base_values, source_values))
-    decode = model.tokenizer.decode
-    first_positions = pos_by_length[len(pairs[0].clean)]
-    return PatchingResult(
-        effect_matrix=effect.reshape(shape).float(),
-        axes=axes,
-        labels=labels,
-        component=component,
-        metric=m.name,
-        direction=direction_.value,
-        method="attribution_patching",
-        model_name=model.name,
-        clean_prompts=[decode(p.clean) for p in pairs],
-        corrupted_prompts=[decode(p.corrupted) for p in pairs],
-        clean_tokens=[model.to_str_tokens(p.clean) for p in pairs[:1]],
-        clean_metric=float(clean_v.mean()),
-        corrupted_metric=float(corrupted_v.mean()),
-        normalized=True,
-        per_pair=per_pair.reshape(len(pairs), *shape).float() if len(pairs) > 1 else None,
-        std=None if std is None else std.reshape(shape).float(),
-        timings=timings,
-        extra={"estimate": "first-order (gradient at the base run)", "n_pairs": len(pairs),
-               "positions": first_positions,
-               "answers": [[p.correct, p.incorrect] for p in pairs[:1]],
-               "verified": verified},
-    )
+    return build_result(
+        model, values=values, scale=Scale.NORMALIZED, metric=m, axes=axes, labels=labels,
+        shape=shape, component=component, method="attribution_patching",
+        direction=direction_, clean=[p.clean for p in pairs],
+        corrupted=[p.corrupted for p in pairs],
+        answers=[[p.correct, p.incorrect] for p in pairs], timings=timings,
+        extra={"estimate": "first-order (gradient at the base run)",
+               "positions": positions_of[0], "verified": verified}, t_start=t_start)
 
 
-def _verify(model: InterpretableModel, m: Metric, pairs: Sequence[Pair], plan: ComponentPlan,
-            pos_by_length: dict[int, list[int] | None], by_position: bool,
+def _verify(model: HookedModel, m: Metric, pairs: Sequence[Pair], plan: ComponentPlan,
+            positions_of: Sequence[list[int] | None], by_position: bool,
             direction: Direction, effect: torch.Tensor, shape: tuple[int, ...],
             axes: tuple[str, ...], labels: dict[str, list[Any]], k: int,
             batch_size: int | None) -> list[dict[str, Any]]:
     """Exact effects (the activation patching engine) of the ``k`` largest estimates."""
     order = torch.argsort(effect.abs(), descending=True, stable=True)[:k].tolist()
-    positions = pos_by_length[len(pairs[0].clean)]
-    raw = torch.empty(len(pairs), k)
-    base_values = torch.empty(len(pairs))
-    source_values = torch.empty(len(pairs))
-    for i, pair in enumerate(pairs):
-        n_tok = len(pair.clean)
-        patches, _ = build_patches(model, plan, pos_by_length[n_tok], by_position, n_tok)
-        chosen = [patches[j] for j in order]
-        base_ids, src_ids = ((pair.corrupted, pair.clean) if direction is Direction.DENOISE
-                             else (pair.clean, pair.corrupted))
-        sites = plan_sites(model, plan)
-        run = run_pair_or_sites(model, base_ids, src_ids, sites, chosen, "fast")
-        inputs = _inputs(m, pair.correct, pair.incorrect, run.source_last)
-        ends = m(torch.stack([run.base_last, run.source_last]), inputs.expand(2))
-        base_values[i], source_values[i] = ends[0], ends[1]
-        logits = patched_logits(model, base_ids, chosen, run.base, run.source, run.base_last,
-                                "fast", batch_size, prepared=run.prepared)
-        raw[i] = m(logits, inputs.expand(k))
-    exact = normalize_fn(raw.mean(0), base_values.mean(), source_values.mean(), m.name)
+    patches_of = [[build_patches(plan, pos, by_position, len(p.clean))[j] for j in order]
+                  for p, pos in zip(pairs, positions_of)]
+    evaluate = pair_evaluator(model, pairs, patches_of, m, direction, Engine.FAST, batch_size,
+                              1024.0, {})
+    values = run_pairs(model, pairs, k, evaluate)
+    exact = normalize_metric(values.raw.mean(0), values.base.mean(), values.source.mean(),
+                             m.name)
+    positions = positions_of[0]
     out = []
     for j, flat in enumerate(order):
-        coords = list(torch.unravel_index(torch.tensor(flat), shape))
-        coords = [int(c) for c in coords]
+        coords = [int(c) for c in torch.unravel_index(torch.tensor(flat), shape)]
         index = [positions[c] if a == "position" and positions is not None
                  else labels[a][c] if a in labels else c for a, c in zip(axes, coords)]
         out.append({"index": index, "cell": coords, "estimate": float(effect[flat]),

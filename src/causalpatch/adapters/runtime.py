@@ -1,0 +1,254 @@
+"""The one forward runtime: how causalpatch calls a Hugging Face causal LM and its layers.
+
+Everything that depends on ``transformers`` calling conventions lives here: the name of the cache
+keyword (``past_key_values`` or ``cache``), ``logits_to_keep``, where a module's first tensor
+argument sits (positionally or as ``hidden_states``), how a decoder layer returns its output
+(a tensor in transformers 5, a tuple before), the ``Cache`` objects and their per-layer
+key/value storage, and the final norm, unembedding and logit soft-cap.
+
+Two ways to run a model, both on the real modules:
+
+* :meth:`Runtime.forward` — a whole forward pass (optionally on top of a prefix cache, keeping
+  only the last position's logits).
+* :class:`LayerCall` + :meth:`Runtime.run_layer` — "run from layer L": a decoder layer called
+  by hand with exactly the arguments Hugging Face passed it in a recorded forward pass (masks,
+  rotary embeddings, sliding windows are Hugging Face's own), on a batch of rows that share one
+  prefix cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .base import Adapter
+
+#: Keyword names under which Hugging Face passes a cache to a model or a layer.
+_CACHE_KEYS = ("past_key_values", "cache", "layer_past")
+
+
+# -- first tensor in / out of a module (for hooks) -------------------------------------------
+def first_input(args: tuple, kwargs: Mapping[str, Any]
+                ) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[tuple, dict]]]:
+    """A module call's first tensor argument and a function that rebuilds the call with it
+    replaced: ``(tensor, rebuild)`` where ``rebuild(new) -> (args, kwargs)``."""
+    if args:
+        return args[0], lambda new: ((new, *args[1:]), dict(kwargs))
+    key = "hidden_states" if "hidden_states" in kwargs else next(
+        k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    return kwargs[key], lambda new: (args, {**kwargs, key: new})
+
+
+def first_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """A module's output tensor (the first element of a tuple output) and a rebuild function."""
+    if isinstance(output, tuple):
+        return output[0], lambda new: (new, *output[1:])
+    return output, lambda new: new
+
+
+# -- recorded layer calls --------------------------------------------------------------------
+@dataclass
+class LayerCall:
+    """How Hugging Face called one decoder layer, with the hidden state and cache taken out.
+
+    Attributes:
+        hidden: ``[1, q, d_model]`` the layer's input in the recorded run.
+        args: positional arguments after the hidden state (the cache slot set to ``None``).
+        kwargs: keyword arguments (the cache slot set to ``None``).
+        cache_slot: where the cache goes: ``("arg", index)``, ``("kw", name)`` or ``None``.
+    """
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    cache_slot: tuple[str, Any] | None
+
+    def bind(self, cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's ``(args, kwargs)`` with ``cache`` in its slot."""
+        if self.cache_slot is None or cache is None:
+            return self.args, self.kwargs
+        where, key = self.cache_slot
+        if where == "arg":
+            return tuple(cache if j == key else a for j, a in enumerate(self.args)), self.kwargs
+        return self.args, {**self.kwargs, key: cache}
+
+
+def _is_cache(value: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
+def parse_layer_call(args: tuple, kwargs: Mapping[str, Any]) -> LayerCall:
+    """Split a recorded decoder-layer call into hidden state, other arguments and cache slot."""
+    kw = dict(kwargs)
+    hidden = args[0] if args else kw.pop("hidden_states")
+    rest = list(args[1:])
+    slot: tuple[str, Any] | None = None
+    for j, arg in enumerate(rest):  # GPT-2 passes its cache positionally
+        if _is_cache(arg):
+            rest[j], slot = None, ("arg", j)
+    for key, value in list(kw.items()):
+        if _is_cache(value) or (key in _CACHE_KEYS and value is None):
+            kw[key] = None
+            slot = slot or ("kw", key)
+    return LayerCall(hidden.detach(), tuple(rest), kw, slot)
+
+
+def first_argument(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The first tensor argument of a recorded module call (e.g. the final norm's input)."""
+    return (args[0] if args else next(iter(kwargs.values()))).detach()
+
+
+# -- the runtime -------------------------------------------------------------------------------
+class Runtime:
+    """Runs one Hugging Face causal LM: whole forwards, single layers and the unembedding.
+
+    Args:
+        hf_model: the ``*ForCausalLM`` module.
+        adapter: its architecture adapter (module paths).
+        n_layers: number of decoder layers.
+    """
+
+    def __init__(self, hf_model: nn.Module, adapter: Adapter, n_layers: int) -> None:
+        self.hf_model = hf_model
+        self.adapter = adapter
+        self.n_layers = n_layers
+
+    # -- paths -------------------------------------------------------------------------------
+    @cached_property
+    def layer_paths(self) -> list[str]:
+        """Module path of every decoder layer, in order."""
+        return [f"{self.adapter.layers}.{i}" for i in range(self.n_layers)]
+
+    @property
+    def final_norm_path(self) -> str:
+        return self.adapter.final_norm
+
+    def layer(self, index: int) -> nn.Module:
+        return self.hf_model.get_submodule(self.layer_paths[index])
+
+    @cached_property
+    def _params(self) -> set[str]:
+        return set(inspect.signature(self.hf_model.forward).parameters)
+
+    # -- whole forward passes ----------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                cache: Any = None, keep_cache: bool = False, last_only: bool = False
+                ) -> tuple[torch.Tensor, Any]:
+        """One forward pass of ``input_ids`` ``[batch, pos]``.
+
+        Args:
+            attention_mask: ``[batch, pos]`` for padded batches.
+            cache: a prefix cache (from an earlier ``forward(..., keep_cache=True)``); it is
+                deep-copied, so the caller's cache is never extended.
+            keep_cache: return the cache of this run.
+            last_only: compute logits only at the last position (``[batch, 1, vocab]``).
+
+        Returns:
+            ``(logits [batch, pos or 1, vocab], cache or None)``.
+        """
+        kwargs: dict[str, Any] = {"input_ids": input_ids,
+                                  "use_cache": keep_cache or cache is not None}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if cache is not None:
+            kwargs["cache" if "cache" in self._params else "past_key_values"] = copy.deepcopy(
+                cache)
+        if last_only and "logits_to_keep" in self._params:
+            kwargs["logits_to_keep"] = 1
+        out = self.hf_model(**kwargs)
+        logits = out.logits if not last_only else out.logits[:, -1:]
+        if not kwargs["use_cache"]:
+            return logits, None
+        found = getattr(out, "cache", None)
+        return logits, found if found is not None else getattr(out, "past_key_values", None)
+
+    # -- single layers -------------------------------------------------------------------------
+    def run_layer(self, index: int, call: LayerCall, hidden: torch.Tensor,
+                  prefix_cache: Any = None, prefix_rows: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Decoder layer ``index`` on ``hidden`` ``[rows, q, d_model]`` with the recorded call.
+
+        ``prefix_cache`` holds the keys/values of the positions before the ``q`` computed ones
+        (a Hugging Face cache; never modified). By default it has one row, broadcast to every
+        row of ``hidden``; with ``prefix_rows`` (``[rows]`` long) row ``i`` of ``hidden`` uses
+        row ``prefix_rows[i]`` of the cache instead (rows whose prefixes differ, e.g. noise
+        draws).
+        """
+        cache = self.row_cache(prefix_cache, index, hidden.shape[0], prefix_rows)
+        args, kwargs = call.bind(cache)
+        out = self.layer(index)(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def row_cache(template: Any, layer: int, rows: int, index: torch.Tensor | None = None
+                  ) -> Any:
+        """A shallow cache whose layer ``layer`` holds ``template``'s prefix for ``rows`` rows:
+        its one row broadcast, or its rows ``index`` (``[rows]``) when given."""
+        if template is None:
+            return None
+        cache = copy.copy(template)
+        cache.layers = list(template.layers)
+        entry = copy.copy(template.layers[layer])
+        if getattr(entry, "keys", None) is not None and entry.keys.numel() > 0:
+            if index is None:
+                entry.keys = entry.keys.expand(rows, *entry.keys.shape[1:])
+                entry.values = entry.values.expand(rows, *entry.values.shape[1:])
+            else:
+                index = index.to(entry.keys.device)
+                entry.keys = entry.keys.index_select(0, index)
+                entry.values = entry.values.index_select(0, index)
+        cache.layers[layer] = entry
+        return cache
+
+    @staticmethod
+    def cache_lengths(cache: Any) -> list[int]:
+        """Positions held by each layer of a cache (sliding-window layers may hold fewer)."""
+        return [int(entry.keys.shape[-2]) if getattr(entry, "keys", None) is not None
+                and entry.keys.numel() > 0 else 0 for entry in cache.layers]
+
+    # -- the readout ---------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding module's output for ``input_ids`` ``[..., pos]`` (what the
+        ``embed`` site sees, e.g. Gemma's scaled embeddings): ``[..., pos, d_model]``."""
+        return self.hf_model.get_submodule(self.adapter.embed)(input_ids)
+
+    def unembed(self, hidden: torch.Tensor, config: Any,
+                columns: Sequence[int] | None = None) -> torch.Tensor:
+        """Final norm, output projection and soft-cap: ``[..., d_model] -> [..., vocab]``.
+
+        With ``columns``, only those vocabulary entries are computed and every other logit is
+        0 (enough for metrics that read a few answer logits); this applies when the output
+        projection is a plain ``nn.Linear`` and there is no soft-cap, otherwise every logit
+        is computed.
+        """
+        root = self.hf_model
+        head = root.get_submodule(self.adapter.unembed)
+        normed = root.get_submodule(self.adapter.final_norm)(hidden)
+        attr = self.adapter.logit_softcap_attr
+        cap = getattr(config, attr, None) if attr else None
+        if columns is not None and not cap and isinstance(head, nn.Linear):
+            cols = torch.tensor(sorted(set(columns)), dtype=torch.long, device=hidden.device)
+            part = normed @ head.weight[cols].T
+            if head.bias is not None:
+                part = part + head.bias[cols]
+            out = part.new_zeros((*part.shape[:-1], head.out_features))
+            out[..., cols] = part
+            return out
+        logits = head(normed)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def stack_paths(runtime: Runtime) -> Sequence[str]:
+    """Paths a staircase needs recorded: every decoder layer, then the final norm."""
+    return [*runtime.layer_paths, runtime.final_norm_path]

@@ -1,0 +1,705 @@
+"""Causal tracing (Meng et al., 2022, "Locating and Editing Factual Associations in GPT").
+
+Where does a model recall a fact about a subject? Corrupt the subject by adding Gaussian noise to
+its token embeddings, so the model loses the fact, then restore one clean activation at a time
+(one layer, one token position) and see how much of the answer's probability comes back.
+
+* clean run: ``p_clean`` = probability of the answer token;
+* corrupted run: noise ``N(0, (noise * sigma)^2)`` added to the embedding output at the subject
+  positions, ``sigma`` = the standard deviation of the embedding outputs over the whole
+  vocabulary; ``p_corrupted`` = the answer's probability averaged over ``n_samples`` noise draws;
+* restored run: the corrupted run with one component at one ``(layer, position)`` set to its
+  clean value, the same noise draws; ``p_restored`` averaged over the draws.
+
+The *indirect effect* is ``IE = p_restored - p_corrupted``. Components: ``resid_post`` (the
+hidden state after layer L), ``mlp`` and ``attn`` (block outputs before the residual add; with
+``window=w`` the ``w`` layers centred at L are restored together, as ROME's plots do with
+``w=10``) and ``resid_pre``.
+
+Aggregation. Per prompt, ROME's definition averages the answer's probability over the noise
+draws (``p_corrupted``, ``p_restored``). Over prompts, every cell follows the one rule of
+:mod:`causalpatch.assemble` with :attr:`~causalpatch.assemble.Scale.CHANGE` (base = the
+corrupted run, source = the clean run): ``effect = mean over prompts of (p_restored -
+p_corrupted)``, ``per_pair`` the per-prompt IE. With ROME's position groups the mean of a group
+is taken over the prompts that *have* that group (a one-token subject has no middle tokens), as
+in ROME's averaged figures; ``extra["group_counts"]`` says how many prompts contributed.
+
+Computation (exact, up to float rounding): every restoration of one position ``p`` and every
+noise draw is a row of one batch. A restoration at ``(L, p)`` leaves layers before ``L`` and
+positions before ``p`` as in the corrupted run, so each row enters the decoder stack at its own
+layer with the corrupted residual stream and only positions ``p..T-1`` are computed
+(:func:`causalpatch.engine.run_layer` on a staircase of the prompt starting at ``p``), with the
+keys/values of earlier positions taken from the corrupted run of its noise draw
+(:func:`causalpatch.engine.run_prefix`, Hugging Face's own cache, so sliding-window layers are
+exact too).
+
+Example::
+
+    from causalpatch import InterpretableModel, causal_tracing
+
+    model = InterpretableModel("smollm2")
+    result = causal_tracing(model, "The Eiffel Tower is located in the city of", "The Eiffel Tower",
+                            position_groups=False)
+    result["mlp"].effect_matrix.shape      # (30, 10): layer x position, IE of the answer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..assemble import (GroupValues, PairValues, Scale, aggregate, build_result,
+                        progress_callback, run_pairs)
+from ..engine import (Staircase, cachers, embed, last_logits, prepare_staircase, run_layer,
+                      run_prefix, unembed)
+from ..enums import Direction
+from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
+from ..hooks import Hook
+from ..metrics import get_metric
+from ..plan import answer_token, check_int
+from ..render.plots import plot_trace
+from ..tokens import token_lists
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
+    from ..result import PatchingResult
+
+#: ROME's position groups for averages over many facts (Meng et al., 2022, Fig. 2).
+GROUPS: tuple[str, ...] = ("first subject token", "middle subject tokens", "last subject token",
+                           "first subsequent token", "further tokens", "last token")
+#: Components that can be restored.
+TRACE_COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_post", "mlp", "attn")
+
+#: The metric of every causal-tracing result: the answer's probability.
+_PROB = get_metric("prob")
+
+_EMBED_STD: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def embedding_std(model: HookedModel, chunk: int = 8192) -> float:
+    """Standard deviation of the embedding layer's output over every vocabulary entry.
+
+    The output of the hooked ``embed`` module is used (so models that scale their embeddings
+    inside the module, like Gemma, are measured at the scale the noise is added at). Cached
+    per model.
+    """
+    hf = model.hf_model
+    if hf in _EMBED_STD:
+        return _EMBED_STD[hf]
+    total, total_sq, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, model.vocab_size, chunk):
+            ids = torch.arange(lo, min(lo + chunk, model.vocab_size), device=model.device)
+            out = embed(model, ids.unsqueeze(0)).double()
+            total += float(out.sum())
+            total_sq += float((out * out).sum())
+            count += out.numel()
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
+    _EMBED_STD[hf] = std
+    return std
+
+
+def _char_offsets(model: HookedModel, prompt: Any, ids: list[int]
+                  ) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt text and each token's ``(start, end)`` character span in it."""
+    tok = model.tokenizer
+    if isinstance(prompt, str):
+        try:
+            enc = tok(prompt, return_offsets_mapping=True)
+            if list(enc["input_ids"]) == list(ids):
+                return prompt, [tuple(map(int, o)) for o in enc["offset_mapping"]]
+        except Exception:  # slow tokenizers have no offsets: fall back to decoding
+            pass
+    text = tok.decode(ids)
+    offsets = []
+    prev = 0
+    for k in range(1, len(ids) + 1):
+        end = len(tok.decode(ids[:k]))
+        if not text.startswith(tok.decode(ids[:k])):
+            offsets = []
+            break
+        offsets.append((prev, end))
+        prev = end
+    if offsets:
+        return text, offsets
+    pieces = [tok.decode([t]) for t in ids]  # last resort: concatenated single-token strings
+    text, offsets, pos = "", [], 0
+    for piece in pieces:
+        offsets.append((pos, pos + len(piece)))
+        text += piece
+        pos += len(piece)
+    return text, offsets
+
+
+def subject_span(model: HookedModel, prompt: Any, subject: str | tuple[int, int],
+                 ids: list[int] | None = None) -> tuple[int, int]:
+    """Token range ``[start, end)`` of ``subject`` (its first occurrence) in ``prompt``.
+
+    Uses the tokenizer's character offsets when available, else the decoded tokens. A token
+    that overlaps the subject's characters at all belongs to the span. ``subject`` may also be
+    a ``(start, end)`` token range.
+
+    Raises:
+        InvalidArgumentError: the subject does not occur in the prompt (the message shows both
+            and the prompt's tokens).
+    """
+    ids = list(ids if ids is not None else token_lists(model, prompt, "prompt")[0])
+    if isinstance(subject, (tuple, list)) and len(subject) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in subject):
+        start, end = int(subject[0]), int(subject[1])
+        if not 0 <= start < end <= len(ids):
+            raise OutOfRangeError(
+                f"subject token range {tuple(subject)} is outside the prompt's {len(ids)} tokens")
+        return start, end
+    if not isinstance(subject, str) or not subject.strip():
+        raise InvalidTypeError(
+            f"subject must be a non-empty string (or a (start, end) token range), got {subject!r}")
+    text, offsets = _char_offsets(model, prompt, ids)
+    c0 = text.find(subject)
+    if c0 < 0:
+        c0 = text.find(subject.strip())
+        subject = subject.strip()
+    span = [] if c0 < 0 else [i for i, (a, b) in enumerate(offsets)
+                              if b > a and a < c0 + len(subject) and b > c0]
+    if not span:
+        tokens = [model.tokenizer.decode([t]) for t in ids]
+        shown = prompt if isinstance(prompt, str) else text
+        raise InvalidArgumentError(
+            f"subject {subject!r} not found in prompt {shown!r} (tokens: {tokens}); the subject "
+            "must appear in the prompt exactly as written")
+    return span[0], span[-1] + 1
+
+
+def position_groups(n_tokens: int, span: tuple[int, int]) -> list[list[int]]:
+    """Token positions of each of ROME's six :data:`GROUPS` for one prompt.
+
+    first / middle / last subject token; the first token after the subject (unless it is the
+    prompt's last token); further tokens (after that, before the last token); the last token.
+    Groups may be empty (a one-token subject has no middle tokens) and the first and last
+    subject token coincide for a one-token subject. Tokens before the subject belong to no
+    group (their effect is exactly 0: noise only reaches later positions).
+    """
+    s0, s1 = span
+    last = n_tokens - 1
+    return [[s0], list(range(s0 + 1, s1 - 1)), [s1 - 1],
+            [s1] if s1 < last else [], list(range(s1 + 1, last)), [last]]
+
+
+def _window(layer: int, window: int, n_layers: int) -> range:
+    """``window`` consecutive layers centred at ``layer``, clipped to the model."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+# -- one prompt ------------------------------------------------------------------------------------
+@dataclass
+class _Restoration:
+    kind: str
+    layer: int
+    entry: int  # decoder layer at which the row joins (n_layers: only the unembedding)
+    inject: int | None  # stage at which position p of the hidden state is replaced
+    writes: tuple[int, ...]  # layers whose kind's output is replaced (mlp / attn)
+
+
+def _restorations(kinds: Sequence[str], n_layers: int, window: int) -> list[_Restoration]:
+    out = []
+    for kind in kinds:
+        for layer in range(n_layers):
+            if kind == "resid_pre":
+                out.append(_Restoration(kind, layer, layer, layer, ()))
+            elif kind == "resid_post":
+                out.append(_Restoration(kind, layer, layer + 1, layer + 1, ()))
+            else:
+                win = _window(layer, window, n_layers)
+                out.append(_Restoration(kind, layer, win.start, None, tuple(win)))
+    return out
+
+
+def _no_op(r: _Restoration, p: int, n_tokens: int, n_layers: int) -> bool:
+    """Restorations that cannot change the last position's logits (exactly the corrupted run)."""
+    if p == n_tokens - 1:
+        return False
+    if r.kind == "resid_post":
+        return r.layer == n_layers - 1
+    if r.kind in ("mlp", "attn"):
+        return min(r.writes) == n_layers - 1
+    return False
+
+
+@dataclass
+class _Traced:
+    p_clean: float
+    p_corrupted: float
+    restored: dict[str, torch.Tensor]  # kind -> [n_layers, T] mean p over the noise draws
+    noise: torch.Tensor  # [n_samples, n_subject_tokens, d_model]
+    answer: int
+
+
+def _noise_adder(noise: torch.Tensor, s0: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """Add ``noise`` ``[rows, n_subject, d]`` to the embeddings from position ``s0`` on (as far
+    as the run reaches: a prefix run may end inside the subject)."""
+
+    def add(act: torch.Tensor) -> torch.Tensor | None:
+        end = min(s0 + noise.shape[1], act.shape[1])
+        if end <= s0:
+            return None
+        out = act.clone()
+        out[:, s0:end] = out[:, s0:end] + noise[:, : end - s0].to(act.dtype)
+        return out
+
+    return add
+
+
+def _trace_one(model: HookedModel, ids: list[int], span: tuple[int, int],
+               answer: int | None, sigma: float, n_samples: int, seed: int,
+               kinds: Sequence[str], window: int, batch_size: int) -> _Traced:
+    n, T = model.n_layers, len(ids)
+    s0, s1 = span
+    dev, dtype = model.device, model.dtype
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n_samples, s1 - s0, model.d_model, generator=gen) * sigma
+    ids_t = torch.tensor([ids], dtype=torch.long, device=dev)
+
+    # clean run: the restored values, the answer and p_clean
+    clean: dict[str, torch.Tensor] = {}
+    clean_sites = [model.site(f"blocks.{layer}.{k}") for k in kinds for layer in range(n)]
+    with torch.no_grad():
+        clean_logits = last_logits(model, ids_t, cachers(clean, clean_sites)).float()
+    probs = torch.softmax(clean_logits[0], -1)
+    answer = int(probs.argmax()) if answer is None else answer
+    p_clean = float(probs[answer])
+
+    # corrupted runs: one row per noise draw
+    noise_hook = Hook(model.site("embed"), _noise_adder(noise.to(dev, dtype), s0))
+    rows_ids = ids_t.expand(n_samples, -1)
+    corrupted: dict[str, torch.Tensor] = {}
+    corrupted_sites = ([model.site(f"blocks.{layer}.resid_pre") for layer in range(n)]
+                       + [model.site(f"blocks.{n - 1}.resid_post")])
+    with torch.no_grad():
+        corr_logits = last_logits(model, rows_ids,
+                                  [noise_hook, *cachers(corrupted, corrupted_sites)]).float()
+    p_corr_rows = torch.softmax(corr_logits, -1)[:, answer]
+    p_corrupted = float(p_corr_rows.mean())
+    stage_input = [corrupted[f"blocks.{layer}.resid_pre"] for layer in range(n)]
+    stage_input.append(corrupted[f"blocks.{n - 1}.resid_post"])
+
+    restored = {k: torch.full((n, T), p_corrupted) for k in kinds}
+    plan = _restorations(kinds, n, window)
+    for p in range(s0, T):
+        todo = [r for r in plan if not _no_op(r, p, T, n)]
+        if not todo:
+            continue
+        stairs = prepare_staircase(model, ids_t, p)  # the layers' calls on positions p..T-1
+        # keys/values of positions < p of every noise draw; up to the subject they are the
+        # clean run's, shared by every row (the staircase's own prefix)
+        prefix = run_prefix(model, rows_ids, p, [noise_hook]) if p > s0 else None
+        rows = sorted(((r, s) for r in todo for s in range(n_samples)), key=lambda x: x[0].entry)
+        sums: dict[tuple[str, int], float] = defaultdict(float)
+        for lo in range(0, len(rows), batch_size):
+            part = rows[lo : lo + batch_size]
+            probs_part = _run_rows(model, stairs, prefix, part, p, stage_input, clean, answer)
+            for (r, _), value in zip(part, probs_part.tolist()):
+                sums[(r.kind, r.layer)] += value
+        for (kind, layer), total in sums.items():
+            restored[kind][layer, p] = total / n_samples
+    return _Traced(p_clean, p_corrupted, restored, noise, answer)
+
+
+def _run_rows(model: HookedModel, stairs: Staircase, prefix: Any,
+              rows: list[tuple[_Restoration, int]], p: int, stage_input: list[torch.Tensor],
+              clean: Mapping[str, torch.Tensor], answer: int) -> torch.Tensor:
+    """One staircase pass over rows sorted by entry layer; ``[rows]`` answer probabilities.
+
+    The rows compute positions ``p..T-1`` (``stairs.start == p``), so the restored position is
+    index 0 of that window; ``prefix`` holds every noise draw's keys/values of positions
+    ``< p`` (``None``: the staircase's own, shared prefix).
+    """
+    n = model.n_layers
+    dev = model.device
+    samples = torch.tensor([s for _, s in rows], dtype=torch.long, device=dev)
+    entries = [r.entry for r, _ in rows]
+    inject: dict[int, list[int]] = defaultdict(list)
+    writes: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for i, (r, _) in enumerate(rows):
+        if r.inject is not None:
+            inject[r.inject].append(i)
+        for layer in r.writes:
+            writes[(layer, r.kind)].append(i)
+    hidden = stage_input[0][:0, p:]
+    for stage in range(entries[0], n + 1):
+        n_before, n_now = hidden.shape[0], sum(1 for e in entries if e <= stage)
+        if n_now > n_before:
+            hidden = torch.cat([hidden, stage_input[stage][samples[n_before:n_now], p:]])
+        if inject.get(stage):
+            hidden = hidden.clone()
+            for kind in ("resid_pre", "resid_post"):
+                sel = [i for i in inject[stage] if rows[i][0].kind == kind]
+                if sel:
+                    source = (clean[f"blocks.{stage}.resid_pre"] if kind == "resid_pre"
+                              else clean[f"blocks.{stage - 1}.resid_post"])
+                    hidden[torch.tensor(sel, dtype=torch.long, device=dev), 0] = \
+                        source[0, p].to(hidden.dtype)
+        if stage == n:
+            break
+        hooks = []
+        for kind in ("mlp", "attn"):
+            sel = writes.get((stage, kind))
+            if not sel:
+                continue
+            sel_t = torch.tensor(sel, dtype=torch.long, device=dev)
+            value = clean[f"blocks.{stage}.{kind}"][0, p]
+
+            def write(act: torch.Tensor, sel_t: torch.Tensor = sel_t,
+                      value: torch.Tensor = value) -> torch.Tensor:
+                out = act.clone()
+                out[sel_t, 0] = value.to(act.dtype)
+                return out
+
+            hooks.append(Hook(model.site(f"blocks.{stage}.{kind}"), write))
+        out = run_layer(model, stairs, stage, hidden, hooks, prefix_cache=prefix,
+                        prefix_rows=None if prefix is None else samples[:n_now])
+        assert out is not None
+        hidden = out
+    with torch.no_grad():
+        logits = unembed(model, hidden[:, -1]).float()
+    return torch.softmax(logits, -1)[:, answer].cpu()
+
+
+# -- result ----------------------------------------------------------------------------------------
+class CausalTracingResult(dict):
+    """Causal-tracing results: ``{component: PatchingResult}`` plus the per-prompt details.
+
+    Each :class:`~causalpatch.result.PatchingResult` holds the indirect effect
+    ``IE = p_restored - p_corrupted`` (metric ``"prob"``, not normalised), averaged over
+    prompts, with axes ``("layer", "group")`` (ROME's six position groups) or
+    ``("layer", "position")``.
+
+    Attributes:
+        prompts, subjects: as given (subjects as strings or token ranges).
+        answers: answer token ids.
+        spans: subject token ranges ``[start, end)``.
+        tokens: each prompt's token strings.
+        p_clean, p_corrupted: ``[n_prompts]`` answer probabilities.
+        per_position: per prompt, ``{component: IE [n_layers, n_tokens]}``.
+        noise: per prompt, the noise added ``[n_samples, n_subject_tokens, d_model]``.
+        sigma: the noise standard deviation (``noise`` x the embedding std).
+        settings: the arguments of the run.
+    """
+
+    def __init__(self, results: Mapping[str, PatchingResult], **attrs: Any) -> None:
+        super().__init__(results)
+        self.prompts: list[Any] = attrs.get("prompts", [])
+        self.subjects: list[Any] = attrs.get("subjects", [])
+        self.answers: list[int] = attrs.get("answers", [])
+        self.spans: list[tuple[int, int]] = attrs.get("spans", [])
+        self.tokens: list[list[str]] = attrs.get("tokens", [])
+        self.p_clean: torch.Tensor = attrs.get("p_clean", torch.empty(0))
+        self.p_corrupted: torch.Tensor = attrs.get("p_corrupted", torch.empty(0))
+        self.per_position: list[dict[str, torch.Tensor]] = attrs.get("per_position", [])
+        self.noise: list[torch.Tensor] = attrs.get("noise", [])
+        self.sigma: float = attrs.get("sigma", 0.0)
+        self.settings: dict[str, Any] = attrs.get("settings", {})
+
+    def __repr__(self) -> str:
+        comps = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.items())
+        return (f"CausalTracingResult({len(self.prompts)} prompt(s), {comps}, "
+                f"p_clean={float(self.p_clean.mean()):.3f}, "
+                f"p_corrupted={float(self.p_corrupted.mean()):.3f})")
+
+    def summary(self) -> str:
+        """Baselines and, per component, the largest effects."""
+        lines = [repr(self)]
+        for kind, res in self.items():
+            top = ", ".join(f"{idx}: {v:+.3f}" for idx, v in res.top_components(3, by="value"))
+            lines.append(f"  {kind}: max IE {float(res.effect_matrix.max()):+.4f}; top {top}")
+        return "\n".join(lines)
+
+    def plot(self, component: str, ax: Any = None, title: str | None = None) -> Any:
+        """ROME-style heatmap of one component: rows = positions/groups, columns = layers."""
+        return plot_trace(self[component], ax=ax, title=title)
+
+
+# -- public API ------------------------------------------------------------------------------------
+def _answer_ids(model: HookedModel, answer: Any, n: int) -> list[int | None]:
+    if isinstance(answer, torch.Tensor) and answer.numel() > 1:
+        answer = answer.tolist()
+    if isinstance(answer, (list, tuple)):
+        if len(answer) != n:
+            raise InvalidArgumentError(f"answer has {len(answer)} entries for {n} prompts")
+        return [answer_token(model, a, f"answer[{i}]") for i, a in enumerate(answer)]
+    return [answer_token(model, answer, "answer")] * n
+
+
+def _cell_values(traced: _Traced, kinds: Sequence[str], ids: list[int], span: tuple[int, int],
+                 grouped: bool) -> torch.Tensor:
+    """One prompt's raw cells, component by component: ``p_restored`` per (layer, position),
+    or its mean over each of ROME's groups (NaN where the prompt has no such group)."""
+    if not grouped:
+        return torch.cat([traced.restored[k].flatten() for k in kinds])
+    groups = position_groups(len(ids), span)
+    out = []
+    for kind in kinds:
+        restored = traced.restored[kind]
+        cells = torch.full((restored.shape[0], len(GROUPS)), math.nan)
+        for g, positions in enumerate(groups):
+            if positions:
+                cells[:, g] = restored[:, positions].mean(1)
+        out.append(cells.flatten())
+    return torch.cat(out)
+
+
+def _by_group(values: PairValues, n_layers: int) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                          list[int]]:
+    """ROME's group averages: each ``(layer, group)`` cell by the one rule (``Scale.CHANGE``)
+    over the prompts that have the group; ``(effect, std, counts)``."""
+    raw = values.raw.reshape(-1, n_layers, len(GROUPS))
+    effect = torch.zeros(n_layers, len(GROUPS))
+    std = torch.zeros(n_layers, len(GROUPS))
+    counts = []
+    for g in range(len(GROUPS)):
+        have = (~torch.isnan(raw[:, 0, g])).nonzero().flatten()
+        counts.append(len(have))
+        if not len(have):
+            continue
+        sub = PairValues(raw[have, :, g], values.base[have],
+                         None if values.source is None else values.source[have])
+        agg = aggregate(sub, Scale.CHANGE, _PROB)
+        effect[:, g] = agg.effect
+        if agg.std is not None:
+            std[:, g] = agg.std
+    return effect, (std if raw.shape[0] > 1 else None), counts
+
+
+def causal_tracing(
+    model: HookedModel,
+    prompts: Any,
+    subject: str | tuple[int, int] | Sequence[str | tuple[int, int]],
+    *,
+    answer: Any = None,
+    noise: float = 3.0,
+    n_samples: int = 10,
+    seed: int = 0,
+    components: Sequence[str] = ("resid_post", "mlp", "attn"),
+    window: int = 1,
+    position_groups: bool = True,
+    batch_size: int | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+) -> CausalTracingResult:
+    """ROME-style causal tracing of one prompt or many.
+
+    Args:
+        model: the model (:class:`~causalpatch.InterpretableModel` or
+            :class:`~causalpatch.HookedModel`).
+        prompts: a prompt (string or token ids) or a list of them.
+        subject: the subject string in each prompt (one for all, or one per prompt), or a
+            ``(start, end)`` token range.
+        answer: the answer token (string or id), one or one per prompt; default: the model's
+            top-1 next token on the clean prompt.
+        noise: noise scale as a multiple of the embedding std (ROME: 3).
+        n_samples: noise draws per prompt (rows of each batch).
+        seed: noise seed; prompt ``i`` uses ``seed + i``. Every restoration sees the same draws.
+        components: any of ``resid_post``, ``mlp``, ``attn``, ``resid_pre``.
+        window: for ``mlp``/``attn``, restore ``window`` consecutive layers centred at L
+            (clipped at the ends), ROME uses 10 for its MLP/attention plots.
+        position_groups: average positions into ROME's six groups (result axes
+            ``("layer", "group")``, shape ``(n_layers, 6)``); False keeps every position (axes
+            ``("layer", "position")``, shape ``(n_layers, n_tokens)``; prompts must then have
+            equal token lengths).
+        batch_size: rows per batch (default 512).
+        progress: True for a progress bar or a callback ``(done, total)`` over prompts.
+
+    Returns:
+        :class:`CausalTracingResult`: ``result["mlp"]`` etc. are
+        :class:`~causalpatch.result.PatchingResult` with ``method="causal_tracing"``,
+        ``metric="prob"``, ``normalized=False`` and the indirect effect averaged over prompts
+        (module docstring: the one rule, ``Scale.CHANGE``; ROME's groups are averaged over the
+        prompts that have them).
+
+    Raises:
+        InvalidArgumentError: subject not in a prompt, unknown component, bad settings.
+    """
+    t0 = time.perf_counter()
+    # -- validate everything first ----------------------------------------------------------
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)) or (
+        isinstance(prompts, torch.Tensor) and prompts.dim() == 1)
+    prompt_list = [prompts] if single else list(prompts)
+    if not prompt_list:
+        raise InvalidArgumentError("prompts is empty: give at least one prompt")
+    if isinstance(subject, str) or (isinstance(subject, tuple) and len(subject) == 2
+                                    and all(isinstance(v, int) for v in subject)):
+        subjects = [subject] * len(prompt_list)
+    else:
+        subjects = list(subject)
+        if len(subjects) != len(prompt_list):
+            raise InvalidArgumentError(
+                f"subject has {len(subjects)} entries for {len(prompt_list)} prompts")
+    kinds = tuple(dict.fromkeys(components))
+    bad = [k for k in kinds if k not in TRACE_COMPONENTS]
+    if not kinds or bad:
+        raise InvalidArgumentError(
+            f"unknown components {bad or components!r}; expected some of {TRACE_COMPONENTS}")
+    check_int(n_samples, "n_samples", 1)
+    check_int(window, "window", 1)
+    check_int(batch_size, "batch_size", 1, allow_none=True)
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
+        raise InvalidArgumentError(f"noise must be a non-negative number, got {noise!r}")
+    ids_list = [token_lists(model, p, "prompt")[0] for p in prompt_list]
+    spans = [subject_span(model, p, s, ids) for p, s, ids in zip(prompt_list, subjects, ids_list)]
+    answers = _answer_ids(model, answer, len(prompt_list))
+    grouped = bool(position_groups)
+    if not grouped and len({len(ids) for ids in ids_list}) > 1:
+        raise InvalidArgumentError(
+            "position_groups=False needs prompts of equal token length (got lengths "
+            f"{sorted({len(i) for i in ids_list})}); use position_groups=True to average ROME's "
+            "position groups")
+    sigma = float(noise) * embedding_std(model)
+    n = model.n_layers
+    width = len(GROUPS) if grouped else len(ids_list[0])
+    n_cells = len(kinds) * n * width
+    t_setup = time.perf_counter() - t0
+
+    # -- run: one prompt per group ------------------------------------------------------------
+    traced: dict[int, _Traced] = {}
+    tick, close = progress_callback(progress, len(prompt_list), "causal tracing")
+
+    def evaluate(group: list[int], cells: list[int], _: Callable[[int], None] | None
+                 ) -> GroupValues:
+        (i,) = group
+        one = _trace_one(model, ids_list[i], spans[i], answers[i], sigma, n_samples, seed + i,
+                         kinds, window, batch_size or 512)
+        traced[i] = one
+        if tick is not None:
+            tick(1)
+        raw = _cell_values(one, kinds, ids_list[i], spans[i], grouped)
+        return GroupValues(torch.tensor([one.p_corrupted]), torch.tensor([one.p_clean]),
+                           raw[cells].unsqueeze(0))
+
+    try:
+        values = run_pairs(model, prompt_list, n_cells, evaluate, label="causal tracing")
+    finally:
+        close()
+    ordered = [traced[i] for i in range(len(prompt_list))]
+
+    # -- one result per component -------------------------------------------------------------
+    tokens = [model.to_str_tokens(ids) for ids in ids_list]
+    per_position = [{k: t.restored[k] - t.p_corrupted for k in kinds} for t in ordered]
+    results: dict[str, PatchingResult] = {}
+    for c, kind in enumerate(kinds):
+        part = PairValues(values.raw[:, c * n * width : (c + 1) * n * width], values.base,
+                          values.source, seconds=values.seconds)
+        extra: dict[str, Any] = {
+            "n_prompts": len(ordered), "noise": float(noise), "sigma": sigma,
+            "n_samples": n_samples, "seed": seed, "window": window if kind in (
+                "mlp", "attn") else 1,
+            "subject_spans": [list(s) for s in spans], "answers": [t.answer for t in ordered],
+            "subjects": [s if isinstance(s, str) else list(s) for s in subjects]}
+        labels: dict[str, list[Any]] = {"layer": list(range(n))}
+        if grouped:
+            axes: tuple[str, ...] = ("layer", "group")
+            labels["group"] = list(GROUPS)
+            effect, std, counts = _by_group(part, n)
+            extra["group_counts"] = counts
+        else:
+            axes = ("layer", "position")
+            s0, s1 = spans[0]
+            labels["position"] = [f"{j}: {tok!r}{'*' if s0 <= j < s1 else ''}"
+                                  for j, tok in enumerate(tokens[0])]
+            extra["positions"] = list(range(width))
+        result = build_result(
+            model, values=part, scale=Scale.CHANGE, metric=_PROB, axes=axes, labels=labels,
+            shape=(n, width), component=kind, method="causal_tracing",
+            direction=Direction.DENOISE, clean=ids_list, corrupted=[],
+            answers=[[t.answer] for t in ordered], timings={"setup_s": t_setup}, extra=extra,
+            t_start=t0)
+        clean_prompts = [p if isinstance(p, str) else model.tokenizer.decode(ids)
+                         for p, ids in zip(prompt_list, ids_list)]
+        if grouped:  # ROME's groups: averaged over the prompts that have them
+            result = dataclasses.replace(result, effect_matrix=effect, std=std, per_pair=None,
+                                         clean_prompts=clean_prompts)
+        else:
+            result = dataclasses.replace(result, clean_prompts=clean_prompts)
+        results[kind] = result
+    return CausalTracingResult(
+        results, prompts=prompt_list, subjects=subjects, answers=[t.answer for t in ordered],
+        spans=spans, tokens=tokens, p_clean=values.source, p_corrupted=values.base,
+        per_position=per_position, noise=[t.noise for t in ordered], sigma=sigma,
+        settings={"noise": noise, "n_samples": n_samples, "seed": seed, "components": kinds,
+                  "window": window, "position_groups": grouped})
+
+
+def causal_tracing_dataset(
+    model: HookedModel,
+    facts: Sequence[Mapping[str, Any]] | None = None,
+    n: int = 100,
+    *,
+    noise: float = 3.0,
+    n_samples: int = 10,
+    seed: int = 0,
+    components: Sequence[str] = ("resid_post", "mlp", "attn"),
+    window: int = 1,
+    batch_size: int | None = None,
+    progress: bool | Callable[[int, int], None] = False,
+) -> CausalTracingResult:
+    """Average causal tracing over many facts, in ROME's six position groups.
+
+    Args:
+        facts: :class:`~causalpatch.datasets.KnownFact` tuples, dicts with ``prompt``,
+            ``subject`` and optionally ``answer`` (token id or string; default: the model's
+            top-1 token), or ``(prompt, subject[, answer])`` tuples. Default:
+            ``causalpatch.datasets.known_facts(model, n, seed=seed)``, i.e. ``n`` of ROME's
+            known facts that the model completes correctly.
+        n: number of facts when ``facts`` is None.
+        Other arguments: as :func:`causal_tracing`.
+
+    Returns:
+        :class:`CausalTracingResult` whose components have shape ``(n_layers, 6)``, axes
+        ``("layer", "group")``; ``extra["group_counts"]`` says how many facts have each group.
+    """
+    if facts is None:
+        from ..datasets import known_facts
+
+        facts = known_facts(model, n, seed=seed)
+    facts = list(facts)
+    if not facts:
+        raise InvalidArgumentError("facts is empty")
+    prompts, subjects, answers = [], [], []
+    for i, fact in enumerate(facts):
+        prompt, subject, answer = _fact_fields(fact, i)
+        prompts.append(prompt)
+        subjects.append(subject)
+        answers.append(answer)
+    return causal_tracing(
+        model, prompts, subjects, answer=answers, noise=noise, n_samples=n_samples, seed=seed,
+        components=components, window=window, position_groups=True, batch_size=batch_size,
+        progress=progress)
+
+
+def _fact_fields(fact: Any, i: int) -> tuple[Any, Any, Any]:
+    """``(prompt, subject, answer or None)`` of a dict, a :class:`KnownFact` or a tuple."""
+    if isinstance(fact, Mapping):
+        if "prompt" in fact and "subject" in fact:
+            answer = fact.get("answer", fact.get("attribute_token"))
+            return fact["prompt"], fact["subject"], answer
+    elif hasattr(fact, "prompt") and hasattr(fact, "subject"):
+        answer = getattr(fact, "attribute_token", getattr(fact, "answer", None))
+        return fact.prompt, fact.subject, answer
+    elif isinstance(fact, (tuple, list)) and len(fact) in (2, 3):
+        return fact[0], fact[1], fact[2] if len(fact) == 3 else None
+    raise InvalidArgumentError(
+        f"facts[{i}] must be a dict with 'prompt' and 'subject' keys (and optionally 'answer'), "
+        f"a KnownFact or a (prompt, subject[, answer]) tuple; got {fact!r}")
+
+
+__all__ = ["GROUPS", "TRACE_COMPONENTS", "CausalTracingResult", "causal_tracing",
+           "causal_tracing_dataset", "embedding_std", "plot_trace", "position_groups",
+           "subject_span"]

@@ -1,0 +1,105 @@
+"""Prompts to token ids, and right-padded batches.
+
+Prompts of different lengths are right-padded. With causal attention a real token never attends
+to a later (padding) position, and position ids stay ``0..len-1``, so every row's logits equal
+the unbatched run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import InvalidArgumentError, InvalidTypeError
+
+if TYPE_CHECKING:
+    from .model import HookedModel
+
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+
+
+@dataclass
+class Batch:
+    """A right-padded batch of token ids.
+
+    Attributes:
+        input_ids: ``[batch, pos]`` token ids (padding = the tokenizer's pad id).
+        attention_mask: ``[batch, pos]``, 1 for real tokens.
+        lengths: ``[batch]`` number of real tokens per row.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths != self.input_ids.shape[1]).any())
+
+    @property
+    def last_index(self) -> torch.Tensor:
+        """``[batch]`` index of each row's last real token."""
+        return self.lengths - 1
+
+
+def token_lists(model: HookedModel, prompts: Prompts, what: str = "prompts") -> list[list[int]]:
+    """Tokenise strings, or accept ids given as a tensor / list of ints / list of lists."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts.unsqueeze(0)
+        if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
+            raise InvalidTypeError(
+                f"{what} given as a tensor must be integer token ids of shape [batch, pos], got "
+                f"dtype {prompts.dtype} and shape {tuple(prompts.shape)}")
+        rows = [row.tolist() for row in prompts]
+    elif isinstance(prompts, str):
+        rows = [encode(model, prompts, what)]
+    elif isinstance(prompts, Sequence) and len(prompts) > 0:
+        first = prompts[0]
+        if isinstance(first, str):
+            rows = [encode(model, p, f"{what}[{i}]") for i, p in enumerate(prompts)]
+        elif isinstance(first, int):
+            rows = [list(prompts)]  # type: ignore[arg-type]
+        elif isinstance(first, (Sequence, torch.Tensor)):
+            rows = [list(map(int, r)) for r in prompts]  # type: ignore[arg-type]
+        else:
+            raise InvalidTypeError(f"{what} must be strings or token ids, got {type(first).__name__}")
+    elif isinstance(prompts, Sequence):
+        raise InvalidArgumentError(f"{what} is empty: give at least one prompt")
+    else:
+        raise InvalidTypeError(
+            f"{what} must be a string, a list of strings, or token ids; got {type(prompts).__name__}")
+    vocab = model.vocab_size
+    for i, row in enumerate(rows):
+        if not row:
+            raise InvalidArgumentError(f"{what}[{i}] has no tokens: prompts must not be empty")
+        bad = [t for t in row if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgumentError(
+                f"{what}[{i}] has token ids {bad[:5]} outside the vocabulary [0, {vocab - 1}]")
+    return rows
+
+
+def encode(model: HookedModel, text: str, what: str) -> list[int]:
+    if not isinstance(text, str):
+        raise InvalidTypeError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InvalidArgumentError(f"{what} is empty: prompts must contain text, got {text!r}")
+    return list(model.tokenizer(text)["input_ids"])
+
+
+def make_batch(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Right-pad token lists into a :class:`Batch`."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    return Batch(ids.to(device), mask.to(device), lengths.to(device))
+
+

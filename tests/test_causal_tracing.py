@@ -1,0 +1,270 @@
+"""Causal tracing: the batched staircase against plain traces, exact identities, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import causalpatch.interventions as iv
+from causalpatch import InterpretableModel
+from causalpatch.errors import InvalidArgumentError
+from causalpatch.methods.causal_tracing import (GROUPS, causal_tracing, causal_tracing_dataset,
+                                                embedding_std, plot_trace, position_groups,
+                                                subject_span)
+
+PROMPT = "t5 t6 t7 t8 t9 t10 t11"
+SUBJECT = "t6 t7"  # tokens 1..2
+IDS = [5, 6, 7, 8, 9, 10, 11]
+
+
+class IdTokenizer:
+    """Text ``"t5 t6 ..."`` <-> token ids; no character offsets (a slow tokenizer)."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [int(t[1:]) for t in text.split()]
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+
+@pytest.fixture(scope="module")
+def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, InterpretableModel]:
+    """``(family, own copy of its tiny random model)`` for every supported architecture."""
+    return tiny_family, make_tiny_lm(tiny_family)
+
+
+@pytest.fixture(scope="module")
+def small() -> InterpretableModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, initializer_range=0.3)
+    return InterpretableModel(LlamaForCausalLM(config).eval(), tokenizer=IdTokenizer())
+
+
+def naive_p(model: InterpretableModel, ids: list[int], span: tuple[int, int],
+            noise: torch.Tensor, answer: int, restore: dict[str, int] | None = None) -> float:
+    """The answer's probability averaged over noise rows, from one plain trace.
+
+    ``restore``: ``{site name: position}`` set to the clean run's value.
+    """
+    n_samples = noise.shape[0]
+    full = torch.zeros(n_samples, len(ids), model.d_model)
+    full[:, span[0] : span[1]] = noise
+    interventions: dict = {"embed": iv.add(full)}
+    if restore:
+        clean = model.trace([ids], cache=list(restore)).run().cache
+        for name, p in restore.items():
+            interventions[name] = iv.replace_with(clean[name][:, p : p + 1], positions=[p])
+    logits = model.trace([ids] * n_samples, interventions=interventions).run().last_logits
+    return float(torch.softmax(logits.float(), -1)[:, answer].mean())
+
+
+def test_embedding_std(small):
+    weight = small.hf_model.get_input_embeddings().weight.detach()
+    assert embedding_std(small) == pytest.approx(float(weight.double().std()), rel=1e-6)
+
+
+def test_subject_span_decoded_tokens(small):
+    assert subject_span(small, PROMPT, SUBJECT) == (1, 3)
+    assert subject_span(small, IDS, "t10") == (5, 6)
+    assert subject_span(small, PROMPT, (2, 4)) == (2, 4)
+    with pytest.raises(InvalidArgumentError, match="'t4' not found in prompt 't5 t6"):
+        subject_span(small, PROMPT, "t4")
+
+
+def test_subject_not_found_errors(small):
+    before = small.hook_snapshot()
+    with pytest.raises(InvalidArgumentError, match="subject 't30 t31' not found in prompt"):
+        causal_tracing(small, PROMPT, "t30 t31", n_samples=2)
+    with pytest.raises(InvalidArgumentError, match="'t9 t5' not found"):
+        causal_tracing(small, [PROMPT, PROMPT], ["t6", "t9 t5"], n_samples=2)
+    assert small.hook_snapshot() == before
+
+
+@pytest.fixture(scope="module")
+def traced(small):
+    return causal_tracing(small, PROMPT, SUBJECT, noise=3.0, n_samples=4, seed=7,
+                          components=("resid_pre", "resid_post", "mlp", "attn"),
+                          position_groups=False)
+
+
+def test_baselines_match_plain_traces(small, traced):
+    answer = traced.answers[0]
+    clean = torch.softmax(small.trace([IDS]).run().last_logits[0].float(), -1)
+    assert answer == int(clean.argmax())
+    assert float(traced.p_clean[0]) == pytest.approx(float(clean[answer]), abs=1e-6)
+    expected = naive_p(small, IDS, (1, 3), traced.noise[0], answer)
+    assert float(traced.p_corrupted[0]) == pytest.approx(expected, abs=1e-6)
+    assert traced.noise[0].shape == (4, 2, 32)
+    assert traced.sigma == pytest.approx(3.0 * embedding_std(small))
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "mlp", "attn"])
+def test_every_cell_matches_naive(small, traced, kind):
+    """Every (layer, position) of the batched staircase equals one plain trace with the
+    restoration as an intervention (same noise)."""
+    answer, p_corr = traced.answers[0], float(traced.p_corrupted[0])
+    effect = traced[kind].effect_matrix
+    assert effect.shape == (3, 7)
+    assert traced[kind].axes == ("layer", "position")
+    for layer in range(3):
+        for p in range(7):
+            expected = naive_p(small, IDS, (1, 3), traced.noise[0], answer,
+                               {f"blocks.{layer}.{kind}": p}) - p_corr
+            assert float(effect[layer, p]) == pytest.approx(expected, abs=2e-6), (layer, p)
+    assert (effect[:, 0] == 0).all()  # before the subject nothing is corrupted
+
+
+def test_window_matches_naive(small):
+    result = causal_tracing(small, PROMPT, SUBJECT, n_samples=3, components=("mlp", "attn"),
+                            window=2, position_groups=False)
+    answer, p_corr = result.answers[0], float(result.p_corrupted[0])
+    for kind in ("mlp", "attn"):
+        for layer, layers in ((0, [0]), (1, [0, 1]), (2, [1, 2])):  # window 2 centred at L
+            for p in (2, 4, 6):
+                restore = {f"blocks.{lr}.{kind}": p for lr in layers}
+                expected = naive_p(small, IDS, (1, 3), result.noise[0], answer, restore) - p_corr
+                got = float(result[kind].effect_matrix[layer, p])
+                assert got == pytest.approx(expected, abs=2e-6), (kind, layer, p)
+
+
+def test_exact_restorations(small):
+    """Restoring the whole clean state gives p_clean: the final residual at the last position,
+    or the input embedding of a one-token subject."""
+    result = causal_tracing(small, PROMPT, "t8", n_samples=5,
+                            components=("resid_pre", "resid_post"), position_groups=False)
+    ie_full = float(result.p_clean[0] - result.p_corrupted[0])
+    assert abs(ie_full) > 1e-3
+    assert float(result["resid_post"].effect_matrix[2, 6]) == pytest.approx(ie_full, abs=1e-6)
+    assert float(result["resid_pre"].effect_matrix[0, 3]) == pytest.approx(ie_full, abs=1e-6)
+    # the last layer's output at an earlier position never reaches the last token's logits
+    assert (result["resid_post"].effect_matrix[2, :6] == 0).all()
+
+
+def test_noise_is_deterministic(small):
+    kwargs = dict(n_samples=3, components=("mlp",), position_groups=False)
+    a = causal_tracing(small, PROMPT, SUBJECT, seed=3, **kwargs)
+    b = causal_tracing(small, PROMPT, SUBJECT, seed=3, **kwargs)
+    c = causal_tracing(small, PROMPT, SUBJECT, seed=4, **kwargs)
+    assert torch.equal(a.noise[0], b.noise[0])
+    assert torch.equal(a["mlp"].effect_matrix, b["mlp"].effect_matrix)
+    assert not torch.equal(a.noise[0], c.noise[0])
+    assert float(a.p_corrupted[0]) == float(b.p_corrupted[0]) != float(c.p_corrupted[0])
+    # noise std is noise x embedding std
+    assert a.noise[0].std().item() == pytest.approx(a.sigma, rel=0.25)
+
+
+def test_batch_size_does_not_change_results(small):
+    kwargs = dict(n_samples=3, components=("resid_post", "attn"), position_groups=False)
+    one = causal_tracing(small, PROMPT, SUBJECT, batch_size=1, **kwargs)
+    many = causal_tracing(small, PROMPT, SUBJECT, **kwargs)
+    for kind in ("resid_post", "attn"):
+        torch.testing.assert_close(one[kind].effect_matrix, many[kind].effect_matrix,
+                                   atol=1e-6, rtol=0)
+
+
+def test_position_groups():
+    # 10 tokens, subject at 2..5: first 2, middle 3-4, last 5, first after 6, further 7-8, last 9
+    assert position_groups(10, (2, 6)) == [[2], [3, 4], [5], [6], [7, 8], [9]]
+    assert position_groups(4, (0, 1)) == [[0], [], [0], [1], [2], [3]]
+    assert position_groups(3, (0, 2)) == [[0], [], [1], [], [], [2]]
+
+
+def test_groups_average_over_prompts(small):
+    prompts = [PROMPT, "t9 t12 t13 t14 t15", "t20 t21 t22 t23 t24 t25"]
+    subjects = [SUBJECT, "t12 t13 t14", "t20"]
+    before = small.hook_snapshot()
+    result = causal_tracing(small, prompts, subjects, n_samples=2, components=("mlp",))
+    assert small.hook_snapshot() == before
+    mlp = result["mlp"]
+    assert mlp.shape == (3, 6) and mlp.axes == ("layer", "group")
+    assert mlp.labels["group"] == list(GROUPS)
+    assert mlp.method == "causal_tracing" and mlp.metric == "prob" and not mlp.normalized
+    # prompt 1's subject ends right before its last token: no "first subsequent"/"further"
+    assert mlp.extra["group_counts"] == [3, 1, 3, 2, 2, 3]
+    assert result.spans == [(1, 3), (1, 4), (0, 1)]
+    # "first subsequent token" by hand: position 3 of prompt 0, position 1 of prompt 2
+    by_hand = (result.per_position[0]["mlp"][:, 3] + result.per_position[2]["mlp"][:, 1]) / 2
+    torch.testing.assert_close(mlp.effect_matrix[:, 3], by_hand)
+    # middle subject tokens: only prompt 1 has one (position 2)
+    torch.testing.assert_close(mlp.effect_matrix[:, 1], result.per_position[1]["mlp"][:, 2])
+    fig = result.plot("mlp")
+    assert fig.axes
+    assert result.per_position[0]["mlp"].shape == (3, 7)
+
+
+def test_dataset_function_and_answers(small):
+    facts = [{"prompt": PROMPT, "subject": SUBJECT, "answer": 3},
+             {"prompt": "t9 t12 t13 t14 t15", "subject": "t12"}]
+    result = causal_tracing_dataset(small, facts, n_samples=2, components=("attn",))
+    assert result.answers[0] == 3
+    assert result["attn"].shape == (3, 6)
+    with pytest.raises(InvalidArgumentError, match="must be a dict with"):
+        causal_tracing_dataset(small, [{"prompt": PROMPT}])
+
+
+def test_bad_arguments(small):
+    with pytest.raises(InvalidArgumentError, match="components"):
+        causal_tracing(small, PROMPT, SUBJECT, components=("attn.z",))
+    with pytest.raises(InvalidArgumentError, match="n_samples"):
+        causal_tracing(small, PROMPT, SUBJECT, n_samples=0)
+    with pytest.raises(InvalidArgumentError, match="equal token length"):
+        causal_tracing(small, [PROMPT, "t5 t6 t7"], SUBJECT, position_groups=False)
+
+
+def test_every_family_matches_naive(family_model):
+    """Tiny random models of every architecture (``conftest.FAMILIES``, a fast tokenizer with
+    character offsets; Gemma 3 has sliding-window layers): cells against plain traces."""
+    tiny_family, tiny = family_model
+    prompt, subject = "The Eiffel Tower is in the city of", "Eiffel Tower"
+    before = tiny.hook_snapshot()
+    result = causal_tracing(tiny, prompt, subject, n_samples=2, position_groups=False,
+                            components=("resid_post", "mlp", "attn"), window=2)
+    assert tiny.hook_snapshot() == before
+    ids = tiny.tokenizer(prompt)["input_ids"]
+    span = result.spans[0]
+    assert tiny.tokenizer.decode(ids[span[0]:span[1]]).strip() == subject
+    answer, p_corr = result.answers[0], float(result.p_corrupted[0])
+    n, T = tiny.n_layers, len(ids)
+    for kind, layer, p in (("resid_post", 0, span[1] - 1), ("mlp", 1, span[0]),
+                           ("attn", 2, T - 1), ("resid_post", 1, T - 2)):
+        layers = [layer] if kind == "resid_post" else [lr for lr in (layer - 1, layer) if lr >= 0]
+        restore = {f"blocks.{lr}.{kind}": p for lr in layers}
+        expected = naive_p(tiny, ids, span, result.noise[0], answer, restore) - p_corr
+        got = float(result[kind].effect_matrix[layer, p])
+        assert got == pytest.approx(expected, abs=2e-6), (tiny_family, kind, layer, p)
+
+
+@pytest.mark.real
+def test_smollm2_two_facts(smollm2):
+    """Real model: two known facts, grouped effects with finite values and ROME's labels."""
+    from causalpatch.datasets import known_facts
+
+    facts = known_facts(smollm2, 2, seed=0)
+    assert len(facts) == 2
+    for fact in facts:
+        start, end = subject_span(smollm2, fact.prompt, fact.subject)
+        tokens = smollm2.to_str_tokens(fact.prompt)
+        assert fact.subject.replace(" ", "") in "".join(tokens[start:end]).replace(" ", "")
+    before = smollm2.hook_snapshot()
+    result = causal_tracing_dataset(smollm2, facts, n_samples=2,
+                                    components=("resid_post", "mlp", "attn"), window=5)
+    assert smollm2.hook_snapshot() == before
+    for kind in ("resid_post", "mlp", "attn"):
+        res = result[kind]
+        assert res.shape == (30, 6)
+        assert res.labels["group"] == list(GROUPS)
+        assert torch.isfinite(res.effect_matrix).all()
+    assert (result.p_clean > result.p_corrupted).all()
+    # restoring the last layer's output at the last token restores the clean run exactly
+    last = result["resid_post"].effect_matrix[29, 5]
+    assert float(last) == pytest.approx(float((result.p_clean - result.p_corrupted).mean()),
+                                        abs=1e-4)

@@ -1,0 +1,302 @@
+"""Path patching: the batched implementation against a brute-force construction from traces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import causalpatch.interventions as iv
+from causalpatch import InterpretableModel, activation_patching
+from causalpatch.errors import InvalidArgumentError, OutOfRangeError
+from causalpatch.methods.path_patching import path_patching
+
+CLEAN = [5, 6, 7, 8, 9, 10, 11, 12]
+CORRUPTED = [5, 6, 7, 20, 9, 10, 21, 12]
+CORRECT, INCORRECT = 3, 4
+
+
+class IdTokenizer:
+    """Prompts are token-id lists; text is ``"t5 t6 ..."``."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [int(t[1:]) for t in text.split()]
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+
+def make_tiny(n_kv_heads: int = 4, seed: int = 0) -> InterpretableModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=n_kv_heads, max_position_embeddings=64,
+                         initializer_range=0.3)
+    return InterpretableModel(LlamaForCausalLM(config).eval(), tokenizer=IdTokenizer())
+
+
+@pytest.fixture(scope="module")
+def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, InterpretableModel]:
+    """``(family, own copy of its tiny random model)`` for every supported architecture."""
+    return tiny_family, make_tiny_lm(tiny_family)
+
+
+@pytest.fixture(scope="module")
+def small() -> InterpretableModel:
+    return make_tiny()
+
+
+@pytest.fixture(scope="module")
+def small_gqa() -> InterpretableModel:
+    return make_tiny(n_kv_heads=2, seed=1)
+
+
+def logit_diff(logits: torch.Tensor, correct: int = CORRECT, incorrect: int = INCORRECT) -> float:
+    return float(logits[correct] - logits[incorrect])
+
+
+def brute_force(model: InterpretableModel, base: list[int], source: list[int],
+                sender: tuple[int, int | None], receiver: tuple[int, int] | None,
+                kind: str = "q", correct: int = CORRECT, incorrect: int = INCORRECT) -> float:
+    """Path patching written out with plain traces, one forward pass per step.
+
+    Pass 1: the base prompt with every head output and every MLP output replaced by its base
+    value, except the sender, taken from the source run; read the receiver's input. Pass 2: the
+    base prompt with only that input replaced. ``receiver=None``: the final residual stream.
+    """
+    n = model.n_layers
+    names = [f"blocks.{layer}.{k}" for layer in range(n) for k in ("attn.z", "mlp")]
+    base_cache = model.trace([base], cache=names).run().cache
+    source_cache = model.trace([source], cache=names).run().cache
+    layer_s, head_s = sender
+    frozen = {}
+    for layer in range(n):
+        z = base_cache[f"blocks.{layer}.attn.z"].clone()
+        mlp = base_cache[f"blocks.{layer}.mlp"].clone()
+        if layer == layer_s and head_s is not None:
+            z[:, :, head_s] = source_cache[f"blocks.{layer}.attn.z"][:, :, head_s]
+        if layer == layer_s and head_s is None:
+            mlp = source_cache[f"blocks.{layer}.mlp"].clone()
+        frozen[f"blocks.{layer}.attn.z"] = iv.replace_with(z)
+        frozen[f"blocks.{layer}.mlp"] = iv.replace_with(mlp)
+    base_ld = logit_diff(model.trace([base]).run().last_logits[0], correct, incorrect)
+    source_ld = logit_diff(model.trace([source]).run().last_logits[0], correct, incorrect)
+    if receiver is None:
+        final = f"blocks.{n - 1}.resid_post"
+        resid = model.trace([base], interventions=frozen, cache=[final]).run().cache[final]
+        patch = {final: iv.replace_with(resid[:, -1:], positions=[len(base) - 1])}
+    else:
+        layer_r, head_r = receiver
+        name = f"blocks.{layer_r}.attn.{kind}"
+        value = model.trace([base], interventions=frozen, cache=[name]).run().cache[name]
+        unit = head_r if kind == "q" else head_r // (model.n_heads // model.n_kv_heads)
+        patch = {name: iv.replace_with(value[:, :, unit : unit + 1], heads=[unit])}
+    patched_ld = logit_diff(model.trace([base], interventions=patch).run().last_logits[0],
+                            correct, incorrect)
+    return (patched_ld - base_ld) / (source_ld - base_ld)
+
+
+def run(model: InterpretableModel, **kwargs) -> torch.Tensor:
+    kwargs.setdefault("correct", CORRECT)
+    kwargs.setdefault("incorrect", INCORRECT)
+    return path_patching(model, [CLEAN], [CORRUPTED], **kwargs).effect_matrix
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+@pytest.mark.parametrize("sender,receiver", [((0, 1), (2, 3)), ((0, 2), (1, 0)),
+                                             ((1, 0), (2, 1)), ((0, None), (2, 2)),
+                                             ((1, None), (2, 0))])
+def test_matches_brute_force_q(small, direction, sender, receiver):
+    base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
+    expected = brute_force(small, base, source, sender, receiver)
+    got = run(small, senders=[sender], receivers=[receiver], receiver_input="q",
+              direction=direction)
+    assert abs(expected) > 1e-3  # the path carries something: the comparison means something
+    assert got.shape == (1,)
+    assert float(got[0]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_full_sweep_matches_brute_force(small):
+    """All heads as senders, one batch: every cell equals its brute-force value."""
+    result = path_patching(small, [CLEAN], [CORRUPTED], senders="attn_head",
+                           receivers=[(2, 1)], receiver_input="q", correct=CORRECT,
+                           incorrect=INCORRECT)
+    assert result.method == "path_patching"
+    assert result.effect_matrix.shape == (3, 4)
+    assert result.axes == ("layer", "head")
+    for layer in range(3):
+        for head in range(4):
+            got = float(result.effect_matrix[layer, head])
+            if layer >= 2:  # no path from a head in the receiver's layer or later
+                assert got == 0.0
+            else:
+                expected = brute_force(small, CLEAN, CORRUPTED, (layer, head), (2, 1))
+                assert got == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_matches_brute_force_kv_gqa(small_gqa, kind):
+    receiver = (2, 3)  # kv head 1 under 2 query heads per kv head
+    expected = brute_force(small_gqa, CLEAN, CORRUPTED, (0, 2), receiver, kind)
+    got = run(small_gqa, senders=[(0, 2)], receivers=[receiver], receiver_input=kind)
+    assert float(got[0]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_several_receivers_and_inputs(small):
+    """Two receivers in two layers, q and k together: the brute force patches all of them."""
+    sender, receivers = (0, 3), [(1, 2), (2, 0)]
+    n = small.n_layers
+    names = [f"blocks.{layer}.{k}" for layer in range(n) for k in ("attn.z", "mlp")]
+    base_cache = small.trace([CLEAN], cache=names).run().cache
+    source_cache = small.trace([CORRUPTED], cache=names).run().cache
+    frozen = {}
+    for name in names:
+        value = base_cache[name].clone()
+        if name == "blocks.0.attn.z":
+            value[:, :, 3] = source_cache[name][:, :, 3]
+        frozen[name] = iv.replace_with(value)
+    reads = [f"blocks.{layer}.attn.{k}" for layer, _ in receivers for k in ("q", "k")]
+    rec = small.trace([CLEAN], interventions=frozen, cache=reads).run().cache
+    patch = {}
+    for layer, head in receivers:
+        for k in ("q", "k"):
+            name = f"blocks.{layer}.attn.{k}"
+            patch[name] = iv.replace_with(rec[name][:, :, head : head + 1], heads=[head])
+    base_ld = logit_diff(small.trace([CLEAN]).run().last_logits[0])
+    source_ld = logit_diff(small.trace([CORRUPTED]).run().last_logits[0])
+    patched = logit_diff(small.trace([CLEAN], interventions=patch).run().last_logits[0])
+    expected = (patched - base_ld) / (source_ld - base_ld)
+    got = run(small, senders=[sender], receivers=receivers, receiver_input=("q", "k"))
+    assert float(got[0]) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_resid_receivers_match_brute_force(small, direction):
+    base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
+    result = path_patching(small, [CLEAN], [CORRUPTED], senders="mlp", receivers="logits",
+                           direction=direction, correct=CORRECT, incorrect=INCORRECT)
+    assert result.effect_matrix.shape == (3,)
+    for layer in range(3):
+        expected = brute_force(small, base, source, (layer, None), None)
+        assert float(result.effect_matrix[layer]) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_last_layer_mlp_to_logits_is_activation_patching(small, direction):
+    """The last MLP reaches the logits only directly: path patching = activation patching."""
+    path = run(small, senders=[(2, None)], receivers="logits", direction=direction)
+    act = activation_patching(small, [CLEAN], [CORRUPTED], component="mlp", layers=[2],
+                              direction=direction, correct=CORRECT, incorrect=INCORRECT)
+    assert float(path[0]) == pytest.approx(float(act.effect_matrix[0]), abs=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_last_layer_head_to_logits(small, direction):
+    """A last-layer head reaches the logits directly and through its own layer's MLP; path
+    patching freezes that MLP, so it equals activation patching of the head with the MLP held
+    at its base value."""
+    base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
+    z, mlp = "blocks.2.attn.z", "blocks.2.mlp"
+    base_cache = small.trace([base], cache=[z, mlp]).run().cache
+    source_z = small.trace([source], cache=[z]).run().cache[z]
+    base_ld = logit_diff(small.trace([base]).run().last_logits[0])
+    source_ld = logit_diff(small.trace([source]).run().last_logits[0])
+    result = run(small, senders="attn_head", receivers="logits", direction=direction)
+    for head in range(4):
+        patched = logit_diff(small.trace([base], interventions={
+            z: iv.replace_with(source_z[:, :, head : head + 1], heads=[head]),
+            mlp: iv.replace_with(base_cache[mlp])}).run().last_logits[0])
+        expected = (patched - base_ld) / (source_ld - base_ld)
+        assert float(result[2, head]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_receiver_before_sender_errors(small):
+    with pytest.raises(InvalidArgumentError,
+                       match="receiver layer 1 must come after sender layer 1"):
+        run(small, senders=[(1, 0)], receivers=[(1, 2)])
+    with pytest.raises(InvalidArgumentError,
+                       match="receiver layer 0 must come after sender layer 2"):
+        run(small, senders=[(2, None)], receivers=[(0, 1)])
+    with pytest.raises(InvalidArgumentError, match="receiver layer 0 must come after"):
+        run(small, senders="attn_head", receivers=[(0, 1)])
+
+
+def test_bad_arguments(small):
+    with pytest.raises(InvalidArgumentError, match="receiver_input"):
+        run(small, senders=[(0, 1)], receivers=[(2, 1)], receiver_input="z")
+    with pytest.raises(InvalidArgumentError, match="receivers='logits'"):
+        run(small, senders=[(0, 1)], receivers=[(2, 1)], receiver_input="resid")
+    with pytest.raises(InvalidArgumentError, match="direction"):
+        run(small, direction="sideways")
+    with pytest.raises(OutOfRangeError):
+        run(small, senders=[(0, 9)], receivers=[(2, 1)])
+    with pytest.raises(OutOfRangeError):
+        run(small, senders=[(0, 1)], receivers=[(5, 1)])
+    with pytest.raises(InvalidArgumentError, match="unknown senders"):
+        run(small, senders="neurons")
+
+
+def test_hooks_removed_and_batching_invariant(small):
+    before = small.hook_snapshot()
+    one = run(small, senders="attn_head", receivers=[(2, 0), (2, 3)], batch_size=1)
+    many = run(small, senders="attn_head", receivers=[(2, 0), (2, 3)])
+    assert small.hook_snapshot() == before
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
+    with pytest.raises(InvalidArgumentError):
+        run(small, senders=[(2, 0)], receivers=[(1, 0)])
+    assert small.hook_snapshot() == before
+
+
+def test_dataset_of_pairs_averages(small):
+    clean = [CLEAN, [5, 6, 7, 8, 13, 10, 11, 12]]
+    corrupted = [CORRUPTED, [5, 6, 7, 8, 14, 10, 11, 12]]
+    result = path_patching(small, clean, corrupted, senders="mlp", receivers="logits",
+                           correct=CORRECT, incorrect=INCORRECT)
+    assert result.per_pair is not None and result.per_pair.shape == (2, 3)
+    torch.testing.assert_close(result.per_pair.mean(0), result.effect_matrix, atol=1e-5, rtol=0)
+    assert result.extra["n_pairs"] == 2
+
+
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+
+
+def test_every_family_matches_brute_force(family_model):
+    """Tiny random models of every supported architecture (``conftest.FAMILIES``): a head to a
+    later head's queries, and an MLP to the logits, against the brute force."""
+    tiny_family, tiny = family_model
+    correct, incorrect = tiny.to_single_token(" Mary"), tiny.to_single_token(" John")
+    clean = tiny.tokenizer(IOI_CLEAN)["input_ids"]
+    corrupted = tiny.tokenizer(IOI_CORRUPTED)["input_ids"]
+    before = tiny.hook_snapshot()
+    for sender, receiver, kwargs in (((0, 1), (2, 1), dict(receivers=[(2, 1)])),
+                                     ((1, 2), (2, 0), dict(receivers=[(2, 0)],
+                                                           receiver_input="v")),
+                                     ((1, None), None, dict(receivers="logits"))):
+        got = path_patching(tiny, [clean], [corrupted], senders=[sender], correct=correct,
+                            incorrect=incorrect, **kwargs).effect_matrix[0]
+        kind = kwargs.get("receiver_input", "q")
+        expected = brute_force(tiny, clean, corrupted, sender, receiver, kind, correct, incorrect)
+        assert float(got) == pytest.approx(expected, abs=1e-4, rel=1e-3), (tiny_family, sender)
+    assert tiny.hook_snapshot() == before
+
+
+@pytest.mark.real
+def test_smollm2_ioi_direct_effects(smollm2):
+    """Real model smoke test: finite effects, the expected shape, name-mover-like heads late."""
+    from causalpatch.datasets import IOIDataset
+
+    ioi = IOIDataset(smollm2, n=2, seed=0)
+    before = smollm2.hook_snapshot()
+    result = path_patching(smollm2, ioi, senders="attn_head", receivers="logits")
+    assert smollm2.hook_snapshot() == before
+    assert result.effect_matrix.shape == (30, 9)
+    assert torch.isfinite(result.effect_matrix).all()
+    (layer, _), _ = result.top_components(1)[0]
+    assert layer >= 15
