@@ -32,8 +32,8 @@ IMG = ROOT / "docs" / "img"
 
 def bench_path(model, n_pairs: int, seed: int = 0) -> dict:
     """Time the two IOI path-patching sweeps; returns timings and top heads."""
+    from causalpatch import path_patching
     from causalpatch.datasets import IOIDataset
-    from causalpatch.path_patching import path_patching
 
     ioi = IOIDataset(model, n=n_pairs, seed=seed)
     path_patching(model, ioi.subset([0]), senders="attn_head", receivers="logits")  # warm-up
@@ -55,7 +55,7 @@ def bench_path(model, n_pairs: int, seed: int = 0) -> dict:
 def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
                out_json: str | None = None) -> dict:
     """Average causal tracing over known facts; writes the two ROME figures."""
-    from causalpatch.causal_tracing import causal_tracing_dataset
+    from causalpatch import causal_tracing_dataset
     from causalpatch.datasets import known_facts
 
     facts = known_facts(model, n_facts, seed=seed)

@@ -406,3 +406,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- models for prompts given as token ids ---------------------------------------------------
+class IdTokenizer:
+    """Just enough tokenizer for prompts given as token ids: ``decode`` writes ``t5 t9``, and
+    ``encode`` reads that form back (any other text is refused)."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def decode(self, ids: Any) -> str:
+        return " ".join(f"t{int(i)}" for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        words = text.split()
+        if not words or not all(w[:1] == "t" and w[1:].isdigit() for w in words):
+            raise ValueError(f"this test tokenizer only takes token ids (or 't5 t9'), got {text!r}")
+        return [int(w[1:]) for w in words]
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+
+def id_llama_hf(n_layers: int = 2, vocab_size: int = 64, seed: int = 0,
+                dtype: torch.dtype = torch.float32, **overrides: Any) -> transformers.PreTrainedModel:
+    """A seeded tiny LLaMA (d_model 32, 4 query / 2 key-value heads) for token-id prompts."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
+    return transformers.LlamaForCausalLM(config).eval().to(dtype)
+
+
+def id_llama(n_layers: int = 2, vocab_size: int = 64, seed: int = 0,
+             dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+    """:func:`id_llama_hf` wrapped with :class:`IdTokenizer`."""
+    from causalpatch import InterpretableModel
+
+    return InterpretableModel(id_llama_hf(n_layers, vocab_size, seed, dtype, **overrides),
+                              tokenizer=IdTokenizer())

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import causalpatch.interventions as iv
+from conftest import id_llama
+
 from causalpatch import InterpretableModel
 from causalpatch import AblationKind
 from causalpatch.methods.ablation import ablate
@@ -19,39 +20,13 @@ RAGGED = [[1, 2, 5, 4], [8, 9, 5, 4, 3, 10], [1, 5, 2, 4, 3]]
 ANSWERS = dict(correct=3, incorrect=9)
 
 
-class IdTokenizer:
-    """Just enough tokenizer for prompts given as token ids."""
-
-    pad_token_id = 0
-    eos_token_id = 0
-
-    def decode(self, ids):
-        return "".join(f"<{int(i)}>" for i in ids)
-
-    def encode(self, text, add_special_tokens=False):
-        raise ValueError("this test tokenizer only takes token ids")
-
-    def __call__(self, text):
-        raise ValueError("this test tokenizer only takes token ids")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread avoids OpenMP overhead on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny() -> InterpretableModel:
     """A 2-layer LLaMA, d_model 32, 4 query heads, 2 key/value heads, fixed seed."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, initializer_range=0.2)
-    return InterpretableModel(LlamaForCausalLM(config), tokenizer=IdTokenizer())
+    return id_llama(initializer_range=0.2)
 
 
 def logit_diff_of(model, prompts, interventions=None) -> torch.Tensor:

@@ -11,7 +11,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import IdTokenizer, id_llama_hf
 
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.methods.attribution import attribution_patching
@@ -27,41 +28,15 @@ CORRUPTED_IDS = [[1, 2, 6, 4, 3, 7]]
 ANSWERS = dict(correct=3, incorrect=9)
 
 
-class IdTokenizer:
-    """Just enough tokenizer for prompts given as token ids."""
-
-    pad_token_id = 0
-    eos_token_id = 0
-
-    def decode(self, ids):
-        return "".join(f"<{int(i)}>" for i in ids)
-
-    def encode(self, text, add_special_tokens=False):
-        raise ValueError("this test tokenizer only takes token ids")
-
-    def __call__(self, text):
-        raise ValueError("this test tokenizer only takes token ids")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models need no intra-op threads (and SmolLM2 runs fine on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_hf(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
+def tiny_hf(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     """A 2-layer LLaMA, d_model 32, 4 query heads, 2 key/value heads (grouped-query)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, initializer_range=0.2)
-    return LlamaForCausalLM(config).to(dtype)
+    return id_llama_hf(dtype=dtype, seed=seed, initializer_range=0.2)
 
 
-def wrap(hf: LlamaForCausalLM) -> InterpretableModel:
+def wrap(hf: torch.nn.Module) -> InterpretableModel:
     return InterpretableModel(hf, tokenizer=IdTokenizer())
 
 

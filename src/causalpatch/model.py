@@ -26,7 +26,7 @@ from .adapters import Adapter, ModelDims, adapter_for
 from .adapters.runtime import Runtime
 from .errors import InvalidArgumentError, InvalidTypeError
 from .hooks import Hook, hook_counts, hooked
-from .loading import Source, load_hf, resolve_source
+from .loading import LoadSpec, Source, check_placement, load_hf, resolve_source
 from .names import Site, canonical_names, layer_site, resolve, site_kinds
 from .tokens import Batch, Prompts, make_batch, token_lists
 from .tracing import Trace
@@ -43,30 +43,70 @@ class HookedModel:
         device: ``"cpu"`` (default) or another torch device.
         trust_remote_code: off by default; only for hub/local folders you trust.
         allow_pickle: allow ``.bin`` pickle weights (refused by default).
+        device_map: place a model larger than one device with Hugging Face accelerate:
+            ``"auto"`` / ``"balanced"`` / ``"sequential"`` or ``{module name: device}`` with
+            devices ``"cpu"``, ``"disk"``, ``"cuda:N"`` (or ``N``), ``"mps"``. Passed to
+            ``from_pretrained``; the model is never moved afterwards, and accelerate's hooks
+            (``AlignDevicesHook``) stay exactly as placed: causalpatch's hooks are added next to
+            them for one forward pass and removed.
+        max_memory: ``{device: size}`` budget for ``device_map="auto"``, e.g.
+            ``{0: "20GiB", "cpu": "64GiB"}``.
+        offload_folder: where weights mapped to ``"disk"`` are stored.
+
+    Attributes:
+        load_spec: a :class:`~causalpatch.loading.LoadSpec` (how to load this model again, in
+            another process, e.g. a Ray worker), or ``None`` for a model passed in loaded.
     """
 
     def __init__(self, model: str | os.PathLike[str] | nn.Module, tokenizer: Any = None, *,
                  dtype: torch.dtype | None = None, device: str | None = None,
-                 trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+                 trust_remote_code: bool = False, allow_pickle: bool = False,
+                 device_map: str | dict[str, Any] | None = None,
+                 max_memory: dict[Any, Any] | None = None,
+                 offload_folder: str | os.PathLike[str] | None = None) -> None:
+        self.load_spec: LoadSpec | None = None
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise InvalidTypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
         if isinstance(model, nn.Module):
+            if device_map is not None or max_memory is not None or offload_folder is not None:
+                raise InvalidArgumentError(
+                    "device_map/max_memory/offload_folder apply when loading from a name or "
+                    "path; a loaded model is used as it was placed (pass "
+                    "device_map=... to from_pretrained yourself, or give the path here)")
             if tokenizer is None:
                 raise InvalidArgumentError(
                     "tokenizer is required when passing a loaded model: "
                     "InterpretableModel(hf_model, tokenizer=tokenizer)")
             hf_model, self.name = model, getattr(model.config, "_name_or_path", "") or type(
                 model).__name__
+            dispatched = getattr(hf_model, "hf_device_map", None) is not None
+            if dispatched and (dtype is not None or device is not None):
+                raise InvalidArgumentError(
+                    "this model is placed by accelerate (it has an hf_device_map); moving or "
+                    "casting it would drop accelerate's hooks. Pass dtype/device_map to "
+                    "from_pretrained instead")
             if dtype is not None:
                 hf_model = hf_model.to(dtype)
             if device is not None:
                 hf_model = hf_model.to(device)
         elif isinstance(model, (str, os.PathLike)):
+            check_placement(device, device_map, max_memory, offload_folder)
             source: Source = resolve_source(model)
-            hf_model, tokenizer = load_hf(source, dtype=None, device=device,
-                                          trust_remote_code=trust_remote_code,
-                                          allow_pickle=allow_pickle)
-            if dtype is not None:  # GGUF models refuse .half() but accept .to(dtype)
+            placed = device_map is not None
+            hf_model, tokenizer = load_hf(source, dtype=dtype if placed else None,
+                                          device=device, trust_remote_code=trust_remote_code,
+                                          allow_pickle=allow_pickle, device_map=device_map,
+                                          max_memory=max_memory, offload_folder=offload_folder)
+            if dtype is not None and not placed:  # GGUF refuses .half() but accepts .to(dtype)
                 hf_model = hf_model.to(dtype)
             self.name = source.display_name
+            self.load_spec = LoadSpec(
+                name=_spec_name(model), dtype=None if dtype is None else str(dtype).split(".")[-1],
+                device=device, device_map=device_map,
+                max_memory=None if max_memory is None else dict(max_memory),
+                offload_folder=None if offload_folder is None else os.path.abspath(
+                    os.fspath(offload_folder)),
+                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         else:
             raise InvalidTypeError(
                 "model must be an alias or path string, or a loaded transformers model; got "
@@ -115,7 +155,19 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where input ids go: the embedding's device (for a model placed with a
+        ``device_map``, the device its embedding runs on; offloaded parts run on the CPU)."""
+        placement = self.device_map
+        if placement:
+            where = _placed_device(placement, self.adapter.embed)
+            if where is not None:
+                return where
         return next(self.hf_model.parameters()).device
+
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """accelerate's placement of the model (``{module: device}``), or ``None``."""
+        return getattr(self.hf_model, "hf_device_map", None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -240,3 +292,24 @@ class HookedModel:
     def hook_snapshot(self) -> dict[str, tuple[int, int]]:
         """Counts of hooks per module, to check that nothing leaked."""
         return hook_counts(self.hf_model)
+
+
+def _spec_name(model: str | os.PathLike[str]) -> str:
+    """An alias or hub name as given; a path that exists here made absolute."""
+    text = os.fspath(model)
+    expanded = os.path.expanduser(text)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else text
+
+
+def _placed_device(placement: Mapping[str, Any], module: str) -> torch.device | None:
+    """The device accelerate runs ``module`` on: its own entry or its closest parent's."""
+    best, where = -1, None
+    for name, device in placement.items():
+        if name == "" or module == name or module.startswith(name + "."):
+            if len(name) > best:
+                best, where = len(name), device
+    if where is None:
+        return None
+    if where in ("disk", "cpu", "meta"):
+        return torch.device("cpu")
+    return torch.device(f"cuda:{where}") if isinstance(where, int) else torch.device(where)

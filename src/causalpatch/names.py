@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .adapters.base import IDENTITY, Adapter, HookKind, ModelDims, View
+from .adapters.base import IDENTITY, SEED_MODULE_NAMES, Adapter, HookKind, ModelDims, View
 from .errors import OutOfRangeError, UnknownComponentError
 
 #: Other words for per-layer site kinds: TransformerLens hook names users type from habit, and
@@ -51,7 +51,7 @@ ALIASES: dict[str, str] = {
     "attn_head_k": "attn.k",
     "attn_head_v": "attn.v",
     "mlp_neuron": "mlp.post",
-    "self_attn": "attn",  # the seeds' name, for families whose attention module is not so named
+    **SEED_MODULE_NAMES,
 }
 
 _D_MODEL_SITES = {"resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn.in", "mlp.in",

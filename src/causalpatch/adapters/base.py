@@ -22,6 +22,11 @@ import torch
 
 HookKind = Literal["input", "output"]
 
+#: LLaMA-style module names the seeds' examples use (``layers.9.self_attn``), as canonical site
+#: kinds, for families whose modules are named differently (GPT-2's ``attn``, NeoX's
+#: ``attention``). A family's own module of that name takes precedence.
+SEED_MODULE_NAMES: dict[str, str] = {"self_attn": "attn"}
+
 
 class View:
     """Identity view: the hooked tensor *is* the activation, ``[batch, pos, d]``."""

@@ -235,9 +235,13 @@ class Runtime:
         normed = root.get_submodule(self.adapter.final_norm)(hidden)
         attr = self.adapter.logit_softcap_attr
         cap = getattr(config, attr, None) if attr else None
-        if columns is not None and not cap and isinstance(head, nn.Linear):
-            cols = torch.tensor(sorted(set(columns)), dtype=torch.long, device=hidden.device)
-            part = normed @ head.weight[cols].T
+        # an offloaded head (accelerate, weights on "disk"/"cpu" loaded per call) has meta
+        # weights outside its own forward: compute every logit through the module then
+        if columns is not None and not cap and isinstance(head, nn.Linear) \
+                and head.weight.device.type != "meta":
+            weight = head.weight
+            cols = torch.tensor(sorted(set(columns)), dtype=torch.long, device=weight.device)
+            part = normed.to(weight.device) @ weight[cols].T
             if head.bias is not None:
                 part = part + head.bias[cols]
             out = part.new_zeros((*part.shape[:-1], head.out_features))

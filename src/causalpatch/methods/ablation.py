@@ -48,6 +48,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +58,7 @@ from ..assemble import GroupValues, Scale, build_result, run_pairs
 from ..engine import last_logits
 from ..enums import AblationKind, parse
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
+from ..executors import resolve_executor
 from ..hooks import Hook
 from ..metrics import Metric
 from ..names import Site
@@ -207,6 +209,7 @@ def ablate(
     reference: Any = None,
     seed: int = 0,
     batch_size: int | None = None,
+    executor: Any = None,
 ) -> PatchingResult:
     """Ablate every cell of ``component`` in turn; the mean change of the metric per cell.
 
@@ -228,6 +231,9 @@ def ablate(
         reference: prompts (or a dataset) for ``"mean"``/``"resample"``; default the prompts.
         seed: seed of the resampling permutation.
         batch_size: forward rows (cell x prompt) per pass.
+        executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
+            the ablated runs (cells x prompts) are split into shards evaluated by Ray workers;
+            the original run and the reference statistics are computed here.
 
     Returns:
         :class:`PatchingResult` (``method="ablation"``, ``normalized=False``) whose
@@ -246,6 +252,7 @@ def ablate(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InvalidTypeError(f"seed must be an int, got {seed!r}")
     check_int(batch_size, "batch_size", 1, allow_none=True)
+    executor_ = resolve_executor(executor, model)
     if kind_ is AblationKind.ZERO and reference is not None:
         raise InvalidArgumentError(
             "reference is only used by kind='mean' and kind='resample', not by zero ablation")
@@ -306,8 +313,11 @@ def ablate(
     t_setup = time.perf_counter() - t0
 
     # -- ablated runs: rows are (cell, prompt), batch_size of them per pass -------------------
-    def evaluate(group: list[int], todo: list[int], tick: Callable[[int], None] | None
-                 ) -> GroupValues:
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
+        return partial(evaluate, model_)
+
+    def evaluate(model_: HookedModel, group: list[int], todo: list[int],
+                 tick: Callable[[int], None] | None) -> GroupValues:
         jobs = [(c, i) for c in todo for i in group]
         raw = torch.empty(len(group), len(todo))
         col = {c: j for j, c in enumerate(todo)}
@@ -329,7 +339,7 @@ def ablate(
                     torch.tensor([part[r][1] for r in batch_rows]), mask, kind_name,
                     means.get(name), resampled.get(name))))
             prompt_idx = torch.tensor([i for _, i in part])
-            logits = _forward_last(model, [rows[i] for _, i in part], hooks)
+            logits = _forward_last(model_, [rows[i] for _, i in part], hooks)
             values = m(logits, inputs.rows(prompt_idx))
             for (c, i), v in zip(part, values.tolist()):
                 raw[row[i], col[c]] = v
@@ -337,8 +347,8 @@ def ablate(
                 tick(len(part))
         return GroupValues(original[group], None, raw)
 
-    values = run_pairs(model, prompts, len(cells), evaluate, groups=[list(range(n))],
-                       label="ablating")
+    values = run_pairs(model, prompts, len(cells), build=build, groups=[list(range(n))],
+                       label="ablating", executor=executor_)
 
     # -- the result ---------------------------------------------------------------------------
     mean_original = float(original.mean())

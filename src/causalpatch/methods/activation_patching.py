@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ..assemble import Scale, build_result, pair_evaluator, run_pairs
 from ..enums import Direction, Engine, parse
 from ..errors import InvalidArgumentError, OutOfRangeError
+from ..executors import resolve_executor
 from ..metrics import Metric
 from ..plan import (Pair, Patch, SitePatch, build_patches, check_answers, check_int,
                     choose_metric, engine_choice, index_list, make_pairs, pair_positions,
@@ -68,6 +69,7 @@ def activation_patching(
     progress: bool | Callable[[int, int], None] = False,
     method: str | None = None,
     normalize_effects: bool | None = None,
+    executor: Any = None,
 ) -> PatchingResult:
     """Patch every layer (x position x head) and measure the effect on a metric.
 
@@ -95,6 +97,9 @@ def activation_patching(
         checkpoint: a file path: finished cells are saved there and a rerun resumes.
         progress: True for a progress bar, or a callback ``(done, total)``.
         method, normalize_effects: deprecated spellings of ``engine`` and ``normalize``.
+        executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
+            pairs are split into shards evaluated by Ray workers, each holding a copy of the
+            model loaded from its name or path; results equal the local run.
 
     Returns:
         :class:`PatchingResult` with ``effect_matrix`` of shape ``(n_layers,)``,
@@ -106,6 +111,7 @@ def activation_patching(
     direction_ = parse(Direction, direction, "direction")
     engine_ = engine_choice(engine, method)
     check_int(batch_size, "batch_size", 1, allow_none=True)
+    executor_ = resolve_executor(executor, model)
     if normalize_effects is not None:
         warnings.warn("normalize_effects= is deprecated; use normalize=", DeprecationWarning,
                       stacklevel=2)
@@ -122,17 +128,17 @@ def activation_patching(
     n_cells = len(patches_of[0])
 
     # -- run ------------------------------------------------------------------------------------
-    stats: dict[str, Any] = {}
-    evaluate = pair_evaluator(model, pairs, patches_of, m, direction_, engine_, batch_size,
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Any:
+        return pair_evaluator(model_, pairs, patches_of, m, direction_, engine_, batch_size,
                               memory_mb, stats)
+
     t_setup = time.perf_counter() - t0
     values = run_pairs(
-        model, pairs, n_cells, evaluate, checkpoint=checkpoint, chunk=batch_size,
+        model, pairs, n_cells, build=build, checkpoint=checkpoint, chunk=batch_size,
         checkpoint_args=dict(component=component, metric=m.name, layers=plan.layers,
                              units=plan.units, positions=positions_of, by_position=by_position,
                              direction=direction_.value, engine=engine_.value),
-        progress=progress)
-    values.stats.update(stats)
+        progress=progress, executor=executor_)
     return build_result(
         model, values=values, scale=Scale.NORMALIZED if normalize else Scale.RAW, metric=m,
         axes=axes, labels=labels, shape=shape, component=component,

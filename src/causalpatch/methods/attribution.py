@@ -58,6 +58,7 @@ from ..assemble import GroupValues, Scale, build_result, pair_evaluator, run_pai
 from ..engine import last_logits
 from ..enums import Direction, Engine, parse
 from ..errors import InvalidArgumentError, NonFiniteError
+from ..executors import resolve_executor
 from ..hooks import Hook
 from ..metrics import Metric, normalize as normalize_metric
 from ..names import Site
@@ -192,6 +193,7 @@ def attribution_patching(
     direction: str | Direction = "denoise",
     verify_top_k: int = 0,
     batch_size: int | None = None,
+    executor: Any = None,
 ) -> PatchingResult:
     """Estimate every patch effect of an activation patching sweep from one backward pass.
 
@@ -219,6 +221,8 @@ def attribution_patching(
             ``{"index": [...labels], "cell": [...coords], "estimate": e, "exact": x}``
             (``index`` holds layer/head/neuron labels and absolute token positions).
         batch_size: pairs per forward/backward batch (pairs are grouped by token length).
+        executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
+            batches of pairs are evaluated by Ray workers (``verify_top_k`` too).
 
     Returns:
         :class:`PatchingResult` with ``method="attribution_patching"`` and the same shape,
@@ -231,6 +235,7 @@ def attribution_patching(
     direction_ = parse(Direction, direction, "direction")
     check_int(verify_top_k, "verify_top_k", 0)
     check_int(batch_size, "batch_size", 1, allow_none=True)
+    executor_ = resolve_executor(executor, model)
     correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
     pairs = make_pairs(model, clean, corrupted, correct, incorrect)
     m = choose_metric(metric, pairs, clean if corrupted is None else None)
@@ -250,21 +255,27 @@ def attribution_patching(
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t_start}
     denoise = direction_ is Direction.DENOISE
 
-    def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
-                 ) -> GroupValues:
-        chunk = [pairs[i] for i in group]
-        runs = [p.runs(denoise) for p in chunk]
-        base_ids = torch.tensor([b for b, _ in runs], device=model.device)
-        src_ids = torch.tensor([s for _, s in runs], device=model.device)
-        est, base, source = _estimate_batch(model, m, plan.sites, base_ids, src_ids, chunk,
-                                            plan, positions_of[group[0]], by_position, timings)
-        # an estimate is a first-order change: patched ~= base + estimate
-        patched = base.detach().cpu()[:, None] + est.cpu()
-        if tick is not None:
-            tick(len(group) * len(cells))
-        return GroupValues(base.cpu(), source.cpu(), patched[:, cells])
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
+        def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
+                     ) -> GroupValues:
+            chunk = [pairs[i] for i in group]
+            runs = [p.runs(denoise) for p in chunk]
+            base_ids = torch.tensor([b for b, _ in runs], device=model_.device)
+            src_ids = torch.tensor([s for _, s in runs], device=model_.device)
+            est, base, source = _estimate_batch(model_, m, plan.sites, base_ids, src_ids, chunk,
+                                                plan, positions_of[group[0]], by_position,
+                                                stats)
+            # an estimate is a first-order change: patched ~= base + estimate
+            patched = base.detach().cpu()[:, None] + est.cpu()
+            if tick is not None:
+                tick(len(group) * len(cells))
+            return GroupValues(base.cpu(), source.cpu(), patched[:, cells])
 
-    values = run_pairs(model, pairs, n_cells, evaluate, groups=batches)
+        return evaluate
+
+    values = run_pairs(model, pairs, n_cells, build=build, groups=batches, executor=executor_)
+    for key in ("source_forward_s", "base_forward_s", "backward_s"):  # summed over workers
+        timings[key] = values.stats.pop(key, 0.0)
     timings["attribution_s"] = (timings["source_forward_s"] + timings["base_forward_s"]
                                 + timings["backward_s"])
 
@@ -275,7 +286,8 @@ def attribution_patching(
         mean_base, mean_source = values.base.mean(), values.source.mean()
         effect = normalize_metric(values.raw.mean(0), mean_base, mean_source, m.name)
         verified = _verify(model, m, pairs, plan, positions_of, by_position, direction_,
-                           effect, shape, axes, labels, min(verify_top_k, n_cells), batch_size)
+                           effect, shape, axes, labels, min(verify_top_k, n_cells), batch_size,
+                           executor_)
     timings["verify_s"] = time.perf_counter() - t_verify
     return build_result(
         model, values=values, scale=Scale.NORMALIZED, metric=m, axes=axes, labels=labels,
@@ -291,14 +303,17 @@ def _verify(model: HookedModel, m: Metric, pairs: Sequence[Pair], plan: Componen
             positions_of: Sequence[list[int] | None], by_position: bool,
             direction: Direction, effect: torch.Tensor, shape: tuple[int, ...],
             axes: tuple[str, ...], labels: dict[str, list[Any]], k: int,
-            batch_size: int | None) -> list[dict[str, Any]]:
+            batch_size: int | None, executor: Any = None) -> list[dict[str, Any]]:
     """Exact effects (the activation patching engine) of the ``k`` largest estimates."""
     order = torch.argsort(effect.abs(), descending=True, stable=True)[:k].tolist()
     patches_of = [[build_patches(plan, pos, by_position, len(p.clean))[j] for j in order]
                   for p, pos in zip(pairs, positions_of)]
-    evaluate = pair_evaluator(model, pairs, patches_of, m, direction, Engine.FAST, batch_size,
-                              1024.0, {})
-    values = run_pairs(model, pairs, k, evaluate)
+
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Any:
+        return pair_evaluator(model_, pairs, patches_of, m, direction, Engine.FAST, batch_size,
+                              1024.0, stats)
+
+    values = run_pairs(model, pairs, k, build=build, executor=executor)
     exact = normalize_metric(values.raw.mean(0), values.base.mean(), values.source.mean(),
                              m.name)
     positions = positions_of[0]

@@ -48,14 +48,16 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..assemble import GroupValues, Scale, build_result, run_pairs
-from ..engine import PairRun, run_layer, run_pair, unembed
+from ..engine import PairRun, Staircase, run_layer, run_pair, unembed
 from ..enums import Direction, parse
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
+from ..executors import resolve_executor
 from ..hooks import Hook, StopForward
 from ..metrics import METRICS, Metric
 from ..names import Site
@@ -222,7 +224,9 @@ def _pair_sites(model: HookedModel, sender_layers: Sequence[int],
     return list({site.name: site for site in sites}.values())
 
 
-def _staircase(run: PairRun) -> Any:
+def _staircase(run: PairRun) -> Staircase:
+    """The base run's staircase: ``calls[L].hidden`` is the base residual stream entering
+    layer ``L`` on positions ``start..T-1``, ``final_input`` the final norm's input."""
     assert run.prepared is not None
     return run.prepared
 
@@ -409,6 +413,7 @@ def path_patching(
     incorrect: Any = None,
     direction: str | Direction = "noise",
     batch_size: int | None = None,
+    executor: Any = None,
 ) -> PatchingResult:
     """Path patching: each sender's effect on the metric through the receivers only.
 
@@ -434,6 +439,8 @@ def path_patching(
             clean run; 1.0 = this path alone breaks the behaviour as much as corrupting the
             whole prompt) or ``"denoise"`` (clean sender values into the corrupted run).
         batch_size: senders per batch (rows of one pass); default 512.
+        executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
+            pairs are split into shards evaluated by Ray workers (results equal the local run).
 
     Returns:
         :class:`~causalpatch.result.PatchingResult` with ``method="path_patching"``,
@@ -453,6 +460,7 @@ def path_patching(
     # -- validate everything first ----------------------------------------------------------
     direction_ = parse(Direction, direction, "direction")
     check_int(batch_size, "batch_size", 1, allow_none=True)
+    executor_ = resolve_executor(executor, model)
     correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
     pairs = make_pairs(model, clean, corrupted, correct, incorrect)
     m = choose_metric(metric, pairs, clean if corrupted is None else None)
@@ -483,8 +491,11 @@ def path_patching(
     t_setup = time.perf_counter() - t0
 
     # -- run: one pair per group --------------------------------------------------------------
-    def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
-                 ) -> GroupValues:
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
+        return partial(evaluate, model_)
+
+    def evaluate(model: HookedModel, group: list[int], cells: list[int],
+                 tick: Callable[[int], None] | None) -> GroupValues:
         (i,) = group
         pair: Pair = pairs[i]
         base_ids, source_ids = pair.runs(denoise)
@@ -503,7 +514,8 @@ def path_patching(
             tick(len(cells))
         return GroupValues(ends[:1], ends[1:], values.unsqueeze(0))
 
-    values = run_pairs(model, pairs, len(sender_list), evaluate, label="path patching")
+    values = run_pairs(model, pairs, len(sender_list), build=build, label="path patching",
+                       executor=executor_)
     return build_result(
         model, values=values, scale=Scale.NORMALIZED, metric=m, axes=axes, labels=labels,
         shape=shape, component=component, method="path_patching", direction=direction_,
