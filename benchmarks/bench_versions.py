@@ -7,7 +7,7 @@ Usage::
 ``OLD_SRC``/``NEW_SRC`` are ``src`` folders of two checkouts (e.g. a ``git worktree`` of an older
 commit). Each round runs one subprocess per checkout (old, new, old, new, ...): it loads the
 embedded SmolLM2 once, runs the IOI ``resid_post`` by-position sweep and the ``attn_head``
-sweep three times each and prints the minimum wall time. The table reports, per sweep, the
+sweep three times each (``BENCH_THREADS`` torch threads, default 2) and prints the minimum wall time. The table reports, per sweep, the
 minimum over rounds and the ratio new/old (< 1 is faster), plus the largest difference between
 the two versions' effect matrices.
 """
@@ -21,9 +21,9 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, time, warnings
+import json, os, time
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 from causalpatch import InterpretableModel, activation_patching
 model = InterpretableModel("smollm2")
 clean = "When Mary and John went to the store, John gave a drink to"

@@ -52,8 +52,9 @@ TABLE_HINT = "the rank table in docs/architecture.md and tests/test_architecture
 # Rank of each top-level module; a package's rank covers all its submodules. "__init__" is the root.
 RANKS: dict[str, int] = {
     "errors": 0, "_io": 0, "enums": 1, "adapters": 1, "names": 2, "hooks": 3, "tokens": 4,
-    "interventions": 5, "loading": 6, "tracing": 7, "model": 8, "metrics": 9, "plan": 10,
+    "interventions": 5, "loading": 6, "sae": 6, "tracing": 7, "model": 8, "metrics": 9, "plan": 10,
     "engine": 11, "checkpoint": 12, "render": 13, "result": 14, "assemble": 15, "datasets": 16,
+    "executors": 16,
     "methods": 17, "interpretable": 18, "cli": 19, "__init__": 19,
 }
 METHODS = f"{PACKAGE}.methods"

@@ -83,17 +83,17 @@ def test_subject_span_decoded_tokens(small):
 def test_subject_not_found_errors(small):
     before = small.hook_snapshot()
     with pytest.raises(InvalidArgumentError, match="subject 't30 t31' not found in prompt"):
-        causal_tracing(small, PROMPT, "t30 t31", n_samples=2)
+        causal_tracing(small, PROMPT, "t30 t31", samples=2)
     with pytest.raises(InvalidArgumentError, match="'t9 t5' not found"):
-        causal_tracing(small, [PROMPT, PROMPT], ["t6", "t9 t5"], n_samples=2)
+        causal_tracing(small, [PROMPT, PROMPT], ["t6", "t9 t5"], samples=2)
     assert small.hook_snapshot() == before
 
 
 @pytest.fixture(scope="module")
 def traced(small):
-    return causal_tracing(small, PROMPT, SUBJECT, noise=3.0, n_samples=4, seed=7,
+    return causal_tracing(small, PROMPT, SUBJECT, noise=3.0, samples=4, seed=7,
                           components=("resid_pre", "resid_post", "mlp", "attn"),
-                          position_groups=False)
+                          window=1, position_groups=False)
 
 
 def test_baselines_match_plain_traces(small, traced):
@@ -124,7 +124,7 @@ def test_every_cell_matches_naive(small, traced, kind):
 
 
 def test_window_matches_naive(small):
-    result = causal_tracing(small, PROMPT, SUBJECT, n_samples=3, components=("mlp", "attn"),
+    result = causal_tracing(small, PROMPT, SUBJECT, samples=3, components=("mlp", "attn"),
                             window=2, position_groups=False)
     answer, p_corr = result.answers[0], float(result.p_corrupted[0])
     for kind in ("mlp", "attn"):
@@ -139,7 +139,7 @@ def test_window_matches_naive(small):
 def test_exact_restorations(small):
     """Restoring the whole clean state gives p_clean: the final residual at the last position,
     or the input embedding of a one-token subject."""
-    result = causal_tracing(small, PROMPT, "t8", n_samples=5,
+    result = causal_tracing(small, PROMPT, "t8", samples=5,
                             components=("resid_pre", "resid_post"), position_groups=False)
     ie_full = float(result.p_clean[0] - result.p_corrupted[0])
     assert abs(ie_full) > 1e-3
@@ -150,7 +150,7 @@ def test_exact_restorations(small):
 
 
 def test_noise_is_deterministic(small):
-    kwargs = dict(n_samples=3, components=("mlp",), position_groups=False)
+    kwargs = dict(samples=3, components=("mlp",), position_groups=False)
     a = causal_tracing(small, PROMPT, SUBJECT, seed=3, **kwargs)
     b = causal_tracing(small, PROMPT, SUBJECT, seed=3, **kwargs)
     c = causal_tracing(small, PROMPT, SUBJECT, seed=4, **kwargs)
@@ -163,7 +163,7 @@ def test_noise_is_deterministic(small):
 
 
 def test_batch_size_does_not_change_results(small):
-    kwargs = dict(n_samples=3, components=("resid_post", "attn"), position_groups=False)
+    kwargs = dict(samples=3, components=("resid_post", "attn"), position_groups=False)
     one = causal_tracing(small, PROMPT, SUBJECT, batch_size=1, **kwargs)
     many = causal_tracing(small, PROMPT, SUBJECT, **kwargs)
     for kind in ("resid_post", "attn"):
@@ -182,7 +182,7 @@ def test_groups_average_over_prompts(small):
     prompts = [PROMPT, "t9 t12 t13 t14 t15", "t20 t21 t22 t23 t24 t25"]
     subjects = [SUBJECT, "t12 t13 t14", "t20"]
     before = small.hook_snapshot()
-    result = causal_tracing(small, prompts, subjects, n_samples=2, components=("mlp",))
+    result = causal_tracing(small, prompts, subjects, samples=2, components=("mlp",))
     assert small.hook_snapshot() == before
     mlp = result["mlp"]
     assert mlp.shape == (3, 6) and mlp.axes == ("layer", "group")
@@ -204,7 +204,7 @@ def test_groups_average_over_prompts(small):
 def test_dataset_function_and_answers(small):
     facts = [{"prompt": PROMPT, "subject": SUBJECT, "answer": 3},
              {"prompt": "t9 t12 t13 t14 t15", "subject": "t12"}]
-    result = causal_tracing_dataset(small, facts, n_samples=2, components=("attn",))
+    result = causal_tracing_dataset(small, facts, samples=2, components=("attn",))
     assert result.answers[0] == 3
     assert result["attn"].shape == (3, 6)
     with pytest.raises(InvalidArgumentError, match="must be a dict with"):
@@ -214,8 +214,8 @@ def test_dataset_function_and_answers(small):
 def test_bad_arguments(small):
     with pytest.raises(InvalidArgumentError, match="components"):
         causal_tracing(small, PROMPT, SUBJECT, components=("attn.z",))
-    with pytest.raises(InvalidArgumentError, match="n_samples"):
-        causal_tracing(small, PROMPT, SUBJECT, n_samples=0)
+    with pytest.raises(InvalidArgumentError, match="samples"):
+        causal_tracing(small, PROMPT, SUBJECT, samples=0)
     with pytest.raises(InvalidArgumentError, match="equal token length"):
         causal_tracing(small, [PROMPT, "t5 t6 t7"], SUBJECT, position_groups=False)
 
@@ -226,7 +226,7 @@ def test_every_family_matches_naive(family_model):
     tiny_family, tiny = family_model
     prompt, subject = "The Eiffel Tower is in the city of", "Eiffel Tower"
     before = tiny.hook_snapshot()
-    result = causal_tracing(tiny, prompt, subject, n_samples=2, position_groups=False,
+    result = causal_tracing(tiny, prompt, subject, samples=2, position_groups=False,
                             components=("resid_post", "mlp", "attn"), window=2)
     assert tiny.hook_snapshot() == before
     ids = tiny.tokenizer(prompt)["input_ids"]
@@ -244,7 +244,7 @@ def test_every_family_matches_naive(family_model):
 
 
 @pytest.mark.real
-def test_smollm2_two_facts(smollm2):
+def test_smollm2_two_facts(smollm2, one_thread):
     """Real model: two known facts, grouped effects with finite values and ROME's labels."""
     from causalpatch.datasets import known_facts
 
@@ -255,7 +255,7 @@ def test_smollm2_two_facts(smollm2):
         tokens = smollm2.to_str_tokens(fact.prompt)
         assert fact.subject.replace(" ", "") in "".join(tokens[start:end]).replace(" ", "")
     before = smollm2.hook_snapshot()
-    result = causal_tracing_dataset(smollm2, facts, n_samples=2,
+    result = causal_tracing_dataset(smollm2, facts, samples=2,
                                     components=("resid_post", "mlp", "attn"), window=5)
     assert smollm2.hook_snapshot() == before
     for kind in ("resid_post", "mlp", "attn"):

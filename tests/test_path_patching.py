@@ -63,12 +63,14 @@ def logit_diff(logits: torch.Tensor, correct: int = CORRECT, incorrect: int = IN
 
 def brute_force(model: InterpretableModel, base: list[int], source: list[int],
                 sender: tuple[int, int | None], receiver: tuple[int, int] | None,
-                kind: str = "q", correct: int = CORRECT, incorrect: int = INCORRECT) -> float:
+                kind: str = "q", correct: int = CORRECT, incorrect: int = INCORRECT,
+                freeze: str = "heads") -> float:
     """Path patching written out with plain traces, one forward pass per step.
 
-    Pass 1: the base prompt with every head output and every MLP output replaced by its base
-    value, except the sender, taken from the source run; read the receiver's input. Pass 2: the
-    base prompt with only that input replaced. ``receiver=None``: the final residual stream.
+    Pass 1: the base prompt with every head output (and, with ``freeze="all"``, every MLP
+    output) replaced by its base value, except the sender, taken from the source run; read the
+    receiver's input. Pass 2: the base prompt with only that input replaced.
+    ``receiver=None``: the final residual stream.
     """
     n = model.n_layers
     names = [f"blocks.{layer}.{k}" for layer in range(n) for k in ("attn.z", "mlp")]
@@ -84,7 +86,8 @@ def brute_force(model: InterpretableModel, base: list[int], source: list[int],
         if layer == layer_s and head_s is None:
             mlp = source_cache[f"blocks.{layer}.mlp"].clone()
         frozen[f"blocks.{layer}.attn.z"] = iv.replace_with(z)
-        frozen[f"blocks.{layer}.mlp"] = iv.replace_with(mlp)
+        if freeze == "all" or (layer == layer_s and head_s is None):
+            frozen[f"blocks.{layer}.mlp"] = iv.replace_with(mlp)
     base_ld = logit_diff(model.trace([base]).run().last_logits[0], correct, incorrect)
     source_ld = logit_diff(model.trace([source]).run().last_logits[0], correct, incorrect)
     if receiver is None:
@@ -108,15 +111,16 @@ def run(model: InterpretableModel, **kwargs) -> torch.Tensor:
     return path_patching(model, [CLEAN], [CORRUPTED], **kwargs).effect_matrix
 
 
+@pytest.mark.parametrize("freeze", ["heads", "all"])
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
 @pytest.mark.parametrize("sender,receiver", [((0, 1), (2, 3)), ((0, 2), (1, 0)),
                                              ((1, 0), (2, 1)), ((0, None), (2, 2)),
                                              ((1, None), (2, 0))])
-def test_matches_brute_force_q(small, direction, sender, receiver):
+def test_matches_brute_force_q(small, direction, sender, receiver, freeze):
     base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
-    expected = brute_force(small, base, source, sender, receiver)
+    expected = brute_force(small, base, source, sender, receiver, freeze=freeze)
     got = run(small, senders=[sender], receivers=[receiver], receiver_input="q",
-              direction=direction)
+              direction=direction, freeze=freeze)
     assert abs(expected) > 1e-3  # the path carries something: the comparison means something
     assert got.shape == (1,)
     assert float(got[0]) == pytest.approx(expected, abs=1e-4)
@@ -172,18 +176,22 @@ def test_several_receivers_and_inputs(small):
     source_ld = logit_diff(small.trace([CORRUPTED]).run().last_logits[0])
     patched = logit_diff(small.trace([CLEAN], interventions=patch).run().last_logits[0])
     expected = (patched - base_ld) / (source_ld - base_ld)
-    got = run(small, senders=[sender], receivers=receivers, receiver_input=("q", "k"))
+    got = run(small, senders=[sender], receivers=receivers, receiver_input=("q", "k"),
+              freeze="all")
     assert float(got[0]) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("freeze", ["heads", "all"])
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
-def test_resid_receivers_match_brute_force(small, direction):
+def test_resid_receivers_match_brute_force(small, direction, freeze):
     base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
     result = path_patching(small, [CLEAN], [CORRUPTED], senders="mlp", receivers="logits",
-                           direction=direction, correct=CORRECT, incorrect=INCORRECT)
+                           direction=direction, correct=CORRECT, incorrect=INCORRECT,
+                           freeze=freeze)
     assert result.effect_matrix.shape == (3,)
+    assert result.extra["freeze"] == freeze
     for layer in range(3):
-        expected = brute_force(small, base, source, (layer, None), None)
+        expected = brute_force(small, base, source, (layer, None), None, freeze=freeze)
         assert float(result.effect_matrix[layer]) == pytest.approx(expected, abs=1e-4)
 
 
@@ -207,7 +215,8 @@ def test_last_layer_head_to_logits(small, direction):
     source_z = small.trace([source], cache=[z]).run().cache[z]
     base_ld = logit_diff(small.trace([base]).run().last_logits[0])
     source_ld = logit_diff(small.trace([source]).run().last_logits[0])
-    result = run(small, senders="attn_head", receivers="logits", direction=direction)
+    result = run(small, senders="attn_head", receivers="logits", direction=direction,
+                 freeze="all")
     for head in range(4):
         patched = logit_diff(small.trace([base], interventions={
             z: iv.replace_with(source_z[:, :, head : head + 1], heads=[head]),
@@ -261,6 +270,72 @@ def test_dataset_of_pairs_averages(small):
     assert result.per_pair is not None and result.per_pair.shape == (2, 3)
     torch.testing.assert_close(result.per_pair.mean(0), result.effect_matrix, atol=1e-5, rtol=0)
     assert result.extra["n_pairs"] == 2
+
+
+@pytest.mark.parametrize("direction", ["noise", "denoise"])
+def test_last_layer_head_to_logits_with_mlps_recomputed_is_activation_patching(small, direction):
+    """With freeze="heads" nothing but the head and its layer's (recomputed) MLP moves."""
+    result = run(small, senders="attn_head", receivers="logits", direction=direction)
+    act = activation_patching(small, [CLEAN], [CORRUPTED], component="attn_head", layers=[2],
+                              direction=direction, correct=CORRECT, incorrect=INCORRECT)
+    assert torch.allclose(result[2], act.effect_matrix[0], atol=1e-5)
+
+
+def test_freeze_heads_and_all_differ_where_an_mlp_carries_the_path(small):
+    heads = run(small, senders=[(0, 1)], receivers="logits", freeze="heads")
+    frozen = run(small, senders=[(0, 1)], receivers="logits", freeze="all")
+    assert abs(float(heads[0]) - float(frozen[0])) > 1e-4
+
+
+@pytest.mark.parametrize("freeze", ["heads", "all"])
+def test_every_head_to_the_logits_matches_brute_force(small, freeze):
+    """The last-position shortcut of freeze="heads" (no cross-position flow once every head is
+    frozen) against the full three-run construction, for every head."""
+    result = run(small, senders="attn_head", receivers="logits", freeze=freeze)
+    for layer in range(3):
+        for head in range(4):
+            expected = brute_force(small, CLEAN, CORRUPTED, (layer, head), None, freeze=freeze)
+            assert float(result[layer, head]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_unknown_freeze_is_refused(small):
+    with pytest.raises(InvalidArgumentError, match="freeze 'mlps'"):
+        run(small, senders=[(0, 1)], receivers="logits", freeze="mlps")
+
+
+@pytest.mark.real
+def test_smollm2_direct_effect_of_every_head_equals_the_hand_computation(smollm2):
+    """freeze="all" to the logits: base final residual + the head's output difference,
+    through the final norm and the unembedding — for every head of SmolLM2."""
+    from causalpatch.datasets import IOIDataset
+
+    pair = IOIDataset(smollm2, n=1, seed=0)
+    clean, corrupted = pair.clean[0], pair.corrupted[0]
+    good, bad = pair.correct[0], pair.incorrect[0]
+    result = path_patching(smollm2, pair, senders="attn_head", receivers="logits",
+                           freeze="all")  # noising: corrupted head outputs into the clean run
+    n, H, dh = smollm2.n_layers, smollm2.n_heads, smollm2.d_head
+    names = [f"blocks.{layer}.attn.z" for layer in range(n)] + [f"blocks.{n - 1}.resid_post"]
+    base = smollm2.trace(clean, cache=names).run()
+    source = smollm2.trace(corrupted, cache=names).run()
+    hf = smollm2.hf_model
+    final = base.cache[f"blocks.{n - 1}.resid_post"][0, -1]
+
+    def ld(logits):
+        return float(logits[good] - logits[bad])
+
+    base_ld, source_ld = ld(base.last_logits[0]), ld(source.last_logits[0])
+    worst = 0.0
+    with torch.no_grad():
+        for layer in range(n):
+            w_o = hf.model.layers[layer].self_attn.o_proj.weight  # [d_model, H * dh]
+            dz = (source.cache[f"blocks.{layer}.attn.z"] - base.cache[f"blocks.{layer}.attn.z"])
+            for head in range(H):
+                delta = w_o[:, head * dh:(head + 1) * dh] @ dz[0, -1, head]
+                logits = hf.lm_head(hf.model.norm(final + delta)).float()
+                expected = (ld(logits) - base_ld) / (source_ld - base_ld)
+                worst = max(worst, abs(float(result.effect_matrix[layer, head]) - expected))
+    assert worst <= 1e-3, worst
 
 
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"

@@ -105,8 +105,3 @@ class SweepCheckpoint:
                 "n_cells": self.n_cells,
                 "cells": {str(p): {str(j): v for j, v in c.items()} for p, c in self.cells.items()}}
         atomic_write_text(self.path, json.dumps(data))
-
-    @property
-    def n_done(self) -> int:
-        return sum(len(c) for c in self.cells.values())
-

@@ -7,6 +7,7 @@ Examples::
         --corrupted "When Mary and John went to the store, Mary gave a drink to" \\
         --correct " Mary" --incorrect " John" --component attn_head --out out/ioi
     causalpatch ioi --model smollm2 --n 16 --out out/demo
+    causalpatch ioi --n 256 --executor ray --address HOST:PORT --workers 8
     causalpatch trace --model smollm2 --prompt "The Eiffel Tower is in the city of" \\
         --subject "Eiffel Tower" --out out/trace
     causalpatch trace --dataset known_facts --n 100 --out out/rome
@@ -113,6 +114,34 @@ def _ints(text: str | None, what: str) -> list[int] | None:
             f"{what} must be comma-separated integers like '0,5,-1', got {text!r}") from None
 
 
+def _executor(executor: str | None, address: str | None, workers: int | None) -> Any:
+    """``--executor/--address/--workers`` as the methods' ``executor=`` (None: local)."""
+    from .errors import InvalidArgumentError
+
+    if executor is None or executor == "local":
+        if address is not None or workers is not None:
+            raise InvalidArgumentError("--address and --workers need --executor ray")
+        return None
+    if executor != "ray":
+        raise InvalidArgumentError(f"unknown --executor {executor!r}; expected local or ray")
+    from .executors import RayExecutor, import_ray
+
+    import_ray()
+    if workers is not None and workers < 1:
+        raise InvalidArgumentError(f"--workers must be at least 1, got {workers}")
+    return RayExecutor(address=address, num_workers=workers)
+
+
+def _executor_summary(results: list[Any]) -> None:
+    """Per-worker throughput of the distributed sweeps (after the results)."""
+    from .executors import format_summary
+
+    for r in results:
+        summary = r.extra.get("executor") if isinstance(r.extra, dict) else None
+        if summary:
+            console.print(f"{r.component}: " + format_summary(summary), highlight=False)
+
+
 def _top_table(result: Any, k: int = 10) -> Table:
     table = Table(title=f"top {k} components: {result.component} ({result.metric}, "
                         f"{result.direction})")
@@ -197,6 +226,11 @@ def patch(
     dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
     out: Path = typer.Option(Path("out/patch"), help="Output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", help="local (default) or ray: distribute pairs over Ray workers."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster HOST:PORT (default $RAY_ADDRESS, else local Ray)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (model copies)."),
 ) -> None:
     """Patch one clean/corrupted pair and write result.json, heatmap.png and report.html.
 
@@ -209,14 +243,19 @@ def patch(
     from .methods.activation_patching import activation_patching
 
     with _user_errors():
+        ex = _executor(executor, address, workers)
         m = _load(model, dtype)
         with _progress("patching", not _State.quiet and not as_json) as progress:
             result = activation_patching(
                 m, clean, corrupted, component=component, metric=metric, correct=correct,
                 incorrect=incorrect, by_position=by_position, direction=direction,
                 layers=_ints(layers, "--layers"), heads=_ints(heads, "--heads"),
-                positions=_ints(positions, "--positions"), progress=progress)
+                positions=_ints(positions, "--positions"), progress=progress, executor=ex)
+        if ex is not None:
+            ex.shutdown()
         files = _write_outputs([result], out, f"causalpatch: {component}")
+    if not as_json and not _State.quiet:
+        _executor_summary([result])
     _finish([result], files, as_json)
 
 
@@ -245,12 +284,19 @@ def ioi(
     out: Path = typer.Option(Path("out/ioi"), help="Output folder."),
     dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", help="local (default) or ray: distribute pairs over Ray workers."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster HOST:PORT (default $RAY_ADDRESS, else local Ray)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (model copies)."),
 ) -> None:
     """Indirect-object identification on a dataset: resid_post by position, attn, mlp and heads.
 
     Example:
 
         causalpatch ioi --model smollm2 --n 16 --out out/demo
+
+        causalpatch ioi --n 256 --executor ray --address HOST:PORT --workers 8
     """
     from .datasets import IOIDataset
     from .methods.activation_patching import activation_patching
@@ -260,6 +306,7 @@ def ioi(
             from .errors import InvalidArgumentError
 
             raise InvalidArgumentError(f"--n must be at least 1, got {n}")
+        ex = _executor(executor, address, workers)
         m = _load(model, dtype)
         dataset = IOIDataset(m, n=n, seed=seed)
         aligned = IOIDataset(m, n=n, seed=seed, equal_length=True)  # one length: by position
@@ -269,8 +316,13 @@ def ioi(
             with _progress(f"{component}", not _State.quiet and not as_json) as progress:
                 results.append(activation_patching(m, aligned if by_position else dataset,
                                                    component=component,
-                                                   by_position=by_position, progress=progress))
+                                                   by_position=by_position, progress=progress,
+                                                   executor=ex))
+        if ex is not None:
+            ex.shutdown()
         files = _write_outputs(results, out, f"IOI on {m.name} ({len(dataset)} pairs)")
+    if not as_json and not _State.quiet:
+        _executor_summary(results)
     _finish(results, files, as_json)
 
 
@@ -293,6 +345,11 @@ def trace(
     dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16"),
     out: Path = typer.Option(Path("out/trace"), help="Output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    executor: Optional[str] = typer.Option(
+        None, "--executor", help="local (default) or ray: distribute pairs over Ray workers."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster HOST:PORT (default $RAY_ADDRESS, else local Ray)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (model copies)."),
 ) -> None:
     """ROME causal tracing: noise the subject, restore one state per layer x position.
 
@@ -325,9 +382,10 @@ def trace(
         if n < 1:
             raise InvalidArgumentError(f"--n must be at least 1, got {n}")
         kinds = tuple(c for c in components.replace(" ", "").split(",") if c)
+        ex = _executor(executor, address, workers)
         m = _load(model, dtype)
-        settings = dict(noise=noise, n_samples=samples, seed=seed, components=kinds,
-                        window=window)
+        settings = dict(noise=noise, samples=samples, seed=seed, components=kinds,
+                        window=window, executor=ex)
         with _progress("causal tracing", not _State.quiet and not as_json) as progress:
             if prompt is not None:
                 traced = causal_tracing(m, prompt, subject, answer=answer,
@@ -342,6 +400,8 @@ def trace(
                         f"none of ROME's known facts is answered correctly by {m.name}")
                 traced = causal_tracing_dataset(m, facts, progress=progress, **settings)
                 title = f"Causal tracing: {len(facts)} known facts on {m.name}"
+        if ex is not None:
+            ex.shutdown()
         results = list(traced.values())
         files = _write_outputs(results, out, title, figure=plot_trace)
     if not as_json and not _State.quiet:
@@ -409,6 +469,105 @@ def info(model: str = typer.Argument(..., help="Alias, .gguf path, HF folder or 
     table.add_column("value")
     for key, value in data.items():
         table.add_row(key, "\n".join(value) if isinstance(value, list) else str(value))
+    out_console.print(table)
+
+
+sae_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                      help="Sparse autoencoders (SAELens format): train one, inspect one.")
+app.add_typer(sae_app, name="sae")
+
+
+@sae_app.command("train")
+def sae_train(
+    model: str = typer.Option("smollm2", help="Alias, .gguf path, HF folder or hub name."),
+    site: str = typer.Option("blocks.20.resid_post", help="Site to read (canonical or "
+                             "TransformerLens name, e.g. blocks.20.hook_resid_post)."),
+    features: int = typer.Option(2048, help="Number of SAE features (d_sae)."),
+    architecture: str = typer.Option("topk", help="topk (default) or standard (ReLU + L1)."),
+    k: int = typer.Option(32, help="Active features per token (topk)."),
+    l1: float = typer.Option(3.0, help="L1 coefficient (standard)."),
+    tokens: int = typer.Option(100_000, help="Training tokens (activations collected once)."),
+    eval_tokens: int = typer.Option(4096, help="Held-out tokens for the report."),
+    epochs: int = typer.Option(8, help="Passes over the training activations."),
+    lr: float = typer.Option(4e-4, help="Adam learning rate."),
+    seed: int = typer.Option(0, help="Seed (data order and initialisation)."),
+    storage_dtype: str = typer.Option("float16", help="Stored weights: float16 | float32."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's)."),
+    out: Path = typer.Option(Path("out/sae"), help="Output folder (SAELens format)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Train an SAE on a model's activations of offline text and save it in the SAELens format.
+
+    The text ships with Python and causalpatch (Python's language reference, the standard
+    library's docstrings, ROME's known facts; see causalpatch.sae.training_texts). Reports
+    explained variance, L0, dead features and the model's loss with the SAE spliced in.
+
+    Example:
+
+        causalpatch sae train --model smollm2 --site blocks.20.resid_post --features 2048
+        --k 32 --tokens 100000 --out out/sae
+    """
+    import torch
+
+    from .errors import InvalidArgumentError
+    from .sae import save_sae, train_sae
+
+    with _user_errors():
+        if storage_dtype not in ("float16", "float32"):
+            raise InvalidArgumentError(
+                f"--storage-dtype must be float16 or float32, got {storage_dtype!r}")
+        if features < 1 or tokens < 1 or epochs < 1:
+            raise InvalidArgumentError("--features, --tokens and --epochs must be positive")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        m = _load(model)
+        log = (lambda msg: None) if (_State.quiet or as_json) else (
+            lambda msg: console.print(msg, highlight=False))
+        sae, report = train_sae(m, site, features, architecture=architecture, k=k,
+                                l1_coefficient=l1, train_tokens=tokens,
+                                eval_tokens=eval_tokens, epochs=epochs, lr=lr, seed=seed,
+                                log=log)
+        folder = save_sae(sae, out, storage_dtype=getattr(torch, storage_dtype))
+    if as_json:
+        out_console.print_json(json.dumps({"folder": str(folder), **report.to_dict()}))
+    elif not _State.quiet:
+        out_console.print(report.summary(), highlight=False)
+        out_console.print(f"[green]wrote[/] {folder}")
+
+
+@sae_app.command("info")
+def sae_info(path: Path = typer.Argument(..., help="An SAE folder (cfg.json + "
+                                          "sae_weights.safetensors)."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON.")
+             ) -> None:
+    """Show an SAE's configuration (and its training report when it has one).
+
+    Example:
+
+        causalpatch sae info out/sae
+    """
+    from .sae import load_sae
+
+    with _user_errors():
+        sae = load_sae(path)
+    data = {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+            "k": sae.k, "site": sae.site, "hook_name": sae.hook_name,
+            "model_name": sae.model_name,
+            "training_report": sae.metadata.get("training_report")}
+    if as_json:
+        out_console.print_json(json.dumps(data))
+        return
+    table = Table(title=str(path))
+    table.add_column("property")
+    table.add_column("value")
+    for key, value in data.items():
+        if key == "training_report" and isinstance(value, dict):
+            for name in ("explained_variance", "l0", "dead_fraction", "ce_clean",
+                         "ce_spliced", "ce_recovered"):
+                if name in value:
+                    table.add_row(name, f"{value[name]:.4g}")
+        else:
+            table.add_row(key, str(value))
     out_console.print(table)
 
 

@@ -1,7 +1,9 @@
 """The sweep engine: the metric of many patched runs, exactly and with little work.
 
 A *patch* (one row of a sweep) replaces some entries of some sites' activations in the *base*
-run (the run patched into) with the *source* run's values. Two implementations:
+run (the run patched into) with the *source* run's values, or with values the patch carries
+itself (:attr:`~causalpatch.plan.SitePatch.values`: one vector per entry, e.g. an SAE feature
+patch ``x_base + decode(f') - decode(f_base)``). Two implementations:
 
 :func:`naive_patched_logits`
     The reference: one full forward pass of the base prompt per patch, with hooks.
@@ -9,8 +11,8 @@ run (the run patched into) with the *source* run's values. Two implementations:
 :func:`fast_patched_logits`
     The same numbers with far less work, using only facts about causal transformers:
 
-    1. **Exact no-ops are skipped.** A patch whose source values equal the base values at every
-       entry leaves the run unchanged; its logits are the base logits.
+    1. **Exact no-ops are skipped.** A patch whose values (source or its own) equal the base
+       values at every entry leaves the run unchanged; its logits are the base logits.
     2. **Shared prefix.** Positions before the first entry that actually changes (``s``) are
        identical to the base run in every patched run, so their keys/values come from the base
        run's cache (Hugging Face's own ``Cache``) and only the ``T - s`` suffix positions are
@@ -62,6 +64,15 @@ class RunActivations:
     def value(self, site: Site, pos: int, unit: int | None) -> torch.Tensor:
         act = self.acts[site.name][0, pos]
         return act if unit is None else act[unit]
+
+
+def entry_values(sp: SitePatch, source: RunActivations
+                 ) -> list[tuple[int, int | None, torch.Tensor]]:
+    """Every entry ``(pos, unit)`` of ``sp`` with the value it is set to: the patch's own
+    ``values`` when it carries them, else the source run's activation there."""
+    if sp.values is not None:
+        return [(p, u, sp.values[i]) for i, (p, u) in enumerate(sp.entries())]
+    return [(p, u, source.value(sp.site, p, u)) for p, u in sp.entries()]
 
 
 def collect_sites(patches: Sequence[Patch]) -> list[Site]:
@@ -133,8 +144,8 @@ def naive_patched_logits(model: HookedModel, base_ids: torch.Tensor,
         hooks = []
         for sp in patch:
             writes = _Writes()
-            for pos, unit in sp.entries():
-                writes.add(0, pos, unit, source.value(sp.site, pos, unit))
+            for pos, unit, value in entry_values(sp, source):
+                writes.add(0, pos, unit, value)
             hooks.append(Hook(sp.site, _writer(writes.freeze())))
         with torch.no_grad():
             logits = model.forward(batch, hooks)
@@ -158,16 +169,18 @@ def fast_supported(patches: Sequence[Patch]) -> bool:
     return all(sp.site.layer is not None for patch in patches for sp in patch)
 
 
-def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations
-                     ) -> list[tuple[SitePatch, list[tuple[int, int | None]]]]:
-    """The entries of ``patch`` whose source value differs from the base value."""
+Changed = list[tuple[SitePatch, list[tuple[int, int | None, torch.Tensor]]]]
+"""A patch's entries that change the base run, per site patch, with their values."""
+
+
+def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations) -> Changed:
+    """The entries of ``patch`` whose value (the source run's, or the patch's own ``values``)
+    differs from the base value."""
     out = []
     for sp in patch:
-        src = source.acts[sp.site.name][0]
         bas = base.acts[sp.site.name][0]
-        changed = [(p, u) for p, u in sp.entries()
-                   if not torch.equal(src[p] if u is None else src[p, u],
-                                      bas[p] if u is None else bas[p, u])]
+        changed = [(p, u, v) for p, u, v in entry_values(sp, source)
+                   if not torch.equal(v, bas[p] if u is None else bas[p, u])]
         if changed:
             out.append((sp, changed))
     return out
@@ -388,7 +401,7 @@ def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
     T = base_ids.shape[1]
     out = base_last_logits.float().unsqueeze(0).repeat(len(patches), 1)
 
-    live: list[tuple[int, list[tuple[SitePatch, list[tuple[int, int | None]]]]]] = []
+    live: list[tuple[int, Changed]] = []
     for i, patch in enumerate(patches):
         changed = _changed_entries(patch, base, source)
         if changed:
@@ -399,7 +412,7 @@ def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
         if stats is not None:
             stats["skipped"] = stats.get("skipped", 0) + len(patches)
         return out
-    start = min(p for _, changed in live for _, entries in changed for p, _ in entries)
+    start = min(p for _, changed in live for _, entries in changed for p, _, _ in entries)
     start = min(start, T - 1)
     if prepared is None or prepared.start > start:
         prepared = prepare_staircase(model, base_ids, start)
@@ -424,8 +437,8 @@ def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
 
 
 def _staircase(model: HookedModel, prepared: Staircase,
-               rows: list[tuple[int, list[tuple[SitePatch, list[tuple[int, int | None]]]]]],
-               source: RunActivations, row_stage: Callable[[Any], int]) -> torch.Tensor:
+               rows: list[tuple[int, Changed]], source: RunActivations,
+               row_stage: Callable[[Any], int]) -> torch.Tensor:
     """Run one chunk of rows (sorted by entry stage) through the decoder stack."""
     n_layers = model.n_layers
     s = prepared.start
@@ -435,8 +448,7 @@ def _staircase(model: HookedModel, prepared: Staircase,
     for r, (_, changed) in enumerate(rows):
         for sp, entries in changed:
             stage = _stage(sp, n_layers)
-            for pos, unit in entries:
-                value = source.value(sp.site, pos, unit)
+            for pos, unit, value in entries:
                 if sp.site.kind in RESIDUAL_INJECTED:
                     injections[stage].add(r, pos - s, unit, value)
                 else:

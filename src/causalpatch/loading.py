@@ -276,8 +276,8 @@ def load_hf(source: Source, *, dtype: Any = None, trust_remote_code: bool = Fals
     model_kwargs: dict[str, Any] = {}
     if device_map is not None:
         model_kwargs["device_map"] = device_map
-        if max_memory is not None:
-            model_kwargs["max_memory"] = max_memory
+        if max_memory is not None:  # a copy: from_pretrained rewrites it in place
+            model_kwargs["max_memory"] = dict(max_memory)
         if offload_folder is not None:
             Path(offload_folder).mkdir(parents=True, exist_ok=True)
             model_kwargs["offload_folder"] = str(offload_folder)

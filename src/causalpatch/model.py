@@ -263,21 +263,26 @@ class HookedModel:
             return self.runtime.forward(batch.input_ids, attention_mask=mask)[0]
 
     def trace(self, prompts: Prompts, interventions: Mapping[str, Any] | None = None,
-              cache: Sequence[str] | bool | str | None = None) -> Trace:
+              cache: Sequence[str] | bool | str | None = None, *,
+              saes: Sequence[Any] | None = None, keep_error: bool = True) -> Trace:
         """One forward pass with interventions and caching; see :class:`Trace`.
 
         Args:
             prompts: a string, a list of strings (padded batch) or token ids.
             interventions: ``{component name: intervention | [interventions]}``.
             cache: component names to record, ``True`` for every canonical component.
+            saes: sparse autoencoders to splice in (see :mod:`causalpatch.sae`); their values
+                are names like ``blocks.20.resid_post.sae.features``.
+            keep_error: keep each SAE's error term (exact splice) or drop it.
         """
-        return Trace(self, prompts, interventions, cache)
+        return Trace(self, prompts, interventions, cache, saes, keep_error)
 
     def run_with_cache(self, prompts: Prompts, names: Sequence[str] | bool | None = True,
-                       interventions: Mapping[str, Any] | None = None,
+                       interventions: Mapping[str, Any] | None = None, *,
+                       saes: Sequence[Any] | None = None, keep_error: bool = True,
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(logits [batch, pos, vocab], {name: activation})`` for one forward pass."""
-        tr = Trace(self, prompts, interventions, names).run()
+        tr = Trace(self, prompts, interventions, names, saes, keep_error).run()
         assert tr.logits is not None
         return tr.logits, tr.cache
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -367,17 +367,34 @@ def pair_positions(pairs: Sequence[Pair], positions: Any, by_position: bool
 # -- patches -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SitePatch:
-    """Entries of one site to take from the source run.
+    """Entries of one site to take from the source run (or to set to given values).
 
     Attributes:
         site: where.
         positions: absolute token positions (non-negative).
         units: head (per-head sites) or neuron indices, or ``None`` for the whole vector.
+        values: optional replacement values carried by the patch itself, one per entry in
+            :meth:`entries` order, stacked: ``[n_entries, *entry_shape]`` (an entry is
+            ``act[pos]`` or ``act[pos, unit]``). ``None`` (the default) takes the source run's
+            values. A sweep whose rows each need their own vector at a site (e.g. an SAE
+            feature patch: ``x_base + decode(f') - decode(f_base)``) passes them here, and the
+            engines use them exactly as they use source values (no-op entries are skipped).
     """
 
     site: Site
     positions: tuple[int, ...]
     units: tuple[int, ...] | None = None
+    values: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.values is not None:
+            n = len(self.positions) * (len(self.units) if self.units is not None else 1)
+            if not isinstance(self.values, torch.Tensor) or self.values.shape[0] != n:
+                got = (tuple(self.values.shape) if isinstance(self.values, torch.Tensor)
+                       else type(self.values).__name__)
+                raise InvalidArgumentError(
+                    f"SitePatch values must stack one value per entry ({n} entries at "
+                    f"{self.site.name}), got {got}")
 
     def entries(self) -> list[tuple[int, int | None]]:
         units: Sequence[int | None] = self.units if self.units is not None else (None,)

@@ -209,12 +209,6 @@ class Runtime:
         cache.layers[layer] = entry
         return cache
 
-    @staticmethod
-    def cache_lengths(cache: Any) -> list[int]:
-        """Positions held by each layer of a cache (sliding-window layers may hold fewer)."""
-        return [int(entry.keys.shape[-2]) if getattr(entry, "keys", None) is not None
-                and entry.keys.numel() > 0 else 0 for entry in cache.layers]
-
     # -- the readout ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embedding module's output for ``input_ids`` ``[..., pos]`` (what the

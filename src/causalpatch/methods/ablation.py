@@ -33,6 +33,13 @@ every prompt and reference row to have the same length so positions line up.
 Cost: one forward over the prompts (plus one over a separate reference set), then one forward
 row per (cell, prompt), ``batch_size`` rows per pass.
 
+**SAE features.** ``component="blocks.20.resid_post.sae.features"`` with ``saes=[sae]`` ablates
+one feature of a sparse autoencoder per cell (``features=`` a subset): the feature is set to 0
+(``"zero"``), to its mean activation over the reference set and its positions (``"mean"``) or
+to its value in the resampled row (``"resample"``), and the activation becomes
+``x + decode(f') - decode(f)`` (the error term of the same run is kept; see
+:mod:`causalpatch.sae`). The result's axis is ``("feature",)``.
+
 Example::
 
     from causalpatch import HookedModel
@@ -64,6 +71,7 @@ from ..metrics import Metric
 from ..names import Site
 from ..plan import (ComponentPlan, Pair, answer_tokens, check_answers, check_int,
                     choose_metric, index_list, metric_inputs, plan_component, resolve_answers, result_axes)
+from ..sae import feature_replacement_hook, features_component
 from ..tokens import make_batch, token_lists
 
 if TYPE_CHECKING:
@@ -210,6 +218,8 @@ def ablate(
     seed: int = 0,
     batch_size: int | None = None,
     executor: Any = None,
+    saes: Sequence[Any] | None = None,
+    features: Sequence[int] | int | None = None,
 ) -> PatchingResult:
     """Ablate every cell of ``component`` in turn; the mean change of the metric per cell.
 
@@ -234,6 +244,8 @@ def ablate(
         executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
             the ablated runs (cells x prompts) are split into shards evaluated by Ray workers;
             the original run and the reference statistics are computed here.
+        saes: the SAE whose features ``component`` (``"<site>.sae.features"``) names.
+        features: with SAE features, the features to ablate (default all).
 
     Returns:
         :class:`PatchingResult` (``method="ablation"``, ``normalized=False``) whose
@@ -267,7 +279,19 @@ def ablate(
     m = choose_metric(metric, prompts, prompts_or_dataset if hasattr(
         prompts_or_dataset, "corrupted") else None)
     check_answers(m, prompts)
-    plan: ComponentPlan = plan_component(model, component, layers, heads, neurons)
+    sae = features_component(model, component, saes)
+    if sae is None:
+        if features is not None:
+            raise InvalidArgumentError(
+                "features= is for SAE features: component='<site>.sae.features' with saes=[sae]")
+        plan: ComponentPlan = plan_component(model, component, layers, heads, neurons)
+    else:
+        if layers is not None or heads is not None or neurons is not None:
+            raise InvalidArgumentError("layers/heads/neurons do not apply to SAE features; use "
+                                       "features=")
+        feats = sae.check_features(index_list(features, "features") or range(sae.d_sae))
+        plan = ComponentPlan(component, None, sae.site.name, "feature", [sae.site.layer or 0],
+                             feats, (sae.site,))
     lengths = [len(r) for r in rows]
     row_pos = _row_positions(index_list(positions, "positions"), lengths)
     ref_rows = rows
@@ -305,11 +329,13 @@ def ablate(
     if kind_ is AblationKind.MEAN:
         for s in sites:
             stacked = torch.cat([a.float() for a in ref_acts[s.name]])  # [sum len, *feature]
-            means[s.name] = stacked.mean(0)
+            means[s.name] = stacked.mean(0) if sae is None else sae.encode(stacked).float().mean(0)
     elif kind_ is AblationKind.RESAMPLE:
         sources = _resample_sources(n, len(ref_rows), reference is None, seed)
         for s in sites:
             resampled[s.name] = torch.stack([ref_acts[s.name][j] for j in sources])
+            if sae is not None:  # the resampled rows' features
+                resampled[s.name] = sae.encode(resampled[s.name]).float()
     t_setup = time.perf_counter() - t0
 
     # -- ablated runs: rows are (cell, prompt), batch_size of them per pass -------------------
@@ -334,6 +360,16 @@ def ablate(
                 for j, r in enumerate(batch_rows):
                     mask[j, row_pos[part[r][1]]] = True
                 site = cells[part[batch_rows[0]][0]].site
+                if sae is not None:  # one SAE feature per row, error term kept
+                    feat = torch.tensor([cells[part[r][0]].unit for r in batch_rows])
+                    prompt_of = torch.tensor([part[r][1] for r in batch_rows])
+                    value = (torch.zeros(len(batch_rows), width) if kind_name == "zero" else
+                             means[name][feat][:, None].expand(-1, width) if kind_name == "mean"
+                             else resampled[name][prompt_of][:, :width].gather(
+                                 -1, feat[:, None, None].expand(-1, width, 1))[..., 0])
+                    hooks.append(Hook(site, feature_replacement_hook(
+                        sae, torch.tensor(batch_rows), feat, mask, value)))
+                    continue
                 hooks.append(Hook(site, _ablating_hook(
                     [cells[part[r][0]] for r in batch_rows], torch.tensor(batch_rows),
                     torch.tensor([part[r][1] for r in batch_rows]), mask, kind_name,

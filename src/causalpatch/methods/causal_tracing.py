@@ -7,7 +7,7 @@ its token embeddings, so the model loses the fact, then restore one clean activa
 * clean run: ``p_clean`` = probability of the answer token;
 * corrupted run: noise ``N(0, (noise * sigma)^2)`` added to the embedding output at the subject
   positions, ``sigma`` = the standard deviation of the embedding outputs over the whole
-  vocabulary; ``p_corrupted`` = the answer's probability averaged over ``n_samples`` noise draws;
+  vocabulary; ``p_corrupted`` = the answer's probability averaged over ``samples`` noise draws;
 * restored run: the corrupted run with one component at one ``(layer, position)`` set to its
   clean value, the same noise draws; ``p_restored`` averaged over the draws.
 
@@ -52,6 +52,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,7 @@ from ..engine import (Staircase, cachers, embed, last_logits, prepare_staircase,
                       run_prefix, unembed)
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
+from ..executors import resolve_executor
 from ..hooks import Hook
 from ..metrics import get_metric
 from ..plan import answer_token, check_int
@@ -486,13 +488,14 @@ def causal_tracing(
     *,
     answer: Any = None,
     noise: float = 3.0,
-    n_samples: int = 10,
+    samples: int = 10,
     seed: int = 0,
     components: Sequence[str] = ("resid_post", "mlp", "attn"),
-    window: int = 1,
+    window: int = 10,
     position_groups: bool = True,
     batch_size: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
+    executor: Any = None,
 ) -> CausalTracingResult:
     """ROME-style causal tracing of one prompt or many.
 
@@ -505,7 +508,7 @@ def causal_tracing(
         answer: the answer token (string or id), one or one per prompt; default: the model's
             top-1 next token on the clean prompt.
         noise: noise scale as a multiple of the embedding std (ROME: 3).
-        n_samples: noise draws per prompt (rows of each batch).
+        samples: noise draws per prompt (rows of each batch).
         seed: noise seed; prompt ``i`` uses ``seed + i``. Every restoration sees the same draws.
         components: any of ``resid_post``, ``mlp``, ``attn``, ``resid_pre``.
         window: for ``mlp``/``attn``, restore ``window`` consecutive layers centred at L
@@ -516,6 +519,9 @@ def causal_tracing(
             equal token lengths).
         batch_size: rows per batch (default 512).
         progress: True for a progress bar or a callback ``(done, total)`` over prompts.
+        executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
+            prompts are split into shards traced by Ray workers (same noise draws, same
+            results).
 
     Returns:
         :class:`CausalTracingResult`: ``result["mlp"]`` etc. are
@@ -548,9 +554,10 @@ def causal_tracing(
     if not kinds or bad:
         raise InvalidArgumentError(
             f"unknown components {bad or components!r}; expected some of {TRACE_COMPONENTS}")
-    check_int(n_samples, "n_samples", 1)
+    check_int(samples, "samples", 1)
     check_int(window, "window", 1)
     check_int(batch_size, "batch_size", 1, allow_none=True)
+    executor_ = resolve_executor(executor, model)
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
         raise InvalidArgumentError(f"noise must be a non-negative number, got {noise!r}")
     ids_list = [token_lists(model, p, "prompt")[0] for p in prompt_list]
@@ -569,26 +576,36 @@ def causal_tracing(
     t_setup = time.perf_counter() - t0
 
     # -- run: one prompt per group ------------------------------------------------------------
-    traced: dict[int, _Traced] = {}
     tick, close = progress_callback(progress, len(prompt_list), "causal tracing")
+    shown = [0]
 
-    def evaluate(group: list[int], cells: list[int], _: Callable[[int], None] | None
-                 ) -> GroupValues:
-        (i,) = group
-        one = _trace_one(model, ids_list[i], spans[i], answers[i], sigma, n_samples, seed + i,
-                         kinds, window, batch_size or 512)
-        traced[i] = one
-        if tick is not None:
+    def prompts_done(done: int, total: int) -> None:  # run_pairs counts cells; show prompts
+        assert tick is not None
+        while shown[0] < done // max(1, n_cells):
+            shown[0] += 1
             tick(1)
+
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
+        return partial(evaluate, model_)
+
+    def evaluate(model_: HookedModel, group: list[int], cells: list[int],
+                 tick_: Callable[[int], None] | None) -> GroupValues:
+        (i,) = group
+        one = _trace_one(model_, ids_list[i], spans[i], answers[i], sigma, samples, seed + i,
+                         kinds, window, batch_size or 512)
         raw = _cell_values(one, kinds, ids_list[i], spans[i], grouped)
+        if tick_ is not None:
+            tick_(len(cells))
         return GroupValues(torch.tensor([one.p_corrupted]), torch.tensor([one.p_clean]),
-                           raw[cells].unsqueeze(0))
+                           raw[cells].unsqueeze(0), payload=one)
 
     try:
-        values = run_pairs(model, prompt_list, n_cells, evaluate, label="causal tracing")
+        values = run_pairs(model, prompt_list, n_cells, build=build, label="causal tracing",
+                           progress=prompts_done if tick is not None else False,
+                           executor=executor_)
     finally:
         close()
-    ordered = [traced[i] for i in range(len(prompt_list))]
+    ordered: list[_Traced] = [values.payloads[i] for i in range(len(prompt_list))]
 
     # -- one result per component -------------------------------------------------------------
     tokens = [model.to_str_tokens(ids) for ids in ids_list]
@@ -599,7 +616,7 @@ def causal_tracing(
                           values.source, seconds=values.seconds)
         extra: dict[str, Any] = {
             "n_prompts": len(ordered), "noise": float(noise), "sigma": sigma,
-            "n_samples": n_samples, "seed": seed, "window": window if kind in (
+            "samples": samples, "seed": seed, "window": window if kind in (
                 "mlp", "attn") else 1,
             "subject_spans": [list(s) for s in spans], "answers": [t.answer for t in ordered],
             "subjects": [s if isinstance(s, str) else list(s) for s in subjects]}
@@ -633,7 +650,7 @@ def causal_tracing(
         results, prompts=prompt_list, subjects=subjects, answers=[t.answer for t in ordered],
         spans=spans, tokens=tokens, p_clean=values.source, p_corrupted=values.base,
         per_position=per_position, noise=[t.noise for t in ordered], sigma=sigma,
-        settings={"noise": noise, "n_samples": n_samples, "seed": seed, "components": kinds,
+        settings={"noise": noise, "samples": samples, "seed": seed, "components": kinds,
                   "window": window, "position_groups": grouped})
 
 
@@ -643,12 +660,13 @@ def causal_tracing_dataset(
     n: int = 100,
     *,
     noise: float = 3.0,
-    n_samples: int = 10,
+    samples: int = 10,
     seed: int = 0,
     components: Sequence[str] = ("resid_post", "mlp", "attn"),
-    window: int = 1,
+    window: int = 10,
     batch_size: int | None = None,
     progress: bool | Callable[[int, int], None] = False,
+    executor: Any = None,
 ) -> CausalTracingResult:
     """Average causal tracing over many facts, in ROME's six position groups.
 
@@ -679,9 +697,9 @@ def causal_tracing_dataset(
         subjects.append(subject)
         answers.append(answer)
     return causal_tracing(
-        model, prompts, subjects, answer=answers, noise=noise, n_samples=n_samples, seed=seed,
+        model, prompts, subjects, answer=answers, noise=noise, samples=samples, seed=seed,
         components=components, window=window, position_groups=True, batch_size=batch_size,
-        progress=progress)
+        progress=progress, executor=executor)
 
 
 def _fact_fields(fact: Any, i: int) -> tuple[Any, Any, Any]:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..assemble import GroupValues, Scale, build_result, run_pairs
-from ..engine import PairRun, Staircase, run_layer, run_pair, unembed
+from ..engine import PairRun, Staircase, prepare_staircase, run_layer, run_pair, unembed
 from ..enums import Direction, parse
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
 from ..executors import resolve_executor
@@ -288,6 +288,94 @@ def _sender_deltas(model: HookedModel, run: PairRun, chunk: list[_Sender]) -> to
     return delta
 
 
+def _heads_frozen_pass(model: HookedModel, run: PairRun, chunk: list[_Sender],
+                       receivers: list[tuple[int, int]] | None, kinds: tuple[str, ...],
+                       last_only: Staircase | None = None
+                       ) -> tuple[dict[tuple[int, str], tuple[list[int], torch.Tensor]] | None,
+                                  torch.Tensor | None]:
+    """Pass 1 with ``freeze="heads"`` (the IOI paper's): every attention head output held at
+    its base value except the sender's, every MLP recomputed, so the sender's change reaches
+    the receivers through the residual stream and the MLPs but through no other head.
+
+    Rows (one per sender, sorted by layer) enter the staircase at their sender's layer with the
+    base residual stream. Returns the receivers' recorded inputs (as :func:`_record_inputs`)
+    or, with ``receivers=None``, the final residual stream at the last position
+    ``[rows, d_model]``.
+
+    With every head frozen, no information moves between positions after the sender's layer,
+    so the last position's final residual depends only on that position: with
+    ``receivers=None`` the rows compute the last position alone (``last_only``: the base run's
+    staircase started at the last position).
+    """
+    stairs = _staircase(run) if last_only is None else last_only
+    s = stairs.start
+    dev = model.device
+    entry = [sender.layer for sender in chunk]
+    heads_by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in receivers or []:
+        heads_by_layer[layer].append(head)
+    stop = model.n_layers if receivers is None else max(heads_by_layer) + 1
+    recorded: dict[tuple[int, str], tuple[list[int], torch.Tensor]] = {}
+    units: dict[tuple[int, str], list[int]] = {}
+    for layer, heads in heads_by_layer.items():
+        for kind in kinds:
+            units[(layer, kind)] = _unit_index(model, kind, heads)
+            base = run.base.acts[f"blocks.{layer}.attn.{kind}"][:, s:, units[(layer, kind)]]
+            recorded[(layer, kind)] = (units[(layer, kind)],
+                                       base.expand(len(chunk), -1, -1, -1).clone())
+    hidden = stairs.calls[entry[0]].hidden.expand(0, -1, -1)
+    for layer in range(entry[0], stop):
+        n_now = sum(1 for e in entry if e <= layer)
+        if n_now > hidden.shape[0]:
+            fresh = stairs.calls[layer].hidden
+            hidden = torch.cat([hidden, fresh.expand(n_now - hidden.shape[0], -1, -1)])
+        z_base = run.base.acts[f"blocks.{layer}.attn.z"][:, s:]
+        z_src = run.source.acts[f"blocks.{layer}.attn.z"][:, s:]
+        head_rows = [r for r in range(n_now) if entry[r] == layer and chunk[r].head is not None]
+        mlp_rows = [r for r in range(n_now) if entry[r] == layer and chunk[r].head is None]
+        head_rows_t = torch.tensor(head_rows, dtype=torch.long, device=dev)
+        heads_t = torch.tensor([chunk[r].head for r in head_rows], dtype=torch.long, device=dev)
+
+        def freeze_z(act: torch.Tensor, z_base: torch.Tensor = z_base, z_src: torch.Tensor = z_src,
+                     head_rows_t: torch.Tensor = head_rows_t, heads_t: torch.Tensor = heads_t
+                     ) -> torch.Tensor:
+            out = z_base.to(act.dtype).expand(act.shape[0], -1, -1, -1).clone()
+            if len(heads_t):
+                out[head_rows_t, :, heads_t] = z_src[0][:, heads_t].transpose(0, 1).to(act.dtype)
+            return out
+
+        hooks = [Hook(_site(model, "attn.z", layer), freeze_z)]
+        if mlp_rows:
+            mlp_src = run.source.acts[f"blocks.{layer}.mlp"][:, s:]
+            rows_t = torch.tensor(mlp_rows, dtype=torch.long, device=dev)
+
+            def sender_mlp(act: torch.Tensor, mlp_src: torch.Tensor = mlp_src,
+                           rows_t: torch.Tensor = rows_t) -> torch.Tensor:
+                out = act.clone()
+                out[rows_t] = mlp_src.to(act.dtype)
+                return out
+
+            hooks.append(Hook(_site(model, "mlp", layer), sender_mlp))
+        store: dict[str, torch.Tensor] = {}
+        if layer in heads_by_layer:
+            for kind in kinds:
+                def read(act: torch.Tensor, kind: str = kind, layer: int = layer) -> None:
+                    store[kind] = act[:, :, units[(layer, kind)]].detach().clone()
+
+                hooks.append(Hook(_site(model, f"attn.{kind}", layer), read))
+        out = run_layer(model, stairs, layer, hidden, hooks)
+        assert out is not None
+        if layer in heads_by_layer:  # rows whose sender comes earlier see the change
+            early = [r for r in range(n_now) if entry[r] < layer]
+            for kind in kinds:
+                if early:
+                    recorded[(layer, kind)][1][early] = store[kind][early]
+        hidden = out
+    if receivers is None:
+        return None, hidden[:, -1]
+    return recorded, None
+
+
 def _record_inputs(model: HookedModel, run: PairRun, chunk: list[_Sender],
                    delta: torch.Tensor, receivers: list[tuple[int, int]], kinds: tuple[str, ...]
                    ) -> dict[tuple[int, str], tuple[list[int], torch.Tensor]]:
@@ -377,17 +465,32 @@ def _receiver_logits(model: HookedModel, run: PairRun, chunk: list[_Sender],
 
 def _pair_values(model: HookedModel, run: PairRun, senders: list[_Sender],
                  receivers: list[tuple[int, int]] | None, kinds: tuple[str, ...],
-                 batch_size: int, columns: Sequence[int] | None = None) -> torch.Tensor:
+                 batch_size: int, columns: Sequence[int] | None = None,
+                 freeze: str = "heads") -> torch.Tensor:
     """Last-position logits ``[n_senders, vocab]`` of the path-patched runs of one pair.
 
     ``columns``: compute only these logits (see :func:`causalpatch.engine.unembed`).
     """
     out = torch.empty(len(senders), model.vocab_size)
     order = sorted(range(len(senders)), key=lambda i: senders[i].layer)
+    last_stairs = None
+    if freeze == "heads" and receivers is None:
+        last_stairs = prepare_staircase(model, run.base_ids, run.base_ids.shape[1] - 1)
     final = _staircase(run).final_input[:, -1]  # the final residual stream, last position
     for lo in range(0, len(order), batch_size):
         rows = order[lo : lo + batch_size]
         chunk = [senders[i] for i in rows]
+        if freeze == "heads":
+            recorded, final_rows = _heads_frozen_pass(model, run, chunk, receivers, kinds,
+                                                      last_stairs)
+            if receivers is None:
+                assert final_rows is not None
+                logits = _readout(model, final_rows, columns)
+            else:
+                assert recorded is not None
+                logits = _receiver_logits(model, run, chunk, recorded, columns)
+            out[rows] = logits.cpu()
+            continue
         delta = _sender_deltas(model, run, chunk)
         if receivers is None:
             logits = _readout(model, final + delta[:, -1], columns)
@@ -412,6 +515,7 @@ def path_patching(
     correct: Any = None,
     incorrect: Any = None,
     direction: str | Direction = "noise",
+    freeze: str = "heads",
     batch_size: int | None = None,
     executor: Any = None,
 ) -> PatchingResult:
@@ -438,6 +542,10 @@ def path_patching(
         direction: ``"noise"`` (default, as in Wang et al.: corrupted sender values into the
             clean run; 1.0 = this path alone breaks the behaviour as much as corrupting the
             whole prompt) or ``"denoise"`` (clean sender values into the corrupted run).
+        freeze: what else is held at its base value while the sender's change travels to the
+            receivers: ``"heads"`` (default, as in Wang et al.: every other attention head;
+            MLPs are recomputed, so paths through MLPs count) or ``"all"`` (every other head
+            and every MLP: only the direct path through the residual stream).
         batch_size: senders per batch (rows of one pass); default 512.
         executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
             pairs are split into shards evaluated by Ray workers (results equal the local run).
@@ -459,6 +567,11 @@ def path_patching(
     t0 = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
     direction_ = parse(Direction, direction, "direction")
+    if freeze not in ("heads", "all"):
+        raise InvalidArgumentError(
+            f"unknown freeze {freeze!r}; expected 'heads' (every other head frozen, MLPs "
+            "recomputed: the IOI paper's path patching) or 'all' (heads and MLPs frozen: the "
+            "direct path only)")
     check_int(batch_size, "batch_size", 1, allow_none=True)
     executor_ = resolve_executor(executor, model)
     correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
@@ -476,7 +589,10 @@ def path_patching(
     if m.name in ("logit_diff", "logit") and METRICS.get(m.name) is m:
         columns = sorted({t for p in pairs for t in (p.correct, p.incorrect) if t is not None})
     receiver_sites = sorted({f"blocks.{layer}.attn.{k}" for layer, _ in recv or [] for k in kinds})
-    sites = _pair_sites(model, sorted({sender_list[j].layer for j in live}), receiver_sites)
+    first_sender = min((sender_list[j].layer for j in live), default=0)
+    frozen_layers = (range(first_sender, min(last + 1, model.n_layers)) if freeze == "heads"
+                     else sorted({sender_list[j].layer for j in live}))
+    sites = _pair_sites(model, frozen_layers, receiver_sites)
     denoise = direction_ is Direction.DENOISE
     if component == "attn_head":
         shape: tuple[int, ...] = (model.n_layers, model.n_heads)
@@ -508,7 +624,7 @@ def path_patching(
         todo = [k for k, j in enumerate(cells) if j in live]
         if todo:
             logits = _pair_values(model, run, [sender_list[cells[k]] for k in todo], recv, kinds,
-                                  chunk, columns)
+                                  chunk, columns, freeze)
             values[todo] = m(logits, inputs.expand(len(todo)))
         if tick is not None:
             tick(len(cells))
@@ -524,7 +640,9 @@ def path_patching(
         extra={"senders": [[s.layer, s.head] for s in sender_list],
                "receivers": "logits" if recv is None else [list(r) for r in recv],
                "receiver_input": list(kinds),
-               "frozen": "every other attn.z and every mlp output",
+               "freeze": freeze,
+               "frozen": ("every other attn.z (MLPs recomputed)" if freeze == "heads"
+                          else "every other attn.z and every mlp output"),
                "n_computed": len(live)}, t_start=t0)
 
 

@@ -1,0 +1,175 @@
+"""Models placed by accelerate: a device_map that splits layers between "cpu" and "disk"
+(offload_folder) gives the in-memory model's results for every method, and after every call
+the model carries exactly accelerate's hooks (never removed, never duplicated)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from causalpatch import (InterpretableModel, ablate, activation_patching, attribution_patching,
+                         causal_tracing, path_patching)
+from causalpatch.errors import InvalidArgumentError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_driver import PAIRS, save_tiny_llama  # noqa: E402
+
+#: Layers 1-2 and the unembedding live on disk, the rest in CPU memory.
+SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+         "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu",
+         "lm_head": "disk"}
+COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn_head",
+              "attn_head_q", "attn_head_k", "attn_head_v", "mlp_neuron")
+
+
+@dataclass
+class Dataset:
+    clean: list[str]
+    corrupted: list[str]
+    correct: list[str]
+    incorrect: list[str]
+
+
+DATA = Dataset(*[list(col) for col in zip(*PAIRS[:3])])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def memory(model_dir: Path) -> InterpretableModel:
+    return InterpretableModel(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def offloaded(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> InterpretableModel:
+    return InterpretableModel(str(model_dir), device_map=SPLIT,
+                              offload_folder=tmp_path_factory.mktemp("offload"))
+
+
+def accelerate_hooks(model: InterpretableModel) -> dict[str, tuple[str, int, bool]]:
+    """Every module's accelerate hook: its type, identity, and whether it is offloaded."""
+    return {name: (type(m._hf_hook).__name__, id(m._hf_hook), bool(getattr(
+        m._hf_hook, "offload", False))) for name, m in model.hf_model.named_modules()
+            if hasattr(m, "_hf_hook")}
+
+
+def test_the_model_is_really_split_and_offloaded(offloaded, memory):
+    placement = offloaded.device_map
+    assert placement == SPLIT
+    assert offloaded.load_spec.device_map == SPLIT
+    assert offloaded.load_spec.offload_folder is not None
+    hooks = accelerate_hooks(offloaded)
+    assert any(offload for _, _, offload in hooks.values()), "some weights must be on disk"
+    on_disk = offloaded.hf_model.get_submodule("model.layers.1.mlp.down_proj").weight
+    assert on_disk.device.type == "meta"  # loaded from disk for each forward only
+    assert offloaded.device == torch.device("cpu")
+    assert memory.device_map is None and not accelerate_hooks(memory)
+
+
+def _same(a: Any, b: Any, what: str) -> None:
+    torch.testing.assert_close(a.effect_matrix, b.effect_matrix, rtol=0, atol=1e-5, msg=what)
+
+
+def test_every_method_on_a_split_model_equals_the_in_memory_model(offloaded, memory,
+                                                                  one_thread):
+    before = accelerate_hooks(offloaded)
+    torch_hooks = offloaded.hook_snapshot()
+    runs: dict[str, Any] = {}
+    for component in COMPONENTS:
+        runs[f"patch {component}"] = lambda m, c=component: activation_patching(
+            m, DATA, component=c)
+    for component in ("resid_post", "attn_head"):
+        runs[f"patch {component} by position"] = lambda m, c=component: activation_patching(
+            m, DATA, component=c, by_position=True)
+        runs[f"patch {component} naive"] = lambda m, c=component: activation_patching(
+            m, DATA, component=c, engine="naive", direction="noise")
+    for component in ("resid_post", "attn_head", "mlp_neuron"):
+        runs[f"attribution {component}"] = lambda m, c=component: attribution_patching(
+            m, DATA, component=c)
+    for kind in ("zero", "mean", "resample"):
+        runs[f"ablate {kind}"] = lambda m, k=kind: ablate(
+            m, DATA.clean, component="attn_head", kind=k, correct=DATA.correct,
+            incorrect=DATA.incorrect)
+    runs["path patching -> logits"] = lambda m: path_patching(m, DATA, senders="attn_head")
+    runs["path patching -> heads"] = lambda m: path_patching(
+        m, DATA, senders="mlp", receivers=[(2, 0), (2, 3)], receiver_input=("q", "v"))
+    for what, run in runs.items():
+        _same(run(offloaded), run(memory), what)
+        assert accelerate_hooks(offloaded) == before, f"accelerate's hooks changed by {what}"
+        assert offloaded.hook_snapshot() == torch_hooks, f"a hook leaked from {what}"
+    traced = causal_tracing(offloaded, "The Eiffel Tower is in the city of", "Eiffel Tower",
+                            samples=2)
+    expected = causal_tracing(memory, "The Eiffel Tower is in the city of", "Eiffel Tower",
+                              samples=2)
+    for kind in ("resid_post", "mlp", "attn"):
+        _same(traced[kind], expected[kind], f"causal tracing {kind}")
+    logits, cache = offloaded.run_with_cache(DATA.clean[0], names=["blocks.2.attn.z"])
+    ref_logits, ref_cache = memory.run_with_cache(DATA.clean[0], names=["blocks.2.attn.z"])
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache["blocks.2.attn.z"], ref_cache["blocks.2.attn.z"], rtol=0,
+                               atol=1e-5)
+    assert accelerate_hooks(offloaded) == before
+    assert offloaded.hook_snapshot() == torch_hooks
+
+
+def test_a_failing_call_keeps_accelerates_hooks(offloaded):
+    before = accelerate_hooks(offloaded)
+
+    def boom(act: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("user intervention failed")
+
+    with pytest.raises(RuntimeError, match="user intervention failed"):
+        offloaded.trace(DATA.clean[0], interventions={"blocks.1.mlp": boom}).run()
+    assert accelerate_hooks(offloaded) == before
+    assert offloaded.hook_snapshot() == {} or all(
+        path in before for path in offloaded.hook_snapshot())
+
+
+def test_auto_device_map_with_a_memory_budget_offloads_to_disk(model_dir, memory, tmp_path,
+                                                                one_thread):
+    # 300 KB of CPU memory holds the embedding only: accelerate puts the rest on disk
+    auto = InterpretableModel(str(model_dir), device_map="auto", max_memory={"cpu": "300KB"},
+                              offload_folder=tmp_path / "off", dtype=torch.float32)
+    assert auto.device_map["model.embed_tokens"] == "cpu"
+    assert "disk" in auto.device_map.values()
+    assert auto.load_spec.max_memory == {"cpu": "300KB"} and auto.load_spec.dtype == "float32"
+    before = accelerate_hooks(auto)
+    for component in ("attn_head", "resid_mid", "mlp_neuron"):
+        _same(activation_patching(auto, DATA, component=component),
+              activation_patching(memory, DATA, component=component), f"auto {component}")
+    _same(path_patching(auto, DATA), path_patching(memory, DATA), "auto path patching")
+    assert accelerate_hooks(auto) == before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device_map={"model.layers.0": "cuda:3"}), "does not exist on this machine"),
+    (dict(device_map={"model.layers.0": 1}), "does not exist on this machine"),
+    (dict(device_map="gpu"), "neither a strategy"),
+    (dict(device_map={"model.layers.0": "disk"}), "offload_folder"),
+    (dict(device_map="auto", device="cpu"), "not both"),
+    (dict(max_memory={"cpu": "1GiB"}), "only apply with device_map"),
+    (dict(device_map="auto", max_memory={"cuda:7": "10GiB"}), "does not exist"),
+    (dict(device_map=["cpu"]), "must be a strategy"),
+])
+def test_bad_placement_is_refused_before_loading(model_dir, monkeypatch, kwargs, message):
+    import transformers
+
+    def never(*args: Any, **kw: Any) -> None:
+        raise AssertionError("from_pretrained must not be called for a bad placement")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(InvalidArgumentError, match=message):
+        InterpretableModel(str(model_dir), **kwargs)
+
+
+def test_placement_of_a_loaded_model_is_refused(memory):
+    with pytest.raises(InvalidArgumentError, match="loaded model"):
+        InterpretableModel(memory.hf_model, tokenizer=memory.tokenizer, device_map="auto")

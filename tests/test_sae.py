@@ -1,0 +1,828 @@
+"""Sparse autoencoders: the SAELens format, the exact splice, feature patching, attribution,
+ablation, training, and every bad input (a specific error before any forward pass, no hooks left).
+
+Tiny seeded models (``conftest``) check the maths against independent routes (hand-written
+SAELens formulas, ``model.trace`` loops, ``replace_with`` interventions); the ``real`` tests use
+SmolLM2 with the SAE shipped in ``tests/data/saes`` (trained by ``causalpatch sae train``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import causalpatch.cli as cli
+import causalpatch.interventions as iv
+from causalpatch import (ablate, activation_patching, attribution_patching, sae_attribution,
+                         sae_patching)
+from causalpatch.errors import (InvalidArgumentError, NonFiniteError, OutOfRangeError,
+                                ShapeMismatchError, UnknownComponentError)
+from causalpatch.plan import SitePatch
+from causalpatch.sae import (SAEFormatError, SAEModelMismatchWarning, SAENotFoundError,
+                             SparseAutoencoder, edit_features, hook_name_for_site, load_sae,
+                             save_sae, site_for_hook_name, split_sae_name, train_sae,
+                             training_texts, wrap_sae)
+
+DATA = Path(__file__).resolve().parent / "data" / "saes"
+SHIPPED = DATA / "smollm2-blocks.20.resid_post-topk-2048"
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+FEATS = "blocks.1.resid_post.sae.features"
+ANSWERS = dict(correct=" Mary", incorrect=" John")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm(make_tiny_lm):
+    """A tiny LLaMA of its own (tests that count forwards monkeypatch it)."""
+    torch.manual_seed(0)
+    return make_tiny_lm("llama")
+
+
+def tiny_sae(arch: str = "topk", d_sae: int = 96, seed: int = 1, site: str = "blocks.1.hook_resid_post",
+             d_in: int = 64, **kw: Any) -> SparseAutoencoder:
+    """A random SAE whose features fire on the tiny model's activations (biases shifted)."""
+    sae = SparseAutoencoder(d_in, d_sae, arch, hook_name=site, seed=seed,
+                            k=kw.pop("k", 8) if arch == "topk" else None, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.3)
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
+        if arch == "jumprelu":
+            sae.threshold.copy_(torch.rand(d_sae, generator=gen) * 0.5)
+    return sae
+
+
+def logit_diff(logits: torch.Tensor, model: Any) -> float:
+    mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+    return float(logits[0, -1, mary] - logits[0, -1, john])
+
+
+def saelens_encode(w: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor
+                   ) -> torch.Tensor:
+    """SAELens 6 encode, written out from sae_lens/saes/{standard,topk,jumprelu}_sae.py."""
+    sae_in = x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+    pre = sae_in @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "standard":
+        return torch.relu(pre)
+    if cfg["architecture"] == "jumprelu":
+        threshold = w["threshold"] if "threshold" in w else torch.exp(w["log_threshold"])
+        return torch.relu(pre) * (pre > torch.relu(threshold))
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        pre = pre * w["W_dec"].norm(dim=-1)
+    values, idx = torch.topk(pre, cfg["k"], dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, values.relu())
+
+
+def saelens_decode(w: dict[str, torch.Tensor], cfg: dict[str, Any], f: torch.Tensor
+                   ) -> torch.Tensor:
+    if cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        f = f / w["W_dec"].norm(dim=-1)
+    return f @ w["W_dec"] + w["b_dec"]
+
+
+def write_saelens_folder(path: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]
+                         ) -> Path:
+    """Write a folder the way SAELens' ``save_model`` does (json + safetensors.save_file)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+def saelens6_cfg(arch: str, d_in: int = 64, d_sae: int = 96, **extra: Any) -> dict[str, Any]:
+    """``SAEConfig.to_dict()`` of SAELens 6.x (sae_lens/saes/sae.py)."""
+    cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none",
+           "metadata": {"sae_lens_version": "6.49.2", "sae_lens_training_version": "6.49.2",
+                        "model_name": "LlamaForCausalLM", "hook_name": "blocks.1.hook_resid_post",
+                        "hook_head_index": None, "prepend_bos": True, "context_size": 128},
+           "architecture": arch}
+    if arch == "topk":
+        cfg.update(k=8, rescale_acts_by_decoder_norm=False)
+    cfg.update(extra)
+    return cfg
+
+
+def random_weights(arch: str, d_in: int = 64, d_sae: int = 96, seed: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = {"W_enc": torch.randn(d_in, d_sae, generator=g) * 0.2,
+         "b_enc": torch.randn(d_sae, generator=g) * 0.2,
+         "W_dec": torch.randn(d_sae, d_in, generator=g) * 0.2,
+         "b_dec": torch.randn(d_in, generator=g) * 0.1}
+    if arch == "jumprelu":
+        w["threshold"] = torch.rand(d_sae, generator=g) * 0.3
+    return w
+
+
+class Counting:
+    """Counts forward passes of a Hugging Face model (monkeypatched ``forward``)."""
+
+    def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = model.hf_model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(model.hf_model, "forward", forward)
+
+
+# -- names ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hook,site", [
+    ("blocks.8.hook_resid_post", "blocks.8.resid_post"),
+    ("blocks.0.hook_resid_pre", "blocks.0.resid_pre"),
+    ("blocks.3.hook_resid_mid", "blocks.3.resid_mid"),
+    ("blocks.3.hook_mlp_out", "blocks.3.mlp"),
+    ("blocks.3.hook_attn_out", "blocks.3.attn"),
+    ("blocks.3.attn.hook_z", "blocks.3.attn.z"),
+    ("blocks.3.mlp.hook_post", "blocks.3.mlp.post"),
+    ("blocks.3.ln2.hook_normalized", "blocks.3.mlp.in"),
+    ("hook_embed", "embed"),
+    ("blocks.8.resid_post", "blocks.8.resid_post"),
+])
+def test_transformerlens_hook_names_map_to_canonical_sites(hook, site):
+    assert site_for_hook_name(hook) == site
+    assert site_for_hook_name(hook_name_for_site(site)) == site
+
+
+def test_sae_value_names_in_both_spellings():
+    assert split_sae_name("blocks.20.resid_post.sae.features") == ("blocks.20.resid_post",
+                                                                   "features")
+    assert split_sae_name("blocks.20.hook_resid_post.hook_sae_error") == (
+        "blocks.20.hook_resid_post", "error")
+    assert split_sae_name("blocks.20.resid_post") is None
+
+
+# -- format: SAELens folders in, SAELens folders out --------------------------------------------
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_loads_a_saelens6_folder_with_saelens_maths(arch, tmp_path):
+    cfg = saelens6_cfg(arch)
+    w = random_weights(arch)
+    sae = load_sae(write_saelens_folder(tmp_path / arch, cfg, w))
+    assert (sae.architecture, sae.d_in, sae.d_sae, sae.site) == (arch, 64, 96,
+                                                                 "blocks.1.resid_post")
+    assert sae.model_name == "LlamaForCausalLM" and sae.metadata["context_size"] == 128
+    x = torch.randn(5, 7, 64)
+    f = sae.encode(x)
+    torch.testing.assert_close(f, saelens_encode(w, cfg, x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sae.decode(f), saelens_decode(w, cfg, f), rtol=1e-6, atol=1e-6)
+    assert (f > 0).any() and (f == 0).any()
+    if arch == "topk":
+        assert int((f > 0).sum(-1).max()) <= 8
+
+
+def test_topk_rescale_and_b_dec_options_follow_saelens(tmp_path):
+    cfg = saelens6_cfg("topk", rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=False)
+    w = random_weights("topk", seed=3)
+    sae = load_sae(write_saelens_folder(tmp_path / "t", cfg, w))
+    x = torch.randn(4, 64)
+    f = sae.encode(x)
+    torch.testing.assert_close(f, saelens_encode(w, cfg, x))
+    torch.testing.assert_close(sae.decode(f), saelens_decode(w, cfg, f))
+    plain = load_sae(write_saelens_folder(tmp_path / "p", saelens6_cfg("topk"), w))
+    assert not torch.allclose(plain.encode(x), f)  # the options change the result
+
+
+def test_loads_pre_6_flat_configs_and_log_threshold(tmp_path):
+    w = random_weights("topk", seed=4)
+    old = {"d_in": 64, "d_sae": 96, "dtype": "torch.float32", "hook_point": "blocks.1.hook_resid_post",
+           "model_name": "LlamaForCausalLM", "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": 8}, "apply_b_dec_to_input": True}
+    sae = load_sae(write_saelens_folder(tmp_path / "old", old, w))
+    assert sae.architecture == "topk" and sae.k == 8 and sae.site == "blocks.1.resid_post"
+    jw = random_weights("jumprelu", seed=5)
+    threshold = jw.pop("threshold") + 0.01
+    jw["log_threshold"] = torch.log(threshold)
+    j = load_sae(write_saelens_folder(tmp_path / "j", saelens6_cfg("jumprelu"), jw))
+    torch.testing.assert_close(j.threshold, threshold, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_save_and_load_round_trip(arch, tmp_path):
+    sae = tiny_sae(arch, model_name="LlamaForCausalLM", metadata={"note": "x"})
+    sae.log_sparsity = torch.linspace(-5, 0, 96)
+    folder = save_sae(sae, tmp_path / "sae")
+    assert {p.name for p in folder.iterdir()} == {"cfg.json", "sae_weights.safetensors",
+                                                  "sparsity.safetensors"}
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["architecture"] == arch and cfg["d_sae"] == 96
+    back = load_sae(folder)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(back.encode(x), sae.encode(x))
+    assert torch.equal(back.decode(back.encode(x)), sae.decode(sae.encode(x)))
+    assert back.config() == sae.config() and back.metadata["note"] == "x"
+    assert torch.equal(back.log_sparsity, sae.log_sparsity)
+    half = load_sae(save_sae(sae, tmp_path / "half", storage_dtype=torch.float16))
+    assert half.dtype == torch.float32  # cfg.json keeps the compute dtype
+    assert (tmp_path / "half" / "sae_weights.safetensors").stat().st_size < \
+        0.6 * (folder / "sae_weights.safetensors").stat().st_size
+    torch.testing.assert_close(half.W_dec, sae.W_dec, rtol=1e-3, atol=1e-3)
+
+
+# -- bad input: a specific error, before any forward, no hooks -----------------------------------
+def _folder(tmp_path: Path, name: str = "sae", **cfg_extra: Any) -> Path:
+    return write_saelens_folder(tmp_path / name, saelens6_cfg("topk", **cfg_extra),
+                                random_weights("topk"))
+
+
+def test_missing_folder_files_and_pickles(tmp_path, monkeypatch):
+    with pytest.raises(SAENotFoundError, match="does not exist"):
+        load_sae(tmp_path / "nope")
+    folder = _folder(tmp_path)
+    (folder / "sae_weights.safetensors").unlink()
+    with pytest.raises(SAENotFoundError, match="has no sae_weights.safetensors"):
+        load_sae(folder)
+    torch.save({"W_enc": torch.zeros(1)}, folder / "sae.pt")
+
+    def no_unpickling(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torch.load must never be called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(SAENotFoundError, match="pickle.*never loads"):
+        load_sae(folder)
+    (folder / "cfg.json").unlink()
+    with pytest.raises(SAENotFoundError, match="has no cfg.json"):
+        load_sae(folder)
+    with pytest.raises(FileNotFoundError):  # also the built-in class
+        load_sae(folder)
+
+
+def test_truncated_weights(tmp_path):
+    folder = _folder(tmp_path)
+    weights = folder / "sae_weights.safetensors"
+    data = weights.read_bytes()
+    for cut in (4, 100, len(data) // 2, len(data) - 1):
+        weights.write_bytes(data[:cut])
+        with pytest.raises(SAEFormatError, match="truncated"):
+            load_sae(folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights(tmp_path, bad):
+    w = random_weights("standard")
+    w["W_dec"][3, 5] = bad
+    folder = write_saelens_folder(tmp_path / "nan", saelens6_cfg("standard"), w)
+    with pytest.raises(NonFiniteError, match="'W_dec' has 1 NaN or infinite"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize("change,error,fragment", [
+    (dict(architecture="gated"), SAEFormatError, "unknown SAE architecture 'gated'"),
+    (dict(metadata={"model_name": "m"}), SAEFormatError, "names no hook_name"),
+    (dict(metadata={"hook_name": "blocks.1.hook_nonsense"}), UnknownComponentError,
+     "unknown SAE hook_name 'blocks.1.hook_nonsense'"),
+    (dict(d_sae=95), SAEFormatError, "'W_enc' has shape \\(64, 96\\).*must be \\(64, 95\\)"),
+    (dict(k=0), SAEFormatError, "k must be a positive integer"),
+    (dict(normalize_activations="layer_norm"), SAEFormatError, "not supported"),
+    (dict(dtype="int8"), SAEFormatError, "unknown dtype"),
+])
+def test_bad_configs(tmp_path, change, error, fragment):
+    cfg = saelens6_cfg("topk")
+    cfg.update(change)
+    folder = write_saelens_folder(tmp_path / "bad", cfg, random_weights("topk"))
+    with pytest.raises(error, match=fragment):
+        load_sae(folder)
+
+
+def test_invalid_json_and_unexpected_tensors(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "cfg.json").write_text("{not json")
+    with pytest.raises(SAEFormatError, match="not valid JSON"):
+        load_sae(folder)
+    w = random_weights("topk")
+    w["W_gate"] = torch.zeros(2)
+    with pytest.raises(SAEFormatError, match="unexpected tensors \\['W_gate'\\]"):
+        load_sae(write_saelens_folder(tmp_path / "x", saelens6_cfg("topk"), w))
+
+
+def test_attach_errors_come_before_any_forward_and_leave_no_hooks(lm, monkeypatch):
+    before = lm.hook_snapshot()
+    counter = Counting(lm, monkeypatch)
+    wide = SparseAutoencoder(48, 16, hook_name="blocks.1.hook_resid_post")
+    with pytest.raises(ShapeMismatchError, match="d_in=48.*blocks.1.resid_post.*64 wide"):
+        lm.trace(CLEAN, saes=[wide])
+    far = SparseAutoencoder(64, 16, hook_name="blocks.7.hook_resid_post")
+    with pytest.raises(OutOfRangeError, match="layer 7"):
+        sae_patching(lm, far, CLEAN, CORRUPTED, **ANSWERS)
+    with pytest.raises(OutOfRangeError, match="contains 96, out of range.*96 features"):
+        sae_patching(lm, tiny_sae(), CLEAN, CORRUPTED, features=[3, 96], **ANSWERS)
+    with pytest.raises(OutOfRangeError, match="feature 200 of FeatureEdit"):
+        lm.trace(CLEAN, saes=[tiny_sae()], interventions={FEATS: edit_features([200], value=0)})
+    with pytest.raises(OutOfRangeError, match="out of range"):
+        ablate(lm, CLEAN, component=FEATS, saes=[tiny_sae()], features=[-1], **ANSWERS)
+    with pytest.raises(OutOfRangeError, match="out of range"):
+        sae_attribution(lm, tiny_sae(), CLEAN, CORRUPTED, features=[[1, 500]], **ANSWERS)
+    with pytest.raises(UnknownComponentError, match="no SAE is attached"):
+        lm.trace(CLEAN, cache=[FEATS])
+    with pytest.raises(InvalidArgumentError, match="read-only"):
+        lm.trace(CLEAN, saes=[tiny_sae()],
+                 interventions={"blocks.1.resid_post.sae.recons": iv.zero()})
+    with pytest.raises(InvalidArgumentError, match="needs the error term"):
+        lm.trace(CLEAN, saes=[tiny_sae()], keep_error=False,
+                 interventions={"blocks.1.resid_post.sae.error": iv.zero()})
+    with pytest.raises(InvalidArgumentError, match="two SAEs"):
+        lm.trace(CLEAN, saes=[tiny_sae(), tiny_sae(seed=2)])
+    with pytest.raises(InvalidArgumentError, match="declares no site"):
+        lm.trace(CLEAN, saes=[_NoSite()])
+    with pytest.raises(InvalidArgumentError, match="pass the SAE with saes"):
+        ablate(lm, CLEAN, component=FEATS, **ANSWERS)
+    with pytest.raises(InvalidArgumentError, match="does not name SAE features"):
+        ablate(lm, CLEAN, component="mlp", saes=[tiny_sae()], **ANSWERS)
+    assert counter.calls == 0
+    assert lm.hook_snapshot() == before
+
+
+class _NoSite:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f
+
+
+def test_an_sae_for_another_model_warns_with_both_names(lm):
+    sae = tiny_sae(model_name="gpt2-small")
+    with pytest.warns(SAEModelMismatchWarning, match="'gpt2-small'.*'LlamaForCausalLM'"):
+        lm.trace(CLEAN, saes=[sae]).run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm.trace(CLEAN, saes=[tiny_sae(model_name="meta/LlamaForCausalLM")]).run()
+        lm.trace(CLEAN, saes=[tiny_sae()]).run()  # no model name: nothing to compare
+
+
+# -- the splice -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_cached_features_and_error_are_the_saes_on_the_site(lm, arch):
+    sae = tiny_sae(arch)
+    plain = lm.trace([CLEAN, CORRUPTED], cache=["blocks.1.resid_post"]).run()
+    x = plain.cache["blocks.1.resid_post"]
+    names = [FEATS, "blocks.1.resid_post.sae.error", "blocks.1.hook_resid_post.hook_sae_recons",
+             "blocks.1.resid_post.sae.input", "blocks.1.resid_post.sae.output",
+             "blocks.1.resid_post"]
+    tr = lm.trace([CLEAN, CORRUPTED], saes=[sae], cache=names).run()
+    f = tr.cache[FEATS]
+    assert f.shape == (2, x.shape[1], 96) and (f > 0).any()
+    torch.testing.assert_close(f, sae.encode(x))
+    torch.testing.assert_close(tr.cache["blocks.1.resid_post.sae.error"],
+                               x - sae.decode(sae.encode(x)))
+    torch.testing.assert_close(tr.cache["blocks.1.hook_resid_post.hook_sae_recons"],
+                               sae.decode(sae.encode(x)))
+    assert torch.equal(tr.cache["blocks.1.resid_post.sae.input"], x)
+    assert torch.equal(tr.cache["blocks.1.resid_post.sae.output"], x)
+    assert torch.equal(tr.cache["blocks.1.resid_post"], x)  # the exact splice changes nothing
+    assert torch.equal(tr.logits, plain.logits)
+    everything = lm.trace(CLEAN, saes=[sae], cache=True).run()
+    assert FEATS in everything.cache and "blocks.1.resid_post.sae.error" in everything.cache
+
+
+def test_a_no_op_feature_edit_leaves_the_logits_unchanged(lm):
+    sae = tiny_sae()
+    base = lm.trace(CLEAN).run().logits
+    f = lm.trace(CLEAN, saes=[sae], cache=[FEATS]).run().cache[FEATS]
+    dead = int((f[0] == 0).all(0).nonzero()[0])
+    live = int(f[0, -1].argmax())
+    for edit in (iv.function(lambda a: a.clone()), edit_features([dead], value=0.0),
+                 edit_features([live], scale=1.0),
+                 edit_features([live], value=f[:, -1:, live:live + 1], positions=[-1])):
+        out = lm.trace(CLEAN, saes=[sae], interventions={FEATS: edit}).run().logits
+        assert (out - base).abs().max() <= 1e-5
+        assert torch.equal(out, base)
+
+
+def test_feature_edits_equal_the_activation_they_imply(lm):
+    """decode(f') + error, computed by hand and applied with replace_with."""
+    sae = tiny_sae("standard")
+    x = lm.trace(CLEAN, cache=["blocks.1.resid_post"]).run().cache["blocks.1.resid_post"]
+    f = sae.encode(x)
+    live = int(f[0, -2].argmax())
+    f2 = f.clone()
+    f2[0, -2, live] = 3.0
+    f2[0, :, 7] *= 2
+    expected = sae.decode(f2) + (x - sae.decode(f))
+    edits = [edit_features([live], value=3.0, positions=[-2]), edit_features([7], scale=2.0)]
+    got = lm.trace(CLEAN, saes=[sae], interventions={FEATS: edits}).run().logits
+    ref = lm.trace(CLEAN, interventions={"blocks.1.resid_post": iv.replace_with(expected)}
+                   ).run().logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert (got - lm.trace(CLEAN).run().logits).abs().max() > 1e-3
+
+
+def test_error_edits_and_keep_error_false(lm):
+    sae = tiny_sae()
+    x = lm.trace(CLEAN, cache=["blocks.1.resid_post"]).run().cache["blocks.1.resid_post"]
+    recon = sae.decode(sae.encode(x))
+    no_error = lm.trace(CLEAN, saes=[sae], keep_error=False).run().logits
+    ref = lm.trace(CLEAN, interventions={"blocks.1.resid_post": iv.replace_with(recon)}
+                   ).run().logits
+    torch.testing.assert_close(no_error, ref, rtol=1e-5, atol=1e-5)
+    zero_err = lm.trace(CLEAN, saes=[sae], interventions={
+        "blocks.1.resid_post.sae.error": iv.zero(positions=[-1])}).run().logits
+    mixed = x.clone()
+    mixed[:, -1] = recon[:, -1]
+    ref2 = lm.trace(CLEAN, interventions={"blocks.1.resid_post": iv.replace_with(mixed)}
+                    ).run().logits
+    torch.testing.assert_close(zero_err, ref2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(no_error, lm.trace(CLEAN).run().logits)
+
+
+class SAELensLike(torch.nn.Module):
+    """Structured like a ``sae_lens.SAE`` (``cfg.metadata.hook_name``, ``cfg.d_in``)."""
+
+    def __init__(self, inner: SparseAutoencoder) -> None:
+        super().__init__()
+        self.inner = inner
+        meta = type("Meta", (), {"hook_name": "blocks.1.hook_resid_post",
+                                 "model_name": "LlamaForCausalLM"})()
+        self.cfg = type("Cfg", (), {"d_in": 64, "d_sae": inner.d_sae, "metadata": meta})()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(x)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(f)
+
+
+class DictionaryLearningLike:
+    """``dictionary_learning``'s AutoEncoder interface: encode/decode, activation_dim,
+    dict_size, no site of its own."""
+
+    def __init__(self, inner: SparseAutoencoder) -> None:
+        self.inner, self.activation_dim, self.dict_size = inner, 64, inner.d_sae
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.encode(x)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(f)
+
+
+def test_any_encode_decode_object_works(lm):
+    sae = tiny_sae()
+    edit = {FEATS: edit_features([5, 9], value=1.5, positions=[-1])}
+    ours = lm.trace(CLEAN, saes=[sae], interventions=edit, cache=[FEATS]).run()
+    for other in (SAELensLike(sae), wrap_sae(DictionaryLearningLike(sae), "blocks.1.resid_post"),
+                  wrap_sae(DictionaryLearningLike(sae), "blocks.1.hook_resid_post", d_sae=96)):
+        got = lm.trace(CLEAN, saes=[other], interventions=edit, cache=[FEATS]).run()
+        assert torch.equal(got.logits, ours.logits)
+        assert torch.equal(got.cache[FEATS], ours.cache[FEATS])
+    r1 = sae_patching(lm, sae, CLEAN, CORRUPTED, features=list(range(20)), **ANSWERS)
+    r2 = sae_patching(lm, SAELensLike(sae), CLEAN, CORRUPTED, features=list(range(20)), **ANSWERS)
+    assert torch.equal(r1.effect_matrix, r2.effect_matrix)
+
+
+def test_an_sae_on_per_head_outputs(lm):
+    """A hook_z SAE reads attn.z flattened to n_heads * d_head."""
+    sae = SparseAutoencoder(64, 40, hook_name="blocks.2.attn.hook_z", reshape_activations="hook_z",
+                            seed=3)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.2)
+    name = "blocks.2.attn.z.sae.features"
+    base = lm.trace(CLEAN).run().logits
+    tr = lm.trace(CLEAN, saes=[sae], cache=[name, "blocks.2.attn.z"]).run()
+    assert torch.equal(tr.logits, base)
+    z = tr.cache["blocks.2.attn.z"]
+    torch.testing.assert_close(tr.cache[name], sae.encode(z.flatten(-2)))
+    edited = lm.trace(CLEAN, saes=[sae], interventions={name: edit_features([0], value=9.0)}
+                      ).run().logits
+    assert (edited - base).abs().max() > 1e-4
+    r = sae_patching(lm, sae, CLEAN, CORRUPTED, features=list(range(10)), **ANSWERS)
+    rn = sae_patching(lm, sae, CLEAN, CORRUPTED, features=list(range(10)), engine="naive",
+                      **ANSWERS)
+    torch.testing.assert_close(r.effect_matrix, rn.effect_matrix, rtol=1e-4, atol=1e-4)
+
+
+# -- the engine extension ---------------------------------------------------------------------------
+def test_site_patch_values_must_stack_one_per_entry(lm):
+    site = lm.site("blocks.1.resid_post")
+    SitePatch(site, (1, 2), None, torch.zeros(2, 64))
+    with pytest.raises(InvalidArgumentError, match="one value per entry \\(2 entries"):
+        SitePatch(site, (1, 2), None, torch.zeros(3, 64))
+    a, b = SitePatch(site, (1,), None, torch.zeros(1, 64)), SitePatch(site, (1,))
+    assert a == b  # values take no part in equality (tensors have no truth value)
+
+
+# -- feature patching -------------------------------------------------------------------------------
+def independent_feature_effects(model: Any, sae: Any, features: list[int],
+                                positions: list[int] | None = None) -> torch.Tensor:
+    """One model.trace per feature: the base (corrupted) run with the clean run's features."""
+    with model.trace([CLEAN, CORRUPTED], saes=[sae], cache=[FEATS]) as tr:
+        f_clean = tr.cache[FEATS][:1]
+    base = logit_diff(model.trace(CORRUPTED).run().logits, model)
+    source = logit_diff(model.trace(CLEAN).run().logits, model)
+    out = []
+    pos = positions if positions is not None else list(range(f_clean.shape[1]))
+    for j in features:
+        value = f_clean[:, pos, j][..., None]
+        edit = edit_features([j], value=value, positions=pos)
+        patched = logit_diff(model.trace(CORRUPTED, saes=[sae], interventions={FEATS: edit}
+                                         ).run().logits, model)
+        out.append((patched - base) / (source - base))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_sae_patching_equals_the_naive_loop(lm, arch, one_thread):
+    sae = tiny_sae(arch)
+    fast = sae_patching(lm, sae, CLEAN, CORRUPTED, **ANSWERS)
+    naive = sae_patching(lm, sae, CLEAN, CORRUPTED, engine="naive", **ANSWERS)
+    loop = independent_feature_effects(lm, sae, list(range(96)))
+    assert fast.effect_matrix.shape == (96,) and fast.axes == ("feature",)
+    assert fast.labels["feature"] == list(range(96))
+    torch.testing.assert_close(fast.effect_matrix, naive.effect_matrix, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.effect_matrix, loop, rtol=1e-4, atol=1e-4)
+    assert fast.effect_matrix.abs().max() > 0.01
+    assert fast.method == "sae_patching" and fast.component == FEATS
+    # rows whose features agree in both runs are skipped, and are exactly 0
+    noop = fast.extra["noop_cells"]
+    assert 0 < noop < 96 and fast.extra["rows"] <= 96 - noop + 3  # + 3 reference rows
+    assert int((fast.effect_matrix == 0).sum()) >= noop
+
+
+def test_by_position_groups_and_positions(lm, one_thread):
+    sae = tiny_sae()
+    cells = [[1, 2, 3], 5, 7]
+    r = sae_patching(lm, sae, CLEAN, CORRUPTED, features=cells, positions=[9, -1],
+                     by_position=True, **ANSWERS)
+    assert r.axes == ("position", "feature") and r.effect_matrix.shape == (2, 3)
+    assert r.labels["feature"] == ["1+2+3", 5, 7] and r.labels["position"][1].startswith("13:")
+    with lm.trace([CLEAN, CORRUPTED], saes=[sae], cache=[FEATS]) as tr:
+        f_clean = tr.cache[FEATS][:1]
+    base = logit_diff(lm.trace(CORRUPTED).run().logits, lm)
+    source = logit_diff(lm.trace(CLEAN).run().logits, lm)
+    for a, p in enumerate([9, 13]):
+        for b, feats in enumerate([[1, 2, 3], [5], [7]]):
+            edit = edit_features(feats, value=f_clean[:, [p]][..., feats], positions=[p])
+            patched = logit_diff(lm.trace(CORRUPTED, saes=[sae], interventions={FEATS: edit}
+                                          ).run().logits, lm)
+            assert abs(float(r.effect_matrix[a, b]) - (patched - base) / (source - base)) < 1e-4
+
+
+def test_references_are_the_site_all_features_and_error(lm, one_thread):
+    sae = tiny_sae()
+    r = sae_patching(lm, sae, CLEAN, CORRUPTED, features=[0], positions=[-1], **ANSWERS)
+    ref = r.extra["reference"]
+    assert ref["positions"] == [[13]]
+    site = activation_patching(lm, CLEAN, CORRUPTED, component="blocks.1.resid_post",
+                               positions=[-1], **ANSWERS)
+    assert abs(ref["site"][0] - float(site.effect_matrix[0])) < 1e-4
+    with lm.trace([CLEAN, CORRUPTED], saes=[sae], cache=[FEATS]) as tr:
+        f_clean = tr.cache[FEATS][:1, -1:]
+    base = logit_diff(lm.trace(CORRUPTED).run().logits, lm)
+    source = logit_diff(lm.trace(CLEAN).run().logits, lm)
+    edit = iv.replace_with(f_clean, positions=[-1])
+    patched = logit_diff(lm.trace(CORRUPTED, saes=[sae], interventions={FEATS: edit}
+                                  ).run().logits, lm)
+    assert abs(ref["all_features"][0] - (patched - base) / (source - base)) < 1e-4
+    x = lm.trace([CLEAN, CORRUPTED], cache=["blocks.1.resid_post"]).run().cache[
+        "blocks.1.resid_post"]
+    err = x - sae.decode(sae.encode(x))
+    mixed = x[1:].clone()
+    mixed[:, -1] += err[0, -1] - err[1, -1]
+    patched = logit_diff(lm.trace(CORRUPTED, interventions={
+        "blocks.1.resid_post": iv.replace_with(mixed)}).run().logits, lm)
+    assert abs(ref["error"][0] - (patched - base) / (source - base)) < 1e-4
+
+
+def test_a_dataset_follows_the_one_aggregation_rule(lm, one_thread):
+    sae = tiny_sae()
+    clean = [CLEAN, "When John and Mary went to the store, Mary gave a drink to"]
+    corrupted = [CORRUPTED, "When John and Mary went to the store, John gave a drink to"]
+    correct, incorrect = [" Mary", " John"], [" John", " Mary"]
+    feats = [0, 3, 5, 11, 40]
+    r = sae_patching(lm, sae, clean, corrupted, features=feats, positions=[-1],
+                     correct=correct, incorrect=incorrect, normalize=False)
+    normed = sae_patching(lm, sae, clean, corrupted, features=feats, positions=[-1],
+                          correct=correct, incorrect=incorrect)
+    raws, bases, sources = [], [], []
+    for i in range(2):
+        one = sae_patching(lm, sae, clean[i], corrupted[i], features=feats, positions=[-1],
+                           correct=correct[i], incorrect=incorrect[i], normalize=False)
+        raws.append(one.effect_matrix)
+        bases.append(one.corrupted_metric)
+        sources.append(one.clean_metric)
+    mean_raw = torch.stack(raws).mean(0)
+    torch.testing.assert_close(r.effect_matrix, mean_raw, rtol=1e-5, atol=1e-5)
+    b, s = sum(bases) / 2, sum(sources) / 2
+    torch.testing.assert_close(normed.effect_matrix, (mean_raw - b) / (s - b), rtol=1e-4,
+                               atol=1e-4)
+    assert normed.per_pair.shape == (2, 5)
+
+
+def test_noising_patches_corrupted_features_into_the_clean_run(lm, one_thread):
+    sae = tiny_sae()
+    r = sae_patching(lm, sae, CLEAN, CORRUPTED, features=list(range(30)), direction="noise",
+                     **ANSWERS)
+    with lm.trace([CLEAN, CORRUPTED], saes=[sae], cache=[FEATS]) as tr:
+        f_corr = tr.cache[FEATS][1:]
+    base = logit_diff(lm.trace(CLEAN).run().logits, lm)
+    source = logit_diff(lm.trace(CORRUPTED).run().logits, lm)
+    for j in (0, 5, 17):
+        edit = edit_features([j], value=f_corr[..., j:j + 1])
+        patched = logit_diff(lm.trace(CLEAN, saes=[sae], interventions={FEATS: edit}
+                                      ).run().logits, lm)
+        assert abs(float(r.effect_matrix[j]) - (patched - base) / (source - base)) < 1e-4
+
+
+# -- attribution --------------------------------------------------------------------------------------
+def test_attribution_is_additive_for_a_linear_decoder(lm, one_thread):
+    """With decode linear, x_src - x_base = W_dec^T (f_src - f_base) + (err_src - err_base), so
+    the feature estimates plus the error estimate equal the site's own estimate, which in turn is
+    attribution_patching's."""
+    sae = tiny_sae("standard")
+    a = sae_attribution(lm, sae, CLEAN, CORRUPTED, **ANSWERS)
+    ref = a.extra["reference"]
+    site = attribution_patching(lm, CLEAN, CORRUPTED, component="blocks.1.resid_post",
+                                **ANSWERS)
+    assert abs(ref["site"][0] - float(site.effect_matrix[0])) < 1e-4
+    total = float(a.effect_matrix.sum()) + ref["error"][0]
+    assert abs(total - ref["site"][0]) < 1e-3
+    assert a.effect_matrix.abs().max() > 0.01
+
+
+def test_attribution_estimates_and_verification(lm, one_thread):
+    sae = tiny_sae()
+    a = sae_attribution(lm, sae, CLEAN, CORRUPTED, verify_top_k=4, **ANSWERS)
+    exact = sae_patching(lm, sae, CLEAN, CORRUPTED, **ANSWERS)
+    top = torch.argsort(a.effect_matrix.abs(), descending=True)[:4].tolist()
+    assert [v["index"] for v in a.extra["verified"]] == [[j] for j in top]
+    for v in a.extra["verified"]:
+        assert abs(v["exact"] - float(exact.effect_matrix[v["index"][0]])) < 1e-4
+        assert v["estimate"] == pytest.approx(float(a.effect_matrix[v["index"][0]]))
+    corr = torch.corrcoef(torch.stack([a.effect_matrix, exact.effect_matrix]))[0, 1]
+    assert corr > 0.8
+    # features that agree in both runs (exact no-ops) have an estimate of exactly 0
+    noop = exact.effect_matrix == 0
+    assert noop.any() and bool((a.effect_matrix[noop] == 0).all())
+    pos = sae_attribution(lm, sae, CLEAN, CORRUPTED, by_position=True, positions=[9, -1],
+                          **ANSWERS)
+    assert pos.axes == ("position", "feature") and pos.effect_matrix.shape == (2, 96)
+
+
+def test_top_k_patches_the_largest_estimates(lm, one_thread):
+    sae = tiny_sae()
+    a = sae_attribution(lm, sae, CLEAN, CORRUPTED, **ANSWERS)
+    r = sae_patching(lm, sae, CLEAN, CORRUPTED, top_k=5, **ANSWERS)
+    expected = torch.argsort(a.effect_matrix.abs(), descending=True, stable=True)[:5].tolist()
+    assert r.labels["feature"] == expected and "top 5 of 96" in r.extra["selected_by"]
+    full = sae_patching(lm, sae, CLEAN, CORRUPTED, **ANSWERS)
+    torch.testing.assert_close(r.effect_matrix, full.effect_matrix[expected], rtol=1e-5,
+                               atol=1e-5)
+
+
+# -- ablation ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_feature_ablation_equals_trace_edits(lm, kind, one_thread):
+    sae = tiny_sae()
+    prompts = [CLEAN, "When John and Mary went to the store, Mary gave a drink to"]
+    correct, incorrect = [" Mary", " John"], [" John", " Mary"]
+    feats = [0, 2, 5, 9, 33]
+    r = ablate(lm, prompts, component=FEATS, saes=[sae], kind=kind, features=feats,
+               correct=correct, incorrect=incorrect)
+    assert r.axes == ("feature",) and r.labels["feature"] == feats
+    f_all = lm.trace(prompts, saes=[sae], cache=[FEATS]).run().cache[FEATS]
+    mean = f_all.reshape(-1, 96).mean(0)  # both prompts have 14 tokens: no padding
+    for col, j in enumerate(feats):
+        changes = []
+        for i, p in enumerate(prompts):
+            c, k = lm.to_single_token(correct[i]), lm.to_single_token(incorrect[i])
+            value = 0.0 if kind == "zero" else float(mean[j])
+            edited = lm.trace(p, saes=[sae], interventions={FEATS: edit_features(
+                [j], value=value)}).run().logits[0, -1]
+            orig = lm.trace(p).run().logits[0, -1]
+            changes.append(float((edited[c] - edited[k]) - (orig[c] - orig[k])))
+        assert abs(float(r.effect_matrix[col]) - sum(changes) / 2) < 1e-4
+    assert r.effect_matrix.abs().max() > 1e-3
+
+
+def test_feature_resample_ablation_runs(lm, one_thread):
+    sae = tiny_sae()
+    prompts = [CLEAN, "When John and Mary went to the store, Mary gave a drink to", CORRUPTED]
+    r = ablate(lm, prompts, component=FEATS, saes=[sae], kind="resample", features=[0, 5],
+               correct=" Mary", incorrect=" John")
+    assert r.effect_matrix.shape == (2,) and r.extra["resample_sources"] is not None
+    assert torch.isfinite(r.effect_matrix).all()
+
+
+# -- training ---------------------------------------------------------------------------------------
+def test_training_texts_are_real_offline_text():
+    docs = training_texts()
+    sources = {s for s, _ in docs}
+    assert sources == {"known_facts", "python_reference", "stdlib_docstrings"}
+    text = " ".join(t for _, t in docs[:2000])
+    assert "Antarctica" in text and len(docs) > 3000
+
+
+def test_train_sae_on_a_tiny_model(lm, tmp_path, one_thread):
+    docs = [d for d in training_texts(("known_facts",))][:300]
+    sae, report = train_sae(lm, "blocks.1.resid_post", 64, k=4, train_tokens=3000,
+                            eval_tokens=300, context=32, epochs=2, docs=docs)
+    assert report.l0 == pytest.approx(4.0) and 0.0 < report.explained_variance <= 1.0
+    assert all(math.isfinite(v) for v in (report.ce_clean, report.ce_spliced, report.ce_zero))
+    assert report.text_tokens["known_facts"] > 3300
+    back = load_sae(save_sae(sae, tmp_path / "t"))
+    assert back.metadata["training_report"]["l0"] == pytest.approx(4.0)
+    x = torch.randn(3, 64)
+    assert torch.equal(back.encode(x), sae.encode(x))
+    std, rep = train_sae(lm, "blocks.1.resid_post", 64, architecture="standard",
+                         train_tokens=3000, eval_tokens=300, context=32, epochs=1, docs=docs)
+    assert std.architecture == "standard" and rep.l0 > 0
+
+
+def test_cli_sae_train_and_info(lm, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(cli, "_load", lambda model, dtype=None: lm)
+    cli._State.quiet, cli._State.debug = False, False
+    runner = CliRunner()
+    out = tmp_path / "sae"
+    res = runner.invoke(cli.app, ["sae", "train", "--site", "blocks.1.resid_post",
+                                  "--features", "32", "--k", "4", "--tokens", "2000",
+                                  "--eval-tokens", "300", "--epochs", "1", "--out", str(out),
+                                  "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output)
+    assert payload["d_sae"] == 32 and payload["l0"] == pytest.approx(4.0)
+    assert load_sae(out).d_sae == 32
+    info = runner.invoke(cli.app, ["sae", "info", str(out), "--json"])
+    assert info.exit_code == 0 and json.loads(info.output)["site"] == "blocks.1.resid_post"
+    bad = runner.invoke(cli.app, ["sae", "info", str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+    bad = runner.invoke(cli.app, ["sae", "train", "--storage-dtype", "int8"])
+    assert bad.exit_code == 2 and "storage-dtype" in bad.output
+
+
+# -- the real model and the shipped SAE -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    return load_sae(SHIPPED)
+
+
+@pytest.mark.real
+def test_shipped_sae_is_small_and_was_trained_here(shipped):
+    size = sum(p.stat().st_size for p in SHIPPED.iterdir())
+    assert size < 5.5e6
+    report = shipped.metadata["training_report"]
+    assert shipped.site == "blocks.20.resid_post" and shipped.d_sae == 2048
+    assert report["explained_variance"] > 0.7 and report["l0"] == pytest.approx(32)
+    assert report["ce_recovered"] > 0.9 and report["dead_fraction"] < 0.05
+
+
+@pytest.mark.real
+def test_shipped_sae_reconstructs_ioi_prompts(smollm2, shipped):
+    """Text unlike its training text (templated stories, not Python documentation): the
+    explained variance of the residual stream at positions >= 1 is lower (0.43 when trained)."""
+    from causalpatch.datasets import IOIDataset
+
+    data = IOIDataset(smollm2, n=8, seed=1, equal_length=True)
+    x = smollm2.trace(data.clean, cache=["blocks.20.resid_post"]).run().cache[
+        "blocks.20.resid_post"][:, 1:].reshape(-1, 576)
+    recon = shipped.decode(shipped.encode(x))
+    ev = 1 - float(((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert ev > 0.3
+
+
+@pytest.mark.real
+def test_real_model_no_op_edit_is_exact(smollm2, shipped):
+    before = smollm2.hook_snapshot()
+    name = "blocks.20.resid_post.sae.features"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trained on this model: no mismatch warning
+        base = smollm2.trace(CLEAN).run().logits
+        f = smollm2.trace(CLEAN, saes=[shipped], cache=[name]).run().cache[name]
+        live = int(f[0, -1].argmax())
+        out = smollm2.trace(CLEAN, saes=[shipped], interventions={name: edit_features(
+            [live], value=f[:, -1:, live:live + 1], positions=[-1])}).run().logits
+    assert (out - base).abs().max() <= 1e-5
+    assert int((f[0, 1:] > 0).sum(-1).max()) == 32
+    assert smollm2.hook_snapshot() == before
+
+
+@pytest.mark.real
+def test_real_model_fast_equals_naive_on_an_ioi_pair(smollm2, shipped, one_thread):
+    name = "blocks.20.resid_post.sae.features"
+    with smollm2.trace([CLEAN, CORRUPTED], saes=[shipped], cache=[name]) as tr:
+        f = tr.cache[name][:, 9]  # the second subject (" John" / " Mary")
+    live = ((f[0] != f[1]).nonzero().flatten()).tolist()
+    feats = live[:24] + [j for j in range(2048) if j not in live][:4]
+    fast = sae_patching(smollm2, shipped, CLEAN, CORRUPTED, features=feats, positions=[9],
+                        **ANSWERS)
+    naive = sae_patching(smollm2, shipped, CLEAN, CORRUPTED, features=feats, positions=[9],
+                         engine="naive", **ANSWERS)
+    torch.testing.assert_close(fast.effect_matrix, naive.effect_matrix, rtol=1e-3, atol=1e-3)
+    assert (fast.effect_matrix[-4:] == 0).all() and fast.effect_matrix.abs().max() > 0.01
+    ref = fast.extra["reference"]
+    assert ref["site"][0] == pytest.approx(
+        float(activation_patching(smollm2, CLEAN, CORRUPTED, component="blocks.20.resid_post",
+                                  positions=[9], **ANSWERS).effect_matrix[0]), abs=1e-3)
