@@ -115,6 +115,8 @@ def _naive_path_patching(model, clean: list[int], corrupted: list[int], correct:
     import causalpatch.interventions as iv
 
     n, H = model.n_layers, model.n_heads
+    clean = model.to_tokens(clean)[0].tolist()
+    corrupted = model.to_tokens(corrupted)[0].tolist()
     z_names = [f"blocks.{layer}.attn.z" for layer in range(n)]
     final = f"blocks.{n - 1}.resid_post"
     t0 = time.perf_counter()
@@ -150,7 +152,7 @@ def bench_speed(model, naive_forwards: int, seed: int = 0) -> dict:
 
     pair = IOIDataset(model, n=1, seed=seed)
     clean, corrupted = pair.clean[0], pair.corrupted[0]
-    good, bad = pair.correct[0], pair.incorrect[0]
+    good, bad = model.to_single_token(pair.correct[0]), model.to_single_token(pair.incorrect[0])
     path_patching(model, pair, senders="attn_head", receivers="logits")  # warm-up
     fast_s = []
     for _ in range(3):

@@ -6,7 +6,9 @@
    of the base prompt, the cheapest a per-feature loop can be, times the number of features).
 2. **Attribution for all features** (``sae_attribution``, every feature at every position) in
    forward-equivalents: its time over the time of one forward of the same prompt.
-3. A consistency check: the fast engine equals the naive engine on a sample of features.
+3. The dense worst case: every feature row changes (each feature set to 1.0 at S2), so the
+   engine skips nothing; the same comparison.
+4. A consistency check: the fast engine equals the naive engine on a sample of features.
 
 The 4096-feature SAE is trained once with the same settings as ``causalpatch sae train``
 (``--features 4096``) and cached in ``benchmarks/.cache`` (about 10 minutes on one core).
@@ -26,7 +28,8 @@ import torch
 
 from causalpatch import InterpretableModel, sae_attribution, sae_patching
 from causalpatch.datasets import IOIDataset
-from causalpatch.engine import last_logits
+from causalpatch.engine import last_logits, patched_logits, run_base_and_source
+from causalpatch.plan import SitePatch
 from causalpatch.sae import load_sae, save_sae, train_sae
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "smollm2-blocks.20.resid_post-topk-4096"
@@ -94,6 +97,29 @@ def main() -> None:
                      "naive_seconds": t_naive, "speedup": t_naive / t_exact,
                      "rows": result.extra.get("rows", 0),
                      "noop": result.extra.get("noop_cells", 0)})
+
+    # the dense worst case: every row changes (each feature in turn set to 1.0 at S2, error term
+    # from the base run), so nothing is skipped; the engine directly, on the same pair
+    site = model.site(sae.site)
+    run = run_base_and_source(model, ids_corr[0].tolist(), ids_clean[0].tolist(), [site],
+                              [(SitePatch(site, (s2,)),)])
+    x = run.base.acts[site.name][0, s2]
+    with torch.no_grad():
+        f = sae.encode(x)
+        f_rows = f.repeat(sae.d_sae, 1)
+        f_rows[torch.arange(sae.d_sae), torch.arange(sae.d_sae)] = 1.0
+        values = x + (sae.decode(f_rows) - sae.decode(f))
+    dense = [(SitePatch(site, (s2,), None, values[j:j + 1]),) for j in range(sae.d_sae)]
+
+    def dense_run():
+        stats: dict = {}
+        patched_logits(model, run, dense, stats=stats)
+        return stats
+
+    t_dense, dense_stats = timed(dense_run, 1)
+    rows.append({"position": f"S2 ({s2}), dense: all {sae.d_sae} rows change",
+                 "seconds": t_dense, "naive_seconds": t_naive, "speedup": t_naive / t_dense,
+                 "rows": dense_stats.get("rows", 0), "noop": dense_stats.get("skipped", 0)})
 
     def attribution():
         return sae_attribution(model, sae, clean, corrupted, features="all", by_position=True,
