@@ -11,7 +11,7 @@
 4. A consistency check: the fast engine equals the naive engine on a sample of features.
 
 The 4096-feature SAE is trained once with the same settings as ``causalpatch sae train``
-(``--features 4096``) and cached in ``benchmarks/.cache`` (about 10 minutes on one core).
+(``--features 4096``) and cached in ``benchmarks/.cache`` (about 15 minutes on one core).
 
 Run: ``python benchmarks/bench_sae.py [--threads 1] [--repeats 3] [--json out.json]``
 """

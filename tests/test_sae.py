@@ -708,13 +708,23 @@ def test_feature_ablation_equals_trace_edits(lm, kind, one_thread):
     assert r.effect_matrix.abs().max() > 1e-3
 
 
-def test_feature_resample_ablation_runs(lm, one_thread):
+def test_feature_resample_ablation_takes_another_prompts_feature(lm, one_thread):
     sae = tiny_sae()
     prompts = [CLEAN, "When John and Mary went to the store, Mary gave a drink to", CORRUPTED]
-    r = ablate(lm, prompts, component=FEATS, saes=[sae], kind="resample", features=[0, 5],
+    feats = [0, 5, 9]
+    r = ablate(lm, prompts, component=FEATS, saes=[sae], kind="resample", features=feats,
                correct=" Mary", incorrect=" John")
-    assert r.effect_matrix.shape == (2,) and r.extra["resample_sources"] is not None
-    assert torch.isfinite(r.effect_matrix).all()
+    sources = r.extra["resample_sources"]
+    assert sorted(sources) == [0, 1, 2] and all(s != i for i, s in enumerate(sources))
+    f_all = lm.trace(prompts, saes=[sae], cache=[FEATS]).run().cache[FEATS]
+    for col, j in enumerate(feats):
+        changes = []
+        for i, p in enumerate(prompts):
+            value = f_all[sources[i]][None, :, j:j + 1]
+            edited = lm.trace(p, saes=[sae], interventions={FEATS: edit_features(
+                [j], value=value)}).run().logits
+            changes.append(logit_diff(edited, lm) - logit_diff(lm.trace(p).run().logits, lm))
+        assert abs(float(r.effect_matrix[col]) - sum(changes) / 3) < 1e-4
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -761,6 +771,9 @@ def test_cli_sae_train_and_info(lm, tmp_path, monkeypatch, one_thread):
     assert bad.exit_code == 2 and "does not exist" in bad.output
     bad = runner.invoke(cli.app, ["sae", "train", "--storage-dtype", "int8"])
     assert bad.exit_code == 2 and "storage-dtype" in bad.output
+    for command in ("train", "info"):
+        res = runner.invoke(cli.app, ["sae", command, "--help"])
+        assert res.exit_code == 0 and "Example" in res.output and "causalpatch sae" in res.output
 
 
 # -- the real model and the shipped SAE -----------------------------------------------------------

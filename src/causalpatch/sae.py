@@ -327,7 +327,7 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction ``[..., d_in]`` of feature activations ``f`` ``[..., d_sae]``."""
         f = f.to(self.dtype)
         if self.architecture == "topk" and self.rescale_acts_by_decoder_norm:
-            f = f / self.W_dec.norm(dim=-1)
+            f = f * (1 / self.W_dec.norm(dim=-1))  # as SAELens writes it (bit for bit)
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
