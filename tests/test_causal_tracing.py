@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import IdTokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import causalpatch.interventions as iv
@@ -16,22 +17,6 @@ from causalpatch.methods.causal_tracing import (GROUPS, causal_tracing, causal_t
 PROMPT = "t5 t6 t7 t8 t9 t10 t11"
 SUBJECT = "t6 t7"  # tokens 1..2
 IDS = [5, 6, 7, 8, 9, 10, 11]
-
-
-class IdTokenizer:
-    """Text ``"t5 t6 ..."`` <-> token ids; no character offsets (a slow tokenizer)."""
-
-    pad_token_id = 0
-    eos_token_id = 0
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(f"t{i}" for i in ids)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [int(t[1:]) for t in text.split()]
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        return {"input_ids": self.encode(text)}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import IdTokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import causalpatch.interventions as iv
@@ -14,22 +15,6 @@ from causalpatch.methods.path_patching import path_patching
 CLEAN = [5, 6, 7, 8, 9, 10, 11, 12]
 CORRUPTED = [5, 6, 7, 20, 9, 10, 21, 12]
 CORRECT, INCORRECT = 3, 4
-
-
-class IdTokenizer:
-    """Prompts are token-id lists; text is ``"t5 t6 ..."``."""
-
-    pad_token_id = 0
-    eos_token_id = 0
-
-    def decode(self, ids: list[int]) -> str:
-        return " ".join(f"t{i}" for i in ids)
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [int(t[1:]) for t in text.split()]
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        return {"input_ids": self.encode(text)}
 
 
 def make_tiny(n_kv_heads: int = 4, seed: int = 0) -> InterpretableModel:
