@@ -239,6 +239,22 @@ def _unit_index(model: HookedModel, kind: str, heads: Sequence[int]) -> list[int
     return sorted({h // group for h in heads})
 
 
+def _frozen_heads(z_base: torch.Tensor, z_src: torch.Tensor, rows: torch.Tensor,
+                  heads: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook on ``attn.z`` that sets every row's heads to the base run's ``z_base``
+    ``[1, q, n_heads, d_head]``, except head ``heads[i]`` of row ``rows[i]``, taken from the
+    source run's ``z_src``."""
+
+    def freeze(act: torch.Tensor) -> torch.Tensor:
+        out = z_base.to(act.dtype).expand(act.shape[0], -1, -1, -1).clone()
+        if len(heads):
+            # [q, n, d_head] -> [n, q, d_head]: row i gets head heads[i] from the source
+            out[rows, :, heads] = z_src[0][:, heads].transpose(0, 1).to(act.dtype)
+        return out
+
+    return freeze
+
+
 def _sender_deltas(model: HookedModel, run: PairRun, chunk: list[_Sender]) -> torch.Tensor:
     """Pass 1, sender side: the change of the residual stream after each sender's layer,
     ``[rows, T - start, d_model]``, with everything but the sender frozen."""
@@ -262,14 +278,7 @@ def _sender_deltas(model: HookedModel, run: PairRun, chunk: list[_Sender]) -> to
         heads_t = torch.tensor(heads, dtype=torch.long, device=model.device)
         mlp_rows_t = torch.tensor(mlp_rows, dtype=torch.long, device=model.device)
 
-        def freeze_z(act: torch.Tensor, z_base: torch.Tensor = z_base, z_src: torch.Tensor = z_src,
-                     head_rows_t: torch.Tensor = head_rows_t, heads_t: torch.Tensor = heads_t
-                     ) -> torch.Tensor:
-            out = z_base.to(act.dtype).expand(act.shape[0], -1, -1, -1).clone()
-            if len(heads_t):
-                # [q, n, d_head] -> [n, q, d_head]: row i gets head heads_t[i] from the source
-                out[head_rows_t, :, heads_t] = z_src[0][:, heads_t].transpose(0, 1).to(act.dtype)
-            return out
+        freeze_z = _frozen_heads(z_base, z_src, head_rows_t, heads_t)
 
         def freeze_mlp(act: torch.Tensor, mlp_base: torch.Tensor = mlp_base,
                        mlp_src: torch.Tensor = mlp_src, mlp_rows_t: torch.Tensor = mlp_rows_t
@@ -336,13 +345,7 @@ def _heads_frozen_pass(model: HookedModel, run: PairRun, chunk: list[_Sender],
         head_rows_t = torch.tensor(head_rows, dtype=torch.long, device=dev)
         heads_t = torch.tensor([chunk[r].head for r in head_rows], dtype=torch.long, device=dev)
 
-        def freeze_z(act: torch.Tensor, z_base: torch.Tensor = z_base, z_src: torch.Tensor = z_src,
-                     head_rows_t: torch.Tensor = head_rows_t, heads_t: torch.Tensor = heads_t
-                     ) -> torch.Tensor:
-            out = z_base.to(act.dtype).expand(act.shape[0], -1, -1, -1).clone()
-            if len(heads_t):
-                out[head_rows_t, :, heads_t] = z_src[0][:, heads_t].transpose(0, 1).to(act.dtype)
-            return out
+        freeze_z = _frozen_heads(z_base, z_src, head_rows_t, heads_t)
 
         hooks = [Hook(_site(model, "attn.z", layer), freeze_z)]
         if mlp_rows:
