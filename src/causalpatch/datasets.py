@@ -83,6 +83,120 @@ def _as_list(value: Any, what: str) -> list[Any]:
     return value.tolist() if isinstance(value, torch.Tensor) else list(value)
 
 
+# -- the seeds' dataset protocol -------------------------------------------------------------
+_SEED_FIELDS = ("clean", "corrupted", "correct", "incorrect", "metric_kwargs", "info")
+
+
+def _seed_style(cls: type) -> bool:
+    """A :class:`PatchingDataset` subclass that defines its pairs by ``get_clean_corrupt_pairs``."""
+    return cls.get_clean_corrupt_pairs is not PatchingDataset.get_clean_corrupt_pairs
+
+
+def _seed_lists(obj: Any, model: Any) -> dict[str, list[Any]]:
+    """``clean``/``corrupted``/``correct``/``incorrect`` from the seeds' methods of ``obj``."""
+    what = type(obj).__name__
+    pairs = obj.get_clean_corrupt_pairs()
+    pairs = list(pairs) if pairs is not None else []
+    if not pairs:
+        raise InvalidArgumentError(
+            f"dataset has no pairs: {what}.get_clean_corrupt_pairs() returned none")
+    for i, p in enumerate(pairs):
+        if not isinstance(p, (tuple, list)) or len(p) != 2:
+            raise InvalidArgumentError(
+                f"{what}.get_clean_corrupt_pairs()[{i}] must be a (clean, corrupted) pair, got "
+                f"{p!r}")
+    own_targets = not (isinstance(obj, PatchingDataset) and type(obj).get_target_tokens
+                       is PatchingDataset.get_target_tokens)
+    correct: list[Any] = []
+    incorrect: list[Any] = []
+    for i in range(len(pairs)):
+        target = obj.get_target_tokens(i) if own_targets and hasattr(obj, "get_target_tokens") \
+            else (None, None)
+        if not isinstance(target, (tuple, list)) or len(target) != 2:
+            raise InvalidArgumentError(
+                f"{what}.get_target_tokens({i}) must return (correct_id, incorrect_id), got "
+                f"{target!r}")
+        correct.append(PatchingDataset._answer(model, target[0], "correct", i))
+        incorrect.append(PatchingDataset._answer(model, target[1], "incorrect", i))
+    return {"clean": [p[0] for p in pairs], "corrupted": [p[1] for p in pairs],
+            "correct": correct, "incorrect": incorrect}
+
+
+def _fill_from_seed_methods(ds: PatchingDataset) -> None:
+    state = ds.__dict__
+    if "clean" not in state:
+        state.update(_seed_lists(ds, state.get("model")))
+    state.setdefault("metric_kwargs", {})
+    state.setdefault("info", {})
+
+
+def seed_metric(compute_metric: Any, correct: Sequence[int | None],
+                incorrect: Sequence[int | None], name: str = "compute_metric") -> Metric:
+    """A :class:`Metric` calling the seeds' ``compute_metric(logits, pair_idx)`` per row.
+
+    Each row's logits are passed as ``[1, 1, vocab]`` (so ``logits[0, -1, token]`` works) with
+    the index of the first pair whose answer tokens are the row's: exact when the metric
+    depends on the pair only through ``get_target_tokens(pair_idx)``, as in the seeds.
+    """
+    pairs = list(zip(correct, incorrect))
+
+    def per_pair(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
+        if inputs.correct is None or inputs.incorrect is None:
+            raise InvalidArgumentError(
+                f"metric {name!r} finds each row's pair by its answer tokens: define "
+                "get_target_tokens(pair_idx) on the dataset")
+        values = []
+        for r in range(logits.shape[0]):
+            key = (int(inputs.correct[r]), int(inputs.incorrect[r]))
+            if key not in pairs:
+                raise InvalidArgumentError(
+                    f"metric {name!r}: no pair of the dataset has answer tokens {key}")
+            values.append(float(compute_metric(logits[r].reshape(1, 1, -1), pairs.index(key))))
+        return torch.tensor(values, dtype=torch.float32)
+
+    return Metric(name, per_pair, "score", ("correct", "incorrect"),
+                  "the dataset's own compute_metric(logits, pair_idx)")
+
+
+def _seed_metric_of(ds: PatchingDataset) -> str | Metric:
+    state = ds.__dict__
+    if "_metric" not in state:
+        _fill_from_seed_methods(ds)
+        state["_metric"] = seed_metric(ds.compute_metric, state["correct"], state["incorrect"],
+                                       f"{type(ds).__name__}.compute_metric")
+    return state["_metric"]
+
+
+def _set_seed_metric(ds: PatchingDataset, value: str | Metric) -> None:
+    ds.__dict__["_metric"] = value
+
+
+def as_patching_dataset(obj: Any, model: HookedModel | None = None) -> Any:
+    """``obj`` in the form every patching function accepts.
+
+    A :class:`PatchingDataset` (also a seeds'-style subclass) is returned as it is. Another
+    object with the seeds' methods (``get_clean_corrupt_pairs()``, optionally
+    ``get_target_tokens(i)`` and ``compute_metric(logits, i)``; e.g. a subclass of another
+    library's ``PatchingDataset``) becomes a :class:`PatchingDataset` with those pairs,
+    answers and, when it has ``compute_metric``, that metric (:func:`seed_metric`); answer
+    strings are converted with ``model``. Anything else (prompts, token ids) is returned
+    unchanged.
+    """
+    if isinstance(obj, PatchingDataset) or not callable(getattr(obj, "get_clean_corrupt_pairs",
+                                                                None)):
+        return obj
+    lists = _seed_lists(obj, model if model is not None else getattr(obj, "model", None))
+    compute = getattr(obj, "compute_metric", None)
+    metric: str | Metric = getattr(obj, "metric", None) or "logit_diff"
+    if callable(compute):
+        metric = seed_metric(compute, lists["correct"], lists["incorrect"],
+                             f"{type(obj).__name__}.compute_metric")
+    name = getattr(obj, "name", None)
+    return PatchingDataset(lists["clean"], lists["corrupted"], lists["correct"],
+                           lists["incorrect"], metric,
+                           name=name if isinstance(name, str) else type(obj).__name__)
+
+
 # -- the base class ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PatchingPair:
@@ -119,6 +233,15 @@ class PatchingDataset:
         data = PatchingDataset.from_pairs(model, [
             ("The capital of France is", "The capital of Italy is", " Paris", " Rome")])
         len(data), data[0].correct        # 1, model.to_single_token(" Paris")
+
+    The seeds' subclass pattern works too: a subclass that does not call this ``__init__`` and
+    defines ``get_clean_corrupt_pairs()`` (``[(clean, corrupted), ...]``), optionally
+    ``get_target_tokens(pair_idx)`` (``(correct_id, incorrect_id)``) and
+    ``compute_metric(logits, pair_idx)`` (a float from logits ``[1, pos, vocab]``) gets its
+    ``clean``/``corrupted``/``correct``/``incorrect`` lists from those methods on first use, and
+    its ``metric`` from ``compute_metric`` (see :func:`seed_metric`), so it can be passed
+    wherever a dataset is accepted. :func:`as_patching_dataset` converts any object with
+    these methods. Every dataset has the three methods.
     """
 
     clean: list[Any]
@@ -226,6 +349,45 @@ class PatchingDataset:
             raise InvalidArgumentError(f"batch size must be an int >= 1, got {size!r}")
         for lo in range(0, len(self), size):
             yield self.subset(range(lo, min(lo + size, len(self))))
+
+    # -- the seeds' protocol ------------------------------------------------------------------
+    def get_clean_corrupt_pairs(self) -> list[tuple[Any, Any]]:
+        """``[(clean, corrupted), ...]`` (the seeds' spelling of the two prompt lists)."""
+        return list(zip(self.clean, self.corrupted))
+
+    def get_target_tokens(self, pair_idx: int) -> tuple[int | None, int | None]:
+        """``(correct, incorrect)`` answer token ids of pair ``pair_idx``."""
+        return self.correct[pair_idx], self.incorrect[pair_idx]
+
+    def compute_metric(self, logits: torch.Tensor, pair_idx: int) -> float:
+        """The dataset's metric on pair ``pair_idx``'s logits (``[1, pos, vocab]``: the last
+        position; or ``[1, vocab]``), as a float. Distance metrics need a target run and are
+        refused here."""
+        from .metrics import get_metric
+
+        metric = get_metric(self.metric)
+        if metric.kind != "score":
+            raise InvalidArgumentError(
+                f"compute_metric: {metric.name!r} is a distance to another run's logits; it is "
+                "computed by the patching functions, not per pair")
+        last = logits[:, -1] if logits.dim() == 3 else logits.reshape(1, -1)
+        correct, incorrect = self.get_target_tokens(pair_idx)
+        ids = lambda v: None if v is None else torch.tensor([int(v)])  # noqa: E731
+        return float(metric(last[:1], MetricInputs(correct=ids(correct),
+                                                   incorrect=ids(incorrect)))[0])
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if _seed_style(cls) and "metric" not in cls.__dict__ \
+                and cls.compute_metric is not PatchingDataset.compute_metric:
+            cls.metric = property(_seed_metric_of, _set_seed_metric)  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: a seed-style subclass that never ran __init__
+        if name in _SEED_FIELDS and _seed_style(type(self)):
+            _fill_from_seed_methods(self)
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- checks and construction ------------------------------------------------------------------
     def check_lengths(self, model: HookedModel) -> None:

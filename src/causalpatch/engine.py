@@ -42,6 +42,7 @@ import torch
 
 from .adapters.runtime import LayerCall, first_argument, parse_layer_call, stack_paths
 from .enums import Engine
+from .errors import InvalidArgumentError
 from .hooks import Hook, StopForward, hooked, recorded_calls
 from .names import Site
 from .plan import Patch, SitePatch
@@ -85,38 +86,54 @@ def collect_sites(patches: Sequence[Patch]) -> list[Site]:
 
 
 # -- applying entries --------------------------------------------------------------------------
-@dataclass
 class _Writes:
-    """Vectorised writes ``act[rows, pos, unit] = values`` for one site."""
+    """Vectorised writes ``act[rows, pos, unit] = values`` for one site, gathered in pieces."""
 
-    rows: list[int] = field(default_factory=list)
-    pos: list[int] = field(default_factory=list)
-    units: list[int] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    has_units: bool = False
+    def __init__(self) -> None:
+        self._rows: list[torch.Tensor] = []
+        self._pos: list[torch.Tensor] = []
+        self._units: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self.has_units = False
+        self._frozen: tuple[torch.Tensor, ...] | None = None
 
     def add(self, row: int, pos: int, unit: int | None, value: torch.Tensor) -> None:
-        self.rows.append(row)
-        self.pos.append(pos)
-        self.units.append(0 if unit is None else unit)
-        self.has_units = unit is not None
-        self.values.append(value)
+        """One entry."""
+        self.add_many(row, torch.tensor([pos]), None if unit is None else torch.tensor([unit]),
+                      value.unsqueeze(0))
+
+    def add_many(self, row: int, pos: torch.Tensor, units: torch.Tensor | None,
+                 values: torch.Tensor) -> None:
+        """Entries ``pos`` ``[k]`` (and ``units`` ``[k]``) of one row, ``values`` ``[k, ...]``."""
+        self._rows.append(torch.full((len(pos),), row, dtype=torch.long))
+        self._pos.append(pos)
+        self.has_units = units is not None
+        self._units.append(torch.zeros_like(pos) if units is None else units)
+        self._values.append(values)
+        self._frozen = None
 
     def freeze(self) -> _Writes:
-        out = _Writes(has_units=self.has_units)
-        out.rows = torch.tensor(self.rows, dtype=torch.long)  # type: ignore[assignment]
-        out.pos = torch.tensor(self.pos, dtype=torch.long)  # type: ignore[assignment]
-        out.units = torch.tensor(self.units, dtype=torch.long)  # type: ignore[assignment]
-        out.values = torch.stack(self.values)  # type: ignore[assignment]
+        if self._frozen is None:
+            self._frozen = (torch.cat(self._rows), torch.cat(self._pos), torch.cat(self._units),
+                            torch.cat(self._values))
+        return self
+
+    def shifted(self, offset: int) -> _Writes:
+        """The same writes with positions ``offset`` lower (into a window)."""
+        rows, pos, units, values = self.freeze()._frozen  # type: ignore[misc]
+        out = _Writes()
+        out.has_units = self.has_units
+        out._frozen = (rows, pos - offset, units, values)
         return out
 
     def apply(self, act: torch.Tensor) -> torch.Tensor:
+        rows, pos, units, values = self.freeze()._frozen  # type: ignore[misc]
         out = act.clone()
-        values = self.values.to(act.dtype)  # type: ignore[attr-defined]
+        values = values.to(act.device, act.dtype)
         if self.has_units:
-            out[self.rows, self.pos, self.units] = values
+            out[rows, pos, units] = values
         else:
-            out[self.rows, self.pos] = values
+            out[rows, pos] = values
         return out
 
 
@@ -169,20 +186,41 @@ def fast_supported(patches: Sequence[Patch]) -> bool:
     return all(sp.site.layer is not None for patch in patches for sp in patch)
 
 
-Changed = list[tuple[SitePatch, list[tuple[int, int | None, torch.Tensor]]]]
-"""A patch's entries that change the base run, per site patch, with their values."""
+@dataclass
+class _Entries:
+    """The entries of one site patch that change the base run: positions ``[k]``, units
+    ``[k]`` (or ``None``) and the values they are set to ``[k, ...]``."""
+
+    sp: SitePatch
+    pos: torch.Tensor
+    units: torch.Tensor | None
+    values: torch.Tensor
+
+
+Changed = list[_Entries]
+"""A patch's entries that change the base run, per site patch."""
 
 
 def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations) -> Changed:
     """The entries of ``patch`` whose value (the source run's, or the patch's own ``values``)
-    differs from the base value."""
+    differs from the base value (compared exactly, all entries of a site at once)."""
     out = []
     for sp in patch:
+        entries = sp.entries()
+        pos = torch.tensor([p for p, _ in entries], dtype=torch.long)
+        units = None if sp.units is None else torch.tensor([u for _, u in entries],
+                                                           dtype=torch.long)
         bas = base.acts[sp.site.name][0]
-        changed = [(p, u, v) for p, u, v in entry_values(sp, source)
-                   if not torch.equal(v, bas[p] if u is None else bas[p, u])]
-        if changed:
-            out.append((sp, changed))
+        bas = bas[pos] if units is None else bas[pos, units]
+        if sp.values is not None:
+            values = sp.values.to(bas.device, bas.dtype)
+        else:
+            src = source.acts[sp.site.name][0]
+            values = src[pos] if units is None else src[pos, units]
+        keep = (values != bas).reshape(len(entries), -1).any(1)
+        if bool(keep.any()):
+            out.append(_Entries(sp, pos[keep], None if units is None else units[keep],
+                                values[keep]))
     return out
 
 
@@ -196,12 +234,15 @@ class Staircase:
             residual stream entering layer ``L``, ``[1, T - s, d_model]``).
         final_input: ``[1, T - s, d_model]`` the input of the final norm.
         prefix_cache: the Hugging Face cache of positions ``< s`` (``None`` when ``s == 0``).
+        full_cache: the cache of all ``T`` positions of the base run (cut to any window start
+            ``w >= s`` for rows whose first change is at ``w``), or ``None``.
     """
 
     start: int
     calls: list[LayerCall]
     final_input: torch.Tensor
     prefix_cache: Any
+    full_cache: Any = None
 
 
 def cachers(store: dict[str, torch.Tensor], sites: Sequence[Site]) -> list[Hook]:
@@ -223,21 +264,22 @@ def _suffix_run(model: HookedModel, ids: torch.Tensor, start: int, prefix_cache:
     """Run positions ``start..T-1`` of ``ids`` on top of ``prefix_cache``.
 
     Returns the activations of ``sites`` on those positions, the last-position logits
-    ``[vocab]`` and, with ``record``, the staircase context (each layer's call arguments).
+    ``[vocab]`` and, with ``record``, the staircase context (each layer's call arguments and
+    the run's full cache).
     """
     runtime = model.runtime
     paths = stack_paths(runtime) if record else []
     acts: dict[str, torch.Tensor] = {}
     with torch.no_grad(), hooked(model.hf_model, cachers(acts, sites), model.dims), \
             recorded_calls(model.hf_model, paths) as calls:
-        logits, _ = runtime.forward(ids[:, start:], cache=prefix_cache if start > 0 else None,
-                                    last_only=True)
+        logits, cache = runtime.forward(ids[:, start:], cache=prefix_cache if start > 0 else None,
+                                        keep_cache=record, last_only=True)
     last = logits[0, -1].float()
     if not record:
         return acts, last, None
     layer_calls = [parse_layer_call(*calls[path]) for path in runtime.layer_paths]
     final_input = first_argument(*calls[runtime.final_norm_path])
-    return acts, last, Staircase(start, layer_calls, final_input, prefix_cache)
+    return acts, last, Staircase(start, layer_calls, final_input, prefix_cache, cache)
 
 
 def _prefix_run(model: HookedModel, ids: torch.Tensor, start: int,
@@ -291,11 +333,17 @@ def run_pair(model: HookedModel, base_ids: Sequence[int], source_ids: Sequence[i
 
     The prefix (tokens before the first position where the prompts differ) is run with a
     key/value cache; each prompt's suffix continues from it. The base suffix run also records
-    the arguments of every decoder layer for the staircase.
+    the arguments of every decoder layer for the staircase. Identical prompts (ablations:
+    the source is the base) run once, from position 0.
     """
     base_t = torch.tensor([list(base_ids)], dtype=torch.long, device=model.device)
     src_t = torch.tensor([list(source_ids)], dtype=torch.long, device=model.device)
     T = base_t.shape[1]
+    if base_t.shape == src_t.shape and torch.equal(base_t, src_t):
+        acts, last, prepared = _suffix_run(model, base_t, 0, None, sites, True)
+        assert prepared is not None
+        run = RunActivations(acts)
+        return PairRun(base_t, run, run, last, last, prepared)
     differ = (base_t[0] != src_t[0]).nonzero()
     start = min(int(differ[0]) if len(differ) else T - 1, T - 1)
     prefix_acts, cache = _prefix_run(model, base_t, start, sites)
@@ -361,15 +409,44 @@ def unembed(model: HookedModel, hidden: torch.Tensor,
     return model.runtime.unembed(hidden, model.config, columns)
 
 
-def rows_per_chunk(model: HookedModel, n_query: int, n_keys: int,
-                   memory_mb: float) -> int:
-    """How many patch rows fit a memory budget in one staircase pass (at least 1)."""
+def row_bytes(model: HookedModel, n_query: int, n_keys: int, n_columns: int | None = None
+              ) -> int:
+    """Estimated peak bytes one staircase row needs (activations of one layer call on
+    ``n_query`` positions attending to ``n_keys`` keys, its prefix keys/values and its
+    logits)."""
     d = model.dims
     itemsize = torch.finfo(model.dtype).bits // 8
     per_position = 10 * d.d_model + 4 * d.d_mlp + 3 * d.n_heads * d.d_head + 2 * d.n_heads * n_keys
-    per_row = itemsize * (n_query * per_position + 2 * n_keys * d.n_kv_heads * d.d_head) + 4 * (
-        d.vocab_size * 2)
-    return max(1, int(memory_mb * 2**20 // per_row))
+    vocab = d.vocab_size if n_columns is None else n_columns
+    return itemsize * (n_query * per_position + 2 * n_keys * d.n_kv_heads * d.d_head) + 8 * vocab
+
+
+def rows_per_chunk(model: HookedModel, n_query: int, n_keys: int,
+                   memory_mb: float, n_columns: int | None = None) -> int:
+    """How many patch rows fit a memory budget in one staircase pass.
+
+    Raises:
+        InvalidArgumentError: the budget holds no row (the message names the minimum).
+    """
+    per_row = row_bytes(model, n_query, n_keys, n_columns)
+    rows = int(memory_mb * 2**20 // per_row)
+    if rows < 1:
+        raise InvalidArgumentError(
+            f"memory_mb={memory_mb:g} cannot hold one patch row of this sweep ({n_query} "
+            f"positions, {n_keys} keys): one row needs {per_row / 2**20:.3f} MiB; pass "
+            f"memory_mb >= {per_row / 2**20:.3f} (or a larger budget, or batch_size=)")
+    return rows
+
+
+@dataclass
+class _Row:
+    """One live patch row: which base run, where it enters, its window and its writes."""
+
+    index: int  # output row
+    run: int  # index of its base run
+    stage: int  # first decoder layer it changes (n_layers: only the final norm's input)
+    window: int  # first position it changes
+    changed: Changed
 
 
 def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
@@ -378,8 +455,10 @@ def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
                         memory_mb: float = 1024.0,
                         progress: Callable[[int], None] | None = None,
                         prepared: Staircase | None = None,
-                        stats: dict[str, int] | None = None) -> torch.Tensor:
-    """Same output as :func:`naive_patched_logits`, computed with the staircase engine.
+                        stats: dict[str, Any] | None = None,
+                        columns: Sequence[int] | None = None) -> torch.Tensor:
+    """Same output as :func:`naive_patched_logits`, computed with the staircase engine (one
+    base run; see :func:`staircase_logits` for several).
 
     Args:
         base_ids: ``[1, T]`` token ids of the run patched into.
@@ -388,92 +467,187 @@ def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
         source: the source run's activations at the patched sites.
         base_last_logits: ``[vocab]`` the base run's last-position logits (rows that are
             no-ops get exactly these).
-        batch_size: rows per staircase pass; default from ``memory_mb``.
         prepared: the base run's staircase context from :func:`run_pair` (saves re-running
-            the base prompt); its window must start at or before every changed entry.
-        stats: if given, receives counts: ``rows`` computed, ``skipped`` no-op patches,
-            ``window`` suffix positions, ``chunks`` staircase passes.
+            the base prompt).
 
     Returns:
         ``[n_patches, vocab]`` float32 logits at the last position.
     """
+    run = PairRun(base_ids, base, source, base_last_logits, base_last_logits, prepared)
+    return staircase_logits(model, [run], [(0, p) for p in patches], batch_size, memory_mb,
+                            progress, stats, columns)
+
+
+def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
+                     jobs: Sequence[tuple[int, Patch]], batch_size: int | None = None,
+                     memory_mb: float = 1024.0, progress: Callable[[int], None] | None = None,
+                     stats: dict[str, Any] | None = None,
+                     columns: Sequence[int] | None = None) -> torch.Tensor:
+    """Last-position logits of every job ``(run index, patch)``, on the staircase.
+
+    Rows from several base runs of the same token length run in the same batches (each row
+    reads its own run's residual stream and prefix keys/values); a row whose first changed
+    entry is at position ``w`` computes only positions ``w..T-1`` (earlier positions are the
+    base run's, taken from its cache), and enters the decoder stack at the first layer it
+    changes.
+
+    Args:
+        runs: base runs (their ``prepared`` staircase contexts are filled in if missing).
+        jobs: one output row each.
+        batch_size: rows per staircase pass; default from ``memory_mb``.
+        stats: receives counts: ``rows`` computed, ``skipped`` no-op patches, ``window`` the
+            longest window, ``chunks`` staircase passes, ``batch_size`` the rows per pass chosen,
+            ``layer_tokens`` the (row, layer, position) triples computed.
+        columns: the vocabulary entries the caller reads (others are 0; all by default).
+
+    Returns:
+        ``[n_jobs, vocab]`` float32 logits.
+    """
     n_layers = model.n_layers
-    T = base_ids.shape[1]
-    out = base_last_logits.float().unsqueeze(0).repeat(len(patches), 1)
-
-    live: list[tuple[int, Changed]] = []
-    for i, patch in enumerate(patches):
-        changed = _changed_entries(patch, base, source)
-        if changed:
-            live.append((i, changed))
-        elif progress is not None:
-            progress(1)
-    if not live:
-        if stats is not None:
-            stats["skipped"] = stats.get("skipped", 0) + len(patches)
-        return out
-    start = min(p for _, changed in live for _, entries in changed for p, _, _ in entries)
-    start = min(start, T - 1)
-    if prepared is None or prepared.start > start:
-        prepared = prepare_staircase(model, base_ids, start)
-    q = T - prepared.start
-
-    def row_stage(item: tuple[int, list]) -> int:
-        return min(_stage(sp, n_layers) for sp, _ in item[1])
-
-    live.sort(key=row_stage)
-    chunk = batch_size or rows_per_chunk(model, q, T, memory_mb)
+    out = torch.stack([runs[r].base_last.float() for r, _ in jobs]) if jobs else \
+        torch.empty(0, model.vocab_size)
+    live: list[_Row] = []
+    for i, (r, patch) in enumerate(jobs):
+        run = runs[r]
+        changed = _changed_entries(patch, run.base, run.source)
+        if not changed:
+            if progress is not None:
+                progress(1)
+            continue
+        T = run.base_ids.shape[1]
+        window = min(T - 1, min(int(e.pos.min()) for e in changed))
+        stage = min(_stage(e.sp, n_layers) for e in changed)
+        live.append(_Row(i, r, stage, window, changed))
+    counts: dict[str, Any] = {"rows": len(live), "skipped": len(jobs) - len(live), "chunks": 0,
+                              "layer_tokens": 0, "window": 0}
+    # every run's staircase must start at or before its rows' windows
+    first: dict[int, int] = {}
+    for row in live:
+        first[row.run] = min(first.get(row.run, row.window), row.window)
+    for r, start in first.items():
+        run = runs[r]
+        if run.prepared is None or run.prepared.start > start or run.prepared.full_cache is None:
+            run.prepared = prepare_staircase(model, run.base_ids, start)
+    # group rows by (length, window); each group is one staircase
+    groups: dict[tuple[int, int], list[_Row]] = defaultdict(list)
+    for row in live:
+        groups[(runs[row.run].base_ids.shape[1], row.window)].append(row)
+    n_cols = None if columns is None else len(set(columns))
+    for (T, w), rows in sorted(groups.items()):
+        rows.sort(key=lambda row: (row.stage, row.run))
+        q = T - w
+        chunk = batch_size or rows_per_chunk(model, q, T, memory_mb, n_cols)
+        counts["batch_size"] = max(counts.get("batch_size", 0), chunk)
+        counts["window"] = max(counts["window"], q)
+        group = _Group.make(model, runs, rows, w)
+        for lo in range(0, len(rows), chunk):
+            part = rows[lo : lo + chunk]
+            logits = group.run(model, part, columns)
+            out[[row.index for row in part]] = logits.float()
+            counts["chunks"] += 1
+            counts["layer_tokens"] += sum((n_layers - row.stage) * q for row in part)
+            if progress is not None:
+                progress(len(part))
     if stats is not None:
-        for key, value in (("rows", len(live)), ("skipped", len(patches) - len(live)),
-                           ("window", q), ("chunks", -(-len(live) // chunk))):
-            stats[key] = stats.get(key, 0) + value if key != "window" else value
-    for lo in range(0, len(live), chunk):
-        part = live[lo : lo + chunk]
-        logits = _staircase(model, prepared, part, source, row_stage)
-        out[[i for i, _ in part]] = logits.float()
-        if progress is not None:
-            progress(len(part))
+        for key, value in counts.items():
+            if key in ("window", "batch_size"):
+                stats[key] = max(stats.get(key, 0), value)
+            else:
+                stats[key] = stats.get(key, 0) + value
     return out
 
 
-def _staircase(model: HookedModel, prepared: Staircase,
-               rows: list[tuple[int, Changed]], source: RunActivations,
-               row_stage: Callable[[Any], int]) -> torch.Tensor:
-    """Run one chunk of rows (sorted by entry stage) through the decoder stack."""
-    n_layers = model.n_layers
-    s = prepared.start
-    stages = [row_stage(r) for r in rows]
-    injections: dict[int, _Writes] = defaultdict(_Writes)
-    site_writes: dict[int, dict[str, tuple[Site, _Writes]]] = defaultdict(dict)
-    for r, (_, changed) in enumerate(rows):
-        for sp, entries in changed:
-            stage = _stage(sp, n_layers)
-            for pos, unit, value in entries:
-                if sp.site.kind in RESIDUAL_INJECTED:
-                    injections[stage].add(r, pos - s, unit, value)
-                else:
-                    site_writes[stage].setdefault(sp.site.name, (sp.site, _Writes()))[1].add(
-                        r, pos - s, unit, value)
+@dataclass
+class _Group:
+    """Rows of one or more base runs sharing a token length ``T`` and a window start ``w``:
+    the layer calls on positions ``w..T-1``, each run's base residual stream there and its
+    prefix keys/values (positions ``< w``), stacked over runs."""
 
-    root = model.hf_model
-    first = stages[0]
-    hidden = prepared.final_input.new_empty((0, *prepared.final_input.shape[1:]))
-    with torch.no_grad():
-        for layer in range(first, n_layers + 1):
-            n_before = hidden.shape[0]
-            n_now = sum(1 for st in stages if st <= layer)
-            base_in = prepared.calls[layer].hidden if layer < n_layers else prepared.final_input
-            if n_now > n_before:
-                hidden = torch.cat([hidden, base_in.expand(n_now - n_before, -1, -1)])
-            if layer in injections:
-                hidden = injections[layer].freeze().apply(hidden)
-            if layer == n_layers:
-                break
-            hooks = [Hook(site, _writer(w.freeze())) for site, w in site_writes[layer].values()]
-            with hooked(root, hooks, model.dims):
-                hidden = model.runtime.run_layer(layer, prepared.calls[layer], hidden,
-                                                 prepared.prefix_cache)
-        return unembed(model, hidden[:, -1])
+    window: int
+    calls: list[LayerCall]
+    hidden: list[torch.Tensor]  # per layer (and the final norm's input): [n_runs, T - w, d]
+    prefix: Any  # cache of positions < w, one row per run (None when w == 0)
+    run_row: dict[int, int]  # run index -> row in the stacked tensors
+
+    @staticmethod
+    def make(model: HookedModel, runs: Sequence[PairRun], rows: Sequence[_Row], w: int
+             ) -> _Group:
+        runtime = model.runtime
+        order = sorted({row.run for row in rows})
+        run_row = {r: j for j, r in enumerate(order)}
+        stairs = [runs[r].prepared for r in order]
+        assert all(st is not None for st in stairs)
+        calls = _window_calls(model, runs[order[0]], w)
+        hidden = []
+        for layer in range(model.n_layers + 1):
+            per_run = [(st.calls[layer].hidden if layer < model.n_layers else st.final_input)
+                       [:, w - st.start:] for st in stairs]  # type: ignore[union-attr]
+            hidden.append(torch.cat(per_run) if len(per_run) > 1 else per_run[0])
+        prefix = None
+        if w > 0:
+            caches = []
+            for r, st in zip(order, stairs):
+                cut = runtime.crop_cache(st.full_cache, w)  # type: ignore[union-attr]
+                caches.append(cut if cut is not None else _prefix_run(
+                    model, runs[r].base_ids, w, [])[1])
+            prefix = runtime.stack_caches(caches)
+        return _Group(w, calls, hidden, prefix, run_row)
+
+    def run(self, model: HookedModel, rows: Sequence[_Row],
+            columns: Sequence[int] | None) -> torch.Tensor:
+        """One chunk of rows (sorted by stage) through the decoder stack: ``[rows, vocab]``."""
+        n_layers = model.n_layers
+        w = self.window
+        stages = [row.stage for row in rows]
+        run_of = torch.tensor([self.run_row[row.run] for row in rows], dtype=torch.long)
+        several = len(self.run_row) > 1
+        injections: dict[int, _Writes] = defaultdict(_Writes)
+        site_writes: dict[int, dict[str, tuple[Site, _Writes]]] = defaultdict(dict)
+        for r, row in enumerate(rows):
+            for e in row.changed:
+                stage = _stage(e.sp, n_layers)
+                if e.sp.site.kind in RESIDUAL_INJECTED:
+                    writes = injections[stage]
+                else:
+                    writes = site_writes[stage].setdefault(e.sp.site.name,
+                                                           (e.sp.site, _Writes()))[1]
+                writes.add_many(r, e.pos - w, e.units, e.values)
+        root = model.hf_model
+        hidden = self.hidden[0].new_empty((0, *self.hidden[0].shape[1:]))
+        with torch.no_grad():
+            for layer in range(stages[0], n_layers + 1):
+                n_before = hidden.shape[0]
+                n_now = n_before
+                while n_now < len(stages) and stages[n_now] <= layer:
+                    n_now += 1
+                if n_now > n_before:
+                    base_in = self.hidden[layer]
+                    new = (base_in[run_of[n_before:n_now]] if several
+                           else base_in.expand(n_now - n_before, -1, -1))
+                    hidden = torch.cat([hidden, new]) if n_before else new
+                if layer in injections:
+                    hidden = injections[layer].apply(hidden)
+                if layer == n_layers:
+                    break
+                hooks = [Hook(site, _writer(wr)) for site, wr in site_writes[layer].values()]
+                with hooked(root, hooks, model.dims):
+                    hidden = model.runtime.run_layer(
+                        layer, self.calls[layer], hidden, self.prefix,
+                        run_of[:n_now] if several else None)
+            return unembed(model, hidden[:, -1], columns)
+
+
+def _window_calls(model: HookedModel, run: PairRun, w: int) -> list[LayerCall]:
+    """Every decoder layer's call on positions ``w..T-1`` of ``run``'s base prompt: cut from the
+    recorded calls when that is exact, else recorded with a real forward over the window."""
+    st = run.prepared
+    assert st is not None
+    cut = [call.window(w - st.start) for call in st.calls]
+    exact = w == st.start or (st.full_cache is not None and
+                              model.runtime.crop_cache(st.full_cache, w) is not None)
+    if exact and all(c is not None for c in cut):
+        return cut  # type: ignore[return-value]
+    return prepare_staircase(model, run.base_ids, w).calls
 
 
 # -- dispatch ----------------------------------------------------------------------------------
@@ -500,19 +674,45 @@ def run_base_and_source(model: HookedModel, base_ids: Sequence[int], source_ids:
 def patched_logits(model: HookedModel, run: PairRun, patches: Sequence[Patch],
                    engine: Engine = Engine.FAST, batch_size: int | None = None,
                    memory_mb: float = 1024.0, progress: Callable[[int], None] | None = None,
-                   stats: dict[str, int] | None = None) -> torch.Tensor:
+                   stats: dict[str, Any] | None = None,
+                   columns: Sequence[int] | None = None) -> torch.Tensor:
     """``[n_patches, vocab]`` last-position logits of every patch applied to ``run``'s base.
 
     Args:
         engine: ``FAST`` (the staircase) or ``NAIVE`` (one forward per patch); same numbers.
         batch_size: patch rows per staircase pass (default: from ``memory_mb``).
-        stats: receives the fast engine's counts (rows, skipped, window, chunks).
+        stats: receives the fast engine's counts (see :func:`staircase_logits`).
+        columns: the vocabulary entries the caller reads (the fast engine may leave the others
+            at 0).
     """
+    return patched_logits_many(model, [run], [(0, p) for p in patches], engine, batch_size,
+                               memory_mb, progress, stats, columns)
+
+
+def patched_logits_many(model: HookedModel, runs: Sequence[PairRun],
+                        jobs: Sequence[tuple[int, Patch]], engine: Engine = Engine.FAST,
+                        batch_size: int | None = None, memory_mb: float = 1024.0,
+                        progress: Callable[[int], None] | None = None,
+                        stats: dict[str, Any] | None = None,
+                        columns: Sequence[int] | None = None) -> torch.Tensor:
+    """``[n_jobs, vocab]`` logits of every job ``(run index, patch)``: the rows of several base
+    runs (e.g. all pairs of a dataset with the same token length) share staircase batches."""
+    patches = [p for _, p in jobs]
     if engine is Engine.NAIVE or not fast_supported(patches):
-        return naive_patched_logits(model, run.base_ids, patches, run.source, progress)
-    return fast_patched_logits(model, run.base_ids, patches, run.base, run.source,
-                               run.base_last, batch_size, memory_mb, progress, run.prepared,
-                               stats)
+        if not jobs:
+            return torch.empty(0, model.vocab_size)
+        out = []
+        for r, run in enumerate(runs):
+            mine = [i for i, (k, _) in enumerate(jobs) if k == r]
+            if mine:
+                out.append((mine, naive_patched_logits(model, run.base_ids,
+                                                       [patches[i] for i in mine], run.source,
+                                                       progress)))
+        logits = torch.empty(len(jobs), out[0][1].shape[-1])
+        for mine, values in out:
+            logits[mine] = values
+        return logits
+    return staircase_logits(model, runs, jobs, batch_size, memory_mb, progress, stats, columns)
 
 
 def last_logits(model: HookedModel, ids: torch.Tensor, hooks: Sequence[Hook] = ()

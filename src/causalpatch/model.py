@@ -11,6 +11,11 @@ Example::
     logits, cache = model.run_with_cache("The Eiffel Tower is in the city of",
                                          names=["blocks.10.attn.z"])
     cache["blocks.10.attn.z"].shape                  # [1, 9, 9, 64]: batch, pos, head, d_head
+
+    with model.trace("Paris is the capital of France"):   # the seeds' reading style
+        logits = model.output.save()                  # [1, 7, vocab]
+        h = model.layers[10].output.save()            # blocks.10.resid_post
+    len(model.layers)                                 # 30
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import torch.nn as nn
 
 from .adapters import Adapter, ModelDims, adapter_for
 from .adapters.runtime import Runtime
-from .errors import InvalidArgumentError, InvalidTypeError
+from .errors import InvalidArgumentError, InvalidTypeError, UnknownComponentError
 from .hooks import Hook, hook_counts, hooked
 from .loading import LoadSpec, Source, check_placement, load_hf, resolve_source
 from .names import Site, canonical_names, layer_site, resolve, site_kinds
 from .tokens import Batch, Prompts, make_batch, token_lists
-from .tracing import Trace
+from .tracing import SavedTensor, Trace, current_trace
 
 
 class HookedModel:
@@ -201,6 +206,34 @@ class HookedModel:
             lines.append(f"    {kind:<14} {doc}")
         return "\n".join(lines)
 
+    # -- the seeds' reading style inside ``with model.trace(...)`` --------------------------------
+    @property
+    def output(self) -> SavedTensor:
+        """The logits ``[batch, pos, vocab]`` of the innermost open ``with model.trace(...)``
+        block, with ``.save()`` (the seeds' ``model.output.save()``).
+
+        Raises:
+            InvalidArgumentError: no trace block of this model is open.
+        """
+        out = self.open_trace("model.output").output
+        assert out is not None
+        return out
+
+    @property
+    def layers(self) -> Layers:
+        """The decoder layers, for the seeds' ``len(model.layers)`` and
+        ``model.layers[i].output.save()`` inside a trace block (see :class:`ModuleRef`)."""
+        return Layers(self)
+
+    def open_trace(self, what: str = "this value") -> Trace:
+        """The innermost ``with model.trace(...)`` block open for this model (this thread)."""
+        tr = current_trace(self)
+        if tr is None:
+            raise InvalidArgumentError(
+                f"{what} is read inside `with model.trace(prompt):`, and no trace of this model "
+                "is open; outside a trace use model.run_with_cache(prompt, names=[...])")
+        return tr
+
     # -- names ---------------------------------------------------------------------------------
     def site(self, name: str) -> Site:
         """Resolve a component name (canonical, short or raw module path) to a :class:`Site`."""
@@ -297,6 +330,76 @@ class HookedModel:
     def hook_snapshot(self) -> dict[str, tuple[int, int]]:
         """Counts of hooks per module, to check that nothing leaked."""
         return hook_counts(self.hf_model)
+
+
+class ModuleRef:
+    """A module of the model by name, read inside ``with model.trace(...)``.
+
+    ``model.layers[3]`` is the decoder layer, ``model.layers[3].mlp`` / ``.self_attn`` / ``.attn``
+    its blocks, and any sub-module path (``model.layers[3].mlp.down_proj``) or canonical
+    kind (``model.layers[3].attn.z``) works as an attribute. ``.output`` is the value of the
+    name (``layers.3`` -> ``blocks.3.resid_post``, ``layers.3.mlp`` -> ``blocks.3.mlp``, a raw
+    module's output), ``.input`` the module's input (``layers.3.input`` ->
+    ``blocks.3.resid_pre``, ``layers.3.mlp.down_proj.input`` -> ``blocks.3.mlp.post``); both
+    have ``.save()``. The same names work in ``cache=`` and ``interventions=``.
+    """
+
+    def __init__(self, model: HookedModel, name: str) -> None:
+        self._model = model
+        self.name = name
+
+    @property
+    def site(self) -> Site:
+        """The :class:`Site` of this module's output."""
+        return self._model.site(self.name)
+
+    @property
+    def output(self) -> SavedTensor:
+        """This module's output in the open trace (``.save()`` returns the tensor)."""
+        return self._model.open_trace(f"{self.name}.output").value(self.name)
+
+    @property
+    def input(self) -> SavedTensor:
+        """This module's input in the open trace (``.save()`` returns the tensor)."""
+        return self._model.open_trace(f"{self.name}.input").value(f"{self.name}.input")
+
+    def __getattr__(self, child: str) -> ModuleRef:
+        if child.startswith("_"):
+            raise AttributeError(child)
+        name = f"{self.name}.{child}"
+        try:
+            self._model.site(name)
+        except UnknownComponentError as exc:
+            raise AttributeError(f"{name!r} names no component: {exc}") from None
+        return ModuleRef(self._model, name)
+
+    def __repr__(self) -> str:
+        return f"ModuleRef({self.name!r} -> {self.site.name})"
+
+
+class Layers(Sequence[ModuleRef]):
+    """``model.layers``: ``len()`` is the number of decoder layers; ``[i]`` (negative counts
+    from the end) is a :class:`ModuleRef` named ``layers.i``."""
+
+    def __init__(self, model: HookedModel) -> None:
+        self._model = model
+
+    def __len__(self) -> int:
+        return self._model.n_layers
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise InvalidTypeError(f"layer index must be an int, got {type(i).__name__}")
+        n = len(self)
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise IndexError(f"layer {int(i)} is out of range: this model has {n} layers")
+        return ModuleRef(self._model, f"layers.{j}")
+
+    def __repr__(self) -> str:
+        return f"Layers({len(self)})"
 
 
 def _spec_name(model: str | os.PathLike[str]) -> str:

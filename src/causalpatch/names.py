@@ -18,6 +18,12 @@ Raw module paths of the Hugging Face model and the short forms ``layers.{L}.mlp`
 **output** (as in the seeds): ``layers.{L}.self_attn.o_proj`` is the projected attention
 output, while the per-head input of ``o_proj`` is the canonical ``blocks.{L}.attn.z`` (and the
 input of the MLP's down projection is ``blocks.{L}.mlp.post``).
+
+A module path followed by ``.input`` means that module's **input** (its first argument):
+``layers.{L}.input`` is ``blocks.{L}.resid_pre``, ``layers.{L}.mlp.down_proj.input`` is
+``blocks.{L}.mlp.post``, and an input without a canonical name (``layers.{L}.self_attn.o_proj.input``,
+flat ``[batch, pos, n_heads * d_head]``) keeps the module path. ``model.layers[L].mlp.input``
+inside a trace reads these names.
 """
 
 from __future__ import annotations
@@ -162,6 +168,11 @@ def resolve(name: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
     elif _has_module(root, name) and name != "":
         return Site(name, "module", None, name, "output")
 
+    if name.endswith(".input") and len(name) > len(".input"):
+        site = _input_site(name[: -len(".input")], adapter, dims, root, config)
+        if site is not None:
+            return site
+
     candidates = canonical_names(adapter, dims, config)
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -170,6 +181,30 @@ def resolve(name: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
         f"like 'blocks.0.resid_pre'; per-layer sites: {', '.join(site_kinds(adapter, config))}; "
         "raw module paths (e.g. from model.hf_model.named_modules()) work too."
     )
+
+
+def _input_site(base: str, adapter: Adapter, dims: ModelDims, root: nn.Module,
+                config: Any) -> Site | None:
+    """The input of the module ``base`` names (``None`` when ``base`` is not one module's
+    output): its canonical site when one reads exactly that input, else a raw input site."""
+    try:
+        out = resolve(base, adapter, dims, root, config)
+    except UnknownComponentError:
+        return None
+    if out.hook != "output" or out.residual_from is not None or out.view.per_head:
+        return None
+    if out.kind == "resid_post" and out.layer is not None:
+        return _layer_site("resid_pre", out.layer, adapter, root, config, base + ".input")
+    if out.layer is not None:
+        layer_path = f"{adapter.layers}.{out.layer}"
+        unsupported = adapter.unsupported(config) if config is not None else {}
+        for kind, spec in adapter.sites.items():
+            if (f"{layer_path}.{spec.module}" == out.module_path and spec.hook == "input"
+                    and not spec.view.per_head and kind not in unsupported):
+                site = _layer_site(kind, out.layer, adapter, root, config, base + ".input")
+                if site is not None:
+                    return site
+    return Site(f"{out.module_path}.input", "module", out.layer, out.module_path, "input")
 
 
 def canonical_kind(word: str) -> str:

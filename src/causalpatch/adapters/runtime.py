@@ -80,6 +80,59 @@ class LayerCall:
         return self.args, {**self.kwargs, key: cache}
 
 
+    def window(self, offset: int) -> LayerCall | None:
+        """The same call on the last ``q - offset`` of its ``q`` positions (the first
+        ``offset`` of them moved into the prefix cache), or ``None`` when that cannot be derived
+        exactly from this call (then record the window with a real forward).
+
+        Position-indexed arguments (rotary ``position_embeddings``, ``position_ids``,
+        ``cache_position``, the 4-D ``attention_mask``) are sliced to the window's rows; the
+        keys axis of the mask is unchanged (the window sees the same keys). A missing mask
+        is only exact when the window has one query (an implicit causal mask would otherwise
+        be aligned at the wrong corner); an unknown position-shaped tensor makes it ``None``.
+        """
+        if offset == 0:
+            return self
+        q = self.hidden.shape[1]
+        if not 0 < offset < q:
+            return None
+
+        def cut(key: Any, value: Any) -> tuple[bool, Any]:
+            if value is None:
+                if key == "attention_mask" and q - offset > 1:
+                    return False, None
+                return True, None
+            if isinstance(value, tuple) and key == "position_embeddings":
+                parts = [cut("rotary", v) for v in value]
+                return all(ok for ok, _ in parts), tuple(v for _, v in parts)
+            if not isinstance(value, torch.Tensor):
+                return True, value
+            if key == "attention_mask":
+                if value.dim() != 4 or value.shape[-2] != q:
+                    return False, None
+                return True, value[..., offset:, :]
+            if key in ("position_ids", "cache_position"):
+                return value.shape[-1] == q, value[..., offset:]
+            if key == "rotary":
+                return value.dim() >= 2 and value.shape[-2] == q, value[..., offset:, :]
+            return q not in value.shape, value
+
+        args, kwargs = [], {}
+        for j, value in enumerate(self.args):
+            ok, new = cut(f"arg{j}", value)
+            if not ok:
+                return None
+            args.append(new)
+        for key, value in self.kwargs.items():
+            ok, new = cut(key, value)
+            if not ok:
+                return None
+            kwargs[key] = new
+        if "attention_mask" not in self.kwargs and q - offset > 1:
+            return None  # the mask is positional (or absent): cannot tell
+        return LayerCall(self.hidden[:, offset:], tuple(args), kwargs, self.cache_slot)
+
+
 def _is_cache(value: Any) -> bool:
     from transformers.cache_utils import Cache
 
@@ -208,6 +261,46 @@ class Runtime:
                 entry.values = entry.values.index_select(0, index)
         cache.layers[layer] = entry
         return cache
+
+    @staticmethod
+    def crop_cache(cache: Any, length: int) -> Any:
+        """A copy of ``cache`` holding only its first ``length`` positions (tensors shared, not
+        copied), or ``None`` when a layer cannot be cut exactly (a sliding-window layer that
+        already dropped positions, or an unknown layer type)."""
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        out = copy.copy(cache)
+        out.layers = []
+        for entry in cache.layers:
+            if type(entry) not in (DynamicLayer, DynamicSlidingWindowLayer):
+                return None
+            new = copy.copy(entry)
+            if getattr(entry, "keys", None) is not None and entry.keys.numel() > 0:
+                if isinstance(entry, DynamicSlidingWindowLayer):
+                    return None  # its mask sizes depend on what it dropped: record instead
+                if entry.keys.shape[-2] < length:
+                    return None
+                new.keys = entry.keys[..., :length, :]
+                new.values = entry.values[..., :length, :]
+            out.layers.append(new)
+        return out
+
+    @staticmethod
+    def stack_caches(caches: Sequence[Any]) -> Any:
+        """One cache whose rows are the rows of ``caches`` (same layer types and lengths), in
+        order: the ``prefix_cache`` of :meth:`run_layer` for rows of several prompts, picked with
+        ``prefix_rows``."""
+        if len(caches) == 1:
+            return caches[0]
+        out = copy.copy(caches[0])
+        out.layers = []
+        for entries in zip(*(c.layers for c in caches)):
+            new = copy.copy(entries[0])
+            if getattr(entries[0], "keys", None) is not None and entries[0].keys.numel() > 0:
+                new.keys = torch.cat([e.keys for e in entries])
+                new.values = torch.cat([e.values for e in entries])
+            out.layers.append(new)
+        return out
 
     # -- the readout ---------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..assemble import Scale, build_result, pair_evaluator, run_pairs
+from ..datasets import as_patching_dataset
 from ..enums import Direction, Engine, parse
 from ..errors import InvalidArgumentError, OutOfRangeError
 from ..executors import resolve_executor
@@ -160,7 +161,11 @@ class CausalTrace:
 
     ``metric`` returns the effect aggregated as every method does: the mean raw metric over
     pairs, normalised by the mean gap; positions are resolved per pair (``-1`` is each pair's
-    own last token); a dataset's answers are used unless given.
+    own last token); a dataset's answers are used unless given. Without a metric the rule of
+    every entry point applies (:func:`~causalpatch.plan.choose_metric`): the dataset's
+    metric, else ``logit_diff`` when answer tokens are known, else ``l2``.
+    ``direction="noise"`` patches corrupted activations into the clean run. ``clean`` may be a
+    dataset, also one in the seeds' ``get_clean_corrupt_pairs`` style.
     """
 
     def __init__(self, model: HookedModel, clean: Prompts | Any, corrupted: Prompts | None = None,
@@ -168,6 +173,7 @@ class CausalTrace:
         self.model = model
         self.direction = parse(Direction, direction, "direction")
         self.engine = parse(Engine, engine, "engine")
+        clean = as_patching_dataset(clean, model)
         self._clean, self._corrupted = clean, corrupted
         self.pairs = make_pairs(model, clean, corrupted)
         self._patches: list[tuple[str, list[int] | None, list[int] | None]] = []
@@ -236,5 +242,9 @@ class CausalTrace:
 
     def metric(self, metric: str | Metric | Callable[..., Any] | None = None,
                **metric_kwargs: Any) -> float:
-        """The effect of all registered patches together (``logit_diff`` by default)."""
+        """The effect of all registered patches together, a float.
+
+        ``metric`` defaults by the one rule (the dataset's, else ``logit_diff`` with answer
+        tokens, else ``l2``); answers may be given as ``correct_token=``/``incorrect_token=``
+        (or ``correct=``/``incorrect=``)."""
         return float(self.result(metric, **metric_kwargs).effect_matrix[0])

@@ -1,0 +1,71 @@
+"""The staircase batched over several base runs, per-position windows and its memory budget.
+
+Every fast path is compared with the naive loop (one forward per patch) on the same model,
+tolerance 1e-5 in float32 logits, on every tiny architecture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causalpatch.engine import (collect_sites, patched_logits, patched_logits_many,
+                                rows_per_chunk, run_base_and_source)
+from causalpatch.enums import Engine
+from causalpatch.errors import InvalidArgumentError
+from causalpatch.plan import build_patches, make_pairs, plan_component, resolve_positions
+
+PAIRS = [("abcdefghijkl", "abcdeXghijkl"), ("bcdefghijkla", "bcdefgYijkla"),
+         ("cdefghijklab", "cdXefghijZab")]  # 12 tokens each, first differences at 5, 6, 2
+
+
+@pytest.fixture
+def model(tiny_lm):
+    return tiny_lm
+
+
+@pytest.mark.parametrize("component,by_position", [
+    ("resid_post", True), ("attn_head", False), ("mlp_neuron", False), ("attn", True)])
+def test_rows_of_several_runs_share_batches_and_equal_naive(model, component, by_position):
+    plan = plan_component(model, component, None, None, None)
+    runs, jobs, naive = [], [], []
+    for clean, corrupted in PAIRS:
+        pair = make_pairs(model, clean, corrupted, 5, 6)[0]
+        patches = build_patches(plan, resolve_positions(None, by_position, 12), by_position, 12)
+        run = run_base_and_source(model, pair.corrupted, pair.clean, collect_sites(patches),
+                                  patches, Engine.FAST)
+        jobs += [(len(runs), p) for p in patches]
+        runs.append(run)
+        naive.append(patched_logits(model, run, patches, Engine.NAIVE))
+    stats: dict = {}
+    fast = patched_logits_many(model, runs, jobs, Engine.FAST, batch_size=50, stats=stats)
+    naive_all = torch.cat(naive)
+    assert (fast - naive_all).abs().max().item() <= 1e-5
+    assert (naive_all - torch.stack([runs[r].base_last for r, _ in jobs])).abs().max() > 1e-7
+    # fewer passes than one staircase per run, and no row computes positions before its change
+    assert stats["rows"] > 0
+    assert stats["layer_tokens"] <= stats["rows"] * model.n_layers * 12
+
+
+def test_per_position_windows_compute_only_later_positions(model):
+    pair = make_pairs(model, *PAIRS[2], 5, 6)[0]
+    plan = plan_component(model, "resid_pre", None, None, None)
+    patches = build_patches(plan, resolve_positions(None, True, 12), True, 12)
+    run = run_base_and_source(model, pair.corrupted, pair.clean, collect_sites(patches), patches,
+                              Engine.FAST)
+    stats: dict = {}
+    fast = patched_logits(model, run, patches, Engine.FAST, stats=stats)
+    naive = patched_logits(model, run, patches, Engine.NAIVE)
+    assert (fast - naive).abs().max().item() <= 1e-5
+    # a row patching position p (>= 2, the first difference) runs T - p positions from its layer
+    windowed = sum((model.n_layers - layer) * (12 - p)
+                   for layer in range(model.n_layers) for p in range(2, 12))
+    one_window = sum((model.n_layers - layer) * (12 - 2)
+                     for layer in range(model.n_layers) for p in range(2, 12))
+    assert stats["layer_tokens"] <= windowed < one_window
+
+
+def test_memory_budget_too_small_names_the_minimum(model):
+    with pytest.raises(InvalidArgumentError, match="memory_mb >= "):
+        rows_per_chunk(model, 12, 12, 1e-6)
+    assert rows_per_chunk(model, 12, 12, 64.0) >= 1
