@@ -314,7 +314,11 @@ class HookedModel:
                        interventions: Mapping[str, Any] | None = None, *,
                        saes: Sequence[Any] | None = None, keep_error: bool = True,
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(logits [batch, pos, vocab], {name: activation})`` for one forward pass."""
+        """``(logits [batch, pos, vocab], {name: activation})`` for one forward pass.
+
+        The cache (an :class:`~causalpatch.tracing.ActivationCache`) is keyed by the names
+        given; any other spelling of a cached site works as a key too, and a name not given is
+        computed on first read (one more forward pass)."""
         tr = Trace(self, prompts, interventions, names, saes, keep_error).run()
         assert tr.logits is not None
         return tr.logits, tr.cache
