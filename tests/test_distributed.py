@@ -247,7 +247,9 @@ def test_cli_patch_with_executor_ray(model_dir, local_ray, tmp_path, one_thread)
     assert remote.exit_code == 0, remote.output
     top = [json.loads(r.stdout)["results"][0]["top"] for r in (local, remote)]
     assert len(top[0]) == 3 and [i for i, _ in top[0]] == [i for i, _ in top[1]]
-    assert [e for _, e in top[1]] == pytest.approx([e for _, e in top[0]], abs=1e-6)
+    # float32: a worker batches only its shard's rows, so matmul reductions differ from the
+    # local run's batches by a few ulps of the logits (seen: 5e-6 on a logit difference of 0.76)
+    assert [e for _, e in top[1]] == pytest.approx([e for _, e in top[0]], abs=5e-5)
     saved = json.loads((tmp_path / "ray" / "result.json").read_text())
     assert "executor" in json.dumps(saved)
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "bad"), "--address", "h:1"])
