@@ -23,7 +23,7 @@ from causalpatch._io import atomic_write_bytes
 from causalpatch.errors import InvalidArgumentError, InvalidTypeError
 from causalpatch.render.html import report, script_json
 from causalpatch.render.markdown import to_markdown
-from causalpatch.result import PatchingResult
+from causalpatch.result import PatchingResult, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "img" / "report.png"
@@ -34,6 +34,8 @@ IOI_CORRUPTED = [f"When {a} and {b} went to the store, {a} gave a drink to" for 
 IOI_TOKENS = ["When", " Mary", " and", " John", " went", " to", " the", " store", ",", " John",
               " gave", " a", " drink", " to"]
 FIVE_MB = 5_000_000  # decimal megabytes: the stricter reading of "5 MB"
+IOI_ROLES = ["", "IO", "", "S1", "S1+1", "", "", "", "", "S2", "", "", "", "END"]
+IOI_ANSWERS = [[f" {a}", f" {b}"] for a, b in IOI_NAMES]
 
 
 def ioi_like(shape, axes, component, seed=0, **overrides) -> PatchingResult:
@@ -58,6 +60,19 @@ def ioi_like(shape, axes, component, seed=0, **overrides) -> PatchingResult:
         extra={"n_pairs": 3, "positions": list(range(len(labels.get("position", []))))})
     fields.update(overrides)
     return PatchingResult(**fields)
+
+
+def with_pairs(result: PatchingResult, seed: int = 0, roles=True) -> PatchingResult:
+    """``result`` with per-pair values (whose mean is the effect), answers as text and roles."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(3, *result.shape, generator=g) * 0.1
+    result.per_pair = result.effect_matrix + noise - noise.mean(0)
+    result.effect_matrix = result.per_pair.mean(0)
+    result.std = result.per_pair.std(0, unbiased=False)
+    result.extra["answer_text"] = IOI_ANSWERS
+    if roles:
+        result.extra["position_roles"] = [IOI_ROLES] * 3
+    return result
 
 
 def hostile_result() -> PatchingResult:
@@ -239,21 +254,24 @@ def chromium_binary() -> str:
     return found
 
 
-def chromium(path: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+def chromium(path: Path, tmp: Path, *extra: str, fragment: str = "") -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000",
              "--enable-logging=stderr", "--v=0", *extra]
-    return subprocess.run([chromium_binary(), *flags, path.as_uri()], capture_output=True,
-                          text=True, timeout=180)
+    url = path.as_uri() + (f"#{fragment}" if fragment else "")
+    return subprocess.run([chromium_binary(), *flags, url], capture_output=True, text=True,
+                          timeout=180)
 
 
 class _PlotScan(HTMLParser):
-    """For each element with id ``plot-N``: does it hold svg.main-svg and drawn marks?"""
+    """For each element with id ``plot-N`` / ``pairplot-N``: does it hold svg.main-svg and
+    drawn marks? (``attrs`` keeps each plot element's attributes.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.plots: dict[str, dict[str, int]] = {}
+        self.attrs: dict[str, dict[str, str]] = {}
         self.stack: list[str | None] = []
         self.images = 0
 
@@ -264,8 +282,9 @@ class _PlotScan(HTMLParser):
         if tag in ("br", "img", "meta", "input", "hr", "link"):
             return
         current = next((p for p in reversed(self.stack) if p), None)
-        if re.fullmatch(r"plot-\d+", a.get("id") or ""):
+        if re.fullmatch(r"(pair)?plot-\d+", a.get("id") or ""):
             current = a["id"]
+            self.attrs[current] = {k: v or "" for k, v in a.items()}
             self.plots[current] = {"main-svg": 0, "image": 0, "bar": 0}
             self.stack.append(current)
             return
@@ -314,7 +333,8 @@ def page_problems(proc: subprocess.CompletedProcess, expected_plots: list[str]) 
 def test_chromium_renders_every_plot_without_console_errors(four_results, tmp_path):
     """Every kind of plot (heatmaps, a bar chart, a 3-D slider, hostile labels) renders in
     headless Chromium with nothing on the console; a screenshot goes to docs/img/report.png."""
-    realistic = [*four_results, ioi_like((30,), ("layer",), "mlp_out", 4),
+    rich = with_pairs(ioi_like((12, 14), ("layer", "position"), "resid_post", 6))
+    realistic = [rich, *four_results, ioi_like((30,), ("layer",), "mlp_out", 4),
                  ioi_like((30, 14, 9), ("layer", "position", "head"), "attn_head", 5)]
     results = [*realistic, hostile_result()]
     path = tmp_path / "report.html"
@@ -325,7 +345,7 @@ def test_chromium_renders_every_plot_without_console_errors(four_results, tmp_pa
     assert dom.stdout.count("js-plotly-plot") >= len(results)
     # the hostile labels were drawn as literal text (entities decoded once by plotly)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom.stdout
-    drawn = re.sub(r'data-unformatted="[^"]*"', "", dom.stdout.split('id="plot-6"')[1])
+    drawn = re.sub(r'data-unformatted="[^"]*"', "", dom.stdout.split('id="plot-7"')[1])
     assert "&amp;lt;" not in drawn and "&lt;script&gt;alert(1)" in drawn
 
     shown = tmp_path / "shown.html"  # the picture for the docs leaves out the hostile result
@@ -349,3 +369,175 @@ def test_the_chromium_check_catches_broken_pages(tmp_path):
     text = "\n".join(problems)
     assert "plot-0: not rendered" in text and "plot-1: no such element" in text
     assert "boom" in text and "Uncaught ReferenceError" in text
+
+
+# -- answers, roles, takeaways, prompt sets, per-pair views, scales, plotly modes ---------------
+def test_report_shows_answers_roles_takeaway_and_one_prompt_table():
+    heads = with_pairs(ioi_like((6, 4), ("layer", "head"), "attn_head"))
+    resid = with_pairs(ioi_like((6, 14), ("layer", "position"), "resid_post", 1))
+    page = report([heads, resid])
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.DOTALL)
+    assert outside.count("<table class='prompts'>") == 1  # one prompt table for both sections
+    assert outside.count(f"<code>{html.escape(IOI_CLEAN[1])}</code>") == 1  # not per section
+    assert html.escape("' Mary' (correct) vs ' John' (incorrect)") in outside
+    assert html.escape("' Anne' (correct) vs ' Tom' (incorrect)") in outside
+    assert outside.count("class='takeaway'") == 2
+    assert html.escape(heads.takeaway()) in outside and "% of the clean-corrupted" in outside
+    # roles: the axis, the top table and the token chips
+    (_, resid_fig) = figures_of(page)
+    assert resid_fig["data"][0]["x"][9] == "9: S2" and resid_fig["data"][0]["x"][2] == "2: ' and'"
+    assert resid_fig["layout"]["xaxis"]["title"]["text"] == "position (role)"
+    assert "<b class='role'>END</b>" in outside and "roles shared by all 3 pairs" in outside
+    # the per-pair view: a selector, pair 0's details, and every pair's data with its own tokens
+    assert "<select id='pair-select-1'" in outside and "id='pairplot-1'" in outside
+    assert outside.count("<option value=") == 6
+    pairs = resid_fig["pairs"]
+    assert len(pairs["views"]) == len(pairs["details"]) == 3
+    assert pairs["details"][2]["clean"] == IOI_CLEAN[2]
+    assert pairs["details"][2]["answers"] == "' Lisa' (correct) vs ' Mark' (incorrect)"
+    z2 = pairs["views"][2]["z"][0]
+    assert z2[0][0] == pytest.approx(resid.per_pair[2, 0, 0].item(), rel=1e-4)
+    assert pairs["views"][0]["x"][0][1] == "1: IO ' Mary'"  # pair 0's own token known
+    assert pairs["views"][2]["x"][0][1] == "1: IO"          # other pairs: the role
+
+
+def test_sections_from_other_prompts_say_so():
+    first = ioi_like((4, 3), ("layer", "head"), "attn_head")
+    other = ioi_like((4, 3), ("layer", "head"), "attn_head", 1,
+                     clean_prompts=IOI_CLEAN[:1], corrupted_prompts=IOI_CORRUPTED[:1])
+    page = report([first, other, first])
+    assert page.count("<table class='prompts'>") == 2
+    assert "id='prompts-A'" in page and "id='prompts-B'" in page
+    assert "sections 1, 3" in page and "sections 2)" in page
+    assert page.count("Built from other prompts") == 1
+    (section2,) = re.findall(r"<section id='result-1'>.*?</section>", page, flags=re.DOTALL)
+    assert "Built from other prompts" in section2 and "set B" in section2
+
+
+def test_positions_of_pair_0_are_named_when_pairs_disagree():
+    result = with_pairs(ioi_like((4, 14), ("layer", "position"), "resid_post"))
+    baba = list(IOI_ROLES)
+    baba[1], baba[3] = "S1", "IO"
+    result.extra["position_roles"] = [IOI_ROLES, baba, IOI_ROLES]
+    (figure,) = figures_of(page := report(result))
+    assert figure["layout"]["xaxis"]["title"]["text"] == "position (tokens of pair 0)"
+    assert figure["data"][0]["x"][1] == "1: ' Mary'"
+    assert "tokens of pair 0 (the pairs give some positions different roles)" in page
+    assert figure["pairs"]["views"][1]["x"][0][1] == "1: S1"  # each pair shows its own role
+
+
+def test_shared_colour_scale():
+    small = ioi_like((4, 3), ("layer", "head"), "attn_head")
+    small.effect_matrix *= 0.1
+    big = ioi_like((4, 5), ("layer", "position"), "resid_post", 1)
+    raw = ioi_like((4, 3), ("layer", "head"), "attn_head", 2, normalized=False)
+    raw.effect_matrix *= 10
+    own = figures_of(report([small, big, raw]))
+    shared = figures_of(report([small, big, raw], shared_scale=True))
+    vmax = big.effect_matrix.abs().max().item()
+    assert own[0]["data"][0]["zmax"] == pytest.approx(small.effect_matrix.abs().max().item(),
+                                                      rel=1e-4)
+    assert own[0]["data"][0]["zmax"] < own[1]["data"][0]["zmax"]
+    assert shared[0]["data"][0]["zmax"] == shared[1]["data"][0]["zmax"] == pytest.approx(
+        vmax, rel=1e-4)
+    assert shared[2]["data"][0]["zmax"] == own[2]["data"][0]["zmax"]  # raw values: own group
+    assert shared[0]["scale"] == {"own": own[0]["data"][0]["zmax"], "shared": pytest.approx(
+        vmax, rel=1e-4)}
+    assert "id='cp-shared-scale' checked" in report([small, big], shared_scale=True)
+    assert "id='cp-shared-scale'" not in report([small])  # nothing to share with
+
+
+def test_plotly_from_the_cdn_makes_a_small_page():
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    result = ioi_like((30, 9), ("layer", "head"), "attn_head")
+    page = report(result, plotly="cdn")
+    assert len(page.encode()) < 200_000 and get_plotlyjs()[:2000] not in page
+    url = f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
+    assert f"<script src='{url}'" in page
+    csp = re.search(r'http-equiv=.Content-Security-Policy. content="([^"]*)"', page).group(1)
+    assert "script-src https://cdn.plot.ly 'sha256-" in csp
+    assert len(scripts_of(page)) == 3 and len(figures_of(page)) == 1
+    assert len(report(result).encode()) > 4_000_000  # inline is the default
+    with pytest.raises(InvalidArgumentError, match="plotly"):
+        report(result, plotly="web")
+    assert result.to_html(plotly="cdn") .count(url) == 1
+
+
+def test_write_report_from_saved_json_files(tmp_path):
+    heads = with_pairs(ioi_like((6, 4), ("layer", "head"), "attn_head"))
+    resid = with_pairs(ioi_like((6, 14), ("layer", "position"), "resid_post", 1))
+    paths = [heads.save(tmp_path / "heads.json"), str(resid.save(tmp_path / "resid.json"))]
+    page = write_report(paths, tmp_path / "report.html", title="IOI", plotly="cdn")
+    assert (tmp_path / "report.html").read_text() == page
+    loaded = [PatchingResult.from_json(p) for p in paths]
+    assert loaded == [heads, resid]
+    assert page == report(loaded, title="IOI", plotly="cdn")
+    # answers, roles and per-pair views survive the JSON round trip
+    assert "' Mary' (correct)" in html.unescape(page) and "roles shared by all 3 pairs" in page
+    assert len(figures_of(page)[1]["pairs"]["views"]) == 3
+    assert write_report([loaded[0], paths[1]], plotly="cdn", title="IOI") == page  # mixed
+    (tmp_path / "bad.json").write_text("{}")
+    from causalpatch.errors import CorruptResultError
+
+    with pytest.raises(CorruptResultError, match="bad.json"):
+        write_report([tmp_path / "bad.json"])
+    with pytest.raises(FileNotFoundError):
+        write_report([tmp_path / "missing.json"])
+
+
+def test_chromium_renders_the_pair_view_roles_takeaway_and_shared_scale(tmp_path):
+    """The per-pair selector (preselected by ``#pair-0=2``) restyles the pair plot and fills
+    in that pair's prompts; roles are drawn as tick labels; with ``shared_scale`` the heatmaps
+    are drawn on one colour range; nothing on the console."""
+    resid = with_pairs(ioi_like((12, 14), ("layer", "position"), "resid_post"))
+    heads = with_pairs(ioi_like((12, 14, 4), ("layer", "position", "head"), "attn_head", 1))
+    heads.effect_matrix *= 0.5
+    heads.per_pair *= 0.5
+    hostile = with_pairs(hostile_result(), roles=False)
+    hostile.clean_prompts = [HOSTILE[0]] * 3
+    bars = with_pairs(ioi_like((12,), ("layer",), "mlp_out", 2))
+    path = tmp_path / "pairs.html"
+    report([resid, heads, hostile, bars], path, shared_scale=True)
+    dom = chromium(path, tmp_path, "--dump-dom", fragment="pair-0=2&pair-1=1&pair-3=2")
+    expected = [f"{kind}plot-{i}" for i in range(4) for kind in ("", "pair")]
+    assert page_problems(dom, expected) == [], dom.stderr[-3000:]
+    scan = _PlotScan()
+    scan.feed(dom.stdout)
+    # the preselected pairs were drawn, and their prompts shown
+    assert scan.attrs["pairplot-0"]["data-pair"] == "2"
+    assert scan.attrs["pairplot-1"]["data-pair"] == "1"
+    assert scan.attrs["pairplot-3"]["data-pair"] == "2"
+    info = dom.stdout.split('id="pair-info-0"')[1].split("</table>")[0]
+    assert html.escape(IOI_CLEAN[2], quote=False) in info and "Lisa" in info
+    assert html.escape(IOI_CLEAN[0], quote=False) not in info
+    # roles were drawn as tick labels of the mean heatmap
+    plot0 = dom.stdout.split('id="plot-0"')[1].split('id="pairplot-0"')[0]
+    assert "9: S2" in plot0 and "13: END" in plot0 and "position (role)" in plot0
+    # one colour range for the normalised heatmaps (resid, heads, hostile)
+    zmax = [float(scan.attrs[f"plot-{i}"]["data-zmax"]) for i in range(3)]
+    assert zmax[0] == zmax[1] == zmax[2] == pytest.approx(
+        max(r.effect_matrix.abs().max().item() for r in (resid, heads, hostile)), rel=1e-3)
+    assert 'id="cp-shared-scale" checked' in dom.stdout
+    # the takeaway is on the page; hostile prompts in the pair view stayed text
+    assert dom.stdout.count('class="takeaway"') == 4 and "recovers" in dom.stdout
+    info2 = dom.stdout.split('id="pair-info-2"')[1].split("</table>")[0]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in info2
+
+
+@pytest.mark.real
+def test_ioi_dataset_roles_reach_the_report(smollm2):
+    """IOI's per-token roles (Wang et al.'s IO, S1, S1+1, S2, END) as the report consumes them."""
+    from causalpatch.datasets import IOIDataset, dataset_roles
+
+    data = IOIDataset(smollm2, n=4, seed=0, equal_length=True, order="ABBA")
+    roles = dataset_roles(data)
+    tokens = smollm2.to_str_tokens(data.clean[0])
+    assert len(roles[0]) == len(tokens) and roles[0][-1] == "END"
+    named = {r: tokens[i] for i, r in enumerate(roles[0]) if r}
+    assert named["IO"] == " " + data.io_names[0] and named["S1"] == named["S2"] == (
+        " " + data.subject_names[0])
+    assert roles[0].index("S1+1") == roles[0].index("S1") + 1
+    assert all(r == roles[0] for r in roles)  # one template, one order: every pair agrees
+    mixed = IOIDataset(smollm2, n=4, seed=0, equal_length=True)  # ABBA and BABA
+    assert mixed.roles[0] != mixed.roles[1] and mixed.subset([1]).roles == [mixed.roles[1]]

@@ -339,7 +339,10 @@ def test_plot_1d_is_a_bar_chart():
     ax = fig.axes[0]
     assert len(ax.patches) == 6
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(6)]
-    assert "attn_head" in ax.get_title() and "logit_diff" in ax.get_title()
+    # the title says what was patched in words, on which model, over how many pairs
+    title = ax.get_title()
+    assert "attention heads" in title and "tiny-model" in title and "1 pair" in title
+    assert "logit difference" in title and "attn_head" not in title
     assert ax.get_xlabel() == "layer"
 
 
@@ -506,3 +509,123 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     os.chmod(path, 0o600)
     _io.atomic_write_text(path, "y")  # an existing file keeps its mode
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "y"
+
+
+# -- figures for papers, important cells, roles, answers -----------------------------------------
+def test_plot_is_sized_for_a_paper_column_and_saves_png_svg_pdf(tmp_path):
+    for shape in [(6,), (5, 4)]:
+        fig = make(shape, n_pairs=3).plot()
+        width, height = fig.get_size_inches()
+        assert width == pytest.approx(3.4) and height < 7
+        sizes = [t.get_fontsize() for ax in fig.axes for t in ax.get_xticklabels()]
+        assert sizes and min(sizes) >= 6  # readable at print size
+        assert "3 pairs" in fig.axes[0].get_title()
+    fig = make((5, 4)).plot(width=7.0, title="")
+    assert fig.get_size_inches()[0] == pytest.approx(7.0) and fig.axes[0].get_title() == ""
+    signatures = {"png": b"\x89PNG", "svg": b"<?xml", "pdf": b"%PDF"}
+    for fmt, magic in signatures.items():
+        path = fig.save(tmp_path / f"f.{fmt}")
+        assert path.read_bytes().startswith(magic)
+    assert fig.save(tmp_path / "by-format", format="pdf").read_bytes().startswith(b"%PDF")
+    assert make((3,)).save(tmp_path / "r.out", format="svg").read_bytes().startswith(b"<?xml")
+    with pytest.raises(InvalidArgumentError, match="png, svg, pdf"):
+        fig.save(tmp_path / "f.bmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "by-format", "f.pdf", "f.png", "f.svg", "r.out"]
+
+
+def test_plot_vmax_sets_the_colour_range():
+    (image,) = _images(make((5, 4)).plot(vmax=3.0))
+    assert image.get_clim() == pytest.approx((-3.0, 3.0))
+
+
+def test_important_returns_cells_over_the_threshold_sorted():
+    result = make((3, 4))
+    result.effect_matrix.zero_()
+    result.effect_matrix[1, 2] = 0.42
+    result.effect_matrix[2, 0] = -0.30
+    result.effect_matrix[0, 3] = 0.10
+    result.effect_matrix[0, 0] = 0.05
+    result.effect_matrix[2, 3] = float("nan")
+    cells = result.important(0.1)
+    assert cells == [((1, 2), pytest.approx(0.42)), ((2, 0), pytest.approx(-0.30)),
+                     ((0, 3), pytest.approx(0.10))]  # |effect| >= threshold, NaN left out
+    top = cells[0]
+    (layer, head), effect = top
+    assert (layer, head, top.layer, top.head, top.name, top.hook_name) == (1, 2, 1, 2, "L1H2",
+                                                                          "L1H2")
+    assert top.patching_effect == top.effect == effect and top.coords == (1, 2)
+    assert [c.index for c in result.important(0.1, by="value")] == [(1, 2), (0, 3)]
+    assert result.find_important_heads(0.3) == cells[:2]
+    assert result.important(1.0) == []
+    assert make((4,)).important(-1)[0].index in range(4)  # 1-D: bare layer indices
+    with pytest.raises(InvalidArgumentError, match="head axis"):
+        make((4,)).find_important_heads()
+    with pytest.raises(InvalidTypeError):
+        result.important("0.1")
+    import pickle
+
+    assert pickle.loads(pickle.dumps(top)).name == "L1H2"
+
+
+def test_important_on_positions_reports_token_positions():
+    result = make((3, 2, 4), axes=("layer", "position", "head"))
+    cell = result.important(0)[0]
+    assert cell.position in (1, 3) and cell.name == f"L{cell.layer}P{cell.position}H{cell.head}"
+
+
+def ioi_roles_result(agree: bool = True) -> PatchingResult:
+    result = make((2, 3), axes=("layer", "position"), n_pairs=2)
+    result.extra["positions"] = [1, 3, 5]
+    roles = ["", "IO", "", "S1", "", "END"]
+    other = ["", "S1", "", "IO", "", "END"] if not agree else roles
+    result.extra["position_roles"] = [roles, other]
+    result.extra["answer_text"] = [[" Mary", " John"], [" Anne", None]]
+    return result
+
+
+def test_position_roles_label_the_axis_when_every_pair_agrees():
+    result = ioi_roles_result()
+    assert result.position_roles() == ["IO", "S1", "END"]
+    assert [result.cell_text("position", i) for i in range(3)] == ["1: IO", "3: S1", "5: END"]
+    assert "position 1: IO" in result.describe_cell((0, 0))
+    assert result.labels["position"][0] == "1: 'When'"  # the data keeps pair 0's tokens
+    fig = result.plot()
+    assert fig.axes[0].get_xlabel() == "position (role)"
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1: IO", "3: S1", "5: END"]
+    assert PatchingResult.from_json(result.to_json()).position_roles() == ["IO", "S1", "END"]
+
+    mixed = ioi_roles_result(agree=False)  # ABBA and BABA pairs: IO and S1 swap places
+    assert mixed.position_roles() is None
+    assert mixed.cell_text("position", 0) == "1: 'When'"
+    assert mixed.plot().axes[0].get_xlabel() == "position (tokens of pair 0)"
+    lone = make((2, 3), axes=("layer", "position"))
+    assert lone.plot().axes[0].get_xlabel() == "position (token)"
+
+
+def test_answer_texts_come_from_the_metadata():
+    result = ioi_roles_result()
+    assert result.answer_texts() == [(" Mary", " John"), (" Anne", None)]
+    assert "correct ' Mary', incorrect ' John'" in result.summary()
+    assert make((3,)).answer_texts() is None
+
+
+def test_takeaway_names_the_strongest_cells_with_numbers():
+    result = make((3, 4), n_pairs=3)
+    result.per_pair.zero_()
+    result.per_pair[:, 1, 2] = torch.tensor([0.5, 0.4, 0.36])
+    result.per_pair[:, 2, 0] = torch.tensor([-0.3, -0.2, 0.05])
+    result.effect_matrix = result.per_pair.mean(0)
+    text = result.takeaway()
+    assert text.startswith("Restoring attention heads from the clean run: layer 1 head 2 "
+                           "recovers 42% of the clean-corrupted logit difference gap")
+    assert "positive in 3 of 3 pairs" in text and "layer 2 head 0 (-15%)" in text
+    assert "2 of 12 cells reach |effect| ≥ 10%" in text
+    result.direction = "noise"
+    assert "Patching corrupted attention heads into the clean run" in result.takeaway()
+    weak = make((3,))
+    weak.effect_matrix = torch.tensor([0.01, -0.02, 0.03])
+    assert "no single cell recovers 10% or more" in weak.takeaway()
+    raw = make((3,))
+    raw.normalized = False
+    assert "logit difference of" in raw.takeaway()

@@ -496,6 +496,115 @@ def _ioi_template(template: str) -> str:
     return "".join(out)
 
 
+# -- position roles ---------------------------------------------------------------------------
+#: Role of a token that has none (most template words).
+NO_ROLE = ""
+
+
+def _format_spans(form: str, values: dict[str, str]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """``form.format(**values)`` and the character span of every field in the result."""
+    out, spans, at = [], {}, 0
+    for literal, fname, _, _ in string.Formatter().parse(form):
+        out.append(literal)
+        at += len(literal)
+        if fname is not None:
+            value = values[fname]
+            spans[fname] = (at, at + len(value))
+            out.append(value)
+            at += len(value)
+    return "".join(out), spans
+
+
+def token_roles(model: HookedModel, text: str,
+                spans: Sequence[tuple[int, int, str]]) -> list[str] | None:
+    """One role per token of ``text`` as the patching functions tokenise it.
+
+    ``spans`` are ``(start, end, role)`` character ranges; a token gets the role of the span it
+    ends in (a leading space belongs to the word after it). The last token gets ``"END"``
+    unless a span names it. Returns None when the tokens of a prefix are not a prefix of the
+    tokens (a token straddles a span boundary), so the roles would be wrong.
+    """
+    from .tokens import token_lists
+
+    ids = token_lists(model, text)[0]
+    plain = model.tokenizer.encode(text, add_special_tokens=False)
+    lead = len(ids) - len(plain)
+    roles = [NO_ROLE] * len(ids)
+
+    def boundary(char: int) -> int | None:
+        if char <= 0:
+            return lead
+        if char >= len(text):
+            return len(ids)
+        prefix = token_lists(model, text[:char])[0]
+        return len(prefix) if ids[:len(prefix)] == prefix else None
+
+    for start, end, role in spans:
+        if start > 0 and text[start - 1] == " ":
+            start -= 1
+        lo, hi = boundary(start), boundary(end)
+        if lo is None or hi is None or hi <= lo:
+            return None
+        for t in range(lo, hi):
+            roles[t] = role
+    if roles and not roles[-1]:
+        roles[-1] = "END"
+    return roles
+
+
+def _ioi_roles(model: HookedModel, form: str, names: tuple[str, str, str],
+               fill: dict[str, str], order: str) -> list[str] | None:
+    """Wang et al.'s roles of an IOI prompt: IO, S1, S1+1 (the token after S1), S2, END."""
+    text, spans = _format_spans(form, {"n0": names[0], "n1": names[1], "n2": names[2], **fill})
+    first, second = ("IO", "S1") if order == "ABBA" else ("S1", "IO")
+    roles = token_roles(model, text, [(*spans["n0"], first), (*spans["n1"], second),
+                                      (*spans["n2"], "S2")])
+    if roles is not None and "S1" in roles:
+        after = max(i for i, r in enumerate(roles) if r == "S1") + 1
+        if after < len(roles) and not roles[after]:
+            roles[after] = "S1+1"
+    return roles
+
+
+def _subject_roles(model: HookedModel, prompt: str, subject: str) -> list[str] | None:
+    """ROME's roles: subject first / middle / last, first after (the subject), END."""
+    start = prompt.find(subject)
+    roles = token_roles(model, prompt, [(start, start + len(subject), "subject")])
+    if roles is None:
+        return None
+    where = [i for i, r in enumerate(roles) if r == "subject"]
+    for i in where:
+        roles[i] = "subject middle"
+    roles[where[0]] = "subject first"
+    roles[where[-1]] = "subject last"
+    if where[-1] + 1 < len(roles) and not roles[where[-1] + 1]:
+        roles[where[-1] + 1] = "first after"
+    return roles
+
+
+def _greater_than_roles(model: HookedModel, noun: str, century: int, yy: int) -> list[str] | None:
+    """Hanna et al.'s roles: NOUN, the start year's century (XX1) and last digits (YY), END."""
+    form = _GT_TEMPLATE.replace("{yy:02d}", "{yy}").replace("{century}", "{c1}", 1) \
+        .replace("{century}", "{c2}", 1)
+    text, spans = _format_spans(form, {"noun": noun, "c1": str(century), "yy": f"{yy:02d}",
+                                       "c2": str(century)})
+    return token_roles(model, text, [(*spans["noun"], "NOUN"), (*spans["c1"], "XX1"),
+                                     (*spans["yy"], "YY")])
+
+
+def dataset_roles(dataset: Any) -> list[list[str] | None] | None:
+    """The per-pair position roles of a dataset (its ``roles`` list), or None.
+
+    One list per pair with one role per token of the clean prompt (``""`` for none; None for a
+    pair whose roles could not be placed). Results store them as
+    ``extra["position_roles"]``.
+    """
+    roles = getattr(dataset, "roles", None)
+    if isinstance(roles, list) and len(roles) == len(dataset):
+        return roles
+    return None
+
+
 class IOIDataset(PatchingDataset):
     """Indirect object identification pairs in the style of Wang et al. (2022).
 
@@ -529,6 +638,8 @@ class IOIDataset(PatchingDataset):
     Attributes (besides the :class:`PatchingDataset` lists, one entry per pair):
         orders: ``"ABBA"`` / ``"BABA"``.
         io_names, subject_names: the clean prompt's indirect object and subject.
+        roles: one role per token of the clean prompt: ``"IO"``, ``"S1"``, ``"S1+1"``,
+            ``"S2"``, ``"END"`` or ``""`` (Wang et al.'s names; see :func:`token_roles`).
         names: the single-token name pool used; dropped_names: how many were dropped.
 
     Example::
@@ -537,7 +648,8 @@ class IOIDataset(PatchingDataset):
         ioi.clean[0], ioi.corrupted[0], ioi.orders[:2]    # ..., ['ABBA', 'BABA']
     """
 
-    per_pair_fields: ClassVar[tuple[str, ...]] = ("orders", "io_names", "subject_names")
+    per_pair_fields: ClassVar[tuple[str, ...]] = ("orders", "io_names", "subject_names",
+                                                   "roles")
 
     def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  templates: Sequence[str] | None = None, names: Sequence[str] | None = None,
@@ -575,6 +687,7 @@ class IOIDataset(PatchingDataset):
         orders: list[str] = []
         ios: list[str] = []
         subjects: list[str] = []
+        roles: list[list[str] | None] = []
         target_len: int | None = None
         dropped_pairs = 0
         max_attempts = 100 * n + 100
@@ -611,7 +724,9 @@ class IOIDataset(PatchingDataset):
             orders.append(this)
             ios.append(io)
             subjects.append(s)
+            roles.append(_ioi_roles(model, form, (first, second, s), fill, this))
         self.orders, self.io_names, self.subject_names = orders, ios, subjects
+        self.roles = roles
         self.dropped_pairs = dropped_pairs
         super().__init__(clean, corrupted, correct, incorrect, "logit_diff", {}, "ioi",
                          {"corruption": corruption, "order": order, "seed": seed,
@@ -711,7 +826,8 @@ class FactualRecallDataset(PatchingDataset):
 
     Attributes (one entry per pair): ``subjects``, ``corrupted_subjects`` (for causal
     tracing), ``relation_ids``, ``attributes``, ``corrupted_attributes``, ``known_ids``,
-    ``corrupted_known_ids``.
+    ``corrupted_known_ids``; ``roles`` (per token of the clean prompt: ``"subject first"``,
+    ``"subject middle"``, ``"subject last"``, ``"first after"``, ``"END"`` or ``""``).
 
     Example::
 
@@ -721,7 +837,7 @@ class FactualRecallDataset(PatchingDataset):
 
     per_pair_fields: ClassVar[tuple[str, ...]] = (
         "subjects", "corrupted_subjects", "relation_ids", "attributes", "corrupted_attributes",
-        "known_ids", "corrupted_known_ids")
+        "known_ids", "corrupted_known_ids", "roles")
 
     def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  relation: str | None = None, path: str | Path | None = None) -> None:
@@ -770,6 +886,8 @@ class FactualRecallDataset(PatchingDataset):
             raise InvalidArgumentError(
                 f"only {found} factual pairs{where} have an equal-length partner with a "
                 f"different answer; asked for n={n}")
+        rows["roles"] = [_subject_roles(model, c, sub)
+                         for c, sub in zip(rows["clean"], rows["subjects"])]
         for key in self.per_pair_fields:
             setattr(self, key, rows[key])
         super().__init__(rows["clean"], rows["corrupted"], rows["correct"], rows["incorrect"],
@@ -882,7 +1000,9 @@ class GreaterThanDataset(PatchingDataset):
     them and equals :func:`greater_than_metric`.
 
     Attributes (one entry per pair): ``start_years`` (e.g. 1732), ``years_above``,
-    ``years_below`` (token-id lists); ``answer_ids`` (all answer tokens in year order).
+    ``years_below`` (token-id lists), ``roles`` (per token: ``"NOUN"``, ``"XX1"`` the start
+    year's century, ``"YY"`` its last two digits, ``"END"`` or ``""``); ``answer_ids`` (all
+    answer tokens in year order).
 
     Example::
 
@@ -892,7 +1012,7 @@ class GreaterThanDataset(PatchingDataset):
     """
 
     per_pair_fields: ClassVar[tuple[str, ...]] = ("start_years", "years_above", "years_below",
-                                                   "nouns")
+                                                   "nouns", "roles")
 
     def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  century: int = 17, nouns: Sequence[str] | None = None) -> None:
@@ -933,7 +1053,8 @@ class GreaterThanDataset(PatchingDataset):
             for key, value in (("clean", text), ("corrupted", other), ("correct", above[0]),
                                ("incorrect", below[-1]), ("start_years", century * 100 + yy),
                                ("years_above", above), ("years_below", below),
-                               ("nouns", noun)):
+                               ("nouns", noun),
+                               ("roles", _greater_than_roles(model, noun, century, yy))):
                 rows[key].append(value)
         for key in self.per_pair_fields:
             setattr(self, key, rows[key])
@@ -985,7 +1106,9 @@ class InductionDataset(PatchingDataset):
     tokenizer size)``), skipping special and added tokens. Metric: ``"logit"`` of ``r[0]``.
 
     Attributes: ``clean_tokens``, ``corrupted_tokens`` (the same lists as ``clean``,
-    ``corrupted``); ``prefix`` (the special-token prefix); ``seq_len``.
+    ``corrupted``); ``prefix`` (the special-token prefix); ``seq_len``; ``roles`` (per token:
+    ``"BOS"`` for the prefix, ``"A0"``.. ``"A{seq_len-1}"`` the first copy, ``"B0"``.. the
+    second, the last one ``"END"``; the same for every pair).
 
     Example::
 
@@ -993,7 +1116,7 @@ class InductionDataset(PatchingDataset):
         len(ind.clean[0]), ind.correct[0] == ind.clean[0][0]     # 20, True
     """
 
-    per_pair_fields: ClassVar[tuple[str, ...]] = ("clean_tokens", "corrupted_tokens")
+    per_pair_fields: ClassVar[tuple[str, ...]] = ("clean_tokens", "corrupted_tokens", "roles")
 
     def __init__(self, model: HookedModel, n: int = 32, seq_len: int = 10,
                  seed: int = 0, token_range: tuple[int, int] | None = None) -> None:
@@ -1036,6 +1159,9 @@ class InductionDataset(PatchingDataset):
                          {"seed": seed, "seq_len": seq_len, "token_range": (low, high)},
                          model=model)
         self.clean_tokens, self.corrupted_tokens = self.clean, self.corrupted
+        layout = (["BOS"] * len(self.prefix) + [f"A{k}" for k in range(seq_len)]
+                  + [f"B{k}" for k in range(seq_len - 1)] + ["END"])
+        self.roles = [list(layout) for _ in range(n)]
 
     def subset(self, indices: Sequence[int]) -> InductionDataset:
         new = super().subset(indices)
@@ -1045,4 +1171,5 @@ class InductionDataset(PatchingDataset):
 
 __all__ = ["FactualRecallDataset", "GreaterThanDataset", "IOIDataset", "IOI_NAMES",
            "IOI_TEMPLATES", "InductionDataset", "KnownFact", "PatchingDataset", "PatchingPair",
-           "greater_than_metric", "known_facts", "load_known_facts"]
+           "dataset_roles", "greater_than_metric", "known_facts", "load_known_facts",
+           "token_roles"]

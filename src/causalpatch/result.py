@@ -8,11 +8,22 @@ indices, and ``"5: ' John'"`` (token position and token string) for positions.
 Example::
 
     result.top_components(3)      # [((23, 3), 0.58), ((29, 1), 0.27), ...] for (layer, head)
-    print(result.summary())
+    result.important(0.1)         # every cell with |effect| >= 0.1, largest first
+    print(result.summary()); print(result.takeaway())
     result.to_json("ioi.json"); PatchingResult.from_json("ioi.json")
     result.to_dataframe()         # one row per cell
-    result.plot()                 # matplotlib Figure
+    result.plot().save("heads.pdf")   # matplotlib Figure sized for a paper column
     result.save("heads.png")      # or .svg/.pdf/.json/.md/.html
+    write_report(["heads.json", "resid.json"], "report.html")
+
+Optional metadata in ``extra`` that the renderers use (see docs/reports.md):
+
+* ``extra["answer_text"]``: ``[[correct, incorrect], ...]`` per pair, the decoded answer tokens
+  (strings or None), so a report rebuilt from JSON shows answers as text.
+* ``extra["position_roles"]``: ``[[role, ...], ...]`` per pair, one role per token of the clean
+  prompt (``""`` for none), e.g. IOI's ``IO``, ``S1``, ``S2``, ``END``. When every pair agrees on
+  the role of every position of the position axis, the axis shows roles
+  (:meth:`PatchingResult.position_roles`); otherwise it says "tokens of pair 0".
 
 Rendering lives in :mod:`causalpatch.render` (Markdown, matplotlib, the HTML report); the
 methods here delegate to it.
@@ -45,13 +56,14 @@ from .errors import (
     InvalidTypeError,
     NonFiniteError,
 )
-from .render.html import compact_html, report
+from .render.html import PLOTLY_MODES, compact_html, report
 from .render.markdown import timing_name
 from .render.markdown import to_markdown as render_markdown
 from .render.plots import plot_result
+from .render.text import takeaway as render_takeaway
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    from .render.figure import ResultFigure
 
 FORMAT = "causalpatch-result"
 """Value of the ``format`` field of a saved result."""
@@ -90,7 +102,8 @@ class PatchingResult:
         extra: method-specific metadata. It must hold only JSON values (dicts with string
             keys, lists, strings, finite numbers, booleans, None) to survive a JSON round trip
             unchanged; ``extra["positions"]``, when present, lists the token position of each
-            entry of the position axis.
+            entry of the position axis; ``extra["answer_text"]`` and
+            ``extra["position_roles"]`` (module docstring) give answers as text and roles.
 
     Two results are equal (``==``) when every field is equal, tensors included.
     """
@@ -248,8 +261,62 @@ class PatchingResult:
         return self.labels[axis][i]
 
     def cell_text(self, axis: str, i: int) -> str:
-        """Display text of entry ``i`` of ``axis``: its label (``"5: ' John'"`` for positions)."""
+        """Display text of entry ``i`` of ``axis``: its label (``"5: ' John'"`` for positions).
+
+        On the position axis the label is the role (``"9: S2"``) when every pair agrees on
+        the roles (:meth:`position_roles`) and the position has one.
+        """
+        if axis == "position":
+            roles = self.position_roles()
+            if roles is not None and roles[i]:
+                return f"{self._token_positions()[i]}: {roles[i]}"
         return str(self.labels[axis][i])
+
+    def position_roles(self) -> list[str] | None:
+        """Role of each entry of the position axis (``""`` where none), or None.
+
+        Taken from ``extra["position_roles"]`` (per pair, one role per token). None without a
+        position axis, without roles, when the positions are not single token positions, or
+        when two pairs give one position different roles (e.g. IOI with ``order="both"``: the
+        indirect object comes first in ABBA pairs, second in BABA pairs).
+        """
+        if "position" not in self.axes:
+            return None
+        per_pair = self.extra.get("position_roles")
+        if not isinstance(per_pair, list) or not per_pair:
+            return None
+        out: list[str] = []
+        for p in self._token_positions():
+            if isinstance(p, bool) or not isinstance(p, int):
+                return None
+            found = set()
+            for roles in per_pair:
+                if not isinstance(roles, list) or not -len(roles) <= p < len(roles):
+                    return None
+                found.add(roles[p] if isinstance(roles[p], str) else "")
+            if len(found) != 1:
+                return None
+            out.append(found.pop())
+        return out if any(out) else None
+
+    def answer_texts(self) -> list[tuple[str | None, str | None]] | None:
+        """``[(correct, incorrect), ...]`` per pair as text (``extra["answer_text"]``), or None.
+
+        Missing answers are None (e.g. a metric without an incorrect token).
+        """
+        raw = self.extra.get("answer_text")
+        if not isinstance(raw, list) or not raw:
+            return None
+        out = []
+        for item in raw:
+            if isinstance(item, str):
+                item = [item, None]
+            if not isinstance(item, list) or not item:
+                return None
+            pair = [v if isinstance(v, str) else None for v in list(item)[:2]]
+            pair += [None] * (2 - len(pair))
+            out.append((pair[0], pair[1]))
+        return out
 
     def describe_cell(self, coords: tuple[int, ...]) -> str:
         """``"layer 9, position 5: ' John'"`` for array coordinates of a cell."""
@@ -311,6 +378,65 @@ class PatchingResult:
             out.append((tuple(reversed(coords)), float(flat[idx])))
         return out
 
+    def important(self, threshold: float = 0.1, by: str = "abs") -> list[ImportantCell]:
+        """Every cell whose effect reaches ``threshold``, largest first.
+
+        Returns a list of :class:`ImportantCell`: tuples ``(index, effect)`` exactly like
+        :meth:`top_components` (``index`` a ``(layer, head)`` tuple, a bare layer for 1-D
+        results, token positions on a position axis) that also have named fields
+        (``.layer``, ``.head``, ``.position``, ``.neuron``, ``.effect``,
+        ``.patching_effect``, ``.name`` such as ``"L9H3"``). NaN cells are never included.
+
+        Args:
+            threshold: keep cells with ``|effect| >= threshold`` (``by="abs"``) or
+                ``effect >= threshold`` (``by="value"``).
+            by: ``"abs"`` (default) or ``"value"``; also the sort order.
+
+        Example::
+
+            for cell in heads.important(0.1):
+                print(cell.name, f"{cell.effect:+.2f}")      # L9H3 +0.42
+        """
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not math.isfinite(threshold):
+            raise InvalidTypeError(f"threshold must be a finite number, got {threshold!r}")
+        if by not in ("abs", "value"):
+            raise InvalidArgumentError(f"by must be 'abs' or 'value', got {by!r}")
+        flat = self.effect_matrix.flatten()
+        key = flat.abs() if by == "abs" else flat
+        count = int((key >= threshold).sum())  # NaN compares False
+        out = []
+        for coords, effect in self.top_cells(count, by):
+            values = tuple(self.index_value(a, c) for a, c in zip(self.axes, coords))
+            out.append(ImportantCell(values[0] if len(values) == 1 else values, effect,
+                                     dict(zip(self.axes, values)), coords))
+        return out
+
+    def find_important_heads(self, threshold: float = 0.1) -> list[ImportantCell]:
+        """The seeds' spelling of :meth:`important` for head results.
+
+        ``[cell for cell in heads if |effect| >= threshold]`` sorted by ``|effect|``, largest
+        first; each has ``.layer``, ``.head`` and ``.patching_effect`` like the seeds'
+        ``HeadPatchingResult`` and unpacks as ``((layer, head), effect)``.
+
+        Raises:
+            InvalidArgumentError: the result has no head axis.
+        """
+        if "head" not in self.axes:
+            raise InvalidArgumentError(
+                f"find_important_heads needs a result with a head axis (component='attn_head'); "
+                f"this one has axes {self.axes}: use important(threshold)")
+        return self.important(threshold)
+
+    def takeaway(self, k: int = 3, threshold: float = 0.1) -> str:
+        """Plain-language sentences on what the result shows, with numbers.
+
+        E.g. "Restoring attention heads from the clean run: layer 9 head 3 recovers 42% of the
+        clean-corrupted logit difference gap (mean of 32 pairs; positive in 30 of 32 pairs).
+        Next: ...". See :func:`causalpatch.render.text.takeaway`.
+        """
+        return render_takeaway(self, k=k, threshold=threshold)
+
     def summary(self, k: int = 5) -> str:
         """A few lines of text: what was run, baselines, shape, top components, timings."""
         kind = "normalised effect" if self.normalized else "raw values"
@@ -325,6 +451,10 @@ class PatchingResult:
             baselines.append(f"corrupted {self.corrupted_metric:.4f}")
         if baselines:
             lines.append(f"  baselines ({self.metric}): " + ", ".join(baselines))
+        answers = self.answer_texts()
+        if answers:
+            c, i = answers[0]
+            lines.append(f"  answers (pair 0): correct {c!r}, incorrect {i!r}")
         lines.append(f"  shape: {' x '.join(map(str, self.shape))} ({' x '.join(self.axes)}), "
                      f"pairs: {self.n_pairs}")
         lines.append(f"  top {k} by |effect|:")
@@ -544,67 +674,161 @@ class PatchingResult:
         return pd.DataFrame(columns)
 
     # -- pictures and files -----------------------------------------------------------------------
-    def plot(self, ax: Any = None, title: str | None = None) -> Figure:
-        """A matplotlib ``Figure`` (object API, no pyplot state).
+    def plot(self, ax: Any = None, title: str | None = None, vmax: float | None = None,
+             width: float | None = None) -> ResultFigure:
+        """A matplotlib figure sized for a paper (object API, no pyplot state).
 
         1-D: bar chart over the axis (error bars when ``std`` is set). 2-D: heatmap, rows the
-        first axis, columns the second, token strings as tick labels on a position axis.
-        3-D: a grid of heatmaps (first x second axis), one per entry of the last axis (e.g. one
-        per head), sharing one colour scale; with ``ax`` given, more than 16 panels or more
+        first axis, columns the second, token strings (or roles) as tick labels on a position
+        axis. 3-D: a grid of heatmaps (first x second axis), one per entry of the last axis (e.g.
+        one per head), sharing one colour scale; with ``ax`` given, more than 16 panels or more
         axes, one heatmap of the largest-magnitude effect over the trailing axes instead.
         Heatmaps use a diverging colour map (red positive, blue negative) with limits symmetric
         around 0.
 
-        Without ``ax`` the figure is new and ``result.plot().show()`` opens it with pyplot's
-        backend (it is handed to pyplot on the first ``show()``; until then pyplot knows nothing
-        of it). With ``ax`` it is ``ax.figure``. Never an ``Axes``.
+        New figures are 3.4 in wide (one column of a two-column paper; 3-D grids 7 in) with
+        7-9 pt fonts, titled with the method and component in words, the model, the number of
+        pairs and the metric. ``.show()`` opens the figure with pyplot's backend (it is handed
+        to pyplot on the first ``show()``) and ``.save("fig.pdf")`` writes PNG/SVG/PDF. With
+        ``ax`` the figure is ``ax.figure``. Never an ``Axes``.
 
         Args:
             ax: a matplotlib ``Axes`` to draw into (its figure is returned).
-            title: overrides the default title (method, component, metric, direction).
+            title: overrides the default title; ``""`` for none.
+            vmax: colour limit of heatmaps (``-vmax..vmax``); default ``max |effect|``.
+            width: figure width in inches (e.g. 7.0 for the full text width).
         """
-        return plot_result(self, ax=ax, title=title)
+        return plot_result(self, ax=ax, title=title, vmax=vmax, width=width)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save atomically, in a format chosen by suffix.
+    def save(self, path: str | os.PathLike[str], format: str | None = None,
+             dpi: int = 300) -> Path:
+        """Save atomically, in a format chosen by ``format`` or else by the suffix.
 
-        ``.png``/``.svg``/``.pdf``: :meth:`plot`; ``.json``: :meth:`to_json`; ``.md``:
-        :meth:`to_markdown`; ``.html``/``.htm``: :meth:`to_html`.
+        ``png``/``svg``/``pdf``: :meth:`plot` (PNG at ``dpi``); ``json``: :meth:`to_json`;
+        ``md``: :meth:`to_markdown`; ``html``/``htm``: :meth:`to_html`.
 
         Raises:
-            InvalidArgumentError: any other suffix.
+            InvalidArgumentError: any other format or suffix.
             FileNotFoundError: the folder does not exist.
         """
         path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix in (".png", ".svg", ".pdf"):
-            fig = self.plot()
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format=suffix[1:], dpi=150, bbox_inches="tight")
-            atomic_write_bytes(path, buffer.getvalue())
-        elif suffix == ".json":
+        kind = ("." + str(format).lower().lstrip(".")) if format is not None \
+            else path.suffix.lower()
+        if kind in (".png", ".svg", ".pdf"):
+            self.plot().save(path, format=kind[1:], dpi=dpi)
+        elif kind == ".json":
             self.to_json(path)
-        elif suffix == ".md":
+        elif kind == ".md":
             atomic_write_text(path, self.to_markdown())
-        elif suffix in (".html", ".htm"):
+        elif kind in (".html", ".htm"):
             self.to_html(path)
         else:
+            what = f"format {format!r}" if format is not None \
+                else f"unknown suffix {kind or '(none)'!r}"
             raise InvalidArgumentError(
-                f"cannot save to {str(path)!r}: unknown suffix {suffix or '(none)'!r}; use one of "
-                + ", ".join(SAVE_SUFFIXES))
+                f"cannot save to {str(path)!r}: {what}; use one of " + ", ".join(SAVE_SUFFIXES))
         return path
 
-    def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None) -> str:
-        """A self-contained interactive HTML report of this result.
+    def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None,
+                plotly: str = "inline") -> str:
+        """An interactive HTML report of this result.
 
         See :func:`causalpatch.render.html.report`; ``path`` (when given) is written
-        atomically. Returns the HTML text.
+        atomically; ``plotly="cdn"`` loads plotly.js from its CDN instead of inlining it.
+        Returns the HTML text.
         """
         return report([self], path,
-                      title=title or f"causalpatch: {self.method} of {self.component}")
+                      title=title or f"causalpatch: {self.method} of {self.component}",
+                      plotly=plotly)
 
     def _repr_html_(self) -> str:
         return compact_html(self)
+
+
+class ImportantCell(tuple):  # noqa: SLOT001  (instances carry the named fields)
+    """One cell of :meth:`PatchingResult.important`: the tuple ``(index, effect)``.
+
+    It compares, unpacks and prints like the ``(index, effect)`` pairs of
+    :meth:`~PatchingResult.top_components`, and also has named fields: ``index``, ``effect``
+    (alias ``patching_effect``, the seeds' name), ``layer``, ``head``, ``position``, ``neuron``
+    and ``site`` (None when the result has no such axis), ``coords`` (array coordinates into
+    ``effect_matrix``) and ``name`` (``"L9H3"`` for a head, ``"L9"`` for a layer).
+    """
+
+    def __new__(cls, index: Any, effect: float, values: dict[str, Any] | None = None,
+                coords: tuple[int, ...] = ()) -> ImportantCell:
+        cell = super().__new__(cls, (index, effect))
+        cell._values = dict(values or {})
+        cell._coords = tuple(coords)
+        return cell
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return (self[0], self[1], self._values, self._coords)
+
+    index = property(lambda self: self[0], doc="as in top_components")
+    effect = property(lambda self: self[1], doc="the effect (normalised or raw)")
+    patching_effect = effect
+    layer = property(lambda self: self._values.get("layer"))
+    head = property(lambda self: self._values.get("head"))
+    position = property(lambda self: self._values.get("position"))
+    neuron = property(lambda self: self._values.get("neuron"))
+    site = property(lambda self: self._values.get("site"))
+    coords = property(lambda self: self._coords)
+
+    @property
+    def name(self) -> str:
+        """``"L9H3"`` (layer 9 head 3), ``"L9N120"``, ``"L9P5"`` (position 5) or ``"L9"``."""
+        text = f"L{self.layer}" if self.layer is not None else ""
+        for axis, letter in (("position", "P"), ("head", "H"), ("neuron", "N")):
+            if self._values.get(axis) is not None:
+                text += f"{letter}{self._values[axis]}"
+        return text or str(self.site if self.site is not None else self.index)
+
+    hook_name = name  # the seeds' HeadPatchingResult.hook_name
+
+    def __repr__(self) -> str:
+        return f"ImportantCell(index={self[0]!r}, effect={self[1]!r})"
+
+
+def write_report(results_or_paths: PatchingResult | str | os.PathLike[str]
+                 | Iterable[PatchingResult | str | os.PathLike[str]],
+                 out: str | os.PathLike[str] | None = None, *, title: str | None = None,
+                 plotly: str = "inline", shared_scale: bool = False) -> str:
+    """One HTML report of several results, given as objects or as saved JSON files.
+
+    Args:
+        results_or_paths: results, paths of files written by :meth:`PatchingResult.to_json`
+            (``result.save("x.json")``), or a mix, in report order.
+        out: the HTML file to write (atomically); None only returns the text.
+        title: page title (default ``"causalpatch report"``).
+        plotly: ``"inline"`` (default: plotly.js in the file, opens offline, ~4.8 MB) or
+            ``"cdn"`` (a ``<script src>`` to cdn.plot.ly, small, needs network).
+        shared_scale: start with one colour scale for all heatmaps of the same kind (a
+            checkbox in the page switches).
+
+    Returns:
+        The HTML text.
+
+    Raises:
+        CorruptResultError: a file is not a valid result (names the file).
+        FileNotFoundError: a path does not exist.
+        InvalidArgumentError: no results, or an unknown ``plotly`` mode.
+    """
+    if isinstance(results_or_paths, (PatchingResult, str, os.PathLike)):
+        items: list[Any] = [results_or_paths]
+    else:
+        items = list(results_or_paths)
+    if plotly not in PLOTLY_MODES:
+        raise InvalidArgumentError(
+            f"plotly must be one of {', '.join(PLOTLY_MODES)}, got {plotly!r}")
+    loaded = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            loaded.append(PatchingResult.from_json(Path(item)))
+        else:
+            loaded.append(item)
+    return report(loaded, out, title=title or "causalpatch report", plotly=plotly,
+                  shared_scale=shared_scale)
 
 
 # -- helpers ------------------------------------------------------------------------------------

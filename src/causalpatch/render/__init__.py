@@ -1,18 +1,33 @@
 """Rendering of results: Markdown tables, matplotlib figures and the interactive HTML report.
 
 * :mod:`~causalpatch.render.markdown`: :func:`to_markdown` (``PatchingResult.to_markdown``).
-* :mod:`~causalpatch.render.plots`: :func:`plot_result` (``PatchingResult.plot``/``save``).
-* :mod:`~causalpatch.render.html`: :func:`report`, one self-contained HTML file for one or
-  several results (``PatchingResult.to_html``), and :func:`compact_html` (``_repr_html_``).
+* :mod:`~causalpatch.render.plots`: :func:`plot_result` (``PatchingResult.plot``/``save``),
+  figures sized for a paper column; :mod:`~causalpatch.render.figure`: ``ResultFigure`` with
+  ``show()`` and ``save(path)`` (png/svg/pdf).
+* :mod:`~causalpatch.render.html`: :func:`report`, one HTML file for one or several results
+  (``PatchingResult.to_html``; ``causalpatch.result.write_report`` for saved JSON files), and
+  :func:`compact_html` (``_repr_html_``).
+* :mod:`~causalpatch.render.text`: components and metrics in words, axis titles, and
+  :func:`takeaway` (``PatchingResult.takeaway``).
 
 Everything here is duck-typed on results and never imports ``causalpatch.result`` (which sits
 above it and delegates its rendering here). matplotlib and plotly are imported only when a
 figure or report is made, so importing this package has no side effects.
 """
 
-from .html import compact_html, figure_spec, is_result, library_versions, report, script_json
+from .html import (
+    PLOTLY_MODES,
+    compact_html,
+    figure_spec,
+    is_result,
+    library_versions,
+    report,
+    script_json,
+)
 from .markdown import to_markdown
 from .plots import plot_result
+from .text import component_words, takeaway
 
-__all__ = ["compact_html", "figure_spec", "is_result", "library_versions", "plot_result",
-           "report", "script_json", "to_markdown"]
+__all__ = ["PLOTLY_MODES", "compact_html", "component_words", "figure_spec", "is_result",
+           "library_versions", "plot_result", "report", "script_json", "takeaway",
+           "to_markdown"]

@@ -1,22 +1,38 @@
-"""Self-contained interactive HTML reports.
+"""Interactive HTML reports.
 
-:func:`report` writes ONE HTML file that needs no network: plotly.js (plotly's offline bundle,
-``plotly.offline.get_plotlyjs()``) is inlined once however many results there are. Each result
-gets an interactive plotly heatmap (bar chart for 1-D results; 3-D results get a slider over
-the last axis, starting on the largest-magnitude effect over it) whose hover text shows the
-layer, head, position token and effect; a top-components table; and the run's metadata (model,
-prompts, tokens, metric, direction, baselines, timings, method metadata). The page header lists
-the versions of causalpatch, torch, transformers and plotly.
+:func:`report` writes ONE HTML file. By default (``plotly="inline"``) it needs no network:
+plotly.js (plotly's offline bundle, ``plotly.offline.get_plotlyjs()``) is inlined once however
+many results there are; ``plotly="cdn"`` loads it from cdn.plot.ly instead (a small file that
+needs network to draw). The page has:
+
+* one **Prompts** table per distinct set of prompt pairs (clean, corrupted, answers as text),
+  with the tokens of the first clean prompt and their roles; sections built from another set
+  than the first section say so;
+* per result: a plain-language **takeaway** (which cells recover most of the effect, with
+  numbers), an interactive plotly heatmap (bar chart for 1-D results; 3-D results get a slider
+  over the last axis, starting on the largest-magnitude effect over it) whose hover text shows
+  the layer, head, position (token or role) and effect; a **per-pair view** (select a pair to
+  see its own heatmap, prompts, answers and top cells; ``#pair-0=2`` in the URL preselects
+  pair 2 of section 0); a top-components table; and the run's metadata (model, metric,
+  direction, baselines, answers, what the position labels are, timings, method metadata);
+* a checkbox switching every heatmap between its own colour range and one range shared by
+  all results of the same kind (normalised effects, or raw values of one metric);
+  ``shared_scale=True`` starts shared.
+
+The page header lists the versions of causalpatch, torch, transformers and plotly.
 
 Safety: every piece of user text (prompts, tokens, labels, titles, model names) is HTML-escaped;
 the plot data is JSON inside a ``<script type="application/json">`` element with ``</`` written
 as ``<\\/``, so a hostile prompt shows as text and cannot close the element. Text plotly draws is
 escaped too (plotly reads a few HTML tags in labels). A Content-Security-Policy allows only the
-page's own two scripts (by sha256) and no network access at all; plotly's "share to cloud"
-button is switched off.
+page's own two scripts (by sha256; with ``plotly="cdn"``: cdn.plot.ly and the init script) and
+no other network access; plotly's "share to cloud" button is switched off. The page script
+sets text only through ``textContent``.
 
-Size: plotly.js is about 4.8 MB; data is rounded to 5 significant digits, so a report with a
-30x9 and three 30x14 heatmaps is about 4.87 MB (4.65 MiB).
+Size: plotly.js is about 4.8 MB inlined; data is rounded to 5 significant digits, so a report
+with a 30x9 and three 30x14 heatmaps is about 4.9 MB inline and about 0.1 MB with
+``plotly="cdn"``. Per-pair views hold at most :data:`MAX_PAIR_VIEWS` pairs and
+:data:`MAX_PAIR_VALUES` numbers per result.
 
 Results are duck-typed (see :func:`is_result`): this module never imports
 ``causalpatch.result``.
@@ -41,6 +57,16 @@ from .._io import atomic_write_text
 from ..errors import InvalidArgumentError, InvalidTypeError
 from .markdown import timing_name
 from .plots import max_magnitude, plot_result, symmetric_limit
+from .text import (
+    axis_title,
+    component_words,
+    method_words,
+    metric_words,
+    n_pairs_of,
+    pairs_text,
+    position_roles,
+    takeaway,
+)
 
 if TYPE_CHECKING:
     from ..result import PatchingResult
@@ -50,8 +76,15 @@ COLORSCALE = [[i / 10, c] for i, c in enumerate([
     "#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7",
     "#fddbc7", "#f4a582", "#d6604d", "#b2182b", "#67001f"])]
 POSITIVE, NEGATIVE = "#b2182b", "#2166ac"
-MAX_PROMPTS = 10
+MAX_PROMPTS = 20
+"""Prompt pairs listed per prompt set (the rest is counted)."""
 MAX_EXTRA_CHARS = 20_000
+MAX_PAIR_VIEWS = 64
+"""Pairs selectable in a result's per-pair view."""
+MAX_PAIR_VALUES = 200_000
+"""Numbers stored for one result's per-pair view (fewer pairs are selectable beyond it)."""
+PLOTLY_MODES = ("inline", "cdn")
+"""Values of ``report(plotly=...)``."""
 _SIG_DIGITS = 5
 RESULT_ATTRIBUTES = ("effect_matrix", "axes", "labels", "shape", "std", "method", "component",
                      "metric", "direction", "normalized", "cell_text", "top_cells")
@@ -122,38 +155,60 @@ def _unique(texts: list[str]) -> list[str]:
     return out
 
 
+
 def result_title(result: PatchingResult) -> str:
-    """Heading of one result: method, component, metric, direction."""
-    return (f"{result.method.replace('_', ' ')}: {result.component} ({result.metric}, "
-            f"{result.direction})")
+    """Heading of one result: method and component in words, the internal name, metric,
+    direction."""
+    return (f"{method_words(result.method)}: {component_words(result.component)} "
+            f"({result.component}; {result.metric}, {result.direction})")
 
 
-def figure_spec(result: PatchingResult) -> dict[str, Any]:
-    """The plotly figure (``data`` and ``layout``) of one result, all text escaped for plotly."""
+def _font() -> dict[str, str]:
+    return {"family": "system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif"}
+
+
+def _axis_layout(result: PatchingResult, axis: str, reverse: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"title": {"text": _pt(axis_title(result, axis))}, "type": "category",
+                           "automargin": True}
+    if axis == "position":
+        out["tickangle"] = -40
+    if reverse:
+        out["autorange"] = "reversed"
+    return out
+
+
+def heatmap_limit(result: PatchingResult) -> float | None:
+    """The result's own colour limit (``max |effect|``), or None for 1-D results (bars)."""
+    m = result.effect_matrix.double().numpy()
+    if m.ndim < 2:
+        return None
+    return float(_num(symmetric_limit(m)) or 1.0)
+
+
+def scale_group(result: PatchingResult) -> str:
+    """Results in one group may share a colour scale: normalised effects, or one raw metric."""
+    return "normalized" if result.normalized else f"raw:{result.metric}"
+
+
+def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, Any]:
+    """The plotly figure (``data`` and ``layout``) of one result, all text escaped for plotly.
+
+    ``vmax`` sets the colour range ``-vmax..vmax`` of heatmaps (default ``max |effect|``).
+    """
     import numpy as np
 
     m = result.effect_matrix.double().numpy()
     axes = result.axes
     names = [_unique([_pt(result.cell_text(a, i)) for i in range(n)])
              for a, n in zip(axes, m.shape)]
-    vmax = _num(symmetric_limit(m))
+    limit = _num(vmax) if vmax is not None and vmax > 0 else _num(symmetric_limit(m))
     value_name = "effect" if result.normalized else _pt(result.metric)
     std = None if result.std is None else result.std.double().numpy()
-    font = {"family": "system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif"}
     layout: dict[str, Any] = {
         "title": {"text": _pt(result_title(result)), "font": {"size": 15}},
-        "font": font, "paper_bgcolor": "white", "plot_bgcolor": "white",
+        "font": _font(), "paper_bgcolor": "white", "plot_bgcolor": "white",
         "margin": {"l": 70, "r": 30, "t": 60, "b": 60},
     }
-
-    def axis_layout(axis: str, reverse: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"title": {"text": _pt(axis)}, "type": "category",
-                               "automargin": True}
-        if axis == "position":
-            out["tickangle"] = -40
-        if reverse:
-            out["autorange"] = "reversed"
-        return out
 
     if m.ndim == 1:
         template = f"{_tmpl(axes[0])} %{{x}}<br>{_tmpl(value_name)} %{{y:+.4f}}"
@@ -167,7 +222,7 @@ def figure_spec(result: PatchingResult) -> dict[str, Any]:
             trace["customdata"] = _nums(std.tolist())
             template += "<br>std %{customdata:.4f}"
         trace["hovertemplate"] = template + "<extra></extra>"
-        layout.update(height=400, xaxis=axis_layout(axes[0]), bargap=0.15,
+        layout.update(height=400, xaxis=_axis_layout(result, axes[0]), bargap=0.15,
                       yaxis={"title": {"text": value_name}, "zeroline": True,
                              "zerolinecolor": "#444", "gridcolor": "#eee"})
         return {"data": [trace], "layout": layout}
@@ -177,9 +232,10 @@ def figure_spec(result: PatchingResult) -> dict[str, Any]:
     value_part = f"{_tmpl(value_name)} %{{z:+.4f}}"
     height = int(min(1400, max(340, 17 * m.shape[0] + 190)))
     trace = {"type": "heatmap", "x": names[1], "y": names[0], "colorscale": COLORSCALE,
-             "zmin": -vmax, "zmax": vmax, "zauto": False, "xgap": 1, "ygap": 1,
+             "zmin": -limit, "zmax": limit, "zauto": False, "xgap": 1, "ygap": 1,
              "colorbar": {"title": {"text": value_name}, "thickness": 14}}
-    layout.update(height=height, xaxis=axis_layout(col_axis), yaxis=axis_layout(row_axis, True))
+    layout.update(height=height, xaxis=_axis_layout(result, col_axis),
+                  yaxis=_axis_layout(result, row_axis, True))
     if m.ndim == 2:
         trace["z"] = _nums(m.tolist())
         template = base + value_part
@@ -192,13 +248,7 @@ def figure_spec(result: PatchingResult) -> dict[str, Any]:
     # 3-D and more: trailing axes flattened into one "panel" axis with a slider over it.
     flat = m.reshape(m.shape[0], m.shape[1], -1)
     std_flat = None if std is None else std.reshape(flat.shape)
-    if m.ndim == 3:
-        panel_axis, panel_names = axes[2], names[2]
-    else:
-        panel_axis = " / ".join(axes[2:])
-        panel_names = [", ".join(f"{_pt(a)} {names[2 + d][i]}" for d, (a, i)
-                                 in enumerate(zip(axes[2:], coords)))
-                       for coords in itertools.product(*map(range, m.shape[2:]))]
+    panel_axis, panel_names = _panel_names(result, names)
     reduced, which = max_magnitude(flat, axis=2)
     which_names = np.array(panel_names, dtype=object)[which].tolist()
     overview = {"z": [_nums(reduced.tolist())], "customdata": [which_names],
@@ -222,6 +272,190 @@ def figure_spec(result: PatchingResult) -> dict[str, Any]:
     return {"data": [trace], "layout": layout}
 
 
+def _panel_names(result: PatchingResult, names: list[list[str]]) -> tuple[str, list[str]]:
+    """Name of the flattened trailing axes and of each of their entries (plotly-escaped)."""
+    axes, shape = result.axes, result.shape
+    if len(axes) == 3:
+        return axes[2], names[2]
+    return " / ".join(axes[2:]), [
+        ", ".join(f"{_pt(a)} {names[2 + d][i]}" for d, (a, i) in enumerate(zip(axes[2:], coords)))
+        for coords in itertools.product(*map(range, shape[2:]))]
+
+
+# -- per-pair view --------------------------------------------------------------------------------
+def _pair_roles(result: PatchingResult, i: int) -> list[str] | None:
+    roles = result.extra.get("position_roles") if isinstance(result.extra, dict) else None
+    if isinstance(roles, list) and i < len(roles) and isinstance(roles[i], list):
+        return [r if isinstance(r, str) else "" for r in roles[i]]
+    return None
+
+
+def _token_positions(result: PatchingResult) -> list[Any]:
+    n = result.shape[result.axes.index("position")]
+    positions = result.extra.get("positions") if isinstance(result.extra, dict) else None
+    if isinstance(positions, list) and len(positions) == n:
+        return positions
+    return list(range(n))
+
+
+def pair_axis_texts(result: PatchingResult, axis: str, i: int) -> list[str]:
+    """Tick texts of ``axis`` for pair ``i``: on the position axis that pair's own role and
+    token (when known: ``"9: S2 ' John'"``), else the result's labels."""
+    n = result.shape[result.axes.index(axis)]
+    if axis != "position":
+        return [str(result.cell_text(axis, j)) for j in range(n)]
+    roles = _pair_roles(result, i)
+    all_tokens = getattr(result, "clean_tokens", None) or []
+    tokens = all_tokens[i] if i < len(all_tokens) else None
+    if roles is None and (tokens is None or i == 0):
+        return [str(result.labels["position"][j]) for j in range(n)]
+    out = []
+    for j, p in enumerate(_token_positions(result)):
+        if isinstance(p, bool) or not isinstance(p, int):
+            out.append(str(result.labels["position"][j]))
+            continue
+        role = roles[p] if roles is not None and -len(roles) <= p < len(roles) else ""
+        token = repr(tokens[p]) if tokens is not None and -len(tokens) <= p < len(tokens) else ""
+        out.append(f"{p}: " + " ".join(t for t in (role, token) if t) if role or token
+                   else str(p))
+    return out
+
+
+def answer_text(result: PatchingResult, i: int) -> str:
+    """``"' Mary' (correct) vs ' John' (incorrect)"`` for pair ``i``, from the result's answer
+    text, else token ids (pair 0 only), else ``""``."""
+    method = getattr(result, "answer_texts", None)
+    texts = method() if callable(method) else None
+    if texts and i < len(texts):
+        correct, incorrect = texts[i]
+        parts = [f"{correct!r} (correct)" if correct is not None else "",
+                 f"{incorrect!r} (incorrect)" if incorrect is not None else ""]
+        return " vs ".join(p for p in parts if p)
+    ids = result.extra.get("answers") if isinstance(result.extra, dict) else None
+    if i == 0 and isinstance(ids, list) and ids and isinstance(ids[0], list):
+        shown = [str(v) for v in ids[0] if v is not None]
+        return ("token ids " + " / ".join(shown)) if shown else ""
+    return ""
+
+
+def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[str, Any] | None:
+    """The per-pair figure of a result with ``per_pair`` values (None without them).
+
+    ``{"data", "layout", "views", "details", "n_pairs", "shown"}``: the figure shows pair 0;
+    ``views[i]`` restyles it to pair ``i`` and ``details[i]`` holds that pair's prompts,
+    answers and top cells. 3-D results show the largest-magnitude effect over the trailing axes.
+    """
+    import numpy as np
+
+    per_pair = getattr(result, "per_pair", None)
+    if per_pair is None or per_pair.shape[0] < 2:
+        return None
+    values = per_pair.double().numpy()
+    n = values.shape[0]
+    axes = result.axes
+    cells = int(np.prod(values.shape[1:3])) if values.ndim > 2 else int(values.shape[1])
+    shown = max(1, min(n, max_pairs, MAX_PAIR_VALUES // max(1, 2 * cells)))
+    names = [_unique([_pt(result.cell_text(a, i)) for i in range(size)])
+             for a, size in zip(axes, result.shape)]
+    value_name = "effect" if result.normalized else _pt(result.metric)
+    panel_axis = panel_names = None
+    if values.ndim > 3:
+        panel_axis, panel_names = _panel_names(result, names)
+    mats, whiches = [], []
+    for i in range(shown):
+        m = values[i]
+        which = None
+        if m.ndim > 2:
+            m, which = max_magnitude(m.reshape(m.shape[0], m.shape[1], -1), axis=2)
+        mats.append(m)
+        whiches.append(which)
+    limit = _num(symmetric_limit(np.stack(mats)))
+    views, details = [], []
+    for i, m in enumerate(mats):
+        texts = [_unique([_pt(t) for t in pair_axis_texts(result, a, i)]) for a in axes[:2]]
+        view: dict[str, Any]
+        if m.ndim == 1:
+            view = {"x": [texts[0]], "y": [_nums(m.tolist())],
+                    "marker.color": [[POSITIVE if v > 0 else NEGATIVE for v in m.tolist()]]}
+        else:
+            view = {"x": [texts[1]], "y": [texts[0]], "z": [_nums(m.tolist())]}
+            if whiches[i] is not None:
+                view["customdata"] = [np.array(panel_names, dtype=object)[whiches[i]].tolist()]
+        views.append(view)
+        top = []
+        flat = np.where(np.isfinite(values[i]), np.abs(values[i]), -1.0).reshape(-1)
+        for idx in np.argsort(-flat, kind="stable")[:3].tolist():
+            coords = np.unravel_index(idx, values[i].shape)
+            where = ", ".join(f"{a} {pair_axis_texts(result, a, i)[c]}"
+                              for a, c in zip(axes, coords))
+            top.append(f"{where}: {values[i][coords]:+.3f}")
+        details.append({
+            "clean": result.clean_prompts[i] if i < len(result.clean_prompts) else "",
+            "corrupted": result.corrupted_prompts[i] if i < len(result.corrupted_prompts) else "",
+            "answers": answer_text(result, i), "top": "; ".join(top)})
+    first = views[0]
+    layout: dict[str, Any] = {"font": _font(), "paper_bgcolor": "white", "plot_bgcolor": "white",
+                              "margin": {"l": 70, "r": 30, "t": 30, "b": 60}}
+    if mats[0].ndim == 1:
+        trace: dict[str, Any] = {
+            "type": "bar", "x": first["x"][0], "y": first["y"][0],
+            "marker": {"color": first["marker.color"][0]},
+            "hovertemplate": f"{_tmpl(axes[0])} %{{x}}<br>{_tmpl(value_name)} %{{y:+.4f}}"
+                             "<extra></extra>"}
+        layout.update(height=340, xaxis=_axis_layout(result, axes[0]), bargap=0.15,
+                      yaxis={"title": {"text": value_name}, "zeroline": True,
+                             "zerolinecolor": "#444", "gridcolor": "#eee",
+                             "range": [-limit * 1.05, limit * 1.05]})
+    else:
+        template = (f"{_tmpl(axes[0])} %{{y}}<br>{_tmpl(axes[1])} %{{x}}<br>")
+        if whiches[0] is not None:
+            trailing = panel_axis if panel_axis is not None else axes[2]
+            template += f"{_tmpl(trailing)} %{{customdata}} (largest)<br>"
+        template += f"{_tmpl(value_name)} %{{z:+.4f}}<extra></extra>"
+        trace = {"type": "heatmap", "x": first["x"][0], "y": first["y"][0], "z": first["z"][0],
+                 "colorscale": COLORSCALE, "zmin": -limit, "zmax": limit, "zauto": False,
+                 "xgap": 1, "ygap": 1, "hovertemplate": template,
+                 "colorbar": {"title": {"text": value_name}, "thickness": 14}}
+        if "customdata" in first:
+            trace["customdata"] = first["customdata"][0]
+        height = int(min(1200, max(300, 15 * mats[0].shape[0] + 160)))
+        layout.update(height=height, xaxis=_axis_layout(result, axes[1]),
+                      yaxis=_axis_layout(result, axes[0], True))
+        # a pair's own tokens: the position axis title says "token" rather than "pair 0"
+        for key, axis in (("xaxis", axes[1]), ("yaxis", axes[0])):
+            if axis == "position":
+                layout[key]["title"]["text"] = "position (this pair)"
+    return {"data": [trace], "layout": layout, "views": views, "details": details,
+            "n_pairs": n, "shown": shown}
+
+
+def _pair_section(i: int, view: dict[str, Any], result: PatchingResult) -> str:
+    options = [f"<option value='{k}'>pair {k}: {_esc(_short(d['clean'], 70))}</option>"
+               for k, d in enumerate(view["details"])]
+    more = (f"<span class='note'> (first {view['shown']} of {view['n_pairs']} pairs)</span>"
+            if view["shown"] < view["n_pairs"] else "")
+    d0 = view["details"][0]
+    kind = "normalised by the mean gap over all pairs" if result.normalized else "raw values"
+    return (
+        f"<details class='pairs' open><summary>Per pair ({_esc(pairs_text(view['n_pairs']))}; "
+        f"{_esc(kind)})</summary>"
+        f"<label>pair <select id='pair-select-{i}' data-section='{i}'>{''.join(options)}"
+        f"</select></label>{more}"
+        f"<table class='meta pair-info' id='pair-info-{i}'>"
+        f"<tr><th>clean</th><td><code data-field='clean'>{_esc(d0['clean'])}</code></td></tr>"
+        f"<tr><th>corrupted</th><td><code data-field='corrupted'>{_esc(d0['corrupted'])}"
+        f"</code></td></tr>"
+        f"<tr><th>answers</th><td data-field='answers'>{_esc(d0['answers'])}</td></tr>"
+        f"<tr><th>largest cells</th><td data-field='top'>{_esc(d0['top'])}</td></tr></table>"
+        f"<div id='pairplot-{i}' class='plot pairplot' data-pair='0'></div></details>")
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# -- tables ---------------------------------------------------------------------------------------
 def _cell_value(result: PatchingResult, coords: tuple[int, ...]) -> tuple[float, float | None]:
     value = float(result.effect_matrix[coords])
     std = None if result.std is None else float(result.std[coords])
@@ -248,43 +482,49 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+def position_note(result: PatchingResult) -> str | None:
+    """What the position labels are, or None without a position axis."""
+    if "position" not in result.axes:
+        return None
+    n = n_pairs_of(result)
+    if position_roles(result) is not None:
+        return f"roles shared by all {pairs_text(n)} (positions without a role: tokens of pair 0)"
+    if n > 1:
+        roles = result.extra.get("position_roles") if isinstance(result.extra, dict) else None
+        why = ("the pairs give some positions different roles" if roles
+               else "the pairs have no roles")
+        return f"tokens of pair 0 ({why}); the values average {pairs_text(n)}"
+    return "tokens of the prompt"
+
+
 def metadata_table(result: PatchingResult) -> str:
-    """HTML tables of the run: settings, baselines, prompts, tokens, timings, extra."""
+    """HTML tables of the run: settings, baselines, answers, timings, extra."""
     kind = ("normalised: (patched - base) / (source - base)" if result.normalized
             else "raw values")
     items = [
         ("model", result.model_name or "(unnamed)"),
-        ("method", result.method), ("component", result.component),
-        ("metric", f"{result.metric} ({kind})"), ("direction", result.direction),
+        ("method", result.method), ("component", f"{result.component} "
+                                                  f"({component_words(result.component)})"),
+        ("metric", f"{result.metric} ({metric_words(result.metric)}; {kind})"),
+        ("direction", result.direction),
         ("shape", " x ".join(f"{a} {n}" for a, n in zip(result.axes, result.shape))),
     ]
     if result.clean_metric is not None:
         items.append((f"clean {result.metric}", _fmt(result.clean_metric)))
     if result.corrupted_metric is not None:
         items.append((f"corrupted {result.metric}", _fmt(result.corrupted_metric)))
-    items.append(("pairs", str(result.n_pairs)))
+    items.append(("pairs", str(n_pairs_of(result))))
+    answers = answer_text(result, 0)
+    if answers:
+        items.append(("answers (pair 0)", answers))
+    note = position_note(result)
+    if note:
+        items.append(("position labels", note))
     if result.timings:
         items.append(("timings", ", ".join(
             f"{timing_name(k)} {v:.2f} s" for k, v in result.timings.items())))
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
     parts = [f"<table class='meta'>{rows}</table>"]
-
-    n = max(len(result.clean_prompts), len(result.corrupted_prompts))
-    if n:
-        prompt_rows = []
-        for i in range(min(n, MAX_PROMPTS)):
-            clean = result.clean_prompts[i] if i < len(result.clean_prompts) else ""
-            corrupted = result.corrupted_prompts[i] if i < len(result.corrupted_prompts) else ""
-            prompt_rows.append(f"<tr><td class='num'>{i}</td><td><code>{_esc(clean)}</code></td>"
-                               f"<td><code>{_esc(corrupted)}</code></td></tr>")
-        more = (f"<p class='note'>... and {n - MAX_PROMPTS} more pairs</p>"
-                if n > MAX_PROMPTS else "")
-        parts.append("<h4>Prompts</h4><table class='prompts'><tr><th>#</th><th>clean</th>"
-                     f"<th>corrupted</th></tr>{''.join(prompt_rows)}</table>{more}")
-    if result.clean_tokens:
-        chips = "".join(f"<span class='tok'><sub>{i}</sub><code>{_esc(t)}</code></span>"
-                        for i, t in enumerate(result.clean_tokens[0]))
-        parts.append(f"<h4>Tokens of the first clean prompt</h4><div class='toks'>{chips}</div>")
     if result.extra:
         try:
             text = json.dumps(result.extra, indent=1, sort_keys=True, default=str)
@@ -295,6 +535,49 @@ def metadata_table(result: PatchingResult) -> str:
         parts.append("<details><summary>method metadata (extra)</summary>"
                      f"<pre>{_esc(text)}</pre></details>")
     return "".join(parts)
+
+
+def _prompt_key(result: PatchingResult) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(result.clean_prompts), tuple(result.corrupted_prompts)
+
+
+def _set_name(k: int) -> str:
+    letters = ""
+    k += 1
+    while k:
+        k, r = divmod(k - 1, 26)
+        letters = chr(65 + r) + letters
+    return letters
+
+
+def prompts_table(result: PatchingResult) -> str:
+    """The prompt pairs of a result (clean, corrupted, answers) and its first clean tokens."""
+    n = max(len(result.clean_prompts), len(result.corrupted_prompts))
+    parts = []
+    if n:
+        has_answers = any(answer_text(result, i) for i in range(min(n, MAX_PROMPTS)))
+        rows = []
+        for i in range(min(n, MAX_PROMPTS)):
+            clean = result.clean_prompts[i] if i < len(result.clean_prompts) else ""
+            corrupted = result.corrupted_prompts[i] if i < len(result.corrupted_prompts) else ""
+            answers = f"<td>{_esc(answer_text(result, i))}</td>" if has_answers else ""
+            rows.append(f"<tr><td class='num'>{i}</td><td><code>{_esc(clean)}</code></td>"
+                        f"<td><code>{_esc(corrupted)}</code></td>{answers}</tr>")
+        more = (f"<p class='note'>... and {n - MAX_PROMPTS} more pairs</p>"
+                if n > MAX_PROMPTS else "")
+        parts.append("<table class='prompts'><tr><th>#</th><th>clean</th><th>corrupted</th>"
+                     + ("<th>answers</th>" if has_answers else "")
+                     + f"</tr>{''.join(rows)}</table>{more}")
+    if result.clean_tokens:
+        roles = _pair_roles(result, 0) or []
+        chips = []
+        for i, t in enumerate(result.clean_tokens[0]):
+            role = roles[i] if i < len(roles) else ""
+            tag = f"<b class='role'>{_esc(role)}</b>" if role else ""
+            chips.append(f"<span class='tok'><sub>{i}</sub><code>{_esc(t)}</code>{tag}</span>")
+        parts.append("<h4>Tokens of the first clean prompt" + (" (with roles)" if roles else "")
+                     + f"</h4><div class='toks'>{''.join(chips)}</div>")
+    return "".join(parts) or "<p class='note'>No prompts recorded.</p>"
 
 
 _STYLE = """
@@ -312,16 +595,77 @@ table.meta th{width:170px} .versions,.note{color:#666;font-size:12px}
 .plot{width:100%;min-height:300px} code{white-space:pre-wrap;font-size:12px}
 .toks{display:flex;flex-wrap:wrap;gap:4px} .tok{border:1px solid #ccc;border-radius:3px;
  padding:1px 4px;background:#fafafa} .tok sub{color:#888;margin-right:3px}
+.tok .role{color:#b2182b;font-size:11px;margin-left:3px}
 .tok code{white-space:pre} pre{font-size:11px;max-height:320px;overflow:auto;background:#f8f8f8;
  padding:8px} nav li{font-size:14px}
+.takeaway{background:#f4f8fb;border-left:4px solid #2166ac;padding:8px 12px;font-size:14px;
+ margin:10px 0} .prompt-note{font-size:13px;color:#444} .prompt-note.other{color:#8a4b00}
+details.pairs{margin:10px 0;border:1px solid #e4e4e4;padding:6px 10px}
+details.pairs summary{font-weight:600;font-size:14px;cursor:pointer}
+.controls{font-size:13px;margin:8px 0} #cp-plotly-missing{color:#8a0000;font-weight:600}
 """
 
 _INIT = """(function () {
-  var figures = JSON.parse(document.getElementById("cp-figures").textContent);
+  var doc = JSON.parse(document.getElementById("cp-figures").textContent);
+  if (typeof Plotly === "undefined") {
+    var missing = document.getElementById("cp-plotly-missing");
+    missing.textContent = "plotly.js did not load (this report links it from cdn.plot.ly and " +
+      "needs network); rebuild it with plotly=\\"inline\\" to view it offline.";
+    return;
+  }
   var config = {responsive: true, displaylogo: false, showSendToCloud: false,
                 plotlyServerURL: "", modeBarButtonsToRemove: ["sendChartToCloud"],
                 toImageButtonOptions: {format: "png", filename: "causalpatch", scale: 2}};
-  figures.forEach(function (f) { Plotly.newPlot(f.id, f.data, f.layout, config); });
+  function mark(id) {
+    var gd = document.getElementById(id), t = gd.data && gd.data[0];
+    if (t && t.type === "heatmap") { gd.setAttribute("data-zmax", String(t.zmax)); }
+  }
+  function plot(id, fig) {
+    return Plotly.newPlot(id, fig.data, fig.layout, config).then(function () { mark(id); });
+  }
+  function showPair(i, k) {
+    var f = doc[i], view = f.pairs.views[k], detail = f.pairs.details[k];
+    var id = "pairplot-" + i, info = document.getElementById("pair-info-" + i);
+    if (!view) { return; }
+    document.getElementById("pair-select-" + i).value = String(k);
+    ["clean", "corrupted", "answers", "top"].forEach(function (key) {
+      info.querySelector("[data-field='" + key + "']").textContent = detail[key];
+    });
+    var fresh = JSON.parse(f.pairs.pristine), trace = fresh.data[0];
+    Object.keys(view).forEach(function (key) {
+      if (key === "marker.color") { trace.marker = {color: view[key][0]}; }
+      else { trace[key] = view[key][0]; }
+    });
+    Plotly.react(id, fresh.data, fresh.layout, config).then(function () {
+      document.getElementById(id).setAttribute("data-pair", String(k));
+    });
+  }
+  function setScale(shared) {
+    doc.forEach(function (f) {
+      if (f.scale === undefined || f.scale === null) { return; }
+      var v = shared ? f.scale.shared : f.scale.own;
+      Plotly.restyle(f.id, {zmin: [-v], zmax: [v]}, [0]).then(function () { mark(f.id); });
+    });
+  }
+  var wanted = {};
+  window.location.hash.replace(/^#/, "").split("&").forEach(function (part) {
+    var m = /^pair-(\\d+)=(\\d+)$/.exec(part);
+    if (m) { wanted[m[1]] = parseInt(m[2], 10); }
+  });
+  doc.forEach(function (f, i) {
+    plot(f.id, f);
+    if (f.pairs) {
+      f.pairs.pristine = JSON.stringify({data: f.pairs.data, layout: f.pairs.layout});
+      plot("pairplot-" + i, f.pairs).then(function () {
+        if (wanted[i] !== undefined) { showPair(i, wanted[i]); }
+      });
+      document.getElementById("pair-select-" + i).addEventListener("change", function (e) {
+        showPair(i, parseInt(e.target.value, 10));
+      });
+    }
+  });
+  var box = document.getElementById("cp-shared-scale");
+  if (box) { box.addEventListener("change", function () { setScale(box.checked); }); }
 })();"""
 
 
@@ -329,27 +673,37 @@ def _csp_hash(script: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
 
 
+def _plotly_cdn_url() -> str:
+    from plotly.offline import get_plotlyjs_version
+
+    return f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
+
+
 def report(results: PatchingResult | Sequence[PatchingResult],
            path: str | os.PathLike[str] | None = None,
-           title: str = "causalpatch report") -> str:
-    """Build one self-contained HTML report of one or several results.
+           title: str = "causalpatch report", *, plotly: str = "inline",
+           shared_scale: bool = False, max_pairs: int = MAX_PAIR_VIEWS) -> str:
+    """Build one HTML report of one or several results (see the module docstring).
 
     Args:
         results: a result or a sequence of them (e.g. resid, attn, mlp and heads of one
-            experiment). plotly.js is inlined once whatever their number.
+            experiment).
         path: where to write it (atomically); None only returns the HTML text.
         title: page title and heading (escaped; None means the default).
+        plotly: ``"inline"`` (default): plotly.js inlined once, the file opens offline;
+            ``"cdn"``: loaded from cdn.plot.ly (small file; needs network to draw).
+        shared_scale: start with one colour range for all heatmaps of the same kind
+            (normalised, or one raw metric); a checkbox in the page switches.
+        max_pairs: pairs selectable in each per-pair view.
 
     Returns:
         The HTML text.
 
     Raises:
-        InvalidArgumentError: no results.
+        InvalidArgumentError: no results, or an unknown ``plotly`` mode.
         InvalidTypeError: an item is not a :class:`~causalpatch.result.PatchingResult` (nor
             shaped like one, see :func:`is_result`).
     """
-    from plotly.offline import get_plotlyjs
-
     items = [results] if is_result(results) else list(results)
     if not items:
         raise InvalidArgumentError("report needs at least one result, got none")
@@ -357,33 +711,112 @@ def report(results: PatchingResult | Sequence[PatchingResult],
         if not is_result(item):
             raise InvalidTypeError(
                 f"report takes PatchingResult objects, got {type(item).__name__}")
+    if plotly not in PLOTLY_MODES:
+        raise InvalidArgumentError(
+            f"plotly must be one of {', '.join(map(repr, PLOTLY_MODES))}, got {plotly!r}")
     title = "causalpatch report" if title is None else str(title)
+
+    # colour scales: each heatmap's own range, and the range shared by its group
+    own = [heatmap_limit(r) for r in items]
+    shared_of: dict[str, float] = {}
+    members: dict[str, int] = {}
+    for r, v in zip(items, own):
+        if v is not None:
+            group = scale_group(r)
+            shared_of[group] = max(shared_of.get(group, 0.0), v)
+            members[group] = members.get(group, 0) + 1
+    can_share = any(n > 1 for n in members.values())
+
+    # prompt sets, in order of first use
+    keys: list[Any] = []
+    set_of: list[int] = []
+    for r in items:
+        key = _prompt_key(r)
+        if key not in keys:
+            keys.append(key)
+        set_of.append(keys.index(key))
+    users: dict[int, list[int]] = {}
+    for i, k in enumerate(set_of):
+        users.setdefault(k, []).append(i + 1)
 
     sections, figures, toc = [], [], []
     for i, result in enumerate(items):
         heading = f"{i + 1}. {result_title(result)}"
         plot_id = f"plot-{i}"
-        figures.append({"id": plot_id, **figure_spec(result)})
+        scale = None
+        if own[i] is not None:
+            scale = {"own": own[i], "shared": shared_of[scale_group(result)]}
+        vmax = scale["shared"] if scale and shared_scale else None
+        figure: dict[str, Any] = {"id": plot_id, **figure_spec(result, vmax=vmax),
+                                  "scale": scale}
+        view = pair_view(result, max_pairs)
+        if view is not None:
+            figure["pairs"] = {k: view[k] for k in ("data", "layout", "views", "details")}
+        figures.append(figure)
         toc.append(f"<li><a href='#result-{i}'>{_esc(result_title(result))}</a></li>")
+        k = set_of[i]
+        n = n_pairs_of(result)
+        if not keys[k][0] and not keys[k][1]:
+            note = "<p class='prompt-note'>Prompts: not recorded.</p>"
+        elif len(keys) == 1:
+            note = (f"<p class='prompt-note'>Prompts: the <a href='#prompts'>prompt table</a> "
+                    f"({_esc(pairs_text(n))}).</p>")
+        elif k == set_of[0]:
+            note = (f"<p class='prompt-note'>Prompts: <a href='#prompts-{_set_name(k)}'>set "
+                    f"{_set_name(k)}</a> ({_esc(pairs_text(n))}).</p>")
+        else:
+            note = (f"<p class='prompt-note other'><b>Built from other prompts</b> than section "
+                    f"1: <a href='#prompts-{_set_name(k)}'>set {_set_name(k)}</a> "
+                    f"({_esc(pairs_text(n))}).</p>")
         sections.append(
             f"<section id='result-{i}'><h2>{_esc(heading)}</h2>"
+            f"<p class='takeaway'>{_esc(takeaway(result))}</p>{note}"
             f"<div id='{plot_id}' class='plot'></div>"
-            f"<div class='cols'><div><h3>Top components</h3>{top_table(result)}</div>"
+            + (_pair_section(i, view, result) if view is not None else "")
+            + f"<div class='cols'><div><h3>Top components</h3>{top_table(result)}</div>"
             f"<div><h3>Run</h3>{metadata_table(result)}</div></div></section>")
-    plotly_js = get_plotlyjs()
-    csp = ("default-src 'none'; script-src " + _csp_hash(plotly_js) + " " + _csp_hash(_INIT)
+
+    prompt_parts = []
+    for k, key in enumerate(keys):
+        first = items[set_of.index(k)]
+        if len(keys) == 1:
+            prompt_parts.append(prompts_table(first))
+        else:
+            used = ", ".join(map(str, users[k]))
+            prompt_parts.append(
+                f"<h3 id='prompts-{_set_name(k)}'>Set {_set_name(k)} "
+                f"({_esc(pairs_text(max(len(key[0]), len(key[1]))))}; sections {used})</h3>"
+                + prompts_table(first))
+    prompts_html = f"<section id='prompts'><h2>Prompts</h2>{''.join(prompt_parts)}</section>"
+
+    if plotly == "inline":
+        from plotly.offline import get_plotlyjs
+
+        plotly_js = get_plotlyjs()
+        plotly_tag = f"<script>{plotly_js}</script>"
+        script_src = _csp_hash(plotly_js)
+    else:
+        url = _plotly_cdn_url()
+        plotly_tag = f"<script src='{_esc(url)}' charset='utf-8'></script>"
+        script_src = "https://cdn.plot.ly"
+    csp = ("default-src 'none'; script-src " + script_src + " " + _csp_hash(_INIT)
            + "; style-src 'unsafe-inline'; img-src data: blob:; font-src data:; "
            "form-action 'none'; base-uri 'none'")
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     nav = f"<nav><ol>{''.join(toc)}</ol></nav>" if len(items) > 1 else ""
+    checked = " checked" if shared_scale else ""
+    controls = ("<p class='controls'><label><input type='checkbox' id='cp-shared-scale'"
+                f"{checked}> one colour scale for all heatmaps of the same kind</label></p>"
+                if can_share else "")
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<meta name='generator' content='causalpatch'>"
         f"<title>{_esc(title)}</title><style>{_STYLE}</style>\n"
-        f"<script>{plotly_js}</script>\n</head><body>"
-        f"<h1>{_esc(title)}</h1><p class='versions'>{_esc(versions)}</p>{nav}"
+        f"{plotly_tag}\n</head><body>"
+        f"<h1>{_esc(title)}</h1><p class='versions'>{_esc(versions)}</p>"
+        f"<p id='cp-plotly-missing'></p>{nav}{controls}{prompts_html}"
         f"{''.join(sections)}\n"
         f"<script type='application/json' id='cp-figures'>{script_json(figures)}</script>\n"
         f"<script>{_INIT}</script>\n</body></html>\n"
@@ -394,7 +827,8 @@ def report(results: PatchingResult | Sequence[PatchingResult],
 
 
 def compact_html(result: PatchingResult) -> str:
-    """Small notebook view: a summary line, a small inline PNG heatmap and the top-5 table.
+    """Small notebook view: a summary line, the takeaway, a small inline PNG heatmap and the
+    top-5 table.
 
     3-D results are drawn as one heatmap of the largest-magnitude effect over the last axis.
     """
@@ -416,10 +850,12 @@ def compact_html(result: PatchingResult) -> str:
     return (f"<div class='causalpatch-result' style='font-size:12px'>"
             f"<div><b>{_esc(line)}</b></div>"
             + (f"<div>{_esc('; '.join(baselines))}</div>" if baselines else "")
+            + f"<div style='margin:4px 0'>{_esc(takeaway(result))}</div>"
             + f"<img alt='effect plot' style='max-width:100%' "
               f"src='data:image/png;base64,{image}'/>{top_table(result, 5)}</div>")
 
 
-__all__ = ["COLORSCALE", "RESULT_ATTRIBUTES", "compact_html", "figure_spec", "is_result",
-           "library_versions", "metadata_table", "report", "result_title", "script_json",
-           "top_table"]
+__all__ = ["COLORSCALE", "MAX_PAIR_VIEWS", "PLOTLY_MODES", "RESULT_ATTRIBUTES", "answer_text",
+           "compact_html", "figure_spec", "is_result", "library_versions", "metadata_table",
+           "pair_view", "position_note", "prompts_table", "report", "result_title",
+           "script_json", "top_table"]

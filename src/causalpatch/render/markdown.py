@@ -117,6 +117,17 @@ def to_markdown(result: PatchingResult, max_rows: int = 100, max_cols: int = 40,
                      + (f" (and {more} more)" if more else ""))
     if result.corrupted_prompts:
         lines.append(f"- **corrupted prompt**: {md_code(result.corrupted_prompts[0])}")
+    answers = getattr(result, "answer_texts", None)
+    answers = answers() if callable(answers) else None
+    if answers:
+        correct, incorrect = answers[0]
+        shown = [f"{md_code(repr(correct))} (correct)" if correct is not None else "",
+                 f"{md_code(repr(incorrect))} (incorrect)" if incorrect is not None else ""]
+        lines.append("- **answers** (pair 0): " + " vs ".join(t for t in shown if t))
+    if "position" in result.axes:
+        from .text import axis_title
+
+        lines.append(f"- **position labels**: {md_text(axis_title(result, 'position'))}")
     if result.timings:
         lines.append("- **time**: " + ", ".join(
             f"{md_text(timing_name(k))} {v:.2f} s" for k, v in result.timings.items()))

@@ -15,12 +15,20 @@ causalpatch stays side-effect free.
 * Causal tracing (:func:`plot_trace`): ROME's layer x position-group heatmap on a sequential
   colour scale.
 
-Heatmaps use the diverging map :data:`CMAP` with limits symmetric around 0, so white is "no
-effect"; NaN cells are grey. Long axes show every k-th tick label (at most :data:`MAX_TICKS`).
+Sizes are for print: new figures are :data:`COLUMN_WIDTH` (3.4 in, one column of a two-column
+paper) wide, 3-D panel grids :data:`TEXT_WIDTH` (7 in); fonts are 7-9 pt at that size. The
+title names the method and the component in words, the model, the number of pairs and the
+metric (:func:`~causalpatch.render.text.figure_title`). A position axis says whether its ticks
+are roles every pair shares (``position (role)``) or the tokens of pair 0.
+
+Heatmaps use the diverging map :data:`CMAP` with limits symmetric around 0 (``vmax=`` sets
+them, e.g. to share one scale across figures), so white is "no effect"; NaN cells are grey.
+Long axes show every k-th tick label, as many as fit (at most :data:`MAX_TICKS`).
 
 New figures are :class:`~causalpatch.render.figure.ResultFigure` objects: ordinary ``Figure``
 objects whose ``show()`` works although pyplot did not create them (it hands the figure to
-pyplot first; on a plain object-API ``Figure``, ``show()`` raises ``AttributeError``).
+pyplot first; on a plain object-API ``Figure``, ``show()`` raises ``AttributeError``) and
+whose ``save(path)`` writes PNG (300 dpi), SVG or PDF by suffix or ``format=``.
 
 Results are duck-typed: anything with ``effect_matrix``, ``axes``, ``std``, ``normalized``,
 ``method``, ``component``, ``metric``, ``direction`` and ``cell_text(axis, i)`` can be drawn.
@@ -29,7 +37,10 @@ Results are duck-typed: anything with ``effect_matrix``, ``axes``, ``std``, ``no
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import TYPE_CHECKING, Any
+
+from .text import axis_title, figure_title, metric_words
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,8 +52,12 @@ CMAP = "RdBu_r"
 POSITIVE, NEGATIVE = "#b2182b", "#2166ac"
 MAX_TICKS = 48
 MAX_PANELS = 16
-AXIS_TITLES = {"layer": "layer", "position": "position (token)", "head": "head",
-               "neuron": "neuron", "site": "site", "group": "position group"}
+COLUMN_WIDTH = 3.4
+"""Default figure width in inches: one column of a two-column paper."""
+TEXT_WIDTH = 7.0
+"""Default width of 3-D panel grids: the full text width of a two-column paper."""
+FONT_SIZE = 7.0
+"""Tick-label size in points at :data:`COLUMN_WIDTH` (axis labels +1, title +1)."""
 
 
 def symmetric_limit(values: np.ndarray) -> float:
@@ -65,15 +80,15 @@ def max_magnitude(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
 
 
 def title_of(result: PatchingResult) -> str:
-    """Default title: method, component, metric, direction."""
-    kind = "effect" if result.normalized else "(raw)"
-    return (f"{result.method.replace('_', ' ')}: {result.component} - {result.metric} {kind}, "
-            f"{result.direction}")
+    """Default title: the method and component in words; model, pair count, metric."""
+    return figure_title(result)
 
 
 def value_label(result: PatchingResult) -> str:
     """Colour bar / y-axis label."""
-    return "effect (0 = none, 1 = full)" if result.normalized else result.metric
+    if result.normalized:
+        return "effect (0 none, 1 full)"
+    return metric_words(result.metric)
 
 
 def _texts(result: PatchingResult, axis: str, n: int) -> list[str]:
@@ -84,26 +99,30 @@ def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(high, value))
 
 
-def _set_ticks(ax: Any, which: str, texts: list[str], axis_name: str, show: bool = True) -> None:
+def _set_ticks(ax: Any, which: str, texts: list[str], title: str, axis_name: str, fs: float,
+               span_in: float, show: bool = True) -> None:
+    """Every k-th tick label, as many as fit in ``span_in`` inches at ``fs`` points."""
     n = len(texts)
-    step = max(1, math.ceil(n / MAX_TICKS))
+    fit = max(2, int(span_in * 72 / (fs * 1.45)))
+    step = max(1, math.ceil(n / min(MAX_TICKS, fit)))
     ticks = list(range(0, n, step))
     if which == "x":
         ax.set_xticks(ticks)
         if not show:
             ax.set_xticklabels([])
             return
-        rotate = axis_name == "position" or max((len(texts[i]) for i in ticks), default=0) > 4
-        ax.set_xticklabels([texts[i] for i in ticks], fontsize=7, rotation=60 if rotate else 0,
+        rotate = axis_name == "position" or max((len(texts[i]) for i in ticks), default=0) > 3
+        ax.set_xticklabels([texts[i] for i in ticks], fontsize=fs, rotation=60 if rotate else 0,
                            ha="right" if rotate else "center", rotation_mode="anchor")
-        ax.set_xlabel(AXIS_TITLES.get(axis_name, axis_name))
+        ax.set_xlabel(title, fontsize=fs + 1)
     else:
         ax.set_yticks(ticks)
         if not show:
             ax.set_yticklabels([])
             return
-        ax.set_yticklabels([texts[i] for i in ticks], fontsize=7)
-        ax.set_ylabel(AXIS_TITLES.get(axis_name, axis_name))
+        ax.set_yticklabels([texts[i] for i in ticks], fontsize=fs)
+        ax.set_ylabel(title, fontsize=fs + 1)
+    ax.tick_params(length=2, width=0.5, pad=1.5)
 
 
 def _cmap() -> Any:
@@ -112,21 +131,44 @@ def _cmap() -> Any:
     return colormaps[CMAP].with_extremes(bad="#d0d0d0")
 
 
-def _heatmap(ax: Any, mat: np.ndarray, rows: list[str], cols: list[str], row_axis: str,
-             col_axis: str, vmax: float, show_x: bool = True, show_y: bool = True) -> Any:
+def _heatmap(ax: Any, result: PatchingResult, mat: np.ndarray, rows: list[str], cols: list[str],
+             row_axis: str, col_axis: str, vmax: float, fs: float, size_in: tuple[float, float],
+             show_x: bool = True, show_y: bool = True) -> Any:
     image = ax.imshow(mat, cmap=_cmap(), vmin=-vmax, vmax=vmax, aspect="auto",
                       interpolation="nearest")
-    _set_ticks(ax, "y", rows, row_axis, show_y)
-    _set_ticks(ax, "x", cols, col_axis, show_x)
+    _set_ticks(ax, "y", rows, axis_title(result, row_axis), row_axis, fs, size_in[1], show_y)
+    _set_ticks(ax, "x", cols, axis_title(result, col_axis), col_axis, fs, size_in[0], show_x)
+    for spine in ax.spines.values():
+        spine.set_linewidth(0.5)
     return image
 
 
-def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None) -> Any:
+def _colorbar(fig: Any, image: Any, ax: Any, label: str, fs: float, **kwargs: Any) -> Any:
+    bar = fig.colorbar(image, ax=ax, **kwargs)
+    bar.set_label(label, fontsize=fs)
+    bar.ax.tick_params(labelsize=fs, length=2, width=0.5)
+    bar.outline.set_linewidth(0.5)
+    return bar
+
+
+def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None,
+                vmax: float | None = None, width: float | None = None) -> Any:
     """Draw ``result`` (see the module docstring) and return the matplotlib ``Figure``.
 
     Without ``ax`` the figure is a new :class:`~causalpatch.render.figure.ResultFigure` (so
-    ``plot_result(r).show()`` works); with ``ax`` it is ``ax.figure``, the caller's figure.
-    Always a figure, never an ``Axes``.
+    ``plot_result(r).show()`` and ``.save("fig.pdf")`` work), :data:`COLUMN_WIDTH` inches wide
+    (:data:`TEXT_WIDTH` for a 3-D panel grid) unless ``width`` says otherwise, with fonts sized
+    for print at that width. With ``ax`` it is ``ax.figure``, the caller's figure. Always a
+    figure, never an ``Axes``.
+
+    Args:
+        result: the result.
+        ax: an ``Axes`` to draw into.
+        title: overrides the default title (:func:`~causalpatch.render.text.figure_title`);
+            ``""`` for none.
+        vmax: colour limit of heatmaps (``-vmax..vmax``), e.g. to share one scale across
+            figures; default ``max |effect|``.
+        width: figure width in inches (new figures only).
     """
     import numpy as np
 
@@ -135,25 +177,41 @@ def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None
     m = result.effect_matrix.double().numpy()
     axes = result.axes
     names = [_texts(result, a, n) for a, n in zip(axes, m.shape)]
-    heading = title or title_of(result)
+    heading = title_of(result) if title is None else title
+    if title is None:  # wrap the default title to the figure (paper columns are narrow)
+        chars = int(((width or (TEXT_WIDTH if m.ndim == 3 and ax is None else COLUMN_WIDTH))
+                     * 72) / (FONT_SIZE * 0.62))
+        heading = "\n".join(textwrap.fill(line, max(30, chars)) for line in heading.split("\n"))
     vlabel = value_label(result)
+    limit = symmetric_limit(m) if vmax is None or not vmax > 0 else float(vmax)
+
+    def font_for(fig_width: float) -> float:
+        return FONT_SIZE * _clamp(fig_width / COLUMN_WIDTH, 1.0, 1.5)
 
     if m.ndim == 1:
         if ax is None:
-            fig = ResultFigure(figsize=(_clamp(0.22 * len(m) + 2.5, 5.0, 14.0), 3.8),
+            w = width or COLUMN_WIDTH
+            fig = ResultFigure(figsize=(w, _clamp(0.45 * w + 0.9, 2.2, 4.0)),
                                layout="constrained")
             ax = fig.add_subplot()
         fig = ax.figure
+        fw, fh = fig.get_size_inches()
+        fs = font_for(fw)
         x = np.arange(len(m))
-        ax.bar(x, np.nan_to_num(m), color=[POSITIVE if v > 0 else NEGATIVE for v in m])
+        ax.bar(x, np.nan_to_num(m), color=[POSITIVE if v > 0 else NEGATIVE for v in m],
+               width=0.8)
         if result.std is not None:
             ax.errorbar(x, m, yerr=result.std.double().numpy(), fmt="none", ecolor="black",
-                        capsize=2, linewidth=0.8)
-        ax.axhline(0, color="black", linewidth=0.8)
+                        capsize=1.5, linewidth=0.6)
+        ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlim(-0.6, len(m) - 0.4)
-        _set_ticks(ax, "x", names[0], axes[0])
-        ax.set_ylabel(vlabel)
-        ax.set_title(heading, fontsize=10)
+        _set_ticks(ax, "x", names[0], axis_title(result, axes[0]), axes[0], fs, fw * 0.8)
+        ax.set_ylabel(vlabel, fontsize=fs + 1)
+        ax.tick_params(axis="y", labelsize=fs, length=2, width=0.5)
+        for spine in ("top", "right"):
+            ax.spines[spine].set_visible(False)
+        if heading:
+            ax.set_title(heading, fontsize=fs + 1)
         return fig
 
     reduce = m.ndim > 3 or ax is not None or (m.ndim == 3 and m.shape[2] > MAX_PANELS)
@@ -161,42 +219,48 @@ def plot_result(result: PatchingResult, ax: Any = None, title: str | None = None
         if m.ndim > 2:
             trailing = " x ".join(axes[2:])
             m, _ = max_magnitude(m.reshape(m.shape[0], m.shape[1], -1), axis=2)
-            heading = f"{heading}\n(largest |effect| over {trailing})"
+            if vmax is None:
+                limit = symmetric_limit(m)
+            heading = f"{heading}\n(largest |effect| over {trailing})" if heading else heading
         if ax is None:
-            fig = ResultFigure(figsize=(_clamp(0.38 * m.shape[1] + 3.2, 5.0, 18.0),
-                                        _clamp(0.24 * m.shape[0] + 2.0, 3.5, 14.0)),
+            w = width or COLUMN_WIDTH
+            fig = ResultFigure(figsize=(w, _clamp(0.11 * m.shape[0] + 1.5, 2.2, 6.5)),
                                layout="constrained")
             ax = fig.add_subplot()
         fig = ax.figure
-        image = _heatmap(ax, m, names[0], names[1], axes[0], axes[1], symmetric_limit(m))
-        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-        bar.set_label(vlabel)
-        ax.set_title(heading, fontsize=10)
+        fw, fh = fig.get_size_inches()
+        fs = font_for(fw)
+        image = _heatmap(ax, result, m, names[0], names[1], axes[0], axes[1], limit, fs,
+                         (fw * 0.75, fh * 0.7))
+        _colorbar(fig, image, ax, vlabel, fs, fraction=0.05, pad=0.02)
+        if heading:
+            ax.set_title(heading, fontsize=fs + 1)
         return fig
 
     # 3-D: one panel per entry of the last axis, shared colour scale.
     n = m.shape[2]
     ncols = min(4, math.ceil(math.sqrt(n)))
     nrows = math.ceil(n / ncols)
-    panel_w = _clamp(0.24 * m.shape[1] + 1.4, 2.4, 5.0)
-    panel_h = _clamp(0.12 * m.shape[0] + 1.3, 2.0, 5.0)
-    fig = ResultFigure(figsize=(panel_w * ncols + 1.2, panel_h * nrows + 1.0),
-                       layout="constrained")
+    w = width or TEXT_WIDTH
+    panel_w = (w - 0.8) / ncols
+    panel_h = _clamp(0.05 * m.shape[0] + 0.8, 1.3, 2.6)
+    fig = ResultFigure(figsize=(w, panel_h * nrows + 0.8), layout="constrained")
+    fs = FONT_SIZE * _clamp(panel_w / 1.6, 0.85, 1.2)
     grid = fig.subplots(nrows, ncols, squeeze=False)
-    vmax = symmetric_limit(m)
     image, shown = None, []
     for k in range(nrows * ncols):
         panel = grid[k // ncols][k % ncols]
         if k >= n:
             panel.set_visible(False)
             continue
-        image = _heatmap(panel, m[:, :, k], names[0], names[1], axes[0], axes[1], vmax,
-                         show_x=k + ncols >= n, show_y=k % ncols == 0)
-        panel.set_title(f"{axes[2]} {names[2][k]}", fontsize=9)
+        image = _heatmap(panel, result, m[:, :, k], names[0], names[1], axes[0], axes[1], limit,
+                         fs, (panel_w * 0.8, panel_h * 0.7), show_x=k + ncols >= n,
+                         show_y=k % ncols == 0)
+        panel.set_title(f"{axes[2]} {names[2][k]}", fontsize=fs)
         shown.append(panel)
-    bar = fig.colorbar(image, ax=shown, shrink=0.8)
-    bar.set_label(vlabel)
-    fig.suptitle(heading, fontsize=11)
+    _colorbar(fig, image, shown, vlabel, fs, shrink=0.8)
+    if heading:
+        fig.suptitle(heading, fontsize=fs + 2)
     return fig
 
 
@@ -256,5 +320,5 @@ def plot_trace(result: PatchingResult, ax: Any = None, title: str | None = None)
     return fig
 
 
-__all__ = ["CMAP", "TRACE_CMAPS", "max_magnitude", "plot_result", "plot_trace",
-           "symmetric_limit", "title_of", "value_label"]
+__all__ = ["CMAP", "COLUMN_WIDTH", "TEXT_WIDTH", "TRACE_CMAPS", "max_magnitude", "plot_result",
+           "plot_trace", "symmetric_limit", "title_of", "value_label"]
