@@ -1,4 +1,8 @@
-"""The command line: outputs, tables, JSON, one-line errors with exit code 2, help examples."""
+"""The command line: outputs, tables, JSON, one-line errors with exit code 2, help examples,
+checks before the weights load, quiet/JSON modes, global flags, output fallbacks, reports.
+
+Most tests use the tiny model: ``_load`` (weights) and ``_inspect`` (config and tokenizer) are
+monkeypatched, so no test here loads a model from disk except the ``real`` ones."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ runner = CliRunner()
 @pytest.fixture
 def use_session_model(smollm2, monkeypatch):
     monkeypatch.setattr(cli, "_load", lambda model, dtype=None: smollm2)
+    monkeypatch.setattr(cli, "_inspect", lambda model, need_kinds=False: cli.ModelInfo.of(smollm2))
     cli._State.quiet = False
     cli._State.debug = False
 
@@ -82,7 +87,7 @@ def test_info_lists_components(use_session_model):
     assert data["n_layers"] == 30 and "blocks.L.attn.z" in data["components"]
 
 
-@pytest.mark.parametrize("command", ["patch", "ioi", "trace", "models", "info"])
+@pytest.mark.parametrize("command", ["patch", "ioi", "trace", "report", "models", "info"])
 def test_every_command_help_shows_an_example(command):
     res = runner.invoke(cli.app, [command, "--help"])
     assert res.exit_code == 0 and "Example" in res.output and "causalpatch" in res.output
@@ -92,6 +97,7 @@ def test_every_command_help_shows_an_example(command):
 def use_tiny_model(make_tiny_lm, monkeypatch, one_thread):
     tiny = make_tiny_lm("llama")
     monkeypatch.setattr(cli, "_load", lambda model, dtype=None: tiny)
+    monkeypatch.setattr(cli, "_inspect", lambda model, need_kinds=False: cli.ModelInfo.of(tiny))
     cli._State.quiet = False
     cli._State.debug = False
     return tiny
@@ -138,3 +144,169 @@ def test_trace_known_facts_dataset(use_session_model, tmp_path, one_thread):
     result = PatchingResult.from_json(tmp_path / "result.json")
     assert result.axes == ("layer", "group") and result.extra["n_prompts"] == 1
     assert {p.name for p in tmp_path.iterdir()} == {"result.json", "heatmap.png", "report.html"}
+
+
+# -- issue 12: checks before the weights load, modes, flags, outputs, reports ---------------------
+@pytest.fixture
+def no_weights(use_tiny_model, monkeypatch):
+    """The tiny model's config and tokenizer, and a ``_load`` that must never run."""
+    def refuse(model, dtype=None):
+        raise AssertionError("the weights were loaded before the argument error")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    return use_tiny_model
+
+
+def _patch_args(tmp_path, *extra):
+    return ["patch", "--model", "tiny", "--clean", CLEAN, "--corrupted", CORRUPTED,
+            "--correct", " Mary", "--incorrect", " John", "--out", str(tmp_path / "o"), *extra]
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--component", "attn_heads"], "Did you mean: attn_head"),
+    (["--correct", "Mary"], "--correct ' Mary'"),  # no leading space: 4 tokens, ' Mary' is one
+    (["--correct", " Eiffel Tower"], "2 tokens"),
+    (["--corrupted", CORRUPTED + " the"], "equal token length"),
+    (["--component", "attn_head", "--by-position", "--corrupted", "Mary gave"],
+     "equal token length"),
+    (["--clean", "  "], "--clean is empty"),
+    (["--correct", ""], "--correct is empty"),
+    (["--layers", "0,99"], "out of range: this model has 3 layers"),
+    (["--component", "blocks.7.mlp"], "out of range"),
+    (["--component", "attn_head", "--heads", "0,9"], "4 heads"),
+    (["--component", "mlp", "--heads", "1"], "has no heads"),
+    (["--metric", "logit_dif"], "Did you mean 'logit_diff'"),
+    (["--format", "gif"], "--format"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--incorrect", " Mary"], "the same"),
+])
+def test_argument_errors_come_before_the_weights_load(no_weights, tmp_path, extra, fragment):
+    res = runner.invoke(cli.app, _patch_args(tmp_path, *extra))
+    assert res.exit_code == 2, res.output
+    assert fragment in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_out_paths_are_reported_first(no_weights, tmp_path, monkeypatch):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    res = runner.invoke(cli.app, _patch_args(tmp_path)[:-2] + ["--out", str(a_file)])
+    assert res.exit_code == 2 and "is a file, but it must be a folder" in res.output
+    res = runner.invoke(cli.app, _patch_args(tmp_path)[:-2] + ["--out", str(a_file / "sub")])
+    assert res.exit_code == 2 and "cannot be created" in res.output
+    monkeypatch.setattr(cli, "_probe_dir", lambda folder: "Read-only file system")
+    res = runner.invoke(cli.app, _patch_args(tmp_path))
+    assert res.exit_code == 2 and "not writable" in res.output and "Read-only" in res.output
+
+
+def test_leading_space_warning_when_both_spellings_are_one_token():
+    class Tok:
+        ids = {"Mary": [7], " Mary": [8], " John": [9]}
+
+        def encode(self, text, add_special_tokens=False):
+            return self.ids.get(text, [1, 2])
+
+        def decode(self, ids):
+            return "?"
+
+    info = cli.ModelInfo("m", Tok(), {}, "llama", cli.ConfigDims(2, 2), [], [])
+    cli._State.reset()
+    cli.check_answer(info, " Mary", [CLEAN], "--correct")
+    assert cli._State.warnings == []
+    cli.check_answer(info, "Mary", [CLEAN], "--correct")
+    assert "no leading space" in cli._State.warnings[0] and "' Mary'" in cli._State.warnings[0]
+    cli.check_answer(info, "Mary", [CLEAN + " "], "--correct")  # the prompt ends in a space
+    assert len(cli._State.warnings) == 1
+
+
+def test_resid_defaults_to_by_position_and_quiet_is_silent(use_tiny_model, tmp_path):
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--layers", "0,2"))
+    assert res.exit_code == 0, res.output
+    assert "patched by position" in res.output
+    assert PatchingResult.from_json(tmp_path / "o" / "result.json").axes == ("layer", "position")
+    quiet = runner.invoke(cli.app, ["--quiet", *_patch_args(tmp_path, "--layers", "0")])
+    assert quiet.exit_code == 0 and quiet.output == ""
+    after = runner.invoke(cli.app, [*_patch_args(tmp_path, "--no-by-position", "--layers", "0"),
+                                    "--quiet"])  # a global flag after the subcommand
+    assert after.exit_code == 0 and after.output == ""
+    assert PatchingResult.from_json(tmp_path / "o" / "result.json").axes == ("layer",)
+
+
+def test_json_prints_only_json_with_warnings_inside(use_tiny_model, tmp_path):
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--no-by-position", "--layers", "1",
+                                             "--json"))
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["results"][0]["shape"] == [1] and "every layer" in data["warnings"][0]
+    assert res.stderr == ""
+
+
+def test_global_flags_after_the_subcommand():
+    assert cli.hoist_global_flags(
+        cli.typer.main.get_command(cli.app), None,
+        ["patch", "--clean", "-q", "--quiet", "--json", "--", "-v"]) == [
+        "--quiet", "patch", "--clean", "-q", "--json", "--", "-v"]
+    res = runner.invoke(cli.app, ["models", "--quiet"])
+    assert res.exit_code == 0 and res.output == ""
+    res = runner.invoke(cli.app, ["--json", "models"])
+    assert json.loads(res.stdout)["aliases"]
+    res = runner.invoke(cli.app, ["sae", "info", "/nonexistent", "--quiet"])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_results_survive_a_failed_write(use_tiny_model, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_write_outputs", broken)
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--layers", "0"))
+    assert res.exit_code == 1 and "No space left" in res.output
+    saved = res.output.split("were saved to ")[1].split(":")[0].strip()
+    result = PatchingResult.from_json(f"{saved}/result.json")
+    assert result.component == "resid_post" and "causalpatch report" in res.output
+
+
+def test_figure_format_and_report_command(use_tiny_model, tmp_path):
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--layers", "0,1", "--format", "svg"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "heatmap.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    out = tmp_path / "r" / "report.html"
+    res = runner.invoke(cli.app, ["report", str(tmp_path / "o" / "result.json"),
+                                  str(tmp_path / "o"), "--out", str(out), "--plotly", "cdn"])
+    assert res.exit_code == 0, res.output
+    assert out.stat().st_size < 1_000_000 and "cdn.plot.ly" in out.read_text()
+    bad = runner.invoke(cli.app, ["report", str(tmp_path / "missing.json"), "--out", str(out)])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+    bad = runner.invoke(cli.app, ["report", str(tmp_path / "o"), "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "is a folder" in bad.output
+    bad = runner.invoke(cli.app, ["report", str(tmp_path / "o"), "--plotly", "web"])
+    assert bad.exit_code == 2 and "--plotly" in bad.output
+
+
+def test_progress_shows_real_counts(use_tiny_model, monkeypatch):
+    calls = []
+    with cli.ProgressDisplay(True) as bars:
+        update = bars.task("x")
+        update(1, 4)
+        update(4, 4)
+        calls = [(t.completed, t.total) for t in bars._progress.tasks]
+    assert calls == [(4, 4)]
+    assert cli.ProgressDisplay(False).__enter__().task("x") is False
+    from causalpatch import activation_patching
+
+    seen = []
+    activation_patching(use_tiny_model, CLEAN, CORRUPTED, component="resid_post",
+                        by_position=True, correct=" Mary", incorrect=" John",
+                        progress=lambda done, total: seen.append((done, total)))
+    assert len(seen) > 3 and seen[-1][0] == seen[-1][1] and seen[0][0] < seen[-1][1]
+
+
+def test_help_examples_copy_paste(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    res = runner.invoke(cli.app, ["patch", "--help"], terminal_width=80)
+    assert res.exit_code == 0
+    assert f'CORRUPTED="{CORRUPTED}"' in res.output and f'CLEAN="{CLEAN}"' in res.output
+    for word in cli.SWEEP_COMPONENTS:
+        assert word in res.output
+    res = runner.invoke(cli.app, ["trace", "--help"], terminal_width=80)
+    assert '--prompt "The Eiffel Tower is in the city of"' in res.output

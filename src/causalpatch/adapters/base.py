@@ -16,9 +16,10 @@ architecture and need no entry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
+if TYPE_CHECKING:  # annotations only: listing the adapters (`causalpatch models`) needs no torch
+    import torch
 
 HookKind = Literal["input", "output"]
 
