@@ -53,15 +53,15 @@ def test_killed_sweep_resumes_without_recomputing(model, tmp_path, monkeypatch):
     assert 6 <= done_before < total, "the kill must land mid-sweep"
 
     computed: list[int] = []
-    real = sweep_module.patched_logits
+    real = sweep_module.patched_logits_many
 
-    def counting(model_, run, patches, *args, **kwargs):
-        computed.append(len(patches))
-        return real(model_, run, patches, *args, **kwargs)
+    def counting(model_, runs, jobs, *args, **kwargs):
+        computed.append(len(jobs))
+        return real(model_, runs, jobs, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "patched_logits", counting)
+    monkeypatch.setattr(sweep_module, "patched_logits_many", counting)
     resumed = sweep(model, str(ckpt))
-    monkeypatch.setattr(sweep_module, "patched_logits", real)
+    monkeypatch.setattr(sweep_module, "patched_logits_many", real)
     assert sum(computed) == total - done_before  # nothing finished is recomputed
     fresh = sweep(model, None)
     assert torch.allclose(resumed.effect_matrix, fresh.effect_matrix, atol=1e-6)

@@ -87,14 +87,16 @@ def executor(local_ray):
 
 
 # -- results equal the local run ---------------------------------------------------------------
-def test_activation_patching_on_ray_is_bit_identical(model, executor, one_thread):
+def test_activation_patching_on_ray_equals_the_local_run(model, executor, one_thread):
     data = dataset(8)
     local = activation_patching(model, data, component="attn_head", by_position=True)
     remote = activation_patching(model, data, component="attn_head", by_position=True,
                                  executor=executor)
-    # shards hold whole pairs, so every engine pass has the same rows as locally
-    assert torch.equal(remote.effect_matrix, local.effect_matrix)
-    assert torch.equal(remote.per_pair, local.per_pair)
+    # the 8 pairs (one token length) are one group locally; with 2 workers its cells are split
+    # between them, so engine passes hold other rows than locally: equal up to float rounding
+    torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=1e-6)
+    # per pair: one pair's change divided by the dataset's mean gap (amplifies rounding)
+    torch.testing.assert_close(remote.per_pair, local.per_pair, rtol=0, atol=1e-5)
     assert remote.clean_metric == local.clean_metric
     summary = remote.extra["executor"]
     assert summary["n_workers"] == 2 and summary["shards"] >= 2
@@ -121,18 +123,17 @@ def test_every_method_matches_local_on_ray(model, executor, one_thread):
         "resid_pre": lambda ex: activation_patching(model, data, component="resid_pre",
                                                     by_position=True, executor=ex),
     }
-    try:  # SAE patching, where it has landed
-        from causalpatch.methods.sae_patching import sae_patching
-        from causalpatch.sae import SparseAutoencoder
-    except ImportError:
-        pass
-    else:
-        sae = SparseAutoencoder(model.d_model, 16, hook_name="blocks.1.resid_post", seed=0)
-        runs["sae_patching"] = lambda ex: sae_patching(model, sae, data, features=[0, 3, 7],
-                                                       executor=ex)
+    from causalpatch.methods.sae_patching import sae_patching
+    from causalpatch.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(model.d_model, 16, hook_name="blocks.1.resid_post", seed=0)
+    runs["sae_patching"] = lambda ex: sae_patching(model, sae, data, features=[0, 3, 7],
+                                                   executor=ex)
     for name, run in runs.items():
         local, remote = run(None), run(executor)
-        torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=1e-6,
+        # float32; where a group's cells are split between the workers, engine passes hold
+        # other rows than locally (normalised effects: up to ~1e-5)
+        torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=1e-5,
                                    msg=name)
         assert remote.extra["executor"]["cells"] > 0, name
     att_local, att_remote = runs["attribution"](None), runs["attribution"](executor)
@@ -160,7 +161,7 @@ def test_default_ray_executor_and_driver_progress(model, local_ray, one_thread):
     result = activation_patching(model, data, component="mlp", executor="ray",
                                  progress=lambda d, t: ticks.append((d, t)))
     local = activation_patching(model, data, component="mlp")
-    assert torch.equal(result.effect_matrix, local.effect_matrix)
+    torch.testing.assert_close(result.effect_matrix, local.effect_matrix, rtol=0, atol=1e-6)
     total = 4 * model.n_layers
     assert ticks and ticks[-1] == (total, total)  # one bar over all shards
     assert [d for d, _ in ticks] == sorted(d for d, _ in ticks)
@@ -205,7 +206,7 @@ def test_worker_error_is_raised_with_its_message_and_checkpoint_is_whole(
     ckpt = tmp_path / "sweep.json"
 
     def fails_in_workers(logits, inputs):
-        if os.getpid() != driver and float(logits.sum()) < 0:
+        if os.getpid() != driver and bool((logits.sum(-1) < 0).any()):
             raise RuntimeError("boom in worker: negative logit sum")
         return get_metric("logit_diff")(logits, inputs)
 
@@ -394,7 +395,8 @@ def test_connect_by_address(model, head_node, one_thread):
     finally:
         ex.shutdown()
         ray.shutdown()
-    assert torch.equal(remote.effect_matrix, local.effect_matrix)
+    # float32, normalised effects; the group's cells are split between workers (see above)
+    torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=1e-5)
     assert remote.extra["executor"]["address"] == head_node
 
 
@@ -434,5 +436,6 @@ def test_killed_driver_resumes_without_recomputing(model, model_dir, head_node, 
     got = json.loads(out.read_text())
     assert got["cells_computed"] == n_cells - done_before  # no finished shard recomputed
     local = activation_patching(model, dataset(8), component="attn_head")
+    # float32 normalised effects; the one group's cells are split between shards
     torch.testing.assert_close(torch.tensor(got["effect"]), local.effect_matrix, rtol=0,
-                               atol=1e-6)
+                               atol=1e-5)

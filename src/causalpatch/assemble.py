@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .checkpoint import SweepCheckpoint, fingerprint
-from .engine import collect_sites, patched_logits, run_base_and_source
+from .engine import PairRun, collect_sites, patched_logits_many, run_base_and_source
 from .enums import Direction, Engine
 from .metrics import Metric, normalize as normalize_metric
 from .plan import metric_inputs
@@ -124,12 +124,30 @@ def merge_stats(into: dict[str, Any], more: dict[str, Any]) -> None:
             into[key] = value
 
 
+#: With ``progress=None`` (auto), a bar appears only once the work has run this long (s).
+PROGRESS_DELAY_S = 2.0
+
+
+def _interactive() -> bool:
+    """Whether a progress bar has somewhere to go: a terminal on stderr, or a notebook."""
+    import sys
+
+    if "ipykernel" in sys.modules:
+        return True
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def progress_callback(progress: bool | Callable[[int, int], None] | None, total: int,
                       label: str = "patching"
                       ) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
-    """``(tick, close)``: ``tick(n)`` advances a tqdm bar (``progress=True``) or calls
-    ``progress(done, total)``."""
-    if progress is False or progress is None:
+    """``(tick, close)``: ``tick(n)`` advances a tqdm bar (counts, rate and ETA) or calls
+    ``progress(done, total)``.
+
+    ``progress``: ``True`` (a bar at once), ``False`` (silent), a callback, or ``None`` (auto,
+    the methods' default): a bar in a terminal or notebook that appears only once the work
+    has taken :data:`PROGRESS_DELAY_S` seconds, so short sweeps print nothing.
+    """
+    if progress is False or (progress is None and not _interactive()):
         return None, lambda: None
     if callable(progress):
         done = [0]
@@ -141,7 +159,8 @@ def progress_callback(progress: bool | Callable[[int, int], None] | None, total:
         return tick, lambda: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=label, unit="cell", leave=False)
+    bar = tqdm(total=total, desc=label, unit="cell", leave=False,
+               delay=PROGRESS_DELAY_S if progress is None else 0.0)
     return bar.update, bar.close
 
 
@@ -149,7 +168,7 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
               evaluate: Evaluator | None = None, *, build: EvaluatorFactory | None = None,
               groups: Sequence[list[int]] | None = None, checkpoint: str | None = None,
               checkpoint_args: dict[str, Any] | None = None, chunk: int | None = None,
-              progress: bool | Callable[[int, int], None] | None = False,
+              progress: bool | Callable[[int, int], None] | None = None,
               label: str = "patching", executor: Executor | None = None) -> PairValues:
     """Evaluate every cell of every pair, group by group.
 
@@ -198,9 +217,8 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
         if cells:
             raw[torch.tensor(group)[:, None], torch.tensor(cells)[None, :]] = (
                 values.cells.float().cpu())
-            if ckpt is not None:
-                for r, i in enumerate(group):
-                    ckpt.record(i, cells, values.cells[r].tolist())
+            if ckpt is not None:  # the whole group in one write
+                ckpt.record_group(group, cells, values.cells.tolist())
 
     def remaining(group: list[int]) -> list[int]:
         """Cells of ``group`` not in the checkpoint (finished ones are filled in)."""
@@ -285,12 +303,16 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
                  component: str, method: str, direction: Direction | str,
                  clean: Sequence[Sequence[int]], corrupted: Sequence[Sequence[int]],
                  answers: Sequence[Sequence[int | None]] = (), timings: dict[str, float] | None = None,
-                 extra: dict[str, Any] | None = None, t_start: float | None = None
-                 ) -> PatchingResult:
+                 extra: dict[str, Any] | None = None, t_start: float | None = None,
+                 data: Any = None) -> PatchingResult:
     """Aggregate ``values`` and wrap everything in a :class:`PatchingResult`.
 
     ``clean``/``corrupted`` are the token ids of every pair (``corrupted`` empty for ablations);
-    the base run is the corrupted one when denoising, the clean one otherwise.
+    the base run is the corrupted one when denoising, the clean one otherwise. ``answers``
+    (token ids per pair) are also stored as text (``extra["answer_text"]``); ``data``, the
+    user's dataset object, contributes its per-pair position roles (a ``roles`` list, one
+    role per clean token: ``extra["position_roles"]``). Token strings are kept for the first
+    :data:`KEPT_PAIRS` pairs (the report's per-pair view).
     """
     agg = aggregate(values, scale, metric)
     n = values.raw.shape[0]
@@ -320,7 +342,7 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
         model_name=model.name,
         clean_prompts=[decode(list(p)) for p in clean],
         corrupted_prompts=[decode(list(p)) for p in corrupted],
-        clean_tokens=[model.to_str_tokens(list(p)) for p in clean[:1]],
+        clean_tokens=[model.to_str_tokens(list(p)) for p in clean[:KEPT_PAIRS]],
         clean_metric=float(clean_v.mean()),
         corrupted_metric=None if corrupted_v is None else float(corrupted_v.mean()),
         normalized=scale is Scale.NORMALIZED,
@@ -328,8 +350,68 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
         std=None if agg.std is None else agg.std.reshape(shape).float(),
         timings=times,
         extra={"n_pairs": n, **values.stats, "answers": [list(a) for a in answers[:1]],
-               **(extra or {})},
+               **_texts(model, answers, data, n), **(extra or {})},
     )
+
+
+#: Pairs whose token strings a result keeps (the report's per-pair view shows at most these).
+KEPT_PAIRS = 64
+
+
+def _texts(model: HookedModel, answers: Sequence[Sequence[int | None]], data: Any, n: int
+           ) -> dict[str, Any]:
+    """``answer_text`` (each pair's answers decoded) and, when ``data`` has one role list per
+    pair, ``position_roles``."""
+    out: dict[str, Any] = {}
+    if answers:
+        decode = model.tokenizer.decode
+        out["answer_text"] = [[None if t is None else decode([int(t)]) for t in a]
+                              for a in answers]
+    roles = getattr(data, "roles", None) if data is not None else None
+    if isinstance(roles, list) and len(roles) == n:
+        out["position_roles"] = [None if r is None else [str(x) for x in r] for r in roles]
+    return out
+
+
+#: Most pairs whose staircase rows share batches (one evaluator group); each keeps its base
+#: run's recorded layer calls and cache (``[T, d_model]`` per layer) while the group runs.
+MAX_PAIRS_PER_GROUP = 64
+
+
+def length_groups(pairs: Sequence[Pair], engine: Engine,
+                  max_size: int = MAX_PAIRS_PER_GROUP) -> tuple[list[list[int]], dict[str, Any]]:
+    """Pair indices grouped by token length (the fast engine batches rows of pairs of one
+    length together), at most ``max_size`` per group, in order of first appearance; and a note
+    for the result's metadata (``extra["pair_groups"]``) saying how the pairs were grouped.
+
+    The naive engine runs every pair alone (one forward per patch either way).
+    """
+    if engine is Engine.NAIVE or len(pairs) == 1:
+        groups = [[i] for i in range(len(pairs))]
+        why = "naive engine: one pair at a time" if engine is Engine.NAIVE else "one pair"
+        return groups, {"groups": len(groups), "largest": 1, "note": why}
+    by_length: dict[int, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        by_length.setdefault(len(pair.clean), []).append(i)
+    groups = [members[lo : lo + max_size] for members in by_length.values()
+              for lo in range(0, len(members), max_size)]
+    note: dict[str, Any] = {"groups": len(groups), "largest": max(len(g) for g in groups),
+                            "lengths": sorted(by_length)}
+    alone = sum(1 for members in by_length.values() if len(members) == 1)
+    if alone:
+        note["note"] = (f"{alone} of {len(pairs)} pairs have a token length no other pair has "
+                        "and run alone (same results, less batching); templated prompts of one "
+                        "length batch best")
+    return groups, note
+
+
+def answer_columns(metric: Metric, pairs: Sequence[Pair]) -> list[int] | None:
+    """The vocabulary entries ``metric`` reads for these pairs (their answer tokens) when it
+    reads nothing else (``Metric.answers_only``), else ``None`` (every logit)."""
+    if not metric.answers_only:
+        return None
+    cols = {t for p in pairs for t in (p.correct, p.incorrect) if t is not None}
+    return sorted(cols) or None
 
 
 def pair_evaluator(model: HookedModel, pairs: Sequence[Pair], patches_of: Sequence[list[Patch]],
@@ -337,28 +419,35 @@ def pair_evaluator(model: HookedModel, pairs: Sequence[Pair], patches_of: Sequen
                    batch_size: int | None, memory_mb: float, stats: dict[str, Any]
                    ) -> Callable[[list[int], list[int], Callable[[int], None] | None],
                                  GroupValues]:
-    """An :class:`~causalpatch.assemble.Evaluator` for one pair per group: the base and source
-    runs share their prefix, then the engine computes the requested cells' patches."""
-    runs: dict[int, Any] = {}
+    """An :class:`~causalpatch.assemble.Evaluator` for groups of pairs (:func:`length_groups`):
+    each pair's base and source runs share their prefix, then the engine computes the requested
+    cells' patches of every pair of the group together (rows of several pairs of one token
+    length share staircase batches; :func:`~causalpatch.engine.patched_logits_many`)."""
+    runs: dict[int, PairRun] = {}
 
     def evaluate(group: list[int], cells: list[int],
                  tick: Callable[[int], None] | None) -> GroupValues:
-        (i,) = group
-        pair, patches = pairs[i], patches_of[i]
-        base_ids, source_ids = pair.runs(direction is Direction.DENOISE)
-        if i not in runs:
-            runs.clear()  # keep only the pair being evaluated
-            runs[i] = run_base_and_source(model, base_ids, source_ids, collect_sites(patches),
-                                          patches, engine)
-        run = runs[i]
-        inputs = metric_inputs(metric, [pair.correct], [pair.incorrect],
-                               run.source_last.unsqueeze(0))
-        ends = metric(torch.stack([run.base_last, run.source_last]), inputs.expand(2))
-        values = torch.empty(1, len(cells))
+        if set(runs) != set(group):
+            runs.clear()  # keep only the group being evaluated
+            for i in group:
+                base_ids, source_ids = pairs[i].runs(direction is Direction.DENOISE)
+                runs[i] = run_base_and_source(model, base_ids, source_ids,
+                                              collect_sites(patches_of[i]), patches_of[i],
+                                              engine)
+        members = [runs[i] for i in group]
+        source_last = torch.stack([run.source_last for run in members])  # [n, vocab]
+        base_last = torch.stack([run.base_last for run in members])
+        inputs = metric_inputs(metric, [pairs[i].correct for i in group],
+                               [pairs[i].incorrect for i in group], source_last)
+        values = torch.empty(len(group), len(cells))
         if cells:
-            logits = patched_logits(model, run, [patches[j] for j in cells], engine, batch_size,
-                                    memory_mb, tick, stats)
-            values[0] = metric(logits, inputs.expand(len(cells)))
-        return GroupValues(ends[:1], ends[1:], values)
+            # cell-major rows: (cell j, pair r) -> row j * n + r
+            jobs = [(r, patches_of[i][j]) for j in cells for r, i in enumerate(group)]
+            logits = patched_logits_many(model, members, jobs, engine, batch_size, memory_mb,
+                                         tick, stats,
+                                         answer_columns(metric, [pairs[i] for i in group]))
+            row_of = torch.arange(len(group)).repeat(len(cells))
+            values = metric(logits, inputs.rows(row_of)).reshape(len(cells), len(group)).T
+        return GroupValues(metric(base_last, inputs), metric(source_last, inputs), values)
 
     return evaluate

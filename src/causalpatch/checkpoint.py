@@ -95,9 +95,16 @@ class SweepCheckpoint:
 
     def record(self, pair: int, cells: list[int], values: list[float]) -> None:
         """Add finished cells and persist atomically."""
-        bucket = self.cells.setdefault(pair, {})
-        for j, v in zip(cells, values):
-            bucket[j] = float(v)
+        self.record_group([pair], cells, [values])
+
+    def record_group(self, pairs: list[int], cells: list[int],
+                     values: list[list[float]]) -> None:
+        """Add the finished cells of several pairs (``values[r]`` for ``pairs[r]``) and
+        persist them in one atomic write: a group is recorded whole or not at all."""
+        for pair, row in zip(pairs, values):
+            bucket = self.cells.setdefault(pair, {})
+            for j, v in zip(cells, row):
+                bucket[j] = float(v)
         self._save()
 
     def _save(self) -> None:

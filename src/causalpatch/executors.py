@@ -18,7 +18,8 @@ here is a scheduler of its own):
    model) and the list of ``(pair group, cells)`` tasks still to do (a checkpoint's finished
    cells are left out).
 3. :meth:`RayExecutor.run` splits the tasks into shards (whole pair groups where it can, so
-   each engine pass sees the same rows as locally and results are bit-identical), starts
+   each engine pass sees the same rows as locally and results are bit-identical; a group
+   split by cells equals the local run up to float rounding), starts
    Ray actors that each load the model **once** from its :class:`~causalpatch.loading.LoadSpec`
    (alias, path or hub name, dtype and placement) and check its weight fingerprint, and feeds
    them shards through :class:`ray.util.ActorPool`.

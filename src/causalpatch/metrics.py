@@ -75,6 +75,9 @@ class Metric:
     kind: Literal["score", "distance"]
     needs: tuple[str, ...] = ()
     doc: str = ""
+    #: reads only the answer tokens' logits (``correct``/``incorrect`` columns), so an engine
+    #: may compute just those columns of the unembedding
+    answers_only: bool = False
 
     def __call__(self, logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
         values = self.fn(logits.float(), inputs)
@@ -166,8 +169,9 @@ def kl(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("logit_diff", logit_diff, "score", ("correct", "incorrect"), logit_diff.__doc__ or ""),
-        Metric("logit", logit, "score", ("correct",), logit.__doc__ or ""),
+        Metric("logit_diff", logit_diff, "score", ("correct", "incorrect"), logit_diff.__doc__ or "",
+               answers_only=True),
+        Metric("logit", logit, "score", ("correct",), logit.__doc__ or "", answers_only=True),
         Metric("prob", prob, "score", ("correct",), prob.__doc__ or ""),
         Metric("logprob", logprob, "score", ("correct",), logprob.__doc__ or ""),
         Metric("ce_diff", ce_diff, "distance", ("correct", "target_logits"),

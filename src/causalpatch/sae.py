@@ -964,33 +964,25 @@ def edit_features(features: Sequence[int] | int, *, value: Any = None,
     return FeatureEdit(features, value=value, scale=scale, add=add, positions=positions)
 
 
-def feature_replacement_hook(bound: BoundSAE, rows: torch.Tensor, features: torch.Tensor,
-                             pos_mask: torch.Tensor, values: torch.Tensor
-                             ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Hook replacing one feature per batch row (e.g. ablations), error term kept.
+def feature_edit_values(bound: BoundSAE, act: torch.Tensor, feature: int,
+                        new: torch.Tensor) -> torch.Tensor:
+    """The activation after setting one feature, error term kept: ``act + decode(f') -
+    decode(f)`` where ``f = encode(act)`` and ``f'`` is ``f`` with ``f[..., feature] = new``;
+    positions whose features do not change keep ``act`` exactly.
 
     Args:
-        rows: ``[R]`` batch rows to edit.
-        features: ``[R]`` the feature of each row.
-        pos_mask: ``[R, pos]`` positions to edit.
-        values: ``[R, pos]`` the feature's new value at each position.
+        act: ``[pos, *feature_shape]`` the site's activation at the positions to edit.
+        new: ``[pos]`` the feature's new value at each position.
+
+    Returns:
+        ``[pos, *feature_shape]`` in ``act``'s dtype.
     """
-
-    def run(act: torch.Tensor) -> torch.Tensor:
-        sub = act[rows]
-        f = bound.encode(sub)  # [R, pos, d_sae]
-        mask = pos_mask.to(f.device)
-        idx = features.to(f.device)[:, None, None].expand(-1, f.shape[1], 1)
-        current = f.gather(-1, idx)[..., 0]
-        new_vals = torch.where(mask, values.to(f.device, f.dtype), current)
-        edited = f.scatter(-1, idx, new_vals[..., None])
-        changed = (edited != f).any(-1).reshape(*f.shape[:-1], *([1] * len(bound.feature_shape)))
-        delta = bound.decode(edited).float() - bound.decode(f).float()
-        out = act.clone()
-        out[rows] = torch.where(changed, sub.float() + delta, sub.float()).to(act.dtype)
-        return out
-
-    return run
+    f = bound.encode(act)  # [pos, d_sae]
+    edited = f.clone()
+    edited[:, feature] = new.to(f.device, f.dtype)
+    changed = (edited != f).any(-1).reshape(-1, *([1] * len(bound.feature_shape)))
+    delta = bound.decode(edited).float() - bound.decode(f).float()
+    return torch.where(changed, act.float() + delta, act.float()).to(act.dtype)
 
 
 # -- training data: real text that ships offline ---------------------------------------------
@@ -1458,7 +1450,7 @@ __all__ = [
     "ARCHITECTURES", "BoundSAE", "FeatureEdit", "SAEFormatError", "SAEModelMismatchWarning",
     "SAENotFoundError", "SparseAutoencoder", "TrainingReport", "WrappedSAE", "bind_sae",
     "bind_saes", "collect_activations", "edit_features", "evaluate_sae", "features_component",
-    "feature_replacement_hook", "fit_sae", "hook_name_for_site", "lookup_sae", "splice",
+    "feature_edit_values", "fit_sae", "hook_name_for_site", "lookup_sae", "splice",
     "load_sae", "save_sae", "site_for_hook_name", "split_sae_name", "top_activations",
     "token_sequences", "train_sae", "training_texts", "wrap_sae",
 ]

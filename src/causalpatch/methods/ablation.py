@@ -30,8 +30,13 @@ Prompts may have different token lengths (they are right-padded; positions index
 tokens, negative positions count from each row's end), except for ``"resample"``, which needs
 every prompt and reference row to have the same length so positions line up.
 
-Cost: one forward over the prompts (plus one over a separate reference set), then one forward
-row per (cell, prompt), ``batch_size`` rows per pass.
+Computation: every (cell, prompt) is a row of the staircase engine (:mod:`causalpatch.engine`)
+whose patch sets the cell's entries to the ablated values (``SitePatch.values``): the prompt's
+own run is the base, each row enters the decoder stack at the cell's layer (earlier layers are
+the original run's) and rows of prompts of one token length share batches. Rows whose values
+equal the original activation are exact no-ops. ``engine="naive"`` runs one full forward per
+row instead (the reference the fast path is tested against). Mean and resample statistics come
+from one batched forward over the reference set.
 
 **SAE features.** ``component="blocks.20.resid_post.sae.features"`` with ``saes=[sae]`` ablates
 one feature of a sparse autoencoder per cell (``features=`` a subset): the feature is set to 0
@@ -59,27 +64,28 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from ..assemble import GroupValues, Scale, build_result, run_pairs
-from ..engine import last_logits
-from ..enums import AblationKind, parse
+from ..assemble import (GroupValues, Scale, answer_columns, build_result, length_groups,
+                        run_pairs)
+from ..engine import PairRun, last_logits, patched_logits_many, run_base_and_source
+from ..enums import AblationKind, Engine, parse
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
 from ..executors import resolve_executor
 from ..hooks import Hook
 from ..metrics import Metric
 from ..names import Site
-from ..plan import (ComponentPlan, Pair, answer_tokens, check_answers, check_int,
-                    choose_metric, index_list, metric_inputs, plan_component, resolve_answers, result_axes)
-from ..sae import feature_replacement_hook, features_component
+from ..plan import (ComponentPlan, Pair, Patch, SitePatch, answer_tokens, check_answers,
+                    check_int, choose_metric, engine_choice, index_list, metric_inputs,
+                    plan_component, resolve_answers, result_axes)
+from ..sae import BoundSAE, feature_edit_values, features_component
 from ..tokens import make_batch, token_lists
 
 if TYPE_CHECKING:
     from ..model import HookedModel
     from ..result import PatchingResult
 
-#: Forward rows (cell x prompt) per pass when ``batch_size`` is not given.
-DEFAULT_ROWS_PER_BATCH = 64
+#: Rows per pass of the forward over the reference set (mean/resample statistics).
+REFERENCE_ROWS_PER_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -160,44 +166,35 @@ def _cache_run(model: HookedModel, rows: list[list[int]], sites: Sequence[Site],
     return torch.cat(last), acts
 
 
-def _ablating_hook(cells: Sequence[_Cell], rows: torch.Tensor, prompt_of: torch.Tensor,
-                   pos_mask: torch.Tensor, kind: str, mean: torch.Tensor | None,
-                   resampled: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Replace, in batch rows ``rows``, each row's cell entries at its masked positions.
+def _ablated_values(cell: _Cell, prompt: int, positions: list[int], act: torch.Tensor,
+                    kind: str, means: Mapping[str, torch.Tensor],
+                    resampled: Mapping[str, torch.Tensor], sae: BoundSAE | None
+                    ) -> torch.Tensor:
+    """What the cell's entries of one prompt are set to, ``[n_positions, *entry]`` in
+    :meth:`SitePatch.entries` order (an entry is ``act[pos]`` or ``act[pos, unit]``).
 
     Args:
-        cells: the cell of each ablated row (same site for all).
-        rows: ``[R]`` batch rows to ablate.
-        prompt_of: ``[R]`` prompt index of each row (for resampled values).
-        pos_mask: ``[R, pos]`` positions to ablate.
-        mean: ``[*feature]`` mean activation (``kind="mean"``).
-        resampled: ``[n_prompts, pos, *feature]`` values to take (``kind="resample"``).
+        act: ``[T, *feature]`` the prompt's original activation at the cell's site.
+        means: per site, the reference mean ``[*feature]`` (SAE: ``[d_sae]``).
+        resampled: per site, ``[n_prompts, T, *feature]`` the rows taken (SAE: their features
+            ``[n_prompts, T, d_sae]``).
     """
-    units = [c.unit for c in cells]
-
-    def ablate_rows(act: torch.Tensor) -> torch.Tensor:
-        sub = act[rows]  # [R, pos, *feature]
-        mask = pos_mask.to(act.device)
-        extra_dims = sub.dim() - 2
-        if units[0] is not None:
-            onehot = F.one_hot(torch.tensor(units), sub.shape[2]).bool().to(act.device)
-            mask = mask[:, :, None] & onehot[:, None, :]  # [R, pos, n_units]
-            mask = mask.reshape(*mask.shape, *([1] * (extra_dims - 1)))
-        else:
-            mask = mask.reshape(*mask.shape, *([1] * extra_dims))
-        if kind == "zero":
-            value = torch.zeros((), dtype=act.dtype, device=act.device)
-        elif kind == "mean":
-            assert mean is not None
-            value = mean.to(act.device, act.dtype)
-        else:
-            assert resampled is not None
-            value = resampled[prompt_of].to(act.device, act.dtype)
-        out = act.clone()
-        out[rows] = torch.where(mask, value, sub)
-        return out
-
-    return ablate_rows
+    name, pos = cell.site.name, torch.tensor(positions, dtype=torch.long)
+    if sae is not None:  # one SAE feature set to its ablated value, error term kept
+        k = cell.unit
+        assert k is not None
+        new = (torch.zeros(len(positions)) if kind == "zero"
+               else means[name][k].expand(len(positions)) if kind == "mean"
+               else resampled[name][prompt][pos, k])
+        return feature_edit_values(sae, act[pos], k, new)
+    entry = act[pos] if cell.unit is None else act[pos, cell.unit]  # [n_positions, *entry]
+    if kind == "zero":
+        return torch.zeros_like(entry)
+    if kind == "mean":
+        mean = means[name] if cell.unit is None else means[name][cell.unit]
+        return mean.to(entry.dtype).expand_as(entry).clone()
+    rows = resampled[name][prompt][pos]
+    return (rows if cell.unit is None else rows[:, cell.unit]).to(entry.dtype)
 
 
 def ablate(
@@ -220,6 +217,8 @@ def ablate(
     executor: Any = None,
     saes: Sequence[Any] | None = None,
     features: Sequence[int] | int | None = None,
+    engine: str | Engine = "fast",
+    memory_mb: float = 1024.0,
 ) -> PatchingResult:
     """Ablate every cell of ``component`` in turn; the mean change of the metric per cell.
 
@@ -240,12 +239,15 @@ def ablate(
             end), all of them jointly; default every position.
         reference: prompts (or a dataset) for ``"mean"``/``"resample"``; default the prompts.
         seed: seed of the resampling permutation.
-        batch_size: forward rows (cell x prompt) per pass.
+        batch_size: staircase rows (cell x prompt) per pass (default: from ``memory_mb``).
         executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
             the ablated runs (cells x prompts) are split into shards evaluated by Ray workers;
-            the original run and the reference statistics are computed here.
+            the reference statistics are computed here.
         saes: the SAE whose features ``component`` (``"<site>.sae.features"``) names.
         features: with SAE features, the features to ablate (default all).
+        engine: ``"fast"`` (the staircase: each row from the cell's layer, rows of prompts of
+            one length batched) or ``"naive"`` (one forward per row); same numbers.
+        memory_mb: memory budget of one staircase pass (sets the default ``batch_size``).
 
     Returns:
         :class:`PatchingResult` (``method="ablation"``, ``normalized=False``) whose
@@ -264,6 +266,7 @@ def ablate(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InvalidTypeError(f"seed must be an int, got {seed!r}")
     check_int(batch_size, "batch_size", 1, allow_none=True)
+    engine_ = engine_choice(engine, None)
     executor_ = resolve_executor(executor, model)
     if kind_ is AblationKind.ZERO and reference is not None:
         raise InvalidArgumentError(
@@ -308,83 +311,64 @@ def ablate(
                 f"resample ablation needs every prompt and reference row to have the same token "
                 f"length (positions must line up), got lengths {all_lengths}; group prompts by "
                 "length or use kind='mean'")
-    rows_per_batch = batch_size or DEFAULT_ROWS_PER_BATCH
     sites = list(plan.sites)
     units: list[int | None] = list(plan.units) if plan.units is not None else [None]
     cells = [_Cell(site, u) for site in sites for u in units]
     axes, labels, shape = result_axes(model, plan, None, False, rows[0])
     kind_name = kind_.value
 
-    # -- original run (and the reference statistics) ------------------------------------------
-    need_acts = kind_ is not AblationKind.ZERO and reference is None
-    original_last, acts = _cache_run(model, rows, sites if need_acts else [], rows_per_batch)
-    ref_acts = acts
-    if kind_ is not AblationKind.ZERO and reference is not None:
-        ref_acts = _cache_run(model, ref_rows, sites, rows_per_batch)[1]
-    inputs = metric_inputs(m, corrects, incorrects, original_last)
-    original = m(original_last, inputs)  # [n]
+    # -- the reference statistics -------------------------------------------------------------
     means: dict[str, torch.Tensor] = {}
     resampled: dict[str, torch.Tensor] = {}
     sources: list[int] | None = None
-    if kind_ is AblationKind.MEAN:
-        for s in sites:
-            stacked = torch.cat([a.float() for a in ref_acts[s.name]])  # [sum len, *feature]
-            means[s.name] = stacked.mean(0) if sae is None else sae.encode(stacked).float().mean(0)
-    elif kind_ is AblationKind.RESAMPLE:
-        sources = _resample_sources(n, len(ref_rows), reference is None, seed)
-        for s in sites:
-            resampled[s.name] = torch.stack([ref_acts[s.name][j] for j in sources])
-            if sae is not None:  # the resampled rows' features
-                resampled[s.name] = sae.encode(resampled[s.name]).float()
+    if kind_ is not AblationKind.ZERO:
+        ref_acts = _cache_run(model, ref_rows, sites, REFERENCE_ROWS_PER_BATCH)[1]
+        if kind_ is AblationKind.MEAN:
+            for s in sites:
+                stacked = torch.cat([a.float() for a in ref_acts[s.name]])  # [sum len, *feat]
+                means[s.name] = (stacked.mean(0) if sae is None
+                                 else sae.encode(stacked).float().mean(0))
+        else:
+            sources = _resample_sources(n, len(ref_rows), reference is None, seed)
+            for s in sites:
+                resampled[s.name] = torch.stack([ref_acts[s.name][j] for j in sources])
+                if sae is not None:  # the resampled rows' features
+                    resampled[s.name] = sae.encode(resampled[s.name]).float()
+    groups, grouping = length_groups(prompts, engine_)
     t_setup = time.perf_counter() - t0
 
-    # -- ablated runs: rows are (cell, prompt), batch_size of them per pass -------------------
+    # -- ablated runs: rows are (cell, prompt) on the staircase -------------------------------
     def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
-        return partial(evaluate, model_)
+        return partial(evaluate, model_, stats)
 
-    def evaluate(model_: HookedModel, group: list[int], todo: list[int],
+    def evaluate(model_: HookedModel, stats: dict[str, Any], group: list[int], todo: list[int],
                  tick: Callable[[int], None] | None) -> GroupValues:
-        jobs = [(c, i) for c in todo for i in group]
+        runs: list[PairRun] = [run_base_and_source(model_, rows[i], rows[i], sites, [],
+                                                   engine_) for i in group]
+        inputs = metric_inputs(m, [corrects[i] for i in group], [incorrects[i] for i in group],
+                               torch.stack([run.base_last for run in runs]))
+        jobs: list[tuple[int, Patch]] = []
+        for c in todo:
+            cell = cells[c]
+            for r, i in enumerate(group):
+                act = runs[r].base.acts[cell.site.name][0]  # [T, *feature]
+                values = _ablated_values(cell, i, row_pos[i], act, kind_name, means,
+                                         resampled, sae)
+                unit = None if cell.unit is None or sae is not None else (cell.unit,)
+                jobs.append((r, (SitePatch(cell.site, tuple(row_pos[i]), unit, values),)))
         raw = torch.empty(len(group), len(todo))
-        col = {c: j for j, c in enumerate(todo)}
-        row = {i: r for r, i in enumerate(group)}
-        for lo in range(0, len(jobs), rows_per_batch):
-            part = jobs[lo : lo + rows_per_batch]
-            width = max(lengths[i] for _, i in part)
-            by_site: dict[str, list[int]] = {}
-            for r, (c, _) in enumerate(part):
-                by_site.setdefault(cells[c].site.name, []).append(r)
-            hooks = []
-            for name, batch_rows in by_site.items():
-                mask = torch.zeros(len(batch_rows), width, dtype=torch.bool)
-                for j, r in enumerate(batch_rows):
-                    mask[j, row_pos[part[r][1]]] = True
-                site = cells[part[batch_rows[0]][0]].site
-                if sae is not None:  # one SAE feature per row, error term kept
-                    feat = torch.tensor([cells[part[r][0]].unit for r in batch_rows])
-                    prompt_of = torch.tensor([part[r][1] for r in batch_rows])
-                    value = (torch.zeros(len(batch_rows), width) if kind_name == "zero" else
-                             means[name][feat][:, None].expand(-1, width) if kind_name == "mean"
-                             else resampled[name][prompt_of][:, :width].gather(
-                                 -1, feat[:, None, None].expand(-1, width, 1))[..., 0])
-                    hooks.append(Hook(site, feature_replacement_hook(
-                        sae, torch.tensor(batch_rows), feat, mask, value)))
-                    continue
-                hooks.append(Hook(site, _ablating_hook(
-                    [cells[part[r][0]] for r in batch_rows], torch.tensor(batch_rows),
-                    torch.tensor([part[r][1] for r in batch_rows]), mask, kind_name,
-                    means.get(name), resampled.get(name))))
-            prompt_idx = torch.tensor([i for _, i in part])
-            logits = _forward_last(model_, [rows[i] for _, i in part], hooks)
-            values = m(logits, inputs.rows(prompt_idx))
-            for (c, i), v in zip(part, values.tolist()):
-                raw[row[i], col[c]] = v
-            if tick is not None:
-                tick(len(part))
-        return GroupValues(original[group], None, raw)
+        if jobs:
+            logits = patched_logits_many(model_, runs, jobs, engine_, batch_size, memory_mb,
+                                         tick, stats,
+                                         answer_columns(m, [prompts[i] for i in group]))
+            row_of = torch.arange(len(group)).repeat(len(todo))
+            raw = m(logits, inputs.rows(row_of)).reshape(len(todo), len(group)).T
+        base_last = torch.stack([run.base_last for run in runs])
+        return GroupValues(m(base_last, inputs), None, raw)
 
-    values = run_pairs(model, prompts, len(cells), build=build, groups=[list(range(n))],
+    values = run_pairs(model, prompts, len(cells), build=build, groups=groups,
                        label="ablating", executor=executor_)
+    original = values.base
 
     # -- the result ---------------------------------------------------------------------------
     mean_original = float(original.mean())
@@ -397,12 +381,13 @@ def ablate(
         shape=shape, component=component, method="ablation", direction="none",
         clean=rows, corrupted=[], answers=[[c, k] for c, k in zip(corrects, incorrects)],
         timings={"setup_s": t_setup},
-        extra={"kind": kind_name, "effect": "mean over prompts of ablated - original metric",
+        extra={"kind": kind_name, "engine": engine_.value, "pair_groups": grouping,
+               "effect": "mean over prompts of ablated - original metric",
                "n_prompts": n, "original_metric": original.tolist(),
                "ablated_metric": ablated_mean.reshape(shape).tolist(),
                "fraction_kept": fraction, "positions": None if positions is None else row_pos,
                "reference_rows": len(ref_rows) if kind_ is not AblationKind.ZERO else 0,
-               "seed": seed, "resample_sources": sources}, t_start=t0)
+               "seed": seed, "resample_sources": sources}, t_start=t0, data=prompts_or_dataset)
 
 
 __all__ = ["ablate"]

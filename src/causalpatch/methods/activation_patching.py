@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..assemble import Scale, build_result, pair_evaluator, run_pairs
+from ..assemble import Scale, build_result, length_groups, pair_evaluator, run_pairs
 from ..datasets import as_patching_dataset
 from ..enums import Direction, Engine, parse
 from ..errors import InvalidArgumentError, OutOfRangeError
@@ -67,7 +67,7 @@ def activation_patching(
     memory_mb: float = 1024.0,
     normalize: bool = True,
     checkpoint: str | None = None,
-    progress: bool | Callable[[int, int], None] = False,
+    progress: bool | Callable[[int, int], None] | None = None,
     method: str | None = None,
     normalize_effects: bool | None = None,
     executor: Any = None,
@@ -96,7 +96,9 @@ def activation_patching(
         batch_size: patch rows per staircase pass (default: from ``memory_mb``).
         normalize: False returns raw patched metric values (mean over pairs) instead of effects.
         checkpoint: a file path: finished cells are saved there and a rerun resumes.
-        progress: True for a progress bar, or a callback ``(done, total)``.
+        progress: ``None`` (default: a bar with counts and ETA in a terminal or notebook once
+            the sweep has run 2 s), ``True`` (a bar at once), ``False`` (silent) or a callback
+            ``(done, total)``.
         method, normalize_effects: deprecated spellings of ``engine`` and ``normalize``.
         executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
             pairs are split into shards evaluated by Ray workers, each holding a copy of the
@@ -118,6 +120,7 @@ def activation_patching(
                       stacklevel=2)
         normalize = bool(normalize_effects)
     correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
+    clean = as_patching_dataset(clean, model)  # a seeds'-style dataset object works too
     pairs = make_pairs(model, clean, corrupted, correct, incorrect)
     m = choose_metric(metric, pairs, clean if corrupted is None else None)
     plan = plan_component(model, component, layers, heads, neurons)
@@ -133,9 +136,11 @@ def activation_patching(
         return pair_evaluator(model_, pairs, patches_of, m, direction_, engine_, batch_size,
                               memory_mb, stats)
 
+    groups, grouping = length_groups(pairs, engine_)
     t_setup = time.perf_counter() - t0
     values = run_pairs(
-        model, pairs, n_cells, build=build, checkpoint=checkpoint, chunk=batch_size,
+        model, pairs, n_cells, build=build, groups=groups, checkpoint=checkpoint,
+        chunk=batch_size,
         checkpoint_args=dict(component=component, metric=m.name, layers=plan.layers,
                              units=plan.units, positions=positions_of, by_position=by_position,
                              direction=direction_.value, engine=engine_.value),
@@ -146,7 +151,8 @@ def activation_patching(
         method="activation_patching", direction=direction_,
         clean=[p.clean for p in pairs], corrupted=[p.corrupted for p in pairs],
         answers=[[p.correct, p.incorrect] for p in pairs], timings={"setup_s": t_setup},
-        extra={"engine": engine_.value, "positions": positions_of[0]}, t_start=t0)
+        extra={"engine": engine_.value, "positions": positions_of[0], "pair_groups": grouping},
+        t_start=t0, data=clean)
 
 
 class CausalTrace:

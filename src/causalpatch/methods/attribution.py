@@ -296,7 +296,8 @@ def attribution_patching(
         corrupted=[p.corrupted for p in pairs],
         answers=[[p.correct, p.incorrect] for p in pairs], timings=timings,
         extra={"estimate": "first-order (gradient at the base run)",
-               "positions": positions_of[0], "verified": verified}, t_start=t_start)
+               "positions": positions_of[0], "verified": verified}, t_start=t_start,
+        data=clean)
 
 
 def _verify(model: HookedModel, m: Metric, pairs: Sequence[Pair], plan: ComponentPlan,

@@ -646,7 +646,7 @@ def path_patching(
                "freeze": freeze,
                "frozen": ("every other attn.z (MLPs recomputed)" if freeze == "heads"
                           else "every other attn.z and every mlp output"),
-               "n_computed": len(live)}, t_start=t0)
+               "n_computed": len(live)}, t_start=t0, data=clean)
 
 
 __all__ = ["path_patching"]
