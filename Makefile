@@ -38,9 +38,12 @@ test: $(VENV)/.test-extras
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# Full side-by-side patching benchmark (causalpatch fast / naive, TransformerLens, nnsight; all
+# five sweeps, 3 interleaved repeats, memory probes); rewrites docs/benchmarks.md. Run it on a
+# quiet machine. Smoke test: $(PY) benchmarks/bench_patching.py --quick
 bench: $(STAMP)
 	$(PIP) -c benchmarks/bench-constraints.txt -e ".[bench]"
-	$(PY) benchmarks/bench_patching.py
+	$(PY) benchmarks/bench_patching.py --repeats 3 --threads 2 --json out/bench_patching.json
 
 # Ray vs local on the embedded SmolLM2 (64 IOI pairs, attn_head); see docs/scale_out.md.
 bench-scale-out: $(VENV)/.test-extras
