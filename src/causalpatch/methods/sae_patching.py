@@ -476,7 +476,7 @@ def sae_patching(
     memory_mb: float = 1024.0,
     normalize: bool = True,
     references: bool = True,
-    progress: bool | Callable[[int, int], None] = False,
+    progress: bool | Callable[[int, int], None] | None = None,
     executor: Any = None,
 ) -> PatchingResult:
     """Patch SAE features one cell at a time (error term from the base run); exact.
@@ -503,7 +503,9 @@ def sae_patching(
         normalize: False returns raw metric values.
         references: also patch, per position group, the whole site, all features and the
             error term alone (``extra["reference"]``: effects, same normalisation).
-        progress: True for a progress bar, or a callback ``(done, total)``.
+        progress: ``None`` (default: a bar with counts and ETA in a terminal or notebook once
+            the sweep has run 2 s), ``True`` (a bar at once), ``False`` (silent) or a callback
+            ``(done, total)``.
         executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
             pairs are split into shards evaluated by Ray workers (the SAE travels with the
             plan; each worker loads the model from its specification).
