@@ -10,9 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import causalpatch.interventions as iv
 from causalpatch import InterpretableModel
 from causalpatch.errors import InvalidArgumentError
-from causalpatch.methods.causal_tracing import (GROUPS, causal_tracing, causal_tracing_dataset,
-                                                embedding_std, plot_trace, position_groups,
-                                                subject_span)
+from causalpatch.methods.causal_tracing import (GROUPS, answer_prob, causal_tracing,
+                                                causal_tracing_dataset, embedding_std, plot_trace,
+                                                position_groups, subject_span)
 
 PROMPT = "t5 t6 t7 t8 t9 t10 t11"
 SUBJECT = "t6 t7"  # tokens 1..2
@@ -132,6 +132,34 @@ def test_exact_restorations(small):
     assert float(result["resid_pre"].effect_matrix[0, 3]) == pytest.approx(ie_full, abs=1e-6)
     # the last layer's output at an earlier position never reaches the last token's logits
     assert (result["resid_post"].effect_matrix[2, :6] == 0).all()
+
+
+def test_noise_draws_share_batches_and_skip_positions_before_the_subject(small):
+    """Every restoration of a position and every noise draw are rows of the same staircase
+    passes; positions before the subject and last-layer restorations at earlier positions are
+    never computed (exactly the corrupted run)."""
+    samples = 4
+    result = causal_tracing(small, PROMPT, SUBJECT, samples=samples,
+                            components=("resid_post", "mlp"), window=1, position_groups=False)
+    stats = result["mlp"].extra["engine"]
+    n, T, s0 = 3, 7, 1
+    # per position p >= s0: 2 x 3 restorations, minus the 2 last-layer ones unless p is last
+    rows = samples * sum(2 * n - (2 if p < T - 1 else 0) for p in range(s0, T))
+    assert stats["rows"] + stats["skipped"] == rows
+    assert stats["chunks"] == T - s0  # one pass per position: all draws batched together
+    # rows enter at their layer and compute positions p..T-1 only
+    per_draw = sum((n - (layer + 1)) * (T - p) + (n - layer) * (T - p)
+                   for p in range(s0, T) for layer in range(n)
+                   if p == T - 1 or layer < n - 1)
+    assert stats["layer_tokens"] == samples * per_draw
+    for kind in ("resid_post", "mlp"):
+        assert (result[kind].effect_matrix[:, :s0] == 0).all()
+
+
+def test_answer_prob_is_the_softmax_entry():
+    logits = torch.randn(5, 1000) * 4
+    torch.testing.assert_close(answer_prob(logits, 7)[:, 0], torch.softmax(logits, -1)[:, 7],
+                               atol=1e-7, rtol=1e-5)
 
 
 def test_noise_is_deterministic(small):

@@ -69,3 +69,62 @@ def test_memory_budget_too_small_names_the_minimum(model):
     with pytest.raises(InvalidArgumentError, match="memory_mb >= "):
         rows_per_chunk(model, 12, 12, 1e-6)
     assert rows_per_chunk(model, 12, 12, 64.0) >= 1
+
+
+# -- perturbed base runs (causal tracing's noised embeddings) and readouts ----------------------
+def test_perturbed_base_runs_equal_a_naive_noised_forward(model):
+    """:func:`run_perturbed` base runs (the ``embed`` output replaced, here noise at positions
+    3..5) and staircase rows patched from the plain run equal one plain forward each with the
+    embedding replacement and the patch as interventions (tolerance 1e-5 in float32 logits);
+    patches before the first perturbed position are exact no-ops, never computed."""
+    import causalpatch.interventions as iv
+    from causalpatch.engine import run_perturbed, staircase_logits
+    from causalpatch.plan import SitePatch
+
+    ids = model.to_tokens("abcdefghijkl")[0].tolist()
+    n, T = model.n_layers, len(ids)
+    plain = model.trace([ids], cache=["embed"]).run()
+    gen = torch.Generator().manual_seed(0)
+    embeds = plain.cache["embed"].float().repeat(2, 1, 1)
+    embeds[:, 3:6] += torch.randn(2, 3, model.d_model, generator=gen)
+    embeds = embeds.to(model.dtype)
+    names = [f"blocks.{layer}.{kind}" for layer in range(n)
+             for kind in ("resid_pre", "resid_post", "mlp", "attn")]
+    runs = run_perturbed(model, ids, embeds, [model.site(name) for name in names])
+    clean = model.trace([ids], cache=names).run()
+    jobs, expected = [], []
+    for r in range(2):
+        noised = model.trace([ids], interventions={"embed": iv.replace_with(embeds[r:r + 1])}
+                             ).run()
+        assert (runs[r].base_last - noised.last_logits[0].float()).abs().max() <= 1e-5
+        assert torch.equal(runs[r].source_last, runs[0].source_last)
+        for name in names:
+            for p in (1, 4, T - 1):
+                jobs.append((r, (SitePatch(model.site(name), (p,)),)))
+                value = clean.cache[name][:, p:p + 1]
+                out = model.trace([ids], interventions={
+                    "embed": iv.replace_with(embeds[r:r + 1]),
+                    name: iv.replace_with(value, positions=[p])}).run()
+                expected.append(out.last_logits[0].float())
+    stats: dict = {}
+    fast = staircase_logits(model, runs, jobs, stats=stats)
+    expected_t = torch.stack(expected)
+    assert (fast - expected_t).abs().max().item() <= 1e-5
+    # not vacuous: restorations change the noised runs' logits
+    assert (expected_t - torch.stack([runs[r].base_last for r, _ in jobs])).abs().max() > 1e-3
+    # position 1 is before the noise (and the layer-0 input at T - 1 is a plain embedding):
+    # those patches are skipped, never computed (a sliding-window layer may add exact no-ops)
+    assert stats["skipped"] >= 2 * (len(names) + 1)
+    assert stats["rows"] + stats["skipped"] == len(jobs)
+    # the readout is applied per batch, no-op rows get the base run's readout
+    top = staircase_logits(model, runs, jobs, readout=lambda x: x.max(-1, keepdim=True).values)
+    torch.testing.assert_close(top[:, 0], fast.max(-1).values, atol=1e-6, rtol=0)
+
+
+def test_perturbed_base_runs_check_their_shape(model):
+    from causalpatch.engine import run_perturbed
+
+    before = model.hook_snapshot()
+    with pytest.raises(InvalidArgumentError, match=r"base_embeds must be \[n_runs, 4, "):
+        run_perturbed(model, [5, 6, 7, 8], torch.zeros(2, 3, model.d_model), [])
+    assert model.hook_snapshot() == before

@@ -29,6 +29,13 @@ patch ``x_base + decode(f') - decode(f_base)``). Two implementations:
     prefix cache), so masks, rotary embeddings and sliding windows are Hugging Face's.
 
 Both return ``[n_patches, vocab]`` logits at the last position; tests prove them equal.
+
+A base run need not be a plain prompt: :func:`run_perturbed` makes base runs whose embedding
+output is given (e.g. causal tracing's noised subject, :attr:`PairRun.base_embed`); every
+forward of such a run (prefix, suffix, recorded calls) replaces the ``embed`` site's output with
+it. A sweep that reads only a few numbers per row passes ``readout=`` to
+:func:`staircase_logits`, which reduces each batch's logits at once instead of keeping
+``[n_rows, vocab]``.
 """
 
 from __future__ import annotations
@@ -201,27 +208,49 @@ Changed = list[_Entries]
 """A patch's entries that change the base run, per site patch."""
 
 
-def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations) -> Changed:
+def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations,
+                     memo: dict[Any, _Entries | None] | None = None, run: int = 0) -> Changed:
     """The entries of ``patch`` whose value (the source run's, or the patch's own ``values``)
-    differs from the base value (compared exactly, all entries of a site at once)."""
+    differs from the base value (compared exactly, all entries of a site at once).
+
+    ``memo``: shared by the calls of one sweep, remembers each site patch without own values
+    per base run ``run`` (a site patch often recurs in many rows, e.g. a layer inside many
+    restoration windows)."""
     out = []
     for sp in patch:
-        entries = sp.entries()
-        pos = torch.tensor([p for p, _ in entries], dtype=torch.long)
-        units = None if sp.units is None else torch.tensor([u for _, u in entries],
-                                                           dtype=torch.long)
-        bas = base.acts[sp.site.name][0]
-        bas = bas[pos] if units is None else bas[pos, units]
-        if sp.values is not None:
-            values = sp.values.to(bas.device, bas.dtype)
-        else:
-            src = source.acts[sp.site.name][0]
-            values = src[pos] if units is None else src[pos, units]
-        keep = (values != bas).reshape(len(entries), -1).any(1)
-        if bool(keep.any()):
-            out.append(_Entries(sp, pos[keep], None if units is None else units[keep],
-                                values[keep]))
+        key = None
+        if memo is not None and sp.values is None:
+            key = (run, sp.site.name, sp.positions, sp.units)
+            if key in memo:
+                found = memo[key]
+                if found is not None:
+                    out.append(found)
+                continue
+        before = len(out)
+        _changed_site(sp, base, source, out)
+        if key is not None:
+            memo[key] = out[-1] if len(out) > before else None
     return out
+
+
+def _changed_site(sp: SitePatch, base: RunActivations, source: RunActivations,
+                  out: list[_Entries]) -> None:
+    """Append the changed entries of one site patch to ``out`` (nothing if none change)."""
+    entries = sp.entries()
+    pos = torch.tensor([p for p, _ in entries], dtype=torch.long)
+    units = None if sp.units is None else torch.tensor([u for _, u in entries],
+                                                       dtype=torch.long)
+    bas = base.acts[sp.site.name][0]
+    bas = bas[pos] if units is None else bas[pos, units]
+    if sp.values is not None:
+        values = sp.values.to(bas.device, bas.dtype)
+    else:
+        src = source.acts[sp.site.name][0]
+        values = src[pos] if units is None else src[pos, units]
+    keep = (values != bas).reshape(len(entries), -1).any(1)
+    if bool(keep.any()):
+        out.append(_Entries(sp, pos[keep], None if units is None else units[keep],
+                            values[keep]))
 
 
 @dataclass
@@ -258,19 +287,33 @@ def cachers(store: dict[str, torch.Tensor], sites: Sequence[Site]) -> list[Hook]
     return [Hook(site, saver(site.name)) for site in sites]
 
 
+def _embed_hooks(model: HookedModel, embeds: torch.Tensor | None, offset: int) -> list[Hook]:
+    """Hooks replacing the ``embed`` site's output of a run over positions ``offset..`` with
+    those positions of ``embeds`` ``[rows, T, d_model]`` (none when ``embeds`` is ``None``)."""
+    if embeds is None:
+        return []
+
+    def replace(act: torch.Tensor) -> torch.Tensor:
+        return embeds[:, offset : offset + act.shape[1]].to(act.dtype).expand_as(act)
+
+    return [Hook(model.site("embed"), replace)]
+
+
 def _suffix_run(model: HookedModel, ids: torch.Tensor, start: int, prefix_cache: Any,
-                sites: Sequence[Site], record: bool
+                sites: Sequence[Site], record: bool, embeds: torch.Tensor | None = None
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Staircase | None]:
     """Run positions ``start..T-1`` of ``ids`` on top of ``prefix_cache``.
 
     Returns the activations of ``sites`` on those positions, the last-position logits
     ``[vocab]`` and, with ``record``, the staircase context (each layer's call arguments and
-    the run's full cache).
+    the run's full cache). ``embeds`` ``[1, T, d_model]``: the embedding output to use instead
+    of the tokens' (see :func:`run_perturbed`).
     """
     runtime = model.runtime
     paths = stack_paths(runtime) if record else []
     acts: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), hooked(model.hf_model, cachers(acts, sites), model.dims), \
+    hooks = [*_embed_hooks(model, embeds, start), *cachers(acts, sites)]
+    with torch.no_grad(), hooked(model.hf_model, hooks, model.dims), \
             recorded_calls(model.hf_model, paths) as calls:
         logits, cache = runtime.forward(ids[:, start:], cache=prefix_cache if start > 0 else None,
                                         keep_cache=record, last_only=True)
@@ -283,21 +326,30 @@ def _suffix_run(model: HookedModel, ids: torch.Tensor, start: int, prefix_cache:
 
 
 def _prefix_run(model: HookedModel, ids: torch.Tensor, start: int,
-                sites: Sequence[Site]) -> tuple[dict[str, torch.Tensor], Any]:
-    """Run positions ``0..start-1`` with a cache; activations of ``sites`` and the cache."""
+                sites: Sequence[Site], embeds: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor], Any]:
+    """Run positions ``0..start-1`` with a cache; activations of ``sites`` and the cache
+    (``embeds``: as :func:`_suffix_run`)."""
     if start == 0:
         return {}, None
     acts: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), hooked(model.hf_model, cachers(acts, sites), model.dims):
+    hooks = [*_embed_hooks(model, embeds, 0), *cachers(acts, sites)]
+    with torch.no_grad(), hooked(model.hf_model, hooks, model.dims):
         _, cache = model.runtime.forward(ids[:, :start], keep_cache=True, last_only=True)
     return acts, cache
 
 
-def prepare_staircase(model: HookedModel, base_ids: torch.Tensor, start: int) -> Staircase:
+def prepare_staircase(model: HookedModel, base_ids: torch.Tensor, start: int,
+                      base_embed: torch.Tensor | None = None) -> Staircase:
     """Prefill the base prompt's prefix (positions ``< start``) and record each layer's call
-    on the suffix; ``base_ids`` is ``[1, T]``."""
-    _, cache = _prefix_run(model, base_ids, start, [])
-    prepared = _suffix_run(model, base_ids, start, cache, [], record=True)[2]
+    on the suffix; ``base_ids`` is ``[1, T]``.
+
+    ``base_embed`` ``[1, T, d_model]``: the base run's embedding output when it is not the
+    tokens' own (:attr:`PairRun.base_embed`).
+    """
+    _, cache = _prefix_run(model, base_ids, start, [], base_embed)
+    prepared = _suffix_run(model, base_ids, start, cache, [], record=True,
+                           embeds=base_embed)[2]
     assert prepared is not None
     return prepared
 
@@ -317,6 +369,9 @@ class PairRun:
             first differing token come from one shared computation, so they are bitwise equal.
         base_last, source_last: ``[vocab]`` last-position logits.
         prepared: the staircase context of the base run.
+        base_embed: ``[1, T, d_model]`` the base run's embedding output when it is not the
+            token embedding of ``base_ids`` (a perturbed base from :func:`run_perturbed`);
+            ``None`` for a plain prompt. Every forward of the base run uses it.
     """
 
     base_ids: torch.Tensor
@@ -325,6 +380,7 @@ class PairRun:
     base_last: torch.Tensor
     source_last: torch.Tensor
     prepared: Staircase | None
+    base_embed: torch.Tensor | None = None
 
 
 def run_pair(model: HookedModel, base_ids: Sequence[int], source_ids: Sequence[int],
@@ -352,6 +408,52 @@ def run_pair(model: HookedModel, base_ids: Sequence[int], source_ids: Sequence[i
     assert prepared is not None
     return PairRun(base_t, _join(prefix_acts, base_acts), _join(prefix_acts, src_acts),
                    base_last, src_last, prepared)
+
+
+def run_perturbed(model: HookedModel, ids: Sequence[int], base_embeds: torch.Tensor,
+                  sites: Sequence[Site]) -> list[PairRun]:
+    """Base runs of one prompt with given embedding outputs, against its plain run.
+
+    Base run ``i`` is the prompt ``ids`` with the ``embed`` site's output replaced by
+    ``base_embeds[i]`` (e.g. Gaussian noise added at a subject's positions); the source of
+    every run is the plain prompt, run once. Positions before the first one where any base
+    embedding differs from the plain embedding are computed once (one shared prefix cache),
+    so they are bitwise equal in every run and patches there are exact no-ops.
+
+    Args:
+        ids: the prompt's ``T`` token ids.
+        base_embeds: ``[n_runs, T, d_model]`` the embedding output of each base run.
+        sites: where to record activations (``[1, T, ...]`` in each run's ``base``/``source``).
+
+    Returns:
+        ``n_runs`` :class:`PairRun` (their ``base_embed`` set, staircase contexts recorded, the
+        ``source`` activations shared).
+
+    Raises:
+        InvalidArgumentError: ``base_embeds`` is not ``[n_runs, T, d_model]``.
+    """
+    ids_t = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+    T = ids_t.shape[1]
+    if base_embeds.dim() != 3 or base_embeds.shape[1:] != (T, model.d_model):
+        raise InvalidArgumentError(
+            f"base_embeds must be [n_runs, {T}, {model.d_model}] (one embedding output per "
+            f"base run of this {T}-token prompt), got {tuple(base_embeds.shape)}")
+    with torch.no_grad():
+        plain = model.runtime.embed(ids_t)
+    embeds = base_embeds.to(plain.device, plain.dtype)
+    differ = (embeds != plain).reshape(len(embeds), T, -1).any(-1).any(0).nonzero()
+    start = min(int(differ[0]) if len(differ) else T - 1, T - 1)
+    prefix_acts, cache = _prefix_run(model, ids_t, start, sites)
+    src_acts, src_last, _ = _suffix_run(model, ids_t, start, cache, sites, False)
+    source = _join(prefix_acts, src_acts)
+    runs = []
+    for embed_i in embeds.unbind(0):
+        embed_i = embed_i.unsqueeze(0)
+        acts, last, prepared = _suffix_run(model, ids_t, start, cache, sites, True, embed_i)
+        assert prepared is not None
+        runs.append(PairRun(ids_t, _join(prefix_acts, acts), source, last, src_last, prepared,
+                            embed_i))
+    return runs
 
 
 def run_layer(model: HookedModel, staircase: Staircase, layer: int, hidden: torch.Tensor,
@@ -482,7 +584,9 @@ def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
                      jobs: Sequence[tuple[int, Patch]], batch_size: int | None = None,
                      memory_mb: float = 1024.0, progress: Callable[[int], None] | None = None,
                      stats: dict[str, Any] | None = None,
-                     columns: Sequence[int] | None = None) -> torch.Tensor:
+                     columns: Sequence[int] | None = None,
+                     readout: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Last-position logits of every job ``(run index, patch)``, on the staircase.
 
     Rows from several base runs of the same token length run in the same batches (each row
@@ -499,17 +603,26 @@ def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
             longest window, ``chunks`` staircase passes, ``batch_size`` the rows per pass chosen,
             ``layer_tokens`` the (row, layer, position) triples computed.
         columns: the vocabulary entries the caller reads (others are 0; all by default).
+        readout: reduces float32 logits ``[rows, vocab]`` to ``[rows, k]`` (e.g. the answer's
+            probability, which needs the whole vocabulary's log-sum-exp); applied to every
+            batch as it is computed and to the base runs' logits for no-op rows, so the
+            logits of all rows are never held at once.
 
     Returns:
-        ``[n_jobs, vocab]`` float32 logits.
+        ``[n_jobs, vocab]`` float32 logits, or ``[n_jobs, k]`` readouts with ``readout``.
     """
     n_layers = model.n_layers
-    out = torch.stack([runs[r].base_last.float() for r, _ in jobs]) if jobs else \
-        torch.empty(0, model.vocab_size)
+    if readout is not None and runs:
+        base_read = readout(torch.stack([run.base_last.float() for run in runs]))
+        out = base_read[[r for r, _ in jobs]].float().cpu()
+    else:
+        out = torch.stack([runs[r].base_last.float() for r, _ in jobs]) if jobs else \
+            torch.empty(0, model.vocab_size)
     live: list[_Row] = []
+    memo: dict[Any, _Entries | None] = {}
     for i, (r, patch) in enumerate(jobs):
         run = runs[r]
-        changed = _changed_entries(patch, run.base, run.source)
+        changed = _changed_entries(patch, run.base, run.source, memo, r)
         if not changed:
             if progress is not None:
                 progress(1)
@@ -527,7 +640,7 @@ def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
     for r, start in first.items():
         run = runs[r]
         if run.prepared is None or run.prepared.start > start or run.prepared.full_cache is None:
-            run.prepared = prepare_staircase(model, run.base_ids, start)
+            run.prepared = prepare_staircase(model, run.base_ids, start, run.base_embed)
     # group rows by (length, window); each group is one staircase
     groups: dict[tuple[int, int], list[_Row]] = defaultdict(list)
     for row in live:
@@ -542,8 +655,9 @@ def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
         group = _Group.make(model, runs, rows, w)
         for lo in range(0, len(rows), chunk):
             part = rows[lo : lo + chunk]
-            logits = group.run(model, part, columns)
-            out[[row.index for row in part]] = logits.float()
+            logits = group.run(model, part, columns).float()
+            out[[row.index for row in part]] = (logits if readout is None
+                                                else readout(logits).float()).to(out.device)
             counts["chunks"] += 1
             counts["layer_tokens"] += sum((n_layers - row.stage) * q for row in part)
             if progress is not None:
@@ -589,7 +703,7 @@ class _Group:
             for r, st in zip(order, stairs):
                 cut = runtime.crop_cache(st.full_cache, w)  # type: ignore[union-attr]
                 caches.append(cut if cut is not None else _prefix_run(
-                    model, runs[r].base_ids, w, [])[1])
+                    model, runs[r].base_ids, w, [], runs[r].base_embed)[1])
             prefix = runtime.stack_caches(caches)
         return _Group(w, calls, hidden, prefix, run_row)
 
@@ -647,7 +761,7 @@ def _window_calls(model: HookedModel, run: PairRun, w: int) -> list[LayerCall]:
                               model.runtime.crop_cache(st.full_cache, w) is not None)
     if exact and all(c is not None for c in cut):
         return cut  # type: ignore[return-value]
-    return prepare_staircase(model, run.base_ids, w).calls
+    return prepare_staircase(model, run.base_ids, w, run.base_embed).calls
 
 
 # -- dispatch ----------------------------------------------------------------------------------

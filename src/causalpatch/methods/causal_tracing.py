@@ -24,14 +24,19 @@ p_corrupted)``, ``per_pair`` the per-prompt IE. With ROME's position groups the 
 is taken over the prompts that *have* that group (a one-token subject has no middle tokens), as
 in ROME's averaged figures; ``extra["group_counts"]`` says how many prompts contributed.
 
-Computation (exact, up to float rounding): every restoration of one position ``p`` and every
-noise draw is a row of one batch. A restoration at ``(L, p)`` leaves layers before ``L`` and
-positions before ``p`` as in the corrupted run, so each row enters the decoder stack at its own
-layer with the corrupted residual stream and only positions ``p..T-1`` are computed
-(:func:`causalpatch.engine.run_layer` on a staircase of the prompt starting at ``p``), with the
-keys/values of earlier positions taken from the corrupted run of its noise draw
-(:func:`causalpatch.engine.run_prefix`, Hugging Face's own cache, so sliding-window layers are
-exact too).
+Computation (exact, up to float rounding), on the one staircase engine
+(:func:`causalpatch.engine.staircase_logits`): each noise draw is a *base run* whose embedding
+output is the clean one plus the draw's noise at the subject
+(:func:`causalpatch.engine.run_perturbed`), the clean run is the *source*, and a restoration is a
+*patch* (the site at the restored layers, one position). Every restoration and every noise draw
+of one position ``p`` is a row of the same batches. A restoration at ``(L, p)`` leaves layers
+before ``L`` and positions before ``p`` as in its draw's corrupted run, so each row enters the
+decoder stack at its own layer with that run's residual stream and only positions ``p..T-1`` are
+computed, with the keys/values of earlier positions from the run's own cache (Hugging Face's, so
+sliding-window layers are exact too). Positions before the subject are never computed (their
+effect is exactly 0), nor are restorations of the last layer at an earlier position; only the
+last position is unembedded and each row keeps just the answer's probability
+(``exp(logit - logsumexp)``, :func:`answer_prob`).
 
 Example::
 
@@ -49,7 +54,6 @@ import dataclasses
 import math
 import time
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -59,14 +63,12 @@ import torch
 
 from ..assemble import (GroupValues, PairValues, Scale, aggregate, build_result,
                         progress_callback, run_pairs)
-from ..engine import (Staircase, cachers, embed, last_logits, prepare_staircase, run_layer,
-                      run_prefix, unembed)
+from ..engine import embed, run_perturbed, staircase_logits
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
 from ..executors import resolve_executor
-from ..hooks import Hook
 from ..metrics import get_metric
-from ..plan import answer_token, check_int
+from ..plan import Patch, SitePatch, answer_token, check_int
 from ..render.plots import plot_trace
 from ..tokens import token_lists
 
@@ -203,38 +205,39 @@ def _window(layer: int, window: int, n_layers: int) -> range:
 
 
 # -- one prompt ------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class _Restoration:
+    """One restoration of a position: ``kind`` at the decoder layers ``layers`` (one layer, or
+    the window centred at ``layer``), all at the same token position."""
+
     kind: str
     layer: int
-    entry: int  # decoder layer at which the row joins (n_layers: only the unembedding)
-    inject: int | None  # stage at which position p of the hidden state is replaced
-    writes: tuple[int, ...]  # layers whose kind's output is replaced (mlp / attn)
+    layers: tuple[int, ...]
 
 
 def _restorations(kinds: Sequence[str], n_layers: int, window: int) -> list[_Restoration]:
     out = []
     for kind in kinds:
         for layer in range(n_layers):
-            if kind == "resid_pre":
-                out.append(_Restoration(kind, layer, layer, layer, ()))
-            elif kind == "resid_post":
-                out.append(_Restoration(kind, layer, layer + 1, layer + 1, ()))
-            else:
-                win = _window(layer, window, n_layers)
-                out.append(_Restoration(kind, layer, win.start, None, tuple(win)))
+            layers = (layer,) if kind in ("resid_pre", "resid_post") else tuple(
+                _window(layer, window, n_layers))
+            out.append(_Restoration(kind, layer, layers))
     return out
 
 
 def _no_op(r: _Restoration, p: int, n_tokens: int, n_layers: int) -> bool:
-    """Restorations that cannot change the last position's logits (exactly the corrupted run)."""
-    if p == n_tokens - 1:
+    """Restorations that cannot change the last position's logits (exactly the corrupted run):
+    the last layer's output or block outputs at an earlier position."""
+    if p == n_tokens - 1 or r.kind == "resid_pre":
         return False
-    if r.kind == "resid_post":
-        return r.layer == n_layers - 1
-    if r.kind in ("mlp", "attn"):
-        return min(r.writes) == n_layers - 1
-    return False
+    return min(r.layers) == n_layers - 1
+
+
+def answer_prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
+    """The answer's probability ``[rows, 1]`` from logits ``[rows, vocab]``: ``exp(logit[answer]
+    - logsumexp(logits))``, without materialising the softmax."""
+    logits = logits.float()
+    return torch.exp(logits[:, answer] - torch.logsumexp(logits, -1)).unsqueeze(1)
 
 
 @dataclass
@@ -246,134 +249,53 @@ class _Traced:
     answer: int
 
 
-def _noise_adder(noise: torch.Tensor, s0: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
-    """Add ``noise`` ``[rows, n_subject, d]`` to the embeddings from position ``s0`` on (as far
-    as the run reaches: a prefix run may end inside the subject)."""
-
-    def add(act: torch.Tensor) -> torch.Tensor | None:
-        end = min(s0 + noise.shape[1], act.shape[1])
-        if end <= s0:
-            return None
-        out = act.clone()
-        out[:, s0:end] = out[:, s0:end] + noise[:, : end - s0].to(act.dtype)
-        return out
-
-    return add
-
-
 def _trace_one(model: HookedModel, ids: list[int], span: tuple[int, int],
                answer: int | None, sigma: float, n_samples: int, seed: int,
-               kinds: Sequence[str], window: int, batch_size: int) -> _Traced:
+               kinds: Sequence[str], window: int, batch_size: int | None,
+               stats: dict[str, Any] | None = None) -> _Traced:
+    """Trace one prompt on the staircase engine: one base run per noise draw (the clean
+    embeddings plus the draw's noise at the subject, :func:`~causalpatch.engine.run_perturbed`),
+    the clean run as the source, every (restoration, position, draw) a patch row."""
     n, T = model.n_layers, len(ids)
     s0, s1 = span
-    dev, dtype = model.device, model.dtype
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(n_samples, s1 - s0, model.d_model, generator=gen) * sigma
-    ids_t = torch.tensor([ids], dtype=torch.long, device=dev)
+    ids_t = torch.tensor([ids], dtype=torch.long, device=model.device)
+    noised = embed(model, ids_t).expand(n_samples, -1, -1).clone()  # [n_samples, T, d_model]
+    noised[:, s0:s1] = noised[:, s0:s1] + noise.to(noised.device, noised.dtype)
+    sites = {f"blocks.{layer}.{k}": model.site(f"blocks.{layer}.{k}")
+             for k in kinds for layer in range(n)}
+    runs = run_perturbed(model, ids, noised, list(sites.values()))
 
-    # clean run: the restored values, the answer and p_clean
-    clean: dict[str, torch.Tensor] = {}
-    clean_sites = [model.site(f"blocks.{layer}.{k}") for k in kinds for layer in range(n)]
-    with torch.no_grad():
-        clean_logits = last_logits(model, ids_t, cachers(clean, clean_sites)).float()
-    probs = torch.softmax(clean_logits[0], -1)
-    answer = int(probs.argmax()) if answer is None else answer
-    p_clean = float(probs[answer])
+    clean = torch.softmax(runs[0].source_last.float(), -1)
+    answer = int(clean.argmax()) if answer is None else answer
+    p_clean = float(clean[answer])
 
-    # corrupted runs: one row per noise draw
-    noise_hook = Hook(model.site("embed"), _noise_adder(noise.to(dev, dtype), s0))
-    rows_ids = ids_t.expand(n_samples, -1)
-    corrupted: dict[str, torch.Tensor] = {}
-    corrupted_sites = ([model.site(f"blocks.{layer}.resid_pre") for layer in range(n)]
-                       + [model.site(f"blocks.{n - 1}.resid_post")])
-    with torch.no_grad():
-        corr_logits = last_logits(model, rows_ids,
-                                  [noise_hook, *cachers(corrupted, corrupted_sites)]).float()
-    p_corr_rows = torch.softmax(corr_logits, -1)[:, answer]
-    p_corrupted = float(p_corr_rows.mean())
-    stage_input = [corrupted[f"blocks.{layer}.resid_pre"] for layer in range(n)]
-    stage_input.append(corrupted[f"blocks.{n - 1}.resid_post"])
+    def read(logits: torch.Tensor) -> torch.Tensor:
+        return answer_prob(logits, answer)
 
+    corrupted_rows = read(torch.stack([run.base_last for run in runs]))[:, 0]
+    p_corrupted = float(corrupted_rows.mean())
+
+    # rows: every restoration at every position from the subject on (earlier positions are
+    # exactly the corrupted run: never computed, just filled), for every noise draw
     restored = {k: torch.full((n, T), p_corrupted) for k in kinds}
-    plan = _restorations(kinds, n, window)
+    cells: list[tuple[str, int, int]] = []
+    jobs: list[tuple[int, Patch]] = []
     for p in range(s0, T):
-        todo = [r for r in plan if not _no_op(r, p, T, n)]
-        if not todo:
-            continue
-        stairs = prepare_staircase(model, ids_t, p)  # the layers' calls on positions p..T-1
-        # keys/values of positions < p of every noise draw; up to the subject they are the
-        # clean run's, shared by every row (the staircase's own prefix)
-        prefix = run_prefix(model, rows_ids, p, [noise_hook]) if p > s0 else None
-        rows = sorted(((r, s) for r in todo for s in range(n_samples)), key=lambda x: x[0].entry)
-        sums: dict[tuple[str, int], float] = defaultdict(float)
-        for lo in range(0, len(rows), batch_size):
-            part = rows[lo : lo + batch_size]
-            probs_part = _run_rows(model, stairs, prefix, part, p, stage_input, clean, answer)
-            for (r, _), value in zip(part, probs_part.tolist()):
-                sums[(r.kind, r.layer)] += value
-        for (kind, layer), total in sums.items():
-            restored[kind][layer, p] = total / n_samples
-    return _Traced(p_clean, p_corrupted, restored, noise, answer)
-
-
-def _run_rows(model: HookedModel, stairs: Staircase, prefix: Any,
-              rows: list[tuple[_Restoration, int]], p: int, stage_input: list[torch.Tensor],
-              clean: Mapping[str, torch.Tensor], answer: int) -> torch.Tensor:
-    """One staircase pass over rows sorted by entry layer; ``[rows]`` answer probabilities.
-
-    The rows compute positions ``p..T-1`` (``stairs.start == p``), so the restored position is
-    index 0 of that window; ``prefix`` holds every noise draw's keys/values of positions
-    ``< p`` (``None``: the staircase's own, shared prefix).
-    """
-    n = model.n_layers
-    dev = model.device
-    samples = torch.tensor([s for _, s in rows], dtype=torch.long, device=dev)
-    entries = [r.entry for r, _ in rows]
-    inject: dict[int, list[int]] = defaultdict(list)
-    writes: dict[tuple[int, str], list[int]] = defaultdict(list)
-    for i, (r, _) in enumerate(rows):
-        if r.inject is not None:
-            inject[r.inject].append(i)
-        for layer in r.writes:
-            writes[(layer, r.kind)].append(i)
-    hidden = stage_input[0][:0, p:]
-    for stage in range(entries[0], n + 1):
-        n_before, n_now = hidden.shape[0], sum(1 for e in entries if e <= stage)
-        if n_now > n_before:
-            hidden = torch.cat([hidden, stage_input[stage][samples[n_before:n_now], p:]])
-        if inject.get(stage):
-            hidden = hidden.clone()
-            for kind in ("resid_pre", "resid_post"):
-                sel = [i for i in inject[stage] if rows[i][0].kind == kind]
-                if sel:
-                    source = (clean[f"blocks.{stage}.resid_pre"] if kind == "resid_pre"
-                              else clean[f"blocks.{stage - 1}.resid_post"])
-                    hidden[torch.tensor(sel, dtype=torch.long, device=dev), 0] = \
-                        source[0, p].to(hidden.dtype)
-        if stage == n:
-            break
-        hooks = []
-        for kind in ("mlp", "attn"):
-            sel = writes.get((stage, kind))
-            if not sel:
+        for r in _restorations(kinds, n, window):
+            if _no_op(r, p, T, n):
                 continue
-            sel_t = torch.tensor(sel, dtype=torch.long, device=dev)
-            value = clean[f"blocks.{stage}.{kind}"][0, p]
-
-            def write(act: torch.Tensor, sel_t: torch.Tensor = sel_t,
-                      value: torch.Tensor = value) -> torch.Tensor:
-                out = act.clone()
-                out[sel_t, 0] = value.to(act.dtype)
-                return out
-
-            hooks.append(Hook(model.site(f"blocks.{stage}.{kind}"), write))
-        out = run_layer(model, stairs, stage, hidden, hooks, prefix_cache=prefix,
-                        prefix_rows=None if prefix is None else samples[:n_now])
-        assert out is not None
-        hidden = out
-    with torch.no_grad():
-        logits = unembed(model, hidden[:, -1]).float()
-    return torch.softmax(logits, -1)[:, answer].cpu()
+            patch = tuple(SitePatch(sites[f"blocks.{layer}.{r.kind}"], (p,))
+                          for layer in r.layers)
+            cells.append((r.kind, r.layer, p))
+            jobs += [(s, patch) for s in range(n_samples)]
+    if jobs:
+        probs = staircase_logits(model, runs, jobs, batch_size, stats=stats, readout=read)
+        means = probs[:, 0].reshape(len(cells), n_samples).double().mean(1)
+        for (kind, layer, p), value in zip(cells, means.tolist()):
+            restored[kind][layer, p] = value
+    return _Traced(p_clean, p_corrupted, restored, noise, answer)
 
 
 # -- result ----------------------------------------------------------------------------------------
@@ -517,7 +439,8 @@ def causal_tracing(
             ``("layer", "group")``, shape ``(n_layers, 6)``); False keeps every position (axes
             ``("layer", "position")``, shape ``(n_layers, n_tokens)``; prompts must then have
             equal token lengths).
-        batch_size: rows per batch (default 512).
+        batch_size: patch rows per staircase pass (default: as many as fit the engine's
+            1 GiB budget; every noise draw's rows of a position share the passes).
         progress: True for a progress bar or a callback ``(done, total)`` over prompts.
         executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
             prompts are split into shards traced by Ray workers (same noise draws, same
@@ -586,13 +509,13 @@ def causal_tracing(
             tick(1)
 
     def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
-        return partial(evaluate, model_)
+        return partial(evaluate, model_, stats)
 
-    def evaluate(model_: HookedModel, group: list[int], cells: list[int],
+    def evaluate(model_: HookedModel, stats: dict[str, Any], group: list[int], cells: list[int],
                  tick_: Callable[[int], None] | None) -> GroupValues:
         (i,) = group
         one = _trace_one(model_, ids_list[i], spans[i], answers[i], sigma, samples, seed + i,
-                         kinds, window, batch_size or 512)
+                         kinds, window, batch_size, stats)
         raw = _cell_values(one, kinds, ids_list[i], spans[i], grouped)
         if tick_ is not None:
             tick_(len(cells))
@@ -619,7 +542,8 @@ def causal_tracing(
             "samples": samples, "seed": seed, "window": window if kind in (
                 "mlp", "attn") else 1,
             "subject_spans": [list(s) for s in spans], "answers": [t.answer for t in ordered],
-            "subjects": [s if isinstance(s, str) else list(s) for s in subjects]}
+            "subjects": [s if isinstance(s, str) else list(s) for s in subjects],
+            "engine": {k: v for k, v in values.stats.items() if k != "executor"}}
         labels: dict[str, list[Any]] = {"layer": list(range(n))}
         if grouped:
             axes: tuple[str, ...] = ("layer", "group")
