@@ -414,6 +414,25 @@ def answer_columns(metric: Metric, pairs: Sequence[Pair]) -> list[int] | None:
     return sorted(cols) or None
 
 
+def cell_values(model: HookedModel, runs: Sequence[PairRun], jobs: Sequence[tuple[int, Patch]],
+                metric: Metric, inputs: Any, engine: Engine, batch_size: int | None,
+                memory_mb: float, tick: Callable[[int], None] | None, stats: dict[str, Any],
+                columns: Sequence[int] | None) -> torch.Tensor:
+    """The metric of every job of a group, ``[n_runs, n_cells]``.
+
+    ``jobs`` are cell-major (cell ``j`` of run ``r`` is job ``j * n_runs + r``); ``inputs`` are
+    the runs' :class:`~causalpatch.metrics.MetricInputs`, one row per run.
+    """
+    n_runs = len(runs)
+    n_cells = len(jobs) // n_runs
+    if not jobs:
+        return torch.empty(n_runs, 0)
+    logits = patched_logits_many(model, runs, jobs, engine, batch_size, memory_mb, tick, stats,
+                                 columns)
+    row_of = torch.arange(n_runs).repeat(n_cells)
+    return metric(logits, inputs.rows(row_of)).reshape(n_cells, n_runs).T
+
+
 def pair_evaluator(model: HookedModel, pairs: Sequence[Pair], patches_of: Sequence[list[Patch]],
                    metric: Metric, direction: Direction, engine: Engine,
                    batch_size: int | None, memory_mb: float, stats: dict[str, Any]
@@ -439,15 +458,10 @@ def pair_evaluator(model: HookedModel, pairs: Sequence[Pair], patches_of: Sequen
         base_last = torch.stack([run.base_last for run in members])
         inputs = metric_inputs(metric, [pairs[i].correct for i in group],
                                [pairs[i].incorrect for i in group], source_last)
-        values = torch.empty(len(group), len(cells))
-        if cells:
-            # cell-major rows: (cell j, pair r) -> row j * n + r
-            jobs = [(r, patches_of[i][j]) for j in cells for r, i in enumerate(group)]
-            logits = patched_logits_many(model, members, jobs, engine, batch_size, memory_mb,
-                                         tick, stats,
-                                         answer_columns(metric, [pairs[i] for i in group]))
-            row_of = torch.arange(len(group)).repeat(len(cells))
-            values = metric(logits, inputs.rows(row_of)).reshape(len(cells), len(group)).T
+        jobs = [(r, patches_of[i][j]) for j in cells for r, i in enumerate(group)]
+        values = cell_values(model, members, jobs, metric, inputs, engine, batch_size,
+                             memory_mb, tick, stats,
+                             answer_columns(metric, [pairs[i] for i in group]))
         return GroupValues(metric(base_last, inputs), metric(source_last, inputs), values)
 
     return evaluate

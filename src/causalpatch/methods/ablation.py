@@ -65,9 +65,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..assemble import (GroupValues, Scale, answer_columns, build_result, length_groups,
-                        run_pairs)
-from ..engine import PairRun, last_logits, patched_logits_many, run_base_and_source
+from ..assemble import (GroupValues, Scale, answer_columns, build_result, cell_values,
+                        length_groups, run_pairs)
+from ..engine import PairRun, last_logits, run_base_and_source
 from ..enums import AblationKind, Engine, parse
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
 from ..executors import resolve_executor
@@ -356,13 +356,8 @@ def ablate(
                                          resampled, sae)
                 unit = None if cell.unit is None or sae is not None else (cell.unit,)
                 jobs.append((r, (SitePatch(cell.site, tuple(row_pos[i]), unit, values),)))
-        raw = torch.empty(len(group), len(todo))
-        if jobs:
-            logits = patched_logits_many(model_, runs, jobs, engine_, batch_size, memory_mb,
-                                         tick, stats,
-                                         answer_columns(m, [prompts[i] for i in group]))
-            row_of = torch.arange(len(group)).repeat(len(todo))
-            raw = m(logits, inputs.rows(row_of)).reshape(len(todo), len(group)).T
+        raw = cell_values(model_, runs, jobs, m, inputs, engine_, batch_size, memory_mb, tick,
+                          stats, answer_columns(m, [prompts[i] for i in group]))
         base_last = torch.stack([run.base_last for run in runs])
         return GroupValues(m(base_last, inputs), None, raw)
 
