@@ -39,11 +39,13 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
 # Full side-by-side patching benchmark (causalpatch fast / naive, TransformerLens, nnsight; all
-# five sweeps, 3 interleaved repeats, memory probes); rewrites docs/benchmarks.md. Run it on a
-# quiet machine. Smoke test: $(PY) benchmarks/bench_patching.py --quick
+# five sweeps, 3 interleaved repeats; the 32-pair naive reference timed on 4 pairs and scaled;
+# memory probes for causalpatch fast; ~75 min); rewrites docs/benchmarks.md. Run it on a quiet
+# machine. Smoke test: $(PY) benchmarks/bench_patching.py --quick
 bench: $(STAMP)
 	$(PIP) -c benchmarks/bench-constraints.txt -e ".[bench]"
-	$(PY) benchmarks/bench_patching.py --repeats 3 --threads 2 --json out/bench_patching.json
+	$(PY) benchmarks/bench_patching.py --repeats 3 --threads 2 --max-repeat-seconds 60 \
+	  --peer-budget 2500 --naive-pairs 4 --memory fast --json out/bench_patching.json
 
 # Ray vs local on the embedded SmolLM2 (64 IOI pairs, attn_head); see docs/scale_out.md.
 bench-scale-out: $(VENV)/.test-extras
