@@ -39,13 +39,16 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
 # Full side-by-side patching benchmark (causalpatch fast / naive, TransformerLens, nnsight; all
-# five sweeps, 3 interleaved repeats; the 32-pair naive reference timed on 4 pairs and scaled;
+# five sweeps, 3 interleaved repeats; the naive reference of the 32-pair sweep timed on 4 pairs
+# and of mlp_neuron on 64 neurons per layer, then scaled; peers on every sweep but mlp_neuron;
 # memory probes for causalpatch fast; ~75 min); rewrites docs/benchmarks.md. Run it on a quiet
 # machine. Smoke test: $(PY) benchmarks/bench_patching.py --quick
 bench: $(STAMP)
 	$(PIP) -c benchmarks/bench-constraints.txt -e ".[bench]"
-	$(PY) benchmarks/bench_patching.py --repeats 3 --threads 2 --max-repeat-seconds 60 \
-	  --peer-budget 2500 --naive-pairs 4 --memory fast --json out/bench_patching.json
+	$(PY) benchmarks/bench_patching.py --repeats 3 --threads 2 --max-repeat-seconds 115 \
+	  --peer-budget 3000 --naive-pairs 4 --naive-neurons 64 \
+	  --peer-sweeps resid_post,attn_head,ioi_attn_head,zero_ablation --memory fast \
+	  --json out/bench_patching.json
 
 # Ray vs local on the embedded SmolLM2 (64 IOI pairs, attn_head); see docs/scale_out.md.
 bench-scale-out: $(VENV)/.test-extras

@@ -64,8 +64,8 @@ def bench_path(model, n_pairs: int, seed: int = 0) -> dict:
 
 
 def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
-               out_json: str | None = None) -> dict:
-    """Average causal tracing over known facts; writes the two ROME figures."""
+               out_json: str | None = None, figures: bool = True) -> dict:
+    """Average causal tracing over known facts; writes the two ROME figures (``figures``)."""
     from causalpatch import causal_tracing_dataset
     from causalpatch.datasets import known_facts
 
@@ -89,6 +89,8 @@ def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
     IMG.mkdir(parents=True, exist_ok=True)
     for kind in ("mlp", "attn"):
         res = result[kind]
+        if not figures:
+            continue
         title = (f"Restoring {'MLP' if kind == 'mlp' else 'attention'} outputs "
                  f"(window {window}) — {model.name}, {len(facts)} known facts, "
                  f"{n_samples} noise samples")
@@ -96,7 +98,9 @@ def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
         path = IMG / f"rome_{kind}.png"
         fig.savefig(path, dpi=130)
         print(f"wrote {path}")
-        print("mean IE per group (max over layers, at layer):")
+    for kind in ("mlp", "attn"):
+        res = result[kind]
+        print(f"{kind}: mean IE per group (max over layers, at layer):")
         for g, name in enumerate(res.labels["group"]):
             column = res.effect_matrix[:, g]
             print(f"  {name:>24}: {float(column.max()):+.4f} at layer {int(column.argmax())}"
@@ -272,6 +276,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--out-json", default=None)
+    parser.add_argument("--no-figures", action="store_true",
+                        help="rome: time and print only; leave docs/img as it is")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from causalpatch import InterpretableModel
@@ -284,7 +290,8 @@ def main() -> None:
         bench_speed(model, args.naive_forwards, repeat=args.repeat,
                     methods=tuple(m.strip() for m in args.methods.split(",")))
     if args.part in ("rome", "all"):
-        bench_rome(model, args.facts, args.samples, args.window, out_json=args.out_json)
+        bench_rome(model, args.facts, args.samples, args.window, out_json=args.out_json,
+                   figures=not args.no_figures)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ HEADLINES = (
     ("zero_ablation", "loop", 10.0),
 )
 MEMORY_TARGET = 1.5
+#: the analysis appended to the generated page (what the numbers mean, the compute floors)
+NOTES = HERE / "benchmarks_notes.md"
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,10 @@ class Impl:
     forwards: int  # forward calls
     rows: int  # batch rows over all forwards (= batch-1 forwards' worth, padding aside)
     rows_per_pass: Callable[[dict | None], int | None]
-    #: sampled reference: it ran on the first ``sample`` pairs only; its time is scaled by
-    #: ``n_pairs / sample`` and its effects are compared with causalpatch fast on those pairs
-    sample: int | None = None
+    #: sampled reference ``(what, k, of)``: it ran on the first ``k`` of ``of`` pairs (or
+    #: neurons); its time is scaled by ``of / k`` and its effects are compared with causalpatch
+    #: fast on those pairs (neurons)
+    sample: tuple[str, int, int] | None = None
 
 
 @dataclass
@@ -293,20 +296,31 @@ def mean_tokens(model: Any, sw: Sweep) -> float:
     return sum(lengths) / len(lengths)
 
 
-def naive_sample(sw: Sweep, naive_pairs: int | None) -> int:
-    """How many of the sweep's pairs the naive reference runs on (all, unless sampled)."""
-    if naive_pairs is None or sw.kind != "patch":
-        return sw.n_pairs
-    return max(1, min(naive_pairs, sw.n_pairs))
+def naive_sample(sw: Sweep, naive_pairs: int | None, naive_neurons: int | None
+                 ) -> tuple[str, int, int] | None:
+    """The part of the sweep the naive reference runs on: ``None`` (all of it), or
+    ``("pairs", k, n_pairs)`` / ``("neurons", k, n_neurons)`` (the first ``k``)."""
+    if sw.kind != "patch":
+        return None
+    if naive_pairs is not None and naive_pairs < sw.n_pairs:
+        return ("pairs", max(1, naive_pairs), sw.n_pairs)
+    if naive_neurons is not None and sw.component == "mlp_neuron" and sw.neurons is None \
+            and naive_neurons < sw.n_units:
+        return ("neurons", max(1, naive_neurons), sw.n_units)
+    return None
 
 
 def build_impls(sw: Sweep, model: Any, peers_: dict[str, Any],
-                naive_pairs: int | None = None) -> dict[str, Impl]:
+                naive_pairs: int | None = None, naive_neurons: int | None = None
+                ) -> dict[str, Impl]:
     """The implementations of one sweep (peers only if their wrapper is in ``peers_``).
 
     ``naive_pairs``: run the naive reference on only the first this-many pairs of a dataset
     sweep (it is one forward per patch and pair: 8,640 forwards for 32 IOI pairs); its time is
     then scaled to all pairs and its effects checked against causalpatch fast on those pairs.
+    ``naive_neurons``: likewise the first this-many neurons of each layer of an ``mlp_neuron``
+    sweep over every neuron (all naive forwards have the same size, so the scaling is exact up
+    to timing noise).
     """
     import peers as P
     from causalpatch import ablate, activation_patching
@@ -327,21 +341,30 @@ def build_impls(sw: Sweep, model: Any, peers_: dict[str, Any],
         return int(min(bs, rows)) if rows else int(bs)
 
     if sw.kind == "patch":
-        def patch(engine: str, n_pairs: int | None = None
+        def patch(engine: str, sample: tuple[str, int, int] | None = None
                   ) -> Callable[[], tuple[torch.Tensor, dict | None]]:
-            data = sw.dataset if n_pairs is None or n_pairs >= n else \
-                sw.dataset.subset(range(n_pairs))
+            data, kw = sw.dataset, dict(kwargs)
+            if sample is not None and sample[0] == "pairs":
+                data = sw.dataset.subset(range(sample[1]))
+            elif sample is not None:
+                kw["neurons"] = list(range(sample[1]))
 
             def run() -> tuple[torch.Tensor, dict | None]:
                 r = activation_patching(model, data, by_position=sw.by_position,
-                                        engine=engine, **kwargs)
+                                        engine=engine, **kw)
                 return r.effect_matrix.detach().float().cpu(), dict(r.extra)
             return run
 
         impls["fast"] = Impl("fast", patch("fast"), 0, 0, fast_rows)
-        k = naive_sample(sw, naive_pairs)
-        impls["naive"] = Impl("naive", patch("naive", k), cells * k + 2 * k, cells * k + 2 * k,
-                              lambda e: 1, sample=k if k < n else None)
+        sample = naive_sample(sw, naive_pairs, naive_neurons)
+        if sample is None:
+            done = cells * n + 2 * n
+        elif sample[0] == "pairs":
+            done = cells * sample[1] + 2 * sample[1]
+        else:
+            done = (cells // sw.n_units) * sample[1] * n + 2 * n
+        impls["naive"] = Impl("naive", patch("naive", sample), done, done, lambda e: 1,
+                              sample=sample)
     else:
         ds = sw.dataset
 
@@ -521,7 +544,7 @@ def fmt_ratio(x: float | None) -> str:
 
 def run_sweep(sw: Sweep, model: Any, peers_: dict[str, Any], args: argparse.Namespace,
               cost_per_row: dict[str, float]) -> dict[str, Any]:
-    impls = build_impls(sw, model, peers_, args.naive_pairs)
+    impls = build_impls(sw, model, peers_, args.naive_pairs, args.naive_neurons)
     fwd = plain_forward_fn(model, sw)
     t_fwd_est = fwd()
     rows: dict[str, Row] = {}
@@ -542,6 +565,9 @@ def run_sweep(sw: Sweep, model: Any, peers_: dict[str, Any], args: argparse.Name
                 row.not_run = (f"not run: would take {imp.forwards} forwards ({imp.rows} rows), "
                                f"~{est:.0f} s per run estimated from {basis}; "
                                f"over --peer-budget {args.peer_budget:.0f} s")
+        if key in ("tl", "nnsight") and args.peer_sweeps and sw.name not in args.peer_sweeps:
+            row.not_run = (f"not run in this benchmark run (peers timed only on "
+                           f"{', '.join(args.peer_sweeps)}: `--peer-sweeps`)")
         rows[key] = row
     warm_up(sw, model, peers_)
     fwd_times: list[float] = []
@@ -569,13 +595,15 @@ def run_sweep(sw: Sweep, model: Any, peers_: dict[str, Any], args: argparse.Name
     sample = impls[sw.reference].sample
     subset_diff = None
     if sample is not None:
-        # the reference timed a subset of the pairs: scale its time to all of them, check
-        # causalpatch fast against it on that subset (one untimed fast run on the same pairs),
-        # and compare every full-size matrix with causalpatch fast's
-        scale = sw.n_pairs / sample
+        # the reference timed a part of the sweep: scale its time to all of it, check
+        # causalpatch fast against it on that part (for pairs, one untimed fast run on the same
+        # pairs; for neurons, fast's columns of those neurons), and compare every full-size
+        # matrix with causalpatch fast's
+        what, k, of = sample
+        scale = of / k
         ref.times = [t * scale for t in ref.times]
         assert ref.out is not None and fast.out is not None
-        sub_out = subset_fast(sw, model, sample)
+        sub_out = subset_fast(sw, model, k) if what == "pairs" else fast.out[..., :k]
         subset_diff = (sub_out.reshape(ref.out.shape) - ref.out).abs().max().item()
         ref_full = fast.out
     else:
@@ -592,9 +620,9 @@ def run_sweep(sw: Sweep, model: Any, peers_: dict[str, Any], args: argparse.Name
         assert row.out is not None and ref_full is not None
         if sample is not None and key == sw.reference:
             diff = 0.0  # it is the reference of the subset check
-            rec["sampled"] = {"pairs": sample, "of": sw.n_pairs,
-                              "scale": sw.n_pairs / sample,
-                              "unscaled_times": [t / (sw.n_pairs / sample) for t in row.times]}
+            rec["sampled"] = {"what": sample[0], "k": sample[1], "of": sample[2],
+                              "scale": sample[2] / sample[1],
+                              "unscaled_times": [t * sample[1] / sample[2] for t in row.times]}
         elif sample is not None and key == "fast":
             diff = float(subset_diff)
         else:
@@ -748,18 +776,22 @@ def render_markdown(report: dict) -> str:
             seconds = fmt_s(rec["seconds"])
             if rec.get("sampled"):
                 sm = rec["sampled"]
-                seconds = (f"{seconds} (timed on {sm['pairs']} of {sm['of']} pairs: "
+                seconds = (f"{seconds} (timed on {sm['k']} of {sm['of']} {sm['what']}: "
                            f"{fmt_s(min(sm['unscaled_times']))}, ×{sm['scale']:.3g})")
             L.append(f"| {rec['label']} | {seconds} | {rec['runs']} | "
                      f"{fmt_ratio(rec['fast_speedup'])} | {fmt_ratio(rec['vs_naive'])} | {diff} | "
                      f"{rec['forward_equivalents']:.1f} | {work} |")
         sampled = next((r["sampled"] for r in res["impls"] if r.get("sampled")), None)
         if sampled:
-            L += ["", f"The naive reference ran on the first {sampled['pairs']} of "
-                  f"{sampled['of']} pairs (one forward per patch and pair) and its time is scaled "
+            what = sampled["what"]
+            how = ("one more, untimed, fast run on the same pairs" if what == "pairs" else
+                   "fast's columns of the same neurons")
+            L += ["", f"The naive reference ran on the first {sampled['k']} of "
+                  f"{sampled['of']} {what}{' of each layer' if what == 'neurons' else ''} "
+                  f"(one forward per patch and pair) and its time is scaled "
                   f"×{sampled['scale']:.3g}; causalpatch fast's *max abs diff* is against it on "
-                  "those pairs (one more, untimed, fast run on the same subset); the other "
-                  "rows' *max abs diff* is against causalpatch fast over all pairs."]
+                  f"those {what} ({how}); the other rows' *max abs diff* is against causalpatch "
+                  f"fast over the whole sweep."]
         mems = [r for r in res["impls"] if r.get("memory")]
         if mems:
             L += ["", "| implementation | rows per pass | peak RSS (MiB) | added (MiB) | plain "
@@ -785,6 +817,8 @@ def render_markdown(report: dict) -> str:
                                                  fast["engine_stats"].items())
                   + f", layer_tokens {fast['layer_tokens']}."]
         L.append("")
+    if NOTES.exists():  # hand-written reading of the numbers, kept beside the script
+        L += [NOTES.read_text(encoding="utf-8").rstrip(), ""]
     L += ["Raw numbers: the `--json` output.", ""]
     return "\n".join(L)
 
@@ -818,10 +852,24 @@ def main() -> None:
     parser.add_argument("--naive-pairs", type=int, default=None, metavar="K",
                         help="time the naive reference of a dataset sweep on its first K pairs "
                              "and scale (checked against fast on those pairs); default all")
+    parser.add_argument("--naive-neurons", type=int, default=None, metavar="K",
+                        help="time the naive reference of an all-neuron mlp_neuron sweep on the "
+                             "first K neurons of each layer and scale; default all")
+    parser.add_argument("--peer-sweeps", default=None, metavar="NAMES",
+                        help="run TransformerLens / nnsight only on these sweeps "
+                             "(comma-separated); default every sweep")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="only rewrite the page from a run's --json output (no timing)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(args.memory_probe, args.quick, args.threads)
+        return
+    if args.render:
+        report = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        out = args.out or str(ROOT / "docs" / "benchmarks.md")
+        Path(out).write_text(render_markdown(report), encoding="utf-8")
+        print(f"wrote {out} from {args.render}")
         return
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.memory = args.memory or ("fast" if args.quick else "all")
@@ -846,6 +894,8 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     sweeps = build_sweeps(model, sizes, names)
     args.impls = [k.strip() for k in args.impls.split(",") if k.strip()]
+    if args.peer_sweeps:
+        args.peer_sweeps = [k.strip() for k in args.peer_sweeps.split(",") if k.strip()]
     if args.skip_peers:
         args.impls = [k for k in args.impls if k not in ("tl", "nnsight")]
     peers_ = make_peers(model, [k for k in ("tl", "nnsight") if k in args.impls])
@@ -868,7 +918,8 @@ def main() -> None:
                    "sizes": sizes.__dict__, "memory": args.memory,
                    "peer_budget_s": args.peer_budget,
                    "max_repeat_seconds": args.max_repeat_seconds,
-                   "naive_pairs": args.naive_pairs},
+                   "naive_pairs": args.naive_pairs, "naive_neurons": args.naive_neurons,
+                   "peer_sweeps": args.peer_sweeps},
         "sweeps": results,
     }
     report["headline"] = headline(results)
