@@ -86,18 +86,16 @@ def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
     print(f"causal tracing of {len(facts)} facts ({n_samples} noise samples, window {window}): "
           f"{elapsed:.0f} s")
     print(result.summary())
-    IMG.mkdir(parents=True, exist_ok=True)
-    for kind in ("mlp", "attn"):
-        res = result[kind]
-        if not figures:
-            continue
-        title = (f"Restoring {'MLP' if kind == 'mlp' else 'attention'} outputs "
-                 f"(window {window}) — {model.name}, {len(facts)} known facts, "
-                 f"{n_samples} noise samples")
-        fig = result.plot(kind, title=title)
-        path = IMG / f"rome_{kind}.png"
-        fig.savefig(path, dpi=130)
-        print(f"wrote {path}")
+    if figures:
+        IMG.mkdir(parents=True, exist_ok=True)
+        for kind in ("mlp", "attn"):
+            title = (f"Restoring {'MLP' if kind == 'mlp' else 'attention'} outputs "
+                     f"(window {window}) — {model.name}, {len(facts)} known facts, "
+                     f"{n_samples} noise samples")
+            fig = result.plot(kind, title=title)
+            path = IMG / f"rome_{kind}.png"
+            fig.savefig(path, dpi=130)
+            print(f"wrote {path}")
     for kind in ("mlp", "attn"):
         res = result[kind]
         print(f"{kind}: mean IE per group (max over layers, at layer):")

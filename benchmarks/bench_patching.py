@@ -136,6 +136,8 @@ class Impl:
     #: neurons); its time is scaled by ``of / k`` and its effects are compared with causalpatch
     #: fast on those pairs (neurons)
     sample: tuple[str, int, int] | None = None
+    #: causalpatch fast on the same part (set with ``sample``), for the equality check
+    fast_on_sample: Callable[[], tuple[torch.Tensor, dict | None]] | None = None
 
 
 @dataclass
@@ -364,7 +366,8 @@ def build_impls(sw: Sweep, model: Any, peers_: dict[str, Any],
         else:
             done = (cells // sw.n_units) * sample[1] * n + 2 * n
         impls["naive"] = Impl("naive", patch("naive", sample), done, done, lambda e: 1,
-                              sample=sample)
+                              sample=sample,
+                              fast_on_sample=None if sample is None else patch("fast", sample))
     else:
         ds = sw.dataset
 
@@ -413,18 +416,6 @@ def build_impls(sw: Sweep, model: Any, peers_: dict[str, Any],
             impls["nnsight"] = Impl("nnsight", run, traces + 1, (cells + 1) * n,
                                     lambda e: min(per_trace, cells) * n)
     return impls
-
-
-def subset_fast(sw: Sweep, model: Any, n_pairs: int) -> torch.Tensor:
-    """causalpatch fast on the first ``n_pairs`` pairs (the sampled reference's pairs)."""
-    from causalpatch import activation_patching
-
-    kwargs: dict[str, Any] = {"component": sw.component, "layers": sw.layers}
-    if sw.neurons is not None:
-        kwargs["neurons"] = sw.neurons
-    r = activation_patching(model, sw.dataset.subset(range(n_pairs)),
-                            by_position=sw.by_position, engine="fast", **kwargs)
-    return r.effect_matrix.detach().float().cpu()
 
 
 def plain_forward_fn(model: Any, sw: Sweep) -> Callable[[], float]:
@@ -593,7 +584,9 @@ def run_sweep(sw: Sweep, model: Any, peers_: dict[str, Any], args: argparse.Name
     ref = rows[sw.reference]
     fast = rows["fast"]
     sample = impls[sw.reference].sample
+    check = impls[sw.reference].fast_on_sample
     subset_diff = None
+    unscaled: list[float] = []
     if sample is not None:
         # the reference timed a part of the sweep: scale its time to all of it, check
         # causalpatch fast against it on that part (for pairs, one untimed fast run on the same
@@ -601,9 +594,10 @@ def run_sweep(sw: Sweep, model: Any, peers_: dict[str, Any], args: argparse.Name
         # matrix with causalpatch fast's
         what, k, of = sample
         scale = of / k
+        unscaled = list(ref.times)
         ref.times = [t * scale for t in ref.times]
-        assert ref.out is not None and fast.out is not None
-        sub_out = subset_fast(sw, model, k) if what == "pairs" else fast.out[..., :k]
+        assert ref.out is not None and fast.out is not None and check is not None
+        sub_out = check()[0] if what == "pairs" else fast.out[..., :k]
         subset_diff = (sub_out.reshape(ref.out.shape) - ref.out).abs().max().item()
         ref_full = fast.out
     else:
@@ -622,7 +616,7 @@ def run_sweep(sw: Sweep, model: Any, peers_: dict[str, Any], args: argparse.Name
             diff = 0.0  # it is the reference of the subset check
             rec["sampled"] = {"what": sample[0], "k": sample[1], "of": sample[2],
                               "scale": sample[2] / sample[1],
-                              "unscaled_times": [t * sample[1] / sample[2] for t in row.times]}
+                              "unscaled_times": unscaled}
         elif sample is not None and key == "fast":
             diff = float(subset_diff)
         else:

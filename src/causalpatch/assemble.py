@@ -424,9 +424,9 @@ def cell_values(model: HookedModel, runs: Sequence[PairRun], jobs: Sequence[tupl
     the runs' :class:`~causalpatch.metrics.MetricInputs`, one row per run.
     """
     n_runs = len(runs)
-    n_cells = len(jobs) // n_runs
     if not jobs:
         return torch.empty(n_runs, 0)
+    n_cells = len(jobs) // n_runs
     logits = patched_logits_many(model, runs, jobs, engine, batch_size, memory_mb, tick, stats,
                                  columns)
     row_of = torch.arange(n_runs).repeat(n_cells)
