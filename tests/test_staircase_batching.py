@@ -12,7 +12,7 @@ import torch
 from causalpatch.engine import (collect_sites, patched_logits, patched_logits_many,
                                 rows_per_chunk, run_base_and_source)
 from causalpatch.enums import Engine
-from causalpatch.errors import InvalidArgumentError
+from causalpatch.errors import InvalidArgumentError, UnknownComponentError
 from causalpatch.plan import build_patches, make_pairs, plan_component, resolve_positions
 
 PAIRS = [("abcdefghijkl", "abcdeXghijkl"), ("bcdefghijkla", "bcdefgYijkla"),
@@ -63,6 +63,45 @@ def test_per_position_windows_compute_only_later_positions(model):
     one_window = sum((model.n_layers - layer) * (12 - 2)
                      for layer in range(model.n_layers) for p in range(2, 12))
     assert stats["layer_tokens"] <= windowed < one_window
+
+
+@pytest.mark.parametrize("component,by_position", [
+    ("attn_head", False), ("attn", True), ("mlp", True), ("mlp", False), ("mlp_neuron", False),
+    ("resid_mid", True)])
+def test_last_layer_runs_its_mlp_on_the_last_position_only(model, component, by_position,
+                                                           monkeypatch):
+    """Rows that reach the last decoder layer run its MLP branch on the last position only
+    (``hooks.last_position_only``); a patch inside that MLP keeps only its last-position
+    entries (the others change positions nothing reads). Equal to the naive loop (1e-5, float32
+    logits), and no hook is left behind."""
+    import causalpatch.engine as engine
+    from causalpatch.hooks import hook_counts
+
+    layers = [model.n_layers - 1]
+    if component == "resid_mid" and getattr(model.config, "use_parallel_residual", False):
+        with pytest.raises(UnknownComponentError, match="parallel residual"):
+            plan_component(model, component, layers)
+        return
+    cuts = []
+    real = engine.last_position_only
+
+    def spy(root, path):
+        cuts.append(path)
+        return real(root, path)
+
+    monkeypatch.setattr(engine, "last_position_only", spy)
+    pair = make_pairs(model, *PAIRS[0], 5, 6)[0]
+    plan = plan_component(model, component, layers)
+    patches = build_patches(plan, resolve_positions(None, by_position, 12), by_position, 12)
+    run = run_base_and_source(model, pair.corrupted, pair.clean, collect_sites(patches), patches,
+                              Engine.FAST)
+    fast = patched_logits(model, run, patches, Engine.FAST, batch_size=7)
+    naive = patched_logits(model, run, patches, Engine.NAIVE)
+    assert (fast - naive).abs().max().item() <= 1e-5
+    assert (naive - run.base_last).abs().max() > 1e-7
+    assert cuts  # every chunk has rows of more than one position
+    assert all(path.startswith(model.runtime.layer_paths[-1] + ".") for path in cuts)
+    assert hook_counts(model.hf_model) == {}
 
 
 def test_memory_budget_too_small_names_the_minimum(model):

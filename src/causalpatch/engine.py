@@ -21,7 +21,9 @@ patch ``x_base + decode(f') - decode(f_base)``). Two implementations:
        its row enters at layer ``L`` with the base run's residual stream. Rows are processed
        as a *staircase*: the batch grows layer by layer as rows enter, so each decoder layer is
        called once per chunk with every row that needs it.
-    4. **Last position only** goes through the final norm and the unembedding.
+    4. **Last position only** goes through the last layer's MLP branch, the final norm and the
+       unembedding (the last layer's attention still runs on every position: the last
+       position's query reads their keys and values).
     5. **One sync**: the metric is computed for all rows at once on the device.
 
     The decoder layers are the model's own ``transformers`` modules, called with exactly the
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +53,7 @@ import torch
 from .adapters.runtime import LayerCall, first_argument, parse_layer_call, stack_paths
 from .enums import Engine
 from .errors import InvalidArgumentError
-from .hooks import Hook, StopForward, hooked, recorded_calls
+from .hooks import Hook, StopForward, hooked, last_position_only, recorded_calls
 from .names import Site
 from .plan import Patch, SitePatch
 from .tokens import make_batch
@@ -131,6 +134,18 @@ class _Writes:
         out = _Writes()
         out.has_units = self.has_units
         out._frozen = (rows, pos - offset, units, values)
+        return out
+
+    def at(self, position: int) -> _Writes | None:
+        """The writes at ``position`` only, moved to position 0 (into a one-position tensor);
+        ``None`` when there are none."""
+        rows, pos, units, values = self.freeze()._frozen  # type: ignore[misc]
+        keep = pos == position
+        if not bool(keep.any()):
+            return None
+        out = _Writes()
+        out.has_units = self.has_units
+        out._frozen = (rows[keep], torch.zeros_like(pos[keep]), units[keep], values[keep])
         return out
 
     def apply(self, act: torch.Tensor) -> torch.Tensor:
@@ -743,12 +758,33 @@ class _Group:
                     hidden = injections[layer].apply(hidden)
                 if layer == n_layers:
                     break
-                hooks = [Hook(site, _writer(wr)) for site, wr in site_writes[layer].values()]
-                with hooked(root, hooks, model.dims):
+                writes = list(site_writes[layer].values())
+                last = layer == n_layers - 1 and hidden.shape[1] > 1 and all(
+                    _before_mlp(site) or _in_mlp(site) for site, _ in writes)
+                if last:  # the MLP branch sees only the last position: keep its writes there
+                    writes = [(site, wr if _before_mlp(site) else wr.at(hidden.shape[1] - 1))
+                              for site, wr in writes]
+                hooks = [Hook(site, _writer(wr)) for site, wr in writes if wr is not None]
+                with hooked(root, hooks, model.dims), (
+                        last_position_only(root, model.runtime.mlp_branch_path(layer)) if last
+                        else nullcontext()):
                     hidden = model.runtime.run_layer(
                         layer, self.calls[layer], hidden, self.prefix,
                         run_of[:n_now] if several else None)
+            # after the last layer only position -1 is valid (its MLP ran on that one alone)
             return unembed(model, hidden[:, -1], columns)
+
+
+def _before_mlp(site: Site) -> bool:
+    """A site a decoder layer computes before its MLP branch, at every position (``resid_mid``
+    is written on the attention output)."""
+    return site.kind in ("resid_pre", "resid_mid", "attn") or site.kind.startswith("attn.")
+
+
+def _in_mlp(site: Site) -> bool:
+    """A site inside a decoder layer's MLP branch, which works on each position separately: in
+    the last layer only its last position reaches the logits."""
+    return site.kind == "mlp" or site.kind.startswith("mlp.")
 
 
 def _window_calls(model: HookedModel, run: PairRun, w: int) -> list[LayerCall]:

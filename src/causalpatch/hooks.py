@@ -126,6 +126,29 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
             handle.remove()
 
 
+@contextmanager
+def last_position_only(root: nn.Module, path: str) -> Iterator[None]:
+    """For the ``with`` block, the module at ``path`` sees only the last position of its first
+    input (``[batch, pos, ...] -> [batch, 1, ...]``), so it and everything computed from its
+    output run on one position.
+
+    The sweep engine wraps the last decoder layer's MLP branch in this: that layer's output is
+    read only at the last position (the final norm and unembedding), so the MLP's work on the
+    other positions is never used. The layer's residual add broadcasts the one-position branch
+    over the positions; every position but the last then holds a value nobody may read.
+    """
+
+    def cut(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        tensor, rebuild = first_input(args, kwargs)
+        return rebuild(tensor[:, -1:])
+
+    handle = root.get_submodule(path).register_forward_pre_hook(cut, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def hook_counts(root: nn.Module) -> dict[str, tuple[int, int]]:
     """``{module_path: (n_forward_hooks, n_forward_pre_hooks)}`` for modules that have any.
 

@@ -188,6 +188,12 @@ class Runtime:
     def layer(self, index: int) -> nn.Module:
         return self.hf_model.get_submodule(self.layer_paths[index])
 
+    def mlp_branch_path(self, index: int) -> str:
+        """Path of the module that takes decoder layer ``index``'s MLP branch input (its
+        ``mlp.in`` norm): cut to one position there, the MLP runs on that position only and the
+        layer's residual add broadcasts it (see :func:`causalpatch.hooks.last_position_only`)."""
+        return f"{self.layer_paths[index]}.{self.adapter.sites['mlp.in'].module}"
+
     @cached_property
     def _params(self) -> set[str]:
         return set(inspect.signature(self.hf_model.forward).parameters)
