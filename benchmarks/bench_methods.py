@@ -1,4 +1,4 @@
-"""Timings of path patching and causal tracing on SmolLM2-135M, and the ROME figures.
+"""Timings of path patching and causal tracing on SmolLM2-135M.
 
 Two parts, one model load:
 
@@ -7,12 +7,6 @@ Two parts, one model load:
   head's effect through the queries of the top three of those heads (``receiver_input="q"``),
   which picks out the heads that tell the name movers where to look (S-inhibition-like).
   Prints both wall times (target: under 60 s each) and the top heads.
-* ``rome``: causal tracing averaged over ROME's known facts that SmolLM2 gets right (100 by
-  default), in ROME's six position groups, with the MLP and attention windows of 10 layers as
-  in the paper's figures; writes ``docs/img/rome_mlp.png`` and ``docs/img/rome_attn.png``
-  (``--out-json`` also saves the results). This takes a while on a CPU: about
-  ``n_facts x n_samples x 7 s`` with one free core.
-
 * ``speed``: the two methods against their naive loops in one run, one model load:
   path patching of every head to the logits on one IOI pair against three full forward passes
   per sender (written out with plain interventions), and causal tracing of one ~10-token
@@ -23,22 +17,20 @@ Two parts, one model load:
   comparison is interleaved (``--repeat`` rounds of one fast trace and a share of the naive
   forwards; the minimum of each side), so load from other work on the machine hits both sides.
 
-Run: ``python benchmarks/bench_methods.py path``, ``... rome``, ``... speed`` or ``... all``
-(``--threads``, ``--pairs``, ``--facts``, ``--samples``, ``--window``; for ``speed``
+The ROME figures (causal tracing averaged over known facts) come from
+``examples/rome_known_facts.py``.
+
+Run: ``python benchmarks/bench_methods.py path``, ``... speed`` or ``... all``
+(``--threads``, ``--pairs``; for ``speed``
 ``--methods trace`` skips path patching, ``--repeat``, ``--naive-forwards``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-IMG = ROOT / "docs" / "img"
 
 
 def bench_path(model, n_pairs: int, seed: int = 0) -> dict:
@@ -61,57 +53,6 @@ def bench_path(model, n_pairs: int, seed: int = 0) -> dict:
     print(via_q.summary())
     return {"n_pairs": len(ioi), "direct_s": t_direct, "via_q_s": t_q, "movers": movers,
             "direct_top": direct.top_components(5), "via_q_top": via_q.top_components(5)}
-
-
-def bench_rome(model, n_facts: int, n_samples: int, window: int, seed: int = 0,
-               out_json: str | None = None, figures: bool = True) -> dict:
-    """Average causal tracing over known facts; writes the two ROME figures (``figures``)."""
-    from causalpatch import causal_tracing_dataset
-    from causalpatch.datasets import known_facts
-
-    facts = known_facts(model, n_facts, seed=seed)
-    print(f"{len(facts)} known facts that {model.name} gets right")
-    done = [time.perf_counter()]
-
-    def progress(k: int, total: int) -> None:
-        if k % 10 == 0 or k == total:
-            elapsed = time.perf_counter() - done[0]
-            print(f"  {k}/{total} facts, {elapsed:.0f} s", flush=True)
-
-    t0 = time.perf_counter()
-    result = causal_tracing_dataset(model, facts, noise=3.0, samples=n_samples, seed=seed,
-                                    components=("mlp", "attn"), window=window,
-                                    progress=progress)
-    elapsed = time.perf_counter() - t0
-    print(f"causal tracing of {len(facts)} facts ({n_samples} noise samples, window {window}): "
-          f"{elapsed:.0f} s")
-    print(result.summary())
-    if figures:
-        IMG.mkdir(parents=True, exist_ok=True)
-        for kind in ("mlp", "attn"):
-            title = (f"Restoring {'MLP' if kind == 'mlp' else 'attention'} outputs "
-                     f"(window {window}) — {model.name}, {len(facts)} known facts, "
-                     f"{n_samples} noise samples")
-            fig = result.plot(kind, title=title)
-            path = IMG / f"rome_{kind}.png"
-            fig.savefig(path, dpi=130)
-            print(f"wrote {path}")
-    for kind in ("mlp", "attn"):
-        res = result[kind]
-        print(f"{kind}: mean IE per group (max over layers, at layer):")
-        for g, name in enumerate(res.labels["group"]):
-            column = res.effect_matrix[:, g]
-            print(f"  {name:>24}: {float(column.max()):+.4f} at layer {int(column.argmax())}"
-                  f"  (n={res.extra['group_counts'][g]})")
-    print(f"p_clean {float(result.p_clean.mean()):.3f}, p_corrupted "
-          f"{float(result.p_corrupted.mean()):.3f}")
-    if out_json:
-        payload = {kind: json.loads(result[kind].to_json()) for kind in result}
-        payload["p_clean"] = result.p_clean.tolist()
-        payload["p_corrupted"] = result.p_corrupted.tolist()
-        Path(out_json).write_text(json.dumps(payload), encoding="utf-8")
-        print(f"wrote {out_json}")
-    return {"n_facts": len(facts), "seconds": elapsed}
 
 
 def _naive_path_patching(model, clean: list[int], corrupted: list[int], correct: int,
@@ -261,7 +202,7 @@ def bench_speed(model, naive_forwards: int, seed: int = 0, repeat: int = 2,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["path", "rome", "speed", "all"], nargs="?",
+    parser.add_argument("part", choices=["path", "speed", "all"], nargs="?",
                         default="path")
     parser.add_argument("--naive-forwards", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=2,
@@ -270,12 +211,6 @@ def main() -> None:
                         help="speed: which methods to time (comma-separated: path, trace)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--facts", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=3)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--out-json", default=None)
-    parser.add_argument("--no-figures", action="store_true",
-                        help="rome: time and print only; leave docs/img as it is")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from causalpatch import InterpretableModel
@@ -287,9 +222,6 @@ def main() -> None:
     if args.part in ("speed", "all"):
         bench_speed(model, args.naive_forwards, repeat=args.repeat,
                     methods=tuple(m.strip() for m in args.methods.split(",")))
-    if args.part in ("rome", "all"):
-        bench_rome(model, args.facts, args.samples, args.window, out_json=args.out_json,
-                   figures=not args.no_figures)
 
 
 if __name__ == "__main__":
