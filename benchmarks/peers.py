@@ -1,41 +1,26 @@
-"""Peer implementations of activation-patching sweeps, for benchmarking causalpatch.
+"""Peer implementations of the benchmark's patching sweeps: TransformerLens, nnsight, hooks.
 
-Every sweep here is *denoising* patching on an IOI prompt pair: the corrupted prompt
-is run, one activation is replaced by its value from the clean run, and the metric is
-the normalised logit difference at the last position::
-
-    ld(logits)  = logits[0, -1, correct_id] - logits[0, -1, incorrect_id]
-    effect      = (ld(patched) - ld(corrupted)) / (ld(clean) - ld(corrupted))
-
-so 0 means "no effect" and 1 means "fully restores the clean answer".  Each peer
-computes its own clean / corrupted baselines with its own framework.
-
-Peers:
+``bench_patching.py`` times these beside causalpatch. Every sweep works on a
+:class:`PairBatch` (right-padded IOI pairs or prompts) and follows causalpatch's aggregation
+rule, so the effect matrices are comparable entry by entry:
 
 * TransformerLens 4.x (``TransformerBridge`` + ``transformer_lens.patching``):
-  :func:`tl_resid_post_sweep`, :func:`tl_head_sweep`.
+  :func:`tl_patch_sweep` (its own loop, one forward of the whole batch per cell) and
+  :func:`tl_zero_ablate_heads` (``run_with_hooks`` per head).
 * nnsight 0.8 (``TransformersModel``, the non-deprecated name of ``LanguageModel``):
-  :func:`nnsight_resid_post_sweep_per_trace`, :func:`nnsight_resid_post_sweep_batched`,
-  :func:`nnsight_head_sweep`.
-* plain PyTorch forward hooks, one forward per patch (the reference):
-  :func:`naive_resid_post_sweep`, :func:`naive_head_sweep`.
+  :func:`nnsight_patch_sweep` and :func:`nnsight_zero_ablate_heads` (batched invokes).
+* plain PyTorch forward hooks, one forward per (head, prompt): :func:`loop_zero_ablate_heads`,
+  the reference of the ablation sweep.
 
-"resid_post of layer L" is the output of decoder block ``model.model.layers[L]``.
-"Head h of layer L" is the slice ``[h*d_head:(h+1)*d_head]`` of the input of
-``layers[L].self_attn.o_proj`` (TransformerLens calls it ``blocks.L.attn.hook_z``),
-patched at all positions.
+Side effects on the caller's model: none. ``TransformerBridge.boot_transformers`` switches the
+HF model it is given to eager attention *in place*, and nnsight installs a permanent controller
+``forward`` on every submodule (and leaves forward hooks behind after a trace) and sets
+``padding_side="left"`` on the tokenizer it is given, so :func:`boot_tl_bridge` and
+:func:`wrap_nnsight` work on deep copies unless told otherwise.
 
-Side effects on the caller's model: none.  ``TransformerBridge.boot_transformers``
-switches the HF model it is given to eager attention *in place*, and nnsight installs
-a permanent controller ``forward`` on every submodule (and leaves forward hooks behind
-after a trace) and sets ``padding_side="left"`` on the tokenizer it is given.  So both
-peers work on ``copy.deepcopy`` of the model and tokenizer.  The copy + wrap cost is
-timed separately from the sweep and recorded in :data:`LAST_TIMINGS`; a pre-built
-bridge / nnsight model can be passed with the keyword-only ``bridge=`` / ``lm=``
-arguments to reuse one across calls (see :func:`boot_tl_bridge`, :func:`wrap_nnsight`).
-
-Run ``python benchmarks/peers.py`` to load the embedded SmolLM2-135M once, run every
-sweep, and print wall times and max |difference| against the naive reference.
+Run ``python benchmarks/peers.py`` to load the embedded SmolLM2-135M once, run both peers'
+``resid_post`` and head sweeps on one IOI pair, and print their wall times, their max
+difference and whether the caller's model was left unchanged.
 """
 
 from __future__ import annotations
@@ -46,7 +31,7 @@ import importlib.util
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -63,11 +48,6 @@ INCORRECT = " John"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Only used as a label by TransformerBridge (config comes from hf_model; nothing is fetched).
 TL_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-#: Wall-clock seconds of the last call of each peer, split into ``setup_s`` (deep copy +
-#: bridge boot / nnsight wrap; 0.0 when a pre-built one was passed) and ``sweep_s``
-#: (clean + corrupted baselines, clean activations, and all patched forwards).
-LAST_TIMINGS: dict[str, dict[str, float]] = {}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -92,48 +72,9 @@ def load_smollm2() -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     return model, tokenizer
 
 
-def answer_ids(tokenizer: "PreTrainedTokenizerBase") -> tuple[int, int]:
-    """Token ids of ``" Mary"`` (correct for CLEAN) and ``" John"`` (incorrect)."""
-    ids = []
-    for word in (CORRECT, INCORRECT):
-        toks = tokenizer(word, add_special_tokens=False).input_ids
-        if len(toks) != 1:
-            raise ValueError(f"{word!r} is not a single token: {toks}")
-        ids.append(toks[0])
-    return ids[0], ids[1]
-
-
-def _encode_pair(
-    tokenizer: "PreTrainedTokenizerBase", clean: str, corrupted: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise both prompts exactly as the HF tokenizer does (no extra BOS).
-
-    TransformerBridge.to_tokens would prepend BOS (giving 15 tokens for SmolLM2),
-    so every peer is fed these id tensors instead, keeping all sweeps on the same
-    14 tokens the HF model sees.
-    """
-    clean_ids = tokenizer(clean, return_tensors="pt").input_ids
-    corrupted_ids = tokenizer(corrupted, return_tensors="pt").input_ids
-    if clean_ids.shape != corrupted_ids.shape:
-        raise ValueError(
-            f"clean and corrupted tokenise to different lengths: "
-            f"{tuple(clean_ids.shape)} vs {tuple(corrupted_ids.shape)}"
-        )
-    return clean_ids, corrupted_ids
-
-
 def _logit_diff(last_logits: torch.Tensor, correct_id: int, incorrect_id: int) -> torch.Tensor:
     """``logit[correct] - logit[incorrect]`` for last-position logits ``[..., vocab]``."""
     return last_logits[..., correct_id] - last_logits[..., incorrect_id]
-
-
-def _normalise(patched_ld: torch.Tensor, clean_ld: float, corrupted_ld: float) -> torch.Tensor:
-    """Normalised effect as float32: (patched - corrupted) / (clean - corrupted)."""
-    return ((patched_ld.double() - corrupted_ld) / (clean_ld - corrupted_ld)).float()
-
-
-def _record(name: str, setup_s: float, sweep_s: float) -> None:
-    LAST_TIMINGS[name] = {"setup_s": setup_s, "sweep_s": sweep_s}
 
 
 def _n_heads_and_d_head(hf_model: "PreTrainedModel") -> tuple[int, int]:
@@ -144,134 +85,6 @@ def _n_heads_and_d_head(hf_model: "PreTrainedModel") -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------- naive (PyTorch)
-
-
-def naive_resid_post_sweep(
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-) -> torch.Tensor:
-    """Reference resid_post sweep with plain forward hooks, one forward per patch.
-
-    Clean block outputs are captured with temporary forward hooks on every
-    ``hf_model.model.layers[L]``; then for every (layer, position) one corrupted
-    forward runs with a hook on block L that overwrites position p of its output with
-    the clean value.  Hooks are always removed.  Runs on the model as given (its own
-    attention implementation).
-
-    Returns:
-        float32 tensor ``[n_layers, n_pos]`` of normalised effects.
-    """
-    t0 = time.perf_counter()
-    layers = hf_model.model.layers
-    clean_ids, corrupted_ids = _encode_pair(tokenizer, clean, corrupted)
-    n_layers, n_pos = len(layers), clean_ids.shape[1]
-    clean_out: list[torch.Tensor | None] = [None] * n_layers
-
-    def capture(layer: int) -> Callable:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            clean_out[layer] = hidden.detach().clone()
-
-        return hook
-
-    with torch.no_grad():
-        handles = [layers[i].register_forward_hook(capture(i)) for i in range(n_layers)]
-        try:
-            clean_logits = hf_model(clean_ids).logits
-        finally:
-            for h in handles:
-                h.remove()
-        corrupted_logits = hf_model(corrupted_ids).logits
-        clean_ld = float(_logit_diff(clean_logits[0, -1], correct_id, incorrect_id))
-        corrupted_ld = float(_logit_diff(corrupted_logits[0, -1], correct_id, incorrect_id))
-
-        out = torch.empty(n_layers, n_pos, dtype=torch.float64)
-        for layer in range(n_layers):
-            for pos in range(n_pos):
-
-                def patch(module: torch.nn.Module, args: Any, output: Any, _l=layer, _p=pos) -> Any:
-                    hidden = output[0] if isinstance(output, tuple) else output
-                    hidden = hidden.clone()
-                    hidden[:, _p] = clean_out[_l][:, _p]
-                    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-                handle = layers[layer].register_forward_hook(patch)
-                try:
-                    logits = hf_model(corrupted_ids).logits
-                finally:
-                    handle.remove()
-                out[layer, pos] = _logit_diff(logits[0, -1], correct_id, incorrect_id)
-    result = _normalise(out, clean_ld, corrupted_ld)
-    _record("naive_resid_post_sweep", 0.0, time.perf_counter() - t0)
-    return result
-
-
-def naive_head_sweep(
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-) -> torch.Tensor:
-    """Reference per-head sweep: patch head h's slice of the ``o_proj`` input (= z).
-
-    One corrupted forward per (layer, head) with a forward pre-hook on
-    ``layers[L].self_attn.o_proj`` that writes the clean
-    ``[..., h*d_head:(h+1)*d_head]`` slice at all positions.  Hooks are always removed.
-
-    Returns:
-        float32 tensor ``[n_layers, n_heads]`` of normalised effects.
-    """
-    t0 = time.perf_counter()
-    layers = hf_model.model.layers
-    n_heads, d_head = _n_heads_and_d_head(hf_model)
-    clean_ids, corrupted_ids = _encode_pair(tokenizer, clean, corrupted)
-    n_layers = len(layers)
-    clean_z: list[torch.Tensor | None] = [None] * n_layers
-
-    def capture(layer: int) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            clean_z[layer] = args[0].detach().clone()
-
-        return hook
-
-    with torch.no_grad():
-        handles = [
-            layers[i].self_attn.o_proj.register_forward_pre_hook(capture(i)) for i in range(n_layers)
-        ]
-        try:
-            clean_logits = hf_model(clean_ids).logits
-        finally:
-            for h in handles:
-                h.remove()
-        corrupted_logits = hf_model(corrupted_ids).logits
-        clean_ld = float(_logit_diff(clean_logits[0, -1], correct_id, incorrect_id))
-        corrupted_ld = float(_logit_diff(corrupted_logits[0, -1], correct_id, incorrect_id))
-
-        out = torch.empty(n_layers, n_heads, dtype=torch.float64)
-        for layer in range(n_layers):
-            for head in range(n_heads):
-                sl = slice(head * d_head, (head + 1) * d_head)
-
-                def patch(module: torch.nn.Module, args: tuple, _l=layer, _s=sl) -> tuple:
-                    z = args[0].clone()
-                    z[..., _s] = clean_z[_l][..., _s]
-                    return (z, *args[1:])
-
-                handle = layers[layer].self_attn.o_proj.register_forward_pre_hook(patch)
-                try:
-                    logits = hf_model(corrupted_ids).logits
-                finally:
-                    handle.remove()
-                out[layer, head] = _logit_diff(logits[0, -1], correct_id, incorrect_id)
-    result = _normalise(out, clean_ld, corrupted_ld)
-    _record("naive_head_sweep", 0.0, time.perf_counter() - t0)
-    return result
 
 
 # ------------------------------------------------------------------- TransformerLens
@@ -313,114 +126,6 @@ def _quiet_tl_progress() -> Iterator[None]:
         patching.tqdm = saved
 
 
-def _tl_sweep(
-    name: str,
-    activation_name: str,
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-    bridge: "TransformerBridge | None",
-) -> torch.Tensor:
-    from transformer_lens import patching
-
-    t0 = time.perf_counter()
-    if bridge is None:
-        bridge = boot_tl_bridge(hf_model, tokenizer)
-    t1 = time.perf_counter()
-
-    clean_ids, corrupted_ids = _encode_pair(tokenizer, clean, corrupted)
-    suffix = f"hook_{activation_name}"
-    with torch.no_grad(), _quiet_tl_progress():
-        clean_logits, clean_cache = bridge.run_with_cache(
-            clean_ids, names_filter=lambda n: n.endswith(suffix)
-        )
-        corrupted_logits = bridge(corrupted_ids)
-        clean_ld = float(_logit_diff(clean_logits[0, -1], correct_id, incorrect_id))
-        corrupted_ld = float(_logit_diff(corrupted_logits[0, -1], correct_id, incorrect_id))
-
-        def metric(logits: torch.Tensor) -> torch.Tensor:
-            ld = _logit_diff(logits[0, -1], correct_id, incorrect_id)
-            return (ld - corrupted_ld) / (clean_ld - corrupted_ld)
-
-        if activation_name == "resid_post":
-            # TL ships get_act_patch_resid_pre/mid but no resid_post partial; this is
-            # the same partial (layer_pos_patch_setter over ("layer", "pos")) on
-            # blocks.L.hook_resid_post.
-            result = patching.generic_activation_patch(
-                bridge,
-                corrupted_ids,
-                clean_cache,
-                metric,
-                patch_setter=patching.layer_pos_patch_setter,
-                activation_name="resid_post",
-                index_axis_names=("layer", "pos"),
-            )
-        elif activation_name == "z":
-            result = patching.get_act_patch_attn_head_out_all_pos(
-                bridge, corrupted_ids, clean_cache, metric
-            )
-        else:  # pragma: no cover - internal
-            raise ValueError(activation_name)
-    result = result.detach().float().cpu()
-    _record(name, t1 - t0, time.perf_counter() - t1)
-    return result
-
-
-def tl_resid_post_sweep(
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-    *,
-    bridge: "TransformerBridge | None" = None,
-) -> torch.Tensor:
-    """resid_post (layer x position) sweep with TransformerLens' own patching code.
-
-    Uses ``transformer_lens.patching.generic_activation_patch`` with
-    ``layer_pos_patch_setter`` on ``blocks.L.hook_resid_post`` of a
-    ``TransformerBridge`` (one ``run_with_hooks`` forward per patch).  The metric
-    handed to TL is already the normalised one.  Without ``bridge`` a bridge is booted
-    on a deep copy of ``hf_model`` (timed as ``setup_s`` in :data:`LAST_TIMINGS`).
-
-    Returns:
-        float32 tensor ``[n_layers, n_pos]`` (``[30, 14]`` for SmolLM2 on the IOI pair).
-    """
-    return _tl_sweep(
-        "tl_resid_post_sweep", "resid_post", hf_model, tokenizer, clean, corrupted,
-        correct_id, incorrect_id, bridge,
-    )
-
-
-def tl_head_sweep(
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-    *,
-    bridge: "TransformerBridge | None" = None,
-) -> torch.Tensor:
-    """Per-head (layer x head) sweep of the head output z, all positions, with TL.
-
-    Uses ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``
-    (``blocks.L.attn.hook_z``, shape ``[batch, pos, n_heads, d_head]``, which feeds
-    ``o_proj``).  Otherwise as :func:`tl_resid_post_sweep`.
-
-    Returns:
-        float32 tensor ``[n_layers, n_heads]`` (``[30, 9]`` for SmolLM2).
-    """
-    return _tl_sweep(
-        "tl_head_sweep", "z", hf_model, tokenizer, clean, corrupted,
-        correct_id, incorrect_id, bridge,
-    )
-
-
 # -------------------------------------------------------------------------- nnsight
 
 
@@ -441,184 +146,6 @@ def wrap_nnsight(
     if copy_model:
         hf_model, tokenizer = copy.deepcopy(hf_model), copy.deepcopy(tokenizer)
     return TransformersModel(hf_model, task="text-generation", tokenizer=tokenizer)
-
-
-def _nnsight_clean_and_baselines(
-    lm: "TransformersModel",
-    clean_ids: torch.Tensor,
-    corrupted_ids: torch.Tensor,
-    correct_id: int,
-    incorrect_id: int,
-    what: str,
-) -> tuple[list[torch.Tensor], float, float]:
-    """One clean trace saving every block output (``what="resid"``) or every o_proj
-    input (``what="z"``), and one corrupted trace; returns (clean acts, clean_ld,
-    corrupted_ld)."""
-    layers = lm.model.layers
-    n_layers = len(layers)
-    acts: list[torch.Tensor] = []
-    with lm.trace(clean_ids):
-        for layer in range(n_layers):
-            if what == "resid":
-                acts.append(layers[layer].output.save())
-            else:
-                acts.append(layers[layer].self_attn.o_proj.input.save())
-        clean_last = lm.lm_head.output[0, -1].save()
-    with lm.trace(corrupted_ids):
-        corrupted_last = lm.lm_head.output[0, -1].save()
-    clean_ld = float(_logit_diff(clean_last, correct_id, incorrect_id))
-    corrupted_ld = float(_logit_diff(corrupted_last, correct_id, incorrect_id))
-    return [a.detach().clone() for a in acts], clean_ld, corrupted_ld
-
-
-def nnsight_resid_post_sweep_per_trace(
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-    *,
-    lm: "TransformersModel | None" = None,
-) -> torch.Tensor:
-    """resid_post sweep with nnsight, one ``model.trace`` per (layer, position) patch.
-
-    Each trace runs the corrupted prompt, sets
-    ``model.model.layers[L].output[:, p, :]`` to the clean value (from one clean
-    trace) and saves the two answer logits at the last position.  Without ``lm`` the
-    model is wrapped via :func:`wrap_nnsight` (timed as ``setup_s``).
-
-    Returns:
-        float32 tensor ``[n_layers, n_pos]``.
-    """
-    t0 = time.perf_counter()
-    if lm is None:
-        lm = wrap_nnsight(hf_model, tokenizer)
-    t1 = time.perf_counter()
-    clean_ids, corrupted_ids = _encode_pair(tokenizer, clean, corrupted)
-    n_pos = clean_ids.shape[1]
-    answers = [correct_id, incorrect_id]
-    with torch.no_grad():
-        clean_acts, clean_ld, corrupted_ld = _nnsight_clean_and_baselines(
-            lm, clean_ids, corrupted_ids, correct_id, incorrect_id, "resid"
-        )
-        layers = lm.model.layers
-        n_layers = len(layers)
-        out = torch.empty(n_layers, n_pos, dtype=torch.float64)
-        for layer in range(n_layers):
-            for pos in range(n_pos):
-                with lm.trace(corrupted_ids):
-                    layers[layer].output[:, pos, :] = clean_acts[layer][:, pos, :]
-                    pair = lm.lm_head.output[0, -1, answers].save()
-                out[layer, pos] = pair[0] - pair[1]
-    result = _normalise(out, clean_ld, corrupted_ld)
-    _record("nnsight_resid_post_sweep_per_trace", t1 - t0, time.perf_counter() - t1)
-    return result
-
-
-def nnsight_resid_post_sweep_batched(
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-    *,
-    lm: "TransformersModel | None" = None,
-    chunk_size: int = 14,
-) -> torch.Tensor:
-    """resid_post sweep with nnsight's batched form: one invoke per patch.
-
-    Patches are taken in row-major (layer, position) order in chunks of
-    ``chunk_size``; each chunk is one ``model.trace()`` with one ``tracer.invoke``
-    per patch (each invoke is one batch row holding the corrupted prompt, so a trace
-    is one forward of batch ``chunk_size``).  All prompts have the same length, so
-    nnsight adds no padding.
-
-    Returns:
-        float32 tensor ``[n_layers, n_pos]``.
-    """
-    t0 = time.perf_counter()
-    if lm is None:
-        lm = wrap_nnsight(hf_model, tokenizer)
-    t1 = time.perf_counter()
-    clean_ids, corrupted_ids = _encode_pair(tokenizer, clean, corrupted)
-    n_pos = clean_ids.shape[1]
-    answers = [correct_id, incorrect_id]
-    with torch.no_grad():
-        clean_acts, clean_ld, corrupted_ld = _nnsight_clean_and_baselines(
-            lm, clean_ids, corrupted_ids, correct_id, incorrect_id, "resid"
-        )
-        layers = lm.model.layers
-        n_layers = len(layers)
-        cells = [(l, p) for l in range(n_layers) for p in range(n_pos)]
-        out = torch.empty(n_layers, n_pos, dtype=torch.float64)
-        for start in range(0, len(cells), chunk_size):
-            chunk = cells[start : start + chunk_size]
-            saved: list[torch.Tensor] = []
-            with lm.trace() as tracer:
-                for layer, pos in chunk:
-                    with tracer.invoke(corrupted_ids):
-                        layers[layer].output[:, pos, :] = clean_acts[layer][:, pos, :]
-                        saved.append(lm.lm_head.output[0, -1, answers].save())
-            for (layer, pos), pair in zip(chunk, saved):
-                out[layer, pos] = pair[0] - pair[1]
-    result = _normalise(out, clean_ld, corrupted_ld)
-    _record("nnsight_resid_post_sweep_batched", t1 - t0, time.perf_counter() - t1)
-    return result
-
-
-def nnsight_head_sweep(
-    hf_model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    clean: str,
-    corrupted: str,
-    correct_id: int,
-    incorrect_id: int,
-    *,
-    lm: "TransformersModel | None" = None,
-    chunk_size: int = 9,
-) -> torch.Tensor:
-    """Per-head sweep with nnsight: patch head h's slice of the o_proj input.
-
-    ``model.model.layers[L].self_attn.o_proj.input[..., h*d:(h+1)*d]`` is set to its
-    clean value at all positions.  Batched like
-    :func:`nnsight_resid_post_sweep_batched` (one invoke per (layer, head), chunks of
-    ``chunk_size``; the default 9 is one trace per layer for SmolLM2);
-    ``chunk_size=1`` gives one trace per patch.
-
-    Returns:
-        float32 tensor ``[n_layers, n_heads]``.
-    """
-    t0 = time.perf_counter()
-    if lm is None:
-        lm = wrap_nnsight(hf_model, tokenizer)
-    t1 = time.perf_counter()
-    n_heads, d_head = _n_heads_and_d_head(hf_model)
-    clean_ids, corrupted_ids = _encode_pair(tokenizer, clean, corrupted)
-    answers = [correct_id, incorrect_id]
-    with torch.no_grad():
-        clean_z, clean_ld, corrupted_ld = _nnsight_clean_and_baselines(
-            lm, clean_ids, corrupted_ids, correct_id, incorrect_id, "z"
-        )
-        layers = lm.model.layers
-        n_layers = len(layers)
-        cells = [(l, h) for l in range(n_layers) for h in range(n_heads)]
-        out = torch.empty(n_layers, n_heads, dtype=torch.float64)
-        for start in range(0, len(cells), chunk_size):
-            chunk = cells[start : start + chunk_size]
-            saved: list[torch.Tensor] = []
-            with lm.trace() as tracer:
-                for layer, head in chunk:
-                    sl = slice(head * d_head, (head + 1) * d_head)
-                    with tracer.invoke(corrupted_ids):
-                        layers[layer].self_attn.o_proj.input[..., sl] = clean_z[layer][..., sl]
-                        saved.append(lm.lm_head.output[0, -1, answers].save())
-            for (layer, head), pair in zip(chunk, saved):
-                out[layer, head] = pair[0] - pair[1]
-    result = _normalise(out, clean_ld, corrupted_ld)
-    _record("nnsight_head_sweep", t1 - t0, time.perf_counter() - t1)
-    return result
 
 
 # ------------------------------------------------- batched sweeps over many pairs / prompts
@@ -972,61 +499,30 @@ def _model_state(model: torch.nn.Module) -> tuple:
 
 
 def main() -> None:
-    """Load SmolLM2 once, run every sweep once, print timings and max |diff|."""
+    """Load SmolLM2 once, run both peers' sweeps on one IOI pair, print times and diffs."""
     import warnings
 
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore", category=FutureWarning)
-
     t = time.perf_counter()
     model, tokenizer = load_smollm2()
     print(f"loaded SmolLM2-135M in {time.perf_counter() - t:.2f}s "
           f"(attn={model.config._attn_implementation}, dtype={model.dtype})")
-    correct_id, incorrect_id = answer_ids(tokenizer)
-    n_tok = _encode_pair(tokenizer, CLEAN, CORRUPTED)[0].shape[1]
-    print(f"tokens per prompt: {n_tok}; correct id {correct_id}, incorrect id {incorrect_id}")
-    args = (model, tokenizer, CLEAN, CORRUPTED, correct_id, incorrect_id)
+    answers = [tokenizer(w).input_ids[0] for w in (CORRECT, INCORRECT)]
+    batch = make_pair_batch(tokenizer, [CLEAN], [CORRUPTED], answers[:1], answers[1:])
     before = _model_state(model)
-    tok_before = (tokenizer.padding_side, tokenizer.pad_token)
-
-    runs: list[tuple[str, Callable[..., torch.Tensor], str]] = [
-        ("naive_resid_post_sweep", naive_resid_post_sweep, "resid"),
-        ("naive_head_sweep", naive_head_sweep, "head"),
-        ("tl_resid_post_sweep", tl_resid_post_sweep, "resid"),
-        ("tl_head_sweep", tl_head_sweep, "head"),
-        ("nnsight_resid_post_sweep_per_trace", nnsight_resid_post_sweep_per_trace, "resid"),
-        ("nnsight_resid_post_sweep_batched", nnsight_resid_post_sweep_batched, "resid"),
-        ("nnsight_head_sweep", nnsight_head_sweep, "head"),
-    ]
-    refs: dict[str, torch.Tensor] = {}
-    print(f"{'function':38s} {'shape':>9s} {'total_s':>8s} {'setup_s':>8s} {'sweep_s':>8s} "
-          f"{'max|diff| vs naive':>19s}")
-    for name, fn, kind in runs:
-        t = time.perf_counter()
-        res = fn(*args)
-        total = time.perf_counter() - t
-        assert res.dtype == torch.float32
-        if name.startswith("naive"):
-            refs[kind] = res
-            diff = "(reference)"
-        else:
-            diff = f"{(res - refs[kind]).abs().max().item():.3e}"
-        tm = LAST_TIMINGS[name]
-        print(f"{name:38s} {str(tuple(res.shape)):>9s} {total:8.2f} {tm['setup_s']:8.2f} "
-              f"{tm['sweep_s']:8.2f} {diff:>19s}")
-
-    after = _model_state(model)
-    tok_after = (tokenizer.padding_side, tokenizer.pad_token)
-    print(f"caller model unchanged: {before == after} {after}; "
-          f"tokenizer unchanged: {tok_before == tok_after}")
-    r = refs["resid"]
-    print(f"resid_post effect: last position, last layer = {r[-1, -1].item():.4f}; "
-          f"layer 0 at pos of ' John'/' Mary' (9) = {r[0, 9].item():.4f}")
-    h = refs["head"]
-    top = torch.topk(h.flatten(), 5)
-    cells = [(int(i) // h.shape[1], int(i) % h.shape[1]) for i in top.indices]
-    print("top heads (layer, head): " + ", ".join(
-        f"{c}={v:.3f}" for c, v in zip(cells, top.values.tolist())))
+    bridge, lm = boot_tl_bridge(model, tokenizer), wrap_nnsight(model, tokenizer)
+    for kind in ("resid_post", "z"):
+        got = {}
+        for name, run in (("TransformerLens", lambda: tl_patch_sweep(bridge, batch, kind)),
+                          ("nnsight", lambda: nnsight_patch_sweep(lm, batch, kind))):
+            t = time.perf_counter()
+            got[name] = run()
+            print(f"{kind:10s} {name:16s} {tuple(got[name].shape)!s:>9s} "
+                  f"{time.perf_counter() - t:8.2f} s")
+        diff = (got["TransformerLens"] - got["nnsight"]).abs().max().item()
+        print(f"{kind:10s} max |TransformerLens - nnsight| = {diff:.2e}")
+    print(f"caller model unchanged: {_model_state(model) == before}")
 
 
 if __name__ == "__main__":
