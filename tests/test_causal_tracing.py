@@ -233,6 +233,35 @@ def test_bad_arguments(small):
         causal_tracing(small, [PROMPT, "t5 t6 t7"], SUBJECT, position_groups=False)
 
 
+def test_bad_noise_and_answer_are_refused_before_any_forward(small, monkeypatch):
+    import causalpatch.methods.causal_tracing as ct
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the arguments were checked")
+
+    monkeypatch.setattr(ct, "run_perturbed", no_forward)
+    before = small.hook_snapshot()
+    for noise in (0, 0.0, -1.0):
+        with pytest.raises(InvalidArgumentError, match="noise must be a positive number"):
+            causal_tracing(small, PROMPT, SUBJECT, noise=noise)
+    with pytest.raises(InvalidArgumentError):  # two tokens: the answer must be one
+        causal_tracing(small, PROMPT, SUBJECT, answer="t5 t6")
+    assert small.hook_snapshot() == before
+
+
+def test_repeated_subject_traces_its_first_occurrence_and_says_so(small):
+    prompt = "t5 t6 t7 t6 t8"
+    result = causal_tracing(small, prompt, "t6", samples=1, components=("resid_post",),
+                            position_groups=False)
+    assert result.spans == [(1, 2)]
+    extra = result["resid_post"].extra
+    assert extra["subject_occurrences"] == [2]
+    assert "occurs 2 times" in extra["subject_note"] and "tokens 1..1" in extra["subject_note"]
+    once = causal_tracing(small, PROMPT, SUBJECT, samples=1, components=("resid_post",),
+                          position_groups=False)["resid_post"].extra
+    assert once["subject_occurrences"] == [1] and "subject_note" not in once
+
+
 def test_every_family_matches_naive(family_model):
     """Tiny random models of every architecture (``conftest.FAMILIES``, a fast tokenizer with
     character offsets; Gemma 3 has sliding-window layers): cells against plain traces."""

@@ -126,6 +126,7 @@ def test_trace_one_prompt_writes_json_png_and_report(use_tiny_model, tmp_path):
     (["--prompt", "The Eiffel Tower is in the city of"], "--subject is required"),
     (["--prompt", "The Eiffel Tower is in the city of", "--subject", "Rome"], "not found"),
     (["--dataset", "ioi"], "unknown --dataset"),
+    (["--dataset", "known_facts", "--noise", "0"], "--noise must be positive"),
 ])
 def test_trace_user_errors(use_tiny_model, tmp_path, args, fragment):
     res = runner.invoke(cli.app, ["trace", *args, "--out", str(tmp_path)])

@@ -236,6 +236,25 @@ def test_bad_arguments(small):
         run(small, senders="neurons")
 
 
+def test_empty_senders_and_inseparable_heads_are_refused(small, make_tiny_lm):
+    import dataclasses
+
+    from causalpatch.errors import UnsupportedArchitectureError
+
+    before = small.hook_snapshot()
+    with pytest.raises(InvalidArgumentError, match="senders is empty"):
+        run(small, senders=[], receivers="logits")
+    assert small.hook_snapshot() == before
+    fused = make_tiny_lm("llama")  # an adapter whose heads cannot be told apart
+    fused.adapter = dataclasses.replace(
+        fused.adapter, unsupported=lambda config: {"attn.z": "its attention is one fused op"})
+    untouched = fused.hook_snapshot()
+    with pytest.raises(UnsupportedArchitectureError, match="one fused op"):
+        path_patching(fused, "abcdefghijkl", "abcdeXghijkl", senders="attn_head",
+                      receivers="logits", correct=5, incorrect=6)
+    assert fused.hook_snapshot() == untouched
+
+
 def test_hooks_removed_and_batching_invariant(small):
     before = small.hook_snapshot()
     one = run(small, senders="attn_head", receivers=[(2, 0), (2, 3)], batch_size=1)

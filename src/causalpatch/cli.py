@@ -1019,6 +1019,9 @@ def trace(
         if samples < 1 or window < 1:
             raise _error(f"--samples and --window must be at least 1, got {samples} and "
                          f"{window}")
+        if not noise > 0:
+            raise _error(f"--noise must be positive (a multiple of the embeddings' standard "
+                         f"deviation; ROME uses 3.0), got {noise}")
         kinds = tuple(c for c in components.replace(" ", "").split(",") if c)
         if not kinds:
             raise _error("--components is empty; expected some of " + ", ".join(TRACE_COMPONENTS))

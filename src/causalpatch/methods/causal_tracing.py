@@ -184,6 +184,18 @@ def subject_span(model: HookedModel, prompt: Any, subject: str | tuple[int, int]
     return span[0], span[-1] + 1
 
 
+def subject_occurrences(model: HookedModel, prompt: Any, subject: Any,
+                        ids: Sequence[int] | None = None) -> int:
+    """How many times ``subject`` occurs in ``prompt``'s text (non-overlapping; 1 for a token
+    range). :func:`subject_span` traces the first occurrence."""
+    if not isinstance(subject, str):
+        return 1
+    ids = list(ids if ids is not None else token_lists(model, prompt, "prompt")[0])
+    text = _char_offsets(model, prompt, ids)[0]
+    found = text.count(subject)
+    return found if found else text.count(subject.strip())
+
+
 def position_groups(n_tokens: int, span: tuple[int, int]) -> list[list[int]]:
     """Token positions of each of ROME's six :data:`GROUPS` for one prompt.
 
@@ -481,10 +493,14 @@ def causal_tracing(
     check_int(window, "window", 1)
     check_int(batch_size, "batch_size", 1, allow_none=True)
     executor_ = resolve_executor(executor, model)
-    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
-        raise InvalidArgumentError(f"noise must be a non-negative number, got {noise!r}")
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise > 0:
+        raise InvalidArgumentError(
+            f"noise must be a positive number (a multiple of the embeddings' standard "
+            f"deviation; ROME uses 3.0), got {noise!r}")
     ids_list = [token_lists(model, p, "prompt")[0] for p in prompt_list]
     spans = [subject_span(model, p, s, ids) for p, s, ids in zip(prompt_list, subjects, ids_list)]
+    occurrences = [subject_occurrences(model, p, s, ids)
+                   for p, s, ids in zip(prompt_list, subjects, ids_list)]
     answers = _answer_ids(model, answer, len(prompt_list))
     grouped = bool(position_groups)
     if not grouped and len({len(ids) for ids in ids_list}) > 1:
@@ -543,7 +559,14 @@ def causal_tracing(
                 "mlp", "attn") else 1,
             "subject_spans": [list(s) for s in spans], "answers": [t.answer for t in ordered],
             "subjects": [s if isinstance(s, str) else list(s) for s in subjects],
+            "subject_occurrences": occurrences,
             "engine": {k: v for k, v in values.stats.items() if k != "executor"}}
+        repeated = [i for i, k in enumerate(occurrences) if k > 1]
+        if repeated:
+            extra["subject_note"] = "; ".join(
+                f"prompt {i}: subject {subjects[i]!r} occurs {occurrences[i]} times, the first "
+                f"occurrence (tokens {spans[i][0]}..{spans[i][1] - 1}) is traced"
+                for i in repeated)
         labels: dict[str, list[Any]] = {"layer": list(range(n))}
         if grouped:
             axes: tuple[str, ...] = ("layer", "group")

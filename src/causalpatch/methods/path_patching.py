@@ -56,7 +56,8 @@ import torch
 from ..assemble import GroupValues, Scale, build_result, run_pairs
 from ..engine import PairRun, Staircase, prepare_staircase, run_layer, run_pair, unembed
 from ..enums import Direction, parse
-from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
+from ..errors import (InvalidArgumentError, InvalidTypeError, OutOfRangeError,
+                      UnsupportedArchitectureError)
 from ..executors import resolve_executor
 from ..hooks import Hook, StopForward
 from ..metrics import METRICS, Metric
@@ -212,6 +213,20 @@ def _check_order(senders: list[_Sender], receivers: list[tuple[int, int]] | None
 # -- one pair --------------------------------------------------------------------------------------
 def _site(model: HookedModel, kind: str, layer: int) -> Site:
     return model.site(f"blocks.{layer}.{kind}")
+
+
+def _check_separable_heads(model: HookedModel) -> None:
+    """Path patching freezes and patches single heads: the model must expose every head's
+    output on its own (the per-head ``attn.z`` site)."""
+    reason = model.adapter.unsupported(model.config).get("attn.z")
+    spec = model.adapter.sites.get("attn.z")
+    if reason is None and spec is not None and spec.view.per_head:
+        return
+    raise UnsupportedArchitectureError(
+        f"path patching needs each attention head's output separately (the per-head attn.z "
+        f"site), which this {model.adapter.name} model does not have"
+        + (f": {reason}" if reason else "")
+        + "; use activation_patching(component='attn') for whole attention layers instead")
 
 
 def _pair_sites(model: HookedModel, sender_layers: Sequence[int],
@@ -570,6 +585,7 @@ def path_patching(
     t0 = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
     direction_ = parse(Direction, direction, "direction")
+    _check_separable_heads(model)
     if freeze not in ("heads", "all"):
         raise InvalidArgumentError(
             f"unknown freeze {freeze!r}; expected 'heads' (every other head frozen, MLPs "
