@@ -409,6 +409,21 @@ def one_thread():
 
 
 # -- models for prompts given as token ids ---------------------------------------------------
+@dataclass
+class TextPairs:
+    """The smallest dataset the sweeps accept (duck-typed: four parallel lists), built from
+    ``(clean, corrupted, correct, incorrect)`` rows."""
+
+    clean: list[str]
+    corrupted: list[str]
+    correct: list[str]
+    incorrect: list[str]
+
+    @classmethod
+    def of(cls, rows: Any) -> "TextPairs":
+        return cls(*[list(col) for col in zip(*rows)])
+
+
 class IdTokenizer:
     """Just enough tokenizer for prompts given as token ids: ``decode`` writes ``t5 t9``, and
     ``encode`` reads that form back (any other text is refused)."""

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,21 +44,12 @@ pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent
 DRIVER = HERE / "ray_driver.py"
 sys.path.insert(0, str(HERE))
+from conftest import TextPairs  # noqa: E402
 from ray_driver import PAIRS, save_tiny_llama  # noqa: E402
 
 
-@dataclass
-class Dataset:
-    clean: list[str]
-    corrupted: list[str]
-    correct: list[str]
-    incorrect: list[str]
-
-
-def dataset(n: int = 8) -> Dataset:
-    rows = PAIRS[:n]
-    return Dataset([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                   [r[3] for r in rows])
+def dataset(n: int = 8) -> TextPairs:
+    return TextPairs.of(PAIRS[:n])
 
 
 @pytest.fixture(scope="module")

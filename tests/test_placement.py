@@ -5,7 +5,6 @@ the model carries exactly accelerate's hooks (never removed, never duplicated)."
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from causalpatch import (InterpretableModel, ablate, activation_patching, attrib
 from causalpatch.errors import InvalidArgumentError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TextPairs  # noqa: E402
 from ray_driver import PAIRS, save_tiny_llama  # noqa: E402
 
 #: Layers 1-2 and the unembedding live on disk, the rest in CPU memory.
@@ -27,15 +27,7 @@ COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn_head"
               "attn_head_q", "attn_head_k", "attn_head_v", "mlp_neuron")
 
 
-@dataclass
-class Dataset:
-    clean: list[str]
-    corrupted: list[str]
-    correct: list[str]
-    incorrect: list[str]
-
-
-DATA = Dataset(*[list(col) for col in zip(*PAIRS[:3])])
+DATA = TextPairs.of(PAIRS[:3])
 
 
 @pytest.fixture(scope="module")
