@@ -157,6 +157,13 @@ def subject_span(model: HookedModel, prompt: Any, subject: str | tuple[int, int]
         InvalidArgumentError: the subject does not occur in the prompt (the message shows both
             and the prompt's tokens).
     """
+    return _locate_subject(model, prompt, subject, ids)[0]
+
+
+def _locate_subject(model: HookedModel, prompt: Any, subject: str | tuple[int, int],
+                    ids: list[int] | None = None) -> tuple[tuple[int, int], int]:
+    """:func:`subject_span` and how many times the subject occurs in the prompt's text
+    (non-overlapping; 1 for a token range)."""
     ids = list(ids if ids is not None else token_lists(model, prompt, "prompt")[0])
     if isinstance(subject, (tuple, list)) and len(subject) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) for v in subject):
@@ -164,7 +171,7 @@ def subject_span(model: HookedModel, prompt: Any, subject: str | tuple[int, int]
         if not 0 <= start < end <= len(ids):
             raise OutOfRangeError(
                 f"subject token range {tuple(subject)} is outside the prompt's {len(ids)} tokens")
-        return start, end
+        return (start, end), 1
     if not isinstance(subject, str) or not subject.strip():
         raise InvalidTypeError(
             f"subject must be a non-empty string (or a (start, end) token range), got {subject!r}")
@@ -181,19 +188,7 @@ def subject_span(model: HookedModel, prompt: Any, subject: str | tuple[int, int]
         raise InvalidArgumentError(
             f"subject {subject!r} not found in prompt {shown!r} (tokens: {tokens}); the subject "
             "must appear in the prompt exactly as written")
-    return span[0], span[-1] + 1
-
-
-def subject_occurrences(model: HookedModel, prompt: Any, subject: Any,
-                        ids: Sequence[int] | None = None) -> int:
-    """How many times ``subject`` occurs in ``prompt``'s text (non-overlapping; 1 for a token
-    range). :func:`subject_span` traces the first occurrence."""
-    if not isinstance(subject, str):
-        return 1
-    ids = list(ids if ids is not None else token_lists(model, prompt, "prompt")[0])
-    text = _char_offsets(model, prompt, ids)[0]
-    found = text.count(subject)
-    return found if found else text.count(subject.strip())
+    return (span[0], span[-1] + 1), text.count(subject)
 
 
 def position_groups(n_tokens: int, span: tuple[int, int]) -> list[list[int]]:
@@ -498,9 +493,9 @@ def causal_tracing(
             f"noise must be a positive number (a multiple of the embeddings' standard "
             f"deviation; ROME uses 3.0), got {noise!r}")
     ids_list = [token_lists(model, p, "prompt")[0] for p in prompt_list]
-    spans = [subject_span(model, p, s, ids) for p, s, ids in zip(prompt_list, subjects, ids_list)]
-    occurrences = [subject_occurrences(model, p, s, ids)
-                   for p, s, ids in zip(prompt_list, subjects, ids_list)]
+    located = [_locate_subject(model, p, s, ids)
+               for p, s, ids in zip(prompt_list, subjects, ids_list)]
+    spans, occurrences = [span for span, _ in located], [k for _, k in located]
     answers = _answer_ids(model, answer, len(prompt_list))
     grouped = bool(position_groups)
     if not grouped and len({len(ids) for ids in ids_list}) > 1:

@@ -57,7 +57,7 @@ from ..assemble import GroupValues, Scale, build_result, run_pairs
 from ..engine import PairRun, Staircase, prepare_staircase, run_layer, run_pair, unembed
 from ..enums import Direction, parse
 from ..errors import (InvalidArgumentError, InvalidTypeError, OutOfRangeError,
-                      UnsupportedArchitectureError)
+                      UnknownComponentError, UnsupportedArchitectureError)
 from ..executors import resolve_executor
 from ..hooks import Hook, StopForward
 from ..metrics import METRICS, Metric
@@ -217,16 +217,17 @@ def _site(model: HookedModel, kind: str, layer: int) -> Site:
 
 def _check_separable_heads(model: HookedModel) -> None:
     """Path patching freezes and patches single heads: the model must expose every head's
-    output on its own (the per-head ``attn.z`` site)."""
-    reason = model.adapter.unsupported(model.config).get("attn.z")
-    spec = model.adapter.sites.get("attn.z")
-    if reason is None and spec is not None and spec.view.per_head:
-        return
+    output on its own (the per-head ``attn.z`` site, resolved as every sweep resolves it)."""
+    try:
+        if _site(model, "attn.z", 0).per_head:
+            return
+        reason = ""
+    except UnknownComponentError as err:
+        reason = f" ({err})"
     raise UnsupportedArchitectureError(
         f"path patching needs each attention head's output separately (the per-head attn.z "
-        f"site), which this {model.adapter.name} model does not have"
-        + (f": {reason}" if reason else "")
-        + "; use activation_patching(component='attn') for whole attention layers instead")
+        f"site), which this {model.adapter.name} model does not have{reason}; use "
+        "activation_patching(component='attn') for whole attention layers instead")
 
 
 def _pair_sites(model: HookedModel, sender_layers: Sequence[int],
