@@ -428,7 +428,9 @@ def cell_values(model: HookedModel, runs: Sequence[PairRun], jobs: Sequence[tupl
         return torch.empty(n_runs, 0)
     n_cells = len(jobs) // n_runs
     logits = patched_logits_many(model, runs, jobs, engine, batch_size, memory_mb, tick, stats,
-                                 columns)
+                                 columns)  # [n_jobs, vocab], or [n_jobs, n_columns]
+    if columns is not None:
+        inputs = inputs.on_columns(columns)
     row_of = torch.arange(n_runs).repeat(n_cells)
     return metric(logits, inputs.rows(row_of)).reshape(n_cells, n_runs).T
 

@@ -520,8 +520,8 @@ def unembed(model: HookedModel, hidden: torch.Tensor,
             columns: Sequence[int] | None = None) -> torch.Tensor:
     """Final norm, output projection and soft-cap: ``[batch, d_model] -> [batch, vocab]``.
 
-    ``columns``: compute only these vocabulary entries (the others are 0) where the model
-    allows it (see :meth:`~causalpatch.adapters.runtime.Runtime.unembed`).
+    ``columns``: only these vocabulary entries, ascending without repeats: ``[batch,
+    len(set(columns))]`` (see :meth:`~causalpatch.adapters.runtime.Runtime.unembed`).
     """
     return model.runtime.unembed(hidden, model.config, columns)
 
@@ -617,22 +617,25 @@ def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
         stats: receives counts: ``rows`` computed, ``skipped`` no-op patches, ``window`` the
             longest window, ``chunks`` staircase passes, ``batch_size`` the rows per pass chosen,
             ``layer_tokens`` the (row, layer, position) triples computed.
-        columns: the vocabulary entries the caller reads (others are 0; all by default).
+        columns: the vocabulary entries the caller reads (all by default); the logits then
+            hold only those, ascending without repeats (:func:`unembed`).
         readout: reduces float32 logits ``[rows, vocab]`` to ``[rows, k]`` (e.g. the answer's
             probability, which needs the whole vocabulary's log-sum-exp); applied to every
             batch as it is computed and to the base runs' logits for no-op rows, so the
             logits of all rows are never held at once.
 
     Returns:
-        ``[n_jobs, vocab]`` float32 logits, or ``[n_jobs, k]`` readouts with ``readout``.
+        ``[n_jobs, vocab]`` float32 logits (``[n_jobs, len(set(columns))]`` with ``columns``),
+        or ``[n_jobs, k]`` readouts with ``readout``.
     """
     n_layers = model.n_layers
+    base_last = torch.stack([run.base_last.float() for run in runs]) if runs else \
+        torch.empty(0, model.vocab_size)  # [n_runs, vocab]
     if readout is not None and runs:
-        base_read = readout(torch.stack([run.base_last.float() for run in runs]))
-        out = base_read[[r for r, _ in jobs]].float().cpu()
-    else:
-        out = torch.stack([runs[r].base_last.float() for r, _ in jobs]) if jobs else \
-            torch.empty(0, model.vocab_size)
+        base_last = readout(base_last).float()
+    elif columns is not None:
+        base_last = base_last[:, sorted(set(columns))]
+    out = base_last[[r for r, _ in jobs]].cpu()
     live: list[_Row] = []
     memo: dict[Any, _Entries | None] = {}
     for i, (r, patch) in enumerate(jobs):
@@ -832,8 +835,8 @@ def patched_logits(model: HookedModel, run: PairRun, patches: Sequence[Patch],
         engine: ``FAST`` (the staircase) or ``NAIVE`` (one forward per patch); same numbers.
         batch_size: patch rows per staircase pass (default: from ``memory_mb``).
         stats: receives the fast engine's counts (see :func:`staircase_logits`).
-        columns: the vocabulary entries the caller reads (the fast engine may leave the others
-            at 0).
+        columns: only these vocabulary entries, ascending without repeats (``[n_patches,
+            len(set(columns))]``; the fast engine computes only them).
     """
     return patched_logits_many(model, [run], [(0, p) for p in patches], engine, batch_size,
                                memory_mb, progress, stats, columns)
@@ -846,18 +849,20 @@ def patched_logits_many(model: HookedModel, runs: Sequence[PairRun],
                         stats: dict[str, Any] | None = None,
                         columns: Sequence[int] | None = None) -> torch.Tensor:
     """``[n_jobs, vocab]`` logits of every job ``(run index, patch)``: the rows of several base
-    runs (e.g. all pairs of a dataset with the same token length) share staircase batches."""
+    runs (e.g. all pairs of a dataset with the same token length) share staircase batches.
+    With ``columns``, ``[n_jobs, len(set(columns))]`` (those entries, ascending)."""
     patches = [p for _, p in jobs]
     if engine is Engine.NAIVE or not fast_supported(patches):
+        cols = slice(None) if columns is None else sorted(set(columns))
         if not jobs:
-            return torch.empty(0, model.vocab_size)
+            return torch.empty(0, model.vocab_size)[:, cols]
         out = []
         for r, run in enumerate(runs):
             mine = [i for i, (k, _) in enumerate(jobs) if k == r]
             if mine:
                 out.append((mine, naive_patched_logits(model, run.base_ids,
                                                        [patches[i] for i in mine], run.source,
-                                                       progress)))
+                                                       progress)[:, cols]))
         logits = torch.empty(len(jobs), out[0][1].shape[-1])
         for mine, values in out:
             logits[mine] = values

@@ -21,7 +21,7 @@ vocabularies). A non-finite result raises :class:`NonFiniteError` instead of pro
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +56,30 @@ class MetricInputs:
         """The inputs restricted to some rows."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return MetricInputs(pick(self.target_logits), pick(self.correct), pick(self.incorrect))
+
+    def on_columns(self, columns: Sequence[int]) -> MetricInputs:
+        """The inputs for logits that hold only the vocabulary entries ``columns``, ascending
+        without repeats (what an engine asked for ``columns`` returns): answer ids become
+        indices into them, target logits keep those entries. Exact for a metric that reads
+        only the answer logits (:attr:`Metric.answers_only`).
+
+        Raises:
+            InvalidArgumentError: an answer id is not among ``columns``.
+        """
+        cols = torch.tensor(sorted(set(columns)), dtype=torch.long)
+
+        def index(ids: torch.Tensor | None) -> torch.Tensor | None:
+            if ids is None:
+                return None
+            at = torch.searchsorted(cols, ids.cpu()).clamp(max=len(cols) - 1)
+            if not torch.equal(cols[at], ids.cpu()):
+                raise InvalidArgumentError(
+                    f"answer ids {sorted(set(ids.tolist()) - set(cols.tolist()))} are not among "
+                    f"the logit columns {cols.tolist()}: pass every answer token in columns")
+            return at.to(ids.device)
+
+        target = None if self.target_logits is None else self.target_logits[..., cols]
+        return MetricInputs(target, index(self.correct), index(self.incorrect))
 
     def expand(self, n: int) -> MetricInputs:
         """Repeat single-row inputs ``n`` times."""

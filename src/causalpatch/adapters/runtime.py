@@ -318,32 +318,30 @@ class Runtime:
                 columns: Sequence[int] | None = None) -> torch.Tensor:
         """Final norm, output projection and soft-cap: ``[..., d_model] -> [..., vocab]``.
 
-        With ``columns``, only those vocabulary entries are computed and every other logit is
-        0 (enough for metrics that read a few answer logits); this applies when the output
-        projection is a plain ``nn.Linear`` and there is no soft-cap, otherwise every logit
-        is computed.
+        With ``columns``, the result holds only those vocabulary entries, in ascending order
+        without repeats: ``[..., len(set(columns))]`` (enough for metrics that read a few
+        answer logits). Only they are computed when the output projection is a plain
+        ``nn.Linear``; otherwise every logit is computed and those are taken.
         """
         root = self.hf_model
         head = root.get_submodule(self.adapter.unembed)
         normed = root.get_submodule(self.adapter.final_norm)(hidden)
         attr = self.adapter.logit_softcap_attr
         cap = getattr(config, attr, None) if attr else None
+        cols = None if columns is None else sorted(set(columns))
         # an offloaded head (accelerate, weights on "disk"/"cpu" loaded per call) has meta
         # weights outside its own forward: compute every logit through the module then
-        if columns is not None and not cap and isinstance(head, nn.Linear) \
-                and head.weight.device.type != "meta":
+        if cols is not None and isinstance(head, nn.Linear) and head.weight.device.type != "meta":
             weight = head.weight
-            cols = torch.tensor(sorted(set(columns)), dtype=torch.long, device=weight.device)
-            part = normed.to(weight.device) @ weight[cols].T
+            index = torch.tensor(cols, dtype=torch.long, device=weight.device)
+            logits = normed.to(weight.device) @ weight[index].T
             if head.bias is not None:
-                part = part + head.bias[cols]
-            out = part.new_zeros((*part.shape[:-1], head.out_features))
-            out[..., cols] = part
-            return out
+                logits = logits + head.bias[index]
+            return torch.tanh(logits / cap) * cap if cap else logits
         logits = head(normed)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits if cols is None else logits[..., cols]
 
 
 def stack_paths(runtime: Runtime) -> Sequence[str]:

@@ -53,14 +53,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..assemble import GroupValues, Scale, build_result, run_pairs
+from ..assemble import GroupValues, Scale, answer_columns, build_result, run_pairs
 from ..engine import PairRun, Staircase, prepare_staircase, run_layer, run_pair, unembed
 from ..enums import Direction, parse
 from ..errors import (InvalidArgumentError, InvalidTypeError, OutOfRangeError,
                       UnknownComponentError, UnsupportedArchitectureError)
 from ..executors import resolve_executor
 from ..hooks import Hook, StopForward
-from ..metrics import METRICS, Metric
+from ..metrics import Metric
 from ..names import Site
 from ..plan import (Pair, check_answers, check_int, choose_metric, make_pairs, metric_inputs,
                     resolve_answers)
@@ -440,7 +440,8 @@ def _record_inputs(model: HookedModel, run: PairRun, chunk: list[_Sender],
 
 def _readout(model: HookedModel, hidden: torch.Tensor, columns: Sequence[int] | None
              ) -> torch.Tensor:
-    """``[rows, d_model]`` -> ``[rows, vocab]`` float32 logits (only ``columns`` if given)."""
+    """``[rows, d_model]`` -> ``[rows, vocab]`` float32 logits (``[rows, len(set(columns))]``,
+    those entries ascending, with ``columns``)."""
     with torch.no_grad():
         return unembed(model, hidden, columns).float()
 
@@ -488,9 +489,10 @@ def _pair_values(model: HookedModel, run: PairRun, senders: list[_Sender],
                  freeze: str = "heads") -> torch.Tensor:
     """Last-position logits ``[n_senders, vocab]`` of the path-patched runs of one pair.
 
-    ``columns``: compute only these logits (see :func:`causalpatch.engine.unembed`).
+    ``columns``: compute only these logits, ``[n_senders, len(set(columns))]`` (see
+    :func:`causalpatch.engine.unembed`).
     """
-    out = torch.empty(len(senders), model.vocab_size)
+    out = torch.empty(len(senders), model.vocab_size if columns is None else len(set(columns)))
     order = sorted(range(len(senders)), key=lambda i: senders[i].layer)
     last_stairs = None
     if freeze == "heads" and receivers is None:
@@ -605,9 +607,7 @@ def path_patching(
     live = {j for j, s in enumerate(sender_list) if s.layer < last}
     chunk = batch_size or 512
     # logit_diff / logit read two / one logits: skip the rest of the unembedding
-    columns = None
-    if m.name in ("logit_diff", "logit") and METRICS.get(m.name) is m:
-        columns = sorted({t for p in pairs for t in (p.correct, p.incorrect) if t is not None})
+    columns = answer_columns(m, pairs)
     receiver_sites = sorted({f"blocks.{layer}.attn.{k}" for layer, _ in recv or [] for k in kinds})
     first_sender = min((sender_list[j].layer for j in live), default=0)
     frozen_layers = (range(first_sender, min(last + 1, model.n_layers)) if freeze == "heads"
@@ -645,7 +645,8 @@ def path_patching(
         if todo:
             logits = _pair_values(model, run, [sender_list[cells[k]] for k in todo], recv, kinds,
                                   chunk, columns, freeze)
-            values[todo] = m(logits, inputs.expand(len(todo)))
+            narrowed = inputs if columns is None else inputs.on_columns(columns)
+            values[todo] = m(logits, narrowed.expand(len(todo)))
         if tick is not None:
             tick(len(cells))
         return GroupValues(ends[:1], ends[1:], values.unsqueeze(0))
