@@ -62,7 +62,8 @@ def test_page_renders_failures_visibly():
     rec = {"impl": "fast", "label": B.LABELS["fast"], "forwards": 0, "rows": 0, "seconds": 1.0,
            "times": [1.0], "runs": 1, "fast_speedup": 1.0, "vs_naive": 5.0, "max_abs_diff": 1e-7,
            "forward_equivalents": 3.0, "rows_per_pass": 10, "layer_tokens": 100,
-           "floor_forward_equivalents": 1.5,
+           "floor_forward_equivalents": 1.5, "floor_s": 0.4,
+           "engine_stats": {"rows": 4},
            "memory": {"peak_mib": 2000.0, "added_mib": 1000.0, "base_mib": 1000.0,
                       "rows_per_pass": 10, "peak_ratio": 2.0, "added_ratio": 10.0,
                       "plain": {"peak_mib": 1000.0, "added_mib": 100.0}}}
@@ -72,7 +73,7 @@ def test_page_renders_failures_visibly():
           "not_run": "not run: would take 10 forwards"}
     sweep = {"name": "mlp_neuron", "title": "t", "n_pairs": 1, "n_cells": 4, "layers": [0],
              "mean_tokens": 5.0, "reference": "naive", "plain_forward_s": 0.3,
-             "impls": [rec, naive, tl], "prompts": ["p"]}
+             "unit_cost_s": 4e-3, "impls": [rec, naive, tl], "prompts": ["p"]}
     report = {"command": "x", "date": "d", "load_s": 1.0, "load_before": "0", "load_after": "0",
               "machine": {"cpu": "c", "cores": 2, "usable_cores": 2, "ram_gib": 1.0,
                           "platform": "p", "python": "3"},
@@ -82,6 +83,8 @@ def test_page_renders_failures_visibly():
     report["headline"] = B.headline([sweep])
     assert report["headline"][0]["met"] is False  # 5x < 20x
     md = B.render_markdown(report)
-    assert "| mlp_neuron | naive | ≥20x | 5.0x | **no** |" in md
+    # the fast time the target needs (5.0 s / 20) beside the compute floor
+    assert "| mlp_neuron | naive | ≥20x | 5.0x | **no** | 1.000 | 0.250 | 0.400 |" in md
+    assert "Compute floor: 100 layer-tokens × 4000.0 µs" in md and "(2.50× the floor)" in md
     assert "**2.00**" in md  # memory over the 1.5x target is marked
     assert "not run: would take 10 forwards" in md
