@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 # Full side-by-side patching benchmark (causalpatch fast / naive, TransformerLens, nnsight; all
 # five sweeps, 3 interleaved repeats; the naive reference of the 32-pair sweep timed on 4 pairs
 # and of mlp_neuron on 64 neurons per layer, then scaled; peers on every sweep but mlp_neuron;
-# memory probes for causalpatch fast; ~37 min on the Intel host, ~90 on the AMD one); rewrites
+# memory probes for causalpatch fast; ~37 min on the Intel host, ~50 on the AMD one); rewrites
 # docs/benchmarks.md. Run it on a quiet machine. Smoke test: $(PY) benchmarks/bench_patching.py --quick
 bench: $(STAMP)
 	$(PIP) -c benchmarks/bench-constraints.txt -e ".[bench]"
