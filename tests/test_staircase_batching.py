@@ -167,3 +167,68 @@ def test_perturbed_base_runs_check_their_shape(model):
     with pytest.raises(InvalidArgumentError, match=r"base_embeds must be \[n_runs, 4, "):
         run_perturbed(model, [5, 6, 7, 8], torch.zeros(2, 3, model.d_model), [])
     assert model.hook_snapshot() == before
+
+
+
+def _check_pair_run(model, run, base_ids, source_ids, names, start):
+    """``run``'s activations and last logits equal a plain forward of each prompt (1e-5), its
+    prefix positions are bitwise equal in base and source, and its staircase is the base
+    row's alone (one row per layer call and in the caches)."""
+    base = model.trace([list(base_ids)], cache=names).run()
+    source = model.trace([list(source_ids)], cache=names).run()
+    for name in names:
+        torch.testing.assert_close(run.base.acts[name], base.cache[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(run.source.acts[name], source.cache[name], atol=1e-5, rtol=0)
+        assert torch.equal(run.base.acts[name][:, :start], run.source.acts[name][:, :start])
+    torch.testing.assert_close(run.base_last, base.last_logits[0].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run.source_last, source.last_logits[0].float(), atol=1e-5,
+                               rtol=0)
+    st = run.prepared
+    assert st is not None and st.start == start
+    for layer, call in enumerate(st.calls):
+        assert call.hidden.shape[0] == 1
+        torch.testing.assert_close(call.hidden,
+                                   base.cache[f"blocks.{layer}.resid_pre"][:, start:],
+                                   atol=1e-5, rtol=0)
+    for cache in (st.prefix_cache, st.full_cache):
+        if cache is not None:
+            assert all(entry.keys.shape[0] == 1 for entry in cache.layers
+                       if getattr(entry, "keys", None) is not None and entry.keys.numel() > 0)
+
+
+def test_pair_runs_batch_pairs_of_one_shape(model):
+    """:func:`pair_runs` runs pairs of one token length and first difference together (their
+    prefixes as one batch, then every base and source suffix as one batch), identical prompts
+    of one length together from position 0: every run equals plain forwards of its prompts,
+    and the staircase rows of the batched runs equal the naive loop (1e-5)."""
+    from causalpatch.engine import pair_runs
+
+    texts = [*PAIRS, ("bcdefghijkla", "bcdefYhijkla"),  # first difference at 5, like PAIRS[0]
+             ("cdefghijklab", "cdefghijklab"), ("abcdefghijkl", "abcdefghijkl")]  # identical
+    names = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)
+             for kind in ("resid_pre", "resid_post")]
+    ids = [(model.to_tokens(corrupted)[0].tolist(), model.to_tokens(clean)[0].tolist())
+           for clean, corrupted in texts]
+    runs = pair_runs(model, ids, [model.site(name) for name in names])
+    starts = [5, 6, 2, 5, 0, 0]
+    for run, (base_ids, source_ids), start in zip(runs, ids, starts):
+        _check_pair_run(model, run, base_ids, source_ids, names, start)
+    assert runs[4].source is runs[4].base  # identical prompts: one run
+    plan = plan_component(model, "resid_post", None, None, None)
+    patches = build_patches(plan, resolve_positions(None, True, 12), True, 12)
+    jobs = [(r, p) for r in range(len(runs)) for p in patches]
+    fast = patched_logits_many(model, runs, jobs, Engine.FAST)
+    naive = torch.cat([patched_logits(model, run, patches, Engine.NAIVE) for run in runs])
+    assert (fast - naive).abs().max().item() <= 1e-5
+
+
+def test_pair_run_batches_base_and_source_suffixes(model):
+    """:func:`run_pair` runs the base and source suffixes as one batch of two rows on their
+    shared prefix (checked as in :func:`_check_pair_run`)."""
+    from causalpatch.engine import run_pair
+
+    pair = make_pairs(model, *PAIRS[0], 5, 6)[0]  # first difference at position 5
+    names = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)
+             for kind in ("resid_pre", "resid_post")]
+    run = run_pair(model, pair.corrupted, pair.clean, [model.site(name) for name in names])
+    _check_pair_run(model, run, pair.corrupted, pair.clean, names, 5)

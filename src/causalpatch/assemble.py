@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .checkpoint import SweepCheckpoint, fingerprint
-from .engine import PairRun, collect_sites, patched_logits_many, run_base_and_source
+from .engine import PairRun, base_and_source_runs, collect_sites, patched_logits_many
 from .enums import Direction, Engine
 from .metrics import Metric, normalize as normalize_metric
 from .plan import metric_inputs
@@ -450,11 +450,10 @@ def pair_evaluator(model: HookedModel, pairs: Sequence[Pair], patches_of: Sequen
                  tick: Callable[[int], None] | None) -> GroupValues:
         if set(runs) != set(group):
             runs.clear()  # keep only the group being evaluated
-            for i in group:
-                base_ids, source_ids = pairs[i].runs(direction is Direction.DENOISE)
-                runs[i] = run_base_and_source(model, base_ids, source_ids,
-                                              collect_sites(patches_of[i]), patches_of[i],
-                                              engine)
+            patches = [p for i in group for p in patches_of[i]]
+            runs.update(zip(group, base_and_source_runs(
+                model, [pairs[i].runs(direction is Direction.DENOISE) for i in group],
+                collect_sites(patches), patches, engine)))
         members = [runs[i] for i in group]
         source_last = torch.stack([run.source_last for run in members])  # [n, vocab]
         base_last = torch.stack([run.base_last for run in members])

@@ -315,29 +315,44 @@ def _embed_hooks(model: HookedModel, embeds: torch.Tensor | None, offset: int) -
 
 
 def _suffix_run(model: HookedModel, ids: torch.Tensor, start: int, prefix_cache: Any,
-                sites: Sequence[Site], record: bool, embeds: torch.Tensor | None = None
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Staircase | None]:
-    """Run positions ``start..T-1`` of ``ids`` on top of ``prefix_cache``.
+                sites: Sequence[Site], record: Sequence[int] = (),
+                embeds: torch.Tensor | None = None, prefix_rows: Sequence[int] | None = None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[Staircase]]:
+    """Run positions ``start..T-1`` of every row of ``ids`` ``[rows, T]`` on top of
+    ``prefix_cache`` (positions ``< start``), as one batch.
 
-    Returns the activations of ``sites`` on those positions, the last-position logits
-    ``[vocab]`` and, with ``record``, the staircase context (each layer's call arguments and
-    the run's full cache). ``embeds`` ``[1, T, d_model]``: the embedding output to use instead
-    of the tokens' (see :func:`run_perturbed`).
+    Row ``i`` continues from row ``prefix_rows[i]`` of the prefix cache (default: its only
+    row, shared by every row). Returns the activations of ``sites`` on those positions
+    ``[rows, T - start, ...]``, the last-position logits ``[rows, vocab]`` and, for each row in
+    ``record``, its staircase context (each layer's call arguments, the prefix and the run's
+    full cache, cut to that row). ``embeds`` ``[rows, T, d_model]``: the embedding outputs to
+    use instead of the tokens' (see :func:`run_perturbed`).
     """
     runtime = model.runtime
+    rows = ids.shape[0]
     paths = stack_paths(runtime) if record else []
     acts: dict[str, torch.Tensor] = {}
     hooks = [*_embed_hooks(model, embeds, start), *cachers(acts, sites)]
+    if start == 0:
+        prefix_cache = None
+    prefix_rows = list(prefix_rows) if prefix_rows is not None else [0] * rows
+    cache = prefix_cache
+    if cache is not None and prefix_rows != [0]:
+        cache = runtime.cache_rows(cache, prefix_rows)
     with torch.no_grad(), hooked(model.hf_model, hooks, model.dims), \
             recorded_calls(model.hf_model, paths) as calls:
-        logits, cache = runtime.forward(ids[:, start:], cache=prefix_cache if start > 0 else None,
-                                        keep_cache=record, last_only=True)
-    last = logits[0, -1].float()
+        logits, full = runtime.forward(ids[:, start:], cache=cache, keep_cache=bool(record),
+                                       last_only=True)
+    last = logits[:, -1].float()
     if not record:
-        return acts, last, None
+        return acts, last, []
     layer_calls = [parse_layer_call(*calls[path]) for path in runtime.layer_paths]
     final_input = first_argument(*calls[runtime.final_norm_path])
-    return acts, last, Staircase(start, layer_calls, final_input, prefix_cache, cache)
+    return acts, last, [
+        Staircase(start, [call.row(r) for call in layer_calls], final_input[r : r + 1],
+                  runtime.cache_rows(prefix_cache, [prefix_rows[r]]),
+                  runtime.cache_rows(full, [r]))
+        for r in record]
 
 
 def _prefix_run(model: HookedModel, ids: torch.Tensor, start: int,
@@ -363,10 +378,12 @@ def prepare_staircase(model: HookedModel, base_ids: torch.Tensor, start: int,
     tokens' own (:attr:`PairRun.base_embed`).
     """
     _, cache = _prefix_run(model, base_ids, start, [], base_embed)
-    prepared = _suffix_run(model, base_ids, start, cache, [], record=True,
-                           embeds=base_embed)[2]
-    assert prepared is not None
-    return prepared
+    return _suffix_run(model, base_ids, start, cache, [], record=[0], embeds=base_embed)[2][0]
+
+
+def _row(acts: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Row ``index`` of batched activations ``[rows, ...]``, as ``[1, ...]``."""
+    return {name: act[index : index + 1] for name, act in acts.items()}
 
 
 def _join(prefix: dict[str, torch.Tensor], suffix: dict[str, torch.Tensor]) -> RunActivations:
@@ -398,31 +415,63 @@ class PairRun:
     base_embed: torch.Tensor | None = None
 
 
+#: pairs whose base and source runs share one batch in :func:`pair_runs` (at most; bounds the
+#: batch's transient memory to about that of a plain forward of ``2 x PAIRS_PER_BATCH`` rows)
+PAIRS_PER_BATCH = 32
+
+
 def run_pair(model: HookedModel, base_ids: Sequence[int], source_ids: Sequence[int],
              sites: Sequence[Site]) -> PairRun:
-    """Run base and source once each, the shared prefix only once.
+    """Run base and source once each, the shared prefix only once (:func:`pair_runs` of one
+    pair)."""
+    return pair_runs(model, [(base_ids, source_ids)], sites)[0]
 
-    The prefix (tokens before the first position where the prompts differ) is run with a
-    key/value cache; each prompt's suffix continues from it. The base suffix run also records
-    the arguments of every decoder layer for the staircase. Identical prompts (ablations:
-    the source is the base) run once, from position 0.
+
+def pair_runs(model: HookedModel, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+              sites: Sequence[Site]) -> list[PairRun]:
+    """The :class:`PairRun` of every ``(base_ids, source_ids)`` pair, in order.
+
+    A pair's prefix (tokens before the first position where its prompts differ) is run once
+    with a key/value cache, and both prompts' suffixes continue from it; positions before the
+    first difference are therefore one computation, bitwise equal in base and source. The base
+    suffix also records the arguments of every decoder layer for the staircase. Identical
+    prompts (ablations: the source is the base) run once, from position 0.
+
+    Pairs of one token length and first difference run together: their prefixes as one batch,
+    then all their base and source suffixes as one batch on those prefixes (rows ``0..k-1``
+    the bases, ``k..2k-1`` the sources); identical prompts of one length as one batch.
     """
-    base_t = torch.tensor([list(base_ids)], dtype=torch.long, device=model.device)
-    src_t = torch.tensor([list(source_ids)], dtype=torch.long, device=model.device)
-    T = base_t.shape[1]
-    if base_t.shape == src_t.shape and torch.equal(base_t, src_t):
-        acts, last, prepared = _suffix_run(model, base_t, 0, None, sites, True)
-        assert prepared is not None
-        run = RunActivations(acts)
-        return PairRun(base_t, run, run, last, last, prepared)
-    differ = (base_t[0] != src_t[0]).nonzero()
-    start = min(int(differ[0]) if len(differ) else T - 1, T - 1)
-    prefix_acts, cache = _prefix_run(model, base_t, start, sites)
-    base_acts, base_last, prepared = _suffix_run(model, base_t, start, cache, sites, True)
-    src_acts, src_last, _ = _suffix_run(model, src_t, start, cache, sites, False)
-    assert prepared is not None
-    return PairRun(base_t, _join(prefix_acts, base_acts), _join(prefix_acts, src_acts),
-                   base_last, src_last, prepared)
+    ids = [(torch.tensor([list(b)], dtype=torch.long, device=model.device),
+            torch.tensor([list(s)], dtype=torch.long, device=model.device)) for b, s in pairs]
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (base_t, src_t) in enumerate(ids):
+        T = base_t.shape[1]
+        if base_t.shape == src_t.shape and torch.equal(base_t, src_t):
+            groups[(T, -1)].append(i)  # identical: no source run
+            continue
+        differ = (base_t[0] != src_t[0]).nonzero()
+        groups[(T, min(int(differ[0]) if len(differ) else T - 1, T - 1))].append(i)
+    out: list[PairRun | None] = [None] * len(pairs)
+    batches = [(start, members[lo : lo + PAIRS_PER_BATCH]) for (_, start), members in groups.items()
+               for lo in range(0, len(members), PAIRS_PER_BATCH)]
+    for start, members in batches:
+        base_t = torch.cat([ids[i][0] for i in members])  # [k, T]
+        k = len(members)
+        if start < 0:
+            acts, last, stairs = _suffix_run(model, base_t, 0, None, sites, range(k))
+            for r, i in enumerate(members):
+                run = RunActivations(_row(acts, r))
+                out[i] = PairRun(ids[i][0], run, run, last[r], last[r], stairs[r])
+            continue
+        src_t = torch.cat([ids[i][1] for i in members])
+        prefix_acts, cache = _prefix_run(model, base_t, start, sites)
+        acts, last, stairs = _suffix_run(model, torch.cat([base_t, src_t]), start, cache,
+                                         sites, range(k), prefix_rows=[*range(k), *range(k)])
+        for r, i in enumerate(members):
+            prefix = _row(prefix_acts, r)
+            out[i] = PairRun(ids[i][0], _join(prefix, _row(acts, r)),
+                             _join(prefix, _row(acts, k + r)), last[r], last[k + r], stairs[r])
+    return out  # type: ignore[return-value]
 
 
 def run_perturbed(model: HookedModel, ids: Sequence[int], base_embeds: torch.Tensor,
@@ -459,16 +508,13 @@ def run_perturbed(model: HookedModel, ids: Sequence[int], base_embeds: torch.Ten
     differ = (embeds != plain).reshape(len(embeds), T, -1).any(-1).any(0).nonzero()
     start = min(int(differ[0]) if len(differ) else T - 1, T - 1)
     prefix_acts, cache = _prefix_run(model, ids_t, start, sites)
-    src_acts, src_last, _ = _suffix_run(model, ids_t, start, cache, sites, False)
-    source = _join(prefix_acts, src_acts)
-    runs = []
-    for embed_i in embeds.unbind(0):
-        embed_i = embed_i.unsqueeze(0)
-        acts, last, prepared = _suffix_run(model, ids_t, start, cache, sites, True, embed_i)
-        assert prepared is not None
-        runs.append(PairRun(ids_t, _join(prefix_acts, acts), source, last, src_last, prepared,
-                            embed_i))
-    return runs
+    # the plain source (row 0) and every base run (rows 1..) as one batch on the shared prefix
+    n = len(embeds)
+    acts, last, stairs = _suffix_run(model, ids_t.expand(n + 1, T), start, cache, sites,
+                                     range(1, n + 1), torch.cat([plain, embeds]))
+    source = _join(prefix_acts, _row(acts, 0))
+    return [PairRun(ids_t, _join(prefix_acts, _row(acts, i + 1)), source, last[i + 1], last[0],
+                    stairs[i], embeds[i : i + 1]) for i in range(n)]
 
 
 def run_layer(model: HookedModel, staircase: Staircase, layer: int, hidden: torch.Tensor,
@@ -814,14 +860,26 @@ def run_sites(model: HookedModel, ids: Sequence[int], sites: Sequence[Site]
 def run_base_and_source(model: HookedModel, base_ids: Sequence[int], source_ids: Sequence[int],
                         sites: Sequence[Site], patches: Sequence[Patch],
                         engine: Engine = Engine.FAST) -> PairRun:
-    """The base and source runs of a pair: :func:`run_pair` (shared prefix, staircase context)
-    for the fast engine, or two plain forward passes for the naive reference."""
+    """The base and source runs of a pair (:func:`base_and_source_runs` of one pair)."""
+    return base_and_source_runs(model, [(base_ids, source_ids)], sites, patches, engine)[0]
+
+
+def base_and_source_runs(model: HookedModel,
+                         pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                         sites: Sequence[Site], patches: Sequence[Patch],
+                         engine: Engine = Engine.FAST) -> list[PairRun]:
+    """The base and source runs of every ``(base_ids, source_ids)`` pair: :func:`pair_runs`
+    (shared prefixes, staircase contexts, pairs of one shape batched) for the fast engine, or
+    two plain forward passes per pair for the naive reference."""
     if engine is Engine.FAST and fast_supported(patches):
-        return run_pair(model, base_ids, source_ids, sites)
-    base, base_last = run_sites(model, base_ids, sites)
-    source, source_last = run_sites(model, source_ids, sites)
-    ids = torch.tensor([list(base_ids)], dtype=torch.long, device=model.device)
-    return PairRun(ids, base, source, base_last, source_last, None)
+        return pair_runs(model, pairs, sites)
+    runs = []
+    for base_ids, source_ids in pairs:
+        base, base_last = run_sites(model, base_ids, sites)
+        source, source_last = run_sites(model, source_ids, sites)
+        ids = torch.tensor([list(base_ids)], dtype=torch.long, device=model.device)
+        runs.append(PairRun(ids, base, source, base_last, source_last, None))
+    return runs
 
 
 def patched_logits(model: HookedModel, run: PairRun, patches: Sequence[Patch],

@@ -133,6 +133,32 @@ class LayerCall:
         return LayerCall(self.hidden[:, offset:], tuple(args), kwargs, self.cache_slot)
 
 
+    def row(self, index: int) -> LayerCall:
+        """The same call for row ``index`` alone of a call recorded on ``rows = hidden.shape[0]``
+        rows of equal length: every tensor argument (at any depth of tuples, lists and dicts)
+        whose leading axis is the batch axis of ``rows > 1`` entries is cut to that row (the
+        hidden state copied); tensors
+        with a leading axis of 1 (broadcast over rows: rotary tables, ``position_ids``) and
+        1-D tensors (``cache_position``) are kept as they are."""
+        rows = self.hidden.shape[0]
+        if rows == 1:
+            return self
+
+        def cut(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value[index : index + 1] if value.dim() >= 2 and value.shape[0] == rows \
+                    else value
+            if isinstance(value, (tuple, list)):
+                return type(value)(cut(v) for v in value)
+            if isinstance(value, dict):
+                return {k: cut(v) for k, v in value.items()}
+            return value
+
+        # a copy: the row outlives the batch, which need not stay allocated for it
+        return LayerCall(self.hidden[index : index + 1].clone(), tuple(cut(a) for a in self.args),
+                         {k: cut(v) for k, v in self.kwargs.items()}, self.cache_slot)
+
+
 def _is_cache(value: Any) -> bool:
     from transformers.cache_utils import Cache
 
@@ -288,6 +314,31 @@ class Runtime:
                     return None
                 new.keys = entry.keys[..., :length, :]
                 new.values = entry.values[..., :length, :]
+            out.layers.append(new)
+        return out
+
+    @staticmethod
+    def cache_rows(cache: Any, index: Sequence[int]) -> Any:
+        """A cache whose rows are ``cache``'s rows ``index``, in order (repeats allowed: one row
+        broadcast to several); a run of consecutive rows shares ``cache``'s tensors, other
+        selections copy. ``None`` for ``None``."""
+        if cache is None:
+            return None
+        index = list(index)
+        lo = index[0] if index else 0
+        consecutive = index == list(range(lo, lo + len(index)))
+        out = copy.copy(cache)
+        out.layers = []
+        for entry in cache.layers:
+            new = copy.copy(entry)
+            if getattr(entry, "keys", None) is not None and entry.keys.numel() > 0:
+                if consecutive:
+                    new.keys = entry.keys[lo : lo + len(index)]
+                    new.values = entry.values[lo : lo + len(index)]
+                else:
+                    at = torch.tensor(index, dtype=torch.long, device=entry.keys.device)
+                    new.keys = entry.keys.index_select(0, at)
+                    new.values = entry.values.index_select(0, at)
             out.layers.append(new)
         return out
 

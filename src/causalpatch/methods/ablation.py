@@ -67,7 +67,7 @@ import torch
 
 from ..assemble import (GroupValues, Scale, answer_columns, build_result, cell_values,
                         length_groups, run_pairs)
-from ..engine import PairRun, last_logits, run_base_and_source
+from ..engine import PairRun, base_and_source_runs, last_logits
 from ..enums import AblationKind, Engine, parse
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
 from ..executors import resolve_executor
@@ -343,8 +343,8 @@ def ablate(
 
     def evaluate(model_: HookedModel, stats: dict[str, Any], group: list[int], todo: list[int],
                  tick: Callable[[int], None] | None) -> GroupValues:
-        runs: list[PairRun] = [run_base_and_source(model_, rows[i], rows[i], sites, [],
-                                                   engine_) for i in group]
+        runs: list[PairRun] = base_and_source_runs(model_, [(rows[i], rows[i]) for i in group],
+                                                   sites, [], engine_)
         inputs = metric_inputs(m, [corrects[i] for i in group], [incorrects[i] for i in group],
                                torch.stack([run.base_last for run in runs]))
         jobs: list[tuple[int, Patch]] = []
