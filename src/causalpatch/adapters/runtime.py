@@ -132,14 +132,12 @@ class LayerCall:
             return None  # the mask is positional (or absent): cannot tell
         return LayerCall(self.hidden[:, offset:], tuple(args), kwargs, self.cache_slot)
 
-
     def row(self, index: int) -> LayerCall:
         """The same call for row ``index`` alone of a call recorded on ``rows = hidden.shape[0]``
         rows of equal length: every tensor argument (at any depth of tuples, lists and dicts)
         whose leading axis is the batch axis of ``rows > 1`` entries is cut to that row (the
-        hidden state copied); tensors
-        with a leading axis of 1 (broadcast over rows: rotary tables, ``position_ids``) and
-        1-D tensors (``cache_position``) are kept as they are."""
+        hidden state copied); tensors with a leading axis of 1 (broadcast over rows: rotary
+        tables, ``position_ids``) and 1-D tensors (``cache_position``) are kept as they are."""
         rows = self.hidden.shape[0]
         if rows == 1:
             return self
