@@ -54,8 +54,8 @@ RANKS: dict[str, int] = {
     "errors": 0, "_io": 0, "enums": 1, "adapters": 1, "names": 2, "hooks": 3, "tokens": 4,
     "interventions": 5, "loading": 6, "sae": 6, "tracing": 7, "model": 8, "metrics": 9, "plan": 10,
     "engine": 11, "checkpoint": 12, "render": 13, "result": 14, "assemble": 15, "datasets": 16,
-    "executors": 16,
-    "methods": 17, "interpretable": 18, "cli": 19, "__init__": 19,
+    "executors": 16, "options": 17,
+    "methods": 18, "interpretable": 19, "cli": 20, "__init__": 20,
 }
 METHODS = f"{PACKAGE}.methods"
 ADAPTERS = f"{PACKAGE}.adapters"

@@ -8,29 +8,36 @@ patch ``x_base + decode(f') - decode(f_base)``). Two implementations:
 :func:`naive_patched_logits`
     The reference: one full forward pass of the base prompt per patch, with hooks.
 
-:func:`fast_patched_logits`
+:func:`staircase_logits`
     The same numbers with far less work, using only facts about causal transformers:
 
     1. **Exact no-ops are skipped.** A patch whose values (source or its own) equal the base
        values at every entry leaves the run unchanged; its logits are the base logits.
-    2. **Shared prefix.** Positions before the first entry that actually changes (``s``) are
+    2. **Shared prefix.** Positions before the first entry that actually changes (``w``) are
        identical to the base run in every patched run, so their keys/values come from the base
-       run's cache (Hugging Face's own ``Cache``) and only the ``T - s`` suffix positions are
+       run's cache (Hugging Face's own ``Cache``) and only the ``T - w`` window positions are
        computed.
     3. **Start where the patch is.** A patch at layer ``L`` leaves layers ``< L`` unchanged, so
-       its row enters at layer ``L`` with the base run's residual stream. Rows are processed
-       as a *staircase*: the batch grows layer by layer as rows enter, so each decoder layer is
-       called once per chunk with every row that needs it.
+       its row enters at layer ``L`` with the base run's residual stream. Rows climb a
+       *staircase* (:func:`climb`): the batch grows layer by layer as rows enter, so each
+       decoder layer is called once per chunk with every row that needs it. Rows of several
+       base runs of one token length share the batches.
     4. **Last position only** goes through the last layer's MLP branch, the final norm and the
        unembedding (the last layer's attention still runs on every position: the last
-       position's query reads their keys and values).
-    5. **One sync**: the metric is computed for all rows at once on the device.
+       position's query reads their keys and values), and only the answer columns of the
+       unembedding are computed when the metric reads nothing else.
 
     The decoder layers are the model's own ``transformers`` modules, called with exactly the
     arguments Hugging Face passes them (recorded from a real forward over the suffix with the
     prefix cache), so masks, rotary embeddings and sliding windows are Hugging Face's.
 
-Both return ``[n_patches, vocab]`` logits at the last position; tests prove them equal.
+:func:`climb` is the one staircase primitive ("rows enter at their layer, with per-layer
+writes"); the sweeps, causal tracing and path patching all run their rows through it.
+:func:`pair_runs` makes the base and source runs of pairs (shared prefixes, batched), and
+:func:`run_layer` calls one decoder layer alone (path patching's single-layer passes).
+
+Both engines return ``[n_patches, vocab]`` logits at the last position (or only the requested
+columns); tests prove them equal.
 
 A base run need not be a plain prompt: :func:`run_perturbed` makes base runs whose embedding
 output is given (e.g. causal tracing's noised subject, :attr:`PairRun.base_embed`); every
@@ -518,41 +525,91 @@ def run_perturbed(model: HookedModel, ids: Sequence[int], base_embeds: torch.Ten
 
 
 def run_layer(model: HookedModel, staircase: Staircase, layer: int, hidden: torch.Tensor,
-              hooks: Sequence[Hook] = (), stop_ok: bool = False, *, prefix_cache: Any = None,
-              prefix_rows: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Decoder layer ``layer`` on ``hidden`` ``[rows, T - start, d_model]``: every row is a
-    variant of the staircase's base prompt on the suffix positions (the prefix is shared).
+              hooks: Sequence[Hook] = (), stop_ok: bool = False) -> torch.Tensor | None:
+    """Decoder layer ``layer`` alone on ``hidden`` ``[rows, T - start, d_model]``: every row is
+    a variant of the staircase's base prompt on the suffix positions (the prefix is shared).
 
     Args:
         hooks: installed for this call only.
         stop_ok: a hook may raise :class:`~causalpatch.hooks.StopForward` to end the call early
             (then ``None`` is returned).
-        prefix_cache: rows whose *prefix activations* differ (same tokens, e.g. different noise
-            on the embeddings): a cache of their positions ``< start`` from
-            :func:`run_prefix`, used instead of the staircase's own one-row prefix.
-        prefix_rows: with ``prefix_cache``, ``[rows]`` the cache row of each row of ``hidden``.
     """
-    if prefix_cache is None:
-        prefix_cache, prefix_rows = staircase.prefix_cache, None
     try:
         with torch.no_grad(), hooked(model.hf_model, hooks, model.dims):
             return model.runtime.run_layer(layer, staircase.calls[layer], hidden,
-                                           prefix_cache, prefix_rows)
+                                           staircase.prefix_cache, None)
     except StopForward:
         if stop_ok:
             return None
         raise
 
 
-def run_prefix(model: HookedModel, ids: torch.Tensor, start: int,
-               hooks: Sequence[Hook] = ()) -> Any:
-    """The key/value cache of positions ``< start`` of ``ids`` ``[rows, T]``, run with
-    ``hooks`` (e.g. noise on the embeddings): the ``prefix_cache`` of :func:`run_layer` for rows
-    whose prefixes differ. ``None`` when ``start == 0``."""
-    if start == 0:
-        return None
-    with torch.no_grad(), hooked(model.hf_model, hooks, model.dims):
-        return model.runtime.forward(ids[:, :start], keep_cache=True, last_only=True)[1]
+@dataclass
+class Step:
+    """What one decoder layer of a :func:`climb` runs with.
+
+    Attributes:
+        hooks: installed for this layer's call only.
+        last_position_mlp: run the layer's MLP branch on the last position only (exact when
+            nothing after this layer reads other positions, i.e. in the last layer).
+    """
+
+    hooks: Sequence[Hook] = ()
+    last_position_mlp: bool = False
+
+
+def climb(model: HookedModel, calls: Sequence[LayerCall],
+          base_hidden: Callable[[int], torch.Tensor], entries: Sequence[int], stop: int,
+          step: Callable[[int, torch.Tensor], Step] | None = None, *, prefix: Any = None,
+          run_of: torch.Tensor | None = None,
+          inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The staircase: rows enter the decoder stack at their own layer, and each layer is called
+    once on every row that has entered, with that layer's writes.
+
+    Row ``i`` enters at layer ``entries[i]`` (ascending) with the base residual stream there,
+    ``base_hidden(layer)`` ``[n_runs, q, d_model]`` (row ``i`` reads run ``run_of[i]``; with
+    ``run_of=None`` there is one run, shared by every row). At each layer the entered rows are
+    first edited by ``inject(layer, hidden)`` (residual writes), then the layer runs with
+    ``step(layer, hidden)``'s hooks (site writes, reads) on the window's positions, attending
+    to the prefix keys/values ``prefix`` (rows of it chosen by ``run_of``). Rows entering at
+    ``stop`` are added and injected too, and nothing runs there.
+
+    Every method that runs patched rows through the decoder stack (sweeps, causal tracing,
+    path patching) climbs with this one function; it knows nothing of what the writes mean.
+
+    Args:
+        calls: per decoder layer, how Hugging Face calls it on the window.
+        stop: the residual stream entering layer ``stop`` is returned (``n_layers``: the final
+            norm's input).
+
+    Returns:
+        ``[len(entries), q, d_model]`` the residual stream entering layer ``stop`` (with
+        ``Step.last_position_mlp`` in the last layer only position ``-1`` is valid).
+    """
+    hidden = base_hidden(entries[0] if entries else stop)
+    hidden = hidden.new_empty((0, *hidden.shape[1:]))
+    n_rows = len(entries)
+    with torch.no_grad():
+        for layer in range(entries[0] if entries else stop, stop + 1):
+            n_before = n_now = hidden.shape[0]
+            while n_now < n_rows and entries[n_now] <= layer:
+                n_now += 1
+            if n_now > n_before:
+                base_in = base_hidden(layer)
+                new = (base_in[run_of[n_before:n_now]] if run_of is not None
+                       else base_in.expand(n_now - n_before, -1, -1))
+                hidden = torch.cat([hidden, new]) if n_before else new
+            if inject is not None:
+                hidden = inject(layer, hidden)
+            if layer == stop:
+                break
+            todo = step(layer, hidden) if step is not None else Step()
+            with hooked(model.hf_model, todo.hooks, model.dims), (
+                    last_position_only(model.hf_model, model.runtime.mlp_branch_path(layer))
+                    if todo.last_position_mlp else nullcontext()):
+                hidden = model.runtime.run_layer(layer, calls[layer], hidden, prefix,
+                                                 None if run_of is None else run_of[:n_now])
+    return hidden
 
 
 def embed(model: HookedModel, ids: torch.Tensor) -> torch.Tensor:
@@ -610,35 +667,6 @@ class _Row:
     stage: int  # first decoder layer it changes (n_layers: only the final norm's input)
     window: int  # first position it changes
     changed: Changed
-
-
-def fast_patched_logits(model: HookedModel, base_ids: torch.Tensor,
-                        patches: Sequence[Patch], base: RunActivations, source: RunActivations,
-                        base_last_logits: torch.Tensor, batch_size: int | None = None,
-                        memory_mb: float = 1024.0,
-                        progress: Callable[[int], None] | None = None,
-                        prepared: Staircase | None = None,
-                        stats: dict[str, Any] | None = None,
-                        columns: Sequence[int] | None = None) -> torch.Tensor:
-    """Same output as :func:`naive_patched_logits`, computed with the staircase engine (one
-    base run; see :func:`staircase_logits` for several).
-
-    Args:
-        base_ids: ``[1, T]`` token ids of the run patched into.
-        patches: one per output row; every site must be inside the decoder stack.
-        base: the base run's activations at the patched sites (to find exact no-ops).
-        source: the source run's activations at the patched sites.
-        base_last_logits: ``[vocab]`` the base run's last-position logits (rows that are
-            no-ops get exactly these).
-        prepared: the base run's staircase context from :func:`run_pair` (saves re-running
-            the base prompt).
-
-    Returns:
-        ``[n_patches, vocab]`` float32 logits at the last position.
-    """
-    run = PairRun(base_ids, base, source, base_last_logits, base_last_logits, prepared)
-    return staircase_logits(model, [run], [(0, p) for p in patches], batch_size, memory_mb,
-                            progress, stats, columns)
 
 
 def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
@@ -790,37 +818,24 @@ class _Group:
                     writes = site_writes[stage].setdefault(e.sp.site.name,
                                                            (e.sp.site, _Writes()))[1]
                 writes.add_many(r, e.pos - w, e.units, e.values)
-        root = model.hf_model
-        hidden = self.hidden[0].new_empty((0, *self.hidden[0].shape[1:]))
+
+        def inject(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+            return injections[layer].apply(hidden) if layer in injections else hidden
+
+        def step(layer: int, hidden: torch.Tensor) -> Step:
+            writes = list(site_writes[layer].values())
+            last = layer == n_layers - 1 and hidden.shape[1] > 1 and all(
+                _before_mlp(site) or _in_mlp(site) for site, _ in writes)
+            if last:  # the MLP branch sees only the last position: keep its writes there
+                writes = [(site, wr if _before_mlp(site) else wr.at(hidden.shape[1] - 1))
+                          for site, wr in writes]
+            return Step([Hook(site, _writer(wr)) for site, wr in writes if wr is not None],
+                         last_position_mlp=last)
+
+        hidden = climb(model, self.calls, self.hidden.__getitem__, stages, n_layers, step,
+                       prefix=self.prefix, run_of=run_of if several else None, inject=inject)
+        # after the last layer only position -1 is valid (its MLP ran on that one alone)
         with torch.no_grad():
-            for layer in range(stages[0], n_layers + 1):
-                n_before = hidden.shape[0]
-                n_now = n_before
-                while n_now < len(stages) and stages[n_now] <= layer:
-                    n_now += 1
-                if n_now > n_before:
-                    base_in = self.hidden[layer]
-                    new = (base_in[run_of[n_before:n_now]] if several
-                           else base_in.expand(n_now - n_before, -1, -1))
-                    hidden = torch.cat([hidden, new]) if n_before else new
-                if layer in injections:
-                    hidden = injections[layer].apply(hidden)
-                if layer == n_layers:
-                    break
-                writes = list(site_writes[layer].values())
-                last = layer == n_layers - 1 and hidden.shape[1] > 1 and all(
-                    _before_mlp(site) or _in_mlp(site) for site, _ in writes)
-                if last:  # the MLP branch sees only the last position: keep its writes there
-                    writes = [(site, wr if _before_mlp(site) else wr.at(hidden.shape[1] - 1))
-                              for site, wr in writes]
-                hooks = [Hook(site, _writer(wr)) for site, wr in writes if wr is not None]
-                with hooked(root, hooks, model.dims), (
-                        last_position_only(root, model.runtime.mlp_branch_path(layer)) if last
-                        else nullcontext()):
-                    hidden = model.runtime.run_layer(
-                        layer, self.calls[layer], hidden, self.prefix,
-                        run_of[:n_now] if several else None)
-            # after the last layer only position -1 is valid (its MLP ran on that one alone)
             return unembed(model, hidden[:, -1], columns)
 
 

@@ -42,6 +42,30 @@ class AblationKind(str, Enum):
     """The same site's activation in another row of the reference set."""
 
 
+class Freeze(str, Enum):
+    """What path patching holds at its base value while a sender's change travels."""
+
+    HEADS = "heads"
+    """Every other attention head's output (Wang et al.'s path patching): MLPs are recomputed,
+    so paths through MLPs count."""
+    ALL = "all"
+    """Every other head's output and every MLP output: only the direct path through the
+    residual stream counts."""
+
+
+class ReceiverInput(str, Enum):
+    """Which input of a path-patching receiver carries the path."""
+
+    Q = "q"
+    """The receiver heads' queries."""
+    K = "k"
+    """Their keys (under grouped-query attention, the key/value head the query head reads)."""
+    V = "v"
+    """Their values (likewise per key/value head)."""
+    RESID = "resid"
+    """The final residual stream at the last position (``receivers="logits"``)."""
+
+
 E = TypeVar("E", bound=Enum)
 
 

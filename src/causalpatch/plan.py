@@ -75,6 +75,24 @@ def check_int(value: Any, what: str, minimum: int, allow_none: bool = False) -> 
         raise InvalidArgumentError(f"{what} must be >= {minimum}, got {value}")
 
 
+def check_index(value: Any, size: int, what: str, noun: str) -> int:
+    """``value`` (an int or a one-element tensor) as an index into ``size`` ``noun``.
+
+    Raises:
+        InvalidTypeError: not an int.
+        OutOfRangeError: outside ``[0, size - 1]`` (the message names ``what`` and the range).
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidTypeError(f"{what} must be an int, got {value!r}")
+    if not 0 <= value < size:
+        raise OutOfRangeError(
+            f"{what} {value} is out of range: this model has {size} {noun}, so {noun} must be "
+            f"in [0, {size - 1}]")
+    return value
+
+
 # -- answers and pairs -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pair:

@@ -53,17 +53,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..assemble import GroupValues, Scale, answer_columns, build_result, run_pairs
-from ..engine import PairRun, Staircase, prepare_staircase, run_layer, run_pair, unembed
-from ..enums import Direction, parse
-from ..errors import (InvalidArgumentError, InvalidTypeError, OutOfRangeError,
-                      UnknownComponentError, UnsupportedArchitectureError)
-from ..executors import resolve_executor
+from ..assemble import GroupValues, Scale, answer_columns, build_result
+from ..engine import (PairRun, Staircase, Step, climb, prepare_staircase, rows_per_chunk,
+                      run_layer, run_pair, unembed)
+from ..enums import Direction, Freeze, ReceiverInput, parse
+from ..errors import (InvalidArgumentError, InvalidTypeError, UnknownComponentError,
+                      UnsupportedArchitectureError)
 from ..hooks import Hook, StopForward
 from ..metrics import Metric
 from ..names import Site
-from ..plan import (Pair, check_answers, check_int, choose_metric, make_pairs, metric_inputs,
-                    resolve_answers)
+from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
+from ..plan import Pair, check_index, metric_inputs
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 SenderSpec = str | Sequence[tuple[int, int | None]]
 ReceiverSpec = str | Sequence[tuple[int, int]]
 
-_INPUT_KINDS = ("q", "k", "v")
+_INPUT_KINDS = tuple(k.value for k in ReceiverInput if k is not ReceiverInput.RESID)
 
 
 # -- arguments -----------------------------------------------------------------------------------
@@ -86,32 +86,16 @@ class _Sender:
         return f"L{self.layer} MLP" if self.head is None else f"L{self.layer}H{self.head}"
 
 
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            return int(value.item())
-        raise InvalidTypeError(f"{what} must be an int, got {value!r}")
-    return value
-
-
-def _check_layer(layer: int, model: HookedModel, what: str) -> None:
-    if not 0 <= layer < model.n_layers:
-        raise OutOfRangeError(
-            f"{what} layer {layer} is out of range: this model has {model.n_layers} layers, so "
-            f"layers must be in [0, {model.n_layers - 1}]")
-
-
-def _check_head(head: int, model: HookedModel, what: str) -> None:
-    if not 0 <= head < model.n_heads:
-        raise OutOfRangeError(
-            f"{what} head {head} is out of range: this model has {model.n_heads} heads, so "
-            f"heads must be in [0, {model.n_heads - 1}]")
-
-
 def _receivers(model: HookedModel, receivers: ReceiverSpec,
-               receiver_input: str | Sequence[str] | None
+               receiver_input: str | ReceiverInput | Sequence[str | ReceiverInput] | None
                ) -> tuple[list[tuple[int, int]] | None, tuple[str, ...]]:
     """``(receiver heads or None for the final residual, input kinds)``."""
+    if receiver_input is not None:
+        listed = ([receiver_input] if isinstance(receiver_input, str)
+                  else list(receiver_input))
+        receiver_input = [parse(ReceiverInput, k, "receiver_input").value for k in listed]
+        if len(receiver_input) == 1:
+            receiver_input = receiver_input[0]
     if isinstance(receivers, str):
         if receivers not in ("logits", "resid"):
             raise InvalidArgumentError(
@@ -145,9 +129,8 @@ def _receivers(model: HookedModel, receivers: ReceiverSpec,
     for item in items:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise InvalidTypeError(f"each receiver must be a (layer, head) pair, got {item!r}")
-        layer, head = _int(item[0], "receiver layer"), _int(item[1], "receiver head")
-        _check_layer(layer, model, "receiver")
-        _check_head(head, model, "receiver")
+        layer = check_index(item[0], model.n_layers, "receiver layer", "layers")
+        head = check_index(item[1], model.n_heads, "receiver head", "heads")
         out.append((layer, head))
     if len(set(out)) != len(out):
         raise InvalidArgumentError(f"receivers has repeated entries: {out}")
@@ -179,11 +162,9 @@ def _senders(model: HookedModel, senders: SenderSpec) -> tuple[list[_Sender], st
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise InvalidTypeError(
                 f"each sender must be a (layer, head) pair (head None for the MLP), got {item!r}")
-        layer = _int(item[0], "sender layer")
-        _check_layer(layer, model, "sender")
-        head = None if item[1] is None else _int(item[1], "sender head")
-        if head is not None:
-            _check_head(head, model, "sender")
+        layer = check_index(item[0], model.n_layers, "sender layer", "layers")
+        head = (None if item[1] is None
+                else check_index(item[1], model.n_heads, "sender head", "heads"))
         out.append(_Sender(layer, head))
     if len(set(out)) != len(out):
         raise InvalidArgumentError(f"senders has repeated entries: {[s.label for s in out]}")
@@ -212,7 +193,8 @@ def _check_order(senders: list[_Sender], receivers: list[tuple[int, int]] | None
 
 # -- one pair --------------------------------------------------------------------------------------
 def _site(model: HookedModel, kind: str, layer: int) -> Site:
-    return model.site(f"blocks.{layer}.{kind}")
+    """The site of a per-layer ``kind`` (``"attn.z"``, ``"mlp"``, ``"attn.q"``...)."""
+    return model.layer_site(kind, layer)
 
 
 def _check_separable_heads(model: HookedModel) -> None:
@@ -231,20 +213,25 @@ def _check_separable_heads(model: HookedModel) -> None:
 
 
 def _pair_sites(model: HookedModel, sender_layers: Sequence[int],
-                receiver_sites: Sequence[str]) -> list[Site]:
+                receivers: Sequence[tuple[int, str]]) -> list[Site]:
     """Sites both runs of a pair record: the head and MLP outputs of the sender layers (frozen
-    at their base values, the sender taken from the source) and the receivers' inputs."""
+    at their base values, the sender taken from the source) and the receivers' inputs
+    (``(layer, kind)``)."""
     sites = [_site(model, k, layer) for layer in sorted(set(sender_layers))
              for k in ("attn.z", "mlp")]
-    sites += [model.site(name) for name in receiver_sites]
+    sites += [_site(model, f"attn.{kind}", layer) for layer, kind in receivers]
     return list({site.name: site for site in sites}.values())
 
 
-def _staircase(run: PairRun) -> Staircase:
-    """The base run's staircase: ``calls[L].hidden`` is the base residual stream entering
-    layer ``L`` on positions ``start..T-1``, ``final_input`` the final norm's input."""
-    assert run.prepared is not None
-    return run.prepared
+def _act(run_acts: Any, model: HookedModel, kind: str, layer: int, start: int) -> torch.Tensor:
+    """A recorded activation of one run on the window's positions: ``[1, T - start, ...]``."""
+    return run_acts.acts[_site(model, kind, layer).name][:, start:]
+
+
+def _base_hidden(model: HookedModel, stairs: Staircase) -> Callable[[int], torch.Tensor]:
+    """The base residual stream entering each layer (``n_layers``: the final norm's input)."""
+    return lambda layer: (stairs.calls[layer].hidden if layer < model.n_layers
+                          else stairs.final_input)
 
 
 def _unit_index(model: HookedModel, kind: str, heads: Sequence[int]) -> list[int]:
@@ -253,6 +240,26 @@ def _unit_index(model: HookedModel, kind: str, heads: Sequence[int]) -> list[int
         return sorted(set(heads))
     group = model.n_heads // model.n_kv_heads
     return sorted({h // group for h in heads})
+
+
+Recorded = dict[tuple[int, str], tuple[list[int], torch.Tensor]]
+"""The receivers' inputs per ``(layer, kind)``: ``(units, values [rows, T - start, n_units,
+d_head])``."""
+
+
+def _base_inputs(model: HookedModel, run: PairRun, start: int, n_rows: int,
+                 receivers: list[tuple[int, int]], kinds: tuple[str, ...]) -> Recorded:
+    """Every row's receiver inputs as in the base run (the rows overwrite theirs)."""
+    heads_by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in receivers:
+        heads_by_layer[layer].append(head)
+    out: Recorded = {}
+    for layer, heads in sorted(heads_by_layer.items()):
+        for kind in kinds:
+            units = _unit_index(model, kind, heads)
+            base = _act(run.base, model, f"attn.{kind}", layer, start)[:, :, units]
+            out[(layer, kind)] = (units, base.expand(n_rows, -1, -1, -1).clone())
+    return out
 
 
 def _frozen_heads(z_base: torch.Tensor, z_src: torch.Tensor, rows: torch.Tensor,
@@ -271,10 +278,29 @@ def _frozen_heads(z_base: torch.Tensor, z_src: torch.Tensor, rows: torch.Tensor,
     return freeze
 
 
+def _rows_set(values: torch.Tensor, rows: torch.Tensor
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook setting rows ``rows`` of an activation to ``values`` (``[1, ...]``, broadcast)."""
+
+    def write(act: torch.Tensor) -> torch.Tensor:
+        out = act.clone()
+        if len(rows):
+            out[rows] = values.to(act.dtype)
+        return out
+
+    return write
+
+
+def _tensor(values: Sequence[int], model: HookedModel) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long, device=model.device)
+
+
 def _sender_deltas(model: HookedModel, run: PairRun, chunk: list[_Sender]) -> torch.Tensor:
-    """Pass 1, sender side: the change of the residual stream after each sender's layer,
-    ``[rows, T - start, d_model]``, with everything but the sender frozen."""
-    stairs = _staircase(run)
+    """Pass 1 with ``freeze="all"``, sender side: the change of the residual stream after
+    each sender's layer, ``[rows, T - start, d_model]``, with everything but the sender
+    frozen (one call of the sender's layer; a last row patching nothing is the reference)."""
+    stairs = run.prepared
+    assert stairs is not None
     s = stairs.start
     q = run.base_ids.shape[1] - s
     delta = torch.zeros(len(chunk), q, model.d_model, dtype=model.dtype, device=model.device)
@@ -282,160 +308,134 @@ def _sender_deltas(model: HookedModel, run: PairRun, chunk: list[_Sender]) -> to
     for r, sender in enumerate(chunk):
         by_layer[sender.layer].append(r)
     for layer, rows in sorted(by_layer.items()):
-        n_rows = len(rows)
-        batch = n_rows + 1  # the last row patches nothing: the reference output
-        z_name, mlp_name = f"blocks.{layer}.attn.z", f"blocks.{layer}.mlp"
-        z_base, z_src = run.base.acts[z_name][:, s:], run.source.acts[z_name][:, s:]
-        mlp_base, mlp_src = run.base.acts[mlp_name][:, s:], run.source.acts[mlp_name][:, s:]
         head_rows = [i for i, r in enumerate(rows) if chunk[r].head is not None]
-        heads = [chunk[rows[i]].head for i in head_rows]
         mlp_rows = [i for i, r in enumerate(rows) if chunk[r].head is None]
-        head_rows_t = torch.tensor(head_rows, dtype=torch.long, device=model.device)
-        heads_t = torch.tensor(heads, dtype=torch.long, device=model.device)
-        mlp_rows_t = torch.tensor(mlp_rows, dtype=torch.long, device=model.device)
-
-        freeze_z = _frozen_heads(z_base, z_src, head_rows_t, heads_t)
-
-        def freeze_mlp(act: torch.Tensor, mlp_base: torch.Tensor = mlp_base,
-                       mlp_src: torch.Tensor = mlp_src, mlp_rows_t: torch.Tensor = mlp_rows_t
-                       ) -> torch.Tensor:
-            out = mlp_base.to(act.dtype).expand(act.shape[0], -1, -1).clone()
-            if len(mlp_rows_t):
-                out[mlp_rows_t] = mlp_src.to(act.dtype)
-            return out
-
-        hidden = stairs.calls[layer].hidden.expand(batch, -1, -1)
+        freeze_z = _frozen_heads(_act(run.base, model, "attn.z", layer, s),
+                                 _act(run.source, model, "attn.z", layer, s),
+                                 _tensor(head_rows, model),
+                                 _tensor([chunk[rows[i]].head for i in head_rows], model))
+        mlp_base = _act(run.base, model, "mlp", layer, s)
+        freeze_mlp = _rows_set(_act(run.source, model, "mlp", layer, s),
+                               _tensor(mlp_rows, model))
         hooks = [Hook(_site(model, "attn.z", layer), freeze_z),
-                 Hook(_site(model, "mlp", layer), freeze_mlp)]
+                 Hook(_site(model, "mlp", layer),
+                      lambda act, mlp_base=mlp_base, f=freeze_mlp: f(
+                          mlp_base.to(act.dtype).expand_as(act)))]
+        hidden = stairs.calls[layer].hidden.expand(len(rows) + 1, -1, -1)
         out = run_layer(model, stairs, layer, hidden, hooks)
         assert out is not None
-        delta[rows] = out[:n_rows] - out[n_rows:]
+        delta[rows] = out[:-1] - out[-1:]
     return delta
 
 
 def _heads_frozen_pass(model: HookedModel, run: PairRun, chunk: list[_Sender],
                        receivers: list[tuple[int, int]] | None, kinds: tuple[str, ...],
-                       last_only: Staircase | None = None
-                       ) -> tuple[dict[tuple[int, str], tuple[list[int], torch.Tensor]] | None,
-                                  torch.Tensor | None]:
+                       stairs: Staircase) -> tuple[Recorded, torch.Tensor | None]:
     """Pass 1 with ``freeze="heads"`` (the IOI paper's): every attention head output held at
     its base value except the sender's, every MLP recomputed, so the sender's change reaches
     the receivers through the residual stream and the MLPs but through no other head.
 
-    Rows (one per sender, sorted by layer) enter the staircase at their sender's layer with the
-    base residual stream. Returns the receivers' recorded inputs (as :func:`_record_inputs`)
-    or, with ``receivers=None``, the final residual stream at the last position
-    ``[rows, d_model]``.
+    Rows (one per sender, sorted by layer) climb the staircase from their sender's layer.
+    Returns the receivers' recorded inputs and, with ``receivers=None``, the final residual
+    stream at the last position ``[rows, d_model]``.
 
     With every head frozen, no information moves between positions after the sender's layer,
     so the last position's final residual depends only on that position: with
-    ``receivers=None`` the rows compute the last position alone (``last_only``: the base run's
-    staircase started at the last position).
+    ``receivers=None`` the caller passes the base run's staircase started at the last position.
     """
-    stairs = _staircase(run) if last_only is None else last_only
     s = stairs.start
-    dev = model.device
     entry = [sender.layer for sender in chunk]
-    heads_by_layer: dict[int, list[int]] = defaultdict(list)
-    for layer, head in receivers or []:
-        heads_by_layer[layer].append(head)
-    stop = model.n_layers if receivers is None else max(heads_by_layer) + 1
-    recorded: dict[tuple[int, str], tuple[list[int], torch.Tensor]] = {}
-    units: dict[tuple[int, str], list[int]] = {}
-    for layer, heads in heads_by_layer.items():
-        for kind in kinds:
-            units[(layer, kind)] = _unit_index(model, kind, heads)
-            base = run.base.acts[f"blocks.{layer}.attn.{kind}"][:, s:, units[(layer, kind)]]
-            recorded[(layer, kind)] = (units[(layer, kind)],
-                                       base.expand(len(chunk), -1, -1, -1).clone())
-    hidden = stairs.calls[entry[0]].hidden.expand(0, -1, -1)
-    for layer in range(entry[0], stop):
-        n_now = sum(1 for e in entry if e <= layer)
-        if n_now > hidden.shape[0]:
-            fresh = stairs.calls[layer].hidden
-            hidden = torch.cat([hidden, fresh.expand(n_now - hidden.shape[0], -1, -1)])
-        z_base = run.base.acts[f"blocks.{layer}.attn.z"][:, s:]
-        z_src = run.source.acts[f"blocks.{layer}.attn.z"][:, s:]
+    recorded = _base_inputs(model, run, s, len(chunk), receivers or [], kinds)
+    stop = model.n_layers if receivers is None else max(layer for layer, _ in receivers) + 1
+
+    def step(layer: int, hidden: torch.Tensor) -> Step:
+        n_now = hidden.shape[0]
         head_rows = [r for r in range(n_now) if entry[r] == layer and chunk[r].head is not None]
         mlp_rows = [r for r in range(n_now) if entry[r] == layer and chunk[r].head is None]
-        head_rows_t = torch.tensor(head_rows, dtype=torch.long, device=dev)
-        heads_t = torch.tensor([chunk[r].head for r in head_rows], dtype=torch.long, device=dev)
-
-        freeze_z = _frozen_heads(z_base, z_src, head_rows_t, heads_t)
-
-        hooks = [Hook(_site(model, "attn.z", layer), freeze_z)]
+        hooks = [Hook(_site(model, "attn.z", layer), _frozen_heads(
+            _act(run.base, model, "attn.z", layer, s), _act(run.source, model, "attn.z", layer, s),
+            _tensor(head_rows, model), _tensor([chunk[r].head for r in head_rows], model)))]
         if mlp_rows:
-            mlp_src = run.source.acts[f"blocks.{layer}.mlp"][:, s:]
-            rows_t = torch.tensor(mlp_rows, dtype=torch.long, device=dev)
-
-            def sender_mlp(act: torch.Tensor, mlp_src: torch.Tensor = mlp_src,
-                           rows_t: torch.Tensor = rows_t) -> torch.Tensor:
-                out = act.clone()
-                out[rows_t] = mlp_src.to(act.dtype)
-                return out
-
-            hooks.append(Hook(_site(model, "mlp", layer), sender_mlp))
-        store: dict[str, torch.Tensor] = {}
-        if layer in heads_by_layer:
-            for kind in kinds:
-                def read(act: torch.Tensor, kind: str = kind, layer: int = layer) -> None:
-                    store[kind] = act[:, :, units[(layer, kind)]].detach().clone()
+            hooks.append(Hook(_site(model, "mlp", layer), _rows_set(
+                _act(run.source, model, "mlp", layer, s), _tensor(mlp_rows, model))))
+        early = [r for r in range(n_now) if entry[r] < layer]  # rows that see the change
+        for (rec_layer, kind), (units, values) in recorded.items():
+            if rec_layer == layer and early:
+                def read(act: torch.Tensor, units: list[int] = units,
+                         values: torch.Tensor = values) -> None:
+                    values[early] = act[early][:, :, units].detach()
 
                 hooks.append(Hook(_site(model, f"attn.{kind}", layer), read))
-        out = run_layer(model, stairs, layer, hidden, hooks)
-        assert out is not None
-        if layer in heads_by_layer:  # rows whose sender comes earlier see the change
-            early = [r for r in range(n_now) if entry[r] < layer]
-            for kind in kinds:
-                if early:
-                    recorded[(layer, kind)][1][early] = store[kind][early]
-        hidden = out
-    if receivers is None:
-        return None, hidden[:, -1]
-    return recorded, None
+        return Step(hooks)
+
+    hidden = climb(model, stairs.calls, _base_hidden(model, stairs), entry, stop, step,
+                   prefix=stairs.prefix_cache)
+    return recorded, (hidden[:, -1] if receivers is None else None)
 
 
 def _record_inputs(model: HookedModel, run: PairRun, chunk: list[_Sender],
                    delta: torch.Tensor, receivers: list[tuple[int, int]], kinds: tuple[str, ...]
-                   ) -> dict[tuple[int, str], tuple[list[int], torch.Tensor]]:
-    """Pass 1, receiver side: the receivers' inputs with the sender's change in the residual.
-
-    Returns ``{(layer, kind): (units, values [rows, T - start, n_units, d_head])}``.
-    """
-    stairs = _staircase(run)
-    s = stairs.start
-    heads_by_layer: dict[int, list[int]] = defaultdict(list)
-    for layer, head in receivers:
-        heads_by_layer[layer].append(head)
-    recorded: dict[tuple[int, str], tuple[list[int], torch.Tensor]] = {}
-    for layer, heads in sorted(heads_by_layer.items()):
-        units = {k: _unit_index(model, k, heads) for k in kinds}
+                   ) -> Recorded:
+    """Pass 1 with ``freeze="all"``, receiver side: the receivers' inputs with the sender's
+    change added to the residual stream (each receiver layer called up to its q/k/v)."""
+    stairs = run.prepared
+    assert stairs is not None
+    recorded = _base_inputs(model, run, stairs.start, len(chunk), receivers, kinds)
+    for layer in sorted({layer for layer, _ in recorded}):
         # rows whose sender is in an earlier layer: others see the base input exactly
         rows = [r for r, sender in enumerate(chunk) if sender.layer < layer]
-        values = {}
-        for kind in kinds:
-            name = f"blocks.{layer}.attn.{kind}"
-            base_units = run.base.acts[name][:, s:, units[kind]]
-            values[kind] = base_units.expand(len(chunk), -1, -1, -1).clone()
-        if rows:
-            store: dict[str, torch.Tensor] = {}
-            wanted = set(kinds)
+        if not rows:
+            continue
+        store: dict[str, torch.Tensor] = {}
+        wanted = {kind for rec_layer, kind in recorded if rec_layer == layer}
 
-            def reader(kind: str) -> Callable[[torch.Tensor], None]:
-                def read(act: torch.Tensor) -> None:
-                    store[kind] = act[:, :, units[kind]].detach().clone()
-                    if wanted <= set(store):
-                        raise StopForward  # q/k/v read: the rest of the layer is not needed
-                return read
+        def reader(kind: str, units: list[int]) -> Callable[[torch.Tensor], None]:
+            def read(act: torch.Tensor) -> None:
+                store[kind] = act[:, :, units].detach().clone()
+                if wanted <= set(store):
+                    raise StopForward  # q/k/v read: the rest of the layer is not needed
+            return read
 
-            hidden = stairs.calls[layer].hidden + delta[rows]
-            hooks = [Hook(_site(model, f"attn.{k}", layer), reader(k)) for k in kinds]
-            run_layer(model, stairs, layer, hidden, hooks, stop_ok=True)
-            for kind in kinds:
-                values[kind][rows] = store[kind]
-        for kind in kinds:
-            recorded[(layer, kind)] = (units[kind], values[kind])
+        hooks = [Hook(_site(model, f"attn.{kind}", layer), reader(kind, units))
+                 for (rec_layer, kind), (units, _) in recorded.items() if rec_layer == layer]
+        run_layer(model, stairs, layer, stairs.calls[layer].hidden + delta[rows], hooks,
+                  stop_ok=True)
+        for kind in wanted:
+            recorded[(layer, kind)][1][rows] = store[kind]
     return recorded
+
+
+def _receiver_logits(model: HookedModel, run: PairRun, chunk: list[_Sender],
+                     recorded: Recorded, columns: Sequence[int] | None) -> torch.Tensor:
+    """Pass 2: the base run with the receivers' recorded inputs; ``[rows, vocab]`` logits.
+
+    Rows must be sorted by sender layer. A row climbs the staircase from the first receiver
+    layer after its sender (before it, it is the base run).
+    """
+    stairs = run.prepared
+    assert stairs is not None
+    receiver_layers = sorted({layer for layer, _ in recorded})
+    entry = [min(layer for layer in receiver_layers if layer > sender.layer) for sender in chunk]
+
+    def step(layer: int, hidden: torch.Tensor) -> Step:
+        n_now = hidden.shape[0]
+        hooks = []
+        for (rec_layer, kind), (units, values) in recorded.items():
+            if rec_layer == layer:
+                units_t = _tensor(units, model)
+
+                def write(act: torch.Tensor, units_t: torch.Tensor = units_t,
+                          values: torch.Tensor = values[:n_now]) -> torch.Tensor:
+                    out = act.clone()
+                    out[:, :, units_t] = values.to(act.dtype)
+                    return out
+
+                hooks.append(Hook(_site(model, f"attn.{kind}", layer), write))
+        return Step(hooks)
+
+    hidden = climb(model, stairs.calls, _base_hidden(model, stairs), entry, model.n_layers,
+                   step, prefix=stairs.prefix_cache)
+    return _readout(model, hidden[:, -1], columns)
 
 
 def _readout(model: HookedModel, hidden: torch.Tensor, columns: Sequence[int] | None
@@ -446,78 +446,42 @@ def _readout(model: HookedModel, hidden: torch.Tensor, columns: Sequence[int] | 
         return unembed(model, hidden, columns).float()
 
 
-def _receiver_logits(model: HookedModel, run: PairRun, chunk: list[_Sender],
-                     recorded: dict[tuple[int, str], tuple[list[int], torch.Tensor]],
-                     columns: Sequence[int] | None) -> torch.Tensor:
-    """Pass 2: the base run with the receivers' recorded inputs; ``[rows, vocab]`` logits.
-
-    Rows must be sorted by sender layer. A row joins the batch at the first receiver layer
-    after its sender (before it, it is the base run).
-    """
-    stairs = _staircase(run)
-    receiver_layers = sorted({layer for layer, _ in recorded})
-    entry = [min(layer for layer in receiver_layers if layer > sender.layer) for sender in chunk]
-    first = entry[0]
-    hidden = stairs.calls[first].hidden.expand(0, -1, -1)
-    for layer in range(first, model.n_layers):
-        n_now = sum(1 for e in entry if e <= layer)
-        if n_now > hidden.shape[0]:
-            fresh = stairs.calls[layer].hidden
-            hidden = torch.cat([hidden, fresh.expand(n_now - hidden.shape[0], -1, -1)])
-        hooks = []
-        for (rec_layer, kind), (units, values) in recorded.items():
-            if rec_layer != layer:
-                continue
-            units_t = torch.tensor(units, dtype=torch.long, device=model.device)
-
-            def write(act: torch.Tensor, units_t: torch.Tensor = units_t,
-                      values: torch.Tensor = values[:n_now]) -> torch.Tensor:
-                out = act.clone()
-                out[:, :, units_t] = values.to(act.dtype)
-                return out
-
-            hooks.append(Hook(_site(model, f"attn.{kind}", layer), write))
-        out = run_layer(model, stairs, layer, hidden, hooks)
-        assert out is not None
-        hidden = out
-    return _readout(model, hidden[:, -1], columns)
-
-
 def _pair_values(model: HookedModel, run: PairRun, senders: list[_Sender],
                  receivers: list[tuple[int, int]] | None, kinds: tuple[str, ...],
-                 batch_size: int, columns: Sequence[int] | None = None,
-                 freeze: str = "heads") -> torch.Tensor:
+                 batch_size: int | None, memory_mb: float,
+                 columns: Sequence[int] | None = None, freeze: Freeze = Freeze.HEADS
+                 ) -> torch.Tensor:
     """Last-position logits ``[n_senders, vocab]`` of the path-patched runs of one pair.
 
+    ``batch_size``: senders per pass (default: as many as ``memory_mb`` holds).
     ``columns``: compute only these logits, ``[n_senders, len(set(columns))]`` (see
     :func:`causalpatch.engine.unembed`).
     """
+    assert run.prepared is not None
     out = torch.empty(len(senders), model.vocab_size if columns is None else len(set(columns)))
     order = sorted(range(len(senders)), key=lambda i: senders[i].layer)
-    last_stairs = None
-    if freeze == "heads" and receivers is None:
-        last_stairs = prepare_staircase(model, run.base_ids, run.base_ids.shape[1] - 1)
-    final = _staircase(run).final_input[:, -1]  # the final residual stream, last position
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo : lo + batch_size]
+    T = run.base_ids.shape[1]
+    chunk_size = batch_size or rows_per_chunk(model, T - run.prepared.start, T, memory_mb,
+                                              None if columns is None else len(set(columns)))
+    stairs = run.prepared
+    if freeze is Freeze.HEADS and receivers is None:
+        stairs = prepare_staircase(model, run.base_ids, T - 1)
+    final = run.prepared.final_input[:, -1]  # the final residual stream, last position
+    for lo in range(0, len(order), chunk_size):
+        rows = order[lo : lo + chunk_size]
         chunk = [senders[i] for i in rows]
-        if freeze == "heads":
+        if freeze is Freeze.HEADS:
             recorded, final_rows = _heads_frozen_pass(model, run, chunk, receivers, kinds,
-                                                      last_stairs)
-            if receivers is None:
-                assert final_rows is not None
-                logits = _readout(model, final_rows, columns)
-            else:
-                assert recorded is not None
-                logits = _receiver_logits(model, run, chunk, recorded, columns)
-            out[rows] = logits.cpu()
-            continue
-        delta = _sender_deltas(model, run, chunk)
-        if receivers is None:
-            logits = _readout(model, final + delta[:, -1], columns)
+                                                      stairs)
+            logits = (_readout(model, final_rows, columns) if final_rows is not None
+                      else _receiver_logits(model, run, chunk, recorded, columns))
         else:
-            recorded = _record_inputs(model, run, chunk, delta, receivers, kinds)
-            logits = _receiver_logits(model, run, chunk, recorded, columns)
+            delta = _sender_deltas(model, run, chunk)
+            if receivers is None:
+                logits = _readout(model, final + delta[:, -1], columns)
+            else:
+                recorded = _record_inputs(model, run, chunk, delta, receivers, kinds)
+                logits = _receiver_logits(model, run, chunk, recorded, columns)
         out[rows] = logits.cpu()
     return out
 
@@ -529,15 +493,18 @@ def path_patching(
     corrupted: Any = None,
     senders: SenderSpec = "attn_head",
     receivers: ReceiverSpec = "logits",
-    receiver_input: str | Sequence[str] | None = None,
+    receiver_input: str | ReceiverInput | Sequence[str | ReceiverInput] | None = None,
     metric: str | Metric | Callable[..., Any] | None = None,
     metric_kwargs: Mapping[str, Any] | None = None,
     *,
     correct: Any = None,
     incorrect: Any = None,
     direction: str | Direction = "noise",
-    freeze: str = "heads",
+    freeze: str | Freeze = "heads",
     batch_size: int | None = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    checkpoint: str | None = None,
+    progress: Progress = None,
     executor: Any = None,
 ) -> PatchingResult:
     """Path patching: each sender's effect on the metric through the receivers only.
@@ -552,8 +519,9 @@ def path_patching(
             for the layer's MLP (result ``(n_senders,)``, axis ``"sender"``).
         receivers: ``"logits"`` (the final residual stream at the last position, i.e. the
             direct effect on the output) or a list of ``(layer, head)`` pairs.
-        receiver_input: which input of the receiver heads carries the path: ``"q"`` (default
-            for heads), ``"k"``, ``"v"``, or several (``("k", "v")``); ``"resid"`` with
+        receiver_input: which input of the receiver heads carries the path (a
+            :class:`~causalpatch.enums.ReceiverInput` or its value): ``"q"`` (default for
+            heads), ``"k"``, ``"v"``, or several (``("k", "v")``); ``"resid"`` with
             ``receivers="logits"``. Keys/values under grouped-query attention belong to a
             key/value head shared by ``n_heads / n_kv_heads`` query heads: patching the
             receiver's k/v patches them for the whole group.
@@ -563,13 +531,15 @@ def path_patching(
         direction: ``"noise"`` (default, as in Wang et al.: corrupted sender values into the
             clean run; 1.0 = this path alone breaks the behaviour as much as corrupting the
             whole prompt) or ``"denoise"`` (clean sender values into the corrupted run).
-        freeze: what else is held at its base value while the sender's change travels to the
-            receivers: ``"heads"`` (default, as in Wang et al.: every other attention head;
-            MLPs are recomputed, so paths through MLPs count) or ``"all"`` (every other head
-            and every MLP: only the direct path through the residual stream).
-        batch_size: senders per batch (rows of one pass); default 512.
-        executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
-            pairs are split into shards evaluated by Ray workers (results equal the local run).
+        freeze: a :class:`~causalpatch.enums.Freeze`: what else is held at its base value
+            while the sender's change travels to the receivers: ``"heads"`` (default, as in
+            Wang et al.: every other attention head; MLPs are recomputed, so paths through
+            MLPs count) or ``"all"`` (every other head and every MLP: only the direct path
+            through the residual stream).
+        batch_size: senders per pass (rows of one staircase); default: as many as
+            ``memory_mb`` holds.
+        memory_mb, checkpoint, progress, executor: the run options every method shares
+            (:mod:`causalpatch.options`).
 
     Returns:
         :class:`~causalpatch.result.PatchingResult` with ``method="path_patching"``,
@@ -587,33 +557,25 @@ def path_patching(
     """
     t0 = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
-    direction_ = parse(Direction, direction, "direction")
+    freeze_ = parse(Freeze, freeze, "freeze")
     _check_separable_heads(model)
-    if freeze not in ("heads", "all"):
-        raise InvalidArgumentError(
-            f"unknown freeze {freeze!r}; expected 'heads' (every other head frozen, MLPs "
-            "recomputed: the IOI paper's path patching) or 'all' (heads and MLPs frozen: the "
-            "direct path only)")
-    check_int(batch_size, "batch_size", 1, allow_none=True)
-    executor_ = resolve_executor(executor, model)
-    correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
-    pairs = make_pairs(model, clean, corrupted, correct, incorrect)
-    m = choose_metric(metric, pairs, clean if corrupted is None else None)
+    options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
+                              memory_mb=memory_mb, checkpoint=checkpoint)
+    prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
+                         direction)
+    pairs, m = prep.pairs, prep.metric
     recv, kinds = _receivers(model, receivers, receiver_input)
     sender_list, component = _senders(model, senders)
     _check_order(sender_list, recv, explicit=component == "senders")
-    check_answers(m, pairs)
     last = model.n_layers if recv is None else max(layer for layer, _ in recv)
     live = {j for j, s in enumerate(sender_list) if s.layer < last}
-    chunk = batch_size or 512
     # logit_diff / logit read two / one logits: skip the rest of the unembedding
     columns = answer_columns(m, pairs)
-    receiver_sites = sorted({f"blocks.{layer}.attn.{k}" for layer, _ in recv or [] for k in kinds})
+    receiver_inputs = sorted({(layer, k) for layer, _ in recv or [] for k in kinds})
     first_sender = min((sender_list[j].layer for j in live), default=0)
-    frozen_layers = (range(first_sender, min(last + 1, model.n_layers)) if freeze == "heads"
-                     else sorted({sender_list[j].layer for j in live}))
-    sites = _pair_sites(model, frozen_layers, receiver_sites)
-    denoise = direction_ is Direction.DENOISE
+    frozen_layers = (range(first_sender, min(last + 1, model.n_layers))
+                     if freeze_ is Freeze.HEADS else sorted({sender_list[j].layer for j in live}))
+    sites = _pair_sites(model, frozen_layers, receiver_inputs)
     if component == "attn_head":
         shape: tuple[int, ...] = (model.n_layers, model.n_heads)
         axes: tuple[str, ...] = ("layer", "head")
@@ -634,7 +596,7 @@ def path_patching(
                  tick: Callable[[int], None] | None) -> GroupValues:
         (i,) = group
         pair: Pair = pairs[i]
-        base_ids, source_ids = pair.runs(denoise)
+        base_ids, source_ids = pair.runs(prep.denoise)
         run = run_pair(model, base_ids, source_ids, sites)
         inputs = metric_inputs(m, [pair.correct], [pair.incorrect],
                                run.source_last.float().cpu().unsqueeze(0))
@@ -644,27 +606,29 @@ def path_patching(
         todo = [k for k, j in enumerate(cells) if j in live]
         if todo:
             logits = _pair_values(model, run, [sender_list[cells[k]] for k in todo], recv, kinds,
-                                  chunk, columns, freeze)
+                                  options.batch_size, options.memory_mb, columns, freeze_)
             narrowed = inputs if columns is None else inputs.on_columns(columns)
             values[todo] = m(logits, narrowed.expand(len(todo)))
         if tick is not None:
             tick(len(cells))
         return GroupValues(ends[:1], ends[1:], values.unsqueeze(0))
 
-    values = run_pairs(model, pairs, len(sender_list), build=build, label="path patching",
-                       executor=executor_)
+    values = options.run(
+        model, pairs, len(sender_list), build, label="path patching",
+        checkpoint_args=dict(method="path_patching", metric=m.name,
+                             senders=[[s.layer, s.head] for s in sender_list],
+                             receivers=recv, kinds=kinds, freeze=freeze_.value,
+                             direction=prep.direction.value))
     return build_result(
-        model, values=values, scale=Scale.NORMALIZED, metric=m, axes=axes, labels=labels,
-        shape=shape, component=component, method="path_patching", direction=direction_,
-        clean=[p.clean for p in pairs], corrupted=[p.corrupted for p in pairs],
-        answers=[[p.correct, p.incorrect] for p in pairs], timings={"setup_s": t_setup},
+        model, values=values, scale=Scale.NORMALIZED, axes=axes, labels=labels, shape=shape,
+        component=component, method="path_patching", timings={"setup_s": t_setup},
         extra={"senders": [[s.layer, s.head] for s in sender_list],
                "receivers": "logits" if recv is None else [list(r) for r in recv],
                "receiver_input": list(kinds),
-               "freeze": freeze,
-               "frozen": ("every other attn.z (MLPs recomputed)" if freeze == "heads"
+               "freeze": freeze_.value,
+               "frozen": ("every other attn.z (MLPs recomputed)" if freeze_ is Freeze.HEADS
                           else "every other attn.z and every mlp output"),
-               "n_computed": len(live)}, t_start=t0, data=clean)
+               "n_computed": len(live)}, t_start=t0, **prep.result_fields())
 
 
 __all__ = ["path_patching"]

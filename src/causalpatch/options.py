@@ -1,0 +1,160 @@
+"""What every method shares before and around its own work: run options and the prologue.
+
+Every method that evaluates pairs or prompts (activation patching, attribution patching,
+ablation, path patching, causal tracing, SAE feature patching and attribution, and every
+method added later) takes the same keyword arguments, with the same meaning and defaults,
+collected in one :class:`RunOptions`:
+
+``progress``
+    ``None`` (default, auto: a bar with counts and ETA in a terminal or notebook once the work
+    has run 2 s), ``True`` (a bar at once), ``False`` (silent) or a callback ``(done, total)``.
+``executor``
+    ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`: groups of
+    pairs are evaluated by Ray workers; results equal the local run.
+``batch_size``
+    The method's unit of batching (its docstring says which: patch rows per staircase pass,
+    pairs per forward/backward, senders per pass); default: from ``memory_mb`` or the method's
+    own default.
+``memory_mb``
+    The memory budget (MiB) of one engine pass, used to choose ``batch_size`` when it is not
+    given (default 1024).
+``checkpoint``
+    A file path: finished cells are saved there after every group (atomically) and a rerun
+    with the same arguments resumes, after a kill too.
+
+:func:`prepare_pairs` is the one prologue of the pair methods: direction parsed, answers
+merged, a dataset (also one written in the seed framework's style) accepted, pairs made,
+the metric chosen by the one rule and checked against the answers — all before any forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .assemble import EvaluatorFactory, PairValues, run_pairs
+from .datasets import as_patching_dataset
+from .enums import Direction, parse
+from .errors import InvalidArgumentError, InvalidTypeError
+from .executors import resolve_executor
+from .metrics import Metric
+from .plan import Pair, check_answers, check_int, choose_metric, make_pairs, resolve_answers
+
+if TYPE_CHECKING:
+    from .executors import RayExecutor
+    from .model import HookedModel
+
+Progress = bool | Callable[[int, int], None] | None
+"""``progress=``: ``None`` (auto), ``True``, ``False`` or a callback ``(done, total)``."""
+
+#: The default memory budget of one engine pass (MiB).
+DEFAULT_MEMORY_MB = 1024.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The run options of every method (module docstring), validated.
+
+    Build it with :meth:`make` (checks every value before any forward pass); a method hands
+    it to :meth:`run`, which drives :func:`~causalpatch.assemble.run_pairs`.
+    """
+
+    progress: Progress = None
+    executor: RayExecutor | None = None
+    batch_size: int | None = None
+    memory_mb: float = DEFAULT_MEMORY_MB
+    checkpoint: str | None = None
+
+    @classmethod
+    def make(cls, model: HookedModel, *, progress: Progress = None, executor: Any = None,
+             batch_size: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
+             checkpoint: Any = None) -> RunOptions:
+        """Validate the options for ``model``.
+
+        Raises:
+            InvalidTypeError / InvalidArgumentError: a value of the wrong type or range (the
+                message names the argument and what it accepts).
+        """
+        if progress is not None and not isinstance(progress, bool) and not callable(progress):
+            raise InvalidTypeError(
+                f"progress must be None (auto), True, False or a callback (done, total), got "
+                f"{progress!r}")
+        check_int(batch_size, "batch_size", 1, allow_none=True)
+        if isinstance(memory_mb, bool) or not isinstance(memory_mb, (int, float)):
+            raise InvalidTypeError(f"memory_mb must be a number of MiB, got {memory_mb!r}")
+        if not memory_mb > 0:
+            raise InvalidArgumentError(
+                f"memory_mb must be a positive number of MiB (default {DEFAULT_MEMORY_MB:g}), "
+                f"got {memory_mb!r}")
+        if checkpoint is not None:
+            import os
+
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise InvalidTypeError(
+                    f"checkpoint must be a file path (str or os.PathLike), got {checkpoint!r}")
+            checkpoint = os.fspath(checkpoint)
+        return cls(progress, resolve_executor(executor, model), batch_size, float(memory_mb),
+                   checkpoint)
+
+    def run(self, model: HookedModel, pairs: Sequence[Any], n_cells: int,
+            build: EvaluatorFactory, *, groups: Sequence[list[int]] | None = None,
+            label: str = "patching", checkpoint_args: dict[str, Any] | None = None,
+            chunk: int | None = None) -> PairValues:
+        """:func:`~causalpatch.assemble.run_pairs` with these options.
+
+        ``checkpoint_args``: everything besides the model and the pairs that determines the
+        cells' values (include the method's name), so a checkpoint of another sweep is
+        refused. ``chunk``: cells per evaluation call when checkpointing locally.
+        """
+        return run_pairs(model, pairs, n_cells, build=build, groups=groups,
+                         checkpoint=self.checkpoint,
+                         checkpoint_args=checkpoint_args,
+                         chunk=chunk, progress=self.progress, label=label,
+                         executor=self.executor)
+
+
+@dataclass(frozen=True)
+class PreparedPairs:
+    """The prologue's output: what every pair method needs before its own plan.
+
+    Attributes:
+        pairs: token ids and answers of every pair.
+        metric: the metric (the one given, the dataset's, else ``logit_diff`` with answers,
+            else ``l2``), checked against the pairs' answers.
+        direction: which run is patched into which.
+        data: the user's dataset (converted from the seed framework's style when needed), or
+            the prompts as given: build_result reads its position roles.
+    """
+
+    pairs: list[Pair]
+    metric: Metric
+    direction: Direction
+    data: Any
+
+    @property
+    def denoise(self) -> bool:
+        return self.direction is Direction.DENOISE
+
+    def result_fields(self) -> dict[str, Any]:
+        """The pairs' part of :func:`~causalpatch.assemble.build_result`'s arguments."""
+        return {"metric": self.metric, "direction": self.direction,
+                "clean": [p.clean for p in self.pairs],
+                "corrupted": [p.corrupted for p in self.pairs],
+                "answers": [[p.correct, p.incorrect] for p in self.pairs], "data": self.data}
+
+
+def prepare_pairs(model: HookedModel, clean: Any, corrupted: Any, metric: Any = None,
+                  metric_kwargs: Mapping[str, Any] | None = None, correct: Any = None,
+                  incorrect: Any = None, direction: Any = "denoise") -> PreparedPairs:
+    """The one prologue of every pair method (module docstring); no forward pass."""
+    direction_ = parse(Direction, direction, "direction")
+    correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
+    data = as_patching_dataset(clean, model)
+    pairs = make_pairs(model, data, corrupted, correct, incorrect)
+    m = choose_metric(metric, pairs, data if corrupted is None else None)
+    check_answers(m, pairs)
+    return PreparedPairs(pairs, m, direction_, data)
+
+
+__all__ = ["DEFAULT_MEMORY_MB", "PreparedPairs", "Progress", "RunOptions", "prepare_pairs"]
