@@ -41,6 +41,7 @@ from .result import PatchingResult
 
 if TYPE_CHECKING:
     from .model import HookedModel
+    from .names import Site
     from .plan import Pair, Patch
 
 
@@ -435,31 +436,51 @@ def cell_values(model: HookedModel, runs: Sequence[PairRun], jobs: Sequence[tupl
     return metric(logits, inputs.rows(row_of)).reshape(n_cells, n_runs).T
 
 
-def pair_evaluator(model: HookedModel, pairs: Sequence[Pair], patches_of: Sequence[list[Patch]],
-                   metric: Metric, direction: Direction, engine: Engine,
-                   batch_size: int | None, memory_mb: float, stats: dict[str, Any]
+PatchMaker = Callable[[int, PairRun, list[int]], list["Patch"]]
+"""Patches made once a pair's runs exist: ``(pair index, its runs, cells) -> one patch per
+cell`` (e.g. SAE feature patches, whose values come from the runs' activations)."""
+
+
+def pair_evaluator(model: HookedModel, pairs: Sequence[Pair],
+                   patches_of: Sequence[list[Patch]] | PatchMaker, metric: Metric,
+                   direction: Direction, engine: Engine, batch_size: int | None,
+                   memory_mb: float, stats: dict[str, Any], sites: Sequence[Site] | None = None
                    ) -> Callable[[list[int], list[int], Callable[[int], None] | None],
                                  GroupValues]:
     """An :class:`~causalpatch.assemble.Evaluator` for groups of pairs (:func:`length_groups`):
     each pair's base and source runs share their prefix, then the engine computes the requested
     cells' patches of every pair of the group together (rows of several pairs of one token
-    length share staircase batches; :func:`~causalpatch.engine.patched_logits_many`)."""
+    length share staircase batches; :func:`~causalpatch.engine.patched_logits_many`).
+
+    ``patches_of``: every pair's patches, one per cell; or a :data:`PatchMaker` that makes
+    them from the runs, with ``sites`` the sites the runs must record (patches inside the
+    decoder stack).
+    """
     runs: dict[int, PairRun] = {}
+    maker = patches_of if callable(patches_of) else None
 
     def evaluate(group: list[int], cells: list[int],
                  tick: Callable[[int], None] | None) -> GroupValues:
         if set(runs) != set(group):
             runs.clear()  # keep only the group being evaluated
-            patches = [p for i in group for p in patches_of[i]]
+            if maker is None:
+                patches = [p for i in group for p in patches_of[i]]  # type: ignore[index]
+                where = collect_sites(patches)
+            else:
+                patches, where = [], list(sites or ())
             runs.update(zip(group, base_and_source_runs(
                 model, [pairs[i].runs(direction is Direction.DENOISE) for i in group],
-                collect_sites(patches), patches, engine)))
+                where, patches, engine)))
         members = [runs[i] for i in group]
         source_last = torch.stack([run.source_last for run in members])  # [n, vocab]
         base_last = torch.stack([run.base_last for run in members])
         inputs = metric_inputs(metric, [pairs[i].correct for i in group],
                                [pairs[i].incorrect for i in group], source_last)
-        jobs = [(r, patches_of[i][j]) for j in cells for r, i in enumerate(group)]
+        if maker is None:
+            made = {i: [patches_of[i][j] for j in cells] for i in group}  # type: ignore[index]
+        else:
+            made = {i: maker(i, runs[i], cells) for i in group}
+        jobs = [(r, made[i][k]) for k in range(len(cells)) for r, i in enumerate(group)]
         values = cell_values(model, members, jobs, metric, inputs, engine, batch_size,
                              memory_mb, tick, stats,
                              answer_columns(metric, [pairs[i] for i in group]))

@@ -49,6 +49,7 @@ it. A sweep that reads only a few numbers per row passes ``readout=`` to
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -59,7 +60,7 @@ import torch
 
 from .adapters.runtime import LayerCall, first_argument, parse_layer_call, stack_paths
 from .enums import Engine
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NonFiniteError
 from .hooks import Hook, StopForward, hooked, last_position_only, recorded_calls
 from .names import Site
 from .plan import Patch, SitePatch
@@ -951,3 +952,108 @@ def last_logits(model: HookedModel, ids: torch.Tensor, hooks: Sequence[Hook] = (
     """
     with hooked(model.hf_model, hooks, model.dims):
         return model.runtime.forward(ids, last_only=True)[0][:, -1]
+
+
+# -- first-order (gradient) pass ---------------------------------------------------------------
+Leaf = Callable[[Site, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""How a gradient pass makes a site differentiable: ``(site, act) -> (act', leaves)`` where
+``act'`` equals ``act`` exactly and depends on the zero ``leaves`` (``name -> tensor`` with
+``requires_grad``), whose gradients the pass returns."""
+
+
+def delta_leaf(site: Site, act: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The plain :data:`Leaf`: ``act + delta`` with ``delta = 0``, so ``d metric / d delta``
+    is exactly ``d metric / d act`` (leaf name ``"act"``)."""
+    delta = torch.zeros_like(act, requires_grad=True)
+    return act + delta, {"act": delta}
+
+
+@dataclass
+class Gradients:
+    """What one gradient pass of a batch of ``b`` pairs gives.
+
+    Attributes:
+        base, source: each site's activation in the base and source runs ``[b, T, ...]``.
+        grads: ``site name -> leaf name -> d metric / d leaf`` at the base run (zeros where the
+            metric does not depend on the leaf).
+        base_values, source_values: ``[b]`` the metric of the base and source runs.
+    """
+
+    base: dict[str, torch.Tensor]
+    source: dict[str, torch.Tensor]
+    grads: dict[str, dict[str, torch.Tensor]]
+    base_values: torch.Tensor
+    source_values: torch.Tensor
+
+
+def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.Tensor,
+                  sites: Sequence[Site],
+                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
+                  what: str = "attribution patching") -> Gradients:
+    """The one gradient pass of every first-order method: one source forward (caching the
+    sites), one base forward with each site made differentiable by ``leaf``, one backward.
+
+    The gradients are taken with :func:`torch.autograd.grad` with respect to the leaves only,
+    so the model's parameters never receive ``.grad``, whether or not they require it.
+
+    Args:
+        base_ids, source_ids: ``[b, T]`` token ids of the run patched into and from.
+        objective: ``(base_logits [b, vocab], source_logits [b, vocab]) -> [b]`` the metric of
+            each base row (it must be differentiable in ``base_logits``; rows independent).
+        timings: receives ``source_forward_s``, ``base_forward_s``, ``backward_s`` (added).
+        what: the method's name, for error messages.
+
+    Raises:
+        InvalidArgumentError: a site the forward never reaches, or a metric that does not
+            depend differentiably on the logits.
+        NonFiniteError: a gradient that is not finite.
+    """
+    t0 = time.perf_counter()
+    source: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        source_last = last_logits(model, source_ids, cachers(source, sites)).float()
+    t1 = time.perf_counter()
+    base: dict[str, torch.Tensor] = {}
+    leaves: dict[str, dict[str, torch.Tensor]] = {}
+
+    def attach(name: str, site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            base[name] = act.detach().clone()
+            new, leaves[name] = leaf(site, act)
+            return new
+        return hook
+
+    with torch.enable_grad():
+        base_last = last_logits(model, base_ids, [Hook(s, attach(s.name, s)) for s in sites])
+        base_values = objective(base_last, source_last)
+        t2 = time.perf_counter()
+        missing = [s.name for s in sites if s.name not in leaves]
+        if missing:
+            raise InvalidArgumentError(
+                f"site(s) {missing} were not reached in the forward pass; {what} needs sites the "
+                "logits depend on")
+        if not base_values.requires_grad:
+            raise InvalidArgumentError(
+                f"the metric does not depend differentiably on the logits; {what} needs a "
+                "differentiable metric (use the exact method instead)")
+        flat = [(s.name, k, t) for s in sites for k, t in leaves[s.name].items()]
+        # rows are independent, so the gradient of the sum is each row's own gradient
+        found = torch.autograd.grad(base_values.sum(), [t for _, _, t in flat], allow_unused=True)
+    t3 = time.perf_counter()
+    grads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for (name, key, tensor), g in zip(flat, found):
+        g = torch.zeros_like(tensor) if g is None else g.detach()
+        if not torch.isfinite(g).all():
+            raise NonFiniteError(
+                f"the gradient of the metric at {name} is not finite (a distance metric whose "
+                f"base and source logits coincide has no gradient); use a score metric or the "
+                f"exact method instead of {what}")
+        grads[name][key] = g
+    with torch.no_grad():
+        source_values = objective(source_last, source_last).detach()
+    if timings is not None:
+        for key, dt in (("source_forward_s", t1 - t0), ("base_forward_s", t2 - t1),
+                        ("backward_s", t3 - t2)):
+            timings[key] = timings.get(key, 0.0) + dt
+    return Gradients(base, source, dict(grads), base_values.detach(), source_values)

@@ -33,17 +33,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .assemble import EvaluatorFactory, PairValues, run_pairs
+import torch
+
+from .assemble import (EvaluatorFactory, PairValues, PatchMaker, Scale, aggregate,
+                       pair_evaluator, run_pairs)
 from .datasets import as_patching_dataset
-from .enums import Direction, parse
+from .enums import Direction, Engine, parse
 from .errors import InvalidArgumentError, InvalidTypeError
 from .executors import resolve_executor
 from .metrics import Metric
-from .plan import Pair, check_answers, check_int, choose_metric, make_pairs, resolve_answers
+from .plan import (Pair, Patch, check_answers, check_int, choose_metric, make_pairs,
+                   resolve_answers)
 
 if TYPE_CHECKING:
     from .executors import RayExecutor
     from .model import HookedModel
+    from .names import Site
 
 Progress = bool | Callable[[int, int], None] | None
 """``progress=``: ``None`` (auto), ``True``, ``False`` or a callback ``(done, total)``."""
@@ -157,4 +162,46 @@ def prepare_pairs(model: HookedModel, clean: Any, corrupted: Any, metric: Any = 
     return PreparedPairs(pairs, m, direction_, data)
 
 
-__all__ = ["DEFAULT_MEMORY_MB", "PreparedPairs", "Progress", "RunOptions", "prepare_pairs"]
+def verify_top_k(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor, k: int,
+                 shape: tuple[int, ...], axes: tuple[str, ...], labels: dict[str, list[Any]],
+                 patches_for: Callable[[list[int]], Sequence[list[Patch]] | PatchMaker],
+                 options: RunOptions, *, sites: Sequence[Site] | None = None,
+                 positions: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The one exact check of a first-order method: the ``k`` cells with the largest
+    ``|estimate|`` re-run exactly on the engine (every pair, the one aggregation rule).
+
+    Args:
+        estimate: ``[n_cells]`` the normalised estimates (flat, row-major over ``shape``).
+        patches_for: the chosen flat cell indices -> every pair's patches for them (or a
+            :data:`~causalpatch.assemble.PatchMaker`, with ``sites``).
+        positions: absolute token positions of the ``"position"`` axis, for the listing.
+
+    Returns:
+        One entry per verified cell, largest first: ``{"index": [...labels], "cell":
+        [...coords], "estimate": e, "exact": x}`` (``index`` holds layer/head/neuron/feature
+        labels and absolute token positions).
+    """
+    order = torch.argsort(estimate.abs(), descending=True, stable=True)[:k].tolist()
+    if not order:
+        return []
+    patches = patches_for(order)
+
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Any:
+        return pair_evaluator(model_, prep.pairs, patches, prep.metric, prep.direction,
+                              Engine.FAST, options.batch_size, options.memory_mb, stats, sites)
+
+    values = run_pairs(model, prep.pairs, len(order), build=build, executor=options.executor,
+                       progress=options.progress, label="verifying")
+    exact = aggregate(values, Scale.NORMALIZED, prep.metric).effect
+    out = []
+    for j, flat in enumerate(order):
+        coords = [int(c) for c in torch.unravel_index(torch.tensor(flat), shape)]
+        index = [positions[c] if a == "position" and positions is not None
+                 else labels[a][c] if a in labels else c for a, c in zip(axes, coords)]
+        out.append({"index": index, "cell": coords, "estimate": float(estimate[flat]),
+                    "exact": float(exact[j])})
+    return out
+
+
+__all__ = ["DEFAULT_MEMORY_MB", "PreparedPairs", "Progress", "RunOptions", "prepare_pairs",
+           "verify_top_k"]

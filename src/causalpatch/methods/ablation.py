@@ -67,11 +67,12 @@ import torch
 
 from ..assemble import (GroupValues, Scale, answer_columns, build_result, cell_values,
                         length_groups, run_pairs)
-from ..engine import PairRun, base_and_source_runs, last_logits
+from ..datasets import as_patching_dataset
+from ..engine import PairRun, base_and_source_runs, cachers, last_logits
 from ..enums import AblationKind, Engine, parse
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
-from ..executors import resolve_executor
 from ..hooks import Hook
+from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..metrics import Metric
 from ..names import Site
 from ..plan import (ComponentPlan, Pair, Patch, SitePatch, answer_tokens, check_answers,
@@ -153,14 +154,7 @@ def _cache_run(model: HookedModel, rows: list[list[int]], sites: Sequence[Site],
     for lo in range(0, len(rows), rows_per_batch):
         chunk = rows[lo : lo + rows_per_batch]
         store: dict[str, torch.Tensor] = {}
-
-        def saver(name: str) -> Callable[[torch.Tensor], None]:
-            def save(act: torch.Tensor) -> None:
-                store[name] = act.detach().clone()
-
-            return save
-
-        last.append(_forward_last(model, chunk, [Hook(s, saver(s.name)) for s in sites]))
+        last.append(_forward_last(model, chunk, cachers(store, sites)))
         for s in sites:
             acts[s.name] += [store[s.name][i, : len(r)] for i, r in enumerate(chunk)]
     return torch.cat(last), acts
@@ -218,7 +212,9 @@ def ablate(
     saes: Sequence[Any] | None = None,
     features: Sequence[int] | int | None = None,
     engine: str | Engine = "fast",
-    memory_mb: float = 1024.0,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    checkpoint: str | None = None,
+    progress: Progress = None,
 ) -> PatchingResult:
     """Ablate every cell of ``component`` in turn; the mean change of the metric per cell.
 
@@ -247,7 +243,8 @@ def ablate(
         features: with SAE features, the features to ablate (default all).
         engine: ``"fast"`` (the staircase: each row from the cell's layer, rows of prompts of
             one length batched) or ``"naive"`` (one forward per row); same numbers.
-        memory_mb: memory budget of one staircase pass (sets the default ``batch_size``).
+        memory_mb, checkpoint, progress: the run options every method shares
+            (:mod:`causalpatch.options`; ``executor`` and ``batch_size`` above are two of them).
 
     Returns:
         :class:`PatchingResult` (``method="ablation"``, ``normalized=False``) whose
@@ -265,13 +262,14 @@ def ablate(
     kind_ = parse(AblationKind, kind, "ablation kind")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InvalidTypeError(f"seed must be an int, got {seed!r}")
-    check_int(batch_size, "batch_size", 1, allow_none=True)
     engine_ = engine_choice(engine, None)
-    executor_ = resolve_executor(executor, model)
+    options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
+                              memory_mb=memory_mb, checkpoint=checkpoint)
     if kind_ is AblationKind.ZERO and reference is not None:
         raise InvalidArgumentError(
             "reference is only used by kind='mean' and kind='resample', not by zero ablation")
     correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
+    prompts_or_dataset = as_patching_dataset(prompts_or_dataset, model)  # either style
     rows, data_correct, data_incorrect = _rows_of(model, prompts_or_dataset, "prompts")
     correct = correct if correct is not None else data_correct
     incorrect = incorrect if incorrect is not None else data_incorrect
@@ -356,13 +354,18 @@ def ablate(
                                          resampled, sae)
                 unit = None if cell.unit is None or sae is not None else (cell.unit,)
                 jobs.append((r, (SitePatch(cell.site, tuple(row_pos[i]), unit, values),)))
-        raw = cell_values(model_, runs, jobs, m, inputs, engine_, batch_size, memory_mb, tick,
-                          stats, answer_columns(m, [prompts[i] for i in group]))
+        raw = cell_values(model_, runs, jobs, m, inputs, engine_, options.batch_size,
+                          options.memory_mb, tick, stats,
+                          answer_columns(m, [prompts[i] for i in group]))
         base_last = torch.stack([run.base_last for run in runs])
         return GroupValues(m(base_last, inputs), None, raw)
 
-    values = run_pairs(model, prompts, len(cells), build=build, groups=groups,
-                       label="ablating", executor=executor_)
+    values = options.run(
+        model, prompts, len(cells), build, groups=groups, label="ablating",
+        checkpoint_args=dict(method="ablation", component=component, kind=kind_name,
+                             metric=m.name, layers=plan.layers, units=plan.units,
+                             positions=row_pos, reference=ref_rows, seed=seed,
+                             engine=engine_.value))
     original = values.base
 
     # -- the result ---------------------------------------------------------------------------

@@ -35,11 +35,11 @@ from ..assemble import Scale, build_result, length_groups, pair_evaluator, run_p
 from ..datasets import as_patching_dataset
 from ..enums import Direction, Engine, parse
 from ..errors import InvalidArgumentError, OutOfRangeError
-from ..executors import resolve_executor
 from ..metrics import Metric
-from ..plan import (Pair, Patch, SitePatch, build_patches, check_answers, check_int,
-                    choose_metric, engine_choice, index_list, make_pairs, pair_positions,
-                    plan_component, resolve_answers, resolve_positions, result_axes)
+from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
+from ..plan import (Pair, Patch, SitePatch, build_patches, check_answers, choose_metric,
+                    engine_choice, index_list, make_pairs, pair_positions, plan_component,
+                    resolve_answers, resolve_positions, result_axes)
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -64,10 +64,10 @@ def activation_patching(
     direction: str | Direction = "denoise",
     engine: str | Engine = "fast",
     batch_size: int | None = None,
-    memory_mb: float = 1024.0,
+    memory_mb: float = DEFAULT_MEMORY_MB,
     normalize: bool = True,
     checkpoint: str | None = None,
-    progress: bool | Callable[[int, int], None] | None = None,
+    progress: Progress = None,
     method: str | None = None,
     normalize_effects: bool | None = None,
     executor: Any = None,
@@ -111,21 +111,18 @@ def activation_patching(
     """
     t0 = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
-    direction_ = parse(Direction, direction, "direction")
     engine_ = engine_choice(engine, method)
-    check_int(batch_size, "batch_size", 1, allow_none=True)
-    executor_ = resolve_executor(executor, model)
+    options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
+                              memory_mb=memory_mb, checkpoint=checkpoint)
     if normalize_effects is not None:
         warnings.warn("normalize_effects= is deprecated; use normalize=", DeprecationWarning,
                       stacklevel=2)
         normalize = bool(normalize_effects)
-    correct, incorrect = resolve_answers(metric_kwargs, correct, incorrect)
-    clean = as_patching_dataset(clean, model)  # a seeds'-style dataset object works too
-    pairs = make_pairs(model, clean, corrupted, correct, incorrect)
-    m = choose_metric(metric, pairs, clean if corrupted is None else None)
+    prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
+                         direction)
+    pairs, m = prep.pairs, prep.metric
     plan = plan_component(model, component, layers, heads, neurons)
     positions_of = pair_positions(pairs, positions, by_position)
-    check_answers(m, pairs)
     patches_of = [build_patches(plan, pos, by_position, len(p.clean))
                   for p, pos in zip(pairs, positions_of)]
     axes, labels, shape = result_axes(model, plan, positions_of[0], by_position, pairs[0].clean)
@@ -133,26 +130,22 @@ def activation_patching(
 
     # -- run ------------------------------------------------------------------------------------
     def build(model_: HookedModel, stats: dict[str, Any]) -> Any:
-        return pair_evaluator(model_, pairs, patches_of, m, direction_, engine_, batch_size,
-                              memory_mb, stats)
+        return pair_evaluator(model_, pairs, patches_of, m, prep.direction, engine_,
+                              options.batch_size, options.memory_mb, stats)
 
     groups, grouping = length_groups(pairs, engine_)
     t_setup = time.perf_counter() - t0
-    values = run_pairs(
-        model, pairs, n_cells, build=build, groups=groups, checkpoint=checkpoint,
-        chunk=batch_size,
+    values = options.run(
+        model, pairs, n_cells, build, groups=groups, chunk=batch_size,
         checkpoint_args=dict(component=component, metric=m.name, layers=plan.layers,
                              units=plan.units, positions=positions_of, by_position=by_position,
-                             direction=direction_.value, engine=engine_.value),
-        progress=progress, executor=executor_)
+                             direction=prep.direction.value, engine=engine_.value))
     return build_result(
-        model, values=values, scale=Scale.NORMALIZED if normalize else Scale.RAW, metric=m,
+        model, values=values, scale=Scale.NORMALIZED if normalize else Scale.RAW,
         axes=axes, labels=labels, shape=shape, component=component,
-        method="activation_patching", direction=direction_,
-        clean=[p.clean for p in pairs], corrupted=[p.corrupted for p in pairs],
-        answers=[[p.correct, p.incorrect] for p in pairs], timings={"setup_s": t_setup},
+        method="activation_patching", timings={"setup_s": t_setup},
         extra={"engine": engine_.value, "positions": positions_of[0], "pair_groups": grouping},
-        t_start=t0, data=clean)
+        t_start=t0, **prep.result_fields())
 
 
 class CausalTrace:
@@ -234,7 +227,7 @@ class CausalTrace:
         patches_of = [[self._patch_of(p)] for p in pairs]
         stats: dict[str, Any] = {}
         evaluate = pair_evaluator(self.model, pairs, patches_of, m, self.direction, self.engine,
-                                  None, 1024.0, stats)
+                                  None, DEFAULT_MEMORY_MB, stats)
         values = run_pairs(self.model, pairs, 1, evaluate)
         names = [name for name, _, _ in self._patches]
         return build_result(
