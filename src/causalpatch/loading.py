@@ -207,7 +207,7 @@ def package_dir(package: str) -> Path | None:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_source() -> Source:
@@ -274,8 +274,8 @@ def resolve_source(name: str | os.PathLike[str]) -> Source:
         raise ModelNotFoundError(
             f"folder {str(path)!r} holds no model: expected a Hugging Face folder with "
             f"config.json, or exactly one .gguf file (found {len(ggufs)})")
-    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace(
-        "/", os.sep, 0) and text.count("/") > 1
+    looks_like_path = text.startswith((".", "/", "~")) or (
+        os.sep in text.strip("/").replace("/", os.sep, 0) and text.count("/") > 1)
     if looks_like_path:
         raise ModelNotFoundError(
             f"model path {text!r} does not exist. Known aliases: {', '.join(ALIASES)}")

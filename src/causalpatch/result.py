@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import os
@@ -48,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._io import atomic_write_bytes, atomic_write_text
+from ._io import atomic_write_text
 from .errors import (
     CausalPatchError,
     CorruptResultError,
@@ -745,7 +744,7 @@ class PatchingResult:
         return compact_html(self)
 
 
-class ImportantCell(tuple):  # noqa: SLOT001  (instances carry the named fields)
+class ImportantCell(tuple):  # no __slots__: instances carry the named fields
     """One cell of :meth:`PatchingResult.important`: the tuple ``(index, effect)``.
 
     It compares, unpacks and prints like the ``(index, effect)`` pairs of

@@ -66,12 +66,14 @@ def token_lists(model: HookedModel, prompts: Prompts, what: str = "prompts") -> 
         elif isinstance(first, (Sequence, torch.Tensor)):
             rows = [list(map(int, r)) for r in prompts]  # type: ignore[arg-type]
         else:
-            raise InvalidTypeError(f"{what} must be strings or token ids, got {type(first).__name__}")
+            raise InvalidTypeError(
+                f"{what} must be strings or token ids, got {type(first).__name__}")
     elif isinstance(prompts, Sequence):
         raise InvalidArgumentError(f"{what} is empty: give at least one prompt")
     else:
         raise InvalidTypeError(
-            f"{what} must be a string, a list of strings, or token ids; got {type(prompts).__name__}")
+            f"{what} must be a string, a list of strings, or token ids; "
+            f"got {type(prompts).__name__}")
     vocab = model.vocab_size
     for i, row in enumerate(rows):
         if not row:
