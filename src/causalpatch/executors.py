@@ -193,7 +193,7 @@ def dumps_factory(build: Callable[..., Any]) -> bytes:
 
     from .model import HookedModel
 
-    class Refusing(cloudpickle.CloudPickler):  # type: ignore[misc, name-defined]
+    class Refusing(cloudpickle.CloudPickler):
         def reducer_override(self, obj: Any) -> Any:
             # the language model never travels; small modules (an SAE) may
             if isinstance(obj, (PreTrainedModel, HookedModel)):

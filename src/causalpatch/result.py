@@ -462,8 +462,8 @@ class PatchingResult:
             line = f"    {self.describe_cell(coords)}: {effect:+.4f}"
             if std is not None:
                 flat = 0
-                for c, n in zip(coords, self.shape):
-                    flat = flat * n + c
+                for coord, size in zip(coords, self.shape):
+                    flat = flat * size + coord
                 line += f" (std {std[flat]:.4f})"
             lines.append(line)
         if self.timings:
@@ -753,6 +753,9 @@ class ImportantCell(tuple):  # no __slots__: instances carry the named fields
     and ``site`` (None when the result has no such axis), ``coords`` (array coordinates into
     ``effect_matrix``) and ``name`` (``"L9H3"`` for a head, ``"L9"`` for a layer).
     """
+
+    _values: dict[str, Any]
+    _coords: tuple[int, ...]
 
     def __new__(cls, index: Any, effect: float, values: dict[str, Any] | None = None,
                 coords: tuple[int, ...] = ()) -> ImportantCell:

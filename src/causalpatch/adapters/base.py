@@ -43,8 +43,9 @@ class View:
     def per_head(self) -> bool:
         return False
 
-    def n_heads(self, dims: ModelDims) -> int | None:
-        return None
+    def n_heads(self, dims: ModelDims) -> int:
+        """Heads of a per-head view; only asked of views whose :attr:`per_head` is True."""
+        raise TypeError(f"{type(self).__name__} is not a per-head view")
 
 
 @dataclass(frozen=True)
