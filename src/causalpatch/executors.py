@@ -193,7 +193,7 @@ def dumps_factory(build: Callable[..., Any]) -> bytes:
 
     from .model import HookedModel
 
-    class Refusing(cloudpickle.CloudPickler):  # type: ignore[misc, name-defined]
+    class Refusing(cloudpickle.CloudPickler):
         def reducer_override(self, obj: Any) -> Any:
             # the language model never travels; small modules (an SAE) may
             if isinstance(obj, (PreTrainedModel, HookedModel)):
@@ -406,9 +406,10 @@ class RayExecutor:
         try:
             ray.init(address=address, log_to_driver=self.log_to_driver)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ...
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ClusterConnectionError(
                 f"could not connect to the Ray cluster at {address!r} after "
-                f"{time.perf_counter() - t0:.0f} s: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"{time.perf_counter() - t0:.0f} s: {reason}"
             ) from None
         return ray
 

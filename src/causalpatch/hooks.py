@@ -163,7 +163,8 @@ def hook_counts(root: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 @contextmanager
-def recorded_calls(root: nn.Module, paths: Sequence[str]) -> Iterator[dict[str, tuple[tuple, dict]]]:
+def recorded_calls(root: nn.Module,
+                   paths: Sequence[str]) -> Iterator[dict[str, tuple[tuple, dict]]]:
     """Record the ``(args, kwargs)`` each module in ``paths`` is called with (last call wins).
 
     The sweep engine uses this to learn exactly what Hugging Face passes to each decoder layer

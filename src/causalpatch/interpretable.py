@@ -65,14 +65,14 @@ class InterpretableModel(HookedModel):
         """
         result = activation_patching(self, as_patching_dataset(clean_text, self), corrupted_text,
                                      component=component, metric=metric, **kwargs)
-        matrix = result.effect_matrix
-        if matrix.dim() != 1:
+        matrix, layers = result.effect_matrix, result.layers
+        if matrix.dim() != 1 or layers is None:
             raise InvalidArgumentError(
                 f"model.activation_patching returns one value per layer, but component="
-                f"{component!r} gives shape {tuple(matrix.shape)}; use "
+                f"{component!r} gives axes {result.axes} of shape {tuple(matrix.shape)}; use "
                 "causalpatch.activation_patching for per-head or per-position results")
         out = LayerRecovery({int(layer): float(v) * 100
-                             for layer, v in zip(result.layers, matrix.tolist())})
+                             for layer, v in zip(layers, matrix.tolist())})
         out.result = result
         if plot:
             out.figure = result.plot()

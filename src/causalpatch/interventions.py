@@ -32,7 +32,7 @@ def _as_list(value: Index, what: str) -> list[int] | None:
     if isinstance(value, torch.Tensor):
         value = value.flatten().tolist()
     try:
-        items = list(value)  # type: ignore[arg-type]
+        items = list(value)  # type: ignore[arg-type]  # a bool: TypeError, refused below
     except TypeError:
         raise InvalidTypeError(f"{what} must be an int or a list of ints, got {value!r}") from None
     if not items:

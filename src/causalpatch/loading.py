@@ -202,12 +202,19 @@ class Source:
     local: bool = True
 
 
+def gguf_path(source: Source, what: str) -> Path:
+    """The GGUF file of ``source``; ``what`` names what needs one, for the error."""
+    if source.gguf_file is None:
+        raise InvalidArgumentError(f"only GGUF sources have {what}")
+    return Path(source.folder) / source.gguf_file
+
+
 def package_dir(package: str) -> Path | None:
     """The folder of an installed package, found *without importing it*."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_source() -> Source:
@@ -274,8 +281,8 @@ def resolve_source(name: str | os.PathLike[str]) -> Source:
         raise ModelNotFoundError(
             f"folder {str(path)!r} holds no model: expected a Hugging Face folder with "
             f"config.json, or exactly one .gguf file (found {len(ggufs)})")
-    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace(
-        "/", os.sep, 0) and text.count("/") > 1
+    looks_like_path = text.startswith((".", "/", "~")) or (
+        os.sep in text.strip("/").replace("/", os.sep, 0) and text.count("/") > 1)
     if looks_like_path:
         raise ModelNotFoundError(
             f"model path {text!r} does not exist. Known aliases: {', '.join(ALIASES)}")
@@ -323,17 +330,18 @@ def quiet_loading(quiet: bool = True) -> Iterator[None]:
         pass
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        gguf_utils = None
-    if gguf_utils is not None and callable(getattr(gguf_utils, "tqdm", None)):
-        bar = gguf_utils.tqdm
+    except ImportError:  # no GGUF support in this transformers: no bar to hide
+        pass
+    else:
+        if callable(getattr(gguf_utils, "tqdm", None)):
+            bar = gguf_utils.tqdm
 
-        def silent_bar(*args: Any, **kwargs: Any) -> Any:
-            kwargs["disable"] = True
-            return bar(*args, **kwargs)
+            def silent_bar(*args: Any, **kwargs: Any) -> Any:
+                kwargs["disable"] = True
+                return bar(*args, **kwargs)
 
-        gguf_utils.tqdm = silent_bar
-        restore.append(lambda: setattr(gguf_utils, "tqdm", bar))
+            gguf_utils.tqdm = silent_bar
+            restore.append(lambda: setattr(gguf_utils, "tqdm", bar))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -418,9 +426,7 @@ def weight_cache_entry(source: Source) -> Path:
     Named ``<file stem>-<sha256[:16]>-<versions hash[:8]>``: a different file, transformers or
     gguf version (which could de-quantise differently) or cache format gets its own entry.
     """
-    if source.gguf_file is None:
-        raise InvalidArgumentError("only GGUF sources have a weight cache entry")
-    gguf = Path(source.folder) / source.gguf_file
+    gguf = gguf_path(source, "a weight cache entry")
     versions = hashlib.sha256(json.dumps(_versions(), sort_keys=True).encode()).hexdigest()
     return weight_cache_root() / f"{gguf.stem}-{gguf_sha256(gguf)[:16]}-{versions[:8]}"
 
@@ -568,7 +574,7 @@ def write_cache_entry(source: Source, model: Any, tokenizer: Any) -> Path | None
     entry.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(entry.parent)
     tmp = temp_dir_beside(entry)
-    gguf = Path(source.folder) / source.gguf_file  # type: ignore[operator]
+    gguf = gguf_path(source, "a weight cache entry")
     try:
         if not fill_cache_entry(tmp, model, tokenizer, {"gguf": str(gguf.resolve())}):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -587,7 +593,7 @@ _GGUF_META_LOCK = threading.Lock()
 def _gguf_meta(kind: str, source: Source, trust_remote_code: bool) -> Any:
     """The config or tokenizer parsed from a GGUF, memoised for this process (a copy each call),
     so a first load after :func:`load_tokenizer` / :func:`load_config` does not parse again."""
-    gguf = Path(source.folder) / source.gguf_file  # type: ignore[operator]
+    gguf = gguf_path(source, "GGUF metadata")
     st = gguf.stat()
     key = (kind, str(gguf.resolve()), st.st_size, st.st_mtime_ns, trust_remote_code)
     with _GGUF_META_LOCK:

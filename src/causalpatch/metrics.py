@@ -193,8 +193,8 @@ def kl(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("logit_diff", logit_diff, "score", ("correct", "incorrect"), logit_diff.__doc__ or "",
-               answers_only=True),
+        Metric("logit_diff", logit_diff, "score", ("correct", "incorrect"),
+               logit_diff.__doc__ or "", answers_only=True),
         Metric("logit", logit, "score", ("correct",), logit.__doc__ or "", answers_only=True),
         Metric("prob", prob, "score", ("correct",), prob.__doc__ or ""),
         Metric("logprob", logprob, "score", ("correct",), logprob.__doc__ or ""),

@@ -71,7 +71,8 @@ class HookedModel:
                  offload_folder: str | os.PathLike[str] | None = None) -> None:
         self.load_spec: LoadSpec | None = None
         if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise InvalidTypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+            raise InvalidTypeError(
+                f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
         if isinstance(model, nn.Module):
             if device_map is not None or max_memory is not None or offload_folder is not None:
                 raise InvalidArgumentError(
@@ -243,7 +244,8 @@ class HookedModel:
         return self._sites[name]
 
     def layer_site(self, kind: str, layer: int) -> Site:
-        """The :class:`Site` of a per-layer ``kind`` (``"attn.z"``, ``"attn_head"``...) at ``layer``."""
+        """The :class:`Site` of a per-layer ``kind`` (``"attn.z"``, ``"attn_head"``...) at
+        ``layer``."""
         key = (kind, layer)
         if key not in self._layer_sites:
             self._layer_sites[key] = layer_site(kind, layer, self.adapter, self.dims,
@@ -279,7 +281,8 @@ class HookedModel:
                     f"token id {text} is outside the vocabulary [0, {self.vocab_size - 1}]")
             return text
         if not isinstance(text, str) or text == "":
-            raise InvalidArgumentError(f"answer token must be a non-empty string or id, got {text!r}")
+            raise InvalidArgumentError(
+                f"answer token must be a non-empty string or id, got {text!r}")
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([i]) for i in ids]
@@ -290,7 +293,8 @@ class HookedModel:
 
     # -- running ---------------------------------------------------------------------------------
     def forward(self, batch: Batch, hooks: Sequence[Hook] = ()) -> torch.Tensor:
-        """Run the model on a :class:`Batch` with ``hooks``; returns logits ``[batch, pos, vocab]``."""
+        """Run the model on a :class:`Batch` with ``hooks``; returns logits
+        ``[batch, pos, vocab]``."""
         mask = batch.attention_mask if batch.padded else None
         with hooked(self.hf_model, hooks, self.dims):
             return self.runtime.forward(batch.input_ids, attention_mask=mask)[0]

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import os
@@ -48,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._io import atomic_write_bytes, atomic_write_text
+from ._io import atomic_write_text
 from .errors import (
     CausalPatchError,
     CorruptResultError,
@@ -463,8 +462,8 @@ class PatchingResult:
             line = f"    {self.describe_cell(coords)}: {effect:+.4f}"
             if std is not None:
                 flat = 0
-                for c, n in zip(coords, self.shape):
-                    flat = flat * n + c
+                for coord, size in zip(coords, self.shape):
+                    flat = flat * size + coord
                 line += f" (std {std[flat]:.4f})"
             lines.append(line)
         if self.timings:
@@ -745,7 +744,7 @@ class PatchingResult:
         return compact_html(self)
 
 
-class ImportantCell(tuple):  # noqa: SLOT001  (instances carry the named fields)
+class ImportantCell(tuple):  # no __slots__: instances carry the named fields
     """One cell of :meth:`PatchingResult.important`: the tuple ``(index, effect)``.
 
     It compares, unpacks and prints like the ``(index, effect)`` pairs of
@@ -754,6 +753,9 @@ class ImportantCell(tuple):  # noqa: SLOT001  (instances carry the named fields)
     and ``site`` (None when the result has no such axis), ``coords`` (array coordinates into
     ``effect_matrix``) and ``name`` (``"L9H3"`` for a head, ``"L9"`` for a layer).
     """
+
+    _values: dict[str, Any]
+    _coords: tuple[int, ...]
 
     def __new__(cls, index: Any, effect: float, values: dict[str, Any] | None = None,
                 coords: tuple[int, ...] = ()) -> ImportantCell:

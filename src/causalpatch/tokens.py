@@ -47,6 +47,7 @@ class Batch:
 
 def token_lists(model: HookedModel, prompts: Prompts, what: str = "prompts") -> list[list[int]]:
     """Tokenise strings, or accept ids given as a tensor / list of ints / list of lists."""
+    rows: list[list[int]]
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts.unsqueeze(0)
@@ -62,16 +63,19 @@ def token_lists(model: HookedModel, prompts: Prompts, what: str = "prompts") -> 
         if isinstance(first, str):
             rows = [encode(model, p, f"{what}[{i}]") for i, p in enumerate(prompts)]
         elif isinstance(first, int):
-            rows = [list(prompts)]  # type: ignore[arg-type]
+            rows = [list(prompts)]  # type: ignore[arg-type]  # ids, as the first item is
         elif isinstance(first, (Sequence, torch.Tensor)):
-            rows = [list(map(int, r)) for r in prompts]  # type: ignore[arg-type]
+            rows = [list(map(int, r))  # type: ignore[arg-type]  # id rows, as the first is
+                    for r in prompts]
         else:
-            raise InvalidTypeError(f"{what} must be strings or token ids, got {type(first).__name__}")
+            raise InvalidTypeError(
+                f"{what} must be strings or token ids, got {type(first).__name__}")
     elif isinstance(prompts, Sequence):
         raise InvalidArgumentError(f"{what} is empty: give at least one prompt")
     else:
         raise InvalidTypeError(
-            f"{what} must be a string, a list of strings, or token ids; got {type(prompts).__name__}")
+            f"{what} must be a string, a list of strings, or token ids; "
+            f"got {type(prompts).__name__}")
     vocab = model.vocab_size
     for i, row in enumerate(rows):
         if not row:
@@ -83,7 +87,8 @@ def token_lists(model: HookedModel, prompts: Prompts, what: str = "prompts") -> 
     return rows
 
 
-def encode(model: HookedModel, text: str, what: str) -> list[int]:
+def encode(model: HookedModel, text: object, what: str) -> list[int]:
+    """Token ids of ``text``; anything but a non-blank string is refused."""
     if not isinstance(text, str):
         raise InvalidTypeError(f"{what} must be a string, got {type(text).__name__}")
     if not text.strip():

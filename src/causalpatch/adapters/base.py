@@ -15,8 +15,9 @@ architecture and need no entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # annotations only: listing the adapters (`causalpatch models`) needs no torch
     import torch
@@ -32,18 +33,19 @@ SEED_MODULE_NAMES: dict[str, str] = {"self_attn": "attn"}
 class View:
     """Identity view: the hooked tensor *is* the activation, ``[batch, pos, d]``."""
 
-    def read(self, t: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def read(self, t: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         return t
 
-    def write(self, t: torch.Tensor, act: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def write(self, t: torch.Tensor, act: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         return act
 
     @property
     def per_head(self) -> bool:
         return False
 
-    def n_heads(self, dims: "ModelDims") -> int | None:
-        return None
+    def n_heads(self, dims: ModelDims) -> int:
+        """Heads of a per-head view; only asked of views whose :attr:`per_head` is True."""
+        raise TypeError(f"{type(self).__name__} is not a per-head view")
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,13 @@ class Heads(View):
     def per_head(self) -> bool:
         return True
 
-    def n_heads(self, dims: "ModelDims") -> int:
+    def n_heads(self, dims: ModelDims) -> int:
         return dims.n_heads if self.group == "q" else dims.n_kv_heads
 
-    def read(self, t: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def read(self, t: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         return t.unflatten(-1, (self.n_heads(dims), dims.d_head))
 
-    def write(self, t: torch.Tensor, act: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def write(self, t: torch.Tensor, act: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         return act.flatten(-2)
 
 
@@ -84,15 +86,15 @@ class ChunkHeads(View):
     def per_head(self) -> bool:
         return True
 
-    def n_heads(self, dims: "ModelDims") -> int:
+    def n_heads(self, dims: ModelDims) -> int:
         return dims.n_heads
 
-    def read(self, t: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def read(self, t: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         chunk = t.shape[-1] // self.n_chunks
         part = t[..., self.index * chunk : (self.index + 1) * chunk]
         return part.unflatten(-1, (dims.n_heads, dims.d_head))
 
-    def write(self, t: torch.Tensor, act: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def write(self, t: torch.Tensor, act: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         chunk = t.shape[-1] // self.n_chunks
         out = t.clone()
         out[..., self.index * chunk : (self.index + 1) * chunk] = act.flatten(-2)
@@ -110,14 +112,14 @@ class InterleavedHeads(View):
     def per_head(self) -> bool:
         return True
 
-    def n_heads(self, dims: "ModelDims") -> int:
+    def n_heads(self, dims: ModelDims) -> int:
         return dims.n_heads
 
-    def read(self, t: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def read(self, t: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         per = t.unflatten(-1, (dims.n_heads, self.n_parts * dims.d_head))
         return per[..., self.index * dims.d_head : (self.index + 1) * dims.d_head]
 
-    def write(self, t: torch.Tensor, act: torch.Tensor, dims: "ModelDims") -> torch.Tensor:
+    def write(self, t: torch.Tensor, act: torch.Tensor, dims: ModelDims) -> torch.Tensor:
         per = t.unflatten(-1, (dims.n_heads, self.n_parts * dims.d_head)).clone()
         per[..., self.index * dims.d_head : (self.index + 1) * dims.d_head] = act
         return per.flatten(-2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, Heads, SiteSpec
+from .base import Adapter, SiteSpec
 from .llama import LLAMA_SITES
 
 QWEN3_SITES: dict[str, SiteSpec] = {

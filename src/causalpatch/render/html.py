@@ -69,6 +69,8 @@ from .text import (
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
     from ..result import PatchingResult
 
 # ColorBrewer RdBu, reversed: blue negative, white 0, red positive (matplotlib's "RdBu_r").
@@ -91,7 +93,7 @@ RESULT_ATTRIBUTES = ("effect_matrix", "axes", "labels", "shape", "std", "method"
 """What :func:`report` needs of a result (a ``PatchingResult`` has all of them)."""
 
 
-def is_result(value: Any) -> bool:
+def is_result(value: Any) -> TypeIs[PatchingResult]:
     """True for a ``PatchingResult`` or any object with its :data:`RESULT_ATTRIBUTES`."""
     return all(hasattr(value, name) for name in RESULT_ATTRIBUTES)
 
@@ -139,6 +141,11 @@ def _num(value: float) -> float | None:
     return float(f"{value:.{_SIG_DIGITS}g}")
 
 
+def _limit(value: float) -> float:
+    """A colour limit (finite), rounded like the page's other numbers."""
+    return float(f"{value:.{_SIG_DIGITS}g}")
+
+
 def _nums(values: Any) -> Any:
     if isinstance(values, list):
         return [_nums(v) for v in values]
@@ -182,7 +189,7 @@ def heatmap_limit(result: PatchingResult) -> float | None:
     m = result.effect_matrix.double().numpy()
     if m.ndim < 2:
         return None
-    return float(_num(symmetric_limit(m)) or 1.0)
+    return _limit(symmetric_limit(m))
 
 
 def scale_group(result: PatchingResult) -> str:
@@ -201,7 +208,7 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     axes = result.axes
     names = [_unique([_pt(result.cell_text(a, i)) for i in range(n)])
              for a, n in zip(axes, m.shape)]
-    limit = _num(vmax) if vmax is not None and vmax > 0 else _num(symmetric_limit(m))
+    limit = _limit(vmax if vmax is not None and 0 < vmax < math.inf else symmetric_limit(m))
     value_name = "effect" if result.normalized else _pt(result.metric)
     std = None if result.std is None else result.std.double().numpy()
     layout: dict[str, Any] = {
@@ -369,7 +376,7 @@ def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[s
             m, which = max_magnitude(m.reshape(m.shape[0], m.shape[1], -1), axis=2)
         mats.append(m)
         whiches.append(which)
-    limit = _num(symmetric_limit(np.stack(mats)))
+    limit = _limit(symmetric_limit(np.stack(mats)))
     views, details = [], []
     for i, m in enumerate(mats):
         texts = [_unique([_pt(t) for t in pair_axis_texts(result, a, i)]) for a in axes[:2]]

@@ -152,7 +152,8 @@ def _sign_agreement(result: PatchingResult, coords: tuple[int, ...], value: floa
     per_pair = getattr(result, "per_pair", None)
     if per_pair is None or per_pair.shape[0] < 2 or value == 0:
         return ""
-    column = per_pair[(slice(None), *coords)]
+    index = (slice(None), *coords)  # a name: mypy misreads `x[(a, *b)]` as 3.11-only `x[a, *b]`
+    column = per_pair[index]
     same = int((column > 0).sum()) if value > 0 else int((column < 0).sum())
     sign = "positive" if value > 0 else "negative"
     return f"{sign} in {same} of {column.shape[0]} pairs"
