@@ -75,7 +75,8 @@ from .errors import (CausalPatchError, InvalidArgumentError, InvalidTypeError, N
                      OutOfRangeError, ShapeMismatchError, UnknownComponentError)
 from .hooks import Hook, StopForward, hooked
 from .interventions import Index, Intervention
-from .names import ALIASES, Site
+from .names import (TL_GLOBAL_HOOKS, TL_LAYER_HOOKS, TL_SITE_KINDS, Site,
+                    hook_name_for_site, site_name_for_hook_name)
 
 if TYPE_CHECKING:
     from .model import HookedModel
@@ -118,21 +119,10 @@ class SAEModelMismatchWarning(UserWarning):
     """The SAE's config names a different model than the one it is applied to."""
 
 
-# -- TransformerLens hook names <-> canonical sites --------------------------------------------
-#: TransformerLens hook names inside a block -> canonical site kinds.
-TL_LAYER_HOOKS: dict[str, str] = {
-    **{name: kind for name, kind in ALIASES.items() if "hook_" in name},
-    "ln1.hook_normalized": "attn.in",
-    "ln2.hook_normalized": "mlp.in",
-    "mlp.hook_pre": "mlp.pre",
-}
-#: TransformerLens hook names outside the blocks -> canonical site names.
-TL_GLOBAL_HOOKS = {"hook_embed": "embed", "ln_final.hook_normalized": "ln_final"}
+# -- TransformerLens hook names <-> canonical sites (the vocabulary lives in names) -------------
 #: Canonical per-layer site kinds an SAE may sit on (whether a model has one is checked when
 #: the SAE is attached).
-SAE_SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn.z", "attn.q",
-                  "attn.k", "attn.v", "attn.in", "mlp.in", "mlp.post", "mlp.gate", "mlp.up",
-                  "mlp.pre", "attn.raw", "mlp.raw")
+SAE_SITE_KINDS = TL_SITE_KINDS
 
 
 def site_for_hook_name(hook_name: Any) -> str:
@@ -148,35 +138,14 @@ def site_for_hook_name(hook_name: Any) -> str:
     if not isinstance(hook_name, str) or not hook_name.strip():
         raise SAEFormatError(f"hook_name must be a non-empty string like "
                              f"'blocks.8.hook_resid_post', got {hook_name!r}")
-    name = hook_name.strip()
-    if name in TL_GLOBAL_HOOKS:
-        return TL_GLOBAL_HOOKS[name]
-    if name in ("embed", "ln_final"):
-        return name
-    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if match is not None:
-        kind = TL_LAYER_HOOKS.get(match.group(2), match.group(2))
-        if kind in SAE_SITE_KINDS:
-            return f"blocks.{int(match.group(1))}.{kind}"
+    site = site_name_for_hook_name(hook_name)
+    if site is not None:
+        return site
     raise UnknownComponentError(
         f"unknown SAE hook_name {hook_name!r}: expected a TransformerLens hook name "
         f"(blocks.L.{', blocks.L.'.join(sorted(TL_LAYER_HOOKS))}, "
         f"{', '.join(TL_GLOBAL_HOOKS)}) or a canonical causalpatch site such as "
         "'blocks.8.resid_post'")
-
-
-def hook_name_for_site(site_name: str) -> str:
-    """The TransformerLens hook name of a canonical site (the canonical name if it has none)."""
-    for hook, name in TL_GLOBAL_HOOKS.items():
-        if site_name == name:
-            return hook
-    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", site_name)
-    if match is not None:
-        preferred = {"attn.in": "ln1.hook_normalized", "mlp.in": "ln2.hook_normalized"}
-        for hook, kind in TL_LAYER_HOOKS.items():
-            if kind == match.group(2) and (kind not in preferred or hook == preferred[kind]):
-                return f"blocks.{match.group(1)}.{hook}"
-    return site_name
 
 
 def split_sae_name(name: str) -> tuple[str, str] | None:
