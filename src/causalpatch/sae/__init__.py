@@ -54,9 +54,9 @@ from .format import (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, 
 from .model import (ARCHITECTURES, SAE_SITE_KINDS, SAELENS_FORMAT_VERSION, BoundSAE,
                     SAEFormatError, SAEModelMismatchWarning, SparseAutoencoder, WrappedSAE,
                     bind_sae, bind_saes, same_model, site_for_hook_name, wrap_sae)
-from .splicing import (EDITABLE_LEAVES, SAE_LEAVES, SAELENS_LEAVES, FeatureEdit, edit_features,
-                       feature_edit_values, features_component, lookup_sae, splice,
-                       split_sae_name)
+from .splicing import (EDITABLE_LEAVES, SAE_LEAVES, SAELENS_LEAVES, FeatureEdit, SAESplice,
+                       SAESplices, attach_saes, edit_features, feature_edit_values,
+                       features_component, lookup_sae, splice, split_sae_name)
 
 #: Names defined by :mod:`causalpatch.sae.train`, imported on first use (see above).
 TRAINING_NAMES = frozenset({
@@ -86,7 +86,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
 
 __all__ = [
     "ARCHITECTURES", "BoundSAE", "FeatureEdit", "SAEFormatError", "SAEModelMismatchWarning",
-    "SAENotFoundError", "SparseAutoencoder", "TrainingReport", "WrappedSAE", "bind_sae",
+    "SAENotFoundError", "SAESplice", "SAESplices", "SparseAutoencoder", "TrainingReport",
+    "WrappedSAE", "attach_saes", "bind_sae",
     "bind_saes", "collect_activations", "edit_features", "evaluate_sae", "features_component",
     "feature_edit_values", "fit_sae", "hook_name_for_site", "lookup_sae", "splice",
     "load_sae", "save_sae", "site_for_hook_name", "split_sae_name", "top_activations",

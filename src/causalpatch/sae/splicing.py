@@ -31,8 +31,9 @@ activation after setting one feature (the exact splice at a handful of positions
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -43,6 +44,7 @@ from .model import BoundSAE, bind_saes
 
 if TYPE_CHECKING:
     from ..model import HookedModel
+    from ..names import Site
 
 #: Names of an attached SAE's values, as in ``blocks.20.resid_post.sae.features``.
 SAE_LEAVES = ("features", "error", "recons", "input", "output")
@@ -196,6 +198,97 @@ def splice(bound: BoundSAE, feature_edits: Sequence[Callable[[torch.Tensor], tor
         return new
 
     return run
+
+
+@dataclass(frozen=True, eq=False)
+class SAESplice:
+    """One SAE attached to a trace: the trace's :class:`~causalpatch.tracing.Splice` for it.
+
+    Its leaves are :data:`SAE_LEAVES`, named ``{site}.sae.{leaf}``; ``features``
+    ``[batch, pos, d_sae]`` and ``error`` ``[batch, pos, *site shape]`` may be edited (``error``
+    only with ``keep_error``), and are what ``cache=True`` records.
+
+    Attributes:
+        bound: the SAE, bound to its site.
+        keep_error: splice exactly (``decode(f') + error``) or drop the error term.
+    """
+
+    bound: BoundSAE
+    keep_error: bool = True
+    cached_by_default: ClassVar[tuple[str, ...]] = ("features", "error")
+
+    @property
+    def site(self) -> Site:
+        return self.bound.site
+
+    def value_name(self, leaf: str) -> str:
+        """``"blocks.20.resid_post.sae.features"`` for ``leaf="features"``."""
+        return self.bound.value_name(leaf)
+
+    def edit_shape(self, leaf: str, name: str) -> tuple[int, ...]:
+        """``(d_sae,)`` for ``features``, the site's shape for ``error``.
+
+        Raises:
+            InvalidArgumentError: ``leaf`` is read-only, or it is ``error`` and the error term
+                is dropped (``keep_error=False``).
+        """
+        if leaf not in EDITABLE_LEAVES:
+            raise InvalidArgumentError(
+                f"{name!r} is read-only; intervene on {self.value_name('features')!r} or "
+                f"{self.value_name('error')!r}")
+        if leaf == "error" and not self.keep_error:
+            raise InvalidArgumentError(
+                f"an intervention on {name!r} needs the error term: keep_error=False drops "
+                "it")
+        return (self.bound.d_sae,) if leaf == "features" else self.bound.feature_shape
+
+    def hook(self, edits: Mapping[str, Sequence[Callable[[torch.Tensor], torch.Tensor]]],
+             record: Callable[[str, torch.Tensor], None], wants: Collection[str]
+             ) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """:func:`splice` with the ``features`` / ``error`` edits, or ``None`` when the exact
+        splice would read and change nothing (it would be the identity)."""
+        if self.keep_error and not wants and not any(edits.values()):
+            return None
+        return splice(self.bound, edits.get("features", ()), edits.get("error", ()),
+                      self.keep_error, record, wants)
+
+
+class SAESplices(Mapping[str, SAESplice]):
+    """The SAEs attached to one trace (site name -> :class:`SAESplice`): the trace's
+    :class:`~causalpatch.tracing.SpliceSet`, which also parses SAE value names."""
+
+    def __init__(self, model: HookedModel, bound: Mapping[str, BoundSAE],
+                 keep_error: bool = True) -> None:
+        self.model = model
+        self.bound = dict(bound)
+        self.splices = {name: SAESplice(b, keep_error) for name, b in self.bound.items()}
+
+    def __getitem__(self, site: str) -> SAESplice:
+        return self.splices[site]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.splices)
+
+    def __len__(self) -> int:
+        return len(self.splices)
+
+    def lookup(self, name: str) -> tuple[SAESplice, str] | None:
+        """``(splice, leaf)`` for an SAE value name (:func:`lookup_sae`), ``None`` otherwise.
+
+        Raises:
+            UnknownComponentError: the name has an SAE suffix but no SAE sits at that site, or
+                the leaf is unknown.
+        """
+        found = lookup_sae(self.model, self.bound, name)
+        return None if found is None else (self.splices[found[0].name], found[1])
+
+
+def attach_saes(model: HookedModel, saes: Sequence[Any] | Any | None,
+                keep_error: bool = True) -> SAESplices:
+    """Bind ``saes`` to ``model`` (:func:`~causalpatch.sae.bind_saes`: sites and widths are
+    checked before any forward pass) as the splice set of a trace
+    (``model.trace(..., saes=saes, keep_error=keep_error)``)."""
+    return SAESplices(model, bind_saes(model, saes), keep_error)
 
 
 class FeatureEdit(Intervention):
