@@ -13,8 +13,10 @@ Rules (one test each):
    couple the modules); imports under ``if TYPE_CHECKING:`` do not (they never execute).
 2. Imports point down the pipeline: a module imports only modules of strictly lower rank in
    ``RANKS`` (copied from docs/architecture.md), or modules of its own top-level package
-   (``adapters.*`` among themselves, ``render.*`` among themselves). TYPE_CHECKING imports do not
-   count. Every module must be in the table.
+   (``adapters.*`` among themselves, ``render.*`` among themselves). A dotted key (``sae.train``)
+   ranks that submodule apart from its package: it is then a group of its own, so it and the
+   rest of the package import each other only downwards. TYPE_CHECKING imports do not count.
+   Every module must be in the table.
 3. No ``_private`` names across modules: ``from X import _name`` and ``X._name`` (``X`` bound by
    ``import causalpatch.x as X`` / ``from . import x``) are forbidden when ``X`` is another
    causalpatch module, including the module's own package ``__init__``. Dunders are fine, and so
@@ -49,13 +51,15 @@ ROOT = Path(os.environ.get("CAUSALPATCH_ARCH_ROOT")
             or Path(__file__).resolve().parents[1] / "src" / PACKAGE)
 TABLE_HINT = "the rank table in docs/architecture.md and tests/test_architecture.py"
 
-# Rank of each top-level module; a package's rank covers all its submodules. "__init__" is the root.
+# Rank of each top-level module; a package's rank covers all its submodules, except those with a
+# dotted key of their own ("sae.train" overrides "sae"; the longest matching key wins). "__init__"
+# is the root.
 RANKS: dict[str, int] = {
     "errors": 0, "_io": 0, "enums": 1, "adapters": 1, "names": 2, "hooks": 3, "tokens": 4,
     "interventions": 5, "loading": 6, "sae": 6, "tracing": 7, "model": 8, "metrics": 9, "plan": 10,
     "engine": 11, "checkpoint": 12, "render": 13, "result": 14, "assemble": 15, "datasets": 16,
     "executors": 16, "options": 17,
-    "methods": 18, "interpretable": 19, "cli": 20, "__init__": 20,
+    "methods": 18, "sae.train": 18, "interpretable": 19, "cli": 20, "__init__": 20,
 }
 METHODS = f"{PACKAGE}.methods"
 ADAPTERS = f"{PACKAGE}.adapters"
@@ -98,9 +102,14 @@ def _is_private(name: str) -> bool:
 
 
 def _group(module: str) -> str:
-    """Top-level component under the package ("adapters" for causalpatch.adapters.llama)."""
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "__init__"
+    """The ``RANKS`` key of a module: its longest dotted key ("sae.train" for
+    causalpatch.sae.train), else its top-level component ("adapters" for
+    causalpatch.adapters.llama)."""
+    parts = module.split(".")[1:]
+    for n in range(len(parts), 1, -1):
+        if ".".join(parts[:n]) in RANKS:
+            return ".".join(parts[:n])
+    return parts[0] if parts else "__init__"
 
 
 def _in_package(module: str) -> bool:
@@ -398,6 +407,9 @@ SYNTHETIC: dict[str, str] = {
     "methods/a.py": "from .b import run\nfrom ..errors import late\n",
     "methods/b.py": "from causalpatch.methods import a\ndef run(): ...\n",
     "adapters/__init__.py": "from . import llama\n",
+    "sae/__init__.py": "from .core import encode\nfrom .train import fit\n",  # 6 -> 17
+    "sae/core.py": "def encode(): ...\n",
+    "sae/train.py": "from ..model import M\nfrom .core import encode\ndef fit(): ...\n",
     "adapters/llama.py": ("from transformers.models.llama import LlamaModel\n"
                           "from .. import adapters\nfrom . import _registry\n"
                           "def call(layer, h):\n    return layer(h, past_key_values=None)\n"),
@@ -428,6 +440,10 @@ def test_checker_catches_each_kind_of_violation(tmp_path: Path) -> None:
     assert "errors.py:2: causalpatch.errors (rank 0) imports causalpatch.names (rank 2)" in ranks
     assert "add causalpatch.extra to the rank table" in ranks
     assert "tracing" not in ranks and "adapters" not in ranks and "methods" not in ranks
+    # a dotted key ranks a submodule apart from its package, in both directions
+    assert "sae/__init__.py:2: causalpatch.sae (rank 6) imports causalpatch.sae.train (rank 17)" \
+        in ranks
+    assert "sae/__init__.py:1" not in ranks and "sae/train.py" not in ranks
 
     private = text(check_private_imports).splitlines()
     assert any(line.startswith("causalpatch/engine.py:2: causalpatch.engine imports private "

@@ -1235,7 +1235,8 @@ def sae_train(
         check_out_dir(out)
         import torch
 
-        from .sae import save_sae, train_sae
+        from .sae import save_sae
+        from .sae.train import train_sae
 
         if threads is not None:
             torch.set_num_threads(threads)

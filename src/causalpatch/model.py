@@ -33,6 +33,7 @@ from .errors import InvalidArgumentError, InvalidTypeError, UnknownComponentErro
 from .hooks import Hook, hook_counts, hooked
 from .loading import LoadSpec, Source, check_placement, load_hf, resolve_source
 from .names import Site, canonical_names, layer_site, resolve, site_kinds
+from .sae import attach_saes
 from .tokens import Batch, Prompts, make_batch, token_lists
 from .tracing import SavedTensor, Trace, current_trace
 
@@ -312,7 +313,7 @@ class HookedModel:
                 are names like ``blocks.20.resid_post.sae.features``.
             keep_error: keep each SAE's error term (exact splice) or drop it.
         """
-        return Trace(self, prompts, interventions, cache, saes, keep_error)
+        return Trace(self, prompts, interventions, cache, attach_saes(self, saes, keep_error))
 
     def run_with_cache(self, prompts: Prompts, names: Sequence[str] | bool | None = True,
                        interventions: Mapping[str, Any] | None = None, *,
@@ -323,7 +324,7 @@ class HookedModel:
         The cache (an :class:`~causalpatch.tracing.ActivationCache`) is keyed by the names
         given; any other spelling of a cached site works as a key too, and a name not given is
         computed on first read (one more forward pass)."""
-        tr = Trace(self, prompts, interventions, names, saes, keep_error).run()
+        tr = Trace(self, prompts, interventions, names, attach_saes(self, saes, keep_error)).run()
         assert tr.logits is not None
         return tr.logits, tr.cache
 

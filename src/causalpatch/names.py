@@ -24,6 +24,12 @@ A module path followed by ``.input`` means that module's **input** (its first ar
 ``blocks.{L}.mlp.post``, and an input without a canonical name (``layers.{L}.self_attn.o_proj.input``,
 flat ``[batch, pos, n_heads * d_head]``) keeps the module path. ``model.layers[L].mlp.input``
 inside a trace reads these names.
+
+**TransformerLens hook names** (``blocks.{L}.hook_resid_post``, ``blocks.{L}.attn.hook_z``,
+``hook_embed``, ...) are a second vocabulary for the same sites, used by SAELens configs:
+:data:`TL_LAYER_HOOKS` and :data:`TL_GLOBAL_HOOKS` map them to canonical names, and
+:func:`site_name_for_hook_name` / :func:`hook_name_for_site` translate in both directions
+without a model (plain string functions).
 """
 
 from __future__ import annotations
@@ -59,6 +65,26 @@ ALIASES: dict[str, str] = {
     "mlp_neuron": "mlp.post",
     **SEED_MODULE_NAMES,
 }
+
+#: TransformerLens hook names inside a block (``blocks.{L}.<name>``) -> canonical site kinds:
+#: the ``hook_`` spellings of :data:`ALIASES` plus the normalised inputs and the MLP's
+#: pre-activation (SAELens configs name an SAE's site this way, e.g. ``blocks.8.hook_resid_post``).
+TL_LAYER_HOOKS: dict[str, str] = {
+    **{name: kind for name, kind in ALIASES.items() if "hook_" in name},
+    "ln1.hook_normalized": "attn.in",
+    "ln2.hook_normalized": "mlp.in",
+    "mlp.hook_pre": "mlp.pre",
+}
+#: TransformerLens hook names outside the blocks -> canonical site names.
+TL_GLOBAL_HOOKS: dict[str, str] = {"hook_embed": "embed", "ln_final.hook_normalized": "ln_final"}
+#: Canonical per-layer site kinds a TransformerLens-style name may address (whether a given
+#: model has the kind is checked when the name is resolved against that model).
+TL_SITE_KINDS: tuple[str, ...] = (
+    "resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn.z", "attn.q", "attn.k",
+    "attn.v", "attn.in", "mlp.in", "mlp.post", "mlp.gate", "mlp.up", "mlp.pre", "attn.raw",
+    "mlp.raw")
+#: The hook name :func:`hook_name_for_site` prefers for kinds that several hook names reach.
+_TL_PREFERRED = {"attn.in": "ln1.hook_normalized", "mlp.in": "ln2.hook_normalized"}
 
 _D_MODEL_SITES = {"resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn.in", "mlp.in",
                   "attn.raw", "mlp.raw"}
@@ -275,3 +301,40 @@ def _has_module(root: nn.Module, path: str) -> bool:
     return True
 
 
+
+
+def site_name_for_hook_name(hook_name: str) -> str | None:
+    """The canonical site name a TransformerLens hook name (or a canonical name) spells, or
+    ``None`` when it spells none; model-independent (the layer is not range-checked).
+
+    ``"blocks.8.hook_resid_post"`` -> ``"blocks.8.resid_post"``, ``"blocks.3.attn.hook_z"`` ->
+    ``"blocks.3.attn.z"``, ``"hook_embed"`` -> ``"embed"``, ``"blocks.8.resid_post"`` -> itself.
+    Surrounding whitespace is ignored.
+    """
+    name = hook_name.strip()
+    if name in TL_GLOBAL_HOOKS:
+        return TL_GLOBAL_HOOKS[name]
+    if name in ("embed", "ln_final"):
+        return name
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if match is not None:
+        kind = TL_LAYER_HOOKS.get(match.group(2), match.group(2))
+        if kind in TL_SITE_KINDS:
+            return f"blocks.{int(match.group(1))}.{kind}"
+    return None
+
+
+def hook_name_for_site(site_name: str) -> str:
+    """The TransformerLens hook name of a canonical site name (the name itself if it has none):
+    ``"blocks.8.resid_post"`` -> ``"blocks.8.hook_resid_post"``, ``"embed"`` -> ``"hook_embed"``.
+    """
+    for hook, name in TL_GLOBAL_HOOKS.items():
+        if site_name == name:
+            return hook
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", site_name)
+    if match is not None:
+        for hook, kind in TL_LAYER_HOOKS.items():
+            if kind == match.group(2) and (kind not in _TL_PREFERRED
+                                           or hook == _TL_PREFERRED[kind]):
+                return f"blocks.{match.group(1)}.{hook}"
+    return site_name

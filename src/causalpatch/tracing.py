@@ -1,11 +1,14 @@
 """The :class:`Trace` context: one forward pass, read activations and intervene.
 
-With ``saes=[sae]`` the SAEs are spliced in at their sites (:func:`causalpatch.sae.splice`):
-``{site}.sae.features`` (and ``.sae.error``, ``.sae.recons``, ``.sae.input``, ``.sae.output``)
-become names like any other, to cache and (features, error) to intervene on. With the default
-``keep_error=True`` the spliced activation is ``decode(f') + error``, so a no-op edit leaves
-the run bit-for-bit unchanged; ``keep_error=False`` drops the error term (the model then runs
-on the SAE's reconstruction at that site).
+**Splices.** A trace may run with a set of :class:`Splice` objects: each sits at one site,
+turns the site's activation ``[batch, pos, *site shape]`` into a new one, and exposes named
+values computed on the way, which become names like any other, to cache and (the editable
+ones) to intervene on; interventions on a value reach the splice as edits. The trace knows only
+this protocol. Sparse autoencoders are the splices causalpatch ships:
+``model.trace(..., saes=[sae])`` attaches them (:func:`causalpatch.sae.attach_saes`), and
+``{site}.sae.features`` ``[batch, pos, d_sae]`` (and ``.sae.error``, ``.sae.recons``,
+``.sae.input``, ``.sae.output``) are their values; the exact splice keeps the SAE's error term,
+so a no-op edit leaves the run bit-for-bit unchanged (:mod:`causalpatch.sae.splicing`).
 
 Reading values, the seeds' way:
 
@@ -13,7 +16,7 @@ Reading values, the seeds' way:
   asked for, and any other spelling of the same site works as a key too (``layers.10.mlp``,
   ``blocks.10.mlp``, ``model.model.layers.10.mlp``, ``blocks.10.hook_mlp_out``).
 * A name that was not cached is read by running the same forward pass once more (same prompts,
-  interventions, SAEs and random-number state) with every component cached; so
+  interventions, splices and random-number state) with every component cached; so
   ``tr.activations["model.model.layers.10.mlp"]`` works without ``cache=``.
 * ``tr.output`` and the values of ``model.output`` / ``model.layers[i].output`` inside a
   ``with model.trace(...)`` block are tensors with a ``.save()`` method (it returns the plain
@@ -23,20 +26,89 @@ Reading values, the seeds' way:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from .errors import CausalPatchError, InvalidArgumentError, InvalidTypeError
-from .hooks import Hook, hooked
+from .hooks import Hook, HookFn, hooked
 from .interventions import Intervention, as_intervention
-from .sae import EDITABLE_LEAVES, BoundSAE, bind_saes, lookup_sae, splice
 from .tokens import Batch, Prompts, make_batch, token_lists
 
 if TYPE_CHECKING:
     from .model import HookedModel
+    from .names import Site
+
+
+class Splice(Protocol):
+    """Something spliced into the forward pass at one site, with named values of its own.
+
+    At :attr:`site` it receives the site's activation ``[batch, pos, *site shape]`` and returns
+    the new activation (or ``None``: unchanged). On the way it computes values called *leaves*
+    (an SAE's ``features`` ``[batch, pos, d_sae]``, its ``error`` ``[batch, pos, *site shape]``,
+    ...), named in a trace by :meth:`value_name` (``blocks.20.resid_post.sae.features``).
+    """
+
+    @property
+    def site(self) -> Site:
+        """Where it sits."""
+        ...
+
+    @property
+    def cached_by_default(self) -> tuple[str, ...]:
+        """The leaves ``cache=True`` records."""
+        ...
+
+    def value_name(self, leaf: str) -> str:
+        """The canonical name of value ``leaf`` (any other spelling resolves to it)."""
+        ...
+
+    def edit_shape(self, leaf: str, name: str) -> tuple[int, ...]:
+        """The trailing shape (after ``[batch, pos]``) of ``leaf``, which an intervention on
+        ``name`` is about to edit. Raises (naming ``name``) when ``leaf`` may not be edited."""
+        ...
+
+    def hook(self, edits: Mapping[str, Sequence[Callable[[torch.Tensor], torch.Tensor]]],
+             record: Callable[[str, torch.Tensor], None], wants: Collection[str]
+             ) -> HookFn | None:
+        """The hook function for one forward pass, or ``None`` when it would change and record
+        nothing (then no hook is installed).
+
+        Args:
+            edits: leaf -> functions applied in order to that value (the interventions on it).
+            record: to be called with ``(leaf, value)`` for every leaf in ``wants``.
+            wants: the leaves to record.
+        """
+        ...
+
+
+class SpliceSet(Protocol):
+    """The splices attached to one trace, and the parser of their value names."""
+
+    def values(self) -> Iterable[Splice]:
+        """Every attached splice."""
+        ...
+
+    def lookup(self, name: str) -> tuple[Splice, str] | None:
+        """``(splice, leaf)`` when ``name`` names a splice's value, ``None`` for other names.
+        May raise for a name in the splices' vocabulary that names nothing attached."""
+        ...
+
+
+class _NoSplices:
+    """The empty :class:`SpliceSet`: no splice, no value names."""
+
+    def values(self) -> tuple[Splice, ...]:
+        return ()
+
+    def lookup(self, name: str) -> None:
+        return None
+
+
+#: The splice set of a trace run without splices.
+NO_SPLICES: SpliceSet = _NoSplices()
 
 
 class SavedTensor(torch.Tensor):
@@ -152,7 +224,8 @@ class Trace:
             out = model.output.save()                                # the logits
             h = model.layers[10].output.save()                       # blocks.10.resid_post
 
-    With sparse autoencoders attached (``saes=[sae]``), their values are names too::
+    With splices attached, such as sparse autoencoders (``saes=[sae]``), their values are
+    names too::
 
         with model.trace(prompt, saes=[sae], cache=["blocks.20.resid_post.sae.features"],
                          interventions={"blocks.20.resid_post.sae.features":
@@ -167,21 +240,20 @@ class Trace:
             (detached clones); any spelling of a cached site works as a key. ``activations``
             is the same object.
         batch: the :class:`Batch` that was run.
-        saes: site name -> the attached :class:`~causalpatch.sae.BoundSAE`.
+        splices: the attached :class:`SpliceSet` (for ``saes=[...]``, a
+            :class:`causalpatch.sae.SAESplices`: site name -> its ``SAESplice``).
     """
 
     def __init__(self, model: HookedModel, prompts: Prompts,
                  interventions: Mapping[str, Any] | None = None,
                  cache: Sequence[str] | bool | str | None = None,
-                 saes: Sequence[Any] | None = None, keep_error: bool = True) -> None:
+                 splices: SpliceSet | None = None) -> None:
         self.model = model
         rows = token_lists(model, prompts)
         self.batch = make_batch(rows, model.pad_token_id, model.device)
-        self.saes: dict[str, BoundSAE] = bind_saes(model, saes)
+        self.splices: SpliceSet = NO_SPLICES if splices is None else splices
         self._interventions = interventions or {}
-        self._keep_error = bool(keep_error)
-        self._plan = _plan(model, self.batch, self._interventions, cache, self.saes,
-                           self._keep_error)
+        self._plan = _plan(model, self.batch, self._interventions, cache, self.splices)
         self.cache = ActivationCache(self.canonical_name, self._compute)
         self.logits: torch.Tensor | None = None
         self._ran = False
@@ -205,8 +277,8 @@ class Trace:
         return self.logits[rows, self.batch.last_index]
 
     def canonical_name(self, name: str) -> str:
-        """The canonical spelling of ``name`` (a site or an attached SAE's value)."""
-        found = lookup_sae(self.model, self.saes, name)
+        """The canonical spelling of ``name`` (a site or an attached splice's value)."""
+        found = self.splices.lookup(name)
         if found is not None:
             return found[0].value_name(found[1])
         return self.model.site(name).name
@@ -230,11 +302,9 @@ class Trace:
         for site, ivs in plan.interventions:
             hooks += [Hook(site, iv) for iv in ivs]
         for sp in plan.splices:  # after the site's own interventions, before its cache
-            if plan.keep_error and not sp.names and not any(sp.edits.values()):
-                continue  # nothing to read or change: the splice would be the identity
-            hooks.append(Hook(sp.bound.site, splice(
-                sp.bound, sp.edits["features"], sp.edits["error"], plan.keep_error,
-                _sae_recorder(store, sp), wants=sp.names)))
+            fn = sp.splice.hook(sp.edits, _recorder(store, sp), list(sp.names))
+            if fn is not None:  # None: nothing to read or change, the splice is the identity
+                hooks.append(Hook(sp.splice.site, fn))
         for requested, site in zip(plan.cache_names, plan.cache_sites):
             hooks.append(Hook(site, _cacher(store, site.name, requested)))
         with torch.no_grad():
@@ -256,12 +326,9 @@ class Trace:
         if canonical not in self._more:
             everything = not self._everything
             names = [name]
-            if everything:  # every canonical component and SAE value, as cache=True
-                names = self.model.component_names() + [
-                    b.value_name(leaf) for b in self.saes.values()
-                    for leaf in ("features", "error")] + [name]
-            plan = _plan(self.model, self.batch, self._interventions, names, self.saes,
-                         self._keep_error)
+            if everything:  # every canonical component and splice value, as cache=True
+                names = self.model.component_names() + _default_values(self.splices) + [name]
+            plan = _plan(self.model, self.batch, self._interventions, names, self.splices)
             store = ActivationCache(self.canonical_name)
             with _replayed_rng(self._rng, self.model.device):
                 self._forward(plan, store)
@@ -325,23 +392,27 @@ def _cacher(store: ActivationCache, name: str, requested: Sequence[str]):
 
 
 @dataclass
-class _Splice:
-    """One attached SAE in a trace: its edits, and the names to cache per value."""
+class _Spliced:
+    """One attached splice in a planned pass: its edits, and the names to cache per value."""
 
-    bound: BoundSAE
-    edits: dict[str, list[Intervention]] = field(
-        default_factory=lambda: {leaf: [] for leaf in EDITABLE_LEAVES})
+    splice: Splice
+    edits: dict[str, list[Intervention]] = field(default_factory=dict)  # leaf -> interventions
     names: dict[str, list[str]] = field(default_factory=dict)  # leaf -> requested names
 
 
-def _sae_recorder(store: ActivationCache, sp: _Splice):
-    """Store an SAE value under every requested spelling."""
+def _recorder(store: ActivationCache, sp: _Spliced):
+    """Store a splice's value under every requested spelling."""
     def record(leaf: str, value: torch.Tensor) -> None:
         value = value.detach().clone()
         for name in sp.names.get(leaf, ()):
-            store.store(name, sp.bound.value_name(leaf), value)
+            store.store(name, sp.splice.value_name(leaf), value)
 
     return record
+
+
+def _default_values(splices: SpliceSet) -> list[str]:
+    """The names of every splice's values that ``cache=True`` records."""
+    return [sp.value_name(leaf) for sp in splices.values() for leaf in sp.cached_by_default]
 
 
 @dataclass
@@ -349,40 +420,29 @@ class _Plan:
     interventions: list[tuple[Any, list[Intervention]]]
     cache_sites: list[Any]
     cache_names: list[list[str]]  # per cached site, the spellings it was requested under
-    splices: list[_Splice] = field(default_factory=list)
-    keep_error: bool = True
+    splices: list[_Spliced] = field(default_factory=list)
 
 
 def _plan(model: HookedModel, batch: Batch, interventions: Mapping[str, Any],
-          cache: Sequence[str] | bool | str | None, saes: Mapping[str, BoundSAE] | None = None,
-          keep_error: bool = True) -> _Plan:
+          cache: Sequence[str] | bool | str | None, splices: SpliceSet = NO_SPLICES) -> _Plan:
     """Resolve names and validate every intervention before anything runs."""
     if not isinstance(interventions, Mapping):
         raise InvalidTypeError(
             "interventions must be a dict {component name: intervention or list of them}, got "
             f"{type(interventions).__name__}")
-    saes = saes or {}
-    splices = {name: _Splice(bound) for name, bound in saes.items()}
+    spliced = {id(sp): _Spliced(sp) for sp in splices.values()}
     n_rows, n_pos = batch.input_ids.shape[0], batch.input_ids.shape[1]
     planned = []
     for name, value in interventions.items():
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         ivs = [as_intervention(v, name) for v in items]
-        found = lookup_sae(model, saes, name)
+        found = splices.lookup(name)
         if found is not None:
-            bound, leaf = found
-            if leaf not in EDITABLE_LEAVES:
-                raise InvalidArgumentError(
-                    f"{name!r} is read-only; intervene on {bound.value_name('features')!r} or "
-                    f"{bound.value_name('error')!r}")
-            if leaf == "error" and not keep_error:
-                raise InvalidArgumentError(
-                    f"an intervention on {name!r} needs the error term: keep_error=False drops "
-                    "it")
-            width = (bound.d_sae,) if leaf == "features" else bound.feature_shape
+            splice, leaf = found
+            width = splice.edit_shape(leaf, name)
             for iv in ivs:
                 iv.validate((n_rows, n_pos, *width), name)
-            splices[bound.name].edits[leaf] += ivs
+            spliced[id(splice)].edits.setdefault(leaf, []).extend(ivs)
             continue
         site = model.site(name)
         feat = site.feature_shape(model.dims)
@@ -392,8 +452,7 @@ def _plan(model: HookedModel, batch: Batch, interventions: Mapping[str, Any],
                 iv.validate(shape, name)
         planned.append((site, ivs))
     if cache is True:
-        names = model.component_names() + [b.value_name(leaf) for b in saes.values()
-                                           for leaf in ("features", "error")]
+        names = model.component_names() + _default_values(splices)
     elif cache in (None, False):
         names = []
     elif isinstance(cache, str):
@@ -402,17 +461,16 @@ def _plan(model: HookedModel, batch: Batch, interventions: Mapping[str, Any],
         names = list(cache)
     by_site: dict[str, tuple[Any, list[str]]] = {}  # one hook per site, every spelling kept
     for name in names:
-        found = lookup_sae(model, saes, name)
+        found = splices.lookup(name)
         if found is None:
             site = model.site(name)
             spellings = by_site.setdefault(site.name, (site, []))[1]
             if name not in spellings:
                 spellings.append(name)
             continue
-        bound, leaf = found
-        requested = splices[bound.name].names.setdefault(leaf, [])
+        splice, leaf = found
+        requested = spliced[id(splice)].names.setdefault(leaf, [])
         if name not in requested:
             requested.append(name)
     return _Plan(planned, [site for site, _ in by_site.values()],
-                 [spellings for _, spellings in by_site.values()], list(splices.values()),
-                 keep_error)
+                 [spellings for _, spellings in by_site.values()], list(spliced.values()))
