@@ -212,7 +212,7 @@ def _note(message: str) -> None:
 
 # -- errors ------------------------------------------------------------------------------------
 def _error(message: str) -> Exception:
-    from .errors import InvalidArgumentError
+    from ..errors import InvalidArgumentError
 
     return InvalidArgumentError(message)
 
@@ -231,7 +231,7 @@ class OutputsSavedElsewhere(Exception):
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn causalpatch's errors (and bad files) into one line and exit code 2."""
-    from .errors import CausalPatchError
+    from ..errors import CausalPatchError
 
     try:
         yield
@@ -355,7 +355,7 @@ def _executor(executor: str | None, address: str | None, workers: int | None) ->
     _executor_args(executor, address, workers)
     if executor is None or executor == "local":
         return None
-    from .executors import RayExecutor, import_ray
+    from ..executors import RayExecutor, import_ray
 
     import_ray()
     return RayExecutor(address=address, num_workers=workers)
@@ -377,7 +377,7 @@ class ModelInfo:
     @classmethod
     def of(cls, model: Any) -> ModelInfo:
         """From a loaded model (tests, and commands that already hold one)."""
-        from .names import site_kinds
+        from ..names import site_kinds
 
         return cls(model.name, model.tokenizer, model.config, model.architecture, model.dims,
                    site_kinds(model.adapter, model.config), site_kinds(model.adapter))
@@ -430,7 +430,7 @@ def _config_int(config: dict[str, Any], *keys: str) -> int | None:
 def _fast_inspect(model: str) -> ModelInfo | None:
     """Tier 1 without torch or transformers: a local folder (or the GGUF weight cache entry)
     with ``tokenizer.json`` and ``config.json``; None when there is none."""
-    from .loading import resolve_source, valid_cache_entry
+    from ..loading import resolve_source, valid_cache_entry
 
     source = resolve_source(model)
     if source.gguf_file is not None:
@@ -452,7 +452,7 @@ def _fast_inspect(model: str) -> ModelInfo | None:
 
 def _fail_fast_if_unknown(model: str) -> None:
     """A hub name that is neither cached nor fetchable fails now, without transformers."""
-    from .loading import fail_fast_if_hub_unreachable, resolve_source
+    from ..loading import fail_fast_if_hub_unreachable, resolve_source
 
     source = resolve_source(model)
     if source.local:
@@ -473,7 +473,7 @@ def _inspect(model: str, need_kinds: bool = False) -> ModelInfo | None:
     second); otherwise, or with ``need_kinds`` (the site kinds come from the adapters, which
     import torch), through :func:`causalpatch.loading.load_config` / ``load_tokenizer``.
     """
-    from .errors import CausalPatchError
+    from ..errors import CausalPatchError
 
     if not need_kinds:
         try:
@@ -487,7 +487,7 @@ def _inspect(model: str, need_kinds: bool = False) -> ModelInfo | None:
         if fast is not None:
             return fast
     _fail_fast_if_unknown(model)
-    from .loading import load_config, load_tokenizer
+    from ..loading import load_config, load_tokenizer
 
     quiet = not _State.verbose
     try:
@@ -499,9 +499,9 @@ def _inspect(model: str, need_kinds: bool = False) -> ModelInfo | None:
         if _State.verbose:
             console.print(f"pre-load checks skipped ({type(exc).__name__}: {exc})")
         return None
-    from .adapters import adapter_for
-    from .loading import resolve_source
-    from .names import site_kinds
+    from ..adapters import adapter_for
+    from ..loading import resolve_source
+    from ..names import site_kinds
 
     adapter = adapter_for(config)
     name = resolve_source(model).display_name or str(model)
@@ -527,7 +527,7 @@ def _check_component(info: ModelInfo, component: str, heads: list[int] | None) -
         else:
             kind = None
     if info.family_kinds and kind is not None:  # the adapters' view (torch is loaded)
-        from .names import canonical_kind
+        from ..names import canonical_kind
 
         kind = canonical_kind(kind)
         if kind in info.family_kinds and kind not in info.kinds:
@@ -580,8 +580,8 @@ def _dtype(dtype: str | None) -> Any:
 # -- loading -----------------------------------------------------------------------------------
 def _load(model: str, dtype: str | None = None) -> Any:
     """The full model (weights). Everything checkable was checked before this."""
-    from .interpretable import InterpretableModel
-    from .loading import quiet_loading
+    from ..interpretable import InterpretableModel
+    from ..loading import quiet_loading
 
     if dtype is not None and dtype not in DTYPES:
         raise _error(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -687,8 +687,8 @@ def _write_outputs(results: list[Any], out: Path, title: str,
                    plotly: str = "inline") -> dict[str, str]:
     """Write each result's JSON first, then its figure (``figure(result)``, default
     ``result.plot()``) as ``fmt``, then one HTML report of all of them, into ``out``."""
-    from .render.figure import save_figure
-    from .render.html import report
+    from ..render.figure import save_figure
+    from ..render.html import report
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
@@ -761,7 +761,7 @@ def _finish(results: list[Any], files: dict[str, str], as_json: bool) -> None:
 
 def _executor_summary(results: list[Any]) -> None:
     """Per-worker throughput of the distributed sweeps (after the results)."""
-    from .executors import format_summary
+    from ..executors import format_summary
 
     for r in results:
         summary = r.extra.get("executor") if isinstance(r.extra, dict) else None
@@ -879,7 +879,7 @@ def patch(
                   "restores the clean run, so every layer shows +1.000; use --by-position")
         ex = _executor(executor, address, workers)
         m = _load(model, dtype)
-        from .methods.activation_patching import activation_patching
+        from ..methods.activation_patching import activation_patching
 
         label = f"patching {component}" + (" by position" if by_position else "")
         with _progress(as_json) as bars:
@@ -929,8 +929,8 @@ def ioi(
         _inspect(model)  # unknown models and architectures fail before the weights load
         ex = _executor(executor, address, workers)
         m = _load(model, dtype)
-        from .datasets import IOIDataset
-        from .methods.activation_patching import activation_patching
+        from ..datasets import IOIDataset
+        from ..methods.activation_patching import activation_patching
 
         dataset = IOIDataset(m, n=n, seed=seed)
         aligned = IOIDataset(m, n=n, seed=seed, equal_length=True)  # one length: by position
@@ -1037,8 +1037,8 @@ def trace(
             check_answer(info, answer, [prompt], "--answer")
         ex = _executor(executor, address, workers)
         m = _load(model, dtype)
-        from .methods.causal_tracing import causal_tracing, causal_tracing_dataset
-        from .render.plots import plot_trace
+        from ..methods.causal_tracing import causal_tracing, causal_tracing_dataset
+        from ..render.plots import plot_trace
 
         settings = dict(noise=noise, samples=samples, seed=seed, components=kinds,
                         window=window, executor=ex)
@@ -1050,7 +1050,7 @@ def trace(
                                         **settings)
                 title = f"Causal tracing: {prompt}"
             else:
-                from .datasets import known_facts
+                from ..datasets import known_facts
 
                 facts = known_facts(m, n, seed=seed)
                 if not facts:
@@ -1108,7 +1108,7 @@ def report_command(
         _check_choice(plotly, PLOTLY_MODES, "--plotly")
         files = _result_files(results)
         check_out_file(out)
-        from .result import write_report
+        from ..result import write_report
 
         out.parent.mkdir(parents=True, exist_ok=True)
         write_report(files, out, title=title, plotly=plotly, shared_scale=shared_scale)
@@ -1126,8 +1126,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
       causalpatch models
     """
-    from .adapters import ADAPTERS  # torch-free once adapters/base.py imports torch lazily
-    from .loading import ALIASES, GEMMA3_PACKAGE, SMOLLM2_PACKAGE, package_dir
+    from ..adapters import ADAPTERS  # torch-free once adapters/base.py imports torch lazily
+    from ..loading import ALIASES, GEMMA3_PACKAGE, SMOLLM2_PACKAGE, package_dir
 
     smollm2 = package_dir(SMOLLM2_PACKAGE) is not None
     installed = {"smollm2": smollm2, "smollm2-135m": smollm2,
@@ -1235,7 +1235,7 @@ def sae_train(
         check_out_dir(out)
         import torch
 
-        from .sae import save_sae, train_sae
+        from ..sae import save_sae, train_sae
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -1265,7 +1265,7 @@ def sae_info(path: Path = typer.Argument(..., help="An SAE folder (cfg.json + "
 
       causalpatch sae info out/sae
     """
-    from .sae import load_sae
+    from ..sae import load_sae
 
     with _user_errors():
         sae = load_sae(path)
