@@ -1,14 +1,16 @@
 """The command line: outputs, tables, JSON, one-line errors with exit code 2, help examples,
 checks before the weights load, quiet/JSON modes, global flags, output fallbacks, reports.
 
-Most tests use the tiny model: ``_load`` (weights) and ``_inspect`` (config and tokenizer) are
-monkeypatched, so no test here loads a model from disk except the ``real`` ones."""
+Most tests use the tiny model: ``runtime.load_model`` (weights) and ``model_info.inspect_model``
+(config and tokenizer) are monkeypatched, so no test here loads a model from disk except the
+``real`` ones."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -21,10 +23,11 @@ runner = CliRunner()
 
 @pytest.fixture
 def use_session_model(smollm2, monkeypatch):
-    monkeypatch.setattr(cli, "_load", lambda model, dtype=None: smollm2)
-    monkeypatch.setattr(cli, "_inspect", lambda model, need_kinds=False: cli.ModelInfo.of(smollm2))
-    cli._State.quiet = False
-    cli._State.debug = False
+    monkeypatch.setattr(cli.runtime, "load_model", lambda model, dtype=None: smollm2)
+    monkeypatch.setattr(cli.model_info, "inspect_model",
+                        lambda model, need_kinds=False: cli.ModelInfo.of(smollm2))
+    cli.State.quiet = False
+    cli.State.debug = False
 
 
 def test_patch_writes_result_heatmap_and_report(use_session_model, tmp_path):
@@ -96,10 +99,11 @@ def test_every_command_help_shows_an_example(command):
 @pytest.fixture
 def use_tiny_model(make_tiny_lm, monkeypatch, one_thread):
     tiny = make_tiny_lm("llama")
-    monkeypatch.setattr(cli, "_load", lambda model, dtype=None: tiny)
-    monkeypatch.setattr(cli, "_inspect", lambda model, need_kinds=False: cli.ModelInfo.of(tiny))
-    cli._State.quiet = False
-    cli._State.debug = False
+    monkeypatch.setattr(cli.runtime, "load_model", lambda model, dtype=None: tiny)
+    monkeypatch.setattr(cli.model_info, "inspect_model",
+                        lambda model, need_kinds=False: cli.ModelInfo.of(tiny))
+    cli.State.quiet = False
+    cli.State.debug = False
     return tiny
 
 
@@ -150,11 +154,11 @@ def test_trace_known_facts_dataset(use_session_model, tmp_path, one_thread):
 # -- issue 12: checks before the weights load, modes, flags, outputs, reports ---------------------
 @pytest.fixture
 def no_weights(use_tiny_model, monkeypatch):
-    """The tiny model's config and tokenizer, and a ``_load`` that must never run."""
+    """The tiny model's config and tokenizer, and a ``load_model`` that must never run."""
     def refuse(model, dtype=None):
         raise AssertionError("the weights were loaded before the argument error")
 
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(cli.runtime, "load_model", refuse)
     return use_tiny_model
 
 
@@ -195,7 +199,7 @@ def test_bad_out_paths_are_reported_first(no_weights, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "is a file, but it must be a folder" in res.output
     res = runner.invoke(cli.app, _patch_args(tmp_path)[:-2] + ["--out", str(a_file / "sub")])
     assert res.exit_code == 2 and "cannot be created" in res.output
-    monkeypatch.setattr(cli, "_probe_dir", lambda folder: "Read-only file system")
+    monkeypatch.setattr(cli.outputs, "probe_dir", lambda folder: "Read-only file system")
     res = runner.invoke(cli.app, _patch_args(tmp_path))
     assert res.exit_code == 2 and "not writable" in res.output and "Read-only" in res.output
 
@@ -211,13 +215,13 @@ def test_leading_space_warning_when_both_spellings_are_one_token():
             return "?"
 
     info = cli.ModelInfo("m", Tok(), {}, "llama", cli.ConfigDims(2, 2), [], [])
-    cli._State.reset()
+    cli.State.reset()
     cli.check_answer(info, " Mary", [CLEAN], "--correct")
-    assert cli._State.warnings == []
+    assert cli.State.warnings == []
     cli.check_answer(info, "Mary", [CLEAN], "--correct")
-    assert "no leading space" in cli._State.warnings[0] and "' Mary'" in cli._State.warnings[0]
+    assert "no leading space" in cli.State.warnings[0] and "' Mary'" in cli.State.warnings[0]
     cli.check_answer(info, "Mary", [CLEAN + " "], "--correct")  # the prompt ends in a space
-    assert len(cli._State.warnings) == 1
+    assert len(cli.State.warnings) == 1
 
 
 def test_resid_defaults_to_by_position_and_quiet_is_silent(use_tiny_model, tmp_path):
@@ -244,7 +248,7 @@ def test_json_prints_only_json_with_warnings_inside(use_tiny_model, tmp_path):
 
 def test_global_flags_after_the_subcommand():
     assert cli.hoist_global_flags(
-        cli.typer.main.get_command(cli.app), None,
+        typer.main.get_command(cli.app), None,
         ["patch", "--clean", "-q", "--quiet", "--json", "--", "-v"]) == [
         "--quiet", "patch", "--clean", "-q", "--json", "--", "-v"]
     res = runner.invoke(cli.app, ["models", "--quiet"])
@@ -259,7 +263,7 @@ def test_results_survive_a_failed_write(use_tiny_model, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "_write_outputs", broken)
+    monkeypatch.setattr(cli.outputs, "write_outputs", broken)
     res = runner.invoke(cli.app, _patch_args(tmp_path, "--layers", "0"))
     assert res.exit_code == 1 and "No space left" in res.output
     saved = res.output.split("were saved to ")[1].split(":")[0].strip()
