@@ -288,15 +288,36 @@ def test_figure_format_and_report_command(use_tiny_model, tmp_path):
     assert bad.exit_code == 2 and "--plotly" in bad.output
 
 
-def test_progress_shows_real_counts(use_tiny_model, monkeypatch):
-    calls = []
-    with cli.ProgressDisplay(True) as bars:
-        update = bars.task("x")
-        update(1, 4)
-        update(4, 4)
-        calls = [(t.completed, t.total) for t in bars._progress.tasks]
-    assert calls == [(4, 4)]
-    assert cli.ProgressDisplay(False).__enter__().task("x") is False
+def test_progress_is_the_librarys_bar(use_tiny_model, tmp_path, monkeypatch):
+    """The commands draw no bars of their own: they pass progress=None (the library's auto
+    tqdm bar, causalpatch.assemble.progress_callback) or False (--json, --no-progress, -q)."""
+    import causalpatch.assemble as assemble
+    import causalpatch.methods.causal_tracing as tracing
+
+    library = assemble.progress_callback
+    asked = []
+
+    def recording(progress, total, label="patching"):
+        if not callable(progress):  # the method's own request (a callback is only forwarded)
+            asked.append((progress, total, label))
+        return library(progress, total, label)
+
+    monkeypatch.setattr(assemble, "progress_callback", recording)
+    monkeypatch.setattr(tracing, "progress_callback", recording)  # its own `from` import
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--layers", "0,1,2"))
+    assert res.exit_code == 0, res.output
+    assert asked == [(None, 42, "patching")]  # 3 layers x 14 positions, auto mode
+    for flag in ("--json", "--no-progress", "--quiet"):
+        asked.clear()
+        res = runner.invoke(cli.app, [*_patch_args(tmp_path, "--layers", "0"), flag])
+        assert res.exit_code == 0, res.output
+        assert asked == [(False, 14, "patching")]
+    asked.clear()
+    res = runner.invoke(cli.app, ["trace", "--prompt", "The Eiffel Tower is in the city of",
+                                  "--subject", "Eiffel Tower", "--samples", "1",
+                                  "--components", "mlp", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert asked[0] == (None, 1, "causal tracing")  # one prompt
     from causalpatch import activation_patching
 
     seen = []

@@ -29,7 +29,7 @@ The package, one idea per module:
 * :mod:`~causalpatch.cli.runtime`: the weights and the executor.
 * :mod:`~causalpatch.cli.outputs`: output paths probed before the compute, files written after
   it (never lost), tables and JSON.
-* :mod:`~causalpatch.cli.progress`: the progress bars.
+* :mod:`~causalpatch.cli.progress`: progress bars: the library's own, passed through.
 * :mod:`~causalpatch.cli.options`: option declarations that commands share.
 * :mod:`causalpatch.cli.commands`: one module per command.
 
@@ -51,13 +51,14 @@ from .checks import (COMPONENT_WORDS, DIRECTIONS, DTYPES, FIGURE_FORMATS, METRIC
 from .failures import OutputsSavedElsewhere
 from .model_info import ConfigDims, FastTokenizer, ModelInfo
 from .outputs import check_out_dir, check_out_file, save_outputs
-from .progress import ProgressDisplay
+from .progress import progress_mode
 from .state import State
 
 __all__ = [
     "COMPONENT_WORDS", "DIRECTIONS", "DTYPES", "FIGURE_FORMATS", "GLOBAL_FLAGS", "METRICS",
     "PER_HEAD_COMPONENTS", "PLOTLY_MODES", "RESID_KINDS", "SWEEP_COMPONENTS", "TRACE_COMPONENTS",
-    "ConfigDims", "FastTokenizer", "ModelInfo", "OutputsSavedElsewhere", "ProgressDisplay",
+    "ConfigDims", "FastTokenizer", "ModelInfo", "OutputsSavedElsewhere",
     "State", "app", "check_answer", "check_out_dir", "check_out_file", "checks",
-    "hoist_global_flags", "main", "model_info", "outputs", "run", "runtime", "save_outputs",
+    "hoist_global_flags", "main", "model_info", "outputs", "progress_mode", "run", "runtime",
+    "save_outputs",
 ]

@@ -16,7 +16,7 @@ from ..failures import error, user_errors
 from ..options import (ADDRESS_HELP, DTYPE_HELP, EXECUTOR_HELP, JSON_HELP, MODEL_HELP,
                        WORKERS_HELP, format_option)
 from ..outputs import check_out_dir, executor_summary, finish, save_outputs
-from ..progress import progress
+from ..progress import progress_mode
 from ..state import State, chatty, console
 
 #: The analysis: (component, by position), in order.
@@ -61,20 +61,18 @@ def ioi(
         dataset = IOIDataset(m, n=n, seed=seed)
         aligned = IOIDataset(m, n=n, seed=seed, equal_length=True)  # one length: by position
         results = []
-        with progress(as_json) as bars:
-            for step, (component, by_position) in enumerate(STEPS, 1):
-                label = (f"step {step}/{len(STEPS)}: {component}"
-                         + (" by position" if by_position else " per head"))
-                t0 = time.perf_counter()
-                data = aligned if by_position else dataset
-                results.append(activation_patching(m, data, component=component,
-                                                   by_position=by_position,
-                                                   progress=bars.task(label), executor=ex))
-                bars.done(label)
-                if chatty(as_json):
-                    cells = results[-1].effect_matrix.numel()
-                    console.print(f"[green]✓[/] {escape(label)}: {cells} cells x {len(data)} "
-                                  f"pairs in {time.perf_counter() - t0:.1f} s")
+        for step, (component, by_position) in enumerate(STEPS, 1):
+            label = (f"step {step}/{len(STEPS)}: {component}"
+                     + (" by position" if by_position else " per head"))
+            t0 = time.perf_counter()
+            data = aligned if by_position else dataset
+            results.append(activation_patching(m, data, component=component,
+                                               by_position=by_position,
+                                               progress=progress_mode(as_json), executor=ex))
+            if chatty(as_json):
+                cells = results[-1].effect_matrix.numel()
+                console.print(f"[green]✓[/] {escape(label)}: {cells} cells x {len(data)} "
+                              f"pairs in {time.perf_counter() - t0:.1f} s")
         if ex is not None:
             ex.shutdown()
         files = save_outputs(results, out, f"IOI on {m.name} ({len(dataset)} pairs)", fmt=fmt)

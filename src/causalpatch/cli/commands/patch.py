@@ -20,7 +20,7 @@ from ..failures import error, user_errors
 from ..options import (ADDRESS_HELP, COMPONENT_HELP, DTYPE_HELP, EXECUTOR_HELP, JSON_HELP,
                        MODEL_HELP, WORKERS_HELP, format_option)
 from ..outputs import check_out_dir, executor_summary, finish, save_outputs
-from ..progress import progress
+from ..progress import progress_mode
 from ..state import State, chatty, note, warn
 
 
@@ -123,13 +123,11 @@ def patch(
         m = runtime.load_model(model, dtype)
         from ...methods.activation_patching import activation_patching
 
-        label = f"patching {component}" + (" by position" if by_position else "")
-        with progress(as_json) as bars:
-            result = activation_patching(
-                m, clean, corrupted, component=component, metric=metric, correct=correct,
-                incorrect=incorrect, by_position=by_position, direction=direction,
-                layers=layer_list, heads=head_list, positions=position_list,
-                progress=bars.task(label), executor=ex)
+        result = activation_patching(
+            m, clean, corrupted, component=component, metric=metric, correct=correct,
+            incorrect=incorrect, by_position=by_position, direction=direction,
+            layers=layer_list, heads=head_list, positions=position_list,
+            progress=progress_mode(as_json), executor=ex)
         if ex is not None:
             ex.shutdown()
         files = save_outputs([result], out, f"causalpatch: {component}", fmt=fmt)

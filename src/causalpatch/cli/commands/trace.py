@@ -16,7 +16,7 @@ from ..failures import error, user_errors
 from ..options import (ADDRESS_HELP, DTYPE_HELP, EXECUTOR_HELP, JSON_HELP, MODEL_HELP,
                        WORKERS_HELP, format_option)
 from ..outputs import check_out_dir, finish, save_outputs
-from ..progress import progress
+from ..progress import progress_mode
 from ..state import State, chatty, out_console
 
 
@@ -102,24 +102,20 @@ def trace(
         from ...render.plots import plot_trace
 
         settings: dict[str, Any] = dict(noise=noise, samples=samples, seed=seed,
-                                        components=kinds, window=window, executor=ex)
-        with progress(as_json) as bars:
-            if prompt is not None:
-                traced = causal_tracing(m, prompt, subject, answer=answer,
-                                        position_groups=False,
-                                        progress=bars.task("causal tracing (prompts)"),
-                                        **settings)
-                title = f"Causal tracing: {prompt}"
-            else:
-                from ...datasets import known_facts
+                                        components=kinds, window=window, executor=ex,
+                                        progress=progress_mode(as_json))
+        if prompt is not None:
+            traced = causal_tracing(m, prompt, subject, answer=answer, position_groups=False,
+                                    **settings)
+            title = f"Causal tracing: {prompt}"
+        else:
+            from ...datasets import known_facts
 
-                facts = known_facts(m, n, seed=seed)
-                if not facts:
-                    raise error(f"none of ROME's known facts is answered correctly by {m.name}")
-                traced = causal_tracing_dataset(m, facts,
-                                                progress=bars.task("causal tracing (facts)"),
-                                                **settings)
-                title = f"Causal tracing: {len(facts)} known facts on {m.name}"
+            facts = known_facts(m, n, seed=seed)
+            if not facts:
+                raise error(f"none of ROME's known facts is answered correctly by {m.name}")
+            traced = causal_tracing_dataset(m, facts, **settings)
+            title = f"Causal tracing: {len(facts)} known facts on {m.name}"
         if ex is not None:
             ex.shutdown()
         results = list(traced.values())
