@@ -122,6 +122,7 @@ def test_trace_one_prompt_writes_json_png_and_report(use_tiny_model, tmp_path):
     assert result.method == "causal_tracing" and result.metric == "prob"
     assert result.effect_matrix.shape == (3, n_tokens)
     assert result.extra["answers"] == [use_tiny_model.to_single_token(" Paris")]
+    assert result.extra["window"] == 10  # the default, as causal_tracing(window=10)
     assert "top 10 components" in res.output
 
 

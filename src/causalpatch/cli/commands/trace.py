@@ -33,7 +33,7 @@ def trace(
                                    help="Comma-separated: resid_post, mlp, attn, resid_pre."),
     samples: int = typer.Option(10, help="Noise samples per prompt."),
     noise: float = typer.Option(3.0, help="Noise scale, a multiple of the embedding std."),
-    window: int = typer.Option(1, help="Layers restored together for mlp/attn (ROME: 10)."),
+    window: int = typer.Option(10, help="Layers restored together for mlp/attn (ROME: 10)."),
     seed: int = typer.Option(0, help="Noise seed (and the facts' shuffle with --dataset)."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     out: Path = typer.Option(Path("out/trace"), help="Output folder."),
