@@ -37,8 +37,8 @@ def report_command(
                                          "written by patch/ioi/trace or result.save('x.json')."),
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
     title: Optional[str] = typer.Option(None, help="Page title."),
-    plotly: str = typer.Option("inline", help="inline: plotly.js in the file, opens offline (~4.8 MB); "
-                                    "cdn: small file, needs network to draw."),
+    plotly: str = typer.Option("inline", help="inline: plotly.js in the file, opens offline "
+                               "(~4.8 MB); cdn: small file, needs network to draw."),
     shared_scale: bool = typer.Option(False, "--shared-scale",
                                       help="Start with one colour scale per kind of result."),
     as_json: bool = typer.Option(False, "--json", help="Print only machine-readable JSON."),
