@@ -1,14 +1,16 @@
 """The command line: outputs, tables, JSON, one-line errors with exit code 2, help examples,
 checks before the weights load, quiet/JSON modes, global flags, output fallbacks, reports.
 
-Most tests use the tiny model: ``_load`` (weights) and ``_inspect`` (config and tokenizer) are
-monkeypatched, so no test here loads a model from disk except the ``real`` ones."""
+Most tests use the tiny model: ``runtime.load_model`` (weights) and ``model_info.inspect_model``
+(config and tokenizer) are monkeypatched, so no test here loads a model from disk except the
+``real`` ones."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -21,10 +23,11 @@ runner = CliRunner()
 
 @pytest.fixture
 def use_session_model(smollm2, monkeypatch):
-    monkeypatch.setattr(cli, "_load", lambda model, dtype=None: smollm2)
-    monkeypatch.setattr(cli, "_inspect", lambda model, need_kinds=False: cli.ModelInfo.of(smollm2))
-    cli._State.quiet = False
-    cli._State.debug = False
+    monkeypatch.setattr(cli.runtime, "load_model", lambda model, dtype=None: smollm2)
+    monkeypatch.setattr(cli.model_info, "inspect_model",
+                        lambda model, need_kinds=False: cli.ModelInfo.of(smollm2))
+    cli.State.quiet = False
+    cli.State.debug = False
 
 
 def test_patch_writes_result_heatmap_and_report(use_session_model, tmp_path):
@@ -96,10 +99,11 @@ def test_every_command_help_shows_an_example(command):
 @pytest.fixture
 def use_tiny_model(make_tiny_lm, monkeypatch, one_thread):
     tiny = make_tiny_lm("llama")
-    monkeypatch.setattr(cli, "_load", lambda model, dtype=None: tiny)
-    monkeypatch.setattr(cli, "_inspect", lambda model, need_kinds=False: cli.ModelInfo.of(tiny))
-    cli._State.quiet = False
-    cli._State.debug = False
+    monkeypatch.setattr(cli.runtime, "load_model", lambda model, dtype=None: tiny)
+    monkeypatch.setattr(cli.model_info, "inspect_model",
+                        lambda model, need_kinds=False: cli.ModelInfo.of(tiny))
+    cli.State.quiet = False
+    cli.State.debug = False
     return tiny
 
 
@@ -118,6 +122,7 @@ def test_trace_one_prompt_writes_json_png_and_report(use_tiny_model, tmp_path):
     assert result.method == "causal_tracing" and result.metric == "prob"
     assert result.effect_matrix.shape == (3, n_tokens)
     assert result.extra["answers"] == [use_tiny_model.to_single_token(" Paris")]
+    assert result.extra["window"] == 10  # the default, as causal_tracing(window=10)
     assert "top 10 components" in res.output
 
 
@@ -150,11 +155,11 @@ def test_trace_known_facts_dataset(use_session_model, tmp_path, one_thread):
 # -- issue 12: checks before the weights load, modes, flags, outputs, reports ---------------------
 @pytest.fixture
 def no_weights(use_tiny_model, monkeypatch):
-    """The tiny model's config and tokenizer, and a ``_load`` that must never run."""
+    """The tiny model's config and tokenizer, and a ``load_model`` that must never run."""
     def refuse(model, dtype=None):
         raise AssertionError("the weights were loaded before the argument error")
 
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(cli.runtime, "load_model", refuse)
     return use_tiny_model
 
 
@@ -195,7 +200,7 @@ def test_bad_out_paths_are_reported_first(no_weights, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "is a file, but it must be a folder" in res.output
     res = runner.invoke(cli.app, _patch_args(tmp_path)[:-2] + ["--out", str(a_file / "sub")])
     assert res.exit_code == 2 and "cannot be created" in res.output
-    monkeypatch.setattr(cli, "_probe_dir", lambda folder: "Read-only file system")
+    monkeypatch.setattr(cli.outputs, "probe_dir", lambda folder: "Read-only file system")
     res = runner.invoke(cli.app, _patch_args(tmp_path))
     assert res.exit_code == 2 and "not writable" in res.output and "Read-only" in res.output
 
@@ -211,13 +216,13 @@ def test_leading_space_warning_when_both_spellings_are_one_token():
             return "?"
 
     info = cli.ModelInfo("m", Tok(), {}, "llama", cli.ConfigDims(2, 2), [], [])
-    cli._State.reset()
+    cli.State.reset()
     cli.check_answer(info, " Mary", [CLEAN], "--correct")
-    assert cli._State.warnings == []
+    assert cli.State.warnings == []
     cli.check_answer(info, "Mary", [CLEAN], "--correct")
-    assert "no leading space" in cli._State.warnings[0] and "' Mary'" in cli._State.warnings[0]
+    assert "no leading space" in cli.State.warnings[0] and "' Mary'" in cli.State.warnings[0]
     cli.check_answer(info, "Mary", [CLEAN + " "], "--correct")  # the prompt ends in a space
-    assert len(cli._State.warnings) == 1
+    assert len(cli.State.warnings) == 1
 
 
 def test_resid_defaults_to_by_position_and_quiet_is_silent(use_tiny_model, tmp_path):
@@ -244,7 +249,7 @@ def test_json_prints_only_json_with_warnings_inside(use_tiny_model, tmp_path):
 
 def test_global_flags_after_the_subcommand():
     assert cli.hoist_global_flags(
-        cli.typer.main.get_command(cli.app), None,
+        typer.main.get_command(cli.app), None,
         ["patch", "--clean", "-q", "--quiet", "--json", "--", "-v"]) == [
         "--quiet", "patch", "--clean", "-q", "--json", "--", "-v"]
     res = runner.invoke(cli.app, ["models", "--quiet"])
@@ -259,7 +264,7 @@ def test_results_survive_a_failed_write(use_tiny_model, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "_write_outputs", broken)
+    monkeypatch.setattr(cli.outputs, "write_outputs", broken)
     res = runner.invoke(cli.app, _patch_args(tmp_path, "--layers", "0"))
     assert res.exit_code == 1 and "No space left" in res.output
     saved = res.output.split("were saved to ")[1].split(":")[0].strip()
@@ -284,15 +289,36 @@ def test_figure_format_and_report_command(use_tiny_model, tmp_path):
     assert bad.exit_code == 2 and "--plotly" in bad.output
 
 
-def test_progress_shows_real_counts(use_tiny_model, monkeypatch):
-    calls = []
-    with cli.ProgressDisplay(True) as bars:
-        update = bars.task("x")
-        update(1, 4)
-        update(4, 4)
-        calls = [(t.completed, t.total) for t in bars._progress.tasks]
-    assert calls == [(4, 4)]
-    assert cli.ProgressDisplay(False).__enter__().task("x") is False
+def test_progress_is_the_librarys_bar(use_tiny_model, tmp_path, monkeypatch):
+    """The commands draw no bars of their own: they pass progress=None (the library's auto
+    tqdm bar, causalpatch.assemble.progress_callback) or False (--json, --no-progress, -q)."""
+    import causalpatch.assemble as assemble
+    import causalpatch.methods.causal_tracing as tracing
+
+    library = assemble.progress_callback
+    asked = []
+
+    def recording(progress, total, label="patching"):
+        if not callable(progress):  # the method's own request (a callback is only forwarded)
+            asked.append((progress, total, label))
+        return library(progress, total, label)
+
+    monkeypatch.setattr(assemble, "progress_callback", recording)
+    monkeypatch.setattr(tracing, "progress_callback", recording)  # its own `from` import
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--layers", "0,1,2"))
+    assert res.exit_code == 0, res.output
+    assert asked == [(None, 42, "patching")]  # 3 layers x 14 positions, auto mode
+    for flag in ("--json", "--no-progress", "--quiet"):
+        asked.clear()
+        res = runner.invoke(cli.app, [*_patch_args(tmp_path, "--layers", "0"), flag])
+        assert res.exit_code == 0, res.output
+        assert asked == [(False, 14, "patching")]
+    asked.clear()
+    res = runner.invoke(cli.app, ["trace", "--prompt", "The Eiffel Tower is in the city of",
+                                  "--subject", "Eiffel Tower", "--samples", "1",
+                                  "--components", "mlp", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert asked[0] == (None, 1, "causal tracing")  # one prompt
     from causalpatch import activation_patching
 
     seen = []

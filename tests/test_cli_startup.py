@@ -109,7 +109,7 @@ def test_fast_tokenizer_matches_transformers(tiny_folder):
         ids = fast.encode(text, add_special_tokens=False)
         assert ids == slow.encode(text, add_special_tokens=False)
         assert [fast.decode([i]) for i in ids] == [slow.decode([i]) for i in ids]
-    info = cli._fast_inspect(str(tiny_folder))
+    info = cli.model_info.fast_inspect(str(tiny_folder))
     assert info is not None and (info.dims.n_layers, info.dims.n_heads) == (3, 4)
 
 

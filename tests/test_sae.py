@@ -753,8 +753,8 @@ def test_train_sae_on_a_tiny_model(lm, tmp_path, one_thread):
 
 
 def test_cli_sae_train_and_info(lm, tmp_path, monkeypatch, one_thread):
-    monkeypatch.setattr(cli, "_load", lambda model, dtype=None: lm)
-    cli._State.quiet, cli._State.debug = False, False
+    monkeypatch.setattr(cli.runtime, "load_model", lambda model, dtype=None: lm)
+    cli.State.quiet, cli.State.debug = False, False
     runner = CliRunner()
     out = tmp_path / "sae"
     res = runner.invoke(cli.app, ["sae", "train", "--site", "blocks.1.resid_post",

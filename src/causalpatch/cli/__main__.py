@@ -1,0 +1,10 @@
+"""``python -m causalpatch.cli``: the same command line as the ``causalpatch`` script."""
+
+from __future__ import annotations
+
+import sys
+
+from causalpatch.cli import app
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
