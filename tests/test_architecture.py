@@ -441,7 +441,7 @@ def test_checker_catches_each_kind_of_violation(tmp_path: Path) -> None:
     assert "add causalpatch.extra to the rank table" in ranks
     assert "tracing" not in ranks and "adapters" not in ranks and "methods" not in ranks
     # a dotted key ranks a submodule apart from its package, in both directions
-    assert "sae/__init__.py:2: causalpatch.sae (rank 6) imports causalpatch.sae.train (rank 17)" \
+    assert "sae/__init__.py:2: causalpatch.sae (rank 6) imports causalpatch.sae.train (rank 18)" \
         in ranks
     assert "sae/__init__.py:1" not in ranks and "sae/train.py" not in ranks
 
