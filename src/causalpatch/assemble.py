@@ -180,7 +180,8 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
         groups: pair indices evaluated together (default: one pair per group).
         checkpoint: a file path; finished cells are saved after every chunk (every shard with
             an executor) and a rerun with the same arguments (``checkpoint_args`` + the model
-            and pairs) resumes.
+            and pairs) resumes; a group recorded whole (cells, base and source metrics and its
+            payload, which must then be JSON data) is not evaluated again.
         chunk: cells per evaluation call when checkpointing locally (default: all at once).
         executor: where to evaluate (see :mod:`causalpatch.executors`); ``None`` runs here.
             Either way the values are stored, checkpointed and aggregated by this function.
@@ -218,8 +219,32 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
         if cells:
             raw[torch.tensor(group)[:, None], torch.tensor(cells)[None, :]] = (
                 values.cells.float().cpu())
-            if ckpt is not None:  # the whole group in one write
-                ckpt.record_group(group, cells, values.cells.tolist())
+        if ckpt is not None:  # the whole group in one write
+            ckpt.record_group(group, cells, values.cells.tolist() if cells else [[]] * len(group),
+                              values.base.float().cpu().tolist(),
+                              None if values.source is None
+                              else values.source.float().cpu().tolist(), values.payload)
+
+    def restored(group: list[int]) -> bool:
+        """Fill in a group the checkpoint holds whole (cells, base and source metrics, the
+        payload): a rerun after a kill does not evaluate it again."""
+        nonlocal source
+        if ckpt is None or not ckpt.finished(group):
+            return False
+        for i in group:
+            for j, v in ckpt.done(i).items():
+                raw[i, j] = v
+            b, s = ckpt.ends[i]
+            base[i] = b
+            if s is None:
+                source = None
+            elif source is not None:
+                source[i] = s
+        if group[0] in ckpt.payloads:
+            payloads[group[0]] = ckpt.payloads[group[0]]
+        if tick is not None:
+            tick(n_cells * len(group))
+        return True
 
     def remaining(group: list[int]) -> list[int]:
         """Cells of ``group`` not in the checkpoint (finished ones are filled in)."""
@@ -241,6 +266,8 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
         if executor is None:
             evaluate_ = evaluate if evaluate is not None else build(model, stats)  # type: ignore[misc]
             for group in groups:
+                if restored(group):
+                    continue
                 todo = remaining(group)
                 step = (max(1, min(len(todo), chunk or 64)) if ckpt is not None
                         else max(1, len(todo)))
@@ -248,7 +275,7 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
                     cells = todo[lo : lo + step]
                     store(group, cells, evaluate_(group, cells, tick))
         else:
-            tasks = [(group, remaining(group)) for group in groups]
+            tasks = [(group, remaining(group)) for group in groups if not restored(group)]
 
             def on_result(group: list[int], cells: list[int], values: GroupValues) -> None:
                 store(group, cells, values)
@@ -305,7 +332,8 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
                  clean: Sequence[Sequence[int]], corrupted: Sequence[Sequence[int]],
                  answers: Sequence[Sequence[int | None]] = (), timings: dict[str, float] | None = None,
                  extra: dict[str, Any] | None = None, t_start: float | None = None,
-                 data: Any = None) -> PatchingResult:
+                 data: Any = None, aggregated: Aggregate | None = None,
+                 clean_prompts: Sequence[str] | None = None) -> PatchingResult:
     """Aggregate ``values`` and wrap everything in a :class:`PatchingResult`.
 
     ``clean``/``corrupted`` are the token ids of every pair (``corrupted`` empty for ablations);
@@ -314,8 +342,13 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
     user's dataset object, contributes its per-pair position roles (a ``roles`` list, one
     role per clean token: ``extra["position_roles"]``). Token strings are kept for the first
     :data:`KEPT_PAIRS` pairs (the report's per-pair view).
+
+    ``aggregated``: effects the method aggregated itself by the one rule over a subset of pairs
+    per cell (causal tracing's ROME groups: each group over the prompts that have it); its
+    ``per_pair`` is then not kept. ``clean_prompts``: the prompts as the user wrote them
+    (default: the clean token ids decoded).
     """
-    agg = aggregate(values, scale, metric)
+    agg = aggregate(values, scale, metric) if aggregated is None else aggregated
     n = values.raw.shape[0]
     if isinstance(direction, Direction):
         denoise = direction is Direction.DENOISE
@@ -341,13 +374,15 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
         direction=direction_text,
         method=method,
         model_name=model.name,
-        clean_prompts=[decode(list(p)) for p in clean],
+        clean_prompts=(list(clean_prompts) if clean_prompts is not None
+                       else [decode(list(p)) for p in clean]),
         corrupted_prompts=[decode(list(p)) for p in corrupted],
         clean_tokens=[model.to_str_tokens(list(p)) for p in clean[:KEPT_PAIRS]],
         clean_metric=float(clean_v.mean()),
         corrupted_metric=None if corrupted_v is None else float(corrupted_v.mean()),
         normalized=scale is Scale.NORMALIZED,
-        per_pair=agg.per_pair.reshape(n, *shape).float() if n > 1 else None,
+        per_pair=(agg.per_pair.reshape(n, *shape).float()
+                  if n > 1 and aggregated is None else None),
         std=None if agg.std is None else agg.std.reshape(shape).float(),
         timings=times,
         extra={"n_pairs": n, **values.stats, "answers": [list(a) for a in answers[:1]],

@@ -53,6 +53,10 @@ class SweepCheckpoint:
     n_pairs: int
     n_cells: int
     cells: dict[int, dict[int, float]] = field(default_factory=dict)
+    ends: dict[int, tuple[float, float | None]] = field(default_factory=dict)
+    """Per finished pair, its base and source metric (``None``: the method has no source)."""
+    payloads: dict[int, Any] = field(default_factory=dict)
+    """Per finished group (keyed by its first pair), the method's JSON payload."""
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], key: str, n_pairs: int, n_cells: int
@@ -87,6 +91,9 @@ class SweepCheckpoint:
                 "prompts or arguments); refusing to mix results. Use another path or delete it")
         for pair, cells in data.get("cells", {}).items():
             ckpt.cells[int(pair)] = {int(j): float(v) for j, v in cells.items()}
+        for pair, (base, source) in data.get("ends", {}).items():
+            ckpt.ends[int(pair)] = (float(base), None if source is None else float(source))
+        ckpt.payloads = {int(k): v for k, v in data.get("payloads", {}).items()}
         return ckpt
 
     def done(self, pair: int) -> dict[int, float]:
@@ -97,18 +104,31 @@ class SweepCheckpoint:
         """Add finished cells and persist atomically."""
         self.record_group([pair], cells, [values])
 
-    def record_group(self, pairs: list[int], cells: list[int],
-                     values: list[list[float]]) -> None:
-        """Add the finished cells of several pairs (``values[r]`` for ``pairs[r]``) and
-        persist them in one atomic write: a group is recorded whole or not at all."""
-        for pair, row in zip(pairs, values):
+    def record_group(self, pairs: list[int], cells: list[int], values: list[list[float]],
+                     base: list[float] | None = None, source: list[float] | None = None,
+                     payload: Any = None) -> None:
+        """Add the finished cells of several pairs (``values[r]`` for ``pairs[r]``), their base
+        and source metrics and the group's JSON ``payload``, and persist them in one atomic
+        write: a group is recorded whole or not at all."""
+        for r, (pair, row) in enumerate(zip(pairs, values)):
             bucket = self.cells.setdefault(pair, {})
             for j, v in zip(cells, row):
                 bucket[j] = float(v)
+            if base is not None:
+                self.ends[pair] = (float(base[r]), None if source is None else float(source[r]))
+        if payload is not None:
+            self.payloads[pairs[0]] = payload
         self._save()
+
+    def finished(self, pairs: list[int]) -> bool:
+        """Every cell, the base and source metrics of ``pairs`` are recorded (a rerun need not
+        evaluate them at all)."""
+        return all(len(self.cells.get(p, {})) == self.n_cells and p in self.ends for p in pairs)
 
     def _save(self) -> None:
         data = {"format": FORMAT, "key": self.key, "n_pairs": self.n_pairs,
                 "n_cells": self.n_cells,
-                "cells": {str(p): {str(j): v for j, v in c.items()} for p, c in self.cells.items()}}
+                "cells": {str(p): {str(j): v for j, v in c.items()} for p, c in self.cells.items()},
+                "ends": {str(p): list(e) for p, e in self.ends.items()},
+                "payloads": {str(p): v for p, v in self.payloads.items()}}
         atomic_write_text(self.path, json.dumps(data))

@@ -50,7 +50,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import weakref
@@ -61,14 +60,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..assemble import (GroupValues, PairValues, Scale, aggregate, build_result,
-                        progress_callback, run_pairs)
+from ..assemble import (Aggregate, GroupValues, PairValues, Scale, aggregate, build_result,
+                        progress_callback)
 from ..engine import embed, run_perturbed, staircase_logits
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
-from ..executors import resolve_executor
 from ..metrics import get_metric
-from ..plan import Patch, SitePatch, answer_token, check_int
+from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
+from ..plan import Patch, SitePatch, answer_tokens, check_int
 from ..render.plots import plot_trace
 from ..tokens import token_lists
 
@@ -249,24 +248,47 @@ def answer_prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
 
 @dataclass
 class _Traced:
+    """One prompt's trace (the evaluator's payload: JSON data, so a checkpoint keeps it)."""
+
     p_clean: float
     p_corrupted: float
-    restored: dict[str, torch.Tensor]  # kind -> [n_layers, T] mean p over the noise draws
-    noise: torch.Tensor  # [n_samples, n_subject_tokens, d_model]
+    restored: dict[str, list[list[float]]]  # kind -> [n_layers][T] mean p over the noise draws
     answer: int
+
+    def payload(self) -> dict[str, Any]:
+        return {"p_clean": self.p_clean, "p_corrupted": self.p_corrupted,
+                "restored": self.restored, "answer": self.answer}
+
+    @classmethod
+    def of(cls, payload: Mapping[str, Any]) -> _Traced:
+        return cls(float(payload["p_clean"]), float(payload["p_corrupted"]),
+                   {k: [list(map(float, row)) for row in v]
+                    for k, v in payload["restored"].items()}, int(payload["answer"]))
+
+    def restored_tensor(self, kind: str) -> torch.Tensor:
+        """``[n_layers, T]`` the mean restored probability of ``kind``."""
+        return torch.tensor(self.restored[kind], dtype=torch.float64).float()
+
+
+def subject_noise(seed: int, n_samples: int, span: tuple[int, int], d_model: int,
+                  sigma: float) -> torch.Tensor:
+    """The noise draws of one prompt, ``[n_samples, n_subject_tokens, d_model]``: seeded, so a
+    prompt's noise is the same in every run, on every worker and after a resume."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n_samples, span[1] - span[0], d_model, generator=gen) * sigma
 
 
 def _trace_one(model: HookedModel, ids: list[int], span: tuple[int, int],
                answer: int | None, sigma: float, n_samples: int, seed: int,
                kinds: Sequence[str], window: int, batch_size: int | None,
-               stats: dict[str, Any] | None = None) -> _Traced:
+               memory_mb: float = DEFAULT_MEMORY_MB, stats: dict[str, Any] | None = None
+               ) -> _Traced:
     """Trace one prompt on the staircase engine: one base run per noise draw (the clean
     embeddings plus the draw's noise at the subject, :func:`~causalpatch.engine.run_perturbed`),
     the clean run as the source, every (restoration, position, draw) a patch row."""
     n, T = model.n_layers, len(ids)
     s0, s1 = span
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n_samples, s1 - s0, model.d_model, generator=gen) * sigma
+    noise = subject_noise(seed, n_samples, span, model.d_model, sigma)
     ids_t = torch.tensor([ids], dtype=torch.long, device=model.device)
     noised = embed(model, ids_t).expand(n_samples, -1, -1).clone()  # [n_samples, T, d_model]
     noised[:, s0:s1] = noised[:, s0:s1] + noise.to(noised.device, noised.dtype)
@@ -298,11 +320,12 @@ def _trace_one(model: HookedModel, ids: list[int], span: tuple[int, int],
             cells.append((r.kind, r.layer, p))
             jobs += [(s, patch) for s in range(n_samples)]
     if jobs:
-        probs = staircase_logits(model, runs, jobs, batch_size, stats=stats, readout=read)
+        probs = staircase_logits(model, runs, jobs, batch_size, memory_mb, stats=stats,
+                                 readout=read)
         means = probs[:, 0].reshape(len(cells), n_samples).double().mean(1)
         for (kind, layer, p), value in zip(cells, means.tolist()):
             restored[kind][layer, p] = value
-    return _Traced(p_clean, p_corrupted, restored, noise, answer)
+    return _Traced(p_clean, p_corrupted, {k: v.tolist() for k, v in restored.items()}, answer)
 
 
 # -- result ----------------------------------------------------------------------------------------
@@ -360,26 +383,16 @@ class CausalTracingResult(dict):
 
 
 # -- public API ------------------------------------------------------------------------------------
-def _answer_ids(model: HookedModel, answer: Any, n: int) -> list[int | None]:
-    if isinstance(answer, torch.Tensor) and answer.numel() > 1:
-        answer = answer.tolist()
-    if isinstance(answer, (list, tuple)):
-        if len(answer) != n:
-            raise InvalidArgumentError(f"answer has {len(answer)} entries for {n} prompts")
-        return [answer_token(model, a, f"answer[{i}]") for i, a in enumerate(answer)]
-    return [answer_token(model, answer, "answer")] * n
-
-
 def _cell_values(traced: _Traced, kinds: Sequence[str], ids: list[int], span: tuple[int, int],
                  grouped: bool) -> torch.Tensor:
     """One prompt's raw cells, component by component: ``p_restored`` per (layer, position),
     or its mean over each of ROME's groups (NaN where the prompt has no such group)."""
     if not grouped:
-        return torch.cat([traced.restored[k].flatten() for k in kinds])
+        return torch.cat([traced.restored_tensor(k).flatten() for k in kinds])
     groups = position_groups(len(ids), span)
     out = []
     for kind in kinds:
-        restored = traced.restored[kind]
+        restored = traced.restored_tensor(kind)
         cells = torch.full((restored.shape[0], len(GROUPS)), math.nan)
         for g, positions in enumerate(groups):
             if positions:
@@ -388,10 +401,9 @@ def _cell_values(traced: _Traced, kinds: Sequence[str], ids: list[int], span: tu
     return torch.cat(out)
 
 
-def _by_group(values: PairValues, n_layers: int) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                          list[int]]:
+def _by_group(values: PairValues, n_layers: int) -> tuple[Aggregate, list[int]]:
     """ROME's group averages: each ``(layer, group)`` cell by the one rule (``Scale.CHANGE``)
-    over the prompts that have the group; ``(effect, std, counts)``."""
+    over the prompts that have the group; the aggregate (no ``per_pair``) and the counts."""
     raw = values.raw.reshape(-1, n_layers, len(GROUPS))
     effect = torch.zeros(n_layers, len(GROUPS))
     std = torch.zeros(n_layers, len(GROUPS))
@@ -407,7 +419,113 @@ def _by_group(values: PairValues, n_layers: int) -> tuple[torch.Tensor, torch.Te
         effect[:, g] = agg.effect
         if agg.std is not None:
             std[:, g] = agg.std
-    return effect, (std if raw.shape[0] > 1 else None), counts
+    return Aggregate(effect.flatten(), torch.empty(0),
+                     std.flatten() if raw.shape[0] > 1 else None), counts
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated causal-tracing run: every prompt's tokens, subject span and answer."""
+
+    prompts: list[Any]
+    subjects: list[Any]
+    ids: list[list[int]]
+    spans: list[tuple[int, int]]
+    occurrences: list[int]
+    answers: list[int | None]
+    kinds: tuple[str, ...]
+    grouped: bool
+    sigma: float
+
+    @property
+    def width(self) -> int:
+        """Cells per layer: ROME's groups, or every position of the (equal-length) prompts."""
+        return len(GROUPS) if self.grouped else len(self.ids[0])
+
+
+def _plan(model: HookedModel, prompts: Any, subject: Any, answer: Any, noise: Any,
+          samples: Any, window: Any, components: Sequence[str], position_groups: bool
+          ) -> _Plan:
+    """Validate everything before any forward pass (the embedding statistics aside)."""
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)) or (
+        isinstance(prompts, torch.Tensor) and prompts.dim() == 1)
+    prompt_list = [prompts] if single else list(prompts)
+    if not prompt_list:
+        raise InvalidArgumentError("prompts is empty: give at least one prompt")
+    if isinstance(subject, str) or (isinstance(subject, tuple) and len(subject) == 2
+                                    and all(isinstance(v, int) for v in subject)):
+        subjects = [subject] * len(prompt_list)
+    else:
+        subjects = list(subject)
+        if len(subjects) != len(prompt_list):
+            raise InvalidArgumentError(
+                f"subject has {len(subjects)} entries for {len(prompt_list)} prompts")
+    kinds = tuple(dict.fromkeys(components))
+    bad = [k for k in kinds if k not in TRACE_COMPONENTS]
+    if not kinds or bad:
+        raise InvalidArgumentError(
+            f"unknown components {bad or components!r}; expected some of {TRACE_COMPONENTS}")
+    check_int(samples, "samples", 1)
+    check_int(window, "window", 1)
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise > 0:
+        raise InvalidArgumentError(
+            f"noise must be a positive number (a multiple of the embeddings' standard "
+            f"deviation; ROME uses 3.0), got {noise!r}")
+    ids_list = [token_lists(model, p, "prompt")[0] for p in prompt_list]
+    located = [_locate_subject(model, p, s, ids)
+               for p, s, ids in zip(prompt_list, subjects, ids_list)]
+    answers = answer_tokens(model, answer, len(prompt_list), "answer")
+    grouped = bool(position_groups)
+    if not grouped and len({len(ids) for ids in ids_list}) > 1:
+        raise InvalidArgumentError(
+            "position_groups=False needs prompts of equal token length (got lengths "
+            f"{sorted({len(i) for i in ids_list})}); use position_groups=True to average ROME's "
+            "position groups")
+    return _Plan(prompt_list, subjects, ids_list, [span for span, _ in located],
+                 [k for _, k in located], answers, kinds, grouped,
+                 float(noise) * embedding_std(model))
+
+
+def _component_result(model: HookedModel, plan: _Plan, kind: str, values: PairValues,
+                      traced: Sequence[_Traced], settings: dict[str, Any], t0: float,
+                      t_setup: float) -> PatchingResult:
+    """One component's :class:`PatchingResult` (``values``: its columns of the run)."""
+    n, width = model.n_layers, plan.width
+    extra: dict[str, Any] = {
+        "n_prompts": len(traced), "noise": float(settings["noise"]), "sigma": plan.sigma,
+        "samples": settings["samples"], "seed": settings["seed"],
+        "window": settings["window"] if kind in ("mlp", "attn") else 1,
+        "subject_spans": [list(s) for s in plan.spans], "answers": [t.answer for t in traced],
+        "subjects": [s if isinstance(s, str) else list(s) for s in plan.subjects],
+        "subject_occurrences": plan.occurrences,
+        "engine": {k: v for k, v in values.stats.items() if k != "executor"}}
+    repeated = [i for i, k in enumerate(plan.occurrences) if k > 1]
+    if repeated:
+        extra["subject_note"] = "; ".join(
+            f"prompt {i}: subject {plan.subjects[i]!r} occurs {plan.occurrences[i]} times, the "
+            f"first occurrence (tokens {plan.spans[i][0]}..{plan.spans[i][1] - 1}) is traced"
+            for i in repeated)
+    labels: dict[str, list[Any]] = {"layer": list(range(n))}
+    aggregated = None
+    if plan.grouped:  # ROME's groups: averaged over the prompts that have them
+        axes: tuple[str, ...] = ("layer", "group")
+        labels["group"] = list(GROUPS)
+        aggregated, extra["group_counts"] = _by_group(values, n)
+    else:
+        axes = ("layer", "position")
+        s0, s1 = plan.spans[0]
+        labels["position"] = [f"{j}: {tok!r}{'*' if s0 <= j < s1 else ''}"
+                              for j, tok in enumerate(model.to_str_tokens(plan.ids[0]))]
+        extra["positions"] = list(range(width))
+    return build_result(
+        model, values=values, scale=Scale.CHANGE, metric=_PROB, axes=axes, labels=labels,
+        shape=(n, width), component=kind, method="causal_tracing",
+        direction=Direction.DENOISE, clean=plan.ids, corrupted=[],
+        answers=[[t.answer] for t in traced], timings={"setup_s": t_setup}, extra=extra,
+        t_start=t0, aggregated=aggregated,
+        clean_prompts=[p if isinstance(p, str) else model.tokenizer.decode(ids)
+                       for p, ids in zip(plan.prompts, plan.ids)])
 
 
 def causal_tracing(
@@ -423,7 +541,9 @@ def causal_tracing(
     window: int = 10,
     position_groups: bool = True,
     batch_size: int | None = None,
-    progress: bool | Callable[[int, int], None] = False,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    checkpoint: str | None = None,
+    progress: Progress = None,
     executor: Any = None,
 ) -> CausalTracingResult:
     """ROME-style causal tracing of one prompt or many.
@@ -446,12 +566,12 @@ def causal_tracing(
             ``("layer", "group")``, shape ``(n_layers, 6)``); False keeps every position (axes
             ``("layer", "position")``, shape ``(n_layers, n_tokens)``; prompts must then have
             equal token lengths).
-        batch_size: patch rows per staircase pass (default: as many as fit the engine's
-            1 GiB budget; every noise draw's rows of a position share the passes).
-        progress: True for a progress bar or a callback ``(done, total)`` over prompts.
-        executor: ``None`` (here), ``"ray"`` or a :class:`~causalpatch.executors.RayExecutor`:
-            prompts are split into shards traced by Ray workers (same noise draws, same
-            results).
+        batch_size: patch rows per staircase pass (default: as many as ``memory_mb`` holds;
+            every noise draw's rows of a position share the passes).
+        memory_mb, checkpoint, progress, executor: the run options every method shares
+            (:mod:`causalpatch.options`): a checkpoint keeps every finished prompt, a rerun
+            traces only the others; with an executor, prompts are split into shards traced by
+            Ray workers (same noise draws, same results). The progress bar counts prompts.
 
     Returns:
         :class:`CausalTracingResult`: ``result["mlp"]`` etc. are
@@ -465,52 +585,35 @@ def causal_tracing(
     """
     t0 = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
-    single = isinstance(prompts, str) or (
-        isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)) or (
-        isinstance(prompts, torch.Tensor) and prompts.dim() == 1)
-    prompt_list = [prompts] if single else list(prompts)
-    if not prompt_list:
-        raise InvalidArgumentError("prompts is empty: give at least one prompt")
-    if isinstance(subject, str) or (isinstance(subject, tuple) and len(subject) == 2
-                                    and all(isinstance(v, int) for v in subject)):
-        subjects = [subject] * len(prompt_list)
-    else:
-        subjects = list(subject)
-        if len(subjects) != len(prompt_list):
-            raise InvalidArgumentError(
-                f"subject has {len(subjects)} entries for {len(prompt_list)} prompts")
-    kinds = tuple(dict.fromkeys(components))
-    bad = [k for k in kinds if k not in TRACE_COMPONENTS]
-    if not kinds or bad:
-        raise InvalidArgumentError(
-            f"unknown components {bad or components!r}; expected some of {TRACE_COMPONENTS}")
-    check_int(samples, "samples", 1)
-    check_int(window, "window", 1)
-    check_int(batch_size, "batch_size", 1, allow_none=True)
-    executor_ = resolve_executor(executor, model)
-    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise > 0:
-        raise InvalidArgumentError(
-            f"noise must be a positive number (a multiple of the embeddings' standard "
-            f"deviation; ROME uses 3.0), got {noise!r}")
-    ids_list = [token_lists(model, p, "prompt")[0] for p in prompt_list]
-    located = [_locate_subject(model, p, s, ids)
-               for p, s, ids in zip(prompt_list, subjects, ids_list)]
-    spans, occurrences = [span for span, _ in located], [k for _, k in located]
-    answers = _answer_ids(model, answer, len(prompt_list))
-    grouped = bool(position_groups)
-    if not grouped and len({len(ids) for ids in ids_list}) > 1:
-        raise InvalidArgumentError(
-            "position_groups=False needs prompts of equal token length (got lengths "
-            f"{sorted({len(i) for i in ids_list})}); use position_groups=True to average ROME's "
-            "position groups")
-    sigma = float(noise) * embedding_std(model)
-    n = model.n_layers
-    width = len(GROUPS) if grouped else len(ids_list[0])
+    options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
+                              memory_mb=memory_mb, checkpoint=checkpoint)
+    plan = _plan(model, prompts, subject, answer, noise, samples, window, components,
+                 position_groups)
+    n, kinds, width = model.n_layers, plan.kinds, plan.width
     n_cells = len(kinds) * n * width
+    settings = {"noise": noise, "samples": samples, "seed": seed, "components": kinds,
+                "window": window, "position_groups": plan.grouped}
     t_setup = time.perf_counter() - t0
 
     # -- run: one prompt per group ------------------------------------------------------------
-    tick, close = progress_callback(progress, len(prompt_list), "causal tracing")
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
+        return partial(evaluate, model_, stats)
+
+    def evaluate(model_: HookedModel, stats: dict[str, Any], group: list[int], cells: list[int],
+                 tick_: Callable[[int], None] | None) -> GroupValues:
+        (i,) = group
+        one = _trace_one(model_, plan.ids[i], plan.spans[i], plan.answers[i], plan.sigma,
+                         samples, seed + i, kinds, window, options.batch_size,
+                         options.memory_mb, stats)
+        raw = _cell_values(one, kinds, plan.ids[i], plan.spans[i], plan.grouped)
+        if tick_ is not None:
+            tick_(len(cells))
+        return GroupValues(torch.tensor([one.p_corrupted]), torch.tensor([one.p_clean]),
+                           raw[cells].unsqueeze(0), payload=one.payload())
+
+    # prompts are the pairs of this method: the checkpoint's fingerprint holds their tokens
+    items = [_PromptItem(ids, a) for ids, a in zip(plan.ids, plan.answers)]
+    tick, close = progress_callback(options.progress, len(items), "causal tracing")
     shown = [0]
 
     def prompts_done(done: int, total: int) -> None:  # run_pairs counts cells; show prompts
@@ -519,81 +622,45 @@ def causal_tracing(
             shown[0] += 1
             tick(1)
 
-    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
-        return partial(evaluate, model_, stats)
-
-    def evaluate(model_: HookedModel, stats: dict[str, Any], group: list[int], cells: list[int],
-                 tick_: Callable[[int], None] | None) -> GroupValues:
-        (i,) = group
-        one = _trace_one(model_, ids_list[i], spans[i], answers[i], sigma, samples, seed + i,
-                         kinds, window, batch_size, stats)
-        raw = _cell_values(one, kinds, ids_list[i], spans[i], grouped)
-        if tick_ is not None:
-            tick_(len(cells))
-        return GroupValues(torch.tensor([one.p_corrupted]), torch.tensor([one.p_clean]),
-                           raw[cells].unsqueeze(0), payload=one)
-
+    counted = RunOptions(prompts_done if tick is not None else False, options.executor,
+                         options.batch_size, options.memory_mb, options.checkpoint)
     try:
-        values = run_pairs(model, prompt_list, n_cells, build=build, label="causal tracing",
-                           progress=prompts_done if tick is not None else False,
-                           executor=executor_)
+        values = counted.run(
+            model, items, n_cells, build, label="causal tracing",
+            checkpoint_args=dict(method="causal_tracing", spans=plan.spans, noise=noise,
+                                 samples=samples, seed=seed, components=kinds, window=window,
+                                 grouped=plan.grouped))
     finally:
         close()
-    ordered: list[_Traced] = [values.payloads[i] for i in range(len(prompt_list))]
+    traced = [_Traced.of(values.payloads[i]) for i in range(len(items))]
 
     # -- one result per component -------------------------------------------------------------
-    tokens = [model.to_str_tokens(ids) for ids in ids_list]
-    per_position = [{k: t.restored[k] - t.p_corrupted for k in kinds} for t in ordered]
     results: dict[str, PatchingResult] = {}
     for c, kind in enumerate(kinds):
         part = PairValues(values.raw[:, c * n * width : (c + 1) * n * width], values.base,
-                          values.source, seconds=values.seconds)
-        extra: dict[str, Any] = {
-            "n_prompts": len(ordered), "noise": float(noise), "sigma": sigma,
-            "samples": samples, "seed": seed, "window": window if kind in (
-                "mlp", "attn") else 1,
-            "subject_spans": [list(s) for s in spans], "answers": [t.answer for t in ordered],
-            "subjects": [s if isinstance(s, str) else list(s) for s in subjects],
-            "subject_occurrences": occurrences,
-            "engine": {k: v for k, v in values.stats.items() if k != "executor"}}
-        repeated = [i for i, k in enumerate(occurrences) if k > 1]
-        if repeated:
-            extra["subject_note"] = "; ".join(
-                f"prompt {i}: subject {subjects[i]!r} occurs {occurrences[i]} times, the first "
-                f"occurrence (tokens {spans[i][0]}..{spans[i][1] - 1}) is traced"
-                for i in repeated)
-        labels: dict[str, list[Any]] = {"layer": list(range(n))}
-        if grouped:
-            axes: tuple[str, ...] = ("layer", "group")
-            labels["group"] = list(GROUPS)
-            effect, std, counts = _by_group(part, n)
-            extra["group_counts"] = counts
-        else:
-            axes = ("layer", "position")
-            s0, s1 = spans[0]
-            labels["position"] = [f"{j}: {tok!r}{'*' if s0 <= j < s1 else ''}"
-                                  for j, tok in enumerate(tokens[0])]
-            extra["positions"] = list(range(width))
-        result = build_result(
-            model, values=part, scale=Scale.CHANGE, metric=_PROB, axes=axes, labels=labels,
-            shape=(n, width), component=kind, method="causal_tracing",
-            direction=Direction.DENOISE, clean=ids_list, corrupted=[],
-            answers=[[t.answer] for t in ordered], timings={"setup_s": t_setup}, extra=extra,
-            t_start=t0)
-        clean_prompts = [p if isinstance(p, str) else model.tokenizer.decode(ids)
-                         for p, ids in zip(prompt_list, ids_list)]
-        if grouped:  # ROME's groups: averaged over the prompts that have them
-            result = dataclasses.replace(result, effect_matrix=effect, std=std, per_pair=None,
-                                         clean_prompts=clean_prompts)
-        else:
-            result = dataclasses.replace(result, clean_prompts=clean_prompts)
-        results[kind] = result
+                          values.source, stats=values.stats, seconds=values.seconds)
+        results[kind] = _component_result(model, plan, kind, part, traced, settings, t0,
+                                           t_setup)
     return CausalTracingResult(
-        results, prompts=prompt_list, subjects=subjects, answers=[t.answer for t in ordered],
-        spans=spans, tokens=tokens, p_clean=values.source, p_corrupted=values.base,
-        per_position=per_position, noise=[t.noise for t in ordered], sigma=sigma,
-        settings={"noise": noise, "samples": samples, "seed": seed, "components": kinds,
-                  "window": window, "position_groups": grouped})
+        results, prompts=plan.prompts, subjects=plan.subjects,
+        answers=[t.answer for t in traced], spans=plan.spans,
+        tokens=[model.to_str_tokens(ids) for ids in plan.ids], p_clean=values.source,
+        p_corrupted=values.base,
+        per_position=[{k: t.restored_tensor(k) - t.p_corrupted for k in kinds} for t in traced],
+        noise=[subject_noise(seed + i, samples, span, model.d_model, plan.sigma)
+               for i, span in enumerate(plan.spans)],
+        sigma=plan.sigma, settings=settings)
+
+
+@dataclass(frozen=True)
+class _PromptItem:
+    """A traced prompt as the one method loop sees a pair (its checkpoint fingerprint reads
+    ``clean``, ``corrupted``, ``correct``, ``incorrect``)."""
+
+    clean: list[int]
+    correct: int | None
+    corrupted: tuple[()] = ()
+    incorrect: None = None
 
 
 def causal_tracing_dataset(
@@ -607,7 +674,9 @@ def causal_tracing_dataset(
     components: Sequence[str] = ("resid_post", "mlp", "attn"),
     window: int = 10,
     batch_size: int | None = None,
-    progress: bool | Callable[[int, int], None] = False,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    checkpoint: str | None = None,
+    progress: Progress = None,
     executor: Any = None,
 ) -> CausalTracingResult:
     """Average causal tracing over many facts, in ROME's six position groups.
@@ -641,7 +710,7 @@ def causal_tracing_dataset(
     return causal_tracing(
         model, prompts, subjects, answer=answers, noise=noise, samples=samples, seed=seed,
         components=components, window=window, position_groups=True, batch_size=batch_size,
-        progress=progress, executor=executor)
+        memory_mb=memory_mb, checkpoint=checkpoint, progress=progress, executor=executor)
 
 
 def _fact_fields(fact: Any, i: int) -> tuple[Any, Any, Any]:
