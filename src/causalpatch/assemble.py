@@ -25,6 +25,7 @@ own gap is tiny. ``Scale.RAW`` keeps the raw mean; ``Scale.CHANGE`` (ablations) 
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -74,25 +75,19 @@ class GroupValues:
     :attr:`PairValues.payloads` under the group's first pair."""
 
 
-class Evaluator(Protocol):
-    """Computes a group's values; ``cells`` are indices into the method's flat cell list."""
+Evaluator = Callable[[list[int], list[int], Callable[[int], None] | None], GroupValues]
+"""Computes a group's values: ``(group, cells, tick) -> GroupValues``; ``cells`` are indices
+into the method's flat cell list, ``tick(n)`` reports progress (or is ``None``)."""
 
-    def __call__(self, group: list[int], cells: list[int],
-                 tick: Callable[[int], None] | None) -> GroupValues: ...
-
-
-class EvaluatorFactory(Protocol):
-    """Builds a method's :class:`Evaluator` for a model (the driver's, or a worker's copy).
-
-    It must use the ``model`` it is given (never capture one) and may add numeric counters
-    to ``stats``; counters of several workers are summed.
-    """
-
-    def __call__(self, model: HookedModel, stats: dict[str, Any]) -> Evaluator: ...
+EvaluatorFactory = typing.Callable[["HookedModel", dict[str, Any]], Evaluator]
+"""Builds a method's :data:`Evaluator` for a model (the driver's, or a worker's copy):
+``build(model, stats)``. It must use the ``model`` it is given (never capture one) and may add
+numeric counters to ``stats``; counters of several workers are summed."""
 
 
 class Executor(Protocol):
-    """Evaluates tasks ``(group, cells)`` elsewhere (see :class:`causalpatch.executors.RayExecutor`)."""
+    """Evaluates tasks ``(group, cells)`` elsewhere (see
+    :class:`causalpatch.executors.RayExecutor`)."""
 
     def run(self, model: HookedModel, build: EvaluatorFactory,
             tasks: Sequence[tuple[list[int], list[int]]],
@@ -330,7 +325,8 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
                  axes: tuple[str, ...], labels: dict[str, list[Any]], shape: tuple[int, ...],
                  component: str, method: str, direction: Direction | str,
                  clean: Sequence[Sequence[int]], corrupted: Sequence[Sequence[int]],
-                 answers: Sequence[Sequence[int | None]] = (), timings: dict[str, float] | None = None,
+                 answers: Sequence[Sequence[int | None]] = (),
+                 timings: dict[str, float] | None = None,
                  extra: dict[str, Any] | None = None, t_start: float | None = None,
                  data: Any = None, aggregated: Aggregate | None = None,
                  clean_prompts: Sequence[str] | None = None) -> PatchingResult:

@@ -120,11 +120,11 @@ def _char_offsets(model: HookedModel, prompt: Any, ids: list[int]
         try:
             enc = tok(prompt, return_offsets_mapping=True)
             if list(enc["input_ids"]) == list(ids):
-                return prompt, [tuple(map(int, o)) for o in enc["offset_mapping"]]
+                return prompt, [(int(o[0]), int(o[1])) for o in enc["offset_mapping"]]
         except Exception:  # slow tokenizers have no offsets: fall back to decoding
             pass
     text = tok.decode(ids)
-    offsets = []
+    offsets: list[tuple[int, int]] = []
     prev = 0
     for k in range(1, len(ids) + 1):
         end = len(tok.decode(ids[:k]))
@@ -697,12 +697,13 @@ def causal_tracing_dataset(
     if facts is None:
         from ..datasets import known_facts
 
-        facts = known_facts(model, n, seed=seed)
-    facts = list(facts)
-    if not facts:
+        fact_list: list[Any] = list(known_facts(model, n, seed=seed))
+    else:
+        fact_list = list(facts)
+    if not fact_list:
         raise InvalidArgumentError("facts is empty")
     prompts, subjects, answers = [], [], []
-    for i, fact in enumerate(facts):
+    for i, fact in enumerate(fact_list):
         prompt, subject, answer = _fact_fields(fact, i)
         prompts.append(prompt)
         subjects.append(subject)
