@@ -42,17 +42,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 
-from .errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError, ShapeMismatchError
-from .metrics import Metric, MetricInputs
+from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError, ShapeMismatchError
+from ..metrics import Metric, MetricInputs
 
 if TYPE_CHECKING:
-    from .model import HookedModel
+    from ..model import HookedModel
 
 
 # -- helpers ----------------------------------------------------------------------------------
 def _n_tokens(model: HookedModel, prompt: Any) -> int:
     """Token length of one prompt exactly as the patching functions tokenise it."""
-    from .tokens import token_lists
+    from ..tokens import token_lists
 
     return len(token_lists(model, prompt)[0])
 
@@ -363,7 +363,7 @@ class PatchingDataset:
         """The dataset's metric on pair ``pair_idx``'s logits (``[1, pos, vocab]``: the last
         position; or ``[1, vocab]``), as a float. Distance metrics need a target run and are
         refused here."""
-        from .metrics import get_metric
+        from ..metrics import get_metric
 
         metric = get_metric(self.metric)
         if metric.kind != "score":
@@ -524,7 +524,7 @@ def token_roles(model: HookedModel, text: str,
     unless a span names it. Returns None when the tokens of a prefix are not a prefix of the
     tokens (a token straddles a span boundary), so the roles would be wrong.
     """
-    from .tokens import token_lists
+    from ..tokens import token_lists
 
     ids = token_lists(model, text)[0]
     plain = model.tokenizer.encode(text, add_special_tokens=False)
@@ -1066,7 +1066,7 @@ class GreaterThanDataset(PatchingDataset):
     def _answer_tokens(model: HookedModel,
                        probe: str) -> tuple[str, list[tuple[int, int, int]]]:
         """Detect how the year after ``probe`` ("... to the year 17") is tokenised."""
-        from .tokens import token_lists
+        from ..tokens import token_lists
 
         base = token_lists(model, probe)[0]
 
