@@ -29,32 +29,25 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import string
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import KW_ONLY, InitVar, dataclass, field
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 
-from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError, ShapeMismatchError
+from ..errors import InvalidArgumentError, InvalidTypeError, ShapeMismatchError
 from ..metrics import Metric, MetricInputs
+from .base import PatchingDataset, PatchingPair, check_n, n_tokens
+from .base import as_patching_dataset as as_patching_dataset
+from .protocol import seed_metric as seed_metric
 
 if TYPE_CHECKING:
     from ..model import HookedModel
-
-
-# -- helpers ----------------------------------------------------------------------------------
-def _n_tokens(model: HookedModel, prompt: Any) -> int:
-    """Token length of one prompt exactly as the patching functions tokenise it."""
-    from ..tokens import token_lists
-
-    return len(token_lists(model, prompt)[0])
 
 
 def _first_token(model: HookedModel, text: str) -> int:
@@ -67,366 +60,6 @@ def _first_token(model: HookedModel, text: str) -> int:
 
 def _is_single_token_name(model: HookedModel, name: str) -> bool:
     return len(model.tokenizer.encode(" " + name, add_special_tokens=False)) == 1
-
-
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise InvalidTypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise InvalidArgumentError(f"n must be at least 1, got {n}")
-
-
-def _as_list(value: Any, what: str) -> list[Any]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Tensor)):
-        raise InvalidTypeError(
-            f"{what} must be a list (one entry per pair), got {type(value).__name__}")
-    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
-
-
-# -- the seeds' dataset protocol -------------------------------------------------------------
-_SEED_FIELDS = ("clean", "corrupted", "correct", "incorrect", "metric_kwargs", "info")
-
-
-def _seed_style(cls: type) -> bool:
-    """A :class:`PatchingDataset` subclass that defines its pairs by ``get_clean_corrupt_pairs``."""
-    return cls.get_clean_corrupt_pairs is not PatchingDataset.get_clean_corrupt_pairs
-
-
-def _seed_lists(obj: Any, model: Any) -> dict[str, list[Any]]:
-    """``clean``/``corrupted``/``correct``/``incorrect`` from the seeds' methods of ``obj``."""
-    what = type(obj).__name__
-    pairs = obj.get_clean_corrupt_pairs()
-    pairs = list(pairs) if pairs is not None else []
-    if not pairs:
-        raise InvalidArgumentError(
-            f"dataset has no pairs: {what}.get_clean_corrupt_pairs() returned none")
-    for i, p in enumerate(pairs):
-        if not isinstance(p, (tuple, list)) or len(p) != 2:
-            raise InvalidArgumentError(
-                f"{what}.get_clean_corrupt_pairs()[{i}] must be a (clean, corrupted) pair, got "
-                f"{p!r}")
-    own_targets = not (isinstance(obj, PatchingDataset) and type(obj).get_target_tokens
-                       is PatchingDataset.get_target_tokens)
-    correct: list[Any] = []
-    incorrect: list[Any] = []
-    for i in range(len(pairs)):
-        target = obj.get_target_tokens(i) if own_targets and hasattr(obj, "get_target_tokens") \
-            else (None, None)
-        if not isinstance(target, (tuple, list)) or len(target) != 2:
-            raise InvalidArgumentError(
-                f"{what}.get_target_tokens({i}) must return (correct_id, incorrect_id), got "
-                f"{target!r}")
-        correct.append(PatchingDataset._answer(model, target[0], "correct", i))
-        incorrect.append(PatchingDataset._answer(model, target[1], "incorrect", i))
-    return {"clean": [p[0] for p in pairs], "corrupted": [p[1] for p in pairs],
-            "correct": correct, "incorrect": incorrect}
-
-
-def _fill_from_seed_methods(ds: PatchingDataset) -> None:
-    state = ds.__dict__
-    if "clean" not in state:
-        state.update(_seed_lists(ds, state.get("model")))
-    state.setdefault("metric_kwargs", {})
-    state.setdefault("info", {})
-
-
-def seed_metric(compute_metric: Any, correct: Sequence[int | None],
-                incorrect: Sequence[int | None], name: str = "compute_metric") -> Metric:
-    """A :class:`Metric` calling the seeds' ``compute_metric(logits, pair_idx)`` per row.
-
-    Each row's logits are passed as ``[1, 1, vocab]`` (so ``logits[0, -1, token]`` works) with
-    the index of the first pair whose answer tokens are the row's: exact when the metric
-    depends on the pair only through ``get_target_tokens(pair_idx)``, as in the seeds.
-    """
-    pairs = list(zip(correct, incorrect))
-
-    def per_pair(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
-        if inputs.correct is None or inputs.incorrect is None:
-            raise InvalidArgumentError(
-                f"metric {name!r} finds each row's pair by its answer tokens: define "
-                "get_target_tokens(pair_idx) on the dataset")
-        values = []
-        for r in range(logits.shape[0]):
-            key = (int(inputs.correct[r]), int(inputs.incorrect[r]))
-            if key not in pairs:
-                raise InvalidArgumentError(
-                    f"metric {name!r}: no pair of the dataset has answer tokens {key}")
-            values.append(float(compute_metric(logits[r].reshape(1, 1, -1), pairs.index(key))))
-        return torch.tensor(values, dtype=torch.float32)
-
-    return Metric(name, per_pair, "score", ("correct", "incorrect"),
-                  "the dataset's own compute_metric(logits, pair_idx)")
-
-
-def _seed_metric_of(ds: PatchingDataset) -> str | Metric:
-    state = ds.__dict__
-    if "_metric" not in state:
-        _fill_from_seed_methods(ds)
-        state["_metric"] = seed_metric(ds.compute_metric, state["correct"], state["incorrect"],
-                                       f"{type(ds).__name__}.compute_metric")
-    return state["_metric"]
-
-
-def _set_seed_metric(ds: PatchingDataset, value: str | Metric) -> None:
-    ds.__dict__["_metric"] = value
-
-
-def as_patching_dataset(obj: Any, model: HookedModel | None = None) -> Any:
-    """``obj`` in the form every patching function accepts.
-
-    A :class:`PatchingDataset` (also a seeds'-style subclass) is returned as it is. Another
-    object with the seeds' methods (``get_clean_corrupt_pairs()``, optionally
-    ``get_target_tokens(i)`` and ``compute_metric(logits, i)``; e.g. a subclass of another
-    library's ``PatchingDataset``) becomes a :class:`PatchingDataset` with those pairs,
-    answers and, when it has ``compute_metric``, that metric (:func:`seed_metric`); answer
-    strings are converted with ``model``. Anything else (prompts, token ids) is returned
-    unchanged.
-    """
-    if isinstance(obj, PatchingDataset) or not callable(getattr(obj, "get_clean_corrupt_pairs",
-                                                                None)):
-        return obj
-    lists = _seed_lists(obj, model if model is not None else getattr(obj, "model", None))
-    compute = getattr(obj, "compute_metric", None)
-    metric: str | Metric = getattr(obj, "metric", None) or "logit_diff"
-    if callable(compute):
-        metric = seed_metric(compute, lists["correct"], lists["incorrect"],
-                             f"{type(obj).__name__}.compute_metric")
-    name = getattr(obj, "name", None)
-    return PatchingDataset(lists["clean"], lists["corrupted"], lists["correct"],
-                           lists["incorrect"], metric,
-                           name=name if isinstance(name, str) else type(obj).__name__)
-
-
-# -- the base class ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PatchingPair:
-    """One clean/corrupted pair with its answer token ids (one row of a dataset)."""
-
-    clean: Any
-    corrupted: Any
-    correct: int | None
-    incorrect: int | None
-
-
-@dataclass(repr=False)
-class PatchingDataset:
-    """Clean/corrupted prompt pairs and answer token ids, aligned by index.
-
-    Args:
-        clean, corrupted: ``n`` prompts each: strings or token-id lists.
-        correct, incorrect: ``n`` answer token ids (strings are converted with
-            ``model.to_single_token`` when ``model`` is given).
-        metric: the metric this task is measured with, a registered name (``"logit_diff"``)
-            or a :class:`~causalpatch.metrics.Metric`.
-        metric_kwargs: extra settings of the metric, kept with the data (may be empty).
-        name: a short description.
-        info: free-form metadata (seed, corruption, ...).
-        model: keyword only; when given, every pair must have equal clean/corrupted token
-            length (otherwise :class:`InvalidArgumentError` naming the pair and both lengths).
-
-    Raises:
-        InvalidArgumentError: no pairs ("dataset has no pairs"), lists of different lengths,
-            unequal token lengths within a pair (with ``model``).
-
-    Example::
-
-        data = PatchingDataset.from_pairs(model, [
-            ("The capital of France is", "The capital of Italy is", " Paris", " Rome")])
-        len(data), data[0].correct        # 1, model.to_single_token(" Paris")
-
-    The seeds' subclass pattern works too: a subclass that does not call this ``__init__`` and
-    defines ``get_clean_corrupt_pairs()`` (``[(clean, corrupted), ...]``), optionally
-    ``get_target_tokens(pair_idx)`` (``(correct_id, incorrect_id)``) and
-    ``compute_metric(logits, pair_idx)`` (a float from logits ``[1, pos, vocab]``) gets its
-    ``clean``/``corrupted``/``correct``/``incorrect`` lists from those methods on first use, and
-    its ``metric`` from ``compute_metric`` (see :func:`seed_metric`), so it can be passed
-    wherever a dataset is accepted. :func:`as_patching_dataset` converts any object with
-    these methods. Every dataset has the three methods.
-    """
-
-    clean: list[Any]
-    corrupted: list[Any]
-    correct: list[int]
-    incorrect: list[int]
-    metric: str | Metric = "logit_diff"
-    metric_kwargs: dict[str, Any] = field(default_factory=dict)
-    name: str = "custom"
-    info: dict[str, Any] = field(default_factory=dict)
-    _: KW_ONLY
-    model: InitVar[Any] = None
-
-    #: names of further per-pair lists a subclass keeps aligned (sliced by :meth:`subset`)
-    per_pair_fields: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self, model: HookedModel | None) -> None:
-        self.clean = _as_list(self.clean, "clean")
-        self.corrupted = _as_list(self.corrupted, "corrupted")
-        self.correct = _as_list(self.correct, "correct")
-        self.incorrect = _as_list(self.incorrect, "incorrect")
-        self.metric_kwargs = dict(self.metric_kwargs or {})
-        self.info = dict(self.info or {})
-        if len(self.clean) == 0:
-            raise InvalidArgumentError(
-                f"dataset has no pairs ({self.name!r}): give at least one clean/corrupted pair")
-        lengths = (len(self.clean), len(self.corrupted), len(self.correct), len(self.incorrect))
-        if len(set(lengths)) != 1:
-            raise InvalidArgumentError(
-                f"dataset {self.name!r}: lists differ in length: clean {lengths[0]}, corrupted "
-                f"{lengths[1]}, correct {lengths[2]}, incorrect {lengths[3]}")
-        self.correct = [self._answer(model, a, "correct", i) for i, a in enumerate(self.correct)]
-        self.incorrect = [self._answer(model, a, "incorrect", i)
-                          for i, a in enumerate(self.incorrect)]
-        if model is not None:
-            self.check_lengths(model)
-
-    @staticmethod
-    def _answer(model: HookedModel | None, value: Any, what: str, i: int) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            if model is None:
-                raise InvalidTypeError(
-                    f"{what}[{i}] is the string {value!r}; pass model= (or use from_pairs) to "
-                    "convert answer strings to token ids")
-            return model.to_single_token(value)
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, bool) or not hasattr(value, "__index__"):
-            raise InvalidTypeError(
-                f"{what}[{i}] must be a token id (int), got {type(value).__name__}")
-        token = int(value)
-        if model is not None:
-            token = model.to_single_token(token)  # range check
-        return token
-
-    # -- sequence protocol ----------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.clean)
-
-    def __getitem__(self, i: int) -> PatchingPair:
-        if isinstance(i, bool) or not hasattr(i, "__index__"):
-            raise InvalidTypeError(
-                f"dataset index must be an int, got {type(i).__name__}; use .subset(indices)")
-        i = int(i)
-        if not -len(self) <= i < len(self):
-            raise OutOfRangeError(f"pair index {i} is out of range for {len(self)} pairs")
-        return PatchingPair(self.clean[i], self.corrupted[i], self.correct[i], self.incorrect[i])
-
-    def __iter__(self) -> Iterator[PatchingPair]:
-        return (self[i] for i in range(len(self)))
-
-    def __repr__(self) -> str:
-        metric = self.metric if isinstance(self.metric, str) else self.metric.name
-        return f"{type(self).__name__}(name={self.name!r}, pairs={len(self)}, metric={metric!r})"
-
-    # -- slicing ----------------------------------------------------------------------------------
-    def subset(self, indices: Sequence[int]) -> PatchingDataset:
-        """A dataset of the same class holding the pairs at ``indices`` (in that order).
-
-        Per-pair extras of a subclass (``orders``, ``subjects``, ``years_above`` ...) are sliced
-        too, so ``greater_than_metric(logits, data.subset(rows))`` stays aligned.
-        """
-        idx = []
-        for i in indices:
-            if isinstance(i, bool) or not hasattr(i, "__index__"):
-                raise InvalidTypeError(f"subset indices must be ints, got {type(i).__name__}")
-            if not -len(self) <= int(i) < len(self):
-                raise OutOfRangeError(f"pair index {int(i)} is out of range for {len(self)} pairs")
-            idx.append(int(i))
-        if not idx:
-            raise InvalidArgumentError("dataset has no pairs: subset() needs at least one index")
-        new = copy.copy(self)
-        for name in ("clean", "corrupted", "correct", "incorrect", *self.per_pair_fields):
-            values = getattr(self, name)
-            setattr(new, name, [values[i] for i in idx])
-        new.info = dict(self.info)
-        new.metric_kwargs = dict(self.metric_kwargs)
-        return new
-
-    def batches(self, size: int) -> Iterator[PatchingDataset]:
-        """Consecutive sub-datasets of at most ``size`` pairs (see :meth:`subset`)."""
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise InvalidArgumentError(f"batch size must be an int >= 1, got {size!r}")
-        for lo in range(0, len(self), size):
-            yield self.subset(range(lo, min(lo + size, len(self))))
-
-    # -- the seeds' protocol ------------------------------------------------------------------
-    def get_clean_corrupt_pairs(self) -> list[tuple[Any, Any]]:
-        """``[(clean, corrupted), ...]`` (the seeds' spelling of the two prompt lists)."""
-        return list(zip(self.clean, self.corrupted))
-
-    def get_target_tokens(self, pair_idx: int) -> tuple[int | None, int | None]:
-        """``(correct, incorrect)`` answer token ids of pair ``pair_idx``."""
-        return self.correct[pair_idx], self.incorrect[pair_idx]
-
-    def compute_metric(self, logits: torch.Tensor, pair_idx: int) -> float:
-        """The dataset's metric on pair ``pair_idx``'s logits (``[1, pos, vocab]``: the last
-        position; or ``[1, vocab]``), as a float. Distance metrics need a target run and are
-        refused here."""
-        from ..metrics import get_metric
-
-        metric = get_metric(self.metric)
-        if metric.kind != "score":
-            raise InvalidArgumentError(
-                f"compute_metric: {metric.name!r} is a distance to another run's logits; it is "
-                "computed by the patching functions, not per pair")
-        last = logits[:, -1] if logits.dim() == 3 else logits.reshape(1, -1)
-        correct, incorrect = self.get_target_tokens(pair_idx)
-        ids = lambda v: None if v is None else torch.tensor([int(v)])  # noqa: E731
-        return float(metric(last[:1], MetricInputs(correct=ids(correct),
-                                                   incorrect=ids(incorrect)))[0])
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if _seed_style(cls) and "metric" not in cls.__dict__ \
-                and cls.compute_metric is not PatchingDataset.compute_metric:
-            cls.metric = property(_seed_metric_of, _set_seed_metric)  # type: ignore[assignment]
-
-    def __getattr__(self, name: str) -> Any:
-        # only reached when normal lookup fails: a seed-style subclass that never ran __init__
-        if name in _SEED_FIELDS and _seed_style(type(self)):
-            _fill_from_seed_methods(self)
-            return self.__dict__[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    # -- checks and construction ------------------------------------------------------------------
-    def check_lengths(self, model: HookedModel) -> None:
-        """Raise :class:`InvalidArgumentError` if a pair's prompts differ in token length."""
-        for i, (c, k) in enumerate(zip(self.clean, self.corrupted)):
-            nc, nk = _n_tokens(model, c), _n_tokens(model, k)
-            if nc != nk:
-                raise InvalidArgumentError(
-                    f"pair {i} of dataset {self.name!r}: clean has {nc} tokens, corrupted has "
-                    f"{nk}; patching needs equal token lengths (check model.to_str_tokens)")
-
-    @classmethod
-    def from_pairs(cls, model: HookedModel,
-                   pairs: Sequence[tuple[Any, Any, str | int, str | int]],
-                   metric: str | Metric = "logit_diff", name: str = "custom",
-                   metric_kwargs: dict[str, Any] | None = None) -> PatchingDataset:
-        """Build from ``(clean, corrupted, correct, incorrect)`` tuples.
-
-        Answers given as strings must be single tokens (``" Paris"``, mind the space); token
-        lengths are checked pair by pair.
-
-        Example::
-
-            PatchingDataset.from_pairs(model, [("When Mary and John went out, John gave it to",
-                                                "When Mary and John went out, Mary gave it to",
-                                                " Mary", " John")])
-        """
-        pairs = _as_list(pairs, "pairs")
-        if not pairs:
-            raise InvalidArgumentError("dataset has no pairs: from_pairs got an empty list")
-        for i, p in enumerate(pairs):
-            if not isinstance(p, (tuple, list)) or len(p) != 4:
-                raise InvalidArgumentError(
-                    f"pairs[{i}] must be a (clean, corrupted, correct, incorrect) tuple, got "
-                    f"{p!r}")
-        return PatchingDataset([p[0] for p in pairs], [p[1] for p in pairs],
-                               [model.to_single_token(p[2]) for p in pairs],
-                               [model.to_single_token(p[3]) for p in pairs], metric,
-                               metric_kwargs or {}, name, model=model)
 
 
 # -- IOI --------------------------------------------------------------------------------------
@@ -655,7 +288,7 @@ class IOIDataset(PatchingDataset):
                  templates: Sequence[str] | None = None, names: Sequence[str] | None = None,
                  corruption: str = "swap", order: str = "both",
                  equal_length: bool = False) -> None:
-        _check_n(n)
+        check_n(n)
         if corruption not in ("swap", "abc"):
             raise InvalidArgumentError(f"corruption must be 'swap' or 'abc', got {corruption!r}")
         if order not in ("both", "ABBA", "BABA"):
@@ -709,8 +342,8 @@ class IOIDataset(PatchingDataset):
                 other = form.format(n0=first, n1=second, n2=io, **fill)
             else:
                 other = form.format(n0=drawn[2], n1=drawn[3], n2=drawn[4], **fill)
-            length = _n_tokens(model, text)
-            if length != _n_tokens(model, other):
+            length = n_tokens(model, text)
+            if length != n_tokens(model, other):
                 dropped_pairs += 1
                 continue
             if equal_length:
@@ -784,7 +417,7 @@ def known_facts(model: HookedModel, n: int | None = 100, seed: int = 0,
             print(prompt, "->", model.tokenizer.decode([token]))
     """
     if n is not None:
-        _check_n(n)
+        check_n(n)
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
     facts = load_known_facts(path)
@@ -841,7 +474,7 @@ class FactualRecallDataset(PatchingDataset):
 
     def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  relation: str | None = None, path: str | Path | None = None) -> None:
-        _check_n(n)
+        check_n(n)
         facts = load_known_facts(path)
         if relation is not None:
             facts = [f for f in facts if f["relation_id"] == relation]
@@ -858,7 +491,7 @@ class FactualRecallDataset(PatchingDataset):
         for i in order:
             a = facts[i]
             prefix, _, suffix = a["prompt"].partition(a["subject"])
-            target = _n_tokens(model, a["prompt"])
+            target = n_tokens(model, a["prompt"])
             partners = [j for j in by_relation[a["relation_id"]] if j != i]
             rng.shuffle(partners)
             for j in partners:
@@ -866,7 +499,7 @@ class FactualRecallDataset(PatchingDataset):
                 if b["subject"] == a["subject"] or answer[j] == answer[i]:
                     continue
                 text = prefix + b["subject"] + suffix
-                if _n_tokens(model, text) != target:
+                if n_tokens(model, text) != target:
                     continue
                 for key, value in (("clean", a["prompt"]), ("corrupted", text),
                                    ("correct", answer[i]), ("incorrect", answer[j]),
@@ -1016,7 +649,7 @@ class GreaterThanDataset(PatchingDataset):
 
     def __init__(self, model: HookedModel, n: int = 32, seed: int = 0,
                  century: int = 17, nouns: Sequence[str] | None = None) -> None:
-        _check_n(n)
+        check_n(n)
         if isinstance(century, bool) or not isinstance(century, int) or not 10 <= century <= 99:
             raise InvalidArgumentError(f"century must be a two-digit int like 17, got {century!r}")
         noun_pool = list(GT_NOUNS if nouns is None else nouns)
@@ -1044,7 +677,7 @@ class GreaterThanDataset(PatchingDataset):
             noun, yy = rng.choice(noun_pool), rng.choice(starts)
             text = _GT_TEMPLATE.format(noun=noun, century=century, yy=yy)
             other = _GT_TEMPLATE.format(noun=noun, century=century, yy=1)
-            if _n_tokens(model, text) != _n_tokens(model, other):
+            if n_tokens(model, text) != n_tokens(model, other):
                 continue
             above = [t for t, lo, _ in answers if lo > yy]
             below = [t for t, _, hi in answers if hi <= yy]
@@ -1120,7 +753,7 @@ class InductionDataset(PatchingDataset):
 
     def __init__(self, model: HookedModel, n: int = 32, seq_len: int = 10,
                  seed: int = 0, token_range: tuple[int, int] | None = None) -> None:
-        _check_n(n)
+        check_n(n)
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
             raise InvalidArgumentError(f"seq_len must be an int >= 2, got {seq_len!r}")
         tok = model.tokenizer
