@@ -45,6 +45,8 @@ from ..metrics import Metric, MetricInputs
 from .base import PatchingDataset, PatchingPair, check_n, n_tokens
 from .base import as_patching_dataset as as_patching_dataset
 from .protocol import seed_metric as seed_metric
+from .roles import NO_ROLE as NO_ROLE
+from .roles import dataset_roles, format_spans, token_roles
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -130,65 +132,10 @@ def _ioi_template(template: str) -> str:
 
 
 # -- position roles ---------------------------------------------------------------------------
-#: Role of a token that has none (most template words).
-NO_ROLE = ""
-
-
-def _format_spans(form: str, values: dict[str, str]) -> tuple[str, dict[str, tuple[int, int]]]:
-    """``form.format(**values)`` and the character span of every field in the result."""
-    out, spans, at = [], {}, 0
-    for literal, fname, _, _ in string.Formatter().parse(form):
-        out.append(literal)
-        at += len(literal)
-        if fname is not None:
-            value = values[fname]
-            spans[fname] = (at, at + len(value))
-            out.append(value)
-            at += len(value)
-    return "".join(out), spans
-
-
-def token_roles(model: HookedModel, text: str,
-                spans: Sequence[tuple[int, int, str]]) -> list[str] | None:
-    """One role per token of ``text`` as the patching functions tokenise it.
-
-    ``spans`` are ``(start, end, role)`` character ranges; a token gets the role of the span it
-    ends in (a leading space belongs to the word after it). The last token gets ``"END"``
-    unless a span names it. Returns None when the tokens of a prefix are not a prefix of the
-    tokens (a token straddles a span boundary), so the roles would be wrong.
-    """
-    from ..tokens import token_lists
-
-    ids = token_lists(model, text)[0]
-    plain = model.tokenizer.encode(text, add_special_tokens=False)
-    lead = len(ids) - len(plain)
-    roles = [NO_ROLE] * len(ids)
-
-    def boundary(char: int) -> int | None:
-        if char <= 0:
-            return lead
-        if char >= len(text):
-            return len(ids)
-        prefix = token_lists(model, text[:char])[0]
-        return len(prefix) if ids[:len(prefix)] == prefix else None
-
-    for start, end, role in spans:
-        if start > 0 and text[start - 1] == " ":
-            start -= 1
-        lo, hi = boundary(start), boundary(end)
-        if lo is None or hi is None or hi <= lo:
-            return None
-        for t in range(lo, hi):
-            roles[t] = role
-    if roles and not roles[-1]:
-        roles[-1] = "END"
-    return roles
-
-
 def _ioi_roles(model: HookedModel, form: str, names: tuple[str, str, str],
                fill: dict[str, str], order: str) -> list[str] | None:
     """Wang et al.'s roles of an IOI prompt: IO, S1, S1+1 (the token after S1), S2, END."""
-    text, spans = _format_spans(form, {"n0": names[0], "n1": names[1], "n2": names[2], **fill})
+    text, spans = format_spans(form, {"n0": names[0], "n1": names[1], "n2": names[2], **fill})
     first, second = ("IO", "S1") if order == "ABBA" else ("S1", "IO")
     roles = token_roles(model, text, [(*spans["n0"], first), (*spans["n1"], second),
                                       (*spans["n2"], "S2")])
@@ -219,23 +166,10 @@ def _greater_than_roles(model: HookedModel, noun: str, century: int, yy: int) ->
     """Hanna et al.'s roles: NOUN, the start year's century (XX1) and last digits (YY), END."""
     form = _GT_TEMPLATE.replace("{yy:02d}", "{yy}").replace("{century}", "{c1}", 1) \
         .replace("{century}", "{c2}", 1)
-    text, spans = _format_spans(form, {"noun": noun, "c1": str(century), "yy": f"{yy:02d}",
+    text, spans = format_spans(form, {"noun": noun, "c1": str(century), "yy": f"{yy:02d}",
                                        "c2": str(century)})
     return token_roles(model, text, [(*spans["noun"], "NOUN"), (*spans["c1"], "XX1"),
                                      (*spans["yy"], "YY")])
-
-
-def dataset_roles(dataset: Any) -> list[list[str] | None] | None:
-    """The per-pair position roles of a dataset (its ``roles`` list), or None.
-
-    One list per pair with one role per token of the clean prompt (``""`` for none; None for a
-    pair whose roles could not be placed). Results store them as
-    ``extra["position_roles"]``.
-    """
-    roles = getattr(dataset, "roles", None)
-    if isinstance(roles, list) and len(roles) == len(dataset):
-        return roles
-    return None
 
 
 class IOIDataset(PatchingDataset):
