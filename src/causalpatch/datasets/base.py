@@ -231,7 +231,7 @@ class PatchingDataset(SeedProtocol):
                                metric_kwargs or {}, name, model=model)
 
 
-# -- another library's dataset -> ours -------------------------------------------------------
+# -- another library's dataset -> ours --------------------------------------------------------
 def as_patching_dataset(obj: Any, model: HookedModel | None = None) -> Any:
     """``obj`` in the form every patching function accepts.
 
