@@ -256,4 +256,3 @@ def as_patching_dataset(obj: Any, model: HookedModel | None = None) -> Any:
     return PatchingDataset(lists["clean"], lists["corrupted"], lists["correct"],
                            lists["incorrect"], metric,
                            name=name if isinstance(name, str) else type(obj).__name__)
-

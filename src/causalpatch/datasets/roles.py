@@ -87,4 +87,3 @@ def dataset_roles(dataset: Any) -> list[list[str] | None] | None:
     if isinstance(roles, list) and len(roles) == len(dataset):
         return roles
     return None
-
