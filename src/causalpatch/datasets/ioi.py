@@ -73,7 +73,8 @@ def _ioi_template(template: str) -> str:
     """Rewrite an ABBA template's name slots as ``{n0} {n1} {n2}``; refuse malformed ones."""
     if not isinstance(template, str):
         raise InvalidTypeError(f"IOI templates must be strings, got {type(template).__name__}")
-    out, slots = [], []
+    out: list[str] = []
+    slots: list[str] = []
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
