@@ -134,8 +134,11 @@ class PatchingDataset(SeedProtocol):
             raise InvalidArgumentError(
                 f"dataset {self.name!r}: lists differ in length: clean {lengths[0]}, corrupted "
                 f"{lengths[1]}, correct {lengths[2]}, incorrect {lengths[3]}")
-        self.correct = [answer_token(model, a, "correct", i) for i, a in enumerate(self.correct)]
-        self.incorrect = [answer_token(model, a, "incorrect", i)
+        # an answer may be None (a dataset for answer-free metrics such as l2); the fields keep
+        # the seed protocol's list[int] for the datasets that have answers
+        self.correct = [answer_token(model, a, "correct", i)  # type: ignore[misc]
+                        for i, a in enumerate(self.correct)]
+        self.incorrect = [answer_token(model, a, "incorrect", i)  # type: ignore[misc]
                           for i, a in enumerate(self.incorrect)]
         if model is not None:
             self.check_lengths(model)
