@@ -87,7 +87,7 @@ def _ioi_template(template: str) -> str:
         if spec or conv:
             raise InvalidArgumentError(f"IOI template {template!r}: no format specs allowed")
         if fname in ("A", "B"):
-            out.append("{n%d}" % len(slots))
+            out.append("{n" + str(len(slots)) + "}")
             slots.append(fname)
         elif fname in _IOI_EXTRA_FIELDS:
             out.append("{" + fname + "}")
