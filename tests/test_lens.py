@@ -172,6 +172,21 @@ def test_lens_positions_count_from_the_end_and_match_the_full_lens(lm):
     assert lean.logits is None and torch.allclose(lean.entropy, full.entropy)
 
 
+def test_lens_blocks_and_chunks_change_nothing(lm, monkeypatch):
+    """Blocks of positions (keep_logits=False) and row chunks of the statistics give the same
+    numbers as one pass."""
+    import causalpatch.methods.lens as lens_module
+
+    whole = logit_lens(lm, PROMPT, answer=" Mary")
+    monkeypatch.setattr(lens_module, "LENS_BLOCK_CELLS", 2 * lm.n_layers)  # 2 positions a block
+    monkeypatch.setattr(lens_module, "STATS_CHUNK_BYTES", 4 * lm.vocab_size * 3)  # 3 rows
+    parts = logit_lens(lm, PROMPT, answer=" Mary", keep_logits=False)
+    for name in ("top_probs", "entropy", "kl", "answer_prob", "answer_logit"):
+        assert torch.allclose(getattr(parts, name), getattr(whole, name), atol=1e-6), name
+    assert torch.equal(parts.top_ids, whole.top_ids)
+    assert torch.equal(parts.answer_rank, whole.answer_rank)
+
+
 # -- direct logit attribution ------------------------------------------------------------------
 @pytest.mark.parametrize("unit", UNITS)
 def test_dla_parts_sum_to_the_models_logit_difference(lm, tiny_family, unit):
