@@ -14,12 +14,21 @@ import matplotlib
 import pytest
 import torch
 import transformers
-
-from causalpatch import (DLAResult, InterpretableModel, LensResult, direct_logit_attribution,
-                         logit_lens)
-from causalpatch.errors import (CorruptResultError, InvalidArgumentError, InvalidTypeError,
-                                OutOfRangeError)
 from conftest import REFERENCE, TextPairs, capture_modules, tiny_tokenizer
+
+from causalpatch import (
+    DLAResult,
+    InterpretableModel,
+    LensResult,
+    direct_logit_attribution,
+    logit_lens,
+)
+from causalpatch.errors import (
+    CorruptResultError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    OutOfRangeError,
+)
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -454,6 +463,13 @@ def test_lens_result_exports(make_tiny_lm, tmp_path):
     assert LensResult.from_json(tmp_path / "lens.json").positions == lens.positions
     assert "<table>" in lens._repr_html_() and "Mary" in lens.to_html()
     assert "layer" in lens.summary() and "rank=" in lens.summary()
+    with_embed = logit_lens(lm, PROMPT, include_embed=True)
+    assert [t for t, _ in with_embed.cell("embed", 0)] == with_embed.top_tokens[0][0]
+    assert with_embed.cell(-1)[0][0] == with_embed.cell(lm.n_layers - 1)[0][0]
+    with pytest.raises(OutOfRangeError, match="layer axis"):
+        lens.cell(lm.n_layers)
+    with pytest.raises(OutOfRangeError, match="position axis"):
+        lens.cell(0, N_TOKENS)
     with pytest.raises(InvalidArgumentError, match="stat must be one of"):
         lens.plot("probability")
     with pytest.raises(CorruptResultError):

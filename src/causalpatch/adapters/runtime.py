@@ -485,7 +485,8 @@ class Runtime:
         _check_loaded(weight, path)
         if isinstance(module, nn.Linear):
             w = module.weight.detach().T
-        elif hasattr(module, "nf") and weight.dim() == 2 and weight.shape[1] == module.nf:
+        elif (isinstance(weight, torch.Tensor) and hasattr(module, "nf") and weight.dim() == 2
+              and weight.shape[1] == module.nf):
             w = weight.detach()  # GPT-2's Conv1D: x @ weight + bias
         else:
             raise UnsupportedArchitectureError(

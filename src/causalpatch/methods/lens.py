@@ -41,9 +41,8 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,8 +50,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._io import atomic_write_text
-from ..errors import (CorruptResultError, InvalidArgumentError, InvalidTypeError,
-                      OutOfRangeError)
+from ..errors import (
+    CorruptResultError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    OutOfRangeError,
+)
 from ..hooks import Hook, hooked
 from ..tokens import Batch, make_batch, token_lists
 
@@ -146,7 +149,6 @@ def _read(model: HookedModel, batch: Batch, names: Sequence[str], rows: torch.Te
             if act.shape[0] != batch.input_ids.shape[0]:  # broadcast rows (position embeddings)
                 act = act.expand(batch.input_ids.shape[0], *act.shape[1:])
             got[name] = act[rows.to(act.device), cols.to(act.device)]
-            return None
 
         return read
 
@@ -280,15 +282,14 @@ class LensResult:
                 for r in range(self.k)]
 
     def _layer_index(self, layer: Any) -> int:
-        if layer in self.layers and not isinstance(layer, bool):
-            if isinstance(layer, int) and layer < 0:
-                pass
-            else:
-                return self.layers.index(layer)
-        if isinstance(layer, int) and not isinstance(layer, bool):
+        """Index on the layer axis of a layer label; a negative int counts layers from the
+        last (``-1`` is the last layer)."""
+        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
             numeric = [x for x in self.layers if isinstance(x, int)]
-            if -len(numeric) <= layer < 0:
+            if -len(numeric) <= layer:
                 return self.layers.index(numeric[layer])
+        elif not isinstance(layer, bool) and layer in self.layers:
+            return self.layers.index(layer)
         raise OutOfRangeError(f"layer {layer!r} is not on the lens's layer axis {self.layers}")
 
     def _position_index(self, position: int) -> int:
@@ -343,10 +344,13 @@ class LensResult:
             def t(key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
                 return None if d.get(key) is None else torch.tensor(d[key], dtype=dtype)
 
+            def req(key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                return torch.tensor(d[key], dtype=dtype)
+
             out = cls(prompt=d["prompt"], tokens=list(d["tokens"]),
                       positions=list(d["positions"]), layers=list(d["layers"]),
-                      top_ids=t("top_ids", torch.long), top_probs=t("top_probs"),
-                      top_tokens=d["top_tokens"], entropy=t("entropy"), kl=t("kl"),
+                      top_ids=req("top_ids", torch.long), top_probs=req("top_probs"),
+                      top_tokens=d["top_tokens"], entropy=req("entropy"), kl=req("kl"),
                       answer=d.get("answer"), answer_text=d.get("answer_text"),
                       answer_prob=t("answer_prob"), answer_logit=t("answer_logit"),
                       answer_rank=t("answer_rank", torch.long),
@@ -770,11 +774,12 @@ def _data(model: HookedModel, data: Any, correct: Any, incorrect: Any
             if incorrect is None:
                 incorrect = list(getattr(data, "incorrect", []) or []) or None
         rows = token_lists(model, prompts, "data.clean")
-        texts = list(prompts) if all(isinstance(p, str) for p in prompts) else None
+        texts: list[str] | None = (list(prompts) if all(isinstance(p, str) for p in prompts)
+                                   else None)
         return rows, texts, correct, incorrect
     rows = token_lists(model, data, "data")
     if isinstance(data, str):
-        texts: list[str] | None = [data]
+        texts = [data]
     elif isinstance(data, (list, tuple)) and data and all(isinstance(p, str) for p in data):
         texts = list(data)
     else:

@@ -104,10 +104,9 @@ def plot_dla(result: Any, ax: Any = None, title: str | None = None, k: int = 20)
     """Bars per layer (attn and MLP side by side for ``unit="component"``), a layer x head
     heatmap (``"head"``), or the ``k`` largest parts (``"neuron"``). Returns the ``Figure``."""
     import numpy as np
-
-    from .figure import ResultFigure
     from matplotlib import colormaps
 
+    from .figure import ResultFigure
     from .plots import CMAP, symmetric_limit
 
     heading = _dla_heading(result) if title is None else title
