@@ -29,6 +29,12 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def shown_token(token: str) -> str:
+    """A token as a cell shows it: without its surrounding spaces, or quoted when it is only
+    whitespace (``' '``, ``'\\n'``), so that no cell looks empty."""
+    return token.strip() or repr(token)
+
+
 def _lens_values(result: Any, stat: str) -> Any:
     """The ``[layers, positions]`` numpy array of ``stat``."""
     if stat == "top":
@@ -79,7 +85,7 @@ def plot_lens(result: Any, stat: str = "top", ax: Any = None, title: str | None 
     if stat == "top" and n_layers * n_pos <= MAX_ANNOTATED_CELLS:
         for i in range(n_layers):
             for j in range(n_pos):
-                text = result.top_tokens[i][j][0].replace("\n", "\\n")[:8]
+                text = shown_token(result.top_tokens[i][j][0])[:8]
                 ax.text(j, i, text, ha="center", va="center", fontsize=max(4.0, fs - 2.5),
                         color="white" if values[i, j] > 0.6 else "black")
     answer = repr(result.answer_text) if getattr(result, "answer_text", None) else "the answer"
@@ -127,7 +133,8 @@ def plot_dla(result: Any, ax: Any = None, title: str | None = None, k: int = 20)
         ax.set_xticklabels(cols, fontsize=fs)
         ax.tick_params(axis="y", labelsize=fs)
         bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
-        bar.set_label("direct effect on the logit difference", fontsize=fs)
+        target = "logit difference" if result.metric == "logit_diff" else "logit"
+        bar.set_label(f"direct effect on the {target}", fontsize=fs)
         bar.ax.tick_params(labelsize=fs)
     elif result.unit in ("component", "layer"):
         mat, cols = result.matrix()
@@ -200,7 +207,7 @@ def lens_html(result: Any, page: bool = True) -> str:
             shade = f"rgba(33,102,172,{0.08 + 0.8 * prob:.2f})"
             colour = "#fff" if prob > 0.6 else "#000"
             cells.append(f"<td title='{_esc(tip)}' style='background:{shade};color:{colour}'>"
-                         f"{_esc(result.top_tokens[i][j][0])}</td>")
+                         f"{_esc(shown_token(result.top_tokens[i][j][0]))}</td>")
         body.append(f"<tr><th>{_esc(result.layers[i])}</th>{''.join(cells)}</tr>")
     note = ""
     if has_answer:
@@ -240,4 +247,4 @@ def dla_html(result: Any, page: bool = True, k: int = 25) -> str:
     return _page("Direct logit attribution", content) if page else _CSS + content
 
 
-__all__ = ["dla_html", "lens_html", "plot_dla", "plot_lens"]
+__all__ = ["dla_html", "lens_html", "plot_dla", "plot_lens", "shown_token"]
