@@ -410,6 +410,8 @@ BAD = [
     ("lens-k", lambda m: logit_lens(m, PROMPT, k=0), InvalidArgumentError, "k must be"),
     ("lens-positions-type", lambda m: logit_lens(m, PROMPT, positions=3), InvalidTypeError,
      "positions must be"),
+    ("lens-positions-empty", lambda m: logit_lens(m, PROMPT, positions=[]),
+     InvalidArgumentError, "positions is empty"),
     ("dla-position", lambda m: direct_logit_attribution(m, PROMPT, position=11, **IOI),
      OutOfRangeError, "position=11 is beyond prompt 0"),
     ("dla-multi-token-correct", lambda m: direct_logit_attribution(

@@ -448,9 +448,11 @@ def logit_lens(model: HookedModel, prompts: Any, *, answer: Any = None,
         raise InvalidTypeError("include_embed and keep_logits must be True or False")
     answers = _answers(model, answer, n, "answer")
     if positions is not None:
-        if isinstance(positions, (int, str)) or not isinstance(positions, Sequence) \
-                or not positions:
-            raise InvalidTypeError(f"positions must be a non-empty list of ints, got {positions!r}")
+        if isinstance(positions, (int, str)) or not isinstance(positions, Sequence):
+            raise InvalidTypeError(f"positions must be a list of ints, got {positions!r}")
+        if not positions:
+            raise InvalidArgumentError("positions is empty: give at least one position, or "
+                                       "None for every position")
         per_row = [sorted({_position(p, len(r), "positions", i) for p in positions})
                    for i, r in enumerate(token_rows)]
     else:
@@ -652,8 +654,10 @@ class DLAResult:
         return out, cols
 
     def summary(self, k: int = 10) -> str:
-        what = (f"logit({self.correct_text[0]!r}) - logit({self.incorrect_text[0]!r})"
-                if self.incorrect_text else f"logit({self.correct_text[0]!r})")
+        """What is attributed, the closure check, and the ``k`` largest parts."""
+        from ..render.lens import dla_target
+
+        what = dla_target(self)
         cap = " (pre-cap)" if self.softcap else ""
         lines = [f"direct logit attribution ({self.unit}) of {what}{cap} = "
                  f"{self.logit_diff:.4f} over {len(self.prompts)} prompt(s); parts sum to "

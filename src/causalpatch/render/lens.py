@@ -98,12 +98,24 @@ def plot_lens(result: Any, stat: str = "top", ax: Any = None, title: str | None 
     return fig
 
 
+def dla_target(result: Any) -> str:
+    """``logit(' Mary') − logit(' John')``, or ``logit(correct) − logit(incorrect)`` when the
+    prompts have different answers."""
+    same = len(set(result.correct_text)) == 1 and (
+        not result.incorrect_text or len(set(result.incorrect_text)) == 1)
+    good = repr(result.correct_text[0]) if same else "correct"
+    if not result.incorrect_text:
+        return f"logit({good})"
+    bad = repr(result.incorrect_text[0]) if same else "incorrect"
+    return f"logit({good}) − logit({bad})"
+
+
 def _dla_heading(result: Any) -> str:
-    what = (f"logit({result.correct_text[0]!r}) − logit({result.incorrect_text[0]!r})"
-            if result.incorrect_text else f"logit({result.correct_text[0]!r})")
     cap = " pre-cap" if result.softcap else ""
-    return (f"Direct logit attribution ({result.unit}): {result.model_name}\n{what}{cap} = "
-            f"{result.logit_diff:.3f}, {len(result.prompts)} prompt(s)")
+    n = len(result.prompts)
+    over = "1 prompt" if n == 1 else f"mean over {n} prompts"
+    return (f"Direct logit attribution ({result.unit}): {result.model_name}\n"
+            f"{dla_target(result)}{cap} = {result.logit_diff:.3f}, {over}")
 
 
 def plot_dla(result: Any, ax: Any = None, title: str | None = None, k: int = 20) -> Any:
@@ -247,4 +259,4 @@ def dla_html(result: Any, page: bool = True, k: int = 25) -> str:
     return _page("Direct logit attribution", content) if page else _CSS + content
 
 
-__all__ = ["dla_html", "lens_html", "plot_dla", "plot_lens", "shown_token"]
+__all__ = ["dla_html", "dla_target", "lens_html", "plot_dla", "plot_lens", "shown_token"]
