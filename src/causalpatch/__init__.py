@@ -33,6 +33,10 @@ _EXPORTS: dict[str, str] = {
     "path_patching": "methods.path_patching",
     "sae_attribution": "methods.sae_patching",
     "sae_patching": "methods.sae_patching",
+    "DLAResult": "methods.lens",
+    "LensResult": "methods.lens",
+    "direct_logit_attribution": "methods.lens",
+    "logit_lens": "methods.lens",
     "MetricInputs": "metrics",
     "get_metric": "metrics",
     "register_metric": "metrics",
@@ -75,6 +79,10 @@ __all__ = [
     "sae_attribution",
     "sae_patching",
     "save_sae",
+    "DLAResult",
+    "LensResult",
+    "direct_logit_attribution",
+    "logit_lens",
 ]
 __version__ = "0.1.0"
 
@@ -104,6 +112,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .methods.activation_patching import CausalTrace, activation_patching
     from .methods.attribution import attribution_patching
     from .methods.causal_tracing import causal_tracing, causal_tracing_dataset
+    from .methods.lens import DLAResult, LensResult, direct_logit_attribution, logit_lens
     from .methods.path_patching import path_patching
     from .methods.sae_patching import sae_attribution, sae_patching
     from .metrics import MetricInputs, get_metric, register_metric

@@ -193,6 +193,15 @@ class Adapter:
         dims: reads :class:`ModelDims` from a config.
         logit_softcap_attr: config attribute holding a final logit soft-cap, if any.
         unsupported: site name -> reason it is not defined for a given config.
+        norm: how the final norm (and any post-block norm) computes, for the linear readout
+            of the logit lens and direct logit attribution: ``"rms"`` (``x / rms(x) * w``),
+            ``"rms_offset"`` (Gemma: ``x / rms(x) * (1 + w)``) or ``"layer"`` (LayerNorm:
+            ``(x - mean) / std * w + b``). Checked against the module on every use.
+        pos_embed: path of a learned absolute position embedding added to the token
+            embedding before the first layer (GPT-2's ``wpe``), or ``None``.
+        post_norm_inputs: block (``"attn"``/``"mlp"``) -> the site kind its post-block norm
+            normalises, for families whose residual write is a norm of the block output
+            (Gemma 2/3: ``attn`` is ``post_attention_layernorm(attn.raw)``).
     """
 
     name: str
@@ -205,3 +214,6 @@ class Adapter:
     dims: Callable[[Any], ModelDims] = default_dims
     logit_softcap_attr: str | None = None
     unsupported: Callable[[Any], dict[str, str]] = lambda config: {}
+    norm: Literal["rms", "rms_offset", "layer"] = "rms"
+    pos_embed: str | None = None
+    post_norm_inputs: dict[str, str] = field(default_factory=dict)

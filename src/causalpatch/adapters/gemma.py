@@ -46,6 +46,8 @@ ADAPTER = Adapter(
     embed="model.embed_tokens",
     sites=GEMMA_SITES,
     logit_softcap_attr="final_logit_softcapping",
+    norm="rms_offset",
+    post_norm_inputs={"attn": "attn.raw", "mlp": "mlp.raw"},
 )
 
 #: Gemma 1: the LLaMA layout (no sandwich norms, no soft-cap).
@@ -57,4 +59,5 @@ GEMMA1 = Adapter(
     unembed="lm_head",
     embed="model.embed_tokens",
     sites=LLAMA_SITES,
+    norm="rms_offset",
 )

@@ -26,4 +26,6 @@ ADAPTER = Adapter(
     unembed="lm_head",
     embed="transformer.wte",
     sites=GPT2_SITES,
+    norm="layer",
+    pos_embed="transformer.wpe",
 )

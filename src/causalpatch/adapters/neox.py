@@ -40,4 +40,5 @@ ADAPTER = Adapter(
     embed="gpt_neox.embed_in",
     sites=NEOX_SITES,
     unsupported=_unsupported,
+    norm="layer",
 )

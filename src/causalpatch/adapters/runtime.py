@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import InvalidArgumentError, UnsupportedArchitectureError
 from .base import Adapter
 
 #: Keyword names under which Hugging Face passes a cache to a model or a layer.
@@ -391,6 +392,170 @@ class Runtime:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits if cols is None else logits[..., cols]
+
+    # -- the linear readout: logit lens and direct logit attribution --------------------------
+    # Everything a method needs to project residual-stream writes onto the logits: the final
+    # norm with its statistics frozen, the rows of the unembedding, each block's output
+    # projection and, where a family normalises a block's output before the residual add
+    # (Gemma 2/3), that post-block norm. Weights are returned as views, never copied.
+    def final_softcap(self, config: Any) -> float | None:
+        """The final logit soft-cap of this model (``tanh(logits / cap) * cap``), or ``None``."""
+        attr = self.adapter.logit_softcap_attr
+        cap = getattr(config, attr, None) if attr else None
+        return float(cap) if cap else None
+
+    def freeze_norm(self, path: str, x: torch.Tensor, dtype: torch.dtype = torch.float64
+                    ) -> FrozenNorm:
+        """The norm module at ``path`` with its statistics frozen at ``x`` ``[..., d_model]``
+        (see :class:`FrozenNorm`), computed in ``dtype`` and checked against the module's own
+        output on ``x``.
+
+        Raises:
+            UnsupportedArchitectureError: the module does not compute as the adapter's
+                ``norm`` declares (the frozen map would not reproduce it).
+        """
+        module = self.hf_model.get_submodule(path)
+        kind = self.adapter.norm
+        weight = getattr(module, "weight", None)
+        _check_loaded(weight, path)
+        xs = x.detach().to(dtype)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None or kind not in ("rms", "rms_offset", "layer"):
+            raise UnsupportedArchitectureError(
+                f"cannot read the norm at {path!r} ({type(module).__name__}) as a "
+                f"{kind!r} norm: it has no eps attribute or the kind is unknown")
+        ones = torch.ones(x.shape[-1], dtype=dtype, device=x.device)
+        gain = ones if weight is None else weight.detach().to(device=x.device, dtype=dtype)
+        bias = None
+        if kind == "layer":
+            centred = xs - xs.mean(-1, keepdim=True)
+            scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+            b = getattr(module, "bias", None)
+            bias = None if b is None else b.detach().to(device=x.device, dtype=dtype)
+        else:
+            scale = torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps)
+            if kind == "rms_offset":
+                gain = gain + 1.0
+        frozen = FrozenNorm(scale, gain, bias, kind == "layer")
+        with torch.no_grad():
+            actual = module(x.detach()).to(dtype)
+        err = (frozen(xs) - actual).abs().max().item() if x.numel() else 0.0
+        if not err <= 1e-4 * (1.0 + actual.abs().max().item()):
+            raise UnsupportedArchitectureError(
+                f"the norm at {path!r} ({type(module).__name__}) does not compute as this "
+                f"adapter's norm={kind!r} declares (max difference {err:.3g}); the linear "
+                "readout (logit lens / direct logit attribution) cannot be frozen exactly. Fix "
+                "the adapter's `norm` field")
+        return frozen
+
+    def freeze_final_norm(self, x: torch.Tensor, dtype: torch.dtype = torch.float64
+                          ) -> FrozenNorm:
+        """The final norm frozen at its input ``x`` (the last layer's ``resid_post``)."""
+        return self.freeze_norm(self.adapter.final_norm, x, dtype)
+
+    def post_norm_input(self, block: str) -> str | None:
+        """The site kind whose value block ``"attn"``/``"mlp"``'s post-block norm normalises
+        into the residual write (Gemma 2/3: ``"attn.raw"``), or ``None`` when the block's
+        projection output is added to the residual stream as it is."""
+        return self.adapter.post_norm_inputs.get(block)
+
+    def freeze_post_norm(self, index: int, block: str, raw: torch.Tensor,
+                         dtype: torch.dtype = torch.float64) -> FrozenNorm:
+        """Layer ``index``'s post-block norm of ``block`` frozen at the block's raw output
+        ``raw`` (the value of :meth:`post_norm_input`'s site)."""
+        if self.post_norm_input(block) is None:
+            raise InvalidArgumentError(f"the {self.adapter.name} {block} block has no post-norm")
+        path = f"{self.layer_paths[index]}.{self.adapter.sites[block].module}"
+        return self.freeze_norm(path, raw, dtype)
+
+    def output_projection(self, index: int, block: str
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``index``'s output projection of ``block`` as ``(W [d_in, d_model], bias
+        [d_model] or None)``, so that the projection's output is ``x @ W + bias`` for its input
+        ``x``: the flattened ``attn.z`` (``d_in = n_heads * d_head``, head ``h`` owning rows
+        ``h * d_head ... (h + 1) * d_head``) or ``mlp.post`` (``d_in = d_mlp``). The block's
+        residual write is that output (after the post-block norm where there is one)."""
+        kinds = {"attn": "attn.z", "mlp": "mlp.post"}
+        if block not in kinds:
+            raise InvalidArgumentError(f"block must be 'attn' or 'mlp', got {block!r}")
+        spec = self.adapter.sites[kinds[block]]
+        path = f"{self.layer_paths[index]}.{spec.module}"
+        module = self.hf_model.get_submodule(path)
+        weight = getattr(module, "weight", None)
+        _check_loaded(weight, path)
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach().T
+        elif (isinstance(weight, torch.Tensor) and hasattr(module, "nf") and weight.dim() == 2
+              and weight.shape[1] == module.nf):
+            w = weight.detach()  # GPT-2's Conv1D: x @ weight + bias
+        else:
+            raise UnsupportedArchitectureError(
+                f"the output projection at {path!r} ({type(module).__name__}) is neither a "
+                "Linear nor a Conv1D; per-head/per-neuron attribution cannot read its weights")
+        bias = getattr(module, "bias", None)
+        return w, None if bias is None else bias.detach()
+
+    def unembed_rows(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unembedding rows of ``tokens``: ``(W [k, d_model], bias [k] or None)``, so that
+        the pre-cap logit of token ``tokens[j]`` is ``ln_final(x) @ W[j] + bias[j]``."""
+        path = self.adapter.unembed
+        head = self.hf_model.get_submodule(path)
+        _check_loaded(getattr(head, "weight", None), path)
+        if not isinstance(head, nn.Linear):
+            raise UnsupportedArchitectureError(
+                f"the output projection at {path!r} ({type(head).__name__}) is not a Linear")
+        index = torch.tensor(list(tokens), dtype=torch.long, device=head.weight.device)
+        rows = head.weight.detach().index_select(0, index)
+        bias = None if head.bias is None else head.bias.detach().index_select(0, index)
+        return rows, bias
+
+    def pos_embed_path(self) -> str | None:
+        """Path of the learned absolute position embedding (GPT-2), or ``None``."""
+        return self.adapter.pos_embed
+
+
+@dataclass
+class FrozenNorm:
+    """A normalisation with its per-vector statistics frozen at one input ``x``: the affine map
+    ``part -> centre(part) * scale * gain`` (linear), plus ``bias`` once. On ``x`` itself it
+    gives the module's output, and since it is linear the frozen images of parts that sum to
+    ``x`` sum to the module's output minus ``bias``: the exact decomposition behind direct logit
+    attribution.
+
+    Attributes:
+        scale: ``[..., 1]`` ``1 / rms(x)`` (RMSNorm) or ``1 / std(x)`` (LayerNorm), per vector.
+        gain: ``[d]`` the elementwise gain (``w``, or ``1 + w`` for Gemma).
+        bias: ``[d]`` LayerNorm's bias, or ``None``.
+        centred: LayerNorm: each part is centred (its mean over ``d`` removed) first.
+    """
+
+    scale: torch.Tensor
+    gain: torch.Tensor
+    bias: torch.Tensor | None
+    centred: bool
+
+    def linear(self, part: torch.Tensor) -> torch.Tensor:
+        """The frozen linear map of ``part`` ``[..., d]`` (no bias)."""
+        if self.centred:
+            part = part - part.mean(-1, keepdim=True)
+        return part * self.scale * self.gain
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if self.bias is None else out + self.bias
+
+    def pullback(self, u: torch.Tensor) -> torch.Tensor:
+        """The vector ``v`` with ``linear(part) . u == part . v`` for every ``part`` (the
+        adjoint: a readout direction ``u`` after the norm as a direction before it)."""
+        v = u * self.scale * self.gain
+        return v - v.mean(-1, keepdim=True) if self.centred else v
+
+
+def _check_loaded(weight: Any, path: str) -> None:
+    if isinstance(weight, torch.Tensor) and weight.device.type == "meta":
+        raise InvalidArgumentError(
+            f"the weights of {path!r} are offloaded (meta tensors outside the forward pass); "
+            "the linear readout needs them in memory: load the model without disk offload")
 
 
 def stack_paths(runtime: Runtime) -> Sequence[str]:

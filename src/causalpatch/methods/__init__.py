@@ -8,6 +8,13 @@
   direct path into receivers.
 * :mod:`.causal_tracing` — ROME causal tracing (Meng et al., 2022): noise the subject, restore
   one state per layer x position.
+* :mod:`.lens` — the logit lens (every layer x position through the final norm and the
+  unembedding) and direct logit attribution (each residual write's exact share of the logit
+  difference).
 
 Methods never import each other; what two methods share lives lower in the pipeline.
 """
+
+from .lens import DLAResult, LensResult, direct_logit_attribution, logit_lens
+
+__all__ = ["DLAResult", "LensResult", "direct_logit_attribution", "logit_lens"]
