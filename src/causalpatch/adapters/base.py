@@ -16,7 +16,7 @@ architecture and need no entry.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # annotations only: listing the adapters (`causalpatch models`) needs no torch

@@ -209,7 +209,7 @@ def _save(result: Any, path: str | os.PathLike[str], format: str | None, **plot_
     return path
 
 
-# -- logit lens -------------------------------------------------------------------------------------
+# -- logit lens --------------------------------------------------------------------------------
 @dataclass(eq=False)
 class LensResult:
     """The logit lens of one prompt: every layer x position read out through the final norm
@@ -555,7 +555,7 @@ def _cell_stats(logits: torch.Tensor, answer: int | None, k: int) -> dict[str, t
     return out
 
 
-# -- direct logit attribution -----------------------------------------------------------------------
+# -- direct logit attribution ------------------------------------------------------------------
 @dataclass(eq=False)
 class DLAResult:
     """Direct logit attribution: each residual-stream write's share of the logit difference.

@@ -99,7 +99,7 @@ def plot_lens(result: Any, stat: str = "top", ax: Any = None, title: str | None 
 
 
 def dla_target(result: Any) -> str:
-    """``logit(' Mary') − logit(' John')``, or ``logit(correct) − logit(incorrect)`` when the
+    """``logit(' Mary') - logit(' John')``, or ``logit(correct) - logit(incorrect)`` when the
     prompts have different answers."""
     same = len(set(result.correct_text)) == 1 and (
         not result.incorrect_text or len(set(result.incorrect_text)) == 1)
@@ -107,7 +107,7 @@ def dla_target(result: Any) -> str:
     if not result.incorrect_text:
         return f"logit({good})"
     bad = repr(result.incorrect_text[0]) if same else "incorrect"
-    return f"logit({good}) − logit({bad})"
+    return f"logit({good}) - logit({bad})"
 
 
 def _dla_heading(result: Any) -> str:
