@@ -210,7 +210,6 @@ def _reference_patches(bound: BoundSAE, pf: _PairFeatures,
     return out
 
 
-
 class _FeaturePatches:
     """The :data:`~causalpatch.assemble.PatchMaker` of a feature sweep: ``(pair index, its
     runs, cells) -> one patch per cell``, made from the runs' activations at the SAE's site.
@@ -355,8 +354,9 @@ def _attribution_values(model: HookedModel, setup: _Setup, cells: Sequence[tuple
     batches of pairs evaluated by ``options.run`` (here or on an executor, checkpointed when
     ``options.checkpoint``), as raw values ``patched ~= base + estimate``: cells laid out as
     :func:`_estimates` returns them."""
-    bound, prep, groups_of = setup.bound, setup.prep, setup.groups_of
-    pairs, m = prep.pairs, prep.metric
+    # the factory travels to executor workers: it captures plain values, never the dataset
+    bound, groups_of = setup.bound, setup.groups_of
+    pairs, m, denoise = setup.prep.pairs, setup.prep.metric, setup.prep.denoise
     cells = list(cells)
     n_cells = len(groups_of[0]) * (len(cells) + len(ESTIMATE_REFERENCES))
     per_batch = options.batch_size or DEFAULT_PAIRS_PER_BATCH
@@ -368,7 +368,7 @@ def _attribution_values(model: HookedModel, setup: _Setup, cells: Sequence[tuple
         def evaluate(group: list[int], todo: list[int], tick: Callable[[int], None] | None
                      ) -> GroupValues:
             chunk = [pairs[i] for i in group]
-            runs = [p.runs(prep.denoise) for p in chunk]
+            runs = [p.runs(denoise) for p in chunk]
             base_ids = torch.tensor([b for b, _ in runs], device=model.device)
             src_ids = torch.tensor([s for _, s in runs], device=model.device)
 
@@ -582,11 +582,15 @@ def sae_patching(
     cells = [_Cell(c, g) for g in range(n_groups) for c in cells_f]
     n_refs = len(REFERENCES) * n_groups if references else 0
 
+    # the factory travels to executor workers: it captures plain values
+    pairs, direction, groups_of = prep.pairs, prep.direction, setup.groups_of
+    rows_per_pass, memory = options.batch_size, options.memory_mb
+
     def build(model: HookedModel, stats: dict[str, Any]) -> Any:
         """The evaluator next to ``model`` (the driver's, or a worker's copy)."""
-        maker = _FeaturePatches(bound, cells, setup.groups_of, references, stats)
-        return pair_evaluator(model, prep.pairs, maker, m, prep.direction, engine_,
-                              options.batch_size, options.memory_mb, stats, [bound.site])
+        maker = _FeaturePatches(bound, cells, groups_of, references, stats)
+        return pair_evaluator(model, pairs, maker, m, direction, engine_, rows_per_pass, memory,
+                              stats, [bound.site])
 
     groups, grouping = length_groups(prep.pairs, engine_)
     extra["pair_groups"] = grouping
