@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import causalpatch.cli as cli
 import causalpatch.interventions as iv
 from causalpatch import (ablate, activation_patching, attribution_patching, sae_attribution,
                          sae_patching)
-from causalpatch.errors import (InvalidArgumentError, NonFiniteError, OutOfRangeError,
-                                ShapeMismatchError, UnknownComponentError)
+from causalpatch.errors import (CheckpointMismatchError, InvalidArgumentError, NonFiniteError,
+                                OutOfRangeError, ShapeMismatchError, UnknownComponentError)
 from causalpatch.plan import SitePatch
 from causalpatch.sae import (SAEFormatError, SAEModelMismatchWarning, SAENotFoundError,
                              SparseAutoencoder, edit_features, hook_name_for_site, load_sae,
@@ -839,3 +840,398 @@ def test_real_model_fast_equals_naive_on_an_ioi_pair(smollm2, shipped, one_threa
     assert ref["site"][0] == pytest.approx(
         float(activation_patching(smollm2, CLEAN, CORRUPTED, component="blocks.20.resid_post",
                                   positions=[9], **ANSWERS).effect_matrix[0]), abs=1e-3)
+
+
+# -- on the shared core: independent checks on three families -----------------------------------
+#: grouped-query attention (LLaMA), GPT-2, Gemma 3 (sliding windows, soft-capping)
+CORE_FAMILIES = ["llama", "gpt2", "gemma3_text"]
+SITE = "blocks.1.resid_post"
+LAST3 = [-3, -2, -1]  # positions that reach the last one through Gemma 3's window of 4
+
+
+@pytest.fixture(scope="module", params=CORE_FAMILIES)
+def family_lm(request, make_tiny_lm):
+    return request.param, make_tiny_lm(request.param)
+
+
+def moving_answers(model: Any) -> tuple[int, int]:
+    """The tokens whose logits the corruption moves most, up and down: a well-conditioned gap
+    (effects are then far above float32 rounding)."""
+    diff = (model.trace(CLEAN).run().logits[0, -1]
+            - model.trace(CORRUPTED).run().logits[0, -1])
+    return int(diff.argmax()), int(diff.argmin())
+
+
+class HandPatching:
+    """SAE feature patching written out: ``model.trace`` replacing the site's activation of the
+    base (corrupted) run with ``x_base + (decode(f') - decode(f_base))``, the logit difference
+    read off the logits by hand, normalised by the plain runs' gap."""
+
+    def __init__(self, model: Any, sae: Any, correct: int, incorrect: int) -> None:
+        self.model, self.sae, self.correct, self.incorrect = model, sae, correct, incorrect
+        x = model.trace([CLEAN, CORRUPTED], cache=[SITE]).run().cache[SITE]
+        self.x_src, self.x_base = x[0], x[1]
+        with torch.no_grad():
+            self.f_src, self.f_base = sae.encode(self.x_src), sae.encode(self.x_base)
+            self.r_src, self.r_base = sae.decode(self.f_src), sae.decode(self.f_base)
+        self.n = self.x_base.shape[0]
+        self.m_base = self.metric(model.trace(CORRUPTED).run().logits)
+        self.m_src = self.metric(model.trace(CLEAN).run().logits)
+
+    def metric(self, logits: torch.Tensor) -> float:
+        return float(logits[0, -1, self.correct] - logits[0, -1, self.incorrect])
+
+    def effect(self, act: torch.Tensor) -> float:
+        logits = self.model.trace(CORRUPTED, interventions={
+            SITE: iv.replace_with(act[None])}).run().logits
+        return (self.metric(logits) - self.m_base) / (self.m_src - self.m_base)
+
+    def positions(self, positions: list[int] | None) -> list[int]:
+        return list(range(self.n)) if positions is None else [p % self.n for p in positions]
+
+    def features(self, feats: list[int], positions: list[int] | None = None) -> float:
+        pos = torch.tensor(self.positions(positions))
+        f = self.f_base.clone()
+        f[pos[:, None], torch.tensor(feats)[None, :]] = self.f_src[pos[:, None],
+                                                                   torch.tensor(feats)[None, :]]
+        act = self.x_base.clone()
+        with torch.no_grad():
+            act[pos] = self.x_base[pos] + (self.sae.decode(f[pos]) - self.r_base[pos])
+        return self.effect(act)
+
+    def references(self, positions: list[int] | None = None) -> dict[str, float]:
+        pos = torch.tensor(self.positions(positions))
+        xb, xs, rb, rs = self.x_base, self.x_src, self.r_base, self.r_src
+        acts = {name: self.x_base.clone() for name in ("site", "all_features", "error")}
+        acts["site"][pos] = xs[pos]
+        acts["all_features"][pos] = xb[pos] + (rs[pos] - rb[pos])
+        acts["error"][pos] = xb[pos] + ((xs[pos] - rs[pos]) - (xb[pos] - rb[pos]))
+        return {name: self.effect(act) for name, act in acts.items()}
+
+    def live(self, positions: list[int] | None = None) -> list[int]:
+        """Features whose value differs between the runs at ``positions`` (not no-ops)."""
+        pos = self.positions(positions)
+        return (self.f_src[pos] != self.f_base[pos]).any(0).nonzero().flatten().tolist()
+
+
+def hand_attribution(model: Any, family: str, sae: Any, correct: int, incorrect: int
+                     ) -> dict[str, torch.Tensor]:
+    """First-order SAE attribution by plain autograd: a forward hook on the Hugging Face decoder
+    layer (the module path written out in ``conftest.REFERENCE``) splices ``x + d_x +
+    decode(f + d_f) - decode(f)`` into the base run; ``d metric / d d_f`` and ``/ d d_x``.
+
+    Returns ``features [T, d_sae]``, ``site [T]``, ``error [T]`` (raw metric units) and the
+    plain runs' metric ``base`` / ``source``."""
+    from conftest import REFERENCE
+
+    path, where = REFERENCE[family].sites["resid_post"]
+    assert where == "out"
+    layer = model.hf_model.get_submodule(path.format(L=1))
+    ids = {text: model.to_tokens(text) for text in (CLEAN, CORRUPTED)}
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module: Any, args: Any, out: Any) -> None:
+        seen["x"] = (out[0] if isinstance(out, tuple) else out)[0].detach().clone()
+
+    def splice(module: Any, args: Any, out: Any) -> Any:
+        x = out[0] if isinstance(out, tuple) else out
+        with torch.no_grad():
+            f = sae.encode(x.detach())
+            recon = sae.decode(f)
+        seen["d_f"] = torch.zeros_like(f, requires_grad=True)
+        seen["d_x"] = torch.zeros_like(x, requires_grad=True)
+        new = x + seen["d_x"] + (sae.decode(f + seen["d_f"]) - recon)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    def logit_diff_of(logits: torch.Tensor) -> torch.Tensor:
+        return logits[0, -1, correct] - logits[0, -1, incorrect]
+
+    handle = layer.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            source = float(logit_diff_of(model.hf_model(ids[CLEAN]).logits))
+            x_src = seen["x"]
+            base = float(logit_diff_of(model.hf_model(ids[CORRUPTED]).logits))
+            x_base = seen["x"]
+    finally:
+        handle.remove()
+    handle = layer.register_forward_hook(splice)
+    try:
+        with torch.enable_grad():
+            m = logit_diff_of(model.hf_model(ids[CORRUPTED]).logits)
+            g_f, g_x = torch.autograd.grad(m, [seen["d_f"], seen["d_x"]])
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        f_src, f_base = sae.encode(x_src), sae.encode(x_base)
+        r_src, r_base = sae.decode(f_src), sae.decode(f_base)
+        g_f, g_x = g_f[0], g_x[0]
+        return {"features": (f_src - f_base) * g_f, "site": ((x_src - x_base) * g_x).sum(-1),
+                "error": (((x_src - r_src) - (x_base - r_base)) * g_x).sum(-1),
+                "base": torch.tensor(base), "source": torch.tensor(source)}
+
+
+def assert_close_to(got: Any, want: Any, scale: float, what: str) -> None:
+    """``|got - want| <= 1e-5 * scale`` (the largest effect of the comparison)."""
+    got_t = torch.as_tensor(got, dtype=torch.float64)
+    want_t = torch.as_tensor(want, dtype=torch.float64)
+    diff = float((got_t - want_t).abs().max())
+    assert diff <= 1e-5 * scale, f"{what}: max |difference| {diff:.3g} > 1e-5 x {scale:.3g}"
+
+
+def test_sae_patching_equals_hand_patching_on_three_families(family_lm, one_thread):
+    """Exact feature patching (by position and jointly, groups of features, no-op cells, the
+    three references) equals model.trace patches written out, to 1e-5 of the largest effect."""
+    family, model = family_lm
+    sae = tiny_sae("topk", d_in=model.d_model)
+    correct, incorrect = moving_answers(model)
+    hand = HandPatching(model, sae, correct, incorrect)
+    live = hand.live(LAST3)
+    dead = next(j for j in range(96) if j not in hand.live())
+    cells = [live[0], [live[1], live[2]], live[3], dead, [live[4], dead]]
+    r = sae_patching(model, sae, CLEAN, CORRUPTED, features=cells, positions=LAST3,
+                     by_position=True, correct=correct, incorrect=incorrect, progress=False)
+    assert r.axes == ("position", "feature") and r.effect_matrix.shape == (3, 5)
+    assert r.labels["feature"] == [live[0], f"{live[1]}+{live[2]}", live[3], dead,
+                                   f"{live[4]}+{dead}"]
+    want = torch.tensor([[hand.features(c if isinstance(c, list) else [c], [p]) for c in cells]
+                         for p in LAST3])
+    refs = [hand.references([p]) for p in LAST3]
+    scale = max(float(want.abs().max()), *(abs(v) for ref in refs for v in ref.values()))
+    assert float(want.abs().max()) > 1e-2  # effects far above float32 rounding
+    assert_close_to(r.effect_matrix, want, scale, f"{family} by position")
+    assert (r.effect_matrix[:, 3] == 0).all()  # the no-op cell is exactly 0
+    for name in REFERENCE_NAMES:
+        assert_close_to(r.extra["reference"][name], [ref[name] for ref in refs], scale,
+                        f"{family} reference {name}")
+    assert r.extra["reference"]["positions"] == [[hand.n - 3], [hand.n - 2], [hand.n - 1]]
+    assert r.extra["noop_cells"] >= 3 and r.extra["rows"] + r.extra["skipped"] == 3 * 5 + 9
+    assert r.clean_metric == pytest.approx(hand.m_src, abs=1e-5)
+    assert r.corrupted_metric == pytest.approx(hand.m_base, abs=1e-5)
+    # jointly over every position: twelve features and the references
+    feats = hand.live()[:12]
+    joint = sae_patching(model, sae, CLEAN, CORRUPTED, features=feats, correct=correct,
+                         incorrect=incorrect, progress=False)
+    want = torch.tensor([hand.features([j]) for j in feats])
+    ref = hand.references()
+    scale = max(float(want.abs().max()), *(abs(v) for v in ref.values()))
+    assert_close_to(joint.effect_matrix, want, scale, f"{family} jointly")
+    for name in REFERENCE_NAMES:
+        assert_close_to(joint.extra["reference"][name], [ref[name]], scale, f"{family} {name}")
+
+
+REFERENCE_NAMES = ("site", "all_features", "error")
+
+
+def test_sae_attribution_equals_hand_autograd_on_three_families(family_lm, one_thread):
+    """The first-order estimates (cells, by position, site and error references) equal plain
+    autograd through a hook on the Hugging Face layer; verify_top_k's exact values equal hand
+    patching; top_k patches the largest estimates."""
+    family, model = family_lm
+    sae = tiny_sae("topk", d_in=model.d_model)
+    correct, incorrect = moving_answers(model)
+    hand = hand_attribution(model, family, sae, correct, incorrect)
+    gap = float(hand["source"] - hand["base"])
+    n = hand["features"].shape[0]
+    # every feature, all positions jointly
+    a = sae_attribution(model, sae, CLEAN, CORRUPTED, correct=correct, incorrect=incorrect,
+                        progress=False)
+    want = hand["features"].sum(0) / gap
+    site = float(hand["site"].sum()) / gap
+    scale = max(float(want.abs().max()), abs(site))
+    assert float(want.abs().max()) > 1e-2
+    assert_close_to(a.effect_matrix, want, scale, f"{family} features")
+    assert_close_to(a.extra["reference"]["site"], [site], scale, f"{family} site")
+    assert_close_to(a.extra["reference"]["error"], [float(hand["error"].sum()) / gap], scale,
+                    f"{family} error")
+    assert a.corrupted_metric == pytest.approx(float(hand["base"]), abs=1e-5)
+    # by position, a group of features, verify_top_k
+    patching = HandPatching(model, sae, correct, incorrect)
+    live = patching.live(LAST3)
+    cells = [live[0], [live[1], live[2]], live[3], live[4]]
+    b = sae_attribution(model, sae, CLEAN, CORRUPTED, features=cells, positions=LAST3,
+                        by_position=True, verify_top_k=3, correct=correct,
+                        incorrect=incorrect, progress=False)
+    rows = [p % n for p in LAST3]
+    want = torch.stack([hand["features"][rows][:, c if isinstance(c, list) else [c]].sum(-1)
+                        for c in cells], dim=1) / gap
+    scale = float(want.abs().max())
+    assert_close_to(b.effect_matrix, want, scale, f"{family} by position")
+    assert_close_to(b.extra["reference"]["site"], hand["site"][rows] / gap, max(
+        scale, float(hand["site"][rows].abs().max()) / abs(gap)), f"{family} site by position")
+    order = torch.argsort(want.flatten().abs(), descending=True, stable=True)[:3].tolist()
+    verified = b.extra["verified"]
+    assert [v["cell"] for v in verified] == [[k // 4, k % 4] for k in order]
+    exact = []
+    for v in verified:
+        p, c = v["cell"]
+        assert v["index"] == [rows[p], b.labels["feature"][c]]
+        assert v["estimate"] == pytest.approx(float(b.effect_matrix[p, c]), abs=1e-7)
+        feats = cells[c] if isinstance(cells[c], list) else [cells[c]]
+        exact.append(patching.features(feats, [LAST3[p]]))
+    refs = [patching.references([p]) for p in LAST3]  # the sweep's largest effects
+    scale = max(*map(abs, exact), *(abs(v) for ref in refs for v in ref.values()))
+    assert_close_to([v["exact"] for v in verified], exact, scale, f"{family} verified")
+    # top_k: the cells of the largest |estimate|, patched exactly
+    top = sae_patching(model, sae, CLEAN, CORRUPTED, top_k=4, correct=correct,
+                       incorrect=incorrect, progress=False)
+    chosen = torch.argsort(a.effect_matrix.abs(), descending=True, stable=True)[:4].tolist()
+    assert top.labels["feature"] == chosen and "top 4 of 96" in top.extra["selected_by"]
+    exact = [patching.features([j]) for j in chosen]
+    scale = max(*map(abs, exact), *map(abs, patching.references().values()))
+    assert_close_to(top.effect_matrix, exact, scale, f"{family} top_k")
+
+
+# -- datasets, pair groups, checkpoints and executors ----------------------------------------------
+#: two token lengths (14 and 6), so two pair groups on the fast engine
+TWO_LENGTHS = [
+    (CLEAN, CORRUPTED, " Mary", " John"),
+    ("When John and Mary went to the store, Mary gave a drink to",
+     "When John and Mary went to the store, John gave a drink to", " John", " Mary"),
+    ("The city of Paris is in", "The city of Rome is in", " Paris", " Rome"),
+    ("The city of Rome is in", "The city of Paris is in", " Rome", " Paris"),
+]
+
+
+def two_lengths() -> dict[str, list[str]]:
+    return dict(zip(("clean", "corrupted", "correct", "incorrect"),
+                    map(list, zip(*TWO_LENGTHS))))
+
+
+class SeedStyleTask:
+    """A dataset written in the seed framework's style (methods, answer token ids)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def get_clean_corrupt_pairs(self) -> list[tuple[str, str]]:
+        return [(c, x) for c, x, _, _ in TWO_LENGTHS]
+
+    def get_target_tokens(self, i: int) -> tuple[int, int]:
+        _, _, good, bad = TWO_LENGTHS[i]
+        return self.model.to_single_token(good), self.model.to_single_token(bad)
+
+
+def test_a_seed_style_dataset_runs_in_pair_groups_of_one_length(lm, one_thread):
+    sae = tiny_sae()
+    d = two_lengths()
+    feats = [0, 3, 5, [11, 40], 57]
+    lists = sae_patching(lm, sae, d["clean"], d["corrupted"], correct=d["correct"],
+                         incorrect=d["incorrect"], features=feats, positions=[-2, -1],
+                         normalize=False, progress=False)
+    seeds = sae_patching(lm, sae, SeedStyleTask(lm), features=feats, positions=[-2, -1],
+                         normalize=False, progress=False)
+    assert torch.equal(seeds.effect_matrix, lists.effect_matrix)
+    assert seeds.extra["pair_groups"]["groups"] == 2 and seeds.extra["pair_groups"][
+        "lengths"] == [6, 14]
+    # every pair of a group shares the staircase batches; alone, each gives the same values
+    for i, (clean, corrupted, good, bad) in enumerate(TWO_LENGTHS):
+        one = sae_patching(lm, sae, clean, corrupted, correct=good, incorrect=bad,
+                           features=feats, positions=[-2, -1], normalize=False, progress=False)
+        torch.testing.assert_close(seeds.per_pair[i], one.effect_matrix, rtol=0, atol=1e-5)
+    a_seeds = sae_attribution(lm, sae, SeedStyleTask(lm), features=feats, progress=False)
+    a_lists = sae_attribution(lm, sae, d["clean"], d["corrupted"], correct=d["correct"],
+                              incorrect=d["incorrect"], features=feats, progress=False)
+    assert torch.equal(a_seeds.effect_matrix, a_lists.effect_matrix)
+    assert a_seeds.extra["reference"] == a_lists.extra["reference"]
+
+
+class Killed(Exception):
+    """A simulated kill (raised from a progress callback)."""
+
+
+def kill_after(cells: int) -> Callable[[int, int], None]:
+    """A progress callback that 'kills' the run once more than ``cells`` cells are done."""
+
+    def progress(done: int, total: int) -> None:
+        if done > cells:
+            raise Killed
+
+    return progress
+
+
+@pytest.mark.parametrize("method", ["sae_patching", "sae_attribution"])
+def test_a_killed_run_resumes_from_its_checkpoint_with_identical_numbers(lm, tmp_path, method,
+                                                                         one_thread):
+    sae = tiny_sae()
+    d = two_lengths()
+    run = sae_patching if method == "sae_patching" else sae_attribution
+    kw = dict(correct=d["correct"], incorrect=d["incorrect"], features=list(range(40)))
+    per_pair = 40 + 3 if method == "sae_patching" else 40 + 2  # feature cells + references
+    ckpt = tmp_path / "run.json"
+    with pytest.raises(Killed):  # killed during the second group (the pairs of length 6)
+        run(lm, sae, d["clean"], d["corrupted"], checkpoint=ckpt,
+            progress=kill_after(2 * per_pair), **kw)
+    saved = json.loads(ckpt.read_text())["cells"]
+    assert sorted(saved) == ["0", "1"] and all(len(saved[p]) == per_pair for p in saved)
+    seen: list[int] = []
+    resumed = run(lm, sae, d["clean"], d["corrupted"], checkpoint=ckpt,
+                  progress=lambda done, total: seen.append(done), **kw)
+    assert seen[0] == 2 * per_pair  # the first group came from the checkpoint, all at once
+    fresh = run(lm, sae, d["clean"], d["corrupted"], checkpoint=tmp_path / "fresh.json",
+                progress=False, **kw)
+    assert torch.equal(resumed.effect_matrix, fresh.effect_matrix)
+    assert torch.equal(resumed.per_pair, fresh.per_pair)
+    assert resumed.extra["reference"] == fresh.extra["reference"]
+    plain = run(lm, sae, d["clean"], d["corrupted"], progress=False, **kw)
+    torch.testing.assert_close(resumed.effect_matrix, plain.effect_matrix, rtol=0, atol=1e-5)
+    # the checkpoint knows the SAE: another one (or other weights) is refused
+    other = tiny_sae(seed=2)
+    with pytest.raises(CheckpointMismatchError):
+        run(lm, other, d["clean"], d["corrupted"], checkpoint=ckpt, progress=False, **kw)
+    changed = tiny_sae()
+    with torch.no_grad():
+        changed.W_dec[5, 7] += 0.5
+    with pytest.raises(CheckpointMismatchError):
+        run(lm, changed, d["clean"], d["corrupted"], checkpoint=ckpt, progress=False, **kw)
+
+
+class InProcessExecutor:
+    """The executor protocol without a cluster: the method's evaluator factory is serialised as
+    for Ray workers (``executors.dumps_factory``, which refuses a captured model), rebuilt, and
+    every task's cells are evaluated in two shards, as when Ray splits a group's cells."""
+
+    def __init__(self) -> None:
+        self.sweeps: list[str] = []
+
+    def run(self, model: Any, build: Any, tasks: Any, on_result: Any,
+            label: str = "patching") -> dict[str, Any]:
+        from ray import cloudpickle
+
+        from causalpatch.executors import dumps_factory
+
+        stats: dict[str, Any] = {}
+        evaluate = cloudpickle.loads(dumps_factory(build))(model, stats)
+        for group, cells in tasks:
+            half = len(cells) // 2
+            for part in ([cells[:half], cells[half:]] if half else [cells]):
+                on_result(group, part, evaluate(group, part, None))
+        self.sweeps.append(label)
+        return {"stats": [stats], "shards": len(tasks)}
+
+
+def test_the_executor_path_is_wired(lm, monkeypatch, one_thread):
+    pytest.importorskip("ray", reason="the evaluator factory is serialised with Ray's cloudpickle")
+    monkeypatch.setattr("causalpatch.options.resolve_executor", lambda executor, model: executor)
+    sae = tiny_sae()
+    d = two_lengths()
+    kw = dict(correct=d["correct"], incorrect=d["incorrect"], progress=False)
+    ex = InProcessExecutor()
+    local = sae_patching(lm, sae, d["clean"], d["corrupted"], top_k=6, **kw)
+    remote = sae_patching(lm, sae, d["clean"], d["corrupted"], top_k=6, executor=ex, **kw)
+    assert ex.sweeps == ["SAE attribution", "SAE features"]  # top_k's estimate, then the sweep
+    assert remote.labels == local.labels
+    torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=1e-5)
+    assert remote.extra["noop_cells"] == local.extra["noop_cells"]
+    assert remote.extra["reference"]["site"] == pytest.approx(local.extra["reference"]["site"],
+                                                              abs=1e-5)
+    ex.sweeps.clear()
+    local = sae_attribution(lm, sae, d["clean"], d["corrupted"], verify_top_k=3, **kw)
+    remote = sae_attribution(lm, sae, d["clean"], d["corrupted"], verify_top_k=3, executor=ex,
+                             **kw)
+    assert ex.sweeps == ["SAE attribution", "verifying"]
+    assert torch.equal(remote.effect_matrix, local.effect_matrix)
+    assert [v["index"] for v in remote.extra["verified"]] == [
+        v["index"] for v in local.extra["verified"]]
+    assert [v["exact"] for v in remote.extra["verified"]] == pytest.approx(
+        [v["exact"] for v in local.extra["verified"]], abs=1e-5)
