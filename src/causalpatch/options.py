@@ -186,11 +186,14 @@ def verify_top_k(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor
         return []
     patches = patches_for(order)
 
-    def build(model_: HookedModel, stats: dict[str, Any]) -> Any:
-        return pair_evaluator(model_, prep.pairs, patches, prep.metric, prep.direction,
-                              Engine.FAST, options.batch_size, options.memory_mb, stats, sites)
+    pairs, metric, direction = prep.pairs, prep.metric, prep.direction  # no dataset object:
+    batch_size, memory_mb = options.batch_size, options.memory_mb  # the factory may travel
 
-    values = run_pairs(model, prep.pairs, len(order), build=build, executor=options.executor,
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Any:
+        return pair_evaluator(model_, pairs, patches, metric, direction, Engine.FAST,
+                              batch_size, memory_mb, stats, sites)
+
+    values = run_pairs(model, pairs, len(order), build=build, executor=options.executor,
                        progress=options.progress, label="verifying")
     exact = aggregate(values, Scale.NORMALIZED, prep.metric).effect
     out = []

@@ -120,8 +120,8 @@ def activation_patching(
         normalize = bool(normalize_effects)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
-    pairs, m = prep.pairs, prep.metric
-    plan = plan_component(model, component, layers, heads, neurons)
+    pairs, m, direction_ = prep.pairs, prep.metric, prep.direction  # the factory may travel:
+    plan = plan_component(model, component, layers, heads, neurons)  # plain values only
     positions_of = pair_positions(pairs, positions, by_position)
     patches_of = [build_patches(plan, pos, by_position, len(p.clean))
                   for p, pos in zip(pairs, positions_of)]
@@ -130,7 +130,7 @@ def activation_patching(
 
     # -- run ------------------------------------------------------------------------------------
     def build(model_: HookedModel, stats: dict[str, Any]) -> Any:
-        return pair_evaluator(model_, pairs, patches_of, m, prep.direction, engine_,
+        return pair_evaluator(model_, pairs, patches_of, m, direction_, engine_,
                               options.batch_size, options.memory_mb, stats)
 
     groups, grouping = length_groups(pairs, engine_)

@@ -157,7 +157,7 @@ def attribution_patching(
                               memory_mb=memory_mb, checkpoint=checkpoint)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
-    pairs, m = prep.pairs, prep.metric
+    pairs, m, denoise = prep.pairs, prep.metric, prep.denoise  # the factory captures no dataset
     plan = plan_component(model, component, layers, heads, neurons)
     positions_of = pair_positions(pairs, positions, by_position)
     axes, labels, shape = result_axes(model, plan, positions_of[0], by_position, pairs[0].clean)
@@ -176,7 +176,7 @@ def attribution_patching(
         def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
                      ) -> GroupValues:
             chunk = [pairs[i] for i in group]
-            runs = [p.runs(prep.denoise) for p in chunk]
+            runs = [p.runs(denoise) for p in chunk]
             base_ids = torch.tensor([b for b, _ in runs], device=model_.device)
             src_ids = torch.tensor([s for _, s in runs], device=model_.device)
 

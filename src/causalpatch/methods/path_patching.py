@@ -563,7 +563,7 @@ def path_patching(
                               memory_mb=memory_mb, checkpoint=checkpoint)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
-    pairs, m = prep.pairs, prep.metric
+    pairs, m, denoise = prep.pairs, prep.metric, prep.denoise  # the factory captures no dataset
     recv, kinds = _receivers(model, receivers, receiver_input)
     sender_list, component = _senders(model, senders)
     _check_order(sender_list, recv, explicit=component == "senders")
@@ -596,7 +596,7 @@ def path_patching(
                  tick: Callable[[int], None] | None) -> GroupValues:
         (i,) = group
         pair: Pair = pairs[i]
-        base_ids, source_ids = pair.runs(prep.denoise)
+        base_ids, source_ids = pair.runs(denoise)
         run = run_pair(model, base_ids, source_ids, sites)
         inputs = metric_inputs(m, [pair.correct], [pair.incorrect],
                                run.source_last.float().cpu().unsqueeze(0))
