@@ -21,9 +21,9 @@ input of the MLP's down projection is ``blocks.{L}.mlp.post``).
 
 A module path followed by ``.input`` means that module's **input** (its first argument):
 ``layers.{L}.input`` is ``blocks.{L}.resid_pre``, ``layers.{L}.mlp.down_proj.input`` is
-``blocks.{L}.mlp.post``, and an input without a canonical name (``layers.{L}.self_attn.o_proj.input``,
-flat ``[batch, pos, n_heads * d_head]``) keeps the module path. ``model.layers[L].mlp.input``
-inside a trace reads these names.
+``blocks.{L}.mlp.post``, and an input without a canonical name
+(``layers.{L}.self_attn.o_proj.input``, flat ``[batch, pos, n_heads * d_head]``) keeps the
+module path. ``model.layers[L].mlp.input`` inside a trace reads these names.
 
 **TransformerLens hook names** (``blocks.{L}.hook_resid_post``, ``blocks.{L}.attn.hook_z``,
 ``hook_embed``, ...) are a second vocabulary for the same sites, used by SAELens configs:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .errors import CausalPatchError, InvalidArgumentError, InvalidTypeError
-from .hooks import Hook, HookFn, hooked
+from .hooks import Hook, HookFn
 from .interventions import Intervention, as_intervention
 from .tokens import Batch, Prompts, make_batch, token_lists
 
@@ -284,7 +284,7 @@ class Trace:
         return self.model.site(name).name
 
     def value(self, name: str) -> SavedTensor:
-        """The activation ``name`` of this pass (computed if it was not cached), ``.save()``-able."""
+        """The activation ``name`` of this pass (computed if not cached), ``.save()``-able."""
         out = saved(self.cache[name])
         assert out is not None
         return out

@@ -140,7 +140,7 @@ def inspect_model(model: str, need_kinds: bool = False) -> ModelInfo | None:
             fast = fast_inspect(model)
         except CausalPatchError:
             raise
-        except Exception as exc:  # noqa: BLE001 - fall back to the transformers path
+        except Exception as exc:  # fall back to the transformers path
             fast = None
             if State.verbose:
                 console.print(f"fast pre-load checks skipped ({type(exc).__name__}: {exc})")
@@ -155,7 +155,7 @@ def inspect_model(model: str, need_kinds: bool = False) -> ModelInfo | None:
         tokenizer = load_tokenizer(model, quiet=quiet)
     except CausalPatchError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a quirk of this path must not block a valid run
+    except Exception as exc:  # a quirk of this path must not block a valid run
         if State.verbose:
             console.print(f"pre-load checks skipped ({type(exc).__name__}: {exc})")
         return None

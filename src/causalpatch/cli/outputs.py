@@ -112,7 +112,7 @@ def save_outputs(results: list[Any], out: Path, title: str,
     :class:`OutputsSavedElsewhere` naming it (the computed results are never lost)."""
     try:
         return write_outputs(results, out, title, figure, fmt, plotly)
-    except Exception as exc:  # noqa: BLE001 - whatever failed, keep the computed results
+    except Exception as exc:  # whatever failed, keep the computed results
         if State.debug:
             traceback.print_exception(exc)
         fallback = Path(tempfile.mkdtemp(prefix="causalpatch-results-"))

@@ -12,6 +12,8 @@ Imports nothing heavy: this module is loaded for ``causalpatch --help``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -24,7 +26,7 @@ class State:
     verbose: bool = False
     json: bool = False
     progress: bool = True
-    warnings: list[str] = []
+    warnings: ClassVar[list[str]] = []
 
     @classmethod
     def reset(cls) -> None:

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..assemble import (GroupValues, Scale, answer_columns, build_result, cell_values,
-                        length_groups, run_pairs)
+                        length_groups)
 from ..datasets import as_patching_dataset
 from ..engine import PairRun, base_and_source_runs, cachers, last_logits
 from ..enums import AblationKind, Engine, parse
@@ -76,7 +76,7 @@ from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..metrics import Metric
 from ..names import Site
 from ..plan import (ComponentPlan, Pair, Patch, SitePatch, answer_tokens, check_answers,
-                    check_int, choose_metric, engine_choice, index_list, metric_inputs,
+                    choose_metric, engine_choice, index_list, metric_inputs,
                     plan_component, resolve_answers, result_axes)
 from ..sae import BoundSAE, feature_edit_values, features_component
 from ..tokens import make_batch, token_lists

@@ -389,14 +389,15 @@ def _record_inputs(model: HookedModel, run: PairRun, chunk: list[_Sender],
         store: dict[str, torch.Tensor] = {}
         wanted = {kind for rec_layer, kind in recorded if rec_layer == layer}
 
-        def reader(kind: str, units: list[int]) -> Callable[[torch.Tensor], None]:
+        def reader(kind: str, units: list[int], store: dict[str, torch.Tensor],
+                   wanted: set[str]) -> Callable[[torch.Tensor], None]:
             def read(act: torch.Tensor) -> None:
                 store[kind] = act[:, :, units].detach().clone()
                 if wanted <= set(store):
                     raise StopForward  # q/k/v read: the rest of the layer is not needed
             return read
 
-        hooks = [Hook(_site(model, f"attn.{kind}", layer), reader(kind, units))
+        hooks = [Hook(_site(model, f"attn.{kind}", layer), reader(kind, units, store, wanted))
                  for (rec_layer, kind), (units, _) in recorded.items() if rec_layer == layer]
         run_layer(model, stairs, layer, stairs.calls[layer].hidden + delta[rows], hooks,
                   stop_ok=True)

@@ -48,15 +48,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ..names import TL_GLOBAL_HOOKS, TL_LAYER_HOOKS, hook_name_for_site
-from .format import (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, SAENotFoundError,
-                     load_sae, save_sae)
-from .model import (ARCHITECTURES, SAE_SITE_KINDS, SAELENS_FORMAT_VERSION, BoundSAE,
-                    SAEFormatError, SAEModelMismatchWarning, SparseAutoencoder, WrappedSAE,
-                    bind_sae, bind_saes, same_model, site_for_hook_name, wrap_sae)
-from .splicing import (EDITABLE_LEAVES, SAE_LEAVES, SAELENS_LEAVES, FeatureEdit, SAESplice,
-                       SAESplices, attach_saes, edit_features, feature_edit_values,
-                       features_component, lookup_sae, splice, split_sae_name)
+# `X as X`: importable from here as from the old sae.py module, but not in __all__.
+from ..names import TL_GLOBAL_HOOKS as TL_GLOBAL_HOOKS, TL_LAYER_HOOKS as TL_LAYER_HOOKS
+from ..names import hook_name_for_site
+from .format import SAE_CFG_FILENAME as SAE_CFG_FILENAME
+from .format import SAE_WEIGHTS_FILENAME as SAE_WEIGHTS_FILENAME
+from .format import SPARSITY_FILENAME as SPARSITY_FILENAME
+from .format import SAENotFoundError, load_sae, save_sae
+from .model import SAE_SITE_KINDS as SAE_SITE_KINDS
+from .model import SAELENS_FORMAT_VERSION as SAELENS_FORMAT_VERSION
+from .model import same_model as same_model
+from .model import (ARCHITECTURES, BoundSAE, SAEFormatError, SAEModelMismatchWarning,
+                    SparseAutoencoder, WrappedSAE, bind_sae, bind_saes, site_for_hook_name,
+                    wrap_sae)
+from .splicing import EDITABLE_LEAVES as EDITABLE_LEAVES, SAE_LEAVES as SAE_LEAVES
+from .splicing import SAELENS_LEAVES as SAELENS_LEAVES
+from .splicing import (FeatureEdit, SAESplice, SAESplices, attach_saes, edit_features,
+                       feature_edit_values, features_component, lookup_sae, splice,
+                       split_sae_name)
 
 #: Names defined by :mod:`causalpatch.sae.train`, imported on first use (see above).
 TRAINING_NAMES = frozenset({
@@ -80,9 +89,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from .train import (SINK_NORM_FACTOR, TrainingReport, collect_activations, evaluate_sae,
-                        fit_sae, ordinary_tokens, token_sequences, top_activations, train_sae,
-                        training_texts)
+    from .train import SINK_NORM_FACTOR as SINK_NORM_FACTOR
+    from .train import ordinary_tokens as ordinary_tokens
+    from .train import (TrainingReport, collect_activations, evaluate_sae, fit_sae,
+                        token_sequences, top_activations, train_sae, training_texts)
 
 __all__ = [
     "ARCHITECTURES", "BoundSAE", "FeatureEdit", "SAEFormatError", "SAEModelMismatchWarning",

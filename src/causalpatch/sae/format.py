@@ -122,7 +122,7 @@ def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
                              "file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+            return {key: fh.get_tensor(key) for key in fh.keys()}  # safe_open: keys(), no __iter__
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
         raise SAEFormatError(f"{path}: {what} is truncated or not a valid safetensors file "
                              f"({type(exc).__name__}: {exc})") from None

@@ -379,8 +379,8 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
 
     Activations are collected once (positions after the first of each ``context``-token
     sequence; attention-sink tokens, whose norm exceeds :data:`SINK_NORM_FACTOR` times the
-    median, are left out), scaled to mean norm ``sqrt(d_in)`` for training (the scale is folded into the
-    saved weights, so the SAE reads raw activations), and trained with Adam for ``epochs``
+    median, are left out), scaled to mean norm ``sqrt(d_in)`` for training (the scale is folded
+    into the saved weights, so the SAE reads raw activations), and trained with Adam for ``epochs``
     passes. ``topk``: MSE + OpenAI's AuxK loss (coefficient 1/32) for dead latents; ``standard``:
     MSE + ``l1_coefficient * sum(f * |W_dec|)`` (ReLU). Decoder rows are kept at unit norm.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -29,11 +28,11 @@ def ioi(
     seed: int = typer.Option(0, help="Dataset seed."),
     out: Path = typer.Option(Path("out/ioi"), help="Output folder."),
     fmt: str = format_option(),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    dtype: str | None = typer.Option(None, help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    executor: Optional[str] = typer.Option(None, "--executor", help=EXECUTOR_HELP),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
 ) -> None:
     """Indirect-object identification: resid_post, attn and mlp by position, then heads.
 

@@ -8,7 +8,6 @@ whole-stream sweep warns.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,28 +28,28 @@ def patch(
     corrupted: str = typer.Option(..., help="Corrupted prompt (same number of tokens for "
                                   "--by-position)."),
     model: str = typer.Option("smollm2", help=MODEL_HELP),
-    correct: Optional[str] = typer.Option(None, help="Correct answer token, e.g. ' Mary' "
+    correct: str | None = typer.Option(None, help="Correct answer token, e.g. ' Mary' "
                                           "(mind the leading space)."),
-    incorrect: Optional[str] = typer.Option(None, help="Incorrect answer token, e.g. ' John'."),
+    incorrect: str | None = typer.Option(None, help="Incorrect answer token, e.g. ' John'."),
     component: str = typer.Option("resid_post", help=COMPONENT_HELP),
     metric: str = typer.Option("logit_diff", help="logit_diff, logit, prob, logprob, ce_diff, "
                                "l2, mse, cosine or kl."),
-    by_position: Optional[bool] = typer.Option(
+    by_position: bool | None = typer.Option(
         None, "--by-position/--no-by-position",
         help="One patch per token position. Default: on for resid_* (patching a whole "
              "residual stream restores everything, +1.000 at every layer), off otherwise."),
     direction: str = typer.Option("denoise", help="denoise (clean into corrupted) or noise."),
-    layers: Optional[str] = typer.Option(None, help="Comma-separated layers, e.g. 0,5,-1 "
+    layers: str | None = typer.Option(None, help="Comma-separated layers, e.g. 0,5,-1 "
                                          "(default all)."),
-    heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default all)."),
-    positions: Optional[str] = typer.Option(None, help="Comma-separated positions."),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    heads: str | None = typer.Option(None, help="Comma-separated heads (default all)."),
+    positions: str | None = typer.Option(None, help="Comma-separated positions."),
+    dtype: str | None = typer.Option(None, help=DTYPE_HELP),
     out: Path = typer.Option(Path("out/patch"), help="Output folder."),
     fmt: str = format_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    executor: Optional[str] = typer.Option(None, "--executor", help=EXECUTOR_HELP),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
 ) -> None:
     """Patch one clean/corrupted pair; write result.json, a heatmap and report.html.
 

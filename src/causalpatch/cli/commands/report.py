@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -36,7 +35,7 @@ def report_command(
     results: list[Path] = typer.Argument(..., help="Result JSON files (or folders of them), "
                                          "written by patch/ioi/trace or result.save('x.json')."),
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
-    title: Optional[str] = typer.Option(None, help="Page title."),
+    title: str | None = typer.Option(None, help="Page title."),
     plotly: str = typer.Option("inline", help="inline: plotly.js in the file, opens offline "
                                "(~4.8 MB); cdn: small file, needs network to draw."),
     shared_scale: bool = typer.Option(False, "--shared-scale",

@@ -5,7 +5,6 @@ training report. The group is its own typer app (:data:`sae_app`), added under `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -35,7 +34,7 @@ def sae_train(
     lr: float = typer.Option(4e-4, help="Adam learning rate."),
     seed: int = typer.Option(0, help="Seed (data order and initialisation)."),
     storage_dtype: str = typer.Option("float16", help="Stored weights: float16 | float32."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's)."),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's)."),
     out: Path = typer.Option(Path("out/sae"), help="Output folder (SAELens format)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

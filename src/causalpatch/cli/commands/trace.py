@@ -5,7 +5,7 @@ per component, and a report."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -21,11 +21,11 @@ from ..state import State, chatty, out_console
 
 
 def trace(
-    prompt: Optional[str] = typer.Option(None, help="A factual prompt (one fact)."),
-    subject: Optional[str] = typer.Option(None, help="The subject inside --prompt, to corrupt."),
-    answer: Optional[str] = typer.Option(
+    prompt: str | None = typer.Option(None, help="A factual prompt (one fact)."),
+    subject: str | None = typer.Option(None, help="The subject inside --prompt, to corrupt."),
+    answer: str | None = typer.Option(
         None, help="Answer token, e.g. ' Paris' (default: the model's top-1 next token)."),
-    dataset: Optional[str] = typer.Option(
+    dataset: str | None = typer.Option(
         None, help="known_facts: average over ROME's known facts the model gets right."),
     n: int = typer.Option(100, help="Number of facts with --dataset."),
     model: str = typer.Option("smollm2", help=MODEL_HELP),
@@ -35,13 +35,13 @@ def trace(
     noise: float = typer.Option(3.0, help="Noise scale, a multiple of the embedding std."),
     window: int = typer.Option(10, help="Layers restored together for mlp/attn (ROME: 10)."),
     seed: int = typer.Option(0, help="Noise seed (and the facts' shuffle with --dataset)."),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    dtype: str | None = typer.Option(None, help=DTYPE_HELP),
     out: Path = typer.Option(Path("out/trace"), help="Output folder."),
     fmt: str = format_option(),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    executor: Optional[str] = typer.Option(None, "--executor", help=EXECUTOR_HELP),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    workers: Optional[int] = typer.Option(None, "--workers", help=WORKERS_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
 ) -> None:
     """ROME causal tracing: noise the subject, restore one state per layer and position.
 
