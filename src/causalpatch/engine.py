@@ -251,7 +251,7 @@ def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations,
                 continue
         before = len(out)
         _changed_site(sp, base, source, out)
-        if key is not None:
+        if memo is not None and key is not None:
             memo[key] = out[-1] if len(out) > before else None
     return out
 
@@ -782,19 +782,22 @@ class _Group:
         runtime = model.runtime
         order = sorted({row.run for row in rows})
         run_row = {r: j for j, r in enumerate(order)}
-        stairs = [runs[r].prepared for r in order]
-        assert all(st is not None for st in stairs)
+        stairs: list[Staircase] = []
+        for r in order:
+            st = runs[r].prepared
+            assert st is not None
+            stairs.append(st)
         calls = _window_calls(model, runs[order[0]], w)
         hidden = []
         for layer in range(model.n_layers + 1):
             per_run = [(st.calls[layer].hidden if layer < model.n_layers else st.final_input)
-                       [:, w - st.start:] for st in stairs]  # type: ignore[union-attr]
+                       [:, w - st.start:] for st in stairs]
             hidden.append(torch.cat(per_run) if len(per_run) > 1 else per_run[0])
         prefix = None
         if w > 0:
             caches = []
             for r, st in zip(order, stairs):
-                cut = runtime.crop_cache(st.full_cache, w)  # type: ignore[union-attr]
+                cut = runtime.crop_cache(st.full_cache, w)
                 caches.append(cut if cut is not None else _prefix_run(
                     model, runs[r].base_ids, w, [], runs[r].base_embed)[1])
             prefix = runtime.stack_caches(caches)
@@ -827,11 +830,12 @@ class _Group:
             writes = list(site_writes[layer].values())
             last = layer == n_layers - 1 and hidden.shape[1] > 1 and all(
                 _before_mlp(site) or _in_mlp(site) for site, _ in writes)
+            kept: list[tuple[Site, _Writes | None]] = list(writes)
             if last:  # the MLP branch sees only the last position: keep its writes there
-                writes = [(site, wr if _before_mlp(site) else wr.at(hidden.shape[1] - 1))
-                          for site, wr in writes]
-            return Step([Hook(site, _writer(wr)) for site, wr in writes if wr is not None],
-                         last_position_mlp=last)
+                kept = [(site, wr if _before_mlp(site) else wr.at(hidden.shape[1] - 1))
+                        for site, wr in writes]
+            return Step([Hook(site, _writer(wr)) for site, wr in kept if wr is not None],
+                        last_position_mlp=last)
 
         hidden = climb(model, self.calls, self.hidden.__getitem__, stages, n_layers, step,
                        prefix=self.prefix, run_of=run_of if several else None, inject=inject)

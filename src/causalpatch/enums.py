@@ -72,8 +72,8 @@ E = TypeVar("E", bound=Enum)
 def parse(enum: type[E], value: object, argument: str) -> E:
     """``enum(value)`` with an :class:`InvalidArgumentError` naming ``argument`` and the choices."""
     try:
-        return enum(value)  # type: ignore[call-arg]
+        return enum(value)
     except ValueError:
-        choices = ", ".join(repr(m.value) for m in enum)  # type: ignore[attr-defined]
+        choices = ", ".join(repr(m.value) for m in enum)
         raise InvalidArgumentError(
             f"unknown {argument} {value!r}; expected one of {choices}") from None

@@ -284,7 +284,7 @@ def plan_component(model: HookedModel, component: str, layers: Any = None, heads
         raise InvalidTypeError(f"component must be a string, got {type(component).__name__}")
     layer_list = index_list(layers, "layers")
     n_layers = model.n_layers
-    kind = canonical_kind(component)
+    kind: str | None = canonical_kind(component)
     single = None
     if kind in site_kinds(model.adapter):  # every kind of the family, even if unsupported
         sample = model.layer_site(kind, 0)  # explains why a kind is undefined for this config

@@ -115,13 +115,17 @@ class SavedTensor(torch.Tensor):
     """A tensor with the seeds' ``.save()`` (``model.output.save()``); it returns the plain
     tensor. Every operation on a ``SavedTensor`` (indexing, arithmetic) gives a plain tensor."""
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    # PyTorch's documented idiom. The impl is a C builtin, which a class attribute does not
+    # bind; mypy binds it like a Python function (dropping ``func``) and so sees a mismatch
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]  # idiom
 
     def save(self) -> torch.Tensor:
         """The value as a plain ``torch.Tensor`` (already computed: the forward has run)."""
         return self.as_subclass(torch.Tensor)
 
-    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+    # mypy drops the names of a dunder's keyword-only arguments (Tensor.__repr__ has
+    # ``tensor_contents``), so it rejects every override with an annotation, even an identical one
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]  # mypy bug
         return repr(self.as_subclass(torch.Tensor))
 
 
@@ -453,7 +457,7 @@ def _plan(model: HookedModel, batch: Batch, interventions: Mapping[str, Any],
         planned.append((site, ivs))
     if cache is True:
         names = model.component_names() + _default_values(splices)
-    elif cache in (None, False):
+    elif cache is None or cache is False:
         names = []
     elif isinstance(cache, str):
         names = [cache]

@@ -665,7 +665,7 @@ class _PromptItem:
 
 def causal_tracing_dataset(
     model: HookedModel,
-    facts: Sequence[Mapping[str, Any]] | None = None,
+    facts: Sequence[Any] | None = None,
     n: int = 100,
     *,
     noise: float = 3.0,

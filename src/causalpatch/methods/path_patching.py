@@ -309,18 +309,21 @@ def _sender_deltas(model: HookedModel, run: PairRun, chunk: list[_Sender]) -> to
         by_layer[sender.layer].append(r)
     for layer, rows in sorted(by_layer.items()):
         head_rows = [i for i, r in enumerate(rows) if chunk[r].head is not None]
+        heads = [h for r in rows if (h := chunk[r].head) is not None]  # those rows' heads
         mlp_rows = [i for i, r in enumerate(rows) if chunk[r].head is None]
         freeze_z = _frozen_heads(_act(run.base, model, "attn.z", layer, s),
                                  _act(run.source, model, "attn.z", layer, s),
-                                 _tensor(head_rows, model),
-                                 _tensor([chunk[rows[i]].head for i in head_rows], model))
+                                 _tensor(head_rows, model), _tensor(heads, model))
         mlp_base = _act(run.base, model, "mlp", layer, s)
         freeze_mlp = _rows_set(_act(run.source, model, "mlp", layer, s),
                                _tensor(mlp_rows, model))
+
+        def frozen_mlp(act: torch.Tensor, mlp_base: torch.Tensor = mlp_base,
+                       f: Callable[[torch.Tensor], torch.Tensor] = freeze_mlp) -> torch.Tensor:
+            return f(mlp_base.to(act.dtype).expand_as(act))
+
         hooks = [Hook(_site(model, "attn.z", layer), freeze_z),
-                 Hook(_site(model, "mlp", layer),
-                      lambda act, mlp_base=mlp_base, f=freeze_mlp: f(
-                          mlp_base.to(act.dtype).expand_as(act)))]
+                 Hook(_site(model, "mlp", layer), frozen_mlp)]
         hidden = stairs.calls[layer].hidden.expand(len(rows) + 1, -1, -1)
         out = run_layer(model, stairs, layer, hidden, hooks)
         assert out is not None
@@ -351,10 +354,11 @@ def _heads_frozen_pass(model: HookedModel, run: PairRun, chunk: list[_Sender],
     def step(layer: int, hidden: torch.Tensor) -> Step:
         n_now = hidden.shape[0]
         head_rows = [r for r in range(n_now) if entry[r] == layer and chunk[r].head is not None]
+        heads = [h for r in head_rows if (h := chunk[r].head) is not None]  # those rows' heads
         mlp_rows = [r for r in range(n_now) if entry[r] == layer and chunk[r].head is None]
         hooks = [Hook(_site(model, "attn.z", layer), _frozen_heads(
             _act(run.base, model, "attn.z", layer, s), _act(run.source, model, "attn.z", layer, s),
-            _tensor(head_rows, model), _tensor([chunk[r].head for r in head_rows], model)))]
+            _tensor(head_rows, model), _tensor(heads, model)))]
         if mlp_rows:
             hooks.append(Hook(_site(model, "mlp", layer), _rows_set(
                 _act(run.source, model, "mlp", layer, s), _tensor(mlp_rows, model))))

@@ -126,6 +126,14 @@ class SparseAutoencoder(nn.Module):
         log_sparsity: ``[d_sae]`` log10 feature density, when known (``sparsity.safetensors``).
     """
 
+    # registered as parameters by ``setattr`` in ``__init__`` (``threshold``: jumprelu only)
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+    threshold: nn.Parameter
+    k: int | None
+
     def __init__(self, d_in: int, d_sae: int, architecture: str = "standard", *,
                  hook_name: str, model_name: str | None = None, k: int | None = None,
                  apply_b_dec_to_input: bool = True, rescale_acts_by_decoder_norm: bool = False,
@@ -214,7 +222,8 @@ class SparseAutoencoder(nn.Module):
             return torch.relu(pre) * (pre > torch.relu(self.threshold)).to(pre.dtype)
         if self.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
-        values, indices = torch.topk(pre, k=self.k, dim=-1, sorted=False)  # type: ignore[arg-type]
+        assert self.k is not None  # topk (the remaining architecture) always has k
+        values, indices = torch.topk(pre, k=self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

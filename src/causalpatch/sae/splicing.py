@@ -176,19 +176,22 @@ def splice(bound: BoundSAE, feature_edits: Sequence[Callable[[torch.Tensor], tor
             if "error" in wants and record is not None:
                 record("error", new_error)
         if "recons" in wants and record is not None:
+            assert recon1 is not None  # "recons" wanted: need_recon1
             record("recons", recon1)
         if not keep_error:
+            assert recon1 is not None  # not keep_error: need_recon1
             new: torch.Tensor | None = recon1.to(act.dtype)
         else:
             out = act.float()
             changed = False
             if f_changed:
-                assert recon0 is not None
+                assert recon0 is not None and recon1 is not None  # f_changed: both decoded
                 mask = _position_mask(edited, f, 1)[..., 0].reshape(
                     *f.shape[:-1], *([1] * n_trailing))
                 out = torch.where(mask, out + (recon1.float() - recon0.float()), out)
                 changed = True
-            if error is not None and new_error is not error and not torch.equal(new_error, error):
+            if (error is not None and new_error is not None  # set together (need_error)
+                    and new_error is not error and not torch.equal(new_error, error)):
                 mask = _position_mask(new_error, error, n_trailing)
                 out = torch.where(mask, out + (new_error - error), out)
                 changed = True
@@ -306,8 +309,8 @@ class FeatureEdit(Intervention):
                  scale: float | None = None, add: float | None = None,
                  positions: Index = None) -> None:
         super().__init__(positions, None)
-        feats = [features] if isinstance(features, int) and not isinstance(features, bool) \
-            else list(features)
+        # a bool joins the list as an int does, and is rejected just below
+        feats = [features] if isinstance(features, int) else list(features)
         if not feats or any(isinstance(j, bool) or not isinstance(j, int) for j in feats):
             raise InvalidTypeError(f"features must be a non-empty list of ints, got {features!r}")
         if sum(x is not None for x in (value, scale, add)) != 1:
@@ -346,6 +349,7 @@ class FeatureEdit(Intervention):
         elif self.scale is not None:
             new = current * self.scale
         else:
+            assert self.add is not None  # exactly one of value, scale and add is given
             new = current + self.add
         out[..., idx] = new
         return out

@@ -3,6 +3,8 @@ architecture adapters. Imports neither torch nor transformers (``tests/test_cli_
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from ..outputs import emit_json
@@ -22,9 +24,10 @@ def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     smollm2 = package_dir(SMOLLM2_PACKAGE) is not None
     installed = {"smollm2": smollm2, "smollm2-135m": smollm2,
                  "gemma3-270m": package_dir(GEMMA3_PACKAGE) is not None}
-    data = {"aliases": [{"alias": a, "description": d, "installed": installed.get(a, False)}
-                        for a, d in ALIASES.items()],
-            "adapters": [{"name": a.name, "model_types": list(a.model_types)} for a in ADAPTERS]}
+    data: dict[str, list[dict[str, Any]]] = {
+        "aliases": [{"alias": a, "description": d, "installed": installed.get(a, False)}
+                    for a, d in ALIASES.items()],
+        "adapters": [{"name": a.name, "model_types": list(a.model_types)} for a in ADAPTERS]}
     if as_json or State.json:
         emit_json(data)
         return

@@ -105,6 +105,7 @@ def trace(
                                         components=kinds, window=window, executor=ex,
                                         progress=progress_mode(as_json))
         if prompt is not None:
+            assert subject is not None  # checked above: --subject is required with --prompt
             traced = causal_tracing(m, prompt, subject, answer=answer, position_groups=False,
                                     **settings)
             title = f"Causal tracing: {prompt}"
