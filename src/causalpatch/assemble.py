@@ -202,7 +202,8 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
     source: torch.Tensor | None = torch.empty(n)
     payloads: dict[int, Any] = {}
 
-    def store(group: list[int], cells: list[int], values: GroupValues) -> None:
+    def fill(group: list[int], cells: list[int], values: GroupValues) -> None:
+        """Put a group's values in place (here only; :func:`store` also checkpoints them)."""
         nonlocal source
         base[group] = values.base.float().cpu()
         if values.source is None:
@@ -214,6 +215,9 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
         if cells:
             raw[torch.tensor(group)[:, None], torch.tensor(cells)[None, :]] = (
                 values.cells.float().cpu())
+
+    def store(group: list[int], cells: list[int], values: GroupValues) -> None:
+        fill(group, cells, values)
         if ckpt is not None:  # the whole group in one write
             ckpt.record_group(group, cells, values.cells.tolist() if cells else [[]] * len(group),
                               values.base.float().cpu().tolist(),
@@ -223,20 +227,15 @@ def run_pairs(model: HookedModel, pairs: Sequence[Pair], n_cells: int,
     def restored(group: list[int]) -> bool:
         """Fill in a group the checkpoint holds whole (cells, base and source metrics, the
         payload): a rerun after a kill does not evaluate it again."""
-        nonlocal source
         if ckpt is None or not ckpt.finished(group):
             return False
-        for i in group:
-            for j, v in ckpt.done(i).items():
-                raw[i, j] = v
-            b, s = ckpt.ends[i]
-            base[i] = b
-            if s is None:
-                source = None
-            elif source is not None:
-                source[i] = s
-        if group[0] in ckpt.payloads:
-            payloads[group[0]] = ckpt.payloads[group[0]]
+        ends = [ckpt.ends[i] for i in group]
+        sources = [s for _, s in ends]
+        fill(group, list(range(n_cells)), GroupValues(
+            torch.tensor([b for b, _ in ends]),
+            None if None in sources else torch.tensor(sources),
+            torch.tensor([[ckpt.done(i)[j] for j in range(n_cells)] for i in group]),
+            ckpt.payloads.get(group[0])))
         if tick is not None:
             tick(n_cells * len(group))
         return True
