@@ -278,12 +278,13 @@ def _frozen_heads(z_base: torch.Tensor, z_src: torch.Tensor, rows: torch.Tensor,
     return freeze
 
 
-def _rows_set(values: torch.Tensor, rows: torch.Tensor
+def _rows_set(values: torch.Tensor, rows: torch.Tensor, others: torch.Tensor | None = None
               ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A hook setting rows ``rows`` of an activation to ``values`` (``[1, ...]``, broadcast)."""
+    """A hook setting rows ``rows`` of an activation to ``values`` (``[1, ...]``, broadcast)
+    and, with ``others`` (``[1, ...]``), every other row to it (frozen at a base value)."""
 
     def write(act: torch.Tensor) -> torch.Tensor:
-        out = act.clone()
+        out = (act if others is None else others.to(act.dtype).expand_as(act)).clone()
         if len(rows):
             out[rows] = values.to(act.dtype)
         return out
@@ -314,16 +315,10 @@ def _sender_deltas(model: HookedModel, run: PairRun, chunk: list[_Sender]) -> to
         freeze_z = _frozen_heads(_act(run.base, model, "attn.z", layer, s),
                                  _act(run.source, model, "attn.z", layer, s),
                                  _tensor(head_rows, model), _tensor(heads, model))
-        mlp_base = _act(run.base, model, "mlp", layer, s)
         freeze_mlp = _rows_set(_act(run.source, model, "mlp", layer, s),
-                               _tensor(mlp_rows, model))
-
-        def frozen_mlp(act: torch.Tensor, mlp_base: torch.Tensor = mlp_base,
-                       f: Callable[[torch.Tensor], torch.Tensor] = freeze_mlp) -> torch.Tensor:
-            return f(mlp_base.to(act.dtype).expand_as(act))
-
+                               _tensor(mlp_rows, model), _act(run.base, model, "mlp", layer, s))
         hooks = [Hook(_site(model, "attn.z", layer), freeze_z),
-                 Hook(_site(model, "mlp", layer), frozen_mlp)]
+                 Hook(_site(model, "mlp", layer), freeze_mlp)]
         hidden = stairs.calls[layer].hidden.expand(len(rows) + 1, -1, -1)
         out = run_layer(model, stairs, layer, hidden, hooks)
         assert out is not None
