@@ -120,7 +120,7 @@ def answer_token(model: HookedModel, value: Any, what: str) -> int | None:
         except InvalidArgumentError as exc:
             raise InvalidArgumentError(f"{what}: {exc}") from None
     raise InvalidTypeError(
-        f"{what} must be a token string like ' Paris' or a token id, got {value!r}")
+        f"{what} must be a single-token string like ' Paris' or a token id, got {value!r}")
 
 
 def answer_tokens(model: HookedModel, value: Any, n: int, what: str) -> list[int | None]:
@@ -129,7 +129,9 @@ def answer_tokens(model: HookedModel, value: Any, n: int, what: str) -> list[int
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise InvalidArgumentError(f"{what} has {len(value)} answers for {n} prompt pairs")
+            raise InvalidArgumentError(
+                f"{what} has {len(value)} answers for {n} prompts: give one answer, or one per "
+                "prompt")
         return [answer_token(model, v, what) for v in value]
     token = answer_token(model, value, what)
     return [token] * n

@@ -45,6 +45,16 @@ class Batch:
         return self.lengths - 1
 
 
+def is_single_prompt(prompts: object) -> bool:
+    """One prompt (a string, a 1-D id tensor or a flat list of ids) rather than a list of
+    them, as :func:`token_lists` reads it."""
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, torch.Tensor):
+        return prompts.dim() == 1
+    return isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
+
+
 def token_lists(model: HookedModel, prompts: Prompts, what: str = "prompts") -> list[list[int]]:
     """Tokenise strings, or accept ids given as a tensor / list of ints / list of lists."""
     rows: list[list[int]]

@@ -69,7 +69,7 @@ from ..metrics import get_metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..plan import Patch, SitePatch, answer_tokens, check_int
 from ..render.plots import plot_trace
-from ..tokens import token_lists
+from ..tokens import is_single_prompt, token_lists
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -447,10 +447,7 @@ def _plan(model: HookedModel, prompts: Any, subject: Any, answer: Any, noise: An
           samples: Any, window: Any, components: Sequence[str], position_groups: bool
           ) -> _Plan:
     """Validate everything before any forward pass (the embedding statistics aside)."""
-    single = isinstance(prompts, str) or (
-        isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)) or (
-        isinstance(prompts, torch.Tensor) and prompts.dim() == 1)
-    prompt_list = [prompts] if single else list(prompts)
+    prompt_list = [prompts] if is_single_prompt(prompts) else list(prompts)
     if not prompt_list:
         raise InvalidArgumentError("prompts is empty: give at least one prompt")
     if isinstance(subject, str) or (isinstance(subject, tuple) and len(subject) == 2

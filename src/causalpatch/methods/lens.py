@@ -57,7 +57,8 @@ from ..errors import (
     OutOfRangeError,
 )
 from ..hooks import Hook, hooked
-from ..tokens import Batch, make_batch, token_lists
+from ..plan import answer_tokens
+from ..tokens import Batch, is_single_prompt, make_batch, token_lists
 
 if TYPE_CHECKING:
     from ..model import HookedModel
@@ -77,41 +78,17 @@ LENS_FORMAT, DLA_FORMAT, FORMAT_VERSION = "causalpatch-lens", "causalpatch-dla",
 
 
 # -- shared input checks (all before any forward pass) -------------------------------------------
-def _is_single(prompts: Any) -> bool:
-    """One prompt (a string, a 1-D id tensor or a flat list of ids) rather than a list of them."""
-    if isinstance(prompts, str):
-        return True
-    if isinstance(prompts, torch.Tensor):
-        return prompts.dim() == 1
-    return isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], int)
-
-
-def _answer_id(model: HookedModel, value: Any, what: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidTypeError(
-            f"{what} must be a single-token string like ' Paris' or a token id, got {value!r}")
-    try:
-        return model.to_single_token(value)
-    except InvalidArgumentError as exc:
-        raise InvalidArgumentError(f"{what}: {exc}") from None
-
-
 def _answers(model: HookedModel, value: Any, n: int, what: str) -> list[int] | None:
-    """One answer id per prompt (``None`` stays ``None``); a list must have ``n`` entries."""
+    """One answer id per prompt (:func:`~causalpatch.plan.answer_tokens`); ``None`` stays
+    ``None``."""
     if value is None:
         return None
-    if isinstance(value, torch.Tensor) and value.numel() > 1:
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise InvalidArgumentError(
-                f"{what} has {len(value)} answers for {n} prompts: give one answer, or one per "
-                "prompt")
-        return [_answer_id(model, v, f"{what}[{i}]") for i, v in enumerate(value)]
-    token = _answer_id(model, value, what)
-    return [token] * n
+    tokens = answer_tokens(model, value, n, what)
+    out = [t for t in tokens if t is not None]
+    if len(out) != n:
+        raise InvalidTypeError(
+            f"{what} must be a single-token string like ' Paris' or a token id, got None")
+    return out
 
 
 def _position(p: Any, length: int, what: str, row: int) -> int:
@@ -439,7 +416,7 @@ def logit_lens(model: HookedModel, prompts: Any, *, answer: Any = None,
         InvalidArgumentError: an answer is not a single token (the message shows its tokens),
             or ``k`` is out of range. All checks happen before the forward pass.
     """
-    single = _is_single(prompts)
+    single = is_single_prompt(prompts)
     token_rows = token_lists(model, prompts)
     n = len(token_rows)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.vocab_size:
