@@ -29,6 +29,7 @@ the metric chosen by the one rule and checked against the answers — all before
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -93,8 +94,6 @@ class RunOptions:
                 f"memory_mb must be a positive number of MiB (default {DEFAULT_MEMORY_MB:g}), "
                 f"got {memory_mb!r}")
         if checkpoint is not None:
-            import os
-
             if not isinstance(checkpoint, (str, os.PathLike)):
                 raise InvalidTypeError(
                     f"checkpoint must be a file path (str or os.PathLike), got {checkpoint!r}")
