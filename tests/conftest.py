@@ -18,8 +18,10 @@ round-trips (``"abcdefghijkl"`` is 12 tokens).
 :data:`REFERENCE` holds, per family, the Hugging Face module paths written out by hand. Tests
 use them to compute expected values *independently* of :mod:`causalpatch.adapters`.
 
-Test modules import the plain helpers with ``from conftest import ...`` (pytest puts ``tests/``
-on ``sys.path``); prefer the fixtures where a test only needs a model.
+Test modules import the plain helpers with ``from conftest import ...`` (``pythonpath =
+["tests"]`` in pyproject.toml puts ``tests/`` on ``sys.path``, for every subfolder); prefer the
+fixtures where a test only needs a model. Files are found from :data:`TESTS_DIR` and
+:data:`REPO_ROOT`, never from a test's own ``__file__``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +39,11 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 torch.set_num_threads(2)
+
+#: The ``tests/`` folder and the repository root: tests that read files by path start here, so
+#: they do not depend on how deep in ``tests/`` they sit.
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 
 VOCAB_SIZE = 256
 SEED = 0

@@ -16,8 +16,8 @@ import torch
 import causalpatch.assemble as sweep_module
 from causalpatch.errors import CheckpointMismatchError, CorruptResultError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ckpt_worker import sweep, tiny_model  # noqa: E402
+from ckpt_worker import sweep, tiny_model
+from conftest import TESTS_DIR
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 
@@ -38,7 +38,7 @@ def _cells_done(path: Path) -> int:
 def test_killed_sweep_resumes_without_recomputing(model, tmp_path, monkeypatch):
     ckpt = tmp_path / "sweep.ckpt.json"
     proc = subprocess.Popen([sys.executable, str(WORKER), str(ckpt), "0.05"],
-                            env={**os.environ, "PYTHONPATH": str(WORKER.parent)})
+                            env={**os.environ, "PYTHONPATH": str(TESTS_DIR)})
     try:
         deadline = time.time() + 120
         while _cells_done(ckpt) < 6 and time.time() < deadline and proc.poll() is None:

@@ -43,8 +43,7 @@ pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).parent
 DRIVER = HERE / "ray_driver.py"
-sys.path.insert(0, str(HERE))
-from conftest import TextPairs  # noqa: E402
+from conftest import TESTS_DIR, TextPairs  # noqa: E402
 from ray_driver import PAIRS, save_tiny_llama  # noqa: E402
 
 
@@ -396,7 +395,7 @@ def test_connect_by_address(model, head_node, one_thread):
 
 def _driver(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(DRIVER), *args],
-                            env={**os.environ, "PYTHONPATH": str(HERE)},
+                            env={**os.environ, "PYTHONPATH": str(TESTS_DIR)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -4,7 +4,6 @@ the model carries exactly accelerate's hooks (never removed, never duplicated)."
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,8 @@ from causalpatch import (InterpretableModel, ablate, activation_patching, attrib
                          causal_tracing, path_patching)
 from causalpatch.errors import InvalidArgumentError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TextPairs  # noqa: E402
-from ray_driver import PAIRS, save_tiny_llama  # noqa: E402
+from conftest import TextPairs
+from ray_driver import PAIRS, save_tiny_llama
 
 #: Layers 1-2 and the unembedding live on disk, the rest in CPU memory.
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
