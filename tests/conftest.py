@@ -26,6 +26,7 @@ fixtures where a test only needs a model. Files are found from :data:`TESTS_DIR`
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -454,11 +455,13 @@ class IdTokenizer:
 
 def id_llama_hf(n_layers: int = 2, vocab_size: int = 64, seed: int = 0,
                 dtype: torch.dtype = torch.float32, **overrides: Any) -> transformers.PreTrainedModel:
-    """A seeded tiny LLaMA (d_model 32, 4 query / 2 key-value heads) for token-id prompts."""
+    """A seeded tiny LLaMA (d_model 32, 4 query / 2 key-value heads) for token-id prompts;
+    ``overrides`` are further ``LlamaConfig`` settings and may replace these ones."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(**{**settings, **overrides})
     return transformers.LlamaForCausalLM(config).eval().to(dtype)
 
 
@@ -469,3 +472,57 @@ def id_llama(n_layers: int = 2, vocab_size: int = 64, seed: int = 0,
 
     return InterpretableModel(id_llama_hf(n_layers, vocab_size, seed, dtype, **overrides),
                               tokenizer=IdTokenizer())
+
+
+def small_id_llama(n_kv_heads: int = 4, seed: int = 0) -> Any:
+    """The 3-layer token-id LLaMA of the path-patching and causal-tracing tests: vocabulary 32,
+    4 query heads and ``n_kv_heads`` key/value heads, ``initializer_range`` 0.3 (so that patching
+    one head moves the logits far above float32 rounding)."""
+    return id_llama(n_layers=3, vocab_size=32, seed=seed, num_key_value_heads=n_kv_heads,
+                    initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    """:func:`small_id_llama` with its defaults (4 key/value heads), one copy per test module."""
+    return small_id_llama()
+
+
+@pytest.fixture(scope="module")
+def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, Any]:
+    """``(family, own copy of its tiny random model)`` for every family of :data:`FAMILIES`, one
+    copy per test module (for tests that must not share the session's ``tiny_lm``)."""
+    return tiny_family, make_tiny_lm(tiny_family)
+
+
+# -- saved models and checkpoints (distributed, placement and checkpoint tests) ---------------
+#: ``(clean, corrupted, correct, incorrect)``: IOI-like pairs whose words are single tokens of
+#: the tiny tokenizer, so every pair has the same token length.
+IOI_PAIRS = [
+    (f"When {a} and {b} went to the {place}, {b} gave a drink to",
+     f"When {a} and {b} went to the {place}, {a} gave a drink to", f" {a}", f" {b}")
+    for place in ("store", "city", "Paris", "Rome") for a, b in (("Mary", "John"), ("John", "Mary"))
+]
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """Save the seeded tiny LLaMA (:func:`tiny_hf_model`) and its tokenizer (safetensors) to
+    ``folder``, a local Hugging Face model folder."""
+    tiny_hf_model("llama").save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`save_tiny_llama` in a fresh temporary folder, one per test module."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def checkpoint_cells(path: Path) -> int:
+    """How many finished cells the checkpoint file at ``path`` holds (0 while it is missing or
+    half-written)."""
+    try:
+        return sum(len(c) for c in json.loads(path.read_text())["cells"].values())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
