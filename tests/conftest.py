@@ -186,12 +186,19 @@ CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
 FAMILIES: list[str] = list(CONFIGS)
 
 
-def tiny_hf_model(family: str) -> transformers.PreTrainedModel:
-    """A seeded random ``*ForCausalLM`` of ``family`` in eval mode (float32, CPU)."""
+def tiny_hf_model(family: str, **config_changes: Any) -> transformers.PreTrainedModel:
+    """A seeded random ``*ForCausalLM`` of ``family`` in eval mode (float32, CPU).
+
+    ``config_changes`` are set on the family's config before the model is built
+    (``tiny_hf_model("llama", tie_word_embeddings=True)``); the seed is the same.
+    """
     if family not in CONFIGS:
         raise KeyError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
+    config = CONFIGS[family]()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     torch.manual_seed(SEED)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]())
+    model = transformers.AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 
