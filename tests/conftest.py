@@ -1,4 +1,5 @@
-"""Shared test fixtures and the one copy of the tiny test models and tokenizer.
+"""Shared test fixtures and the one copy of the tiny test models and tokenizer (the layout of
+the suite and how to add tests: ``tests/README.md``).
 
 Fixtures:
 
@@ -6,8 +7,27 @@ Fixtures:
 * ``tiny_family`` / ``tiny_lm``: every tiny random architecture of :data:`FAMILIES`
   (parametrised; each model is built once per session, so tests must leave it unchanged).
 * ``make_tiny_lm``: the factory :func:`tiny_model`, for a test that needs its own fresh copy.
+* ``family_model``: ``(family, own copy of its tiny model)`` for every family, one per module.
+* ``small_llama``: :func:`small_id_llama`, the 3-layer token-id LLaMA (vocabulary 32, large
+  initialisation) of the path-patching and causal-tracing tests, one per module.
+* ``tiny_llama_dir``: the tiny LLaMA saved as a local Hugging Face folder (:func:`save_tiny_llama`),
+  for tests that load from disk (Ray workers, accelerate placement), one per module.
 * ``one_thread``: run a test with one torch thread. Tiny models need it: on a busy machine each
   2-thread matmul waits ~20 ms for the second thread, making a 1 ms forward take 0.5 s.
+
+Builders and helpers (plain functions, ``from conftest import ...``):
+
+* :func:`tiny_hf_model` / :func:`tiny_model` (``family``, optional config changes) and
+  :func:`tiny_tokenizer`; :data:`CONFIGS` per family.
+* :func:`id_llama_hf` / :func:`id_llama`: a seeded tiny LLaMA for prompts given as token ids
+  (:class:`IdTokenizer`); :func:`small_id_llama` is its 3-layer variant.
+* :class:`TextPairs`: the smallest dataset the sweeps accept; :data:`IOI_PAIRS`: IOI-like pairs
+  of equal token length on the tiny tokenizer.
+* :data:`REFERENCE`, :func:`reference_qkv`, :func:`capture_modules`, :func:`first_tensor`:
+  expected activations from plain PyTorch hooks, independent of causalpatch.
+* :func:`checkpoint_cells`: finished cells in a checkpoint file.
+* :data:`TESTS_DIR`, :data:`REPO_ROOT`: files are found from these, never from a test's own
+  ``__file__``, so a test module reads the same files from any subfolder.
 
 Tiny models: each builder seeds ``torch`` so the weights are identical on every call. The models
 are small enough (3 layers, ``d_model`` 48-64, vocab 256) to build in milliseconds. The
@@ -18,10 +38,9 @@ round-trips (``"abcdefghijkl"`` is 12 tokens).
 :data:`REFERENCE` holds, per family, the Hugging Face module paths written out by hand. Tests
 use them to compute expected values *independently* of :mod:`causalpatch.adapters`.
 
-Test modules import the plain helpers with ``from conftest import ...`` (``pythonpath =
-["tests"]`` in pyproject.toml puts ``tests/`` on ``sys.path``, for every subfolder); prefer the
-fixtures where a test only needs a model. Files are found from :data:`TESTS_DIR` and
-:data:`REPO_ROOT`, never from a test's own ``__file__``.
+Test modules in every subfolder import the plain helpers with ``from conftest import ...``
+(``pythonpath = ["tests"]`` in pyproject.toml puts ``tests/`` on ``sys.path``); prefer the
+fixtures where a test only needs a model.
 """
 
 from __future__ import annotations
@@ -415,6 +434,13 @@ def make_tiny_lm() -> Callable[[str], Any]:
     return tiny_model
 
 
+@pytest.fixture(scope="module")
+def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, Any]:
+    """``(family, own copy of its tiny random model)`` for every family of :data:`FAMILIES`, one
+    copy per test module (for tests that must not share the session's ``tiny_lm``)."""
+    return tiny_family, make_tiny_lm(tiny_family)
+
+
 @pytest.fixture
 def one_thread():
     """Use one torch thread for the test, then restore the previous count."""
@@ -493,13 +519,6 @@ def small_id_llama(n_kv_heads: int = 4, seed: int = 0) -> Any:
 def small_llama():
     """:func:`small_id_llama` with its defaults (4 key/value heads), one copy per test module."""
     return small_id_llama()
-
-
-@pytest.fixture(scope="module")
-def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, Any]:
-    """``(family, own copy of its tiny random model)`` for every family of :data:`FAMILIES`, one
-    copy per test module (for tests that must not share the session's ``tiny_lm``)."""
-    return tiny_family, make_tiny_lm(tiny_family)
 
 
 # -- saved models and checkpoints (distributed, placement and checkpoint tests) ---------------
