@@ -64,9 +64,9 @@ def overhead(repeats: int) -> dict[str, float]:
 
 
 def leaks(n: int) -> tuple[float, float, bool]:
-    from ckpt_worker import tiny_model
+    from conftest import id_llama
 
-    model = tiny_model()
+    model = id_llama(n_layers=4)  # the checkpoint tests' tiny LLaMA (ckpt_worker.tiny_model)
     before_hooks = model.hook_snapshot()
     prompt = [[5, 9, 13, 17, 21, 25]]
     start = 0.0

@@ -1,4 +1,5 @@
-"""Shared test fixtures and the one copy of the tiny test models and tokenizer.
+"""Shared test fixtures and the one copy of the tiny test models and tokenizer (the layout of
+the suite and how to add tests: ``tests/README.md``).
 
 Fixtures:
 
@@ -6,8 +7,27 @@ Fixtures:
 * ``tiny_family`` / ``tiny_lm``: every tiny random architecture of :data:`FAMILIES`
   (parametrised; each model is built once per session, so tests must leave it unchanged).
 * ``make_tiny_lm``: the factory :func:`tiny_model`, for a test that needs its own fresh copy.
+* ``family_model``: ``(family, own copy of its tiny model)`` for every family, one per module.
+* ``small_llama``: :func:`small_id_llama`, the 3-layer token-id LLaMA (vocabulary 32, large
+  initialisation) of the path-patching and causal-tracing tests, one per module.
+* ``tiny_llama_dir``: the tiny LLaMA saved as a local Hugging Face folder (:func:`save_tiny_llama`),
+  for tests that load from disk (Ray workers, accelerate placement), one per module.
 * ``one_thread``: run a test with one torch thread. Tiny models need it: on a busy machine each
   2-thread matmul waits ~20 ms for the second thread, making a 1 ms forward take 0.5 s.
+
+Builders and helpers (plain functions, ``from conftest import ...``):
+
+* :func:`tiny_hf_model` / :func:`tiny_model` (``family``, optional config changes) and
+  :func:`tiny_tokenizer`; :data:`CONFIGS` per family.
+* :func:`id_llama_hf` / :func:`id_llama`: a seeded tiny LLaMA for prompts given as token ids
+  (:class:`IdTokenizer`); :func:`small_id_llama` is its 3-layer variant.
+* :class:`TextPairs`: the smallest dataset the sweeps accept; :data:`IOI_PAIRS`: IOI-like pairs
+  of equal token length on the tiny tokenizer.
+* :data:`REFERENCE`, :func:`reference_qkv`, :func:`capture_modules`, :func:`first_tensor`:
+  expected activations from plain PyTorch hooks, independent of causalpatch.
+* :func:`checkpoint_cells`: finished cells in a checkpoint file.
+* :data:`TESTS_DIR`, :data:`REPO_ROOT`: files are found from these, never from a test's own
+  ``__file__``, so a test module reads the same files from any subfolder.
 
 Tiny models: each builder seeds ``torch`` so the weights are identical on every call. The models
 are small enough (3 layers, ``d_model`` 48-64, vocab 256) to build in milliseconds. The
@@ -18,16 +38,19 @@ round-trips (``"abcdefghijkl"`` is 12 tokens).
 :data:`REFERENCE` holds, per family, the Hugging Face module paths written out by hand. Tests
 use them to compute expected values *independently* of :mod:`causalpatch.adapters`.
 
-Test modules import the plain helpers with ``from conftest import ...`` (pytest puts ``tests/``
-on ``sys.path``); prefer the fixtures where a test only needs a model.
+Test modules in every subfolder import the plain helpers with ``from conftest import ...``
+(``pythonpath = ["tests"]`` in pyproject.toml puts ``tests/`` on ``sys.path``); prefer the
+fixtures where a test only needs a model.
 """
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +59,11 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 torch.set_num_threads(2)
+
+#: The ``tests/`` folder and the repository root: tests that read files by path start here, so
+#: they do not depend on how deep in ``tests/`` they sit.
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 
 VOCAB_SIZE = 256
 SEED = 0
@@ -177,12 +205,19 @@ CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
 FAMILIES: list[str] = list(CONFIGS)
 
 
-def tiny_hf_model(family: str) -> transformers.PreTrainedModel:
-    """A seeded random ``*ForCausalLM`` of ``family`` in eval mode (float32, CPU)."""
+def tiny_hf_model(family: str, **config_changes: Any) -> transformers.PreTrainedModel:
+    """A seeded random ``*ForCausalLM`` of ``family`` in eval mode (float32, CPU).
+
+    ``config_changes`` are set on the family's config before the model is built
+    (``tiny_hf_model("llama", tie_word_embeddings=True)``); the seed is the same.
+    """
     if family not in CONFIGS:
         raise KeyError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
+    config = CONFIGS[family]()
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     torch.manual_seed(SEED)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]())
+    model = transformers.AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 
@@ -399,6 +434,13 @@ def make_tiny_lm() -> Callable[[str], Any]:
     return tiny_model
 
 
+@pytest.fixture(scope="module")
+def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, Any]:
+    """``(family, own copy of its tiny random model)`` for every family of :data:`FAMILIES`, one
+    copy per test module (for tests that must not share the session's ``tiny_lm``)."""
+    return tiny_family, make_tiny_lm(tiny_family)
+
+
 @pytest.fixture
 def one_thread():
     """Use one torch thread for the test, then restore the previous count."""
@@ -446,11 +488,13 @@ class IdTokenizer:
 
 def id_llama_hf(n_layers: int = 2, vocab_size: int = 64, seed: int = 0,
                 dtype: torch.dtype = torch.float32, **overrides: Any) -> transformers.PreTrainedModel:
-    """A seeded tiny LLaMA (d_model 32, 4 query / 2 key-value heads) for token-id prompts."""
+    """A seeded tiny LLaMA (d_model 32, 4 query / 2 key-value heads) for token-id prompts;
+    ``overrides`` are further ``LlamaConfig`` settings and may replace these ones."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(**{**settings, **overrides})
     return transformers.LlamaForCausalLM(config).eval().to(dtype)
 
 
@@ -461,3 +505,50 @@ def id_llama(n_layers: int = 2, vocab_size: int = 64, seed: int = 0,
 
     return InterpretableModel(id_llama_hf(n_layers, vocab_size, seed, dtype, **overrides),
                               tokenizer=IdTokenizer())
+
+
+def small_id_llama(n_kv_heads: int = 4, seed: int = 0) -> Any:
+    """The 3-layer token-id LLaMA of the path-patching and causal-tracing tests: vocabulary 32,
+    4 query heads and ``n_kv_heads`` key/value heads, ``initializer_range`` 0.3 (so that patching
+    one head moves the logits far above float32 rounding)."""
+    return id_llama(n_layers=3, vocab_size=32, seed=seed, num_key_value_heads=n_kv_heads,
+                    initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def small_llama():
+    """:func:`small_id_llama` with its defaults (4 key/value heads), one copy per test module."""
+    return small_id_llama()
+
+
+# -- saved models and checkpoints (distributed, placement and checkpoint tests) ---------------
+#: ``(clean, corrupted, correct, incorrect)``: IOI-like pairs whose words are single tokens of
+#: the tiny tokenizer, so every pair has the same token length.
+IOI_PAIRS = [
+    (f"When {a} and {b} went to the {place}, {b} gave a drink to",
+     f"When {a} and {b} went to the {place}, {a} gave a drink to", f" {a}", f" {b}")
+    for place in ("store", "city", "Paris", "Rome") for a, b in (("Mary", "John"), ("John", "Mary"))
+]
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """Save the seeded tiny LLaMA (:func:`tiny_hf_model`) and its tokenizer (safetensors) to
+    ``folder``, a local Hugging Face model folder."""
+    tiny_hf_model("llama").save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`save_tiny_llama` in a fresh temporary folder, one per test module."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def checkpoint_cells(path: Path) -> int:
+    """How many finished cells the checkpoint file at ``path`` holds (0 while it is missing or
+    half-written)."""
+    try:
+        return sum(len(c) for c in json.loads(path.read_text())["cells"].values())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0

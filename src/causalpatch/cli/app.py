@@ -7,7 +7,7 @@
 * **Start-up**: this module imports the command modules, which import only typer and rich at
   module level; every command imports torch and the library inside its body, so
   ``causalpatch --help`` and ``causalpatch models`` never import torch or transformers
-  (``tests/test_cli_startup.py``).
+  (``tests/cli/test_cli_startup.py``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Two tiers, both before ``InterpretableModel(...)``:
   ``--positions``), a component that looks like a typo of a known word, ``--metric``,
   ``--direction``, ``--dtype``, ``--format``, ``--plotly``, executor flags. The vocabularies
   below mirror the library's so that these checks need no torch import
-  (``tests/test_cli_startup.py`` checks each mirror against the library).
+  (``tests/cli/test_cli_startup.py`` checks each mirror against the library).
 * **Tier 1, config and tokenizer**: layer and head ranges, ``blocks.N.*`` components, answers
   that are not one token or lack their leading space. These take a
   :class:`~causalpatch.cli.model_info.ModelInfo` (read without weights).
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .model_info import ModelInfo
 
 #: Mirrors of the library's vocabularies, so that tier-0 checks need no torch import
-#: (tests/test_cli_startup.py checks each against the library).
+#: (tests/cli/test_cli_startup.py checks each against the library).
 SWEEP_COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn_head",
                     "attn_head_q", "attn_head_k", "attn_head_v", "mlp_neuron")
 COMPONENT_WORDS = (*SWEEP_COMPONENTS, "embed", "ln_final", "hook_resid_pre", "hook_resid_mid",

@@ -1,5 +1,6 @@
 """``causalpatch models``: the model aliases, whether their packages are installed, and the
-architecture adapters. Imports neither torch nor transformers (``tests/test_cli_startup.py``)."""
+architecture adapters. Imports neither torch nor transformers
+(``tests/cli/test_cli_startup.py``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A Ray driver run as its own process by test_distributed.py (and killed there), plus the
-tiny model and prompt pairs the distributed and placement tests share.
+"""A Ray driver run as its own process by test_distributed.py (and killed there), on the tiny
+model saved by ``conftest.save_tiny_llama`` and the pairs ``conftest.IOI_PAIRS``.
 
 Usage: python ray_driver.py MODEL_DIR ADDRESS CHECKPOINT OUT_JSON [SLEEP_PER_SHARD]
 
@@ -16,26 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-#: (clean, corrupted, correct, incorrect): IOI-like pairs whose words are single tokens of the
-#: tiny tokenizer, so every pair has the same token length.
-PAIRS = [
-    (f"When {a} and {b} went to the {place}, {b} gave a drink to",
-     f"When {a} and {b} went to the {place}, {a} gave a drink to", f" {a}", f" {b}")
-    for place in ("store", "city", "Paris", "Rome") for a, b in (("Mary", "John"), ("John", "Mary"))
-]
-
-
-def save_tiny_llama(folder: Path) -> Path:
-    """Save the seeded tiny LLaMA of conftest and its tokenizer (safetensors) to ``folder``."""
-    from conftest import tiny_hf_model, tiny_tokenizer
-
-    tiny_hf_model("llama").save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def main(argv: list[str]) -> None:
     import torch
+    from conftest import IOI_PAIRS  # first: importing conftest sets 2 torch threads
 
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -45,7 +28,7 @@ def main(argv: list[str]) -> None:
     model_dir, address, checkpoint, out = argv[:4]
     sleep = float(argv[4]) if len(argv) > 4 else 0.0
     model = InterpretableModel(model_dir)
-    rows = PAIRS[:8]
+    rows = IOI_PAIRS[:8]
     clean, corrupted = [r[0] for r in rows], [r[1] for r in rows]
     correct, incorrect = [r[2] for r in rows], [r[3] for r in rows]
     n_cells = model.n_layers * model.n_heads

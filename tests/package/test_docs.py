@@ -7,15 +7,14 @@ session's already loaded SmolLM2 instead of loading it again (same class, same w
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import matplotlib
 import pytest
+from conftest import REPO_ROOT
 
 import causalpatch
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 

@@ -4,7 +4,6 @@ the model carries exactly accelerate's hooks (never removed, never duplicated)."
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,7 @@ from causalpatch import (InterpretableModel, ablate, activation_patching, attrib
                          causal_tracing, path_patching)
 from causalpatch.errors import InvalidArgumentError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TextPairs  # noqa: E402
-from ray_driver import PAIRS, save_tiny_llama  # noqa: E402
+from conftest import IOI_PAIRS, TextPairs
 
 #: Layers 1-2 and the unembedding live on disk, the rest in CPU memory.
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
@@ -27,22 +24,17 @@ COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn_head"
               "attn_head_q", "attn_head_k", "attn_head_v", "mlp_neuron")
 
 
-DATA = TextPairs.of(PAIRS[:3])
+DATA = TextPairs.of(IOI_PAIRS[:3])
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+def memory(tiny_llama_dir: Path) -> InterpretableModel:
+    return InterpretableModel(str(tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")
-def memory(model_dir: Path) -> InterpretableModel:
-    return InterpretableModel(str(model_dir))
-
-
-@pytest.fixture(scope="module")
-def offloaded(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> InterpretableModel:
-    return InterpretableModel(str(model_dir), device_map=SPLIT,
+def offloaded(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> InterpretableModel:
+    return InterpretableModel(str(tiny_llama_dir), device_map=SPLIT,
                               offload_folder=tmp_path_factory.mktemp("offload"))
 
 
@@ -125,10 +117,10 @@ def test_a_failing_call_keeps_accelerates_hooks(offloaded):
         path in before for path in offloaded.hook_snapshot())
 
 
-def test_auto_device_map_with_a_memory_budget_offloads_to_disk(model_dir, memory, tmp_path,
+def test_auto_device_map_with_a_memory_budget_offloads_to_disk(tiny_llama_dir, memory, tmp_path,
                                                                 one_thread):
     # 300 KB of CPU memory holds the embedding only: accelerate puts the rest on disk
-    auto = InterpretableModel(str(model_dir), device_map="auto", max_memory={"cpu": "300KB"},
+    auto = InterpretableModel(str(tiny_llama_dir), device_map="auto", max_memory={"cpu": "300KB"},
                               offload_folder=tmp_path / "off", dtype=torch.float32)
     assert auto.device_map["model.embed_tokens"] == "cpu"
     assert "disk" in auto.device_map.values()
@@ -151,7 +143,7 @@ def test_auto_device_map_with_a_memory_budget_offloads_to_disk(model_dir, memory
     (dict(device_map="auto", max_memory={"cuda:7": "10GiB"}), "does not exist"),
     (dict(device_map=["cpu"]), "must be a strategy"),
 ])
-def test_bad_placement_is_refused_before_loading(model_dir, monkeypatch, kwargs, message):
+def test_bad_placement_is_refused_before_loading(tiny_llama_dir, monkeypatch, kwargs, message):
     import transformers
 
     def never(*args: Any, **kw: Any) -> None:
@@ -159,7 +151,7 @@ def test_bad_placement_is_refused_before_loading(model_dir, monkeypatch, kwargs,
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
     with pytest.raises(InvalidArgumentError, match=message):
-        InterpretableModel(str(model_dir), **kwargs)
+        InterpretableModel(str(tiny_llama_dir), **kwargs)
 
 
 def test_placement_of_a_loaded_model_is_refused(memory):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IdTokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import causalpatch.interventions as iv
 from causalpatch import InterpretableModel
@@ -17,21 +15,6 @@ from causalpatch.methods.causal_tracing import (GROUPS, answer_prob, causal_trac
 PROMPT = "t5 t6 t7 t8 t9 t10 t11"
 SUBJECT = "t6 t7"  # tokens 1..2
 IDS = [5, 6, 7, 8, 9, 10, 11]
-
-
-@pytest.fixture(scope="module")
-def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, InterpretableModel]:
-    """``(family, own copy of its tiny random model)`` for every supported architecture."""
-    return tiny_family, make_tiny_lm(tiny_family)
-
-
-@pytest.fixture(scope="module")
-def small() -> InterpretableModel:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, initializer_range=0.3)
-    return InterpretableModel(LlamaForCausalLM(config).eval(), tokenizer=IdTokenizer())
 
 
 def naive_p(model: InterpretableModel, ids: list[int], span: tuple[int, int],
@@ -52,48 +35,48 @@ def naive_p(model: InterpretableModel, ids: list[int], span: tuple[int, int],
     return float(torch.softmax(logits.float(), -1)[:, answer].mean())
 
 
-def test_embedding_std(small):
-    weight = small.hf_model.get_input_embeddings().weight.detach()
-    assert embedding_std(small) == pytest.approx(float(weight.double().std()), rel=1e-6)
+def test_embedding_std(small_llama):
+    weight = small_llama.hf_model.get_input_embeddings().weight.detach()
+    assert embedding_std(small_llama) == pytest.approx(float(weight.double().std()), rel=1e-6)
 
 
-def test_subject_span_decoded_tokens(small):
-    assert subject_span(small, PROMPT, SUBJECT) == (1, 3)
-    assert subject_span(small, IDS, "t10") == (5, 6)
-    assert subject_span(small, PROMPT, (2, 4)) == (2, 4)
+def test_subject_span_decoded_tokens(small_llama):
+    assert subject_span(small_llama, PROMPT, SUBJECT) == (1, 3)
+    assert subject_span(small_llama, IDS, "t10") == (5, 6)
+    assert subject_span(small_llama, PROMPT, (2, 4)) == (2, 4)
     with pytest.raises(InvalidArgumentError, match="'t4' not found in prompt 't5 t6"):
-        subject_span(small, PROMPT, "t4")
+        subject_span(small_llama, PROMPT, "t4")
 
 
-def test_subject_not_found_errors(small):
-    before = small.hook_snapshot()
+def test_subject_not_found_errors(small_llama):
+    before = small_llama.hook_snapshot()
     with pytest.raises(InvalidArgumentError, match="subject 't30 t31' not found in prompt"):
-        causal_tracing(small, PROMPT, "t30 t31", samples=2)
+        causal_tracing(small_llama, PROMPT, "t30 t31", samples=2)
     with pytest.raises(InvalidArgumentError, match="'t9 t5' not found"):
-        causal_tracing(small, [PROMPT, PROMPT], ["t6", "t9 t5"], samples=2)
-    assert small.hook_snapshot() == before
+        causal_tracing(small_llama, [PROMPT, PROMPT], ["t6", "t9 t5"], samples=2)
+    assert small_llama.hook_snapshot() == before
 
 
 @pytest.fixture(scope="module")
-def traced(small):
-    return causal_tracing(small, PROMPT, SUBJECT, noise=3.0, samples=4, seed=7,
+def traced(small_llama):
+    return causal_tracing(small_llama, PROMPT, SUBJECT, noise=3.0, samples=4, seed=7,
                           components=("resid_pre", "resid_post", "mlp", "attn"),
                           window=1, position_groups=False)
 
 
-def test_baselines_match_plain_traces(small, traced):
+def test_baselines_match_plain_traces(small_llama, traced):
     answer = traced.answers[0]
-    clean = torch.softmax(small.trace([IDS]).run().last_logits[0].float(), -1)
+    clean = torch.softmax(small_llama.trace([IDS]).run().last_logits[0].float(), -1)
     assert answer == int(clean.argmax())
     assert float(traced.p_clean[0]) == pytest.approx(float(clean[answer]), abs=1e-6)
-    expected = naive_p(small, IDS, (1, 3), traced.noise[0], answer)
+    expected = naive_p(small_llama, IDS, (1, 3), traced.noise[0], answer)
     assert float(traced.p_corrupted[0]) == pytest.approx(expected, abs=1e-6)
     assert traced.noise[0].shape == (4, 2, 32)
-    assert traced.sigma == pytest.approx(3.0 * embedding_std(small))
+    assert traced.sigma == pytest.approx(3.0 * embedding_std(small_llama))
 
 
 @pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "mlp", "attn"])
-def test_every_cell_matches_naive(small, traced, kind):
+def test_every_cell_matches_naive(small_llama, traced, kind):
     """Every (layer, position) of the batched staircase equals one plain trace with the
     restoration as an intervention (same noise)."""
     answer, p_corr = traced.answers[0], float(traced.p_corrupted[0])
@@ -102,29 +85,30 @@ def test_every_cell_matches_naive(small, traced, kind):
     assert traced[kind].axes == ("layer", "position")
     for layer in range(3):
         for p in range(7):
-            expected = naive_p(small, IDS, (1, 3), traced.noise[0], answer,
+            expected = naive_p(small_llama, IDS, (1, 3), traced.noise[0], answer,
                                {f"blocks.{layer}.{kind}": p}) - p_corr
             assert float(effect[layer, p]) == pytest.approx(expected, abs=2e-6), (layer, p)
     assert (effect[:, 0] == 0).all()  # before the subject nothing is corrupted
 
 
-def test_window_matches_naive(small):
-    result = causal_tracing(small, PROMPT, SUBJECT, samples=3, components=("mlp", "attn"),
+def test_window_matches_naive(small_llama):
+    result = causal_tracing(small_llama, PROMPT, SUBJECT, samples=3, components=("mlp", "attn"),
                             window=2, position_groups=False)
     answer, p_corr = result.answers[0], float(result.p_corrupted[0])
     for kind in ("mlp", "attn"):
         for layer, layers in ((0, [0]), (1, [0, 1]), (2, [1, 2])):  # window 2 centred at L
             for p in (2, 4, 6):
                 restore = {f"blocks.{lr}.{kind}": p for lr in layers}
-                expected = naive_p(small, IDS, (1, 3), result.noise[0], answer, restore) - p_corr
+                expected = (naive_p(small_llama, IDS, (1, 3), result.noise[0], answer, restore)
+                            - p_corr)
                 got = float(result[kind].effect_matrix[layer, p])
                 assert got == pytest.approx(expected, abs=2e-6), (kind, layer, p)
 
 
-def test_exact_restorations(small):
+def test_exact_restorations(small_llama):
     """Restoring the whole clean state gives p_clean: the final residual at the last position,
     or the input embedding of a one-token subject."""
-    result = causal_tracing(small, PROMPT, "t8", samples=5,
+    result = causal_tracing(small_llama, PROMPT, "t8", samples=5,
                             components=("resid_pre", "resid_post"), position_groups=False)
     ie_full = float(result.p_clean[0] - result.p_corrupted[0])
     assert abs(ie_full) > 1e-3
@@ -134,12 +118,12 @@ def test_exact_restorations(small):
     assert (result["resid_post"].effect_matrix[2, :6] == 0).all()
 
 
-def test_noise_draws_share_batches_and_skip_positions_before_the_subject(small):
+def test_noise_draws_share_batches_and_skip_positions_before_the_subject(small_llama):
     """Every restoration of a position and every noise draw are rows of the same staircase
     passes; positions before the subject and last-layer restorations at earlier positions are
     never computed (exactly the corrupted run)."""
     samples = 4
-    result = causal_tracing(small, PROMPT, SUBJECT, samples=samples,
+    result = causal_tracing(small_llama, PROMPT, SUBJECT, samples=samples,
                             components=("resid_post", "mlp"), window=1, position_groups=False)
     stats = result["mlp"].extra["engine"]
     n, T, s0 = 3, 7, 1
@@ -162,11 +146,11 @@ def test_answer_prob_is_the_softmax_entry():
                                atol=1e-7, rtol=1e-5)
 
 
-def test_noise_is_deterministic(small):
+def test_noise_is_deterministic(small_llama):
     kwargs = dict(samples=3, components=("mlp",), position_groups=False)
-    a = causal_tracing(small, PROMPT, SUBJECT, seed=3, **kwargs)
-    b = causal_tracing(small, PROMPT, SUBJECT, seed=3, **kwargs)
-    c = causal_tracing(small, PROMPT, SUBJECT, seed=4, **kwargs)
+    a = causal_tracing(small_llama, PROMPT, SUBJECT, seed=3, **kwargs)
+    b = causal_tracing(small_llama, PROMPT, SUBJECT, seed=3, **kwargs)
+    c = causal_tracing(small_llama, PROMPT, SUBJECT, seed=4, **kwargs)
     assert torch.equal(a.noise[0], b.noise[0])
     assert torch.equal(a["mlp"].effect_matrix, b["mlp"].effect_matrix)
     assert not torch.equal(a.noise[0], c.noise[0])
@@ -175,10 +159,10 @@ def test_noise_is_deterministic(small):
     assert a.noise[0].std().item() == pytest.approx(a.sigma, rel=0.25)
 
 
-def test_batch_size_does_not_change_results(small):
+def test_batch_size_does_not_change_results(small_llama):
     kwargs = dict(samples=3, components=("resid_post", "attn"), position_groups=False)
-    one = causal_tracing(small, PROMPT, SUBJECT, batch_size=1, **kwargs)
-    many = causal_tracing(small, PROMPT, SUBJECT, **kwargs)
+    one = causal_tracing(small_llama, PROMPT, SUBJECT, batch_size=1, **kwargs)
+    many = causal_tracing(small_llama, PROMPT, SUBJECT, **kwargs)
     for kind in ("resid_post", "attn"):
         torch.testing.assert_close(one[kind].effect_matrix, many[kind].effect_matrix,
                                    atol=1e-6, rtol=0)
@@ -191,12 +175,12 @@ def test_position_groups():
     assert position_groups(3, (0, 2)) == [[0], [], [1], [], [], [2]]
 
 
-def test_groups_average_over_prompts(small):
+def test_groups_average_over_prompts(small_llama):
     prompts = [PROMPT, "t9 t12 t13 t14 t15", "t20 t21 t22 t23 t24 t25"]
     subjects = [SUBJECT, "t12 t13 t14", "t20"]
-    before = small.hook_snapshot()
-    result = causal_tracing(small, prompts, subjects, samples=2, components=("mlp",))
-    assert small.hook_snapshot() == before
+    before = small_llama.hook_snapshot()
+    result = causal_tracing(small_llama, prompts, subjects, samples=2, components=("mlp",))
+    assert small_llama.hook_snapshot() == before
     mlp = result["mlp"]
     assert mlp.shape == (3, 6) and mlp.axes == ("layer", "group")
     assert mlp.labels["group"] == list(GROUPS)
@@ -214,50 +198,50 @@ def test_groups_average_over_prompts(small):
     assert result.per_position[0]["mlp"].shape == (3, 7)
 
 
-def test_dataset_function_and_answers(small):
+def test_dataset_function_and_answers(small_llama):
     facts = [{"prompt": PROMPT, "subject": SUBJECT, "answer": 3},
              {"prompt": "t9 t12 t13 t14 t15", "subject": "t12"}]
-    result = causal_tracing_dataset(small, facts, samples=2, components=("attn",))
+    result = causal_tracing_dataset(small_llama, facts, samples=2, components=("attn",))
     assert result.answers[0] == 3
     assert result["attn"].shape == (3, 6)
     with pytest.raises(InvalidArgumentError, match="must be a dict with"):
-        causal_tracing_dataset(small, [{"prompt": PROMPT}])
+        causal_tracing_dataset(small_llama, [{"prompt": PROMPT}])
 
 
-def test_bad_arguments(small):
+def test_bad_arguments(small_llama):
     with pytest.raises(InvalidArgumentError, match="components"):
-        causal_tracing(small, PROMPT, SUBJECT, components=("attn.z",))
+        causal_tracing(small_llama, PROMPT, SUBJECT, components=("attn.z",))
     with pytest.raises(InvalidArgumentError, match="samples"):
-        causal_tracing(small, PROMPT, SUBJECT, samples=0)
+        causal_tracing(small_llama, PROMPT, SUBJECT, samples=0)
     with pytest.raises(InvalidArgumentError, match="equal token length"):
-        causal_tracing(small, [PROMPT, "t5 t6 t7"], SUBJECT, position_groups=False)
+        causal_tracing(small_llama, [PROMPT, "t5 t6 t7"], SUBJECT, position_groups=False)
 
 
-def test_bad_noise_and_answer_are_refused_before_any_forward(small, monkeypatch):
+def test_bad_noise_and_answer_are_refused_before_any_forward(small_llama, monkeypatch):
     import causalpatch.methods.causal_tracing as ct
 
     def no_forward(*args, **kwargs):
         raise AssertionError("a forward pass ran before the arguments were checked")
 
     monkeypatch.setattr(ct, "run_perturbed", no_forward)
-    before = small.hook_snapshot()
+    before = small_llama.hook_snapshot()
     for noise in (0, 0.0, -1.0):
         with pytest.raises(InvalidArgumentError, match="noise must be a positive number"):
-            causal_tracing(small, PROMPT, SUBJECT, noise=noise)
+            causal_tracing(small_llama, PROMPT, SUBJECT, noise=noise)
     with pytest.raises(InvalidArgumentError):  # two tokens: the answer must be one
-        causal_tracing(small, PROMPT, SUBJECT, answer="t5 t6")
-    assert small.hook_snapshot() == before
+        causal_tracing(small_llama, PROMPT, SUBJECT, answer="t5 t6")
+    assert small_llama.hook_snapshot() == before
 
 
-def test_repeated_subject_traces_its_first_occurrence_and_says_so(small):
+def test_repeated_subject_traces_its_first_occurrence_and_says_so(small_llama):
     prompt = "t5 t6 t7 t6 t8"
-    result = causal_tracing(small, prompt, "t6", samples=1, components=("resid_post",),
+    result = causal_tracing(small_llama, prompt, "t6", samples=1, components=("resid_post",),
                             position_groups=False)
     assert result.spans == [(1, 2)]
     extra = result["resid_post"].extra
     assert extra["subject_occurrences"] == [2]
     assert "occurs 2 times" in extra["subject_note"] and "tokens 1..1" in extra["subject_note"]
-    once = causal_tracing(small, PROMPT, SUBJECT, samples=1, components=("resid_post",),
+    once = causal_tracing(small_llama, PROMPT, SUBJECT, samples=1, components=("resid_post",),
                           position_groups=False)["resid_post"].extra
     assert once["subject_occurrences"] == [1] and "subject_note" not in once
 

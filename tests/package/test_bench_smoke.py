@@ -6,12 +6,12 @@ The benchmark itself is `make bench` / `bench_patching.py --quick`."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import bench_patching as B  # noqa: E402
 import peers as P  # noqa: E402

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from conftest import IdTokenizer, id_llama_hf
+from conftest import IdTokenizer, TextPairs, id_llama_hf
 
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.methods.attribution import attribution_patching
@@ -130,16 +130,10 @@ def test_noise_direction_takes_the_gradient_on_the_clean_run(tiny):
 
 
 # -- datasets ----------------------------------------------------------------------------------
-class Pairs:
-    def __init__(self, clean, corrupted, correct, incorrect):
-        self.clean, self.corrupted, self.correct, self.incorrect = (
-            clean, corrupted, correct, incorrect)
-
-
 def test_dataset_averages_estimates_and_normalises_by_the_mean_gap(tiny):
-    data = Pairs([[1, 2, 5, 4, 3, 7], [8, 9, 5, 4, 3], [1, 5, 2, 4, 3, 7]],
-                 [[1, 2, 6, 4, 3, 7], [8, 9, 6, 4, 3], [1, 6, 2, 4, 3, 7]],
-                 [3, 3, 11], [9, 9, 12])
+    data = TextPairs([[1, 2, 5, 4, 3, 7], [8, 9, 5, 4, 3], [1, 5, 2, 4, 3, 7]],
+                     [[1, 2, 6, 4, 3, 7], [8, 9, 6, 4, 3], [1, 6, 2, 4, 3, 7]],
+                     [3, 3, 11], [9, 9, 12])
     res = attribution_patching(tiny, data, component="attn_head", batch_size=2)
     singles = [attribution_patching(tiny, [c], [k], component="attn_head", correct=a,
                                     incorrect=b)

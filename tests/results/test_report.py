@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from causalpatch._io import atomic_write_bytes
 from causalpatch.errors import InvalidArgumentError, InvalidTypeError
@@ -25,8 +26,7 @@ from causalpatch.render.html import report, script_json
 from causalpatch.render.markdown import to_markdown
 from causalpatch.result import PatchingResult, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "img" / "report.png"
+SCREENSHOT = REPO_ROOT / "docs" / "img" / "report.png"
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 IOI_NAMES = [("Mary", "John"), ("Anne", "Tom"), ("Lisa", "Mark")]
 IOI_CLEAN = [f"When {a} and {b} went to the store, {b} gave a drink to" for a, b in IOI_NAMES]

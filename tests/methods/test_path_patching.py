@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IdTokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import small_id_llama
 
 import causalpatch.interventions as iv
 from causalpatch import InterpretableModel, activation_patching
@@ -17,29 +16,10 @@ CORRUPTED = [5, 6, 7, 20, 9, 10, 21, 12]
 CORRECT, INCORRECT = 3, 4
 
 
-def make_tiny(n_kv_heads: int = 4, seed: int = 0) -> InterpretableModel:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=n_kv_heads, max_position_embeddings=64,
-                         initializer_range=0.3)
-    return InterpretableModel(LlamaForCausalLM(config).eval(), tokenizer=IdTokenizer())
-
-
-@pytest.fixture(scope="module")
-def family_model(tiny_family: str, make_tiny_lm) -> tuple[str, InterpretableModel]:
-    """``(family, own copy of its tiny random model)`` for every supported architecture."""
-    return tiny_family, make_tiny_lm(tiny_family)
-
-
-@pytest.fixture(scope="module")
-def small() -> InterpretableModel:
-    return make_tiny()
-
-
 @pytest.fixture(scope="module")
 def small_gqa() -> InterpretableModel:
-    return make_tiny(n_kv_heads=2, seed=1)
+    """``conftest.small_llama`` with grouped-query attention (2 key/value heads), seed 1."""
+    return small_id_llama(n_kv_heads=2, seed=1)
 
 
 def logit_diff(logits: torch.Tensor, correct: int = CORRECT, incorrect: int = INCORRECT) -> float:
@@ -101,19 +81,19 @@ def run(model: InterpretableModel, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("sender,receiver", [((0, 1), (2, 3)), ((0, 2), (1, 0)),
                                              ((1, 0), (2, 1)), ((0, None), (2, 2)),
                                              ((1, None), (2, 0))])
-def test_matches_brute_force_q(small, direction, sender, receiver, freeze):
+def test_matches_brute_force_q(small_llama, direction, sender, receiver, freeze):
     base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
-    expected = brute_force(small, base, source, sender, receiver, freeze=freeze)
-    got = run(small, senders=[sender], receivers=[receiver], receiver_input="q",
+    expected = brute_force(small_llama, base, source, sender, receiver, freeze=freeze)
+    got = run(small_llama, senders=[sender], receivers=[receiver], receiver_input="q",
               direction=direction, freeze=freeze)
     assert abs(expected) > 1e-3  # the path carries something: the comparison means something
     assert got.shape == (1,)
     assert float(got[0]) == pytest.approx(expected, abs=1e-4)
 
 
-def test_full_sweep_matches_brute_force(small):
+def test_full_sweep_matches_brute_force(small_llama):
     """All heads as senders, one batch: every cell equals its brute-force value."""
-    result = path_patching(small, [CLEAN], [CORRUPTED], senders="attn_head",
+    result = path_patching(small_llama, [CLEAN], [CORRUPTED], senders="attn_head",
                            receivers=[(2, 1)], receiver_input="q", correct=CORRECT,
                            incorrect=INCORRECT)
     assert result.method == "path_patching"
@@ -125,7 +105,7 @@ def test_full_sweep_matches_brute_force(small):
             if layer >= 2:  # no path from a head in the receiver's layer or later
                 assert got == 0.0
             else:
-                expected = brute_force(small, CLEAN, CORRUPTED, (layer, head), (2, 1))
+                expected = brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), (2, 1))
                 assert got == pytest.approx(expected, abs=1e-4)
 
 
@@ -137,13 +117,13 @@ def test_matches_brute_force_kv_gqa(small_gqa, kind):
     assert float(got[0]) == pytest.approx(expected, abs=1e-4)
 
 
-def test_several_receivers_and_inputs(small):
+def test_several_receivers_and_inputs(small_llama):
     """Two receivers in two layers, q and k together: the brute force patches all of them."""
     sender, receivers = (0, 3), [(1, 2), (2, 0)]
-    n = small.n_layers
+    n = small_llama.n_layers
     names = [f"blocks.{layer}.{k}" for layer in range(n) for k in ("attn.z", "mlp")]
-    base_cache = small.trace([CLEAN], cache=names).run().cache
-    source_cache = small.trace([CORRUPTED], cache=names).run().cache
+    base_cache = small_llama.trace([CLEAN], cache=names).run().cache
+    source_cache = small_llama.trace([CORRUPTED], cache=names).run().cache
     frozen = {}
     for name in names:
         value = base_cache[name].clone()
@@ -151,100 +131,100 @@ def test_several_receivers_and_inputs(small):
             value[:, :, 3] = source_cache[name][:, :, 3]
         frozen[name] = iv.replace_with(value)
     reads = [f"blocks.{layer}.attn.{k}" for layer, _ in receivers for k in ("q", "k")]
-    rec = small.trace([CLEAN], interventions=frozen, cache=reads).run().cache
+    rec = small_llama.trace([CLEAN], interventions=frozen, cache=reads).run().cache
     patch = {}
     for layer, head in receivers:
         for k in ("q", "k"):
             name = f"blocks.{layer}.attn.{k}"
             patch[name] = iv.replace_with(rec[name][:, :, head : head + 1], heads=[head])
-    base_ld = logit_diff(small.trace([CLEAN]).run().last_logits[0])
-    source_ld = logit_diff(small.trace([CORRUPTED]).run().last_logits[0])
-    patched = logit_diff(small.trace([CLEAN], interventions=patch).run().last_logits[0])
+    base_ld = logit_diff(small_llama.trace([CLEAN]).run().last_logits[0])
+    source_ld = logit_diff(small_llama.trace([CORRUPTED]).run().last_logits[0])
+    patched = logit_diff(small_llama.trace([CLEAN], interventions=patch).run().last_logits[0])
     expected = (patched - base_ld) / (source_ld - base_ld)
-    got = run(small, senders=[sender], receivers=receivers, receiver_input=("q", "k"),
+    got = run(small_llama, senders=[sender], receivers=receivers, receiver_input=("q", "k"),
               freeze="all")
     assert float(got[0]) == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("freeze", ["heads", "all"])
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
-def test_resid_receivers_match_brute_force(small, direction, freeze):
+def test_resid_receivers_match_brute_force(small_llama, direction, freeze):
     base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
-    result = path_patching(small, [CLEAN], [CORRUPTED], senders="mlp", receivers="logits",
+    result = path_patching(small_llama, [CLEAN], [CORRUPTED], senders="mlp", receivers="logits",
                            direction=direction, correct=CORRECT, incorrect=INCORRECT,
                            freeze=freeze)
     assert result.effect_matrix.shape == (3,)
     assert result.extra["freeze"] == freeze
     for layer in range(3):
-        expected = brute_force(small, base, source, (layer, None), None, freeze=freeze)
+        expected = brute_force(small_llama, base, source, (layer, None), None, freeze=freeze)
         assert float(result.effect_matrix[layer]) == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
-def test_last_layer_mlp_to_logits_is_activation_patching(small, direction):
+def test_last_layer_mlp_to_logits_is_activation_patching(small_llama, direction):
     """The last MLP reaches the logits only directly: path patching = activation patching."""
-    path = run(small, senders=[(2, None)], receivers="logits", direction=direction)
-    act = activation_patching(small, [CLEAN], [CORRUPTED], component="mlp", layers=[2],
+    path = run(small_llama, senders=[(2, None)], receivers="logits", direction=direction)
+    act = activation_patching(small_llama, [CLEAN], [CORRUPTED], component="mlp", layers=[2],
                               direction=direction, correct=CORRECT, incorrect=INCORRECT)
     assert float(path[0]) == pytest.approx(float(act.effect_matrix[0]), abs=1e-5)
 
 
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
-def test_last_layer_head_to_logits(small, direction):
+def test_last_layer_head_to_logits(small_llama, direction):
     """A last-layer head reaches the logits directly and through its own layer's MLP; path
     patching freezes that MLP, so it equals activation patching of the head with the MLP held
     at its base value."""
     base, source = (CLEAN, CORRUPTED) if direction == "noise" else (CORRUPTED, CLEAN)
     z, mlp = "blocks.2.attn.z", "blocks.2.mlp"
-    base_cache = small.trace([base], cache=[z, mlp]).run().cache
-    source_z = small.trace([source], cache=[z]).run().cache[z]
-    base_ld = logit_diff(small.trace([base]).run().last_logits[0])
-    source_ld = logit_diff(small.trace([source]).run().last_logits[0])
-    result = run(small, senders="attn_head", receivers="logits", direction=direction,
+    base_cache = small_llama.trace([base], cache=[z, mlp]).run().cache
+    source_z = small_llama.trace([source], cache=[z]).run().cache[z]
+    base_ld = logit_diff(small_llama.trace([base]).run().last_logits[0])
+    source_ld = logit_diff(small_llama.trace([source]).run().last_logits[0])
+    result = run(small_llama, senders="attn_head", receivers="logits", direction=direction,
                  freeze="all")
     for head in range(4):
-        patched = logit_diff(small.trace([base], interventions={
+        patched = logit_diff(small_llama.trace([base], interventions={
             z: iv.replace_with(source_z[:, :, head : head + 1], heads=[head]),
             mlp: iv.replace_with(base_cache[mlp])}).run().last_logits[0])
         expected = (patched - base_ld) / (source_ld - base_ld)
         assert float(result[2, head]) == pytest.approx(expected, abs=1e-4)
 
 
-def test_receiver_before_sender_errors(small):
+def test_receiver_before_sender_errors(small_llama):
     with pytest.raises(InvalidArgumentError,
                        match="receiver layer 1 must come after sender layer 1"):
-        run(small, senders=[(1, 0)], receivers=[(1, 2)])
+        run(small_llama, senders=[(1, 0)], receivers=[(1, 2)])
     with pytest.raises(InvalidArgumentError,
                        match="receiver layer 0 must come after sender layer 2"):
-        run(small, senders=[(2, None)], receivers=[(0, 1)])
+        run(small_llama, senders=[(2, None)], receivers=[(0, 1)])
     with pytest.raises(InvalidArgumentError, match="receiver layer 0 must come after"):
-        run(small, senders="attn_head", receivers=[(0, 1)])
+        run(small_llama, senders="attn_head", receivers=[(0, 1)])
 
 
-def test_bad_arguments(small):
+def test_bad_arguments(small_llama):
     with pytest.raises(InvalidArgumentError, match="receiver_input"):
-        run(small, senders=[(0, 1)], receivers=[(2, 1)], receiver_input="z")
+        run(small_llama, senders=[(0, 1)], receivers=[(2, 1)], receiver_input="z")
     with pytest.raises(InvalidArgumentError, match="receivers='logits'"):
-        run(small, senders=[(0, 1)], receivers=[(2, 1)], receiver_input="resid")
+        run(small_llama, senders=[(0, 1)], receivers=[(2, 1)], receiver_input="resid")
     with pytest.raises(InvalidArgumentError, match="direction"):
-        run(small, direction="sideways")
+        run(small_llama, direction="sideways")
     with pytest.raises(OutOfRangeError):
-        run(small, senders=[(0, 9)], receivers=[(2, 1)])
+        run(small_llama, senders=[(0, 9)], receivers=[(2, 1)])
     with pytest.raises(OutOfRangeError):
-        run(small, senders=[(0, 1)], receivers=[(5, 1)])
+        run(small_llama, senders=[(0, 1)], receivers=[(5, 1)])
     with pytest.raises(InvalidArgumentError, match="unknown senders"):
-        run(small, senders="neurons")
+        run(small_llama, senders="neurons")
 
 
-def test_empty_senders_and_inseparable_heads_are_refused(small, make_tiny_lm):
+def test_empty_senders_and_inseparable_heads_are_refused(small_llama, make_tiny_lm):
     import dataclasses
 
     from causalpatch.errors import UnsupportedArchitectureError
 
-    before = small.hook_snapshot()
+    before = small_llama.hook_snapshot()
     with pytest.raises(InvalidArgumentError, match="senders is empty"):
-        run(small, senders=[], receivers="logits")
-    assert small.hook_snapshot() == before
+        run(small_llama, senders=[], receivers="logits")
+    assert small_llama.hook_snapshot() == before
     fused = make_tiny_lm("llama")  # an adapter whose heads cannot be told apart
     fused.adapter = dataclasses.replace(
         fused.adapter, unsupported=lambda config: {"attn.z": "its attention is one fused op"})
@@ -255,21 +235,21 @@ def test_empty_senders_and_inseparable_heads_are_refused(small, make_tiny_lm):
     assert fused.hook_snapshot() == untouched
 
 
-def test_hooks_removed_and_batching_invariant(small):
-    before = small.hook_snapshot()
-    one = run(small, senders="attn_head", receivers=[(2, 0), (2, 3)], batch_size=1)
-    many = run(small, senders="attn_head", receivers=[(2, 0), (2, 3)])
-    assert small.hook_snapshot() == before
+def test_hooks_removed_and_batching_invariant(small_llama):
+    before = small_llama.hook_snapshot()
+    one = run(small_llama, senders="attn_head", receivers=[(2, 0), (2, 3)], batch_size=1)
+    many = run(small_llama, senders="attn_head", receivers=[(2, 0), (2, 3)])
+    assert small_llama.hook_snapshot() == before
     torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
     with pytest.raises(InvalidArgumentError):
-        run(small, senders=[(2, 0)], receivers=[(1, 0)])
-    assert small.hook_snapshot() == before
+        run(small_llama, senders=[(2, 0)], receivers=[(1, 0)])
+    assert small_llama.hook_snapshot() == before
 
 
-def test_dataset_of_pairs_averages(small):
+def test_dataset_of_pairs_averages(small_llama):
     clean = [CLEAN, [5, 6, 7, 8, 13, 10, 11, 12]]
     corrupted = [CORRUPTED, [5, 6, 7, 8, 14, 10, 11, 12]]
-    result = path_patching(small, clean, corrupted, senders="mlp", receivers="logits",
+    result = path_patching(small_llama, clean, corrupted, senders="mlp", receivers="logits",
                            correct=CORRECT, incorrect=INCORRECT)
     assert result.per_pair is not None and result.per_pair.shape == (2, 3)
     torch.testing.assert_close(result.per_pair.mean(0), result.effect_matrix, atol=1e-5, rtol=0)
@@ -277,34 +257,36 @@ def test_dataset_of_pairs_averages(small):
 
 
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
-def test_last_layer_head_to_logits_with_mlps_recomputed_is_activation_patching(small, direction):
+def test_last_layer_head_to_logits_with_mlps_recomputed_is_activation_patching(small_llama,
+                                                                               direction):
     """With freeze="heads" nothing but the head and its layer's (recomputed) MLP moves."""
-    result = run(small, senders="attn_head", receivers="logits", direction=direction)
-    act = activation_patching(small, [CLEAN], [CORRUPTED], component="attn_head", layers=[2],
+    result = run(small_llama, senders="attn_head", receivers="logits", direction=direction)
+    act = activation_patching(small_llama, [CLEAN], [CORRUPTED], component="attn_head", layers=[2],
                               direction=direction, correct=CORRECT, incorrect=INCORRECT)
     assert torch.allclose(result[2], act.effect_matrix[0], atol=1e-5)
 
 
-def test_freeze_heads_and_all_differ_where_an_mlp_carries_the_path(small):
-    heads = run(small, senders=[(0, 1)], receivers="logits", freeze="heads")
-    frozen = run(small, senders=[(0, 1)], receivers="logits", freeze="all")
+def test_freeze_heads_and_all_differ_where_an_mlp_carries_the_path(small_llama):
+    heads = run(small_llama, senders=[(0, 1)], receivers="logits", freeze="heads")
+    frozen = run(small_llama, senders=[(0, 1)], receivers="logits", freeze="all")
     assert abs(float(heads[0]) - float(frozen[0])) > 1e-4
 
 
 @pytest.mark.parametrize("freeze", ["heads", "all"])
-def test_every_head_to_the_logits_matches_brute_force(small, freeze):
+def test_every_head_to_the_logits_matches_brute_force(small_llama, freeze):
     """The last-position shortcut of freeze="heads" (no cross-position flow once every head is
     frozen) against the full three-run construction, for every head."""
-    result = run(small, senders="attn_head", receivers="logits", freeze=freeze)
+    result = run(small_llama, senders="attn_head", receivers="logits", freeze=freeze)
     for layer in range(3):
         for head in range(4):
-            expected = brute_force(small, CLEAN, CORRUPTED, (layer, head), None, freeze=freeze)
+            expected = brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), None,
+                                   freeze=freeze)
             assert float(result[layer, head]) == pytest.approx(expected, abs=1e-4)
 
 
-def test_unknown_freeze_is_refused(small):
+def test_unknown_freeze_is_refused(small_llama):
     with pytest.raises(InvalidArgumentError, match="freeze 'mlps'"):
-        run(small, senders=[(0, 1)], receivers="logits", freeze="mlps")
+        run(small_llama, senders=[(0, 1)], receivers="logits", freeze="mlps")
 
 
 @pytest.mark.real

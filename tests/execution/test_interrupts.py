@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from ckpt_worker import CLEAN, CORRUPTED, tiny_model
 
 import causalpatch.interventions as iv
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ckpt_worker import CLEAN, CORRUPTED, tiny_model  # noqa: E402
-
-from causalpatch import activation_patching  # noqa: E402
+from causalpatch import activation_patching
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TESTS_DIR
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -31,7 +32,7 @@ from causalpatch.sae import (SAEFormatError, SAEModelMismatchWarning, SAENotFoun
                              save_sae, site_for_hook_name, split_sae_name, train_sae,
                              training_texts, wrap_sae)
 
-DATA = Path(__file__).resolve().parent / "data" / "saes"
+DATA = TESTS_DIR / "data" / "saes"
 SHIPPED = DATA / "smollm2-blocks.20.resid_post-topk-2048"
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"

@@ -13,8 +13,7 @@ from collections.abc import Iterator
 import matplotlib
 import pytest
 import torch
-import transformers
-from conftest import REFERENCE, TextPairs, capture_modules, tiny_tokenizer
+from conftest import REFERENCE, TextPairs, capture_modules, tiny_hf_model, tiny_tokenizer
 
 from causalpatch import (
     DLAResult,
@@ -224,12 +223,7 @@ def test_soft_capped_models_attribute_the_pre_cap_difference(family):
     """Gemma 2/3 with a tight final soft-cap (0.5, so that it changes the logits a lot): the
     parts sum to the pre-cap difference of the model's own lm_head output, which the cap maps
     to the logits the model returns; the lens applies the cap like the model."""
-    from conftest import CONFIGS, SEED
-
-    config = CONFIGS[family]()
-    config.final_logit_softcapping = 0.5
-    torch.manual_seed(SEED)
-    lm = InterpretableModel(transformers.AutoModelForCausalLM.from_config(config).eval(),
+    lm = InterpretableModel(tiny_hf_model(family, final_logit_softcapping=0.5),
                             tokenizer=tiny_tokenizer())
     ids = _ids(lm)
     pre = capture_modules(lm.hf_model, ids, {"head": ("lm_head", "out")})["head"][0, -1]
@@ -377,12 +371,7 @@ def test_dla_at_an_inner_position_and_of_a_single_logit(lm):
 def test_tied_embeddings(family):
     """Tied input/output embeddings (GPT-2 ties by default; here LLaMA and NeoX with
     tie_word_embeddings=True): the lens and the attribution read the shared matrix."""
-    from conftest import CONFIGS, SEED
-
-    config = CONFIGS[family]()
-    config.tie_word_embeddings = True
-    torch.manual_seed(SEED)
-    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf = tiny_hf_model(family, tie_word_embeddings=True)
     assert hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
     lm = InterpretableModel(hf, tokenizer=tiny_tokenizer())
     ids = _ids(lm)

@@ -45,11 +45,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 PACKAGE = "causalpatch"
 ROOT = Path(os.environ.get("CAUSALPATCH_ARCH_ROOT")
-            or Path(__file__).resolve().parents[1] / "src" / PACKAGE)
-TABLE_HINT = "the rank table in docs/architecture.md and tests/test_architecture.py"
+            or REPO_ROOT / "src" / PACKAGE)
+TABLE_HINT = "the rank table in docs/architecture.md and tests/package/test_architecture.py"
 
 # Rank of each top-level module; a package's rank covers all its submodules, except those with a
 # dotted key of their own ("sae.train" overrides "sae"; the longest matching key wins). "__init__"

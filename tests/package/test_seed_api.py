@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,11 +31,11 @@ import causalpatch.interventions as iv
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.datasets import PatchingDataset, as_patching_dataset
 from causalpatch.errors import InvalidArgumentError
-from conftest import VOCAB_SIZE, _common, tiny_model
+from conftest import REPO_ROOT, VOCAB_SIZE, _common, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+SEEDS = REPO_ROOT.parent / "shared" / "seeds"
 
 # -- the seeds' snippets (mlxterp activation patching guide) --------------------------------
 ACT_HELPER = '''

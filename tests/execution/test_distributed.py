@@ -43,24 +43,17 @@ pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).parent
 DRIVER = HERE / "ray_driver.py"
-sys.path.insert(0, str(HERE))
-from conftest import TextPairs  # noqa: E402
-from ray_driver import PAIRS, save_tiny_llama  # noqa: E402
+from conftest import IOI_PAIRS, TESTS_DIR, TextPairs, checkpoint_cells  # noqa: E402
 
 
 def dataset(n: int = 8) -> TextPairs:
-    return TextPairs.of(PAIRS[:n])
+    return TextPairs.of(IOI_PAIRS[:n])
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> InterpretableModel:
+def model(tiny_llama_dir: Path) -> InterpretableModel:
     torch.set_num_threads(1)
-    return InterpretableModel(str(model_dir))
+    return InterpretableModel(str(tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")
@@ -227,13 +220,13 @@ def test_worker_error_is_raised_with_its_message_and_checkpoint_is_whole(
     torch.testing.assert_close(resumed.effect_matrix, fresh.effect_matrix, rtol=0, atol=TOL)
 
 
-def test_cli_patch_with_executor_ray(model_dir, local_ray, tmp_path, one_thread):
+def test_cli_patch_with_executor_ray(tiny_llama_dir, local_ray, tmp_path, one_thread):
     from typer.testing import CliRunner
 
     from causalpatch.cli import app
 
-    clean, corrupted, correct, incorrect = PAIRS[0]
-    args = ["--quiet", "patch", "--model", str(model_dir), "--clean", clean, "--corrupted",
+    clean, corrupted, correct, incorrect = IOI_PAIRS[0]
+    args = ["--quiet", "patch", "--model", str(tiny_llama_dir), "--clean", clean, "--corrupted",
             corrupted, "--correct", correct, "--incorrect", incorrect, "--component", "mlp",
             "--json"]
     runner = CliRunner()
@@ -256,7 +249,7 @@ def test_cli_patch_with_executor_ray(model_dir, local_ray, tmp_path, one_thread)
 
 
 # -- bad input: specific errors, before any compute ---------------------------------------------
-def test_bad_executor_arguments_fail_before_compute(model, model_dir, monkeypatch):
+def test_bad_executor_arguments_fail_before_compute(model, tiny_llama_dir, monkeypatch):
     calls: list[int] = []
     import causalpatch.assemble as assemble
 
@@ -398,35 +391,28 @@ def test_connect_by_address(model, head_node, one_thread):
 
 def _driver(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(DRIVER), *args],
-                            env={**os.environ, "PYTHONPATH": str(HERE)},
+                            env={**os.environ, "PYTHONPATH": str(TESTS_DIR)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _cells_done(path: Path) -> int:
-    try:
-        return sum(len(c) for c in json.loads(path.read_text())["cells"].values())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-
-
-def test_killed_driver_resumes_without_recomputing(model, model_dir, head_node, tmp_path,
+def test_killed_driver_resumes_without_recomputing(model, tiny_llama_dir, head_node, tmp_path,
                                                    one_thread):
     ckpt = tmp_path / "sweep.ckpt.json"
     out = tmp_path / "result.json"
     n_cells = 8 * model.n_layers * model.n_heads  # pairs x layers x heads
-    first = _driver([str(model_dir), head_node, str(ckpt), str(out), "0.3"])
+    first = _driver([str(tiny_llama_dir), head_node, str(ckpt), str(out), "0.3"])
     try:
         deadline = time.time() + 120
-        while _cells_done(ckpt) == 0 and time.time() < deadline and first.poll() is None:
+        while checkpoint_cells(ckpt) == 0 and time.time() < deadline and first.poll() is None:
             time.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
         if first.poll() is None:
             first.kill()
-    done_before = _cells_done(ckpt)
+    done_before = checkpoint_cells(ckpt)
     assert 0 < done_before < n_cells, "the kill must land mid-sweep"
-    second = _driver([str(model_dir), head_node, str(ckpt), str(out), "0"])
+    second = _driver([str(tiny_llama_dir), head_node, str(ckpt), str(out), "0"])
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
     got = json.loads(out.read_text())

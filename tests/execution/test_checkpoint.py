@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_worker import sweep, tiny_model
+from conftest import TESTS_DIR, checkpoint_cells
 
 import causalpatch.assemble as sweep_module
 from causalpatch.errors import CheckpointMismatchError, CorruptResultError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ckpt_worker import sweep, tiny_model  # noqa: E402
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 
@@ -27,28 +25,20 @@ def model():
     return tiny_model()
 
 
-def _cells_done(path: Path) -> int:
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return sum(len(c) for c in data["cells"].values())
-
-
 def test_killed_sweep_resumes_without_recomputing(model, tmp_path, monkeypatch):
     ckpt = tmp_path / "sweep.ckpt.json"
     proc = subprocess.Popen([sys.executable, str(WORKER), str(ckpt), "0.05"],
-                            env={**os.environ, "PYTHONPATH": str(WORKER.parent)})
+                            env={**os.environ, "PYTHONPATH": str(TESTS_DIR)})
     try:
         deadline = time.time() + 120
-        while _cells_done(ckpt) < 6 and time.time() < deadline and proc.poll() is None:
+        while checkpoint_cells(ckpt) < 6 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    done_before = _cells_done(ckpt)
+    done_before = checkpoint_cells(ckpt)
     total = 4 * 12 * 4  # layers x positions x heads
     assert 6 <= done_before < total, "the kill must land mid-sweep"
 
@@ -65,7 +55,7 @@ def test_killed_sweep_resumes_without_recomputing(model, tmp_path, monkeypatch):
     assert sum(computed) == total - done_before  # nothing finished is recomputed
     fresh = sweep(model, None)
     assert torch.allclose(resumed.effect_matrix, fresh.effect_matrix, atol=1e-6)
-    assert _cells_done(ckpt) == total
+    assert checkpoint_cells(ckpt) == total
 
 
 def test_checkpoint_from_other_arguments_is_refused(model, tmp_path):
