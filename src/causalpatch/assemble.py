@@ -380,7 +380,8 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
                   if n > 1 and aggregated is None else None),
         std=None if agg.std is None else agg.std.reshape(shape).float(),
         timings=times,
-        extra={"n_pairs": n, **values.stats, "answers": [list(a) for a in answers[:1]],
+        extra={"n_pairs": n, "scale": scale.value, **values.stats,
+               "answers": [list(a) for a in answers[:1]],
                **_texts(model, answers, data, n), **(extra or {})},
     )
 

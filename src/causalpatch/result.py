@@ -334,6 +334,20 @@ class PatchingResult:
             parts.append(f"{axis} {text}")
         return ", ".join(parts)
 
+    @property
+    def is_raw(self) -> bool:
+        """The cells are raw patched metric values (``normalize=False``), not effects or
+        changes: rankings then order them by their change from the unpatched run."""
+        return self.extra.get("scale") == "raw"
+
+    @property
+    def unpatched_metric(self) -> float:
+        """The mean metric of the run patched into: the corrupted run when denoising, the
+        clean run otherwise (0.0 when the result does not record it)."""
+        if self.direction == "denoise" and self.corrupted_metric is not None:
+            return self.corrupted_metric
+        return 0.0 if self.clean_metric is None else self.clean_metric
+
     def top_components(self, k: int = 5, by: str = "abs") -> list[tuple[Any, float]]:
         """The ``k`` cells with the largest effect, largest first.
 
@@ -346,6 +360,8 @@ class PatchingResult:
         Args:
             k: how many cells (fewer when the result has fewer cells).
             by: ``"abs"`` (largest magnitude, default) or ``"value"`` (largest signed value).
+                Raw results (``normalize=False``) are ranked by the change of the metric from
+                the unpatched run (:attr:`unpatched_metric`); the values returned stay raw.
         """
         out: list[tuple[Any, float]] = []
         for coords, effect in self.top_cells(k, by):
@@ -364,7 +380,8 @@ class PatchingResult:
         if isinstance(k, bool) or not isinstance(k, int):
             raise InvalidTypeError(f"k must be an int, got {k!r}")
         flat = self.effect_matrix.flatten()
-        key = flat.abs() if by == "abs" else flat.clone()
+        change = flat - self.unpatched_metric if self.is_raw else flat
+        key = change.abs() if by == "abs" else change.clone()
         key[torch.isnan(key)] = -math.inf
         order = torch.argsort(key, descending=True, stable=True)[: max(0, k)]
         out = []

@@ -629,3 +629,22 @@ def test_takeaway_names_the_strongest_cells_with_numbers():
     raw = make((3,))
     raw.normalized = False
     assert "logit difference of" in raw.takeaway()
+
+
+def test_raw_results_rank_cells_by_their_change_from_the_unpatched_run(tiny_lm):
+    from causalpatch import activation_patching
+
+    clean = "When Mary and John went to the store, John gave a drink to"
+    corrupted = "When Mary and John went to the store, Mary gave a drink to"
+    kwargs = dict(component="resid_post", correct=" Mary", incorrect=" John", progress=False)
+    raw = activation_patching(tiny_lm, clean, corrupted, normalize=False, **kwargs)
+    effect = activation_patching(tiny_lm, clean, corrupted, **kwargs)
+    assert raw.is_raw and not effect.is_raw
+    assert raw.unpatched_metric == raw.corrupted_metric  # denoising patches into corrupted
+    # a raw cell's change from the unpatched run is proportional to its normalised effect, so
+    # both rankings name the same cells (the values returned stay raw)
+    assert [c for c, _ in raw.top_cells(3)] == [c for c, _ in effect.top_cells(3)]
+    for coords, value in raw.top_cells(3):
+        assert value == float(raw.effect_matrix[coords])
+    back = PatchingResult.from_json(raw.to_json())
+    assert back.is_raw and back.top_cells(3) == raw.top_cells(3)
