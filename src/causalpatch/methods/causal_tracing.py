@@ -50,16 +50,21 @@ Example::
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import os
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._io import atomic_write_bytes, atomic_write_text
 from ..assemble import (Aggregate, GroupValues, PairValues, Scale, aggregate, build_result,
                         progress_callback)
 from ..engine import embed, run_perturbed, staircase_logits
@@ -68,6 +73,7 @@ from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
 from ..metrics import get_metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..plan import Patch, SitePatch, answer_tokens, check_int
+from ..render.html import compact_html, report
 from ..render.plots import plot_trace
 from ..tokens import is_single_prompt, token_lists
 
@@ -380,6 +386,51 @@ class CausalTracingResult(dict):
     def plot(self, component: str, ax: Any = None, title: str | None = None) -> Any:
         """ROME-style heatmap of one component: rows = positions/groups, columns = layers."""
         return plot_trace(self[component], ax=ax, title=title)
+
+    def _title(self) -> str:
+        n = len(self.prompts)
+        return ("causalpatch: causal tracing of " +
+                (repr(self.prompts[0]) if n == 1 else f"{n} prompts"))
+
+    def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None,
+                plotly: str = "inline") -> str:
+        """One interactive HTML report with a section per component (see
+        :func:`causalpatch.render.html.report`); ``path`` (when given) is written atomically.
+        Returns the HTML text."""
+        return report(list(self.values()), path, title=title or self._title(), plotly=plotly)
+
+    def save(self, path: str | os.PathLike[str], format: str | None = None) -> Path:
+        """Save atomically, by ``format`` or the suffix: ``html`` (:meth:`to_html`), ``json``
+        (every component's result, ``{component: PatchingResult JSON}``) or a figure
+        (``png``/``svg``/``pdf``: the ROME-style heatmaps of every component side by side).
+
+        Raises:
+            InvalidArgumentError: any other format or suffix.
+        """
+        path = Path(path)
+        kind = (format or path.suffix).lower().lstrip(".")
+        if kind in ("html", "htm"):
+            self.to_html(path)
+        elif kind == "json":
+            atomic_write_text(path, json.dumps(
+                {k: json.loads(v.to_json()) for k, v in self.items()}, allow_nan=False))
+        elif kind in ("png", "svg", "pdf"):
+            from ..render.figure import ResultFigure
+
+            fig = ResultFigure(figsize=(6.5 * len(self), 4.5), layout="constrained")
+            for i, kind_ in enumerate(self):
+                plot_trace(self[kind_], ax=fig.add_subplot(1, len(self), i + 1))
+            data = io.BytesIO()
+            fig.savefig(data, format=kind, dpi=200)
+            atomic_write_bytes(path, data.getvalue())
+        else:
+            raise InvalidArgumentError(
+                f"cannot save a causal-tracing result as {kind!r}; use .html, .json, .png, "
+                ".svg or .pdf")
+        return path
+
+    def _repr_html_(self) -> str:
+        return "".join(compact_html(v) for v in self.values())
 
 
 # -- public API ------------------------------------------------------------------------------------
