@@ -19,8 +19,14 @@ Reading values, the seeds' way:
   interventions, splices and random-number state) with every component cached; so
   ``tr.activations["model.model.layers.10.mlp"]`` works without ``cache=``.
 * ``tr.output`` and the values of ``model.output`` / ``model.layers[i].output`` inside a
-  ``with model.trace(...)`` block are tensors with a ``.save()`` method (it returns the plain
-  tensor), as in the seeds.
+  ``with model.trace(...)`` block are tensors with a ``.save()`` method, as in the seeds.
+
+Writing values, nnsight's way: inside the block, ``model.layers[i].output[:] = x``,
+``.output[:, p] = x``, ``.output[0][:, p] = x`` (a view) and ``.output = x`` take effect: each
+write is recorded as an intervention at its site (:class:`TracedTensor`, :meth:`Trace.write`)
+and the pass runs again before the next read. Writes that cannot take effect (the logits, a copy
+made by advanced indexing, the cache, attention patterns) raise an error naming the supported
+forms (:data:`WRITE_FORMS`).
 """
 
 from __future__ import annotations
@@ -295,8 +301,8 @@ _OPEN = threading.local()
 
 _LOGITS_READ_ONLY = (
     "the logits (model.output / tr.output / tr.logits) are the result of the pass and cannot "
-    "be written; write a value inside the model instead, e.g. "
-    "model.layers[-1].output[:] = x, or interventions={'ln_final': ...}. Supported writes: "
+    "be written; write a value inside the model instead (the last layer's "
+    "`.output[:] = x`, or interventions={'ln_final': ...}). Supported writes: "
     + WRITE_FORMS)
 
 
@@ -514,8 +520,11 @@ class Trace:
         if canonical not in self._more:
             everything = not self._everything
             names = [name]
-            if everything:  # every canonical component and splice value, as cache=True
-                names = self.model.component_names() + _default_values(self.splices) + [name]
+            if everything:  # every canonical component (but the patterns: [b, h, pos, pos]
+                # per layer, computed by one more attention each) and splice value
+                names = [n for n in self.model.component_names()
+                         if not n.endswith(".attn.pattern")]
+                names += _default_values(self.splices) + [name]
             plan = _plan(self.model, self.batch, self._interventions_with_writes(), names,
                          self.splices)
             store = ActivationCache(self.canonical_name)
