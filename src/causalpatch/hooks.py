@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from .adapters.base import ModelDims
-from .adapters.runtime import first_input, first_output
+from .adapters.runtime import PatternTap, first_input, first_output
+from .errors import InvalidArgumentError
 from .names import Site
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -105,6 +106,7 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
     """
     handles: list[torch.utils.hooks.RemovableHandle] = []
     remembers: list[tuple[nn.Module, Callable[..., Any]]] = []
+    taps: list[PatternTap] = []
     try:
         for hook in hooks:
             module = root.get_submodule(hook.site.module_path)
@@ -112,6 +114,11 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
                 remember, on_attn = _residual_hooks(hook, dims)
                 remembers.append((root.get_submodule(hook.site.residual_from), remember))
                 handles.append(module.register_forward_hook(on_attn))
+            elif hook.site.hook == "pattern":
+                tap = PatternTap(_pattern_reader(hook))
+                taps.append(tap)
+                handles.append(module.register_forward_pre_hook(tap.before, with_kwargs=True))
+                handles.append(module.register_forward_hook(tap.after))
             elif hook.site.hook == "output":
                 handles.append(module.register_forward_hook(_output_hook(hook, dims)))
             else:
@@ -124,6 +131,25 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
     finally:
         for handle in reversed(handles):
             handle.remove()
+        for tap in taps:
+            tap.close()
+
+
+def read_only_error(name: str) -> InvalidArgumentError:
+    """The error for a write to a read-only site (``attn.pattern``)."""
+    return InvalidArgumentError(
+        f"{name!r} is read-only: attention patterns can be read (cache=[...], "
+        "run_with_cache, .output of the pattern inside a trace) but not written; to change "
+        "attention, intervene on blocks.L.attn.q / attn.k (what the pattern is computed from) "
+        "or blocks.L.attn.z (each head's output)")
+
+
+def _pattern_reader(hook: Hook) -> Callable[[torch.Tensor], None]:
+    def read(weights: torch.Tensor) -> None:
+        if hook.fn(weights) is not None:
+            raise read_only_error(hook.site.name)
+
+    return read
 
 
 @contextmanager

@@ -29,13 +29,18 @@ import torch.nn as nn
 
 from .adapters import Adapter, ModelDims, adapter_for
 from .adapters.runtime import Runtime
-from .errors import InvalidArgumentError, InvalidTypeError, UnknownComponentError
+from .errors import (
+    InvalidArgumentError,
+    InvalidTypeError,
+    OutOfRangeError,
+    UnknownComponentError,
+)
 from .hooks import Hook, hook_counts, hooked
 from .loading import LoadSpec, Source, check_placement, load_hf, resolve_source
 from .names import Site, canonical_names, layer_site, resolve, site_kinds
 from .sae import attach_saes
 from .tokens import Batch, Prompts, make_batch, token_lists
-from .tracing import SavedTensor, Trace, current_trace
+from .tracing import WRITE_FORMS, SavedTensor, Trace, current_trace
 
 
 class HookedModel:
@@ -221,6 +226,10 @@ class HookedModel:
         assert out is not None
         return out
 
+    @output.setter
+    def output(self, value: Any) -> None:
+        self.open_trace("model.output").output = value  # raises: the logits are read-only
+
     @property
     def layers(self) -> Layers:
         """The decoder layers, for the seeds' ``len(model.layers)`` and
@@ -328,6 +337,27 @@ class HookedModel:
         assert tr.logits is not None
         return tr.logits, tr.cache
 
+    def attention_pattern(self, prompt: str | Sequence[int] | torch.Tensor, layer: int,
+                          heads: int | Sequence[int] | None = None) -> torch.Tensor:
+        """Layer ``layer``'s attention weights on one prompt: ``[head, query, key]`` for the
+        chosen ``heads`` (all by default), from ``blocks.{layer}.attn.pattern``. To draw them
+        over the prompt's tokens use :func:`causalpatch.render.plot_attention_pattern`.
+
+        Raises:
+            OutOfRangeError: ``layer`` or a head is out of range.
+        """
+        name = self.layer_site("attn.pattern", int(layer)).name
+        chosen = list(range(self.n_heads)) if heads is None else (
+            [heads] if isinstance(heads, int) else list(heads))
+        for h in chosen:
+            if not -self.n_heads <= int(h) < self.n_heads:
+                raise OutOfRangeError(
+                    f"head {h} is out of range: this model has {self.n_heads} heads per layer")
+        if len(token_lists(self, prompt)) != 1:
+            raise InvalidArgumentError("attention_pattern takes one prompt")
+        _, cache = self.run_with_cache(prompt, names=[name])
+        return cache[name][0, chosen]
+
     def generate_top_tokens(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
         """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
         tr = Trace(self, prompt).run()
@@ -353,9 +383,24 @@ class ModuleRef:
     have ``.save()``. The same names work in ``cache=`` and ``interventions=``.
     """
 
+    _model: HookedModel
+    name: str
+
     def __init__(self, model: HookedModel, name: str) -> None:
-        self._model = model
-        self.name = name
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        """``.output = x`` / ``.input = x`` inside a trace replace the whole value (as in
+        nnsight); any other assignment is refused (it would change nothing)."""
+        if attr in ("output", "input"):
+            name = self.name if attr == "output" else f"{self.name}.input"
+            self._model.open_trace(f"{self.name}.{attr}").assign(name, value)
+            return
+        raise InvalidArgumentError(
+            f"{self.name}.{attr} = ... would change nothing: modules cannot be replaced or "
+            f"given attributes through model.layers. To change a value in the forward pass, "
+            f"write it inside `with model.trace(...)`: {WRITE_FORMS}")
 
     @property
     def site(self) -> Site:
@@ -364,7 +409,9 @@ class ModuleRef:
 
     @property
     def output(self) -> SavedTensor:
-        """This module's output in the open trace (``.save()`` returns the tensor)."""
+        """This module's output in the open trace (``.save()`` returns the tensor); writes to
+        it (``output[:] = x``, ``output[:, p] = x``) and ``.output = x`` take effect in the
+        pass, see :class:`~causalpatch.tracing.TracedTensor`."""
         return self._model.open_trace(f"{self.name}.output").value(self.name)
 
     @property

@@ -10,6 +10,8 @@ hooked tensor into the canonical activation, and the layer. Canonical names are
 * ``blocks.{L}.attn.z`` – per-head output before the output projection
   ``[batch, pos, n_heads, d_head]``
 * ``blocks.{L}.attn.q|k|v`` – per-head queries/keys/values (k/v have ``n_kv_heads`` heads)
+* ``blocks.{L}.attn.pattern`` – attention weights ``[batch, head, query, key]`` (read-only;
+  TransformerLens ``hook_pattern``)
 * ``blocks.{L}.mlp.post`` – MLP hidden activations ``[batch, pos, d_mlp]``
 * ``embed`` – token embedding output; ``ln_final`` – final norm output.
 
@@ -57,6 +59,8 @@ ALIASES: dict[str, str] = {
     "attn.hook_q": "attn.q",
     "attn.hook_k": "attn.k",
     "attn.hook_v": "attn.v",
+    "attn.hook_pattern": "attn.pattern",
+    "hook_pattern": "attn.pattern",
     "mlp.hook_post": "mlp.post",
     "attn_head": "attn.z",
     "attn_head_q": "attn.q",
@@ -81,8 +85,8 @@ TL_GLOBAL_HOOKS: dict[str, str] = {"hook_embed": "embed", "ln_final.hook_normali
 #: model has the kind is checked when the name is resolved against that model).
 TL_SITE_KINDS: tuple[str, ...] = (
     "resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn.z", "attn.q", "attn.k",
-    "attn.v", "attn.in", "mlp.in", "mlp.post", "mlp.gate", "mlp.up", "mlp.pre", "attn.raw",
-    "mlp.raw")
+    "attn.v", "attn.pattern", "attn.in", "mlp.in", "mlp.post", "mlp.gate", "mlp.up", "mlp.pre",
+    "attn.raw", "mlp.raw")
 #: The hook name :func:`hook_name_for_site` prefers for kinds that several hook names reach.
 _TL_PREFERRED = {"attn.in": "ln1.hook_normalized", "mlp.in": "ln2.hook_normalized"}
 

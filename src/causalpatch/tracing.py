@@ -19,8 +19,14 @@ Reading values, the seeds' way:
   interventions, splices and random-number state) with every component cached; so
   ``tr.activations["model.model.layers.10.mlp"]`` works without ``cache=``.
 * ``tr.output`` and the values of ``model.output`` / ``model.layers[i].output`` inside a
-  ``with model.trace(...)`` block are tensors with a ``.save()`` method (it returns the plain
-  tensor), as in the seeds.
+  ``with model.trace(...)`` block are tensors with a ``.save()`` method, as in the seeds.
+
+Writing values, nnsight's way: inside the block, ``model.layers[i].output[:] = x``,
+``.output[:, p] = x``, ``.output[0][:, p] = x`` (a view) and ``.output = x`` take effect: each
+write is recorded as an intervention at its site (:class:`TracedTensor`, :meth:`Trace.write`)
+and the pass runs again before the next read. Writes that cannot take effect (the logits, a copy
+made by advanced indexing, the cache, attention patterns) raise an error naming the supported
+forms (:data:`WRITE_FORMS`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .errors import CausalPatchError, InvalidArgumentError, InvalidTypeError
-from .hooks import Hook, HookFn
+from .hooks import Hook, HookFn, read_only_error
 from .interventions import Intervention, as_intervention
 from .tokens import Batch, Prompts, make_batch, token_lists
 
@@ -129,6 +135,82 @@ class SavedTensor(torch.Tensor):
         return repr(self.as_subclass(torch.Tensor))
 
 
+#: The forms of a write that take effect, named by every refusal.
+WRITE_FORMS = ("`.output[:] = x`, `.output[:, p] = x` (any basic index), `.output = x`; the same "
+               "with `.input`")
+
+
+class TracedTensor(SavedTensor):
+    """A value of an open ``with model.trace(...)`` block (``model.layers[i].output``, ``.input``)
+    that can be written as in nnsight: ``value[index] = x`` on it, or on a view of it taken by
+    basic indexing (``value[0][:, p] = x``), records the write as an intervention at its site,
+    applied in the forward pass after the site's own interventions; everything read afterwards
+    (``model.output``, other values, ``tr.logits``) comes from the pass with the write. Indexing
+    returns a ``TracedTensor`` view; every other operation gives a plain tensor. After the block
+    closes it is a plain tensor again (writes change only it)."""
+
+    _cp_trace: Trace | None
+    _cp_name: str
+    _cp_keys: tuple[Any, ...]
+    _cp_refusal: str | None
+
+    def save(self) -> torch.Tensor:
+        """The value itself (inside the block, writes through it still take effect)."""
+        return self
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        plain = self.as_subclass(torch.Tensor)
+        out = plain[key]
+        trace = getattr(self, "_cp_trace", None)
+        if trace is None or not isinstance(out, torch.Tensor):
+            return out
+        refusal = self._cp_refusal
+        if refusal is None and not out._is_view():
+            refusal = (f"{self._cp_name}[...][{_show(key)}] is a copy (advanced indexing with a "
+                       "list or tensor), so writing into it cannot reach the model; write in "
+                       f"one step instead: {WRITE_FORMS}")
+        return _traced(out, trace, self._cp_name, (*self._cp_keys, key), refusal)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        plain = self.as_subclass(torch.Tensor)
+        trace = getattr(self, "_cp_trace", None)
+        if trace is None or not trace.is_open:
+            plain[key] = value
+            return
+        if self._cp_refusal is not None:
+            raise InvalidArgumentError(self._cp_refusal)
+        trace.write(self._cp_name, (*self._cp_keys, key), value)
+        plain[key] = _plain(value)
+
+
+def _show(key: Any) -> str:
+    return repr(key).replace("slice(None, None, None)", ":")
+
+
+def _plain(value: Any) -> Any:
+    return value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
+
+
+def _traced(value: torch.Tensor, trace: Trace, name: str, keys: tuple[Any, ...] = (),
+            refusal: str | None = None) -> TracedTensor:
+    out = value.as_subclass(TracedTensor)
+    out._cp_trace, out._cp_name, out._cp_keys, out._cp_refusal = trace, name, keys, refusal
+    return out
+
+
+@dataclass
+class _Write:
+    """The writes made to one site's value in a trace: where (``mask``) and what (``values``),
+    both of the site's shape ``[batch, pos, ...]``."""
+
+    mask: torch.Tensor
+    values: torch.Tensor
+
+    def __call__(self, act: torch.Tensor) -> torch.Tensor:
+        mask = self.mask.to(act.device)
+        return torch.where(mask, self.values.to(device=act.device, dtype=act.dtype), act)
+
+
 def saved(value: torch.Tensor | None) -> SavedTensor | None:
     """``value`` viewed as a :class:`SavedTensor` (no copy)."""
     return None if value is None else value.as_subclass(SavedTensor)
@@ -151,6 +233,18 @@ class ActivationCache(dict):
         self._canonical_of = canonical
         self._fill = fill
         self._by_canonical: dict[str, str] = {}
+        self._refresh: Callable[[], None] | None = None  # brings a written trace up to date
+
+    def __setitem__(self, name: Any, value: Any) -> None:
+        raise InvalidArgumentError(
+            f"the cache is a record of the forward pass and cannot be assigned ({name!r}); to "
+            f"change a value in the pass, write it inside the trace block: {WRITE_FORMS} (e.g. "
+            "model.layers[10].output[:] = x), or pass interventions={name: ...}")
+
+    def clear_values(self) -> None:
+        """Forget every value (a trace re-runs after a write)."""
+        dict.clear(self)
+        self._by_canonical.clear()
 
     def store(self, key: str, canonical: str, value: torch.Tensor) -> None:
         """Record ``value`` under ``key`` (the requested spelling) for site ``canonical``."""
@@ -166,6 +260,8 @@ class ActivationCache(dict):
             return None
 
     def _key(self, name: Any) -> Any:
+        if self._refresh is not None:
+            self._refresh()
         if dict.__contains__(self, name):
             return name
         canonical = self._canonical(name)
@@ -202,6 +298,12 @@ class ActivationCache(dict):
 
 
 _OPEN = threading.local()
+
+_LOGITS_READ_ONLY = (
+    "the logits (model.output / tr.output / tr.logits) are the result of the pass and cannot "
+    "be written; write a value inside the model instead (the last layer's "
+    "`.output[:] = x`, or interventions={'ln_final': ...}). Supported writes: "
+    + WRITE_FORMS)
 
 
 def current_trace(model: Any) -> Trace | None:
@@ -257,9 +359,13 @@ class Trace:
         self.batch = make_batch(rows, model.pad_token_id, model.device)
         self.splices: SpliceSet = NO_SPLICES if splices is None else splices
         self._interventions = interventions or {}
+        self._cache_request = cache
         self._plan = _plan(model, self.batch, self._interventions, cache, self.splices)
         self.cache = ActivationCache(self.canonical_name, self._compute)
-        self.logits: torch.Tensor | None = None
+        self.cache._refresh = self._refresh
+        self._logits: torch.Tensor | None = None
+        self._writes: dict[str, _Write] = {}  # canonical site name -> writes made in the block
+        self._stale = False  # a write was made since the last pass
         self._ran = False
         self._rng: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self._more: dict[str, torch.Tensor] = {}  # canonical name -> value from a re-run
@@ -271,14 +377,94 @@ class Trace:
         return self.cache
 
     @property
+    def logits(self) -> torch.Tensor | None:
+        self._refresh()
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: Any) -> None:
+        raise InvalidArgumentError(_LOGITS_READ_ONLY)
+
+    @property
     def output(self) -> SavedTensor | None:
-        return saved(self.logits)
+        logits = self.logits
+        if logits is None or not self.is_open:
+            return saved(logits)
+        return _traced(logits, self, "output", refusal=_LOGITS_READ_ONLY)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        raise InvalidArgumentError(_LOGITS_READ_ONLY)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether this trace's ``with`` block is open in this thread."""
+        return self in getattr(_OPEN, "stack", [])
+
+    def write(self, name: str, keys: Sequence[Any], value: Any) -> None:
+        """Record ``value[keys...] = value`` on the value ``name`` (a write inside the block):
+        applied in the forward pass from now on. See :class:`TracedTensor`."""
+        if not self.is_open:
+            raise InvalidArgumentError(
+                f"{name!r} is written after its `with model.trace(...)` block closed; write "
+                "inside the block")
+        site = self.model.site(name)
+        if site.hook == "pattern":
+            raise read_only_error(name)
+        current = self.cache[name]
+        write = self._writes.get(site.name)
+        if write is None:
+            write = _Write(torch.zeros(current.shape, dtype=torch.bool, device=current.device),
+                           torch.zeros_like(current))
+        mask, values = write.mask, write.values
+        for key in keys[:-1]:
+            mask, values = mask[key], values[key]
+        try:
+            values[keys[-1]] = _plain(value)
+        except (RuntimeError, IndexError, TypeError) as exc:
+            where = "".join(f"[{_show(k)}]" for k in keys)
+            raise InvalidArgumentError(
+                f"cannot write {name}{where} = value (value of shape "
+                f"{tuple(getattr(value, 'shape', ()))}; {name} is {tuple(current.shape)}): "
+                f"{exc}. Supported: {WRITE_FORMS}") from None
+        mask[keys[-1]] = True
+        self._writes[site.name] = write
+        self._stale = True
+
+    def assign(self, name: str, value: Any) -> None:
+        """``.output = value`` / ``.input = value``: replace the whole value of ``name``."""
+        self.write(name, (Ellipsis,), value)
+
+    def _interventions_with_writes(self) -> Mapping[str, Any]:
+        if not self._writes:
+            return self._interventions
+        merged: dict[str, Any] = {}
+        for key, value in self._interventions.items():
+            merged[key] = list(value) if isinstance(value, (list, tuple)) else [value]
+        for name, write in self._writes.items():
+            merged.setdefault(name, []).append(write)
+        return merged
+
+    def _refresh(self) -> None:
+        """After a write, run the pass again (same random-number state) with every write
+        applied, so every value read from now on includes it."""
+        if not self._stale or not self._ran:
+            return
+        self._stale = False
+        self._plan = _plan(self.model, self.batch, self._interventions_with_writes(),
+                           self._cache_request, self.splices)
+        self.cache.clear_values()
+        self._more.clear()
+        self._everything = False
+        with _replayed_rng(self._rng, self.model.device):
+            self._logits = self._forward(self._plan, self.cache)
 
     @property
     def last_logits(self) -> torch.Tensor:
-        assert self.logits is not None
-        rows = torch.arange(self.logits.shape[0], device=self.logits.device)
-        return self.logits[rows, self.batch.last_index]
+        logits = self.logits
+        assert logits is not None
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, self.batch.last_index]
 
     def canonical_name(self, name: str) -> str:
         """The canonical spelling of ``name`` (a site or an attached splice's value)."""
@@ -288,8 +474,12 @@ class Trace:
         return self.model.site(name).name
 
     def value(self, name: str) -> SavedTensor:
-        """The activation ``name`` of this pass (computed if not cached), ``.save()``-able."""
-        out = saved(self.cache[name])
+        """The activation ``name`` of this pass (computed if not cached), ``.save()``-able;
+        inside the open block a :class:`TracedTensor` (writes to it take effect)."""
+        value = self.cache[name]
+        if self.is_open:
+            return _traced(value, self, name)
+        out = saved(value)
         assert out is not None
         return out
 
@@ -297,7 +487,7 @@ class Trace:
         if self._ran:
             return self
         self._rng = _rng_state(self.model.device)
-        self.logits = self._forward(self._plan, self.cache)
+        self._logits = self._forward(self._plan, self.cache)
         self._ran = True
         return self
 
@@ -330,9 +520,13 @@ class Trace:
         if canonical not in self._more:
             everything = not self._everything
             names = [name]
-            if everything:  # every canonical component and splice value, as cache=True
-                names = self.model.component_names() + _default_values(self.splices) + [name]
-            plan = _plan(self.model, self.batch, self._interventions, names, self.splices)
+            if everything:  # every canonical component (but the patterns: [b, h, pos, pos]
+                # per layer, computed by one more attention each) and splice value
+                names = [n for n in self.model.component_names()
+                         if not n.endswith(".attn.pattern")]
+                names += _default_values(self.splices) + [name]
+            plan = _plan(self.model, self.batch, self._interventions_with_writes(), names,
+                         self.splices)
             store = ActivationCache(self.canonical_name)
             with _replayed_rng(self._rng, self.model.device):
                 self._forward(plan, store)
@@ -352,6 +546,8 @@ class Trace:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self._refresh()  # writes made in the block reach tr.logits and tr.cache
         stack = getattr(_OPEN, "stack", [])
         if self in stack:
             del stack[len(stack) - 1 - stack[::-1].index(self)]
@@ -449,6 +645,8 @@ def _plan(model: HookedModel, batch: Batch, interventions: Mapping[str, Any],
             spliced[id(splice)].edits.setdefault(leaf, []).extend(ivs)
             continue
         site = model.site(name)
+        if site.hook == "pattern":
+            raise read_only_error(name)
         feat = site.feature_shape(model.dims)
         if feat is not None:
             shape = (n_rows, n_pos, *feat)

@@ -129,6 +129,8 @@ def test_every_component_name_caches_with_its_documented_shape(lm):
             expected = (2, N_TOKENS, d.n_kv_heads, d.d_head)
         elif kind in D_MLP_KINDS:
             expected = (2, N_TOKENS, d.d_mlp)
+        elif kind == "attn.pattern":  # [batch, head, query, key]
+            expected = (2, d.n_heads, N_TOKENS, N_TOKENS)
         else:
             pytest.fail(f"component {name!r} has no documented shape")
         assert tuple(cache[name].shape) == expected, name

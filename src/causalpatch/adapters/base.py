@@ -4,8 +4,9 @@ An adapter is the *only* code in causalpatch that knows Hugging Face module path
 canonical per-layer site name (``attn``, ``mlp``, ``attn.z``, ...) to
 
 * a module path relative to the decoder layer (``"self_attn.o_proj"``),
-* a hook kind: ``"input"`` (the module's first input) or ``"output"`` (its output, the first
-  element when the module returns a tuple),
+* a hook kind: ``"input"`` (the module's first input), ``"output"`` (its output, the first
+  element when the module returns a tuple) or ``"pattern"`` (the attention module's weights
+  ``[batch, head, query, key]``, read-only),
 * a :class:`View` that turns the hooked tensor into the canonical activation (for example
   ``[batch, pos, n_heads * d_head]`` into ``[batch, pos, n_heads, d_head]``) and back.
 
@@ -22,7 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # annotations only: listing the adapters (`causalpatch models`) needs no torch
     import torch
 
-HookKind = Literal["input", "output"]
+#: ``"pattern"``: the attention weights ``[batch, head, query, key]`` the module computes
+#: (read-only; see :class:`causalpatch.adapters.runtime.PatternTap`).
+HookKind = Literal["input", "output", "pattern"]
+#: The description of every family's ``attn.pattern`` site.
+PATTERN_DOC = "attention weights [batch, head, query, key] (read-only)"
 
 #: LLaMA-style module names the seeds' examples use (``layers.9.self_attn``), as canonical site
 #: kinds, for families whose modules are named differently (GPT-2's ``attn``, NeoX's

@@ -16,7 +16,7 @@ supported.
 
 from __future__ import annotations
 
-from .base import Adapter, Heads, SiteSpec
+from .base import Adapter, Heads, PATTERN_DOC, SiteSpec
 from .llama import LLAMA_SITES
 
 GEMMA_SITES: dict[str, SiteSpec] = {
@@ -27,6 +27,7 @@ GEMMA_SITES: dict[str, SiteSpec] = {
     "attn.q": SiteSpec("self_attn.q_proj", "output", Heads("q"), "per-head queries"),
     "attn.k": SiteSpec("self_attn.k_proj", "output", Heads("kv"), "per-head keys"),
     "attn.v": SiteSpec("self_attn.v_proj", "output", Heads("kv"), "per-head values"),
+    "attn.pattern": SiteSpec("self_attn", "pattern", doc=PATTERN_DOC),
     "attn.in": SiteSpec("input_layernorm", "output", doc="normalised attention input"),
     "mlp": SiteSpec("post_feedforward_layernorm", "output", doc="normalised MLP output"),
     "mlp.raw": SiteSpec("mlp", "output", doc="MLP output before its post-norm"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, ChunkHeads, Heads, SiteSpec
+from .base import Adapter, ChunkHeads, Heads, PATTERN_DOC, SiteSpec
 
 GPT2_SITES: dict[str, SiteSpec] = {
     "resid_mid": SiteSpec("ln_2", "input", doc="residual after attention"),
@@ -11,6 +11,7 @@ GPT2_SITES: dict[str, SiteSpec] = {
     "attn.q": SiteSpec("attn.c_attn", "output", ChunkHeads(0), "per-head queries"),
     "attn.k": SiteSpec("attn.c_attn", "output", ChunkHeads(1), "per-head keys"),
     "attn.v": SiteSpec("attn.c_attn", "output", ChunkHeads(2), "per-head values"),
+    "attn.pattern": SiteSpec("attn", "pattern", doc=PATTERN_DOC),
     "attn.in": SiteSpec("ln_1", "output", doc="normalised attention input"),
     "mlp": SiteSpec("mlp", "output", doc="MLP output before the residual add"),
     "mlp.in": SiteSpec("ln_2", "output", doc="normalised MLP input"),

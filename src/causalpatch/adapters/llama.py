@@ -3,7 +3,7 @@ q/k/v, gated MLP)."""
 
 from __future__ import annotations
 
-from .base import Adapter, Heads, SiteSpec
+from .base import Adapter, Heads, PATTERN_DOC, SiteSpec
 
 #: Sites shared by every model whose decoder layer follows the LLaMA layout. Other adapters
 #: (Qwen, Gemma 1) start from this table and change what differs.
@@ -14,6 +14,7 @@ LLAMA_SITES: dict[str, SiteSpec] = {
     "attn.q": SiteSpec("self_attn.q_proj", "output", Heads("q"), "per-head queries (pre-RoPE)"),
     "attn.k": SiteSpec("self_attn.k_proj", "output", Heads("kv"), "per-head keys (pre-RoPE)"),
     "attn.v": SiteSpec("self_attn.v_proj", "output", Heads("kv"), "per-head values"),
+    "attn.pattern": SiteSpec("self_attn", "pattern", doc=PATTERN_DOC),
     "attn.in": SiteSpec("input_layernorm", "output", doc="normalised attention input"),
     "mlp": SiteSpec("mlp", "output", doc="MLP output before the residual add"),
     "mlp.in": SiteSpec("post_attention_layernorm", "output", doc="normalised MLP input"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Adapter, Heads, InterleavedHeads, SiteSpec
+from .base import Adapter, Heads, InterleavedHeads, PATTERN_DOC, SiteSpec
 
 NEOX_SITES: dict[str, SiteSpec] = {
     "resid_mid": SiteSpec("post_attention_layernorm", "input", doc="residual after attention"),
@@ -13,6 +13,7 @@ NEOX_SITES: dict[str, SiteSpec] = {
     "attn.q": SiteSpec("attention.query_key_value", "output", InterleavedHeads(0), "queries"),
     "attn.k": SiteSpec("attention.query_key_value", "output", InterleavedHeads(1), "keys"),
     "attn.v": SiteSpec("attention.query_key_value", "output", InterleavedHeads(2), "values"),
+    "attn.pattern": SiteSpec("attention", "pattern", doc=PATTERN_DOC),
     "attn.in": SiteSpec("input_layernorm", "output", doc="normalised attention input"),
     "mlp": SiteSpec("mlp", "output", doc="MLP output before the residual add"),
     "mlp.in": SiteSpec("post_attention_layernorm", "output", doc="normalised MLP input"),

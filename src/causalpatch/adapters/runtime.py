@@ -54,6 +54,108 @@ def first_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], An
     return output, lambda new: new
 
 
+# -- attention patterns ------------------------------------------------------------------------
+#: The attention implementation name under which :class:`PatternTap` routes one attention call.
+_TAP_KEY = "causalpatch_pattern"
+_REGISTERED: list[bool] = []
+
+
+def _tapped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: Any, **kwargs: Any) -> Any:
+    """The model's own attention implementation, unchanged, plus its weights recorded: the
+    eager implementation's weights when the model runs eager attention, otherwise the
+    family's own ``eager_attention_forward`` on the same queries, keys, mask, scaling,
+    soft-cap and sliding window (its output is discarded)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    tap: PatternTap = getattr(module, "config")._causalpatch_tap  # noqa: B009  # nn.Module attr
+    eager = _eager_function(module)
+    real = ALL_ATTENTION_FUNCTIONS.get_interface(tap.implementation or "eager", eager)
+    out = real(module, query, key, value, attention_mask, **kwargs)
+    weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    if weights is None or tap.implementation not in (None, "eager"):
+        mask = _additive_mask(attention_mask, query, key)
+        weights = eager(module, query, key, value, mask, **kwargs)[1]
+    tap.record(weights)
+    return out
+
+
+def _eager_function(module: nn.Module) -> Callable[..., Any]:
+    """The ``eager_attention_forward`` of ``module``'s modelling file (its soft-cap, scaling
+    and grouped-query handling are the family's own)."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedArchitectureError(
+            f"{type(module).__name__} has no eager_attention_forward in its modelling file; "
+            "attn.pattern cannot be read for this model")
+    return fn
+
+
+def _additive_mask(mask: Any, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The eager (additive, float) form of the mask the model built for its implementation:
+    ``None`` (SDPA's implicit causal mask, aligned at the last key), a boolean mask (True:
+    attend) or an additive one."""
+    dtype = query.dtype
+    low = torch.finfo(dtype).min
+    q, k = query.shape[-2], key.shape[-2]
+    if mask is None:
+        rows = torch.arange(q, device=query.device)[:, None] + (k - q)
+        cols = torch.arange(k, device=query.device)[None, :]
+        out = torch.zeros(q, k, dtype=dtype, device=query.device)
+        return out.masked_fill(cols > rows, low)[None, None]
+    if not isinstance(mask, torch.Tensor):
+        raise UnsupportedArchitectureError(
+            f"attn.pattern needs a tensor attention mask (eager or sdpa attention); this model's "
+            f"attention implementation passes a {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, low)
+    return mask
+
+
+class PatternTap:
+    """Records an attention module's weights ``[batch, head, query, key]`` during its forward,
+    without changing what it computes.
+
+    :meth:`before` (a forward pre-hook) gives the module, for this one call, a shallow copy of
+    its config whose attention implementation is :func:`_tapped_attention`, which calls the
+    model's own implementation and records the weights; :meth:`after` (a forward hook) puts
+    the module's config back, and :meth:`close` does so for calls an exception interrupted.
+    The model's own config is never changed.
+    """
+
+    def __init__(self, record: Callable[[torch.Tensor], None]) -> None:
+        self.record = record
+        self.implementation: str | None = None
+        self._saved: list[tuple[nn.Module, Any]] = []
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        from transformers.modeling_utils import AttentionInterface
+
+        config = getattr(module, "config", None)
+        if config is None:
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__} has no config; attn.pattern cannot be read")
+        if not _REGISTERED:
+            AttentionInterface.register(_TAP_KEY, _tapped_attention)
+            _REGISTERED.append(True)
+        tapped = copy.copy(config)
+        self.implementation = getattr(config, "_attn_implementation", None)
+        tapped._attn_implementation_internal = _TAP_KEY
+        tapped._causalpatch_tap = self
+        self._saved.append((module, config))
+        module.config = tapped
+
+    def after(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        while self._saved:
+            module, config = self._saved.pop()
+            module.config = config
+
+
 # -- recorded layer calls --------------------------------------------------------------------
 @dataclass
 class LayerCall:

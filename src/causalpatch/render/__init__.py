@@ -7,6 +7,8 @@
 * :mod:`~causalpatch.render.html`: :func:`report`, one HTML file for one or several results
   (``PatchingResult.to_html``; ``causalpatch.result.write_report`` for saved JSON files), and
   :func:`compact_html` (``_repr_html_``).
+* :mod:`~causalpatch.render.attention`: :func:`plot_attention_pattern`, chosen heads'
+  attention patterns over a prompt's tokens (``blocks.L.attn.pattern``).
 * :mod:`~causalpatch.render.text`: components and metrics in words, axis titles, and
   :func:`takeaway` (``PatchingResult.takeaway``).
 
@@ -15,6 +17,7 @@ above it and delegates its rendering here). matplotlib and plotly are imported o
 figure or report is made, so importing this package has no side effects.
 """
 
+from .attention import plot_attention_pattern
 from .html import (
     PLOTLY_MODES,
     compact_html,
@@ -29,5 +32,5 @@ from .plots import plot_result
 from .text import component_words, takeaway
 
 __all__ = ["PLOTLY_MODES", "compact_html", "component_words", "figure_spec", "is_result",
-           "library_versions", "plot_result", "report", "script_json", "takeaway",
-           "to_markdown"]
+           "library_versions", "plot_attention_pattern", "plot_result", "report", "script_json",
+           "takeaway", "to_markdown"]
