@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "register_metric": "metrics",
     "HookedModel": "model",
     "report": "render.html",
+    "plot_attention_pattern": "render.attention",
     "PatchingResult": "result",
     "write_report": "result",
     "load_sae": "sae",
@@ -83,6 +84,7 @@ __all__ = [
     "LensResult",
     "direct_logit_attribution",
     "logit_lens",
+    "plot_attention_pattern",
 ]
 __version__ = "0.1.0"
 
@@ -108,6 +110,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .enums import AblationKind, Direction, Engine
     from .errors import CausalPatchError
     from .interpretable import InterpretableModel
+    from .render.attention import plot_attention_pattern
     from .methods.ablation import ablate
     from .methods.activation_patching import CausalTrace, activation_patching
     from .methods.attribution import attribution_patching

@@ -23,6 +23,7 @@ import torch
 
 from .enums import Engine, parse
 from .errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError, UnknownComponentError
+from .hooks import read_only_error
 from .metrics import (DEFAULT_METRIC, DEFAULT_METRIC_WITHOUT_ANSWERS, Metric, MetricInputs,
                       get_metric)
 from .names import ALIASES, Site, canonical_kind, site_kinds
@@ -318,6 +319,8 @@ def plan_component(model: HookedModel, component: str, layers: Any = None, heads
         unit_axis = "head" if sample.per_head else None
         layer_list = [sample.layer if sample.layer is not None else -1]
         sites = (sample,)
+    if any(site.hook == "pattern" for site in sites):  # refused before any forward
+        raise read_only_error(component)
     units = None
     if unit_axis == "head":
         n_units = sample.view.n_heads(model.dims)

@@ -92,3 +92,16 @@ def test_plot_attention_pattern_returns_a_figure(tiny_lm):
     assert len([ax for ax in fig.axes if ax.images]) == 2
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == tiny_lm.to_str_tokens(PROMPTS[0])
+
+
+def test_sweeping_the_pattern_is_refused_before_any_forward(tiny_lm, monkeypatch):
+    from causalpatch import activation_patching
+    from causalpatch.errors import InvalidArgumentError
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the component was checked")
+
+    monkeypatch.setattr(type(tiny_lm.hf_model), "forward", no_forward)
+    with pytest.raises(InvalidArgumentError, match="read-only"):
+        activation_patching(tiny_lm, "When Mary and John", "When John and Mary",
+                            component="attn.pattern", correct=" Mary", incorrect=" John")
