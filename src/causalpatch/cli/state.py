@@ -1,11 +1,11 @@
 """What the global flags decided for the running command, and where its messages go.
 
 The top-level callback (:mod:`causalpatch.cli.app`) sets :class:`State` once per command from
-``--quiet``, ``--json``, ``--verbose``, ``--debug``, ``--no-progress`` and ``--threads``; every other module
-reads it. Two consoles: :data:`console` (stderr: notes, warnings, errors, status spinners) and
-:data:`out_console` (stdout: tables and the "wrote ..." lines). :func:`note` and :func:`warn`
-print only when the command is chatty (neither quiet nor JSON); warnings are also collected
-for the JSON output.
+``--quiet``, ``--json``, ``--verbose``, ``--debug``, ``--no-progress`` and ``--threads``; every
+other module reads it. Two consoles: :data:`console` (stderr: notes, warnings, errors, status
+spinners) and :data:`out_console` (stdout: tables and the "wrote ..." lines). :func:`note` and
+:func:`warn` print only when the command is chatty (neither quiet nor JSON); warnings are also
+collected for the JSON output.
 
 Imports nothing heavy: this module is loaded for ``causalpatch --help``.
 """

@@ -78,7 +78,7 @@ class Steps:
         self.total, self.single = total, single
         self.folder = out / CHECKPOINT_DIR
         self.finished: list[tuple[str, list[Any]]] = []
-        self.running: tuple[int, str, Path] | None = None
+        self.running: tuple[int, str, Path | None] | None = None
         self.signum: int | None = None
 
     # -- before the compute -----------------------------------------------------------------
@@ -95,13 +95,20 @@ class Steps:
 
     # -- the steps --------------------------------------------------------------------------
     def run(self, index: int, name: str, label: str,
-            compute: Callable[[str, Any], list[Any]]) -> list[Any]:
+            compute: Callable[[str | None, Any], list[Any]], checkpointed: bool = True
+            ) -> list[Any]:
         """Run step ``index`` (``compute(checkpoint_path, progress)``, the library call) with
-        its checkpoint ``OUT/.checkpoints/NAME.json``; its results count as finished."""
+        its checkpoint ``OUT/.checkpoints/NAME.json`` (``None`` when not ``checkpointed``);
+        its results count as finished."""
         from ..errors import CheckpointMismatchError
 
         path = self.folder / f"{name}.json"
-        self.running = (index, label, path)
+        self.running = (index, label, path if checkpointed else None)
+        if not checkpointed:
+            results = compute(None, progress_mode(self.as_json))
+            self.running = None
+            self.finished.append((label, list(results)))
+            return results
         try:
             results = compute(str(path), self._progress(index, path))
         except CheckpointMismatchError:
@@ -158,14 +165,14 @@ class Steps:
             yield
         except KeyboardInterrupt:
             if main:  # a second signal while the finished steps are written is only noted
-                for sig in old:
-                    signal.signal(sig, lambda signum, frame: None)
+                for number in old:
+                    signal.signal(number, lambda signum, frame: None)
             code = 128 + (self.signum or signal.SIGINT)
             self._report(self._write_finished())
             raise typer.Exit(code=code) from None
         finally:
-            for sig, previous in old.items():
-                signal.signal(sig, previous)
+            for number, previous in old.items():
+                signal.signal(number, previous)
 
     def _write_finished(self) -> dict[str, str]:
         """Each finished step's result JSON, into ``--out`` (else a temporary folder)."""
@@ -198,9 +205,11 @@ class Steps:
         checkpoint: dict[str, Any] | None = None
         if self.running is not None:
             index, label, path = self.running
-            done, cells = checkpoint_progress(path)
+            done, cells = checkpoint_progress(path) if path is not None else (0, 0)
             checkpoint = {"step": index, "label": label, "path": str(path),
                           "cells_done": done, "cells": cells}
+            if path is None:
+                checkpoint["path"] = None
         if self.as_json or State.json:
             from .outputs import emit_json
 
@@ -214,7 +223,10 @@ class Steps:
             lines.append("wrote the finished steps' results: " + ", ".join(files.values()))
         else:
             lines.append("no step had finished: no result written.")
-        if checkpoint is not None:
+        if checkpoint is not None and checkpoint["path"] is None:
+            lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) "
+                         "keeps no checkpoint: it starts over.")
+        elif checkpoint is not None:
             lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}): "
                          f"{checkpoint['cells_done']} of {checkpoint['cells']} cells "
                          f"checkpointed in {checkpoint['path']}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -67,19 +68,22 @@ def ioi(
         aligned = IOIDataset(m, n=n, seed=seed, equal_length=True)  # one length: by position
         results = []
         for step, (component, by_position) in enumerate(STEPS, 1):
-            label = (f"step {step}/{len(STEPS)}: {component}"
-                     + (" by position" if by_position else " per head"))
+            what = component + (" by position" if by_position else " per head")
             t0 = time.perf_counter()
             data = aligned if by_position else dataset
-            results += steps.run(
-                step, f"step{step}_{component}", label,
-                lambda ckpt, progress, data=data, component=component, by_position=by_position:
-                [activation_patching(m, data, component=component, by_position=by_position,
-                                     progress=progress, executor=ex, checkpoint=ckpt)])
+
+            def sweep(ckpt: str | None, progress: Any, data: Any = data,
+                      component: str = component, by_position: bool = by_position
+                      ) -> list[Any]:
+                return [activation_patching(m, data, component=component,
+                                            by_position=by_position, progress=progress,
+                                            executor=ex, checkpoint=ckpt)]
+
+            results += steps.run(step, f"step{step}_{component}", what, sweep)
             if chatty(as_json):
                 cells = results[-1].effect_matrix.numel()
-                console.print(f"[green]✓[/] {escape(label)}: {cells} cells x {len(data)} "
-                              f"pairs in {time.perf_counter() - t0:.1f} s")
+                console.print(f"[green]✓[/] step {step}/{len(STEPS)}: {escape(what)}: {cells} "
+                              f"cells x {len(data)} pairs in {time.perf_counter() - t0:.1f} s")
         if ex is not None:
             ex.shutdown()
         files = save_outputs(results, out, f"IOI on {m.name} ({len(dataset)} pairs)", fmt=fmt)
