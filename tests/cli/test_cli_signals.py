@@ -162,3 +162,89 @@ def test_interrupt_with_json_prints_one_document(tiny_dir, tmp_path):
     assert data["interrupted"] == "SIGINT" and data["files"] == {}
     assert data["checkpoint"]["path"].endswith("patch.json")
     assert data["resume"].endswith("--resume")
+
+
+# -- issue 26: --threads everywhere, sae checks before the load, info, patch's terminal output ----
+from typer.testing import CliRunner  # noqa: E402
+
+import causalpatch.cli as cli  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_cli(make_tiny_lm, monkeypatch, one_thread):
+    tiny = make_tiny_lm("llama")
+    monkeypatch.setattr(cli.runtime, "load_model", lambda model, dtype=None: tiny)
+    monkeypatch.setattr(cli.model_info, "inspect_model",
+                        lambda model, need_kinds=False: cli.ModelInfo.of(tiny))
+    return tiny
+
+
+def test_threads_is_a_global_flag_of_every_command(tiny_cli, monkeypatch, tmp_path):
+    group = __import__("typer").main.get_command(cli.app)
+    assert cli.hoist_global_flags(group, None, ["patch", "--clean", "x", "--threads", "3"]
+                                  ) == ["--threads", "3", "patch", "--clean", "x"]
+    assert cli.hoist_global_flags(group, None, ["ioi", "--threads=2"]) == [
+        "--threads=2", "ioi"]
+    assert cli.hoist_global_flags(group, None, ["sae", "train", "--threads", "2"]) == [
+        "sae", "train", "--threads", "2"]  # sae train declares its own
+    before = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(cli.runtime, "load_model", lambda model, dtype=None: (
+        seen.append(torch.get_num_threads()) or tiny_cli))
+    res = runner.invoke(cli.app, ["patch", "--clean", CLEAN, "--corrupted", CORRUPTED,
+                                  "--correct", " Mary", "--incorrect", " John", "--layers", "0",
+                                  "--out", str(tmp_path), "--threads", "3"])
+    assert res.exit_code == 0, res.output
+    assert seen == [3] and torch.get_num_threads() == before
+    assert os.environ.get("OMP_NUM_THREADS") != "3"  # restored
+    res = runner.invoke(cli.app, ["models", "--threads", "0"])
+    assert res.exit_code == 2
+
+
+def test_patch_prints_baselines_and_the_takeaway(tiny_cli, tmp_path):
+    res = runner.invoke(cli.app, ["patch", "--clean", CLEAN, "--corrupted", CORRUPTED,
+                                  "--correct", " Mary", "--incorrect", " John",
+                                  "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    result = PatchingResult.from_json(tmp_path / "result.json")
+    assert f"clean {result.clean_metric:.4f}, corrupted {result.corrupted_metric:.4f}" \
+        in res.output
+    assert result.takeaway().split()[0] in res.output
+    assert not (tmp_path / CHECKPOINT_DIR).exists()
+
+
+def test_info_lists_the_sweep_components(tiny_cli):
+    res = runner.invoke(cli.app, ["info", "tiny", "--json"])
+    data = json.loads(res.stdout)
+    assert data["sweep_components"] == list(cli.SWEEP_COMPONENTS)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--site", "blocks.1.resid_pots"], "Did you mean: blocks.1.resid_post"),
+    (["--site", "blocks.x.resid_post"], "must name one layer's site"),
+    (["--site", "blocks.99.resid_post"], "out of range: this model has 3 layers"),
+    (["--architecture", "relu"], "--architecture"),
+])
+def test_sae_train_checks_come_before_the_weights_load(tiny_cli, monkeypatch, tmp_path, args,
+                                                        fragment):
+    def refuse(model, dtype=None):
+        raise AssertionError("the weights were loaded before the argument error")
+
+    monkeypatch.setattr(cli.runtime, "load_model", refuse)
+    res = runner.invoke(cli.app, ["sae", "train", "--model", "tiny", *args,
+                                  "--out", str(tmp_path / "sae")])
+    assert res.exit_code == 2, res.output
+    assert fragment in res.output
+
+
+def test_sae_info_on_a_bad_folder_fails_without_torch(tmp_path):
+    (tmp_path / "cfg.json").write_text("{}")
+    code = (f"import sys\nfrom causalpatch.cli import app\n"
+            f"try:\n    app(['sae', 'info', {str(tmp_path)!r}])\nexcept SystemExit as e:\n"
+            f"    print('torch' in sys.modules, e.code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert done.stdout.split() == ["False", "2"], done.stderr
+    assert "has no sae_weights.safetensors" in " ".join(done.stderr.split())
