@@ -30,6 +30,8 @@ The package, one idea per module:
 * :mod:`~causalpatch.cli.outputs`: output paths probed before the compute, files written after
   it (never lost), tables and JSON.
 * :mod:`~causalpatch.cli.progress`: progress bars: the library's own, passed through.
+* :mod:`~causalpatch.cli.sweeps`: the sweeps as numbered steps with checkpoints in
+  ``OUT/.checkpoints``; Ctrl-C/SIGTERM write the finished steps, ``--resume`` continues.
 * :mod:`~causalpatch.cli.options`: option declarations that commands share.
 * :mod:`causalpatch.cli.commands`: one module per command.
 

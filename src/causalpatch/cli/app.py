@@ -18,12 +18,15 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from . import runtime
 from .commands import info, ioi, models, patch, report, sae, trace
 from .options import epilog
 from .state import State
 
 #: Flags of the top-level callback that are also accepted after a subcommand.
 GLOBAL_FLAGS = ("--quiet", "-q", "--verbose", "-v", "--debug", "--json", "--no-progress")
+#: Global options with a value (``--threads 1`` or ``--threads=1``), also accepted after it.
+GLOBAL_VALUE_FLAGS = ("--threads",)
 
 
 def _declares(command: Any, flag: str) -> bool:
@@ -63,6 +66,12 @@ def hoist_global_flags(group: Any, ctx: Any, args: list[str]) -> list[str]:
             hoisted.append(token)
             i += 1
             continue
+        name = token.split("=", 1)[0]
+        if name in GLOBAL_VALUE_FLAGS and command is not group \
+                and not _declares(command, name):
+            hoisted += args[i : i + (1 if "=" in token else 2)]
+            i += 1 if "=" in token else 2
+            continue
         kept.append(token)
         if token.startswith("-") and "=" not in token and _takes_value(command, token) \
                 and i + 1 < len(args):
@@ -76,13 +85,15 @@ class _Group(TyperGroup):
     """Typer's group, with global flags accepted after the subcommand too."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        State.argv = list(args)  # for the resume line of an interrupted command
         return super().parse_args(ctx, hoist_global_flags(self, ctx, list(args)))
 
 
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   rich_markup_mode="rich", pretty_exceptions_enable=False,
                   help="Fast, exact activation patching for Hugging Face language models.",
-                  epilog="Global flags (--quiet, --json, --verbose, --debug, --no-progress) "
+                  epilog="Global flags (--quiet, --json, --verbose, --debug, --no-progress, "
+                         "--threads N) "
                          "also work after the command: causalpatch models --quiet")
 
 
@@ -95,11 +106,17 @@ def main(ctx: typer.Context,
                                       help="Show transformers' loading logs and bars, timings."),
          as_json: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
          no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+         threads: int | None = typer.Option(
+             None, "--threads", min=1,
+             help="torch CPU threads (default: torch's, one per core). 1 is often faster on "
+                  "a busy machine or for small models; see docs/cli.md."),
          ) -> None:
     """Fast, exact activation patching for Hugging Face language models."""
     State.reset()
     State.debug, State.quiet, State.verbose = debug, quiet, verbose and not quiet
     State.json, State.progress = as_json, not no_progress
+    if threads is not None:
+        runtime.use_threads(ctx, threads)
     if quiet:
         _silence(ctx)
 

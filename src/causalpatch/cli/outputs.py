@@ -159,6 +159,16 @@ def top_table(result: Any, k: int = 10) -> Any:
     return table
 
 
+def baselines(result: Any) -> str:
+    """One line: the metric on the clean and the corrupted run, which the effects scale
+    between (0: the corrupted run, 1: the clean run, when normalised)."""
+    parts = [f"clean {result.clean_metric:.4f}"]
+    if result.corrupted_metric is not None:
+        parts.append(f"corrupted {result.corrupted_metric:.4f}")
+    scale = " (effects: 0 = corrupted, 1 = clean)" if result.normalized else ""
+    return f"baselines ({result.metric}): " + ", ".join(parts) + scale
+
+
 def finish(results: list[Any], files: dict[str, str], as_json: bool) -> None:
     """The end of ``patch``/``ioi``/``trace``: JSON, or the tables and the files written."""
     if as_json or State.json:

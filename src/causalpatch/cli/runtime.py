@@ -8,6 +8,8 @@ can substitute a small model.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -26,6 +28,42 @@ def torch_dtype(dtype: str | None) -> Any:
     return getattr(torch, dtype)
 
 
+#: Environment variables that set the CPU threads of torch (read when torch is imported).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def use_threads(ctx: Any, threads: int) -> None:
+    """``--threads N`` for the whole command: the thread variables are set before torch is
+    imported (every command imports it in its body), and an already imported torch is set
+    directly; both are restored when the command ends (``ctx.call_on_close``)."""
+    State.threads = threads
+    before = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+
+    def restore() -> None:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    ctx.call_on_close(restore)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        ctx.call_on_close(lambda: torch.set_num_threads(previous))
+
+
+def apply_threads() -> None:
+    """Set torch's threads to ``--threads`` (if given) now that torch is imported."""
+    if State.threads is not None:
+        import torch
+
+        torch.set_num_threads(State.threads)
+
+
 def load_model(model: str, dtype: str | None = None) -> Any:
     """The full model (weights), behind a "loading ..." spinner unless quiet or JSON."""
     from ..interpretable import InterpretableModel
@@ -33,6 +71,7 @@ def load_model(model: str, dtype: str | None = None) -> Any:
 
     if dtype is not None and dtype not in DTYPES:
         raise error(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    apply_threads()
     status = console.status(f"loading {model}…") if chatty() else nullcontext()
     t0 = time.perf_counter()
     with status, quiet_loading(not State.verbose):

@@ -1,11 +1,11 @@
 """What the global flags decided for the running command, and where its messages go.
 
 The top-level callback (:mod:`causalpatch.cli.app`) sets :class:`State` once per command from
-``--quiet``, ``--json``, ``--verbose``, ``--debug`` and ``--no-progress``; every other module
-reads it. Two consoles: :data:`console` (stderr: notes, warnings, errors, status spinners) and
-:data:`out_console` (stdout: tables and the "wrote ..." lines). :func:`note` and :func:`warn`
-print only when the command is chatty (neither quiet nor JSON); warnings are also collected
-for the JSON output.
+``--quiet``, ``--json``, ``--verbose``, ``--debug``, ``--no-progress`` and ``--threads``; every
+other module reads it. Two consoles: :data:`console` (stderr: notes, warnings, errors, status
+spinners) and :data:`out_console` (stdout: tables and the "wrote ..." lines). :func:`note` and
+:func:`warn` print only when the command is chatty (neither quiet nor JSON); warnings are also
+collected for the JSON output.
 
 Imports nothing heavy: this module is loaded for ``causalpatch --help``.
 """
@@ -26,12 +26,17 @@ class State:
     verbose: bool = False
     json: bool = False
     progress: bool = True
+    threads: int | None = None
     warnings: ClassVar[list[str]] = []
+    argv: ClassVar[list[str]] = []
+    """The command's arguments (after ``causalpatch``), for the resume line of an interrupt;
+    set by the app's parser, not by :meth:`reset`."""
 
     @classmethod
     def reset(cls) -> None:
         cls.debug = cls.quiet = cls.verbose = cls.json = False
         cls.progress = True
+        cls.threads = None
         cls.warnings = []
 
 

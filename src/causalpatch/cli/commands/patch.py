@@ -18,9 +18,9 @@ from ..checks import (DIRECTIONS, DTYPES, FIGURE_FORMATS, METRICS, check_answer,
 from ..failures import error, user_errors
 from ..options import (ADDRESS_HELP, COMPONENT_HELP, DTYPE_HELP, EXECUTOR_HELP, JSON_HELP,
                        MODEL_HELP, WORKERS_HELP, format_option)
-from ..outputs import check_out_dir, executor_summary, finish, save_outputs
-from ..progress import progress_mode
-from ..state import State, chatty, note, warn
+from ..outputs import baselines, check_out_dir, executor_summary, finish, save_outputs
+from ..state import State, chatty, note, out_console, warn
+from ..sweeps import Steps, resume_option
 
 
 def patch(
@@ -50,6 +50,7 @@ def patch(
     executor: str | None = typer.Option(None, "--executor", help=EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
     workers: int | None = typer.Option(None, "--workers", help=WORKERS_HELP),
+    resume: bool | None = resume_option(),
 ) -> None:
     """Patch one clean/corrupted pair; write result.json, a heatmap and report.html.
 
@@ -67,9 +68,10 @@ def patch(
 
     Answers are single tokens; after a word they start with a space (" Mary").
     Arguments are checked against the model's config and tokenizer before the
-    weights load.
+    weights load. Ctrl-C keeps the finished cells (OUT/.checkpoints); rerun to resume.
     """
-    with user_errors():
+    steps = Steps(out, resume, as_json or State.json, total=1, single=True)
+    with user_errors(), steps.interruptible():
         State.json = as_json = as_json or State.json
         # tier 0: no imports
         check_prompt(clean, "--clean")
@@ -118,18 +120,23 @@ def patch(
         elif not by_position and is_resid(component) and position_list is None:
             warn(f"--no-by-position with {component}: patching the whole residual stream "
                  "restores the clean run, so every layer shows +1.000; use --by-position")
+        steps.prepare()
         ex = runtime.make_executor(executor, address, workers)
         m = runtime.load_model(model, dtype)
         from ...methods.activation_patching import activation_patching
 
-        result = activation_patching(
-            m, clean, corrupted, component=component, metric=metric, correct=correct,
-            incorrect=incorrect, by_position=by_position, direction=direction,
-            layers=layer_list, heads=head_list, positions=position_list,
-            progress=progress_mode(as_json), executor=ex)
+        (result,) = steps.run(1, "patch", f"{component} sweep", lambda ckpt, progress: [
+            activation_patching(
+                m, clean, corrupted, component=component, metric=metric, correct=correct,
+                incorrect=incorrect, by_position=by_position, direction=direction,
+                layers=layer_list, heads=head_list, positions=position_list,
+                progress=progress, executor=ex, checkpoint=ckpt)])
         if ex is not None:
             ex.shutdown()
         files = save_outputs([result], out, f"causalpatch: {component}", fmt=fmt)
+        steps.done()
     if chatty(as_json):
         executor_summary([result])
+        out_console.print(baselines(result), highlight=False)
+        out_console.print(result.takeaway(), highlight=False, soft_wrap=True)
     finish([result], files, as_json)

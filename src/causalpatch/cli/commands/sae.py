@@ -9,11 +9,52 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .. import runtime
+from .. import model_info, runtime
+from ..checks import COMPONENT_WORDS, check_choice, check_component
 from ..failures import error, user_errors
 from ..options import MODEL_HELP
 from ..outputs import check_out_dir, emit_json
 from ..state import State, chatty, console, out_console
+
+#: The SAELens files of an SAE folder (mirrors causalpatch.sae.format, which imports torch).
+SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+ARCHITECTURES = ("topk", "standard")
+
+
+def check_site(site: str) -> None:
+    """Tier 0 for ``--site``: ``blocks.N.KIND`` with an integer layer and, for a word that looks
+    like a typo of a site kind, a suggestion (other spellings are left to the library)."""
+    import difflib
+
+    if not site.startswith("blocks."):
+        return
+    parts = site.split(".", 2)
+    if len(parts) != 3 or not parts[1].lstrip("-").isdigit() or not parts[2]:
+        raise error(f"--site {site!r} must name one layer's site, like blocks.20.resid_post "
+                    "(or the TransformerLens name blocks.20.hook_resid_post)")
+    kind = parts[2]
+    if kind not in COMPONENT_WORDS:
+        close = difflib.get_close_matches(kind, COMPONENT_WORDS, n=3, cutoff=0.75)
+        if close:
+            raise error(f"unknown site kind {kind!r} in --site {site!r}. Did you mean: "
+                        + ", ".join(f"blocks.{parts[1]}.{c}" for c in close) + "?")
+
+
+def check_sae_folder(path: Path) -> None:
+    """The folder checks of ``load_sae``, without importing torch (a bad path fails at once)."""
+    folder = path.expanduser()
+    if folder.is_file() and folder.name in SAE_FILES:
+        folder = folder.parent
+    if not folder.exists():
+        raise error(f"SAE folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise error(f"{str(folder)!r} is a file; an SAE is a folder with {SAE_FILES[0]} and "
+                    f"{SAE_FILES[1]} (SAELens format)")
+    for name in SAE_FILES:
+        if not (folder / name).is_file():
+            raise error(f"{str(folder)!r} has no {name}: an SAE folder in the SAELens format "
+                        f"holds {SAE_FILES[0]} and {SAE_FILES[1]}")
+
 
 sae_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                       help="Sparse autoencoders (SAELens format): train one, inspect one.")
@@ -34,7 +75,8 @@ def sae_train(
     lr: float = typer.Option(4e-4, help="Adam learning rate."),
     seed: int = typer.Option(0, help="Seed (data order and initialisation)."),
     storage_dtype: str = typer.Option("float16", help="Stored weights: float16 | float32."),
-    threads: int | None = typer.Option(None, help="torch threads (default: torch's)."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (default: the global "
+                                       "--threads, else torch's)."),
     out: Path = typer.Option(Path("out/sae"), help="Output folder (SAELens format)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -55,7 +97,16 @@ def sae_train(
             raise error(f"--storage-dtype must be float16 or float32, got {storage_dtype!r}")
         if features < 1 or tokens < 1 or epochs < 1:
             raise error("--features, --tokens and --epochs must be positive")
+        check_choice(architecture, ARCHITECTURES, "--architecture")
+        if k < 1 or eval_tokens < 1 or not lr > 0:
+            raise error("--k, --eval-tokens and --lr must be positive")
+        check_site(site)
         check_out_dir(out)
+        info = model_info.inspect_model(model)  # --site's layer against the config, no weights
+        if info is not None and site.startswith("blocks."):
+            check_component(info, site, None)
+        if threads is None:
+            threads = State.threads
         import torch
 
         from ...sae import save_sae
@@ -89,9 +140,10 @@ def sae_info(path: Path = typer.Argument(..., help="An SAE folder (cfg.json + "
 
       causalpatch sae info out/sae
     """
-    from ...sae import load_sae
-
     with user_errors():
+        check_sae_folder(path)  # before torch is imported: a bad folder fails at once
+        from ...sae import load_sae
+
         sae = load_sae(path)
     data = {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
             "k": sae.k, "site": sae.site, "hook_name": sae.hook_name,
