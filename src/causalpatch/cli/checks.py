@@ -33,11 +33,14 @@ if TYPE_CHECKING:
 #: (tests/cli/test_cli_startup.py checks each against the library).
 SWEEP_COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn_head",
                     "attn_head_q", "attn_head_k", "attn_head_v", "mlp_neuron")
+#: Component words that name something readable but not patchable (attention patterns).
+READ_ONLY_WORDS = ("attn.pattern", "attn.hook_pattern", "hook_pattern")
 COMPONENT_WORDS = (*SWEEP_COMPONENTS, "embed", "ln_final", "hook_resid_pre", "hook_resid_mid",
                    "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.z", "attn.q",
                    "attn.k", "attn.v", "mlp.post", "attn.hook_z", "attn.hook_q", "attn.hook_k",
                    "attn.hook_v", "mlp.hook_post", "attn.in", "mlp.in", "attn.raw", "mlp.raw",
-                   "mlp.gate", "mlp.up", "mlp.pre", "attn.q_normed", "attn.k_normed")
+                   "mlp.gate", "mlp.up", "mlp.pre", "attn.q_normed", "attn.k_normed",
+                   *READ_ONLY_WORDS)
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 PER_HEAD_COMPONENTS = ("attn_head", "attn_head_q", "attn_head_k", "attn_head_v")
 METRICS = ("logit_diff", "logit", "prob", "logprob", "ce_diff", "l2", "mse", "cosine", "kl")
@@ -92,6 +95,9 @@ def check_component_word(component: str) -> None:
     """
     if not component.strip():
         raise error("--component is empty; expected one of " + ", ".join(SWEEP_COMPONENTS))
+    if component in READ_ONLY_WORDS or component.endswith((".attn.pattern", ".hook_pattern")):
+        raise error(f"--component {component!r} is the attention pattern, which is read-only: "
+                    "patch attn.q / attn.k (what it is computed from) or attn_head instead")
     if component in COMPONENT_WORDS or component.startswith("blocks."):
         return
     close = difflib.get_close_matches(component, COMPONENT_WORDS, n=3, cutoff=0.75)

@@ -673,8 +673,8 @@ def causal_tracing(
     counted = RunOptions(prompts_done if tick is not None else False, options.executor,
                          options.batch_size, options.memory_mb, options.checkpoint)
     try:
-        values = counted.run(
-            model, items, n_cells, build, label="causal tracing",
+        values = counted.run(  # a prompt is traced whole: one call per prompt (chunk)
+            model, items, n_cells, build, label="causal tracing", chunk=max(1, n_cells),
             checkpoint_args=dict(method="causal_tracing", spans=plan.spans, noise=noise,
                                  samples=samples, seed=seed, components=kinds, window=window,
                                  grouped=plan.grouped))

@@ -19,11 +19,6 @@ from ..outputs import check_out_dir, finish, save_outputs
 from ..state import State, chatty, out_console
 from ..sweeps import Steps, resume_option
 
-#: Whether ``trace`` hands causal tracing a checkpoint. Off until the library's causal tracing
-#: checkpoints a prompt in one evaluation: with a checkpoint, ``run_pairs`` evaluates 64 cells
-#: per call and ``causal_tracing`` traces the whole prompt in each call (6x slower measured on a
-#: 16-layer tiny model). Everything else (interrupt message, ``--resume``) already works.
-TRACE_CHECKPOINTS = False
 
 
 def trace(
@@ -137,8 +132,7 @@ def trace(
             traced = compute(ckpt, progress)
             return list(traced.values())
 
-        results = steps.run(1, "trace", "causal tracing", one_step,
-                            checkpointed=TRACE_CHECKPOINTS)
+        results = steps.run(1, "trace", "causal tracing", one_step)
         if ex is not None:
             ex.shutdown()
         files = save_outputs(results, out, title, figure=plot_trace, fmt=fmt)
