@@ -110,7 +110,7 @@ def test_float64_activation_patching_fast_equals_naive(model64, component, one_t
 @pytest.mark.parametrize("component", ["attn_head", "mlp_neuron", "resid_post", "attn_head_v"])
 @pytest.mark.parametrize("kind", ["zero", "mean"])
 def test_float64_ablate_fast_equals_naive(model64, component, kind, one_thread):
-    family, model = model64
+    _, model = model64
     prompts = [CLEAN, CORRUPTED, "bcdefghijklm"]
     kw = dict(component=component, kind=kind, correct=5, incorrect=6)
     if component == "mlp_neuron":
@@ -123,7 +123,7 @@ def test_float64_ablate_fast_equals_naive(model64, component, kind, one_thread):
 
 @pytest.mark.parametrize("component", ["attn_head", "attn_head_k", "mlp_neuron", "resid_pre"])
 def test_float64_attribution_verified_values_equal_naive(model64, component, one_thread):
-    family, model = model64
+    _, model = model64
     kw = dict(component=component, correct=5, incorrect=6, by_position=component == "resid_pre")
     if component == "mlp_neuron":
         kw["neurons"] = _neurons(model)
