@@ -494,8 +494,7 @@ def _lens_stats(model: HookedModel, hidden: torch.Tensor, answer: int | None, k:
 def _cell_stats(logits: torch.Tensor, answer: int | None, k: int) -> dict[str, torch.Tensor]:
     """Statistics of every cell of ``logits`` ``[layers, pos, vocab]`` (the last layer is the
     reference of the KL). Rows are processed :data:`STATS_CHUNK_BYTES` at a time, so that the
-    few passes each row needs (top-k, exp, sums, rank, the KL's cross term) run on data still
-    in the CPU cache."""
+    few passes each row needs (softmax, top-k, rank) run on data still in the CPU cache."""
     n_layers, n_pos, vocab = logits.shape
     flat = logits.reshape(-1, vocab)
     n = flat.shape[0]
@@ -504,12 +503,6 @@ def _cell_stats(logits: torch.Tensor, answer: int | None, k: int) -> dict[str, t
     top_values = torch.empty(n, k, dtype=flat.dtype, device=flat.device)
     top_ids = torch.empty(n, k, dtype=torch.long, device=flat.device)
     rank = torch.empty(n, dtype=torch.long, device=flat.device) if answer is not None else None
-    # KL(final || layer) needs <p_final, z_layer> at every cell: the final distribution of each
-    # position first, then each row's dot product with it inside the chunk loop (no second
-    # pass over all the logits); row r of ``flat`` is position r % n_pos
-    p_final = torch.softmax(logits[-1], -1)  # [pos, vocab]
-    cross = torch.empty_like(lse)
-    row_pos = torch.arange(n, device=flat.device) % n_pos
     step = max(1, STATS_CHUNK_BYTES // (4 * vocab))
     for lo in range(0, n, step):
         z = flat[lo:lo + step]
@@ -521,14 +514,14 @@ def _cell_stats(logits: torch.Tensor, answer: int | None, k: int) -> dict[str, t
         total = e.sum(-1)
         lse[lo:lo + step] = top.values[:, 0] + total.log()
         mean_logit[lo:lo + step] = torch.linalg.vecdot(e, z) / total
-        cross[lo:lo + step] = torch.linalg.vecdot(p_final[row_pos[lo:lo + step]], z)
         if rank is not None:  # count_nonzero: no int64 copy of the comparison
             rank[lo:lo + step] = torch.count_nonzero(z > z[:, answer, None], dim=-1) + 1
     lse = lse.view(n_layers, n_pos)
     mean_logit = mean_logit.view(n_layers, n_pos)
     # KL(final || layer) = sum_v p_f (log p_f - log p_l)
     #                    = (<p_f, z_f> - lse_f) - (<p_f, z_l> - lse_l)
-    cross = cross.view(n_layers, n_pos)
+    p_final = torch.softmax(logits[-1], -1)  # [pos, vocab]
+    cross = torch.einsum("lpv,pv->lp", logits, p_final)
     kl = ((mean_logit[-1] - lse[-1])[None] - cross + lse).clamp_min(0.0)
     kl[-1] = 0.0
     out = {"top_ids": top_ids.view(n_layers, n_pos, k),
