@@ -506,16 +506,14 @@ def _cell_stats(logits: torch.Tensor, answer: int | None, k: int) -> dict[str, t
     step = max(1, STATS_CHUNK_BYTES // (4 * vocab))
     for lo in range(0, n, step):
         z = flat[lo:lo + step]
-        top = z.topk(k, dim=-1)  # its first value is the row's maximum
+        p = torch.softmax(z, -1)
+        top = z.topk(k, dim=-1)
         top_values[lo:lo + step], top_ids[lo:lo + step] = top.values, top.indices
-        # e = exp(z - max), in place in one buffer (torch.softmax makes more passes); then
-        # lse = max + log sum e and <p, z> = <e, z> / sum e, a dot product without a temporary
-        e = torch.sub(z, top.values[:, :1]).exp_()
-        total = e.sum(-1)
-        lse[lo:lo + step] = top.values[:, 0] + total.log()
-        mean_logit[lo:lo + step] = torch.linalg.vecdot(e, z) / total
-        if rank is not None:  # count_nonzero: no int64 copy of the comparison
-            rank[lo:lo + step] = torch.count_nonzero(z > z[:, answer, None], dim=-1) + 1
+        # log-sum-exp from the top token's probability: z_max - log p_max (p_max >= 1/vocab)
+        lse[lo:lo + step] = top.values[:, 0] - p.gather(1, top.indices[:, :1])[:, 0].log()
+        mean_logit[lo:lo + step] = (p * z).sum(-1)
+        if rank is not None:
+            rank[lo:lo + step] = (z > z[:, answer, None]).sum(-1) + 1
     lse = lse.view(n_layers, n_pos)
     mean_logit = mean_logit.view(n_layers, n_pos)
     # KL(final || layer) = sum_v p_f (log p_f - log p_l)
