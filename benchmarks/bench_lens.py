@@ -8,6 +8,8 @@ the machine hits every side alike), on one prompt:
 * ``lens``: :func:`causalpatch.logit_lens` over all 30 layers x every position, with the
   answer's probability and rank, top-5, entropy and KL, logits kept;
 * ``lens_last``: the same at the last position only (``positions=[-1]``);
+* ``lens_forward``: the lens's own forward alone (one forward reading the 30 ``resid_post``
+  at every position, the model's unembedding at the last position only), no readout;
 * ``unembed_floor``: only the arithmetic the lens cannot avoid: the final norm and the
   unembedding of the 30 x positions residual vectors (``runtime.unembed`` on a
   ``[30, pos, d_model]`` tensor), without the forward or any statistic;
@@ -68,6 +70,16 @@ def main() -> None:
         with torch.no_grad():
             model.hf_model(input_ids=ids)
 
+    from causalpatch.methods.lens import _read
+    from causalpatch.tokens import make_batch
+
+    names = [f"blocks.{layer}.resid_post" for layer in range(model.n_layers)]
+    rows, cols = torch.zeros(n_pos, dtype=torch.long), torch.arange(n_pos)
+
+    def lens_forward() -> None:
+        _read(model, make_batch([ids[0].tolist()], model.pad_token_id, model.device), names,
+              rows, cols, full_logits=False)
+
     def floor() -> None:
         with torch.no_grad():
             model.runtime.unembed(hidden, model.config)
@@ -76,6 +88,7 @@ def main() -> None:
         "forward": forward,
         "lens": lambda: logit_lens(model, prompt, answer=" Mary"),
         "lens_last": lambda: logit_lens(model, prompt, answer=" Mary", positions=[-1]),
+        "lens_forward": lens_forward,
         "unembed_floor": floor,
         "dla_component": lambda: direct_logit_attribution(model, prompt, "component", **ioi),
         "dla_head": lambda: direct_logit_attribution(model, prompt, "head", **ioi),
@@ -98,6 +111,8 @@ def main() -> None:
     print(f"{'run':<16}{'ms':>10}{'x forward':>12}")
     for name, seconds in best.items():
         print(f"{name:<16}{seconds * 1e3:>10.1f}{seconds / base:>12.2f}")
+    print(f"floor (lens_forward + unembed_floor): "
+          f"{(best['lens_forward'] + best['unembed_floor']) / base:.2f} x forward")
     print(f"lens last layer vs logits: max |diff| = "
           f"{(lens.logits[-1] - logits).abs().max().item():.2e}")
     print(f"DLA per head: parts sum {sum(check.parts.values()):.6f}, logit diff "

@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 
 from . import runtime
 from .commands import info, ioi, models, patch, report, sae, trace
+from .commands import dla, lens
 from .options import epilog
 from .state import State
 
@@ -141,6 +142,8 @@ def _silence(ctx: Any) -> None:
 app.command(epilog=epilog("causalpatch patch ... --quiet"))(patch.patch)
 app.command(epilog=epilog("causalpatch ioi ... --quiet"))(ioi.ioi)
 app.command(epilog=epilog("causalpatch trace ... --quiet"))(trace.trace)
+app.command(epilog=epilog("causalpatch lens ... --quiet"))(lens.lens)
+app.command(epilog=epilog("causalpatch dla ... --quiet"))(dla.dla)
 app.command("report", epilog=epilog("causalpatch report ... --quiet"))(report.report_command)
 app.command(epilog=epilog("causalpatch models --quiet"))(models.models)
 app.command(epilog=epilog("causalpatch info smollm2 --json"))(info.info)
