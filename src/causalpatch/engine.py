@@ -61,7 +61,8 @@ import torch
 from .adapters.runtime import LayerCall, first_argument, parse_layer_call, stack_paths
 from .enums import Engine
 from .errors import InvalidArgumentError, NonFiniteError
-from .hooks import Hook, StopForward, hooked, last_position_only, recorded_calls
+from .hooks import (Hook, StopForward, gradients_zeroed, hooked, last_position_only,
+                    recorded_calls)
 from .names import Site
 from .plan import Patch, SitePatch
 from .tokens import make_batch
@@ -1061,3 +1062,106 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                         ("backward_s", t3 - t2)):
             timings[key] = timings.get(key, 0.0) + dt
     return Gradients(base, source, dict(grads), base_values.detach(), source_values)
+
+
+@dataclass
+class DroppedGradients:
+    """What :func:`graddrop_pass` gives: the plain pass and one gradient per dropped layer.
+
+    Attributes:
+        plain: the ordinary :class:`Gradients` (equal to :func:`gradient_pass`'s).
+        dropped: ``dropped[l]``: ``site name -> leaf name -> gradient`` with the gradient
+            through layer ``l``'s residual writes (its attention and MLP outputs) set to zero.
+    """
+
+    plain: Gradients
+    dropped: list[dict[str, dict[str, torch.Tensor]]]
+
+
+def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.Tensor,
+                  sites: Sequence[Site],
+                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
+                  what: str = "attribution patching") -> DroppedGradients:
+    """:func:`gradient_pass` plus GradDrop (AtP*, Kramar et al. 2024): one source forward, one
+    base forward whose graph is kept, the plain backward and ``L`` more backward passes, pass
+    ``l`` with the gradient through layer ``l``'s residual writes (the ``attn`` and ``mlp``
+    sites' outputs, the only ways layer ``l`` writes to the residual stream) zeroed.
+
+    Pass ``l`` equals a textbook pass with those writes detached in the forward (tests prove
+    it); the writes' values are unchanged (each is replaced by an exact clone whose gradient
+    is dropped through :func:`causalpatch.hooks.gradients_zeroed`). Arguments, raises: as
+    :func:`gradient_pass`; ``timings`` also receives ``graddrop_backward_s``.
+    """
+    t0 = time.perf_counter()
+    source: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        source_last = last_logits(model, source_ids, cachers(source, sites)).float()
+    t1 = time.perf_counter()
+    base: dict[str, torch.Tensor] = {}
+    leaves: dict[str, dict[str, torch.Tensor]] = {}
+    writes: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
+
+    def attach(name: str, site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            base[name] = act.detach().clone()
+            new, leaves[name] = leaf(site, act)
+            return new
+        return hook
+
+    def write(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            out = act.clone()  # the same value; its own node, whose gradient a pass drops
+            writes[layer].append(out)
+            return out
+        return hook
+
+    # the leaves first: a leaf at a write site sits before the write's dropped node
+    hooks = [Hook(s, attach(s.name, s)) for s in sites]
+    hooks += [Hook(model.layer_site(kind, layer), write(layer))
+              for layer in range(model.n_layers) for kind in ("attn", "mlp")]
+    with torch.enable_grad():
+        base_last = last_logits(model, base_ids, hooks)
+        base_values = objective(base_last, source_last)
+        t2 = time.perf_counter()
+        missing = [s.name for s in sites if s.name not in leaves]
+        if missing:
+            raise InvalidArgumentError(
+                f"site(s) {missing} were not reached in the forward pass; {what} needs sites the "
+                "logits depend on")
+        if not base_values.requires_grad:
+            raise InvalidArgumentError(
+                f"the metric does not depend differentiably on the logits; {what} needs a "
+                "differentiable metric (use the exact method instead)")
+        flat = [(s.name, k, t) for s in sites for k, t in leaves[s.name].items()]
+        total = base_values.sum()  # rows are independent: each row's own gradient
+        passes = []
+        for layer in [None, *range(model.n_layers)]:
+            dropped = writes[layer] if layer is not None else []
+            with gradients_zeroed(dropped):
+                passes.append(torch.autograd.grad(
+                    total, [t for _, _, t in flat], allow_unused=True,
+                    retain_graph=layer != model.n_layers - 1))
+            if layer is None:
+                t3 = time.perf_counter()
+    t4 = time.perf_counter()
+    per_pass: list[dict[str, dict[str, torch.Tensor]]] = []
+    for found in passes:
+        grads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for (name, key, tensor), g in zip(flat, found):
+            g = torch.zeros_like(tensor) if g is None else g.detach()
+            if not torch.isfinite(g).all():
+                raise NonFiniteError(
+                    f"the gradient of the metric at {name} is not finite (a distance metric "
+                    f"whose base and source logits coincide has no gradient); use a score "
+                    f"metric or the exact method instead of {what}")
+            grads[name][key] = g
+        per_pass.append(dict(grads))
+    with torch.no_grad():
+        source_values = objective(source_last, source_last).detach()
+    if timings is not None:
+        for key, dt in (("source_forward_s", t1 - t0), ("base_forward_s", t2 - t1),
+                        ("backward_s", t3 - t2), ("graddrop_backward_s", t4 - t3)):
+            timings[key] = timings.get(key, 0.0) + dt
+    plain = Gradients(base, source, per_pass[0], base_values.detach(), source_values)
+    return DroppedGradients(plain, per_pass[1:])

@@ -54,11 +54,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..assemble import GroupValues, Scale, aggregate, build_result
-from ..engine import gradient_pass
+from ..assemble import GroupValues, PairValues, Scale, aggregate, build_result
+from ..engine import graddrop_pass, gradient_pass
 from ..enums import Direction
+from ..errors import InvalidArgumentError
 from ..metrics import Metric
-from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
+from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs, screen_then_prove
 from ..options import verify_top_k as exact_top_k
 from ..plan import (ComponentPlan, build_patches, check_int, metric_inputs, pair_positions,
                     plan_component, result_axes)
@@ -69,6 +70,13 @@ if TYPE_CHECKING:
 
 #: Pairs per forward/backward batch when ``batch_size`` is not given.
 DEFAULT_PAIRS_PER_BATCH = 8
+
+#: ``method=``: plain attribution patching, or AtP* (GradDrop; see the module docstring).
+METHODS = ("atp", "atp*")
+
+#: Components the QK fix would apply to; AtP* refuses them until the fix lands.
+QK_COMPONENTS = ("attn_head_q", "attn_head_k")
+QK_SITES = ("attn.q", "attn.k")
 
 
 def _reduce(contrib: torch.Tensor, plan: ComponentPlan, positions: list[int] | None,
@@ -107,6 +115,12 @@ def attribution_patching(
     by_position: bool = False,
     direction: str | Direction = "denoise",
     verify_top_k: int = 0,
+    method: str = "atp",
+    verify: str | None = None,
+    top_k: int = 20,
+    threshold: float | None = None,
+    n_subsets: int = 8,
+    seed: int = 0,
     batch_size: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     checkpoint: str | None = None,
@@ -153,12 +167,30 @@ def attribution_patching(
     t_start = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
     check_int(verify_top_k, "verify_top_k", 0)
+    if not isinstance(method, str) or method not in METHODS:
+        raise InvalidArgumentError(
+            f"method must be 'atp' (plain attribution patching, the default) or 'atp*' "
+            f"(AtP*: GradDrop plus screen-then-prove), got {method!r}")
+    if verify is not None and verify != "auto":
+        raise InvalidArgumentError(
+            f"verify must be None or 'auto' (screen then prove the top_k), got {verify!r}")
+    check_int(top_k, "top_k", 1)
+    check_int(n_subsets, "n_subsets", 1)
+    check_int(seed, "seed", 0)
+    if threshold is not None and (isinstance(threshold, bool)
+                                  or not isinstance(threshold, (int, float))
+                                  or not threshold > 0):
+        raise InvalidArgumentError(
+            f"threshold must be None or a positive normalised effect, got {threshold!r}")
+    star = method == "atp*"
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
                               memory_mb=memory_mb, checkpoint=checkpoint)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
     pairs, m, denoise = prep.pairs, prep.metric, prep.denoise  # the factory captures no dataset
     plan = plan_component(model, component, layers, heads, neurons)
+    if star:
+        _check_star(model, plan)
     positions_of = pair_positions(pairs, positions, by_position)
     axes, labels, shape = result_axes(model, plan, positions_of[0], by_position, pairs[0].clean)
     n_cells = int(torch.Size(shape).numel())
@@ -184,15 +216,30 @@ def attribution_patching(
                 return m(logits, metric_inputs(m, [p.correct for p in chunk],
                                                [p.incorrect for p in chunk], source_logits))
 
-            grads = gradient_pass(model_, base_ids, src_ids, plan.sites, objective,
-                                  timings=stats)
-            with torch.no_grad():
-                per_site = [_reduce((grads.source[s.name].float() - grads.base[s.name].float())
-                                    * grads.grads[s.name]["act"].float(), plan,
-                                    positions_of[group[0]], by_position) for s in plan.sites]
-                est = torch.stack(per_site, dim=1).flatten(1)  # [batch, n_cells]
+            def estimate(grad: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+                with torch.no_grad():
+                    per_site = [_reduce((grads.source[s.name].float()
+                                         - grads.base[s.name].float())
+                                        * grad[s.name]["act"].float(), plan,
+                                        positions_of[group[0]], by_position)
+                                for s in plan.sites]
+                    return torch.stack(per_site, dim=1).flatten(1).cpu()  # [batch, n_cells]
+
+            if star:
+                dropped = graddrop_pass(model_, base_ids, src_ids, plan.sites, objective,
+                                        timings=stats)
+                grads = dropped.plain
+                # GradDrop: sum over l of |estimate with layer l's writes' gradient dropped|,
+                # over L - 1 (a cell's own layer gives 0); appended after the estimates
+                drop = torch.stack([estimate(g).abs() for g in dropped.dropped]).sum(0) / max(
+                    model_.n_layers - 1, 1)
+                est = torch.cat([estimate(grads.grads), drop], dim=1)
+            else:
+                grads = gradient_pass(model_, base_ids, src_ids, plan.sites, objective,
+                                      timings=stats)
+                est = estimate(grads.grads)
             # an estimate is a first-order change: patched ~= base + estimate
-            patched = grads.base_values.cpu()[:, None] + est.cpu()
+            patched = grads.base_values.cpu()[:, None] + est
             if tick is not None:
                 tick(len(group) * len(cells))
             return GroupValues(grads.base_values.cpu(), grads.source_values.cpu(),
@@ -200,16 +247,27 @@ def attribution_patching(
 
         return evaluate
 
+    n_columns = 2 * n_cells if star else n_cells  # AtP*: estimates, then GradDrop
     values = options.run(
-        model, pairs, n_cells, build, groups=batches, label="attribution patching",
+        model, pairs, n_columns, build, groups=batches, label="attribution patching",
         checkpoint_args=dict(method="attribution_patching", component=component,
                              metric=m.name, layers=plan.layers, units=plan.units,
                              positions=positions_of, by_position=by_position,
-                             direction=prep.direction.value, batch=per_batch))
+                             direction=prep.direction.value, batch=per_batch,
+                             **({"atp": "atp*"} if star else {})))
     for key in ("source_forward_s", "base_forward_s", "backward_s"):  # summed over workers
         timings[key] = values.stats.pop(key, 0.0)
     timings["attribution_s"] = (timings["source_forward_s"] + timings["base_forward_s"]
                                 + timings["backward_s"])
+    extra: dict[str, Any] = {}
+    if star:
+        timings["graddrop_backward_s"] = values.stats.pop("graddrop_backward_s", 0.0)
+        timings["attribution_s"] += timings["graddrop_backward_s"]
+        gd = PairValues(values.raw[:, n_cells:], values.base, values.source)
+        graddrop = aggregate(gd, Scale.NORMALIZED, m).effect.abs()
+        values = PairValues(values.raw[:, :n_cells].clone(), values.base, values.source,
+                            values.stats, values.seconds, values.payloads)
+        extra["graddrop"] = graddrop.reshape(shape)
 
     # -- optional exact check of the largest estimates ---------------------------------------
     t_verify = time.perf_counter()
@@ -224,13 +282,62 @@ def attribution_patching(
 
         verified = exact_top_k(model, prep, effect, min(verify_top_k, n_cells), shape, axes,
                                 labels, patches_for, exact_options, positions=positions_of[0])
+    if verify == "auto":
+        estimate_ = aggregate(values, Scale.NORMALIZED, m).effect
+        score = (torch.maximum(estimate_.abs(), extra["graddrop"].flatten()) if star
+                 else estimate_.abs())
+        exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
+
+        def cell_patches(order: list[int]) -> list[list[Any]]:
+            return [[build_patches(plan, pos, by_position, len(p.clean))[j] for j in order]
+                    for p, pos in zip(pairs, positions_of)]
+
+        proven = screen_then_prove(model, prep, estimate_, score, top_k, shape, axes, labels,
+                                   cell_patches, exact_options, threshold=threshold,
+                                   n_subsets=n_subsets, seed=seed, positions=positions_of[0])
+        verified = proven.verified
+        cells = [int(torch.tensor(e["cell"]) @ torch.tensor(_strides(shape))) for e in verified]
+        exact_mask = torch.zeros(n_cells, dtype=torch.bool)
+        if proven.raw is not None:  # the verified cells hold their exact values
+            values.raw[:, cells] = proven.raw
+            exact_mask[cells] = True
+        extra.update(exact=exact_mask.reshape(shape), missed_bound=proven.bound,
+                     top_k=top_k, threshold=proven.threshold)
     timings["verify_s"] = time.perf_counter() - t_verify
+    what = ("AtP* (first-order, GradDrop screening)" if star
+            else "first-order (gradient at the base run)")
+    if verify == "auto":
+        what += "; cells where extra['exact'] is True hold exact values"
     return build_result(
         model, values=values, scale=Scale.NORMALIZED, axes=axes, labels=labels,
         shape=shape, component=component, method="attribution_patching", timings=timings,
-        extra={"estimate": "first-order (gradient at the base run)",
-               "positions": positions_of[0], "verified": verified}, t_start=t_start,
-        **prep.result_fields())
+        extra={"estimate": what, "attribution_method": method,
+               "positions": positions_of[0], "verified": verified, **extra},
+        t_start=t_start, **prep.result_fields())
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return out[::-1]
+
+
+def _check_star(model: HookedModel, plan: ComponentPlan) -> None:
+    """AtP*'s applicability, before any forward pass."""
+    if plan.component in QK_COMPONENTS or any(s.name.endswith(QK_SITES) for s in plan.sites):
+        raise InvalidArgumentError(
+            f"method='atp*' does not support component {plan.component!r} yet: its QK fix "
+            f"(the exact recomputation of the attention pattern for query and key nodes) is "
+            f"not implemented, and plain GradDrop would keep the saturated-softmax false "
+            f"negatives it exists to remove. AtP* applies to attn_head (by position too), "
+            f"attn_head_v, mlp_neuron, resid_pre/resid_mid/resid_post, attn and mlp; use "
+            f"method='atp' for {plan.component!r}")
+    if model.n_layers < 2:
+        raise InvalidArgumentError(
+            f"method='atp*' needs at least 2 layers: GradDrop averages over the L - 1 layers "
+            f"whose gradient it drops (this model has {model.n_layers}); use method='atp'")
 
 
 __all__ = ["attribution_patching"]
