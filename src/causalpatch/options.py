@@ -251,6 +251,23 @@ class Proven:
     bound: dict[str, Any] | None
 
 
+def _subset_effects(model: HookedModel, prep: PreparedPairs, cells: list[int],
+                    patches_for: Callable[[list[int]], Sequence[list[Patch]]],
+                    options: RunOptions, n_subsets: int, seed: int
+                    ) -> tuple[list[list[int]], torch.Tensor]:
+    """``cells`` split at random into at most ``n_subsets`` subsets, each patched jointly and
+    exactly: the subsets and their normalised effects."""
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = [cells[i] for i in torch.randperm(len(cells), generator=gen).tolist()]
+    subsets = [s for s in (shuffled[i::n_subsets] for i in range(n_subsets)) if s]
+    joint: list[list[Patch]] = [[] for _ in prep.pairs]
+    for subset in subsets:
+        for p, pair_rows in enumerate(patches_for(subset)):
+            joint[p].append(tuple(sp for patch in pair_rows for sp in patch))
+    values = _exact_values(model, prep, joint, len(subsets), options, None, "bounding the rest")
+    return subsets, aggregate(values, Scale.NORMALIZED, prep.metric).effect
+
+
 def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor,
                       score: torch.Tensor, k: int, shape: tuple[int, ...],
                       axes: tuple[str, ...], labels: dict[str, list[Any]],
@@ -266,9 +283,11 @@ def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.T
        every unverified cell with ``score >= SCREEN_MARGIN * t`` is run exactly; repeat until
        no such cell is left.
     3. The unverified cells are split at random (``seed``) into ``n_subsets`` subsets; each
-       subset is patched jointly and exactly. ``max |effect|`` over the subsets is the stated
-       bound on a missed cell: it holds unless effects inside a subset cancel (AtP*'s
-       subsampling check).
+       subset is patched jointly and exactly. The cells of every subset whose ``|effect| >=
+       SCREEN_MARGIN * t`` are verified, and steps 2-3 repeat (new subsets, ``seed + round``)
+       until no subset is flagged. ``max |effect|`` over the last subsets is the stated bound
+       on a missed cell: it holds unless effects inside a subset cancel (AtP*'s subsampling
+       check).
 
     Args:
         estimate, score: ``[n_cells]`` the normalised estimate (listed) and the screening
@@ -283,35 +302,35 @@ def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.T
     raws: list[torch.Tensor] = []
     done: set[int] = set()
     t = float("inf")
-    while chosen:
-        listing, values = exact_cells(model, prep, estimate, chosen, shape, axes, labels,
-                                      patches_for, options, positions=positions)
-        verified += listing
-        assert values is not None
-        raws.append(values.raw)
-        done.update(chosen)
-        exact = sorted((abs(e["exact"]) for e in verified), reverse=True)
-        t = exact[k - 1] if len(exact) >= k else 0.0
-        if threshold is not None:
-            t = min(t, threshold)
-        chosen = [c for c in order if c not in done and float(score[c]) >= SCREEN_MARGIN * t]
-    rest = [c for c in order if c not in done]
-    bound = None
-    if rest:
-        gen = torch.Generator().manual_seed(seed)
-        shuffled = [rest[i] for i in torch.randperm(len(rest), generator=gen).tolist()]
-        subsets = [s for s in (shuffled[i::n_subsets] for i in range(n_subsets)) if s]
-        joint: list[list[Patch]] = [[] for _ in prep.pairs]
-        for subset in subsets:
-            rows = patches_for(subset)
-            for p, pair_rows in enumerate(rows):
-                joint[p].append(tuple(sp for patch in pair_rows for sp in patch))
-        values = _exact_values(model, prep, joint, len(subsets), options, None,
-                               "bounding the rest")
-        effects = aggregate(values, Scale.NORMALIZED, prep.metric).effect
+    bound: dict[str, Any] | None = None
+    for round_ in range(n + 1):  # every round verifies at least one new cell
+        while chosen:
+            listing, values = exact_cells(model, prep, estimate, chosen, shape, axes, labels,
+                                          patches_for, options, positions=positions)
+            verified += listing
+            assert values is not None
+            raws.append(values.raw)
+            done.update(chosen)
+            exact = sorted((abs(e["exact"]) for e in verified), reverse=True)
+            t = exact[k - 1] if len(exact) >= k else 0.0
+            if threshold is not None:
+                t = min(t, threshold)
+            chosen = [c for c in order
+                      if c not in done and float(score[c]) >= SCREEN_MARGIN * t]
+        rest = [c for c in order if c not in done]
+        if not rest:
+            bound = None
+            break
+        subsets, effects = _subset_effects(model, prep, rest, patches_for, options, n_subsets,
+                                           seed + round_)
         b = float(effects.abs().max())
         bound = {"subsets": len(subsets), "cells": len(rest), "max_abs_effect": b,
-                 "threshold": t, "holds": b < t, "seed": seed}
+                 "threshold": t, "holds": b < t, "seed": seed + round_}
+        # a subset that moves the metric by at least the margin may hide a cell: verify it
+        chosen = [c for s_, e in zip(subsets, effects.tolist())
+                  if abs(e) >= SCREEN_MARGIN * t for c in s_]
+        if not chosen:
+            break
     raw = torch.cat(raws, dim=1) if raws else None
     return Proven(verified, raw, t, bound)
 

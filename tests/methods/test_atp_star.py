@@ -162,12 +162,24 @@ def test_screen_then_prove_on_a_dataset(tiny):
                           atol=1e-9)
 
 
-def test_plain_atp_screen_then_prove_works_too(tiny):
+def test_the_subset_check_catches_what_plain_atp_misses_and_graddrop_does_not(tiny):
+    """Head L0H0: plain AtP estimates -0.04 against an exact 0.66 (direct and indirect effects
+    cancel). The random-subset check flags its subset, so it is verified anyway; AtP*'s
+    GradDrop already ranks it for verification in the first screen (no subset round)."""
     kw = dict(component="attn_head", **ANSWERS)
-    res = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, verify="auto", top_k=3, **kw)
     exact = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, **kw)
+    plain = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, **kw)
+    assert abs(float(plain.effect_matrix[0, 0])) < 0.1 < 0.5 < float(exact.effect_matrix[0, 0])
+    res = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, verify="auto", top_k=3, **kw)
     assert _recall(res, exact, 3) == 1.0
     assert "graddrop" not in res.extra
+    assert res.extra["missed_bound"]["seed"] == 1  # found in the second round, by a subset
+    assert res.extra["missed_bound"]["holds"]
+    star = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, method="atp*", verify="auto",
+                                top_k=3, **kw)
+    assert _recall(star, exact, 3) == 1.0
+    assert float(star.extra["graddrop"][0, 0]) > 0.4
+    assert star.extra["missed_bound"]["seed"] == 0  # the first screen found it
 
 
 # -- bad input ---------------------------------------------------------------------------------
