@@ -1165,3 +1165,51 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
             timings[key] = timings.get(key, 0.0) + dt
     plain = Gradients(base, source, per_pass[0], base_values.detach(), source_values)
     return DroppedGradients(plain, per_pass[1:])
+
+
+def pattern_patched_outputs(model: HookedModel, base_ids: torch.Tensor,
+                            patched: Site, source: torch.Tensor, output: Site,
+                            rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The attention output ``output`` (``attn.z`` of the same layer) of the base run with the
+    ``patched`` input of that attention (``attn.q`` or ``attn.k``) taken from ``source`` at
+    some positions: the patched attention pattern recomputed exactly, by the model's own
+    attention (its scaling, soft-cap, rotary embedding and mask), everything else the base
+    run's. AtP*'s QK fix linearises only what comes after.
+
+    Args:
+        base_ids: ``[b, T]``.
+        source: ``[b, T, ...]`` the source run's activation at ``patched``.
+        rows: one run per entry, patching the entry's positions (every head at once: heads
+            do not mix inside an attention layer).
+
+    Returns:
+        ``[b, len(rows), T, ...]`` the output site's activation of every run (no gradient);
+        the forward stops once it is read.
+    """
+    b = base_ids.shape[0]
+    n = len(rows)
+    ids = base_ids.repeat_interleave(n, dim=0)  # row-major: pair, then run
+    seen: dict[str, torch.Tensor] = {}
+
+    def replace(act: torch.Tensor) -> torch.Tensor:
+        new = act.clone()
+        for r, positions in enumerate(rows):
+            pos = list(positions)
+            new[r::n][:, pos] = source[:, pos].to(new.dtype)
+        return new
+
+    def read(act: torch.Tensor) -> None:
+        seen["out"] = act.detach().clone()
+        raise StopForward
+
+    try:
+        with torch.no_grad():
+            last_logits(model, ids, [Hook(patched, replace), Hook(output, read)])
+    except StopForward:
+        pass
+    if "out" not in seen:
+        raise InvalidArgumentError(
+            f"{output.name} was not reached after {patched.name}; the QK fix needs the "
+            "attention output of the patched layer")
+    out = seen["out"]
+    return out.reshape(b, n, *out.shape[1:])

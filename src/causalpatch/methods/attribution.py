@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..assemble import GroupValues, PairValues, Scale, aggregate, build_result
-from ..engine import graddrop_pass, gradient_pass
+from ..engine import graddrop_pass, gradient_pass, pattern_patched_outputs
 from ..enums import Direction
 from ..errors import InvalidArgumentError
 from ..metrics import Metric
@@ -66,6 +66,7 @@ from ..plan import (ComponentPlan, build_patches, check_int, metric_inputs, pair
 
 if TYPE_CHECKING:
     from ..model import HookedModel
+    from ..names import Site
     from ..result import PatchingResult
 
 #: Pairs per forward/backward batch when ``batch_size`` is not given.
@@ -74,7 +75,7 @@ DEFAULT_PAIRS_PER_BATCH = 8
 #: ``method=``: plain attribution patching, or AtP* (GradDrop; see the module docstring).
 METHODS = ("atp", "atp*")
 
-#: Components the QK fix would apply to; AtP* refuses them until the fix lands.
+#: Components AtP*'s QK fix applies to.
 QK_COMPONENTS = ("attn_head_q", "attn_head_k")
 QK_SITES = ("attn.q", "attn.k")
 
@@ -216,19 +217,33 @@ def attribution_patching(
                 return m(logits, metric_inputs(m, [p.correct for p in chunk],
                                                [p.incorrect for p in chunk], source_logits))
 
+            pos = positions_of[group[0]]
+            qk = star and plan.component in QK_COMPONENTS
+            z_sites = [model_.layer_site("attn.z", layer) for layer in plan.layers] if qk else []
+            n_kv = plan.sites[0].view.n_heads(model_.dims) if plan.unit_axis == "head" else 1
+
             def estimate(grad: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
                 with torch.no_grad():
-                    per_site = [_reduce((grads.source[s.name].float()
-                                         - grads.base[s.name].float())
-                                        * grad[s.name]["act"].float(), plan,
-                                        positions_of[group[0]], by_position)
-                                for s in plan.sites]
+                    if qk:
+                        per_site = [_qk_reduce(dz, grad[z.name]["act"].float(), plan, pos,
+                                               by_position, n_kv)
+                                    for dz, z in zip(deltas, z_sites)]
+                    else:
+                        per_site = [_reduce((grads.source[s.name].float()
+                                             - grads.base[s.name].float())
+                                            * grad[s.name]["act"].float(), plan, pos,
+                                            by_position)
+                                    for s in plan.sites]
                     return torch.stack(per_site, dim=1).flatten(1).cpu()  # [batch, n_cells]
 
             if star:
-                dropped = graddrop_pass(model_, base_ids, src_ids, plan.sites, objective,
-                                        timings=stats)
+                dropped = graddrop_pass(model_, base_ids, src_ids, [*plan.sites, *z_sites],
+                                        objective, timings=stats)
                 grads = dropped.plain
+                # the QK fix: each attention output with the patched pattern, exactly
+                deltas = [_pattern_delta(model_, base_ids, s, z, grads.source[s.name],
+                                         grads.base[z.name], plan, pos, by_position)
+                          for s, z in zip(plan.sites, z_sites)]
                 # GradDrop: sum over l of |estimate with layer l's writes' gradient dropped|,
                 # over L - 1 (a cell's own layer gives 0); appended after the estimates
                 drop = torch.stack([estimate(g).abs() for g in dropped.dropped]).sum(0) / max(
@@ -316,6 +331,39 @@ def attribution_patching(
         t_start=t_start, **prep.result_fields())
 
 
+def _pattern_delta(model: HookedModel, base_ids: torch.Tensor, site: Site, z: Site,
+                   source: torch.Tensor, base_z: torch.Tensor, plan: ComponentPlan,
+                   positions: list[int] | None, by_position: bool) -> torch.Tensor:
+    """The QK fix's exact change of the attention output ``[b, R, T, H, d_head]``: one run
+    (R = 1) with every query patched (a query changes only its own row of the pattern), or,
+    for keys, one run per key position (``by_position``) or one with the keys of every
+    position of the cell."""
+    length = base_ids.shape[1]
+    cell_pos = list(range(length)) if positions is None else list(positions)
+    if plan.component == "attn_head_q" or not by_position:
+        rows: list[list[int]] = [cell_pos]
+    else:
+        rows = [[p] for p in cell_pos]
+    out = pattern_patched_outputs(model, base_ids, site, source, z, rows)
+    return out.float() - base_z.float()[:, None]
+
+
+def _qk_reduce(dz: torch.Tensor, grad_z: torch.Tensor, plan: ComponentPlan,
+               positions: list[int] | None, by_position: bool, n_kv: int) -> torch.Tensor:
+    """Cells of the QK-fixed estimate: ``(z' - z) . d metric / d z`` (the pattern exact, the
+    rest linear), summed over the cell's query rows (a key: every query position and every
+    query head that reads it)."""
+    if plan.component == "attn_head_q":
+        return _reduce(dz[:, 0] * grad_z, plan, positions, by_position)
+    per_run = (dz * grad_z[:, None]).sum(-1).sum(2)  # [b, R, H]: over queries and d_head
+    b, r, n_heads = per_run.shape
+    # grouped-query attention: query heads [g * H/KV, (g + 1) * H/KV) read key head g
+    cells = per_run.reshape(b, r, n_kv, n_heads // n_kv).sum(-1)  # [b, R, KV]
+    if plan.units is not None:
+        cells = cells[:, :, plan.units]
+    return cells if by_position else cells[:, 0]
+
+
 def _strides(shape: tuple[int, ...]) -> list[int]:
     out, step = [], 1
     for n in reversed(shape):
@@ -326,18 +374,13 @@ def _strides(shape: tuple[int, ...]) -> list[int]:
 
 def _check_star(model: HookedModel, plan: ComponentPlan) -> None:
     """AtP*'s applicability, before any forward pass."""
-    if plan.component in QK_COMPONENTS or any(s.name.endswith(QK_SITES) for s in plan.sites):
+    if plan.component not in QK_COMPONENTS and any(s.name.endswith(QK_SITES)
+                                                   for s in plan.sites):
         raise InvalidArgumentError(
-            f"method='atp*' does not support component {plan.component!r} yet: its QK fix "
-            f"(the exact recomputation of the attention pattern for query and key nodes) is "
-            f"not implemented, and plain GradDrop would keep the saturated-softmax false "
-            f"negatives it exists to remove. AtP* applies to attn_head (by position too), "
-            f"attn_head_v, mlp_neuron, resid_pre/resid_mid/resid_post, attn and mlp; use "
-            f"method='atp' for {plan.component!r}")
+            f"method='atp*' applies its QK fix to the per-layer components attn_head_q and "
+            f"attn_head_k, not to the single site {plan.component!r}; use component="
+            f"'attn_head_q'/'attn_head_k' with layers=, or method='atp'")
     if model.n_layers < 2:
         raise InvalidArgumentError(
             f"method='atp*' needs at least 2 layers: GradDrop averages over the L - 1 layers "
             f"whose gradient it drops (this model has {model.n_layers}); use method='atp'")
-
-
-__all__ = ["attribution_patching"]
