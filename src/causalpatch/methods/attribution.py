@@ -32,6 +32,15 @@ run, where it is generally non-zero. They are far from linear between base and s
 quadratic near its minimum), so the first-order estimate of a distance metric is much less
 reliable than that of ``logit_diff``. Use ``verify_top_k`` to check the cells that matter.
 
+AtP* (``method="atp*"``; Kramar et al. 2024, docs/attribution_patching.md) removes attribution
+patching's two known sources of false negatives. The **QK fix** (``attn_head_q``/``_k``):
+the patched attention pattern is recomputed exactly by the layer's own attention and only what
+follows is linearised, ``c(n) = sum_t (z'_t - z_t) . d metric / d z_t`` with ``z' = A' v``
+(a key: over every query position and query head that reads it). **GradDrop**: ``L`` more
+backward passes, pass ``l`` with the gradient through layer ``l``'s residual writes zeroed,
+``c_GD(n) = sum_l |c_l(n)| / (L - 1)`` (``extra["graddrop"]``). ``verify="auto"`` then
+screens (``max(|estimate|, c_GD)``) and proves: :func:`causalpatch.options.screen_then_prove`.
+
 Example::
 
     from causalpatch import HookedModel
@@ -153,6 +162,16 @@ def attribution_patching(
             patching engine; stored in ``result.extra["verified"]`` as a list of
             ``{"index": [...labels], "cell": [...coords], "estimate": e, "exact": x}``
             (``index`` holds layer/head/neuron labels and absolute token positions).
+        method: ``"atp"`` (default: plain attribution patching) or ``"atp*"`` (AtP*: the QK
+            fix for ``attn_head_q``/``attn_head_k`` and GradDrop, whose magnitudes are in
+            ``extra["graddrop"]``; needs at least 2 layers).
+        verify: ``None`` or ``"auto"``: screen then prove (module docstring): every cell
+            whose score could place it in the exact ``top_k`` (or above ``threshold``) is run
+            exactly, the rest bounded by ``n_subsets`` random joint patches (``seed``). The
+            verified cells hold exact values (``extra["exact"]`` marks them, listed in
+            ``extra["verified"]`` like ``verify_top_k``); ``extra["missed_bound"]`` states
+            the bound.
+        top_k, threshold, n_subsets, seed: of ``verify="auto"``.
         batch_size: pairs per forward/backward batch (pairs are grouped by token length;
             default 8); the exact check of ``verify_top_k`` uses the engine's default.
         memory_mb, checkpoint, progress, executor: the run options every method shares
