@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import IdTokenizer, TextPairs, id_llama_hf
+from conftest import IdTokenizer, TextPairs, id_llama_hf, tiny_hf_model
 
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.engine import delta_leaf, graddrop_pass, gradient_pass, last_logits
@@ -233,6 +233,34 @@ def test_qk_fix_equals_brute_force_recomputation(tiny, component, kind, by_posit
     plain = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component=component,
                                  by_position=by_position, **ANSWERS)
     assert not torch.allclose(plain.effect_matrix, res.effect_matrix, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gemma2", "gpt_neox_parallel", "qwen3"])
+def family(request) -> InterpretableModel:
+    """Other attention layouts: fused c_attn (GPT-2), soft-capped and sliding-window attention
+    with sandwich norms (Gemma 2), interleaved qkv with partial rotary and a parallel residual
+    (GPT-NeoX), q/k norms (Qwen 3)."""
+    return wrap(tiny_hf_model(request.param).double())
+
+
+@pytest.mark.parametrize("component,kind", [("attn_head_q", "attn.q"),
+                                            ("attn_head_k", "attn.k")])
+def test_qk_fix_uses_each_familys_own_attention(family, component, kind):
+    res = attribution_patching(family, CLEAN_IDS, CORRUPTED_IDS, component=component,
+                               by_position=True, method="atp*", **ANSWERS)
+    expected = _brute_force_qk(family, kind, True)
+    assert torch.allclose(res.effect_matrix.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_graddrop_equals_textbook_passes_on_other_families(family):
+    sites = [family.layer_site("attn.z", layer) for layer in range(family.n_layers)]
+    base_ids, src_ids = torch.tensor(CORRUPTED_IDS), torch.tensor(CLEAN_IDS)
+    dropped = graddrop_pass(family, base_ids, src_ids, sites, _objective)
+    for layer in range(family.n_layers):
+        expected = _textbook(family, base_ids, sites, layer)
+        for s in sites:
+            assert torch.allclose(dropped.dropped[layer][s.name]["act"], expected[s.name],
+                                  atol=1e-12, rtol=1e-9), (layer, s.name)
 
 
 def test_qk_fix_removes_the_saturated_softmax_false_negative():
