@@ -61,8 +61,7 @@ import torch
 from .adapters.runtime import LayerCall, first_argument, parse_layer_call, stack_paths
 from .enums import Engine
 from .errors import InvalidArgumentError, NonFiniteError
-from .hooks import (Hook, StopForward, gradients_zeroed, hooked, last_position_only,
-                    recorded_calls)
+from .hooks import Hook, StopForward, hooked, last_position_only, recorded_calls
 from .names import Site
 from .plan import Patch, SitePatch
 from .tokens import make_batch
@@ -1083,15 +1082,24 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                   objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
                   what: str = "attribution patching") -> DroppedGradients:
-    """:func:`gradient_pass` plus GradDrop (AtP*, Kramar et al. 2024): one source forward, one
-    base forward whose graph is kept, the plain backward and ``L`` more backward passes, pass
-    ``l`` with the gradient through layer ``l``'s residual writes (the ``attn`` and ``mlp``
-    sites' outputs, the only ways layer ``l`` writes to the residual stream) zeroed.
+    """:func:`gradient_pass` plus GradDrop (AtP*, Kramar et al. 2024): the gradient of every
+    leaf with the gradient through layer ``l``'s residual writes (its attention and MLP
+    outputs, the only ways layer ``l`` writes to the residual stream) set to zero, for every
+    ``l``: one source forward, one base forward whose graph is kept, the plain backward and
+    ``L`` partial ones.
 
-    Pass ``l`` equals a textbook pass with those writes detached in the forward (tests prove
-    it); the writes' values are unchanged (each is replaced by an exact clone whose gradient
-    is dropped through :func:`causalpatch.hooks.gradients_zeroed`). Arguments, raises: as
-    :func:`gradient_pass`; ``timings`` also receives ``graddrop_backward_s``.
+    Pass ``l`` restarts from the plain gradient ``G_l`` at layer ``l``'s output: with the
+    writes dropped, layer ``l`` passes ``G_l`` unchanged to its input (the skip connection),
+    so a leaf the forward made
+
+    * after layer ``l``'s output has its plain gradient,
+    * inside layer ``l`` has gradient 0 (its only ways out are the dropped writes),
+    * before layer ``l``'s input has the vector-Jacobian product of that input with ``G_l``,
+      one backward from layer ``l`` down instead of from the logits.
+
+    Tests prove every pass equal to the textbook one (one forward per ``l`` with the writes
+    detached, one full backward). Arguments, raises: as :func:`gradient_pass`; ``timings``
+    also receives ``graddrop_backward_s``.
     """
     t0 = time.perf_counter()
     source: dict[str, torch.Tensor] = {}
@@ -1100,26 +1108,32 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
     t1 = time.perf_counter()
     base: dict[str, torch.Tensor] = {}
     leaves: dict[str, dict[str, torch.Tensor]] = {}
-    writes: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
+    made: dict[str, int] = {}  # forward order: leaves by site name, "pre l" / "post l"
+    ends: dict[str, torch.Tensor] = {}
 
     def attach(name: str, site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(act: torch.Tensor) -> torch.Tensor:
             base[name] = act.detach().clone()
             new, leaves[name] = leaf(site, act)
+            made[name] = len(made)
             return new
         return hook
 
-    def write(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def end(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(act: torch.Tensor) -> torch.Tensor:
-            out = act.clone()  # the same value; its own node, whose gradient a pass drops
-            writes[layer].append(out)
+            out = act.clone()  # the same value; a node to restart from
+            ends[key] = out
+            made[key] = len(made)
             return out
         return hook
 
-    # the leaves first: a leaf at a write site sits before the write's dropped node
-    hooks = [Hook(s, attach(s.name, s)) for s in sites]
-    hooks += [Hook(model.layer_site(kind, layer), write(layer))
-              for layer in range(model.n_layers) for kind in ("attn", "mlp")]
+    n_layers = model.n_layers
+    # a layer's input after any leaf there; its output before any leaf there
+    hooks = [Hook(model.layer_site("resid_post", layer), end(f"post {layer}"))
+             for layer in range(n_layers)]
+    hooks += [Hook(s, attach(s.name, s)) for s in sites]
+    hooks += [Hook(model.layer_site("resid_pre", layer), end(f"pre {layer}"))
+              for layer in range(n_layers)]
     with torch.enable_grad():
         base_last = last_logits(model, base_ids, hooks)
         base_values = objective(base_last, source_last)
@@ -1134,22 +1148,33 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                 f"the metric does not depend differentiably on the logits; {what} needs a "
                 "differentiable metric (use the exact method instead)")
         flat = [(s.name, k, t) for s in sites for k, t in leaves[s.name].items()]
-        total = base_values.sum()  # rows are independent: each row's own gradient
-        passes = []
-        for layer in [None, *range(model.n_layers)]:
-            dropped = writes[layer] if layer is not None else []
-            with gradients_zeroed(dropped):
-                passes.append(torch.autograd.grad(
-                    total, [t for _, _, t in flat], allow_unused=True,
-                    retain_graph=layer != model.n_layers - 1))
-            if layer is None:
-                t3 = time.perf_counter()
+        posts = [ends[f"post {layer}"] for layer in range(n_layers)]
+        # rows are independent, so the gradient of the sum is each row's own gradient
+        found = torch.autograd.grad(base_values.sum(), [t for _, _, t in flat] + posts,
+                                    allow_unused=True, retain_graph=True)
+        plain_found: list[torch.Tensor | None] = list(found[:len(flat)])
+        g_post = found[len(flat):]
+        t3 = time.perf_counter()
+        passes: list[list[torch.Tensor | None]] = [plain_found]
+        for layer in range(n_layers):
+            start, stop = made[f"pre {layer}"], made[f"post {layer}"]
+            below = [i for i, (name, _, _) in enumerate(flat) if made[name] < start]
+            row: list[torch.Tensor | None] = [
+                plain_found[i] if made[name] > stop else None
+                for i, (name, _, _) in enumerate(flat)]
+            if below and g_post[layer] is not None:
+                vjp = torch.autograd.grad(ends[f"pre {layer}"], [flat[i][2] for i in below],
+                                          grad_outputs=g_post[layer], allow_unused=True,
+                                          retain_graph=layer != n_layers - 1)
+                for i, g in zip(below, vjp):
+                    row[i] = g
+            passes.append(row)
     t4 = time.perf_counter()
     per_pass: list[dict[str, dict[str, torch.Tensor]]] = []
-    for found in passes:
+    for found_ in passes:
         grads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for (name, key, tensor), g in zip(flat, found):
-            g = torch.zeros_like(tensor) if g is None else g.detach()
+        for (name, key, tensor), maybe in zip(flat, found_):
+            g = torch.zeros_like(tensor) if maybe is None else maybe.detach()
             if not torch.isfinite(g).all():
                 raise NonFiniteError(
                     f"the gradient of the metric at {name} is not finite (a distance metric "

@@ -127,21 +127,6 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
 
 
 @contextmanager
-def gradients_zeroed(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """For the ``with`` block, every backward pass sees a zero gradient at ``tensors`` (tensor
-    hooks, removed on every exit path): the gradient through them is dropped, as if they had
-    been detached in the forward (AtP*'s GradDrop)."""
-    handles = []
-    try:
-        for tensor in tensors:
-            handles.append(tensor.register_hook(torch.zeros_like))
-        yield
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
-
-
-@contextmanager
 def last_position_only(root: nn.Module, path: str) -> Iterator[None]:
     """For the ``with`` block, the module at ``path`` sees only the last position of its first
     input (``[batch, pos, ...] -> [batch, 1, ...]``), so it and everything computed from its

@@ -59,9 +59,11 @@ def _textbook(model, base_ids, sites, layer):
             for s, g in zip(sites, found)}
 
 
-@pytest.mark.parametrize("kind", ["attn.z", "attn.v", "mlp.post", "resid_pre", "resid_post",
-                                  "attn", "mlp"])
+@pytest.mark.parametrize("kind", ["attn.z", "attn.q", "attn.k", "attn.v", "mlp.post",
+                                  "resid_pre", "resid_mid", "resid_post", "attn", "mlp"])
 def test_graddrop_equals_textbook_passes(tiny, kind):
+    """graddrop_pass restarts pass l from the plain gradient at layer l's output; every pass
+    equals the textbook one (a forward with layer l's writes detached, a full backward)."""
     try:
         sites = [tiny.layer_site(kind, layer) for layer in range(tiny.n_layers)]
     except Exception:  # noqa: BLE001 - a kind this adapter names differently
