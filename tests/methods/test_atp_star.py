@@ -265,6 +265,19 @@ def test_graddrop_equals_textbook_passes_on_other_families(family):
                                   atol=1e-12, rtol=1e-9), (layer, s.name)
 
 
+@pytest.mark.parametrize("component", ["attn_head_k", "attn_head_q"])
+def test_atp_star_batches_pairs_like_single_pairs(tiny, component):
+    data = TextPairs([[1, 2, 5, 4, 3, 7], [8, 9, 5, 4, 3, 7]],
+                     [[1, 2, 6, 4, 3, 7], [8, 9, 6, 4, 3, 9]], [3, 3], [9, 9])
+    kw = dict(component=component, by_position=True, method="atp*")
+    res = attribution_patching(tiny, data, batch_size=2, **kw)
+    singles = [attribution_patching(tiny, [c], [k], correct=a, incorrect=b, **kw)
+               for c, k, a, b in zip(data.clean, data.corrupted, data.correct, data.incorrect)]
+    raw = [s.effect_matrix * (s.clean_metric - s.corrupted_metric) for s in singles]
+    gap = (sum(s.clean_metric for s in singles) - sum(s.corrupted_metric for s in singles)) / 2
+    assert torch.allclose(res.effect_matrix, sum(raw) / 2 / gap, atol=1e-5)
+
+
 def test_qk_fix_removes_the_saturated_softmax_false_negative():
     """The last layer's queries sharpened 12x (a saturated softmax): plain AtP sees a
     near-zero gradient at query head 2 of the last position and estimates 0.0007 against an
