@@ -1193,48 +1193,61 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
 
 
 def pattern_patched_outputs(model: HookedModel, base_ids: torch.Tensor,
-                            patched: Site, source: torch.Tensor, output: Site,
-                            rows: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The attention output ``output`` (``attn.z`` of the same layer) of the base run with the
-    ``patched`` input of that attention (``attn.q`` or ``attn.k``) taken from ``source`` at
-    some positions: the patched attention pattern recomputed exactly, by the model's own
-    attention (its scaling, soft-cap, rotary embedding and mask), everything else the base
-    run's. AtP*'s QK fix linearises only what comes after.
+                            layers: Sequence[tuple[Site, torch.Tensor, Site, torch.Tensor]],
+                            rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Attention outputs of the base run with the patched attention pattern recomputed exactly
+    by the model's own attention (its scaling, soft-cap, rotary embedding, mask), every layer
+    in one forward (stopped once the last output is read): AtP*'s QK fix linearises only what
+    comes after.
+
+    At each layer of ``layers`` = ``(patched, source, output, base_output)``, the ``patched``
+    input of the attention (``attn.q`` or ``attn.k``) is taken from ``source`` ``[b, T, ...]``
+    at some positions, the attention output ``output`` (``attn.z`` of that layer) is read, and
+    then set back to ``base_output`` so that every later layer sees the base run again.
 
     Args:
         base_ids: ``[b, T]``.
-        source: ``[b, T, ...]`` the source run's activation at ``patched``.
         rows: one run per entry, patching the entry's positions (every head at once: heads
             do not mix inside an attention layer).
 
     Returns:
-        ``[b, len(rows), T, ...]`` the output site's activation of every run (no gradient);
-        the forward stops once it is read.
+        Per entry of ``layers``: ``[b, len(rows), T, ...]`` the output of every run (no
+        gradient).
     """
     b = base_ids.shape[0]
     n = len(rows)
     ids = base_ids.repeat_interleave(n, dim=0)  # row-major: pair, then run
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor] = {}
 
-    def replace(act: torch.Tensor) -> torch.Tensor:
-        new = act.clone()
-        for r, positions in enumerate(rows):
-            pos = list(positions)
-            new[r::n][:, pos] = source[:, pos].to(new.dtype)
-        return new
+    def replace(source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            new = act.clone()
+            for r, positions in enumerate(rows):
+                pos = list(positions)
+                new[r::n][:, pos] = source[:, pos].to(new.dtype)
+            return new
+        return hook
 
-    def read(act: torch.Tensor) -> None:
-        seen["out"] = act.detach().clone()
-        raise StopForward
+    def read_and_restore(i: int, base_output: torch.Tensor
+                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            seen[i] = act.detach().clone()
+            if len(seen) == len(layers):
+                raise StopForward  # nothing later is read
+            return base_output.repeat_interleave(n, dim=0).to(act.dtype)
+        return hook
 
+    hooks = []
+    for i, (patched, source, output, base_output) in enumerate(layers):
+        hooks += [Hook(patched, replace(source)), Hook(output, read_and_restore(i, base_output))]
     try:
         with torch.no_grad():
-            last_logits(model, ids, [Hook(patched, replace), Hook(output, read)])
+            last_logits(model, ids, hooks)
     except StopForward:
         pass
-    if "out" not in seen:
+    missing = [output.name for i, (_, _, output, _) in enumerate(layers) if i not in seen]
+    if missing:
         raise InvalidArgumentError(
-            f"{output.name} was not reached after {patched.name}; the QK fix needs the "
-            "attention output of the patched layer")
-    out = seen["out"]
-    return out.reshape(b, n, *out.shape[1:])
+            f"{missing} not reached; the QK fix needs the attention output of each patched "
+            "layer")
+    return [seen[i].reshape(b, n, *seen[i].shape[1:]) for i in range(len(layers))]

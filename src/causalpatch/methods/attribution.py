@@ -260,9 +260,8 @@ def attribution_patching(
                                         objective, timings=stats)
                 grads = dropped.plain
                 # the QK fix: each attention output with the patched pattern, exactly
-                deltas = [_pattern_delta(model_, base_ids, s, z, grads.source[s.name],
-                                         grads.base[z.name], plan, pos, by_position)
-                          for s, z in zip(plan.sites, z_sites)]
+                deltas = _pattern_deltas(model_, base_ids, plan, z_sites, grads.source,
+                                         grads.base, pos, by_position) if qk else []
                 # GradDrop: sum over l of |estimate with layer l's writes' gradient dropped|,
                 # over L - 1 (a cell's own layer gives 0); appended after the estimates
                 drop = torch.stack([estimate(g).abs() for g in dropped.dropped]).sum(0) / max(
@@ -350,21 +349,24 @@ def attribution_patching(
         t_start=t_start, **prep.result_fields())
 
 
-def _pattern_delta(model: HookedModel, base_ids: torch.Tensor, site: Site, z: Site,
-                   source: torch.Tensor, base_z: torch.Tensor, plan: ComponentPlan,
-                   positions: list[int] | None, by_position: bool) -> torch.Tensor:
-    """The QK fix's exact change of the attention output ``[b, R, T, H, d_head]``: one run
-    (R = 1) with every query patched (a query changes only its own row of the pattern), or,
-    for keys, one run per key position (``by_position``) or one with the keys of every
-    position of the cell."""
+def _pattern_deltas(model: HookedModel, base_ids: torch.Tensor, plan: ComponentPlan,
+                    z_sites: list[Site], source: dict[str, torch.Tensor],
+                    base: dict[str, torch.Tensor], positions: list[int] | None,
+                    by_position: bool) -> list[torch.Tensor]:
+    """The QK fix's exact change of each layer's attention output ``[b, R, T, H, d_head]``,
+    every layer in one forward: one run with every query patched (a query changes only its own
+    row of the pattern), or, for keys, one run per key position (``by_position``) or one with
+    the keys of every position of the cell."""
     length = base_ids.shape[1]
     cell_pos = list(range(length)) if positions is None else list(positions)
     if plan.component == "attn_head_q" or not by_position:
         rows: list[list[int]] = [cell_pos]
     else:
         rows = [[p] for p in cell_pos]
-    out = pattern_patched_outputs(model, base_ids, site, source, z, rows)
-    return out.float() - base_z.float()[:, None]
+    outs = pattern_patched_outputs(
+        model, base_ids, [(s, source[s.name], z, base[z.name])
+                          for s, z in zip(plan.sites, z_sites)], rows)
+    return [out.float() - base[z.name].float()[:, None] for out, z in zip(outs, z_sites)]
 
 
 def _qk_reduce(dz: torch.Tensor, grad_z: torch.Tensor, plan: ComponentPlan,
