@@ -6,6 +6,8 @@ refused before any forward pass with the model left unhooked.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -105,7 +107,8 @@ def test_graddrop_estimate_is_the_mean_absolute_dropped_estimate(tiny):
         total = total + est.abs()
     expected = total / (tiny.n_layers - 1) / abs(gap)
     # results are stored in float32
-    assert torch.allclose(star.extra["graddrop"].double(), expected, atol=1e-6, rtol=1e-5)
+    graddrop = torch.tensor(star.extra["graddrop"]).double()
+    assert torch.allclose(graddrop, expected, atol=1e-6, rtol=1e-5)
     # a cell's own layer contributes nothing: the sum has L - 1 non-trivial terms
     assert star.extra["attribution_method"] == "atp*"
 
@@ -134,7 +137,7 @@ def test_screen_then_prove_recovers_the_exact_top_k(tiny, component, by_position
     res = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, method="atp*", verify="auto",
                                top_k=k, **kw)
     assert _recall(res, exact, k) == 1.0
-    mask = res.extra["exact"]
+    mask = torch.tensor(res.extra["exact"])
     assert mask.shape == res.shape and mask.sum() == len(res.extra["verified"])
     # verified cells hold exact values; the others the estimates (marked False)
     assert torch.allclose(res.effect_matrix[mask].double(),
@@ -143,6 +146,7 @@ def test_screen_then_prove_recovers_the_exact_top_k(tiny, component, by_position
         assert e["exact"] == pytest.approx(float(exact.effect_matrix[tuple(e["cell"])]),
                                            abs=1e-9)
         assert set(e) >= {"cell", "estimate", "exact", "index"}
+    json.loads(res.to_json())  # extra holds JSON values only
     bound = res.extra["missed_bound"]
     if bound is not None:
         assert bound["cells"] == int((~mask).sum())
@@ -159,7 +163,7 @@ def test_screen_then_prove_on_a_dataset(tiny):
     res = attribution_patching(tiny, data, component="attn_head", by_position=True,
                                method="atp*", verify="auto", top_k=10)
     assert _recall(res, exact, 10) == 1.0
-    mask = res.extra["exact"]
+    mask = torch.tensor(res.extra["exact"])
     assert torch.allclose(res.per_pair[:, mask].double(), exact.per_pair[:, mask].double(),
                           atol=1e-9)
 
@@ -180,7 +184,7 @@ def test_the_subset_check_catches_what_plain_atp_misses_and_graddrop_does_not(ti
     star = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, method="atp*", verify="auto",
                                 top_k=3, **kw)
     assert _recall(star, exact, 3) == 1.0
-    assert float(star.extra["graddrop"][0, 0]) > 0.4
+    assert float(star.extra["graddrop"][0][0]) > 0.4
     assert star.extra["missed_bound"]["seed"] == 0  # the first screen found it
 
 

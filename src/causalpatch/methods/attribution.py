@@ -297,10 +297,11 @@ def attribution_patching(
         timings["graddrop_backward_s"] = values.stats.pop("graddrop_backward_s", 0.0)
         timings["attribution_s"] += timings["graddrop_backward_s"]
         gd = PairValues(values.raw[:, n_cells:], values.base, values.source)
+        # GradDrop: |.| per pair, averaged, normalised; a magnitude
         graddrop = aggregate(gd, Scale.NORMALIZED, m).effect.abs()
         values = PairValues(values.raw[:, :n_cells].clone(), values.base, values.source,
                             values.stats, values.seconds, values.payloads)
-        extra["graddrop"] = graddrop.reshape(shape)
+        extra["graddrop"] = graddrop.reshape(shape).tolist()  # extra holds JSON values
 
     # -- optional exact check of the largest estimates ---------------------------------------
     t_verify = time.perf_counter()
@@ -317,8 +318,7 @@ def attribution_patching(
                                 labels, patches_for, exact_options, positions=positions_of[0])
     if verify == "auto":
         estimate_ = aggregate(values, Scale.NORMALIZED, m).effect
-        score = (torch.maximum(estimate_.abs(), extra["graddrop"].flatten()) if star
-                 else estimate_.abs())
+        score = (torch.maximum(estimate_.abs(), graddrop) if star else estimate_.abs())
         exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
 
         def cell_patches(order: list[int]) -> list[list[Any]]:
@@ -334,7 +334,7 @@ def attribution_patching(
         if proven.raw is not None:  # the verified cells hold their exact values
             values.raw[:, cells] = proven.raw
             exact_mask[cells] = True
-        extra.update(exact=exact_mask.reshape(shape), missed_bound=proven.bound,
+        extra.update(exact=exact_mask.reshape(shape).tolist(), missed_bound=proven.bound,
                      top_k=top_k, threshold=proven.threshold)
     timings["verify_s"] = time.perf_counter() - t_verify
     what = ("AtP* (first-order, GradDrop screening)" if star
