@@ -18,6 +18,7 @@ from causalpatch.engine import delta_leaf, graddrop_pass, gradient_pass, last_lo
 from causalpatch.errors import InvalidArgumentError
 from causalpatch.hooks import Hook, hook_counts
 from causalpatch.methods.attribution import attribution_patching
+from causalpatch.plan import SWEEP_COMPONENTS as COMPONENTS
 
 CLEAN_IDS = [[1, 2, 5, 4, 3, 7, 8, 2]]
 CORRUPTED_IDS = [[1, 2, 6, 4, 3, 9, 8, 2]]
@@ -337,3 +338,26 @@ def test_graddrop_needs_two_layers():
     with pytest.raises(InvalidArgumentError, match="at least 2 layers"):
         attribution_patching(one, CLEAN_IDS, CORRUPTED_IDS, component="attn_head",
                              method="atp*", **ANSWERS)
+
+
+# -- every component ---------------------------------------------------------------------------
+@pytest.mark.parametrize("by_position", [False, True])
+@pytest.mark.parametrize("component", list(COMPONENTS))
+def test_every_component_has_the_exact_sweeps_layout(tiny, component, by_position):
+    kw = dict(component=component, by_position=by_position, **ANSWERS)
+    star = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, method="atp*", **kw)
+    exact = activation_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, **kw)
+    assert star.shape == exact.shape and star.axes == exact.axes and star.labels == exact.labels
+    graddrop = torch.tensor(star.extra["graddrop"])
+    assert graddrop.shape == star.shape and (graddrop >= 0).all()
+    assert torch.isfinite(star.effect_matrix).all() and torch.isfinite(graddrop).all()
+    assert star.timings["graddrop_backward_s"] > 0
+
+
+@pytest.mark.parametrize("component", ["attn_head_q", "attn_head_k"])
+def test_qk_fix_on_a_subset_of_layers_heads_positions(tiny, component):
+    kw = dict(component=component, by_position=True, method="atp*", **ANSWERS)
+    full = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, **kw).effect_matrix
+    part = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, layers=[1, 2], heads=[1],
+                                positions=[2, -1], **kw).effect_matrix
+    assert torch.allclose(part, full[1:][:, [2, 7]][:, :, [1]], atol=1e-6)
