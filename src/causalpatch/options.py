@@ -229,6 +229,10 @@ def exact_cells(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor,
 SCREEN_MARGIN = 0.5
 
 
+#: ``verify="auto"``: joint rows a round's bisection may run, per subset.
+BISECT_ROWS = 8
+
+
 @dataclass(frozen=True)
 class Proven:
     """What :func:`screen_then_prove` gives.
@@ -260,12 +264,19 @@ def _subset_effects(model: HookedModel, prep: PreparedPairs, cells: list[int],
     gen = torch.Generator().manual_seed(seed)
     shuffled = [cells[i] for i in torch.randperm(len(cells), generator=gen).tolist()]
     subsets = [s for s in (shuffled[i::n_subsets] for i in range(n_subsets)) if s]
+    return subsets, _joint_effects(model, prep, subsets, patches_for, options)
+
+
+def _joint_effects(model: HookedModel, prep: PreparedPairs, subsets: list[list[int]],
+                   patches_for: Callable[[list[int]], Sequence[list[Patch]]],
+                   options: RunOptions) -> torch.Tensor:
+    """The normalised exact effect of patching each subset of cells jointly."""
     joint: list[list[Patch]] = [[] for _ in prep.pairs]
     for subset in subsets:
         for p, pair_rows in enumerate(patches_for(subset)):
             joint[p].append(tuple(sp for patch in pair_rows for sp in patch))
     values = _exact_values(model, prep, joint, len(subsets), options, None, "bounding the rest")
-    return subsets, aggregate(values, Scale.NORMALIZED, prep.metric).effect
+    return aggregate(values, Scale.NORMALIZED, prep.metric).effect
 
 
 def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor,
@@ -283,11 +294,14 @@ def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.T
        every unverified cell with ``score >= SCREEN_MARGIN * t`` is run exactly; repeat until
        no such cell is left.
     3. The unverified cells are split at random (``seed``) into ``n_subsets`` subsets; each
-       subset is patched jointly and exactly. The cells of every subset whose ``|effect| >=
-       SCREEN_MARGIN * t`` are verified, and steps 2-3 repeat (new subsets, ``seed + round``)
-       until no subset is flagged. ``max |effect|`` over the last subsets is the stated bound
-       on a missed cell: it holds unless effects inside a subset cancel (AtP*'s subsampling
-       check).
+       subset is patched jointly and exactly. Every subset whose ``|effect| >= t`` is bisected
+       (halves patched jointly, those still reaching ``t`` split again) down to single cells,
+       which are verified (at most ``BISECT_ROWS * n_subsets`` joint rows a round: effects
+       spread over many small cells flag every half, and the bound then does not hold); steps
+       2-3 repeat (new subsets, ``seed + round``) until no subset reaches ``t`` or bisection
+       finds no new cell. ``max |effect|`` over the last subsets is the stated bound on a
+       missed cell (``holds``: below ``t``): it holds unless effects inside a subset cancel
+       (AtP*'s subsampling check).
 
     Args:
         estimate, score: ``[n_cells]`` the normalised estimate (listed) and the screening
@@ -326,9 +340,22 @@ def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.T
         b = float(effects.abs().max())
         bound = {"subsets": len(subsets), "cells": len(rest), "max_abs_effect": b,
                  "threshold": t, "holds": b < t, "seed": seed + round_}
-        # a subset that moves the metric by at least the margin may hide a cell: verify it
-        chosen = [c for s_, e in zip(subsets, effects.tolist())
-                  if abs(e) >= SCREEN_MARGIN * t for c in s_]
+        # a subset whose joint effect reaches t may hide a cell above the line: bisect it
+        # (halves patched jointly, those still reaching t split again) down to single cells
+        level = [s_ for s_, e in zip(subsets, effects.tolist()) if abs(e) >= t]
+        chosen = []
+        budget = BISECT_ROWS * n_subsets  # effects spread over many cells flag every half
+        while level:
+            chosen += [c for s_ in level if len(s_) == 1 for c in s_]
+            halves = [h for s_ in level if len(s_) > 1
+                      for h in (s_[:len(s_) // 2], s_[len(s_) // 2:])]
+            if not halves or len(halves) > budget:
+                bound["bisection"] = "stopped: over budget" if halves else "done"
+                break
+            budget -= len(halves)
+            level = [h for h, e in zip(halves, _joint_effects(model, prep, halves, patches_for,
+                                                               options).tolist())
+                     if abs(e) >= t]
         if not chosen:
             break
     raw = torch.cat(raws, dim=1) if raws else None
@@ -336,4 +363,5 @@ def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.T
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "PreparedPairs", "Progress", "RunOptions", "prepare_pairs",
-           "verify_top_k", "exact_cells", "screen_then_prove", "Proven", "SCREEN_MARGIN"]
+           "verify_top_k", "exact_cells", "screen_then_prove", "Proven", "SCREEN_MARGIN",
+           "BISECT_ROWS"]
