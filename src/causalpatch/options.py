@@ -43,7 +43,7 @@ from .enums import Direction, Engine, parse
 from .errors import InvalidArgumentError, InvalidTypeError
 from .executors import resolve_executor
 from .metrics import Metric
-from .plan import (Pair, Patch, check_answers, check_int, choose_metric, make_pairs,
+from .plan import (Pair, Patch, SitePatch, check_answers, check_int, choose_metric, make_pairs,
                    resolve_answers)
 
 if TYPE_CHECKING:
@@ -267,6 +267,22 @@ def _subset_effects(model: HookedModel, prep: PreparedPairs, cells: list[int],
     return subsets, _joint_effects(model, prep, subsets, patches_for, options)
 
 
+def _merged(patches: list[SitePatch]) -> Patch:
+    """The same entries in fewer site patches: the units of one site at the same positions
+    together (source values only; a patch carrying values is kept as it is)."""
+    groups: dict[tuple[str, tuple[int, ...]], list[SitePatch]] = {}
+    out: list[SitePatch] = []
+    for sp in patches:
+        if sp.values is not None or sp.units is None:
+            out.append(sp)
+        else:
+            groups.setdefault((sp.site.name, sp.positions), []).append(sp)
+    for group in groups.values():
+        units = tuple(sorted({u for sp in group for u in sp.units or ()}))
+        out.append(SitePatch(group[0].site, group[0].positions, units))
+    return tuple(out)
+
+
 def _joint_effects(model: HookedModel, prep: PreparedPairs, subsets: list[list[int]],
                    patches_for: Callable[[list[int]], Sequence[list[Patch]]],
                    options: RunOptions) -> torch.Tensor:
@@ -274,7 +290,7 @@ def _joint_effects(model: HookedModel, prep: PreparedPairs, subsets: list[list[i
     joint: list[list[Patch]] = [[] for _ in prep.pairs]
     for subset in subsets:
         for p, pair_rows in enumerate(patches_for(subset)):
-            joint[p].append(tuple(sp for patch in pair_rows for sp in patch))
+            joint[p].append(_merged([sp for patch in pair_rows for sp in patch]))
     values = _exact_values(model, prep, joint, len(subsets), options, None, "bounding the rest")
     return aggregate(values, Scale.NORMALIZED, prep.metric).effect
 
