@@ -321,9 +321,11 @@ def attribution_patching(
         score = (torch.maximum(estimate_.abs(), graddrop) if star else estimate_.abs())
         exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
 
+        every = [build_patches(plan, pos, by_position, len(p.clean))  # once per pair
+                 for p, pos in zip(pairs, positions_of)]
+
         def cell_patches(order: list[int]) -> list[list[Any]]:
-            return [[build_patches(plan, pos, by_position, len(p.clean))[j] for j in order]
-                    for p, pos in zip(pairs, positions_of)]
+            return [[patches[j] for j in order] for patches in every]
 
         proven = screen_then_prove(model, prep, estimate_, score, top_k, shape, axes, labels,
                                    cell_patches, exact_options, threshold=threshold,
