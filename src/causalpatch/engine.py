@@ -1061,3 +1061,193 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                         ("backward_s", t3 - t2)):
             timings[key] = timings.get(key, 0.0) + dt
     return Gradients(base, source, dict(grads), base_values.detach(), source_values)
+
+
+@dataclass
+class DroppedGradients:
+    """What :func:`graddrop_pass` gives: the plain pass and one gradient per dropped layer.
+
+    Attributes:
+        plain: the ordinary :class:`Gradients` (equal to :func:`gradient_pass`'s).
+        dropped: ``dropped[l]``: ``site name -> leaf name -> gradient`` with the gradient
+            through layer ``l``'s residual writes (its attention and MLP outputs) set to zero.
+    """
+
+    plain: Gradients
+    dropped: list[dict[str, dict[str, torch.Tensor]]]
+
+
+def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.Tensor,
+                  sites: Sequence[Site],
+                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
+                  what: str = "attribution patching") -> DroppedGradients:
+    """:func:`gradient_pass` plus GradDrop (AtP*, Kramar et al. 2024): the gradient of every
+    leaf with the gradient through layer ``l``'s residual writes (its attention and MLP
+    outputs, the only ways layer ``l`` writes to the residual stream) set to zero, for every
+    ``l``: one source forward, one base forward whose graph is kept, the plain backward and
+    ``L`` partial ones.
+
+    Pass ``l`` restarts from the plain gradient ``G_l`` at layer ``l``'s output: with the
+    writes dropped, layer ``l`` passes ``G_l`` unchanged to its input (the skip connection),
+    so a leaf the forward made
+
+    * after layer ``l``'s output has its plain gradient,
+    * inside layer ``l`` has gradient 0 (its only ways out are the dropped writes),
+    * before layer ``l``'s input has the vector-Jacobian product of that input with ``G_l``,
+      one backward from layer ``l`` down instead of from the logits.
+
+    Tests prove every pass equal to the textbook one (one forward per ``l`` with the writes
+    detached, one full backward). Arguments, raises: as :func:`gradient_pass`; ``timings``
+    also receives ``graddrop_backward_s``.
+    """
+    t0 = time.perf_counter()
+    source: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        source_last = last_logits(model, source_ids, cachers(source, sites)).float()
+    t1 = time.perf_counter()
+    base: dict[str, torch.Tensor] = {}
+    leaves: dict[str, dict[str, torch.Tensor]] = {}
+    made: dict[str, int] = {}  # forward order: leaves by site name, "pre l" / "post l"
+    ends: dict[str, torch.Tensor] = {}
+
+    def attach(name: str, site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            base[name] = act.detach().clone()
+            new, leaves[name] = leaf(site, act)
+            made[name] = len(made)
+            return new
+        return hook
+
+    def end(key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            out = act.clone()  # the same value; a node to restart from
+            ends[key] = out
+            made[key] = len(made)
+            return out
+        return hook
+
+    n_layers = model.n_layers
+    # a layer's input after any leaf there; its output before any leaf there
+    hooks = [Hook(model.layer_site("resid_post", layer), end(f"post {layer}"))
+             for layer in range(n_layers)]
+    hooks += [Hook(s, attach(s.name, s)) for s in sites]
+    hooks += [Hook(model.layer_site("resid_pre", layer), end(f"pre {layer}"))
+              for layer in range(n_layers)]
+    with torch.enable_grad():
+        base_last = last_logits(model, base_ids, hooks)
+        base_values = objective(base_last, source_last)
+        t2 = time.perf_counter()
+        missing = [s.name for s in sites if s.name not in leaves]
+        if missing:
+            raise InvalidArgumentError(
+                f"site(s) {missing} were not reached in the forward pass; {what} needs sites the "
+                "logits depend on")
+        if not base_values.requires_grad:
+            raise InvalidArgumentError(
+                f"the metric does not depend differentiably on the logits; {what} needs a "
+                "differentiable metric (use the exact method instead)")
+        flat = [(s.name, k, t) for s in sites for k, t in leaves[s.name].items()]
+        posts = [ends[f"post {layer}"] for layer in range(n_layers)]
+        # rows are independent, so the gradient of the sum is each row's own gradient
+        found = torch.autograd.grad(base_values.sum(), [t for _, _, t in flat] + posts,
+                                    allow_unused=True, retain_graph=True)
+        plain_found: list[torch.Tensor | None] = list(found[:len(flat)])
+        g_post = found[len(flat):]
+        t3 = time.perf_counter()
+        passes: list[list[torch.Tensor | None]] = [plain_found]
+        for layer in range(n_layers):
+            start, stop = made[f"pre {layer}"], made[f"post {layer}"]
+            below = [i for i, (name, _, _) in enumerate(flat) if made[name] < start]
+            row: list[torch.Tensor | None] = [
+                plain_found[i] if made[name] > stop else None
+                for i, (name, _, _) in enumerate(flat)]
+            if below and g_post[layer] is not None:
+                vjp = torch.autograd.grad(ends[f"pre {layer}"], [flat[i][2] for i in below],
+                                          grad_outputs=g_post[layer], allow_unused=True,
+                                          retain_graph=layer != n_layers - 1)
+                for i, g in zip(below, vjp):
+                    row[i] = g
+            passes.append(row)
+    t4 = time.perf_counter()
+    per_pass: list[dict[str, dict[str, torch.Tensor]]] = []
+    for found_ in passes:
+        grads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for (name, key, tensor), maybe in zip(flat, found_):
+            g = torch.zeros_like(tensor) if maybe is None else maybe.detach()
+            if not torch.isfinite(g).all():
+                raise NonFiniteError(
+                    f"the gradient of the metric at {name} is not finite (a distance metric "
+                    f"whose base and source logits coincide has no gradient); use a score "
+                    f"metric or the exact method instead of {what}")
+            grads[name][key] = g
+        per_pass.append(dict(grads))
+    with torch.no_grad():
+        source_values = objective(source_last, source_last).detach()
+    if timings is not None:
+        for key, dt in (("source_forward_s", t1 - t0), ("base_forward_s", t2 - t1),
+                        ("backward_s", t3 - t2), ("graddrop_backward_s", t4 - t3)):
+            timings[key] = timings.get(key, 0.0) + dt
+    plain = Gradients(base, source, per_pass[0], base_values.detach(), source_values)
+    return DroppedGradients(plain, per_pass[1:])
+
+
+def pattern_patched_outputs(model: HookedModel, base_ids: torch.Tensor,
+                            layers: Sequence[tuple[Site, torch.Tensor, Site, torch.Tensor]],
+                            rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Attention outputs of the base run with the patched attention pattern recomputed exactly
+    by the model's own attention (its scaling, soft-cap, rotary embedding, mask), every layer
+    in one forward (stopped once the last output is read): AtP*'s QK fix linearises only what
+    comes after.
+
+    At each layer of ``layers`` = ``(patched, source, output, base_output)``, the ``patched``
+    input of the attention (``attn.q`` or ``attn.k``) is taken from ``source`` ``[b, T, ...]``
+    at some positions, the attention output ``output`` (``attn.z`` of that layer) is read, and
+    then set back to ``base_output`` so that every later layer sees the base run again.
+
+    Args:
+        base_ids: ``[b, T]``.
+        rows: one run per entry, patching the entry's positions (every head at once: heads
+            do not mix inside an attention layer).
+
+    Returns:
+        Per entry of ``layers``: ``[b, len(rows), T, ...]`` the output of every run (no
+        gradient).
+    """
+    b = base_ids.shape[0]
+    n = len(rows)
+    ids = base_ids.repeat_interleave(n, dim=0)  # row-major: pair, then run
+    seen: dict[int, torch.Tensor] = {}
+
+    def replace(source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            new = act.clone()
+            for r, positions in enumerate(rows):
+                pos = list(positions)
+                new[r::n][:, pos] = source[:, pos].to(new.dtype)
+            return new
+        return hook
+
+    def read_and_restore(i: int, base_output: torch.Tensor
+                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            seen[i] = act.detach().clone()
+            if len(seen) == len(layers):
+                raise StopForward  # nothing later is read
+            return base_output.repeat_interleave(n, dim=0).to(act.dtype)
+        return hook
+
+    hooks = []
+    for i, (patched, source, output, base_output) in enumerate(layers):
+        hooks += [Hook(patched, replace(source)), Hook(output, read_and_restore(i, base_output))]
+    try:
+        with torch.no_grad():
+            last_logits(model, ids, hooks)
+    except StopForward:
+        pass
+    missing = [output.name for i, (_, _, output, _) in enumerate(layers) if i not in seen]
+    if missing:
+        raise InvalidArgumentError(
+            f"{missing} not reached; the QK fix needs the attention output of each patched "
+            "layer")
+    return [seen[i].reshape(b, n, *seen[i].shape[1:]) for i in range(len(layers))]

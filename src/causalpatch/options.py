@@ -43,7 +43,7 @@ from .enums import Direction, Engine, parse
 from .errors import InvalidArgumentError, InvalidTypeError
 from .executors import resolve_executor
 from .metrics import Metric
-from .plan import (Pair, Patch, check_answers, check_int, choose_metric, make_pairs,
+from .plan import (Pair, Patch, SitePatch, check_answers, check_int, choose_metric, make_pairs,
                    resolve_answers)
 
 if TYPE_CHECKING:
@@ -181,10 +181,14 @@ def verify_top_k(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor
         labels and absolute token positions).
     """
     order = torch.argsort(estimate.abs(), descending=True, stable=True)[:k].tolist()
-    if not order:
-        return []
-    patches = patches_for(order)
+    return exact_cells(model, prep, estimate, order, shape, axes, labels, patches_for, options,
+                       sites=sites, positions=positions)[0]
 
+
+def _exact_values(model: HookedModel, prep: PreparedPairs,
+                  patches: Sequence[list[Patch]] | PatchMaker, n: int, options: RunOptions,
+                  sites: Sequence[Site] | None, label: str) -> PairValues:
+    """Every pair's raw metric with each of ``n`` patch rows, on the fast engine."""
     pairs, metric, direction = prep.pairs, prep.metric, prep.direction  # no dataset object:
     batch_size, memory_mb = options.batch_size, options.memory_mb  # the factory may travel
 
@@ -192,8 +196,23 @@ def verify_top_k(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor
         return pair_evaluator(model_, pairs, patches, metric, direction, Engine.FAST,
                               batch_size, memory_mb, stats, sites)
 
-    values = run_pairs(model, pairs, len(order), build=build, executor=options.executor,
-                       progress=options.progress, label="verifying")
+    return run_pairs(model, pairs, n, build=build, executor=options.executor,
+                     progress=options.progress, label=label)
+
+
+def exact_cells(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor,
+                order: list[int], shape: tuple[int, ...], axes: tuple[str, ...],
+                labels: dict[str, list[Any]],
+                patches_for: Callable[[list[int]], Sequence[list[Patch]] | PatchMaker],
+                options: RunOptions, *, sites: Sequence[Site] | None = None,
+                positions: Sequence[int] | None = None
+                ) -> tuple[list[dict[str, Any]], PairValues | None]:
+    """The cells ``order`` (flat indices) re-run exactly: :func:`verify_top_k`'s listing (in
+    ``order``) and the raw values ``[n_pairs, len(order)]`` (``None`` for no cells)."""
+    if not order:
+        return [], None
+    values = _exact_values(model, prep, patches_for(order), len(order), options, sites,
+                           "verifying")
     exact = aggregate(values, Scale.NORMALIZED, prep.metric).effect
     out = []
     for j, flat in enumerate(order):
@@ -202,8 +221,163 @@ def verify_top_k(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor
                  else labels[a][c] if a in labels else c for a, c in zip(axes, coords)]
         out.append({"index": index, "cell": coords, "estimate": float(estimate[flat]),
                     "exact": float(exact[j])})
-    return out
+    return out, values
+
+
+#: ``verify="auto"``: cells whose screening score is at least this fraction of the k-th
+#: largest exact effect found so far are verified too.
+SCREEN_MARGIN = 0.5
+
+
+#: ``verify="auto"``: joint rows a round's bisection may run, per subset.
+BISECT_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Proven:
+    """What :func:`screen_then_prove` gives.
+
+    Attributes:
+        verified: :func:`verify_top_k`-style entries of every verified cell (largest score
+            first), ``exact`` holding the exact normalised effect.
+        raw: ``[n_pairs, len(verified)]`` the verified cells' raw metric values, or ``None``.
+        threshold: the k-th largest ``|exact|`` among the verified cells (or the given
+            threshold, if lower): the line a missed cell would have to cross.
+        bound: the random-subset check of the unverified cells: ``{"subsets": n, "cells": m,
+            "max_abs_effect": b, "threshold": t, "holds": b < t}`` (``b`` the largest
+            ``|exact effect|`` of patching one random subset jointly; ``None`` if every cell
+            was verified).
+    """
+
+    verified: list[dict[str, Any]]
+    raw: torch.Tensor | None
+    threshold: float
+    bound: dict[str, Any] | None
+
+
+def _subset_effects(model: HookedModel, prep: PreparedPairs, cells: list[int],
+                    patches_for: Callable[[list[int]], Sequence[list[Patch]]],
+                    options: RunOptions, n_subsets: int, seed: int
+                    ) -> tuple[list[list[int]], torch.Tensor]:
+    """``cells`` split at random into at most ``n_subsets`` subsets, each patched jointly and
+    exactly: the subsets and their normalised effects."""
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = [cells[i] for i in torch.randperm(len(cells), generator=gen).tolist()]
+    subsets = [s for s in (shuffled[i::n_subsets] for i in range(n_subsets)) if s]
+    return subsets, _joint_effects(model, prep, subsets, patches_for, options)
+
+
+def _merged(patches: list[SitePatch]) -> Patch:
+    """The same entries in fewer site patches: the units of one site at the same positions
+    together (source values only; a patch carrying values is kept as it is)."""
+    groups: dict[tuple[str, tuple[int, ...]], list[SitePatch]] = {}
+    out: list[SitePatch] = []
+    for sp in patches:
+        if sp.values is not None or sp.units is None:
+            out.append(sp)
+        else:
+            groups.setdefault((sp.site.name, sp.positions), []).append(sp)
+    for group in groups.values():
+        units = tuple(sorted({u for sp in group for u in sp.units or ()}))
+        out.append(SitePatch(group[0].site, group[0].positions, units))
+    return tuple(out)
+
+
+def _joint_effects(model: HookedModel, prep: PreparedPairs, subsets: list[list[int]],
+                   patches_for: Callable[[list[int]], Sequence[list[Patch]]],
+                   options: RunOptions) -> torch.Tensor:
+    """The normalised exact effect of patching each subset of cells jointly."""
+    joint: list[list[Patch]] = [[] for _ in prep.pairs]
+    for subset in subsets:
+        for p, pair_rows in enumerate(patches_for(subset)):
+            joint[p].append(_merged([sp for patch in pair_rows for sp in patch]))
+    values = _exact_values(model, prep, joint, len(subsets), options, None, "bounding the rest")
+    return aggregate(values, Scale.NORMALIZED, prep.metric).effect
+
+
+def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor,
+                      score: torch.Tensor, k: int, shape: tuple[int, ...],
+                      axes: tuple[str, ...], labels: dict[str, list[Any]],
+                      patches_for: Callable[[list[int]], Sequence[list[Patch]]],
+                      options: RunOptions, *, threshold: float | None = None,
+                      n_subsets: int = 8, seed: int = 0,
+                      positions: Sequence[int] | None = None) -> Proven:
+    """Verify every cell whose screening ``score`` could place it in the exact top ``k`` (or
+    above ``threshold``), then bound what the unverified cells may hide.
+
+    1. The ``2k`` cells of largest ``score`` are run exactly.
+    2. ``t`` = the k-th largest ``|exact|`` so far (``min(t, threshold)`` with a threshold);
+       every unverified cell with ``score >= SCREEN_MARGIN * t`` is run exactly; repeat until
+       no such cell is left.
+    3. The unverified cells are split at random (``seed``) into ``n_subsets`` subsets; each
+       subset is patched jointly and exactly. Every subset whose ``|effect| >= t`` is bisected
+       (halves patched jointly, those still reaching ``t`` split again) down to single cells,
+       which are verified (at most ``BISECT_ROWS * n_subsets`` joint rows a round: effects
+       spread over many small cells flag every half, and the bound then does not hold); steps
+       2-3 repeat (new subsets, ``seed + round``) until no subset reaches ``t`` or bisection
+       finds no new cell. ``max |effect|`` over the last subsets is the stated bound on a
+       missed cell (``holds``: below ``t``): it holds unless effects inside a subset cancel
+       (AtP*'s subsampling check).
+
+    Args:
+        estimate, score: ``[n_cells]`` the normalised estimate (listed) and the screening
+            score (e.g. AtP*'s ``max(|estimate|, GradDrop)``).
+        patches_for: flat cell indices -> every pair's patch of each cell (a list per pair).
+    """
+    n = int(score.numel())
+    k = min(k, n)
+    order = torch.argsort(score, descending=True, stable=True).tolist()
+    chosen = order[:min(2 * k, n)]
+    verified: list[dict[str, Any]] = []
+    raws: list[torch.Tensor] = []
+    done: set[int] = set()
+    t = float("inf")
+    bound: dict[str, Any] | None = None
+    for round_ in range(n + 1):  # every round verifies at least one new cell
+        while chosen:
+            listing, values = exact_cells(model, prep, estimate, chosen, shape, axes, labels,
+                                          patches_for, options, positions=positions)
+            verified += listing
+            assert values is not None
+            raws.append(values.raw)
+            done.update(chosen)
+            exact = sorted((abs(e["exact"]) for e in verified), reverse=True)
+            t = exact[k - 1] if len(exact) >= k else 0.0
+            if threshold is not None:
+                t = min(t, threshold)
+            chosen = [c for c in order
+                      if c not in done and float(score[c]) >= SCREEN_MARGIN * t]
+        rest = [c for c in order if c not in done]
+        if not rest:
+            bound = None
+            break
+        subsets, effects = _subset_effects(model, prep, rest, patches_for, options, n_subsets,
+                                           seed + round_)
+        b = float(effects.abs().max())
+        bound = {"subsets": len(subsets), "cells": len(rest), "max_abs_effect": b,
+                 "threshold": t, "holds": b < t, "seed": seed + round_}
+        # a subset whose joint effect reaches t may hide a cell above the line: bisect it
+        # (halves patched jointly, those still reaching t split again) down to single cells
+        level = [s_ for s_, e in zip(subsets, effects.tolist()) if abs(e) >= t]
+        chosen = []
+        budget = BISECT_ROWS * n_subsets  # effects spread over many cells flag every half
+        while level:
+            chosen += [c for s_ in level if len(s_) == 1 for c in s_]
+            halves = [h for s_ in level if len(s_) > 1
+                      for h in (s_[:len(s_) // 2], s_[len(s_) // 2:])]
+            if not halves or len(halves) > budget:
+                bound["bisection"] = "stopped: over budget" if halves else "done"
+                break
+            budget -= len(halves)
+            level = [h for h, e in zip(halves, _joint_effects(model, prep, halves, patches_for,
+                                                               options).tolist())
+                     if abs(e) >= t]
+        if not chosen:
+            break
+    raw = torch.cat(raws, dim=1) if raws else None
+    return Proven(verified, raw, t, bound)
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "PreparedPairs", "Progress", "RunOptions", "prepare_pairs",
-           "verify_top_k"]
+           "verify_top_k", "exact_cells", "screen_then_prove", "Proven", "SCREEN_MARGIN",
+           "BISECT_ROWS"]

@@ -32,6 +32,15 @@ run, where it is generally non-zero. They are far from linear between base and s
 quadratic near its minimum), so the first-order estimate of a distance metric is much less
 reliable than that of ``logit_diff``. Use ``verify_top_k`` to check the cells that matter.
 
+AtP* (``method="atp*"``; Kramar et al. 2024, docs/attribution_patching.md) removes attribution
+patching's two known sources of false negatives. The **QK fix** (``attn_head_q``/``_k``):
+the patched attention pattern is recomputed exactly by the layer's own attention and only what
+follows is linearised, ``c(n) = sum_t (z'_t - z_t) . d metric / d z_t`` with ``z' = A' v``
+(a key: over every query position and query head that reads it). **GradDrop**: ``L`` more
+backward passes, pass ``l`` with the gradient through layer ``l``'s residual writes zeroed,
+``c_GD(n) = sum_l |c_l(n)| / (L - 1)`` (``extra["graddrop"]``). ``verify="auto"`` then
+screens (``max(|estimate|, c_GD)``) and proves: :func:`causalpatch.options.screen_then_prove`.
+
 Example::
 
     from causalpatch import HookedModel
@@ -54,21 +63,30 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..assemble import GroupValues, Scale, aggregate, build_result
-from ..engine import gradient_pass
+from ..assemble import GroupValues, PairValues, Scale, aggregate, build_result
+from ..engine import graddrop_pass, gradient_pass, pattern_patched_outputs
 from ..enums import Direction
+from ..errors import InvalidArgumentError
 from ..metrics import Metric
-from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
+from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs, screen_then_prove
 from ..options import verify_top_k as exact_top_k
 from ..plan import (ComponentPlan, build_patches, check_int, metric_inputs, pair_positions,
                     plan_component, result_axes)
 
 if TYPE_CHECKING:
     from ..model import HookedModel
+    from ..names import Site
     from ..result import PatchingResult
 
 #: Pairs per forward/backward batch when ``batch_size`` is not given.
 DEFAULT_PAIRS_PER_BATCH = 8
+
+#: ``method=``: plain attribution patching, or AtP* (GradDrop; see the module docstring).
+METHODS = ("atp", "atp*")
+
+#: Components AtP*'s QK fix applies to.
+QK_COMPONENTS = ("attn_head_q", "attn_head_k")
+QK_SITES = ("attn.q", "attn.k")
 
 
 def _reduce(contrib: torch.Tensor, plan: ComponentPlan, positions: list[int] | None,
@@ -107,6 +125,12 @@ def attribution_patching(
     by_position: bool = False,
     direction: str | Direction = "denoise",
     verify_top_k: int = 0,
+    method: str = "atp",
+    verify: str | None = None,
+    top_k: int = 20,
+    threshold: float | None = None,
+    n_subsets: int = 8,
+    seed: int = 0,
     batch_size: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     checkpoint: str | None = None,
@@ -138,6 +162,16 @@ def attribution_patching(
             patching engine; stored in ``result.extra["verified"]`` as a list of
             ``{"index": [...labels], "cell": [...coords], "estimate": e, "exact": x}``
             (``index`` holds layer/head/neuron labels and absolute token positions).
+        method: ``"atp"`` (default: plain attribution patching) or ``"atp*"`` (AtP*: the QK
+            fix for ``attn_head_q``/``attn_head_k`` and GradDrop, whose magnitudes are in
+            ``extra["graddrop"]``; needs at least 2 layers).
+        verify: ``None`` or ``"auto"``: screen then prove (module docstring): every cell
+            whose score could place it in the exact ``top_k`` (or above ``threshold``) is run
+            exactly, the rest bounded by ``n_subsets`` random joint patches (``seed``). The
+            verified cells hold exact values (``extra["exact"]`` marks them, listed in
+            ``extra["verified"]`` like ``verify_top_k``); ``extra["missed_bound"]`` states
+            the bound.
+        top_k, threshold, n_subsets, seed: of ``verify="auto"``.
         batch_size: pairs per forward/backward batch (pairs are grouped by token length;
             default 8); the exact check of ``verify_top_k`` uses the engine's default.
         memory_mb, checkpoint, progress, executor: the run options every method shares
@@ -153,12 +187,30 @@ def attribution_patching(
     t_start = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
     check_int(verify_top_k, "verify_top_k", 0)
+    if not isinstance(method, str) or method not in METHODS:
+        raise InvalidArgumentError(
+            f"method must be 'atp' (plain attribution patching, the default) or 'atp*' "
+            f"(AtP*: GradDrop plus screen-then-prove), got {method!r}")
+    if verify is not None and verify != "auto":
+        raise InvalidArgumentError(
+            f"verify must be None or 'auto' (screen then prove the top_k), got {verify!r}")
+    check_int(top_k, "top_k", 1)
+    check_int(n_subsets, "n_subsets", 1)
+    check_int(seed, "seed", 0)
+    if threshold is not None and (isinstance(threshold, bool)
+                                  or not isinstance(threshold, (int, float))
+                                  or not threshold > 0):
+        raise InvalidArgumentError(
+            f"threshold must be None or a positive normalised effect, got {threshold!r}")
+    star = method == "atp*"
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
                               memory_mb=memory_mb, checkpoint=checkpoint)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
     pairs, m, denoise = prep.pairs, prep.metric, prep.denoise  # the factory captures no dataset
     plan = plan_component(model, component, layers, heads, neurons)
+    if star:
+        _check_star(model, plan)
     positions_of = pair_positions(pairs, positions, by_position)
     axes, labels, shape = result_axes(model, plan, positions_of[0], by_position, pairs[0].clean)
     n_cells = int(torch.Size(shape).numel())
@@ -184,15 +236,43 @@ def attribution_patching(
                 return m(logits, metric_inputs(m, [p.correct for p in chunk],
                                                [p.incorrect for p in chunk], source_logits))
 
-            grads = gradient_pass(model_, base_ids, src_ids, plan.sites, objective,
-                                  timings=stats)
-            with torch.no_grad():
-                per_site = [_reduce((grads.source[s.name].float() - grads.base[s.name].float())
-                                    * grads.grads[s.name]["act"].float(), plan,
-                                    positions_of[group[0]], by_position) for s in plan.sites]
-                est = torch.stack(per_site, dim=1).flatten(1)  # [batch, n_cells]
+            pos = positions_of[group[0]]
+            qk = star and plan.component in QK_COMPONENTS
+            z_sites = [model_.layer_site("attn.z", layer) for layer in plan.layers] if qk else []
+            n_kv = plan.sites[0].view.n_heads(model_.dims) if plan.unit_axis == "head" else 1
+
+            def estimate(grad: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+                with torch.no_grad():
+                    if qk:
+                        per_site = [_qk_reduce(dz, grad[z.name]["act"].float(), plan, pos,
+                                               by_position, n_kv)
+                                    for dz, z in zip(deltas, z_sites)]
+                    else:
+                        per_site = [_reduce((grads.source[s.name].float()
+                                             - grads.base[s.name].float())
+                                            * grad[s.name]["act"].float(), plan, pos,
+                                            by_position)
+                                    for s in plan.sites]
+                    return torch.stack(per_site, dim=1).flatten(1).cpu()  # [batch, n_cells]
+
+            if star:
+                dropped = graddrop_pass(model_, base_ids, src_ids, [*plan.sites, *z_sites],
+                                        objective, timings=stats)
+                grads = dropped.plain
+                # the QK fix: each attention output with the patched pattern, exactly
+                deltas = _pattern_deltas(model_, base_ids, plan, z_sites, grads.source,
+                                         grads.base, pos, by_position) if qk else []
+                # GradDrop: sum over l of |estimate with layer l's writes' gradient dropped|,
+                # over L - 1 (a cell's own layer gives 0); appended after the estimates
+                drop = torch.stack([estimate(g).abs() for g in dropped.dropped]).sum(0) / max(
+                    model_.n_layers - 1, 1)
+                est = torch.cat([estimate(grads.grads), drop], dim=1)
+            else:
+                grads = gradient_pass(model_, base_ids, src_ids, plan.sites, objective,
+                                      timings=stats)
+                est = estimate(grads.grads)
             # an estimate is a first-order change: patched ~= base + estimate
-            patched = grads.base_values.cpu()[:, None] + est.cpu()
+            patched = grads.base_values.cpu()[:, None] + est
             if tick is not None:
                 tick(len(group) * len(cells))
             return GroupValues(grads.base_values.cpu(), grads.source_values.cpu(),
@@ -200,16 +280,28 @@ def attribution_patching(
 
         return evaluate
 
+    n_columns = 2 * n_cells if star else n_cells  # AtP*: estimates, then GradDrop
     values = options.run(
-        model, pairs, n_cells, build, groups=batches, label="attribution patching",
+        model, pairs, n_columns, build, groups=batches, label="attribution patching",
         checkpoint_args=dict(method="attribution_patching", component=component,
                              metric=m.name, layers=plan.layers, units=plan.units,
                              positions=positions_of, by_position=by_position,
-                             direction=prep.direction.value, batch=per_batch))
+                             direction=prep.direction.value, batch=per_batch,
+                             **({"atp": "atp*"} if star else {})))
     for key in ("source_forward_s", "base_forward_s", "backward_s"):  # summed over workers
         timings[key] = values.stats.pop(key, 0.0)
     timings["attribution_s"] = (timings["source_forward_s"] + timings["base_forward_s"]
                                 + timings["backward_s"])
+    extra: dict[str, Any] = {}
+    if star:
+        timings["graddrop_backward_s"] = values.stats.pop("graddrop_backward_s", 0.0)
+        timings["attribution_s"] += timings["graddrop_backward_s"]
+        gd = PairValues(values.raw[:, n_cells:], values.base, values.source)
+        # GradDrop: |.| per pair, averaged, normalised; a magnitude
+        graddrop = aggregate(gd, Scale.NORMALIZED, m).effect.abs()
+        values = PairValues(values.raw[:, :n_cells].clone(), values.base, values.source,
+                            values.stats, values.seconds, values.payloads)
+        extra["graddrop"] = graddrop.reshape(shape).tolist()  # extra holds JSON values
 
     # -- optional exact check of the largest estimates ---------------------------------------
     t_verify = time.perf_counter()
@@ -224,13 +316,94 @@ def attribution_patching(
 
         verified = exact_top_k(model, prep, effect, min(verify_top_k, n_cells), shape, axes,
                                 labels, patches_for, exact_options, positions=positions_of[0])
+    if verify == "auto":
+        estimate_ = aggregate(values, Scale.NORMALIZED, m).effect
+        score = (torch.maximum(estimate_.abs(), graddrop) if star else estimate_.abs())
+        exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
+
+        every = [build_patches(plan, pos, by_position, len(p.clean))  # once per pair
+                 for p, pos in zip(pairs, positions_of)]
+
+        def cell_patches(order: list[int]) -> list[list[Any]]:
+            return [[patches[j] for j in order] for patches in every]
+
+        proven = screen_then_prove(model, prep, estimate_, score, top_k, shape, axes, labels,
+                                   cell_patches, exact_options, threshold=threshold,
+                                   n_subsets=n_subsets, seed=seed, positions=positions_of[0])
+        verified = proven.verified
+        cells = [int(torch.tensor(e["cell"]) @ torch.tensor(_strides(shape))) for e in verified]
+        exact_mask = torch.zeros(n_cells, dtype=torch.bool)
+        if proven.raw is not None:  # the verified cells hold their exact values
+            values.raw[:, cells] = proven.raw
+            exact_mask[cells] = True
+        extra.update(exact=exact_mask.reshape(shape).tolist(), missed_bound=proven.bound,
+                     top_k=top_k, threshold=proven.threshold)
     timings["verify_s"] = time.perf_counter() - t_verify
+    what = ("AtP* (first-order, GradDrop screening)" if star
+            else "first-order (gradient at the base run)")
+    if verify == "auto":
+        what += "; cells where extra['exact'] is True hold exact values"
     return build_result(
         model, values=values, scale=Scale.NORMALIZED, axes=axes, labels=labels,
         shape=shape, component=component, method="attribution_patching", timings=timings,
-        extra={"estimate": "first-order (gradient at the base run)",
-               "positions": positions_of[0], "verified": verified}, t_start=t_start,
-        **prep.result_fields())
+        extra={"estimate": what, "attribution_method": method,
+               "positions": positions_of[0], "verified": verified, **extra},
+        t_start=t_start, **prep.result_fields())
 
 
-__all__ = ["attribution_patching"]
+def _pattern_deltas(model: HookedModel, base_ids: torch.Tensor, plan: ComponentPlan,
+                    z_sites: list[Site], source: dict[str, torch.Tensor],
+                    base: dict[str, torch.Tensor], positions: list[int] | None,
+                    by_position: bool) -> list[torch.Tensor]:
+    """The QK fix's exact change of each layer's attention output ``[b, R, T, H, d_head]``,
+    every layer in one forward: one run with every query patched (a query changes only its own
+    row of the pattern), or, for keys, one run per key position (``by_position``) or one with
+    the keys of every position of the cell."""
+    length = base_ids.shape[1]
+    cell_pos = list(range(length)) if positions is None else list(positions)
+    if plan.component == "attn_head_q" or not by_position:
+        rows: list[list[int]] = [cell_pos]
+    else:
+        rows = [[p] for p in cell_pos]
+    outs = pattern_patched_outputs(
+        model, base_ids, [(s, source[s.name], z, base[z.name])
+                          for s, z in zip(plan.sites, z_sites)], rows)
+    return [out.float() - base[z.name].float()[:, None] for out, z in zip(outs, z_sites)]
+
+
+def _qk_reduce(dz: torch.Tensor, grad_z: torch.Tensor, plan: ComponentPlan,
+               positions: list[int] | None, by_position: bool, n_kv: int) -> torch.Tensor:
+    """Cells of the QK-fixed estimate: ``(z' - z) . d metric / d z`` (the pattern exact, the
+    rest linear), summed over the cell's query rows (a key: every query position and every
+    query head that reads it)."""
+    if plan.component == "attn_head_q":
+        return _reduce(dz[:, 0] * grad_z, plan, positions, by_position)
+    per_run = (dz * grad_z[:, None]).sum(-1).sum(2)  # [b, R, H]: over queries and d_head
+    b, r, n_heads = per_run.shape
+    # grouped-query attention: query heads [g * H/KV, (g + 1) * H/KV) read key head g
+    cells = per_run.reshape(b, r, n_kv, n_heads // n_kv).sum(-1)  # [b, R, KV]
+    if plan.units is not None:
+        cells = cells[:, :, plan.units]
+    return cells if by_position else cells[:, 0]
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return out[::-1]
+
+
+def _check_star(model: HookedModel, plan: ComponentPlan) -> None:
+    """AtP*'s applicability, before any forward pass."""
+    if plan.component not in QK_COMPONENTS and any(s.name.endswith(QK_SITES)
+                                                   for s in plan.sites):
+        raise InvalidArgumentError(
+            f"method='atp*' applies its QK fix to the per-layer components attn_head_q and "
+            f"attn_head_k, not to the single site {plan.component!r}; use component="
+            f"'attn_head_q'/'attn_head_k' with layers=, or method='atp'")
+    if model.n_layers < 2:
+        raise InvalidArgumentError(
+            f"method='atp*' needs at least 2 layers: GradDrop averages over the L - 1 layers "
+            f"whose gradient it drops (this model has {model.n_layers}); use method='atp'")
