@@ -1013,54 +1013,8 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
             depend differentiably on the logits.
         NonFiniteError: a gradient that is not finite.
     """
-    t0 = time.perf_counter()
-    source: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        source_last = last_logits(model, source_ids, cachers(source, sites)).float()
-    t1 = time.perf_counter()
-    base: dict[str, torch.Tensor] = {}
-    leaves: dict[str, dict[str, torch.Tensor]] = {}
-
-    def attach(name: str, site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
-        def hook(act: torch.Tensor) -> torch.Tensor:
-            base[name] = act.detach().clone()
-            new, leaves[name] = leaf(site, act)
-            return new
-        return hook
-
-    with torch.enable_grad():
-        base_last = last_logits(model, base_ids, [Hook(s, attach(s.name, s)) for s in sites])
-        base_values = objective(base_last, source_last)
-        t2 = time.perf_counter()
-        missing = [s.name for s in sites if s.name not in leaves]
-        if missing:
-            raise InvalidArgumentError(
-                f"site(s) {missing} were not reached in the forward pass; {what} needs sites the "
-                "logits depend on")
-        if not base_values.requires_grad:
-            raise InvalidArgumentError(
-                f"the metric does not depend differentiably on the logits; {what} needs a "
-                "differentiable metric (use the exact method instead)")
-        flat = [(s.name, k, t) for s in sites for k, t in leaves[s.name].items()]
-        # rows are independent, so the gradient of the sum is each row's own gradient
-        found = torch.autograd.grad(base_values.sum(), [t for _, _, t in flat], allow_unused=True)
-    t3 = time.perf_counter()
-    grads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for (name, key, tensor), g in zip(flat, found):
-        g = torch.zeros_like(tensor) if g is None else g.detach()
-        if not torch.isfinite(g).all():
-            raise NonFiniteError(
-                f"the gradient of the metric at {name} is not finite (a distance metric whose "
-                f"base and source logits coincide has no gradient); use a score metric or the "
-                f"exact method instead of {what}")
-        grads[name][key] = g
-    with torch.no_grad():
-        source_values = objective(source_last, source_last).detach()
-    if timings is not None:
-        for key, dt in (("source_forward_s", t1 - t0), ("base_forward_s", t2 - t1),
-                        ("backward_s", t3 - t2)):
-            timings[key] = timings.get(key, 0.0) + dt
-    return Gradients(base, source, dict(grads), base_values.detach(), source_values)
+    return _first_order(model, base_ids, source_ids, sites, objective, leaf, timings, what,
+                        drop_layers=False).plain
 
 
 @dataclass
@@ -1101,6 +1055,17 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
     detached, one full backward). Arguments, raises: as :func:`gradient_pass`; ``timings``
     also receives ``graddrop_backward_s``.
     """
+    return _first_order(model, base_ids, source_ids, sites, objective, leaf, timings, what,
+                        drop_layers=True)
+
+
+def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.Tensor,
+                 sites: Sequence[Site],
+                 objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 leaf: Leaf, timings: dict[str, float] | None, what: str, drop_layers: bool
+                 ) -> DroppedGradients:
+    """:func:`gradient_pass` and, with ``drop_layers``, :func:`graddrop_pass`'s extra passes
+    (``dropped`` is empty without them)."""
     t0 = time.perf_counter()
     source: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -1128,12 +1093,13 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
         return hook
 
     n_layers = model.n_layers
-    # a layer's input after any leaf there; its output before any leaf there
-    hooks = [Hook(model.layer_site("resid_post", layer), end(f"post {layer}"))
-             for layer in range(n_layers)]
-    hooks += [Hook(s, attach(s.name, s)) for s in sites]
-    hooks += [Hook(model.layer_site("resid_pre", layer), end(f"pre {layer}"))
-              for layer in range(n_layers)]
+    hooks = [Hook(s, attach(s.name, s)) for s in sites]
+    if drop_layers:  # a layer's input after any leaf there; its output before any leaf there
+        hooks = [*[Hook(model.layer_site("resid_post", layer), end(f"post {layer}"))
+                   for layer in range(n_layers)], *hooks,
+                 *[Hook(model.layer_site("resid_pre", layer), end(f"pre {layer}"))
+                   for layer in range(n_layers)]]
+    passes: list[Sequence[torch.Tensor | None]] = []
     with torch.enable_grad():
         base_last = last_logits(model, base_ids, hooks)
         base_values = objective(base_last, source_last)
@@ -1148,19 +1114,18 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                 f"the metric does not depend differentiably on the logits; {what} needs a "
                 "differentiable metric (use the exact method instead)")
         flat = [(s.name, k, t) for s in sites for k, t in leaves[s.name].items()]
-        posts = [ends[f"post {layer}"] for layer in range(n_layers)]
+        posts = [ends[f"post {layer}"] for layer in range(n_layers)] if drop_layers else []
         # rows are independent, so the gradient of the sum is each row's own gradient
         found = torch.autograd.grad(base_values.sum(), [t for _, _, t in flat] + posts,
-                                    allow_unused=True, retain_graph=True)
-        plain_found: list[torch.Tensor | None] = list(found[:len(flat)])
+                                    allow_unused=True, retain_graph=drop_layers)
+        passes.append(found[:len(flat)])
         g_post = found[len(flat):]
         t3 = time.perf_counter()
-        passes: list[list[torch.Tensor | None]] = [plain_found]
-        for layer in range(n_layers):
+        for layer in range(n_layers if drop_layers else 0):
             start, stop = made[f"pre {layer}"], made[f"post {layer}"]
             below = [i for i, (name, _, _) in enumerate(flat) if made[name] < start]
             row: list[torch.Tensor | None] = [
-                plain_found[i] if made[name] > stop else None
+                passes[0][i] if made[name] > stop else None
                 for i, (name, _, _) in enumerate(flat)]
             if below and g_post[layer] is not None:
                 vjp = torch.autograd.grad(ends[f"pre {layer}"], [flat[i][2] for i in below],
@@ -1185,8 +1150,11 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
     with torch.no_grad():
         source_values = objective(source_last, source_last).detach()
     if timings is not None:
-        for key, dt in (("source_forward_s", t1 - t0), ("base_forward_s", t2 - t1),
-                        ("backward_s", t3 - t2), ("graddrop_backward_s", t4 - t3)):
+        spans = [("source_forward_s", t1 - t0), ("base_forward_s", t2 - t1),
+                 ("backward_s", t3 - t2)]
+        if drop_layers:
+            spans.append(("graddrop_backward_s", t4 - t3))
+        for key, dt in spans:
             timings[key] = timings.get(key, 0.0) + dt
     plain = Gradients(base, source, per_pass[0], base_values.detach(), source_values)
     return DroppedGradients(plain, per_pass[1:])
