@@ -27,8 +27,9 @@ CORRUPTED = ["abcdeXghijkl", "bcdefgYijkla", "cdXefghijZab", "deXghijkl"]
 RTOL = 1e-5
 #: The same for ``kl`` (a sum over the whole vocabulary of log-softmax differences).
 RTOL_KL = 1e-4
-#: Cells whose effect must be >= 100 x the tolerance, per comparison.
-MIN_CELLS = 1
+#: Cells whose effect must be >= 100 x the tolerance, per comparison (resid_post has 3 cells,
+#: one per layer, and all 3 pass on every family).
+MIN_CELLS = 3
 
 
 @pytest.fixture

@@ -27,8 +27,9 @@ PAIRS = [("abcdefghijkl", "abcdeXghijkl"), ("bcdefghijkla", "bcdefgYijkla"),
 #: matmul shapes, so other summation orders). Largest ratio observed 6.3e-6 (|diff| up to
 #: 1.8e-6 on effects of 0.1-2 logits); the old check was 1e-5 absolute.
 RTOL = 2e-5
-#: Cells (row x vocabulary entry) whose effect must be >= 100 x the tolerance.
-MIN_CELLS = 1
+#: Cells (row x vocabulary entry) whose effect must be >= 100 x the tolerance (fewest observed:
+#: 255, a last-layer MLP patch moving 255 of 256 logits).
+MIN_CELLS = 100
 
 
 @pytest.fixture

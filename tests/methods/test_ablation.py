@@ -26,8 +26,12 @@ ANSWERS = dict(correct=3, incorrect=9)
 #: Largest ratio observed 1.03e-5 (mlp_neuron at positions: |diff| 7.2e-7 on an effect of
 #: 0.069); the old check was 1e-5 absolute on effects of 0.07-0.3.
 RTOL = 1e-4
-#: Cells (prompt x cell) whose effect must be >= 100 x the tolerance, engine comparisons.
-MIN_CELLS = 1
+#: The same for the small token-id LLaMA against interventions written by hand and across batch
+#: sizes: largest ratio observed 3.6e-7 (|diff| 4.8e-7 on effects of 1.3-4 logits).
+RTOL_BY_HAND = 3e-6
+#: Cells (prompt x cell) whose effect must be >= 100 x the tolerance, engine comparisons
+#: (fewest observed: 8 of 9, mlp resample on 3 prompts).
+MIN_CELLS = 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,9 +67,10 @@ def test_zero_ablation_of_a_head_equals_zeroing_it_by_hand(tiny, prompts):
         logit_diff_of(tiny, prompts, {f"blocks.{layer}.attn.z": iv.zero(heads=[head])}) - original
         for head in range(4)], -1) for layer in range(2)], 1)  # [n, layer, head]
     # ablated - original: the unpatched value of every cell is 0
-    assert_matches_reference(res.per_pair, by_hand, 0.0, rtol=RTOL, min_cells=8,
+    assert_matches_reference(res.per_pair, by_hand, 0.0, rtol=RTOL_BY_HAND, min_cells=8,
                              what="zero ablation by hand, per prompt")
-    assert_matches_reference(res.effect_matrix, by_hand.mean(0), 0.0, rtol=RTOL, min_cells=4,
+    assert_matches_reference(res.effect_matrix, by_hand.mean(0), 0.0, rtol=RTOL_BY_HAND,
+                             min_cells=4,
                              what="zero ablation by hand, mean")
     assert tiny.hook_snapshot() == before
 
@@ -93,9 +98,11 @@ def test_batch_size_does_not_change_results(tiny):
     a = ablate(tiny, RAGGED, "attn_head", "mean", batch_size=1, **ANSWERS)
     b = ablate(tiny, RAGGED, "attn_head", "mean", batch_size=5, **ANSWERS)
     c = ablate(tiny, RAGGED, "attn_head", "mean", **ANSWERS)
-    assert_matches_reference(a.effect_matrix, b.effect_matrix, 0.0, rtol=RTOL, min_cells=4,
+    assert_matches_reference(a.effect_matrix, b.effect_matrix, 0.0, rtol=RTOL_BY_HAND,
+                             min_cells=4,
                              what="batch_size 1 vs 5")
-    assert_matches_reference(a.effect_matrix, c.effect_matrix, 0.0, rtol=RTOL, min_cells=4,
+    assert_matches_reference(a.effect_matrix, c.effect_matrix, 0.0, rtol=RTOL_BY_HAND,
+                             min_cells=4,
                              what="batch_size 1 vs default")
 
 
@@ -144,7 +151,7 @@ def test_resample_takes_another_rows_activation(tiny):
         for head in range(4):
             by_hand[:, layer, head] = logit_diff_of(tiny, PROMPTS, lambda i: {
                 name: iv.replace_with(cached[sources[i]], heads=[head])}) - original  # noqa: B023
-    assert_matches_reference(res.per_pair, by_hand, 0.0, rtol=RTOL, min_cells=8,
+    assert_matches_reference(res.per_pair, by_hand, 0.0, rtol=RTOL_BY_HAND, min_cells=8,
                              what="resample by hand")
 
 
