@@ -22,6 +22,9 @@ CORRECT, INCORRECT = 3, 4
 #: 1e-6 observed), and one-cell comparisons have small effects (1.4e-3 for (1, 0) -> (2, 1)):
 #: largest ratio observed 2.6e-4.
 RTOL = 1e-3
+#: The same for the sweeps over several senders (largest ratio observed 4.9e-6, every head ->
+#: (2, 1) q; min_cells there is the fewest cells observed above 100x it, less one).
+RTOL_SWEEP = 4e-5
 #: The same on the tiny families (IOI prompts; largest ratio observed 6.7e-4, gpt_neox
 #: sequential (1, 2) -> (2, 0) v, |diff| 3.5e-6 on an effect of 5.3e-3).
 RTOL_FAMILY = 1e-3
@@ -126,7 +129,7 @@ def test_full_sweep_matches_brute_force(small_llama):
             else:
                 gots.append(got)
                 expected.append(brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), (2, 1)))
-    check(gots, expected, "every head -> (2, 1) q", min_cells=8)
+    check(gots, expected, "every head -> (2, 1) q", rtol=RTOL_SWEEP, min_cells=4)
 
 
 @pytest.mark.parametrize("kind", ["k", "v"])
@@ -178,7 +181,7 @@ def test_resid_receivers_match_brute_force(small_llama, direction, freeze):
     expected = [brute_force(small_llama, base, source, (layer, None), None, freeze=freeze)
                 for layer in range(3)]
     check(result.effect_matrix.tolist(), expected, f"mlp -> logits {direction} {freeze}",
-          min_cells=3)
+          rtol=RTOL_SWEEP, min_cells=3)
 
 
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
@@ -209,7 +212,8 @@ def test_last_layer_head_to_logits(small_llama, direction):
             z: iv.replace_with(source_z[:, :, head : head + 1], heads=[head]),
             mlp: iv.replace_with(base_cache[mlp])}).run().last_logits[0])
         expected.append((patched - base_ld) / (source_ld - base_ld))
-    check(result[2].tolist(), expected, f"last-layer heads {direction}", min_cells=4)
+    check(result[2].tolist(), expected, f"last-layer heads {direction}", rtol=RTOL_SWEEP,
+          min_cells=2)
 
 
 def test_receiver_before_sender_errors(small_llama):
@@ -301,7 +305,8 @@ def test_every_head_to_the_logits_matches_brute_force(small_llama, freeze):
     result = run(small_llama, senders="attn_head", receivers="logits", freeze=freeze)
     expected = [[brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), None, freeze=freeze)
                  for head in range(4)] for layer in range(3)]
-    check(result.tolist(), expected, f"every head -> logits {freeze}", min_cells=12)
+    check(result.tolist(), expected, f"every head -> logits {freeze}", rtol=RTOL_SWEEP,
+          min_cells=8)
 
 
 def test_unknown_freeze_is_refused(small_llama):
