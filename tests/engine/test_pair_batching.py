@@ -23,9 +23,11 @@ CORRUPTED = ["abcdeXghijkl", "bcdefgYijkla", "cdXefghijZab", "deXghijkl"]
 
 #: Relative tolerance (:func:`conftest.assert_matches_reference`: max |fast - naive| over the
 #: largest |naive - unpatched|) on float32 metric values. Not zero: batching pairs together
-#: changes matmul shapes and so summation orders.
+#: changes matmul shapes and so summation orders. Largest ratio observed 4.3e-6 (the old
+#: check was 1e-5 absolute on raw logit differences up to ~1).
 RTOL = 1e-5
-#: The same for ``kl`` (a sum over the whole vocabulary of log-softmax differences).
+#: The same for ``kl`` (a sum over the whole vocabulary of log-softmax differences): observed
+#: 9.7e-6 (|diff| 6.3e-6 on effects up to 0.64; the old check was 1e-4 absolute).
 RTOL_KL = 1e-4
 #: Cells whose effect must be >= 100 x the tolerance, per comparison (resid_post has 3 cells,
 #: one per layer, and all 3 pass on every family).
