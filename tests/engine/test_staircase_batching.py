@@ -24,9 +24,10 @@ PAIRS = [("abcdefghijkl", "abcdeXghijkl"), ("bcdefghijkla", "bcdefgYijkla"),
 #: Relative tolerance of every fast-vs-naive comparison here (:func:`conftest.
 #: assert_matches_reference`): max |fast - naive| over the largest effect |naive - base|, float32
 #: logits. Not zero because the staircase batches rows differently from the naive loop (other
-#: matmul shapes, so other summation orders). Largest ratio observed 6.3e-6 (|diff| up to
-#: 1.8e-6 on effects of 0.1-2 logits); the old check was 1e-5 absolute.
-RTOL = 2e-5
+#: matmul shapes, so other summation orders). Largest ratio observed 7.3e-6 (mlp_neuron in the
+#: last layer, |diff| 1.7e-6 on effects of 0.23; elsewhere up to 1.8e-6 on effects of 0.1-2
+#: logits); the old check was 1e-5 absolute.
+RTOL = 5e-5
 #: Cells (row x vocabulary entry) whose effect must be >= 100 x the tolerance (fewest observed:
 #: 255, a last-layer MLP patch moving 255 of 256 logits).
 MIN_CELLS = 100
