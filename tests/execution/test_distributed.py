@@ -32,6 +32,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 #: unpatched value is 0 (normalised patching effects, ablation differences, attribution
 #: estimates, probability differences).
 TOL = 1e-5
+#: Observed: up to 8e-7 of the largest effect (resid_pre by position, ablate, attn_head; 0 for
+#: attribution, path patching and causal tracing); kept at the package's stated 1e-5 for the
+#: Ray tests whose run could not be measured on the shared machine (kills, restarts, head node).
+#: Per pair: 2.3e-6 observed (|diff| 1.5e-5 on per-pair effects up to 6.4; one pair's change
+#: divided by the dataset's mean gap amplifies rounding). SAE patching: 2.4e-5 observed (|diff|
+#: 5.5e-6 on effects up to 0.23, three features).
+PER_PAIR_TOL = 2e-5
+SAE_TOL = 2e-4
 #: Cells whose effect must be >= 100 x the tolerance, per comparison.
 MIN_CELLS = 1
 
@@ -103,7 +111,7 @@ def test_activation_patching_on_ray_equals_the_local_run(model, executor, one_th
     # per pair: one pair's change divided by the dataset's mean gap (amplifies rounding)
     # per-pair values divided by a small gap; workers batch their shards (and, since pairs
     # batch by length, their length groups) differently: 1.46e-5 observed on 2 of 1344 cells
-    same(remote.per_pair, local.per_pair, "attn_head per pair", rtol=5e-5)
+    same(remote.per_pair, local.per_pair, "attn_head per pair", rtol=PER_PAIR_TOL)
     assert remote.clean_metric == local.clean_metric
     summary = remote.extra["executor"]
     assert summary["n_workers"] == 2 and summary["shards"] >= 2
@@ -140,7 +148,8 @@ def test_every_method_matches_local_on_ray(model, executor, one_thread):
         local, remote = run(None), run(executor)
         # float32; where a group's cells are split between the workers, engine passes hold
         # other rows than locally (normalised effects: up to ~1e-5)
-        same(remote.effect_matrix, local.effect_matrix, name)
+        same(remote.effect_matrix, local.effect_matrix, name,
+             rtol=SAE_TOL if name == "sae_patching" else TOL)
         assert remote.extra["executor"]["cells"] > 0, name
     att_local, att_remote = runs["attribution"](None), runs["attribution"](executor)
     assert [v["exact"] for v in att_remote.extra["verified"]] == pytest.approx(
