@@ -23,9 +23,10 @@ CORRUPTED = ["abcdeXghijkl", "bcdefgYijkla", "cdXefghijZab", "deXghijkl"]
 
 #: Relative tolerance (:func:`conftest.assert_matches_reference`: max |fast - naive| over the
 #: largest |naive - unpatched|) on float32 metric values. Not zero: batching pairs together
-#: changes matmul shapes and so summation orders. Largest ratio observed 4.3e-6 (the old
-#: check was 1e-5 absolute on raw logit differences up to ~1).
-RTOL = 1e-5
+#: changes matmul shapes and so summation orders. Largest ratio observed over every family
+#: 2.5e-5 (attn_head_q per pair: |diff| 9.5e-7 on effects of only 0.038). The old check was
+#: 1e-5 absolute on raw logit differences up to ~1.
+RTOL = 1e-4
 #: The same for ``kl`` (a sum over the whole vocabulary of log-softmax differences): observed
 #: 9.7e-6 (|diff| 6.3e-6 on effects up to 0.64; the old check was 1e-4 absolute).
 RTOL_KL = 1e-4
