@@ -26,6 +26,8 @@ Builders and helpers (plain functions, ``from conftest import ...``):
 * :data:`REFERENCE`, :func:`reference_qkv`, :func:`capture_modules`, :func:`first_tensor`:
   expected activations from plain PyTorch hooks, independent of causalpatch.
 * :func:`checkpoint_cells`: finished cells in a checkpoint file.
+* :func:`assert_matches_reference`: the one non-vacuity rule of every fast-vs-reference
+  comparison (relative tolerance on the largest effect, and enough cells far above it).
 * :data:`TESTS_DIR`, :data:`REPO_ROOT`: files are found from these, never from a test's own
   ``__file__``, so a test module reads the same files from any subfolder.
 
@@ -405,6 +407,49 @@ def capture_modules(hf_model: torch.nn.Module, ids: torch.Tensor,
         for handle in handles:
             handle.remove()
     return got
+
+
+# -- the one non-vacuity rule for fast-vs-reference comparisons --------------------------------
+def assert_matches_reference(fast: Any, reference: Any, unpatched: Any, *, rtol: float,
+                             min_cells: int, what: str = "") -> float:
+    """Assert that ``fast`` equals ``reference`` *and* that the comparison means something.
+
+    The rule (``tests/README.md``, "Non-vacuity"), per family and component (one call each):
+
+    * ``scale = max |reference - unpatched|``: the largest effect of the reference, where
+      ``unpatched`` is what the same cells hold with no patch (the base run's logits or metric;
+      a tensor broadcastable to ``reference``, or a number);
+    * ``max |fast - reference| <= rtol * scale``: the stated relative tolerance;
+    * at least ``min_cells`` cells have ``|reference - unpatched| >= 100 * rtol * scale``:
+      many cells whose effect is at least 100x the tolerance, so equality is not just
+      "both are the unpatched run" (a method that returns the base run fails, and so does one
+      that gets every cell but the largest wrong by a small amount).
+
+    A zero ``scale`` fails: nothing changed, so the comparison proves nothing. Returns the
+    observed ``max |fast - reference| / scale``; with ``CAUSALPATCH_TOL_REPORT=1`` it also
+    prints it (and the effect scale and cell count), which is how each ``rtol`` was pinned.
+    """
+    import os
+
+    fast_t = torch.as_tensor(fast).detach().double().cpu()
+    ref_t = torch.as_tensor(reference).detach().double().cpu()
+    base_t = torch.as_tensor(unpatched).detach().double().cpu()
+    assert fast_t.shape == ref_t.shape, f"{what}: {tuple(fast_t.shape)} != {tuple(ref_t.shape)}"
+    assert torch.isfinite(fast_t).all() and torch.isfinite(ref_t).all(), f"{what}: not finite"
+    effect = (ref_t - base_t).abs()
+    scale = effect.max().item() if effect.numel() else 0.0
+    diff = (fast_t - ref_t).abs().max().item() if ref_t.numel() else 0.0
+    ratio = diff / scale if scale > 0 else float("inf")
+    big = int((effect >= 100 * rtol * scale).sum().item()) if scale > 0 else 0
+    if os.environ.get("CAUSALPATCH_TOL_REPORT"):
+        print(f"\n[tol] {what}: max|fast-ref| {diff:.3g}, scale {scale:.3g}, "
+              f"ratio {ratio:.3g} (rtol {rtol:g}), cells >= 100x tol: {big}/{effect.numel()}")
+    assert scale > 0, f"{what}: the reference equals the unpatched run everywhere (vacuous)"
+    assert ratio <= rtol, (f"{what}: max |fast - reference| = {diff:.3g} is {ratio:.3g} of the "
+                           f"largest effect {scale:.3g} (rtol {rtol:g})")
+    assert big >= min_cells, (f"{what}: only {big} cells have an effect >= 100x the tolerance "
+                              f"({100 * rtol * scale:.3g}); need {min_cells}")
+    return ratio
 
 
 # -- fixtures ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_worker import sweep, tiny_model
-from conftest import TESTS_DIR, checkpoint_cells
+from conftest import TESTS_DIR, assert_matches_reference, checkpoint_cells
 
 import causalpatch.assemble as sweep_module
 from causalpatch.errors import CheckpointMismatchError, CorruptResultError
@@ -54,7 +54,12 @@ def test_killed_sweep_resumes_without_recomputing(model, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "patched_logits_many", real)
     assert sum(computed) == total - done_before  # nothing finished is recomputed
     fresh = sweep(model, None)
-    assert torch.allclose(resumed.effect_matrix, fresh.effect_matrix, atol=1e-6)
+    # resumed cells are read back from JSON (float32 -> text -> float32 round-trips exactly) and
+    # the rest run in other batches than the fresh sweep (float32 summation order). Observed 0
+    # (bitwise; 100 of 192 normalised effects >= 100x the tolerance); 1e-6 of the largest effect
+    # allows a few ulps should the batches split differently elsewhere
+    assert_matches_reference(resumed.effect_matrix, fresh.effect_matrix, 0.0, rtol=1e-6,
+                             min_cells=50, what="resumed after SIGKILL")
     assert checkpoint_cells(ckpt) == total
 
 

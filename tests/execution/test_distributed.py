@@ -27,7 +27,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 #: Workers run their shards as batches of their own (other rows per matrix multiply, their own
 #: torch thread count), so remote results equal the local run up to float32 rounding: the
 #: package's stated tolerance for batched against one-at-a-time results.
+#: Compared by :func:`conftest.assert_matches_reference` (the suite's non-vacuity rule): max
+#: |remote - local| over the largest local effect. Every result here is an effect whose
+#: unpatched value is 0 (normalised patching effects, ablation differences, attribution
+#: estimates, probability differences).
 TOL = 1e-5
+#: Observed: up to 8e-7 of the largest effect (resid_pre by position, ablate, attn_head; 0 for
+#: attribution, path patching and causal tracing); kept at the package's stated 1e-5 for the
+#: Ray tests whose run could not be measured on the shared machine (kills, restarts, head node).
+#: Per pair: 2.3e-6 observed (|diff| 1.5e-5 on per-pair effects up to 6.4; one pair's change
+#: divided by the dataset's mean gap amplifies rounding). SAE patching: 2.4e-5 observed (|diff|
+#: 5.5e-6 on effects up to 0.23, three features).
+PER_PAIR_TOL = 2e-5
+SAE_TOL = 2e-4
+#: Cells whose effect must be >= 100 x the tolerance, per comparison.
+MIN_CELLS = 1
+
+
+def same(remote, local, what: str, rtol: float = TOL) -> None:
+    """``remote`` equals ``local`` by the suite's rule (effects; unpatched value 0)."""
+    assert_matches_reference(remote, local, 0.0, rtol=rtol, min_cells=MIN_CELLS, what=what)
 ray = pytest.importorskip("ray", reason="needs the distributed extra: pip install "
                                         "'causalpatch[distributed]'")
 
@@ -43,7 +62,8 @@ pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).parent
 DRIVER = HERE / "ray_driver.py"
-from conftest import IOI_PAIRS, TESTS_DIR, TextPairs, checkpoint_cells  # noqa: E402
+from conftest import (IOI_PAIRS, TESTS_DIR, TextPairs, assert_matches_reference,  # noqa: E402
+                      checkpoint_cells)
 
 
 def dataset(n: int = 8) -> TextPairs:
@@ -52,8 +72,14 @@ def dataset(n: int = 8) -> TextPairs:
 
 @pytest.fixture(scope="module")
 def model(tiny_llama_dir: Path) -> InterpretableModel:
+    """The tiny LLaMA loaded from its folder, with torch on one thread while this module runs
+    (restored afterwards, so later modules get the session's thread count back)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    return InterpretableModel(str(tiny_llama_dir))
+    try:
+        yield InterpretableModel(str(tiny_llama_dir))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +107,11 @@ def test_activation_patching_on_ray_equals_the_local_run(model, executor, one_th
                                  executor=executor)
     # the 8 pairs (one token length) are one group locally; with 2 workers its cells are split
     # between them, so engine passes hold other rows than locally: equal up to float rounding
-    torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=TOL)
+    same(remote.effect_matrix, local.effect_matrix, "attn_head by position")
     # per pair: one pair's change divided by the dataset's mean gap (amplifies rounding)
     # per-pair values divided by a small gap; workers batch their shards (and, since pairs
     # batch by length, their length groups) differently: 1.46e-5 observed on 2 of 1344 cells
-    torch.testing.assert_close(remote.per_pair, local.per_pair, rtol=0, atol=5e-5)
+    same(remote.per_pair, local.per_pair, "attn_head per pair", rtol=PER_PAIR_TOL)
     assert remote.clean_metric == local.clean_metric
     summary = remote.extra["executor"]
     assert summary["n_workers"] == 2 and summary["shards"] >= 2
@@ -122,8 +148,8 @@ def test_every_method_matches_local_on_ray(model, executor, one_thread):
         local, remote = run(None), run(executor)
         # float32; where a group's cells are split between the workers, engine passes hold
         # other rows than locally (normalised effects: up to ~1e-5)
-        torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=1e-5,
-                                   msg=name)
+        same(remote.effect_matrix, local.effect_matrix, name,
+             rtol=SAE_TOL if name == "sae_patching" else TOL)
         assert remote.extra["executor"]["cells"] > 0, name
     att_local, att_remote = runs["attribution"](None), runs["attribution"](executor)
     assert [v["exact"] for v in att_remote.extra["verified"]] == pytest.approx(
@@ -138,8 +164,7 @@ def test_causal_tracing_on_ray_matches_local(model, executor, one_thread):
     remote = causal_tracing(model, prompts, executor=executor,
                             progress=lambda d, t: calls.append((d, t)), **kw)
     for kind in ("resid_post", "mlp"):
-        torch.testing.assert_close(remote[kind].effect_matrix, local[kind].effect_matrix,
-                                   rtol=0, atol=TOL)
+        same(remote[kind].effect_matrix, local[kind].effect_matrix, f"causal tracing {kind}")
     assert calls[-1] == (2, 2)  # progress over prompts, on the driver
     assert torch.equal(remote.noise[0], local.noise[0])  # the workers drew the same noise
 
@@ -150,7 +175,7 @@ def test_default_ray_executor_and_driver_progress(model, local_ray, one_thread):
     result = activation_patching(model, data, component="mlp", executor="ray",
                                  progress=lambda d, t: ticks.append((d, t)))
     local = activation_patching(model, data, component="mlp")
-    torch.testing.assert_close(result.effect_matrix, local.effect_matrix, rtol=0, atol=TOL)
+    same(result.effect_matrix, local.effect_matrix, "default executor mlp")
     total = 4 * model.n_layers
     assert ticks and ticks[-1] == (total, total)  # one bar over all shards
     assert [d for d, _ in ticks] == sorted(d for d, _ in ticks)
@@ -179,7 +204,7 @@ def test_killed_worker_shard_is_rerun(model, local_ray, one_thread):
     finally:
         ex.shutdown()
     assert killed
-    torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=TOL)
+    same(remote.effect_matrix, local.effect_matrix, "worker killed and restarted")
     summary = remote.extra["executor"]
     assert summary["restarts"] >= 1
     assert killed[0] not in {w["pid"] for w in summary["workers"]}
@@ -194,21 +219,28 @@ def test_worker_error_is_raised_with_its_message_and_checkpoint_is_whole(
     driver = os.getpid()
     ckpt = tmp_path / "sweep.json"
 
+    raised = tmp_path / "raised"  # one line per exception raised in a worker
+
     def fails_in_workers(logits, inputs):
         if os.getpid() != driver and bool((logits.sum(-1) < 0).any()):
+            with open(raised, "a") as f:
+                f.write(f"{os.getpid()}\n")
             raise RuntimeError("boom in worker: negative logit sum")
         return get_metric("logit_diff")(logits, inputs)
 
     fails_in_workers.__name__ = "fails_in_workers"
     ex = RayExecutor(num_workers=2, max_retries=2)
     try:
-        t0 = time.perf_counter()
         with pytest.raises(WorkerError, match="boom in worker"):
             activation_patching(model, data, component="mlp", metric=fails_in_workers,
                                 checkpoint=str(ckpt), executor=ex)
-        assert time.perf_counter() - t0 < 60  # no retry loop
     finally:
         ex.shutdown()
+    # no retry loop: each shard raised at most once (a retried shard would raise again), and
+    # no worker process was restarted for it (every raise came from the first two workers)
+    pids = raised.read_text().split()
+    assert 1 <= len(pids) <= 2 * ex.shards_per_worker  # at most one raise per shard
+    assert len(set(pids)) <= 2
     saved = json.loads(ckpt.read_text())
     n_cells = model.n_layers
     # shards are written whole or not at all: every recorded pair has every cell
@@ -217,7 +249,7 @@ def test_worker_error_is_raised_with_its_message_and_checkpoint_is_whole(
     resumed = activation_patching(model, data, component="mlp", metric=fails_in_workers,
                                   checkpoint=str(ckpt))
     fresh = activation_patching(model, data, component="mlp", metric=fails_in_workers)
-    torch.testing.assert_close(resumed.effect_matrix, fresh.effect_matrix, rtol=0, atol=TOL)
+    same(resumed.effect_matrix, fresh.effect_matrix, "resumed after a worker error")
 
 
 def test_cli_patch_with_executor_ray(tiny_llama_dir, local_ray, tmp_path, one_thread):
@@ -277,25 +309,34 @@ def test_bad_executor_arguments_fail_before_compute(model, tiny_llama_dir, monke
     assert calls == []
 
 
-def test_more_workers_than_the_cluster_holds_fail_at_once(model, local_ray):
-    t0 = time.perf_counter()
+def test_more_workers_than_the_cluster_holds_fail_at_once(model, local_ray, monkeypatch):
+    waits = []  # refused before any actor is created or waited for, not left pending
+    real_remote, real_wait = ray.remote, ray.wait
+    monkeypatch.setattr(ray, "remote",
+                        lambda *a, **k: waits.append("remote") or real_remote(*a, **k))
+    monkeypatch.setattr(ray, "wait", lambda *a, **k: waits.append("wait") or real_wait(*a, **k))
     with pytest.raises(WorkerError, match="need 3 CPUs but the Ray cluster has 2"):
         activation_patching(model, dataset(4), component="mlp",
                             executor=RayExecutor(num_workers=3))
-    assert time.perf_counter() - t0 < 30  # refused, not left pending
+    assert waits == []
 
 
-def test_unreachable_address_fails_fast(model):
+def test_unreachable_address_fails_fast(model, monkeypatch):
     if ray.is_initialized():
         ray.shutdown()
     with socket.socket() as s:  # a local port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
+    # fails at the one probe connection, before ray.init (whose retry loop takes minutes)
+    connects, inits = [], []
+    real_connect = socket.create_connection
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda *a, **k: connects.append(a[0]) or real_connect(*a, **k))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: inits.append(k))
     with pytest.raises(ClusterConnectionError, match=f"127.0.0.1:{port}"):
         activation_patching(model, dataset(2), component="mlp",
                             executor=RayExecutor(address=f"127.0.0.1:{port}"))
-    assert time.perf_counter() - t0 < 30
+    assert connects == [("127.0.0.1", port)] and inits == []
     assert not ray.is_initialized()
 
 
@@ -385,7 +426,7 @@ def test_connect_by_address(model, head_node, one_thread):
         ex.shutdown()
         ray.shutdown()
     # float32, normalised effects; the group's cells are split between workers (see above)
-    torch.testing.assert_close(remote.effect_matrix, local.effect_matrix, rtol=0, atol=1e-5)
+    same(remote.effect_matrix, local.effect_matrix, "head node")
     assert remote.extra["executor"]["address"] == head_node
 
 
@@ -419,5 +460,4 @@ def test_killed_driver_resumes_without_recomputing(model, tiny_llama_dir, head_n
     assert got["cells_computed"] == n_cells - done_before  # no finished shard recomputed
     local = activation_patching(model, dataset(8), component="attn_head")
     # float32 normalised effects; the one group's cells are split between shards
-    torch.testing.assert_close(torch.tensor(got["effect"]), local.effect_matrix, rtol=0,
-                               atol=1e-5)
+    same(torch.tensor(got["effect"]), local.effect_matrix, "killed driver resumed")

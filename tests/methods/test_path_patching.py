@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_id_llama
+from conftest import assert_matches_reference, small_id_llama
 
 import causalpatch.interventions as iv
 from causalpatch import InterpretableModel, activation_patching
@@ -14,6 +14,27 @@ from causalpatch.methods.path_patching import path_patching
 CLEAN = [5, 6, 7, 8, 9, 10, 11, 12]
 CORRUPTED = [5, 6, 7, 20, 9, 10, 21, 12]
 CORRECT, INCORRECT = 3, 4
+
+#: Relative tolerance of the batched path patching against :func:`brute_force`
+#: (:func:`conftest.assert_matches_reference`: max |batched - brute force| over the largest
+#: brute-force effect; normalised logit differences, so the unpatched value is 0). Not zero: the
+#: batched passes run other matmul shapes (other float32 summation orders: |diff| 1.5e-7 to
+#: 1e-6 observed), and one-cell comparisons have small effects (1.4e-3 for (1, 0) -> (2, 1)):
+#: largest ratio observed 2.6e-4.
+RTOL = 1e-3
+#: The same for the sweeps over several senders (largest ratio observed 4.9e-6, every head ->
+#: (2, 1) q; min_cells there is the fewest cells observed above 100x it, less one).
+RTOL_SWEEP = 4e-5
+#: The same on the tiny families (IOI prompts; largest ratio observed 6.7e-4, gpt_neox
+#: sequential (1, 2) -> (2, 0) v, |diff| 3.5e-6 on an effect of 5.3e-3).
+RTOL_FAMILY = 1e-3
+
+
+def check(got, expected, what: str = "", rtol: float = RTOL, min_cells: int = 1) -> None:
+    """``got`` (the batched cells) equals ``expected`` (brute force) by the suite's one rule."""
+    assert_matches_reference(torch.tensor(got, dtype=torch.float64),
+                             torch.tensor(expected, dtype=torch.float64), 0.0, rtol=rtol,
+                             min_cells=min_cells, what=what)
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +107,9 @@ def test_matches_brute_force_q(small_llama, direction, sender, receiver, freeze)
     expected = brute_force(small_llama, base, source, sender, receiver, freeze=freeze)
     got = run(small_llama, senders=[sender], receivers=[receiver], receiver_input="q",
               direction=direction, freeze=freeze)
-    assert abs(expected) > 1e-3  # the path carries something: the comparison means something
     assert got.shape == (1,)
-    assert float(got[0]) == pytest.approx(expected, abs=1e-4)
+    # the path carries something: one cell, its effect >= 100x the tolerance
+    check(float(got[0]), expected, f"{sender}->{receiver} q {direction} {freeze}")
 
 
 def test_full_sweep_matches_brute_force(small_llama):
@@ -99,14 +120,16 @@ def test_full_sweep_matches_brute_force(small_llama):
     assert result.method == "path_patching"
     assert result.effect_matrix.shape == (3, 4)
     assert result.axes == ("layer", "head")
+    gots, expected = [], []
     for layer in range(3):
         for head in range(4):
             got = float(result.effect_matrix[layer, head])
             if layer >= 2:  # no path from a head in the receiver's layer or later
                 assert got == 0.0
             else:
-                expected = brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), (2, 1))
-                assert got == pytest.approx(expected, abs=1e-4)
+                gots.append(got)
+                expected.append(brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), (2, 1)))
+    check(gots, expected, "every head -> (2, 1) q", rtol=RTOL_SWEEP, min_cells=4)
 
 
 @pytest.mark.parametrize("kind", ["k", "v"])
@@ -114,7 +137,7 @@ def test_matches_brute_force_kv_gqa(small_gqa, kind):
     receiver = (2, 3)  # kv head 1 under 2 query heads per kv head
     expected = brute_force(small_gqa, CLEAN, CORRUPTED, (0, 2), receiver, kind)
     got = run(small_gqa, senders=[(0, 2)], receivers=[receiver], receiver_input=kind)
-    assert float(got[0]) == pytest.approx(expected, abs=1e-4)
+    check(float(got[0]), expected)
 
 
 def test_several_receivers_and_inputs(small_llama):
@@ -143,7 +166,7 @@ def test_several_receivers_and_inputs(small_llama):
     expected = (patched - base_ld) / (source_ld - base_ld)
     got = run(small_llama, senders=[sender], receivers=receivers, receiver_input=("q", "k"),
               freeze="all")
-    assert float(got[0]) == pytest.approx(expected, abs=1e-4)
+    check(float(got[0]), expected)
 
 
 @pytest.mark.parametrize("freeze", ["heads", "all"])
@@ -155,9 +178,10 @@ def test_resid_receivers_match_brute_force(small_llama, direction, freeze):
                            freeze=freeze)
     assert result.effect_matrix.shape == (3,)
     assert result.extra["freeze"] == freeze
-    for layer in range(3):
-        expected = brute_force(small_llama, base, source, (layer, None), None, freeze=freeze)
-        assert float(result.effect_matrix[layer]) == pytest.approx(expected, abs=1e-4)
+    expected = [brute_force(small_llama, base, source, (layer, None), None, freeze=freeze)
+                for layer in range(3)]
+    check(result.effect_matrix.tolist(), expected, f"mlp -> logits {direction} {freeze}",
+          rtol=RTOL_SWEEP, min_cells=3)
 
 
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
@@ -182,12 +206,14 @@ def test_last_layer_head_to_logits(small_llama, direction):
     source_ld = logit_diff(small_llama.trace([source]).run().last_logits[0])
     result = run(small_llama, senders="attn_head", receivers="logits", direction=direction,
                  freeze="all")
+    expected = []
     for head in range(4):
         patched = logit_diff(small_llama.trace([base], interventions={
             z: iv.replace_with(source_z[:, :, head : head + 1], heads=[head]),
             mlp: iv.replace_with(base_cache[mlp])}).run().last_logits[0])
-        expected = (patched - base_ld) / (source_ld - base_ld)
-        assert float(result[2, head]) == pytest.approx(expected, abs=1e-4)
+        expected.append((patched - base_ld) / (source_ld - base_ld))
+    check(result[2].tolist(), expected, f"last-layer heads {direction}", rtol=RTOL_SWEEP,
+          min_cells=2)
 
 
 def test_receiver_before_sender_errors(small_llama):
@@ -277,11 +303,10 @@ def test_every_head_to_the_logits_matches_brute_force(small_llama, freeze):
     """The last-position shortcut of freeze="heads" (no cross-position flow once every head is
     frozen) against the full three-run construction, for every head."""
     result = run(small_llama, senders="attn_head", receivers="logits", freeze=freeze)
-    for layer in range(3):
-        for head in range(4):
-            expected = brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), None,
-                                   freeze=freeze)
-            assert float(result[layer, head]) == pytest.approx(expected, abs=1e-4)
+    expected = [[brute_force(small_llama, CLEAN, CORRUPTED, (layer, head), None, freeze=freeze)
+                 for head in range(4)] for layer in range(3)]
+    check(result.tolist(), expected, f"every head -> logits {freeze}", rtol=RTOL_SWEEP,
+          min_cells=8)
 
 
 def test_unknown_freeze_is_refused(small_llama):
@@ -336,7 +361,12 @@ def test_every_family_matches_brute_force(family_model):
     clean = tiny.tokenizer(IOI_CLEAN)["input_ids"]
     corrupted = tiny.tokenizer(IOI_CORRUPTED)["input_ids"]
     before = tiny.hook_snapshot()
-    for sender, receiver, kwargs in (((0, 1), (2, 1), dict(receivers=[(2, 1)])),
+    # Gemma 3's layers 0 and 2 see 4 positions: a layer-0 head reaches layer 2's last query
+    # only at the last 4 positions, equal in both prompts (effect exactly 0), so its first path
+    # goes to the values of the global layer 1 instead
+    first = (((0, 1), (1, 1), dict(receivers=[(1, 1)], receiver_input="v"))
+             if tiny_family == "gemma3_text" else ((0, 1), (2, 1), dict(receivers=[(2, 1)])))
+    for sender, receiver, kwargs in (first,
                                      ((1, 2), (2, 0), dict(receivers=[(2, 0)],
                                                            receiver_input="v")),
                                      ((1, None), None, dict(receivers="logits"))):
@@ -344,7 +374,7 @@ def test_every_family_matches_brute_force(family_model):
                             incorrect=incorrect, **kwargs).effect_matrix[0]
         kind = kwargs.get("receiver_input", "q")
         expected = brute_force(tiny, clean, corrupted, sender, receiver, kind, correct, incorrect)
-        assert float(got) == pytest.approx(expected, abs=1e-4, rel=1e-3), (tiny_family, sender)
+        check(float(got), expected, f"{tiny_family} {sender}", rtol=RTOL_FAMILY)
     assert tiny.hook_snapshot() == before
 
 

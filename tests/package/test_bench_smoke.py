@@ -5,11 +5,12 @@ The benchmark itself is `make bench` / `bench_patching.py --quick`."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_matches_reference
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
@@ -20,6 +21,16 @@ CLEAN = ["When Mary and John went to the store, John gave a drink to",
          "When John and Mary went to the store, Mary gave a drink"]
 CORRUPTED = ["When Mary and John went to the store, Mary gave a drink to",
              "When John and Mary went to the store, John gave a drink"]
+
+
+#: Logit difference of a right-padded batch row against the prompt alone, float32 logits of the
+#: tiny LLaMA. Observed 0 (bitwise equal); allowed: about 10 float32 ulps of a logit of ~1,
+#: because a batch of 2 with longer rows may take other matmul kernels on another machine.
+PADDING_TOL = 1e-6
+#: Relative tolerance of the benchmark's ablation loop against ``ablate``
+#: (:func:`conftest.assert_matches_reference`). Observed 4.4e-7 (|diff| 1.8e-7 on effects up to
+#: 0.4): the loop runs each prompt alone, ``ablate`` batches them (other summation orders).
+ABLATE_RTOL = 4e-6
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +53,10 @@ def test_right_padding_is_exact(tiny, one_thread):
             ids = tiny.tokenizer(text, return_tensors="pt").input_ids
             assert torch.equal(ids[0], tiny.to_tokens(text)[0])  # same tokens causalpatch uses
             last = tiny.hf_model(input_ids=ids).logits[0, -1]
-            assert float(padded[i]) == pytest.approx(float(last[correct[i]] - last[incorrect[i]]),
-                                                     abs=1e-4)
+            diff = abs(float(padded[i]) - float(last[correct[i]] - last[incorrect[i]]))
+            if os.environ.get("CAUSALPATCH_TOL_REPORT"):
+                print(f"\n[tol] right padding row {i}: {diff:.3g}")
+            assert diff <= PADDING_TOL
 
 
 def test_ablation_loop_matches_ablate(tiny, one_thread):
@@ -55,7 +68,9 @@ def test_ablation_loop_matches_ablate(tiny, one_thread):
     ours = ablate(tiny, CLEAN, component="attn_head", kind="zero", correct=correct,
                   incorrect=incorrect).effect_matrix
     assert loop.shape == ours.shape
-    assert (loop - ours.float()).abs().max().item() < 1e-4
+    # zero-ablation effects (ablated - original: unpatched value 0), by the suite's rule
+    assert_matches_reference(ours.float(), loop, 0.0, rtol=ABLATE_RTOL, min_cells=4,
+                             what="benchmark loop vs ablate")
 
 
 def test_page_renders_failures_visibly():
