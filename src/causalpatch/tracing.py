@@ -155,7 +155,11 @@ class TracedTensor(SavedTensor):
     _cp_refusal: str | None
 
     def save(self) -> torch.Tensor:
-        """The value itself (inside the block, writes through it still take effect)."""
+        """The value itself (inside the block, writes through it still take effect); a value
+        that cannot be written (the logits) as a plain ``torch.Tensor``, as nnsight's
+        ``.save()`` gives."""
+        if getattr(self, "_cp_refusal", None) is not None and not self._cp_keys:
+            return self.as_subclass(torch.Tensor)
         return self
 
     def __getitem__(self, key: Any) -> torch.Tensor:
