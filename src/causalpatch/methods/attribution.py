@@ -136,6 +136,7 @@ def attribution_patching(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> PatchingResult:
     """Estimate every patch effect of an activation patching sweep from one backward pass.
 
@@ -174,7 +175,7 @@ def attribution_patching(
         top_k, threshold, n_subsets, seed: of ``verify="auto"``.
         batch_size: pairs per forward/backward batch (pairs are grouped by token length;
             default 8); the exact check of ``verify_top_k`` uses the engine's default.
-        memory_mb, checkpoint, progress, executor: the run options every method shares
+        memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`); with an executor, batches of pairs (and the
             ``verify_top_k`` check) are evaluated by Ray workers.
 
@@ -204,7 +205,7 @@ def attribution_patching(
             f"threshold must be None or a positive normalised effect, got {threshold!r}")
     star = method == "atp*"
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
     pairs, m, denoise = prep.pairs, prep.metric, prep.denoise  # the factory captures no dataset
@@ -308,7 +309,7 @@ def attribution_patching(
     verified: list[dict[str, Any]] = []
     if verify_top_k > 0:
         effect = aggregate(values, Scale.NORMALIZED, m).effect
-        exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
+        exact_options = options.exact()
 
         def patches_for(order: list[int]) -> list[list[Any]]:
             return [[build_patches(plan, pos, by_position, len(p.clean))[j] for j in order]
@@ -319,7 +320,7 @@ def attribution_patching(
     if verify == "auto":
         estimate_ = aggregate(values, Scale.NORMALIZED, m).effect
         score = (torch.maximum(estimate_.abs(), graddrop) if star else estimate_.abs())
-        exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
+        exact_options = options.exact()
 
         every = [build_patches(plan, pos, by_position, len(p.clean))  # once per pair
                  for p, pos in zip(pairs, positions_of)]
