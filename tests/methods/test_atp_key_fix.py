@@ -49,20 +49,22 @@ def _objective(logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tenso
     return logits[:, 3] - logits[:, 9]
 
 
-def _both_routes(model: InterpretableModel) -> tuple[torch.Tensor, torch.Tensor]:
+def _both_routes(model: InterpretableModel, base_ids: torch.Tensor = BASE_IDS,
+                 source_ids: torch.Tensor = SOURCE_IDS,
+                 objective=_objective) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer, key position and query head ``[L, R, H]``: ``sum_t (z'_t - z_t) . dM/dz_t``
     with ``z'`` from the closed form and from the exact recomputation."""
-    n_layers, length = model.n_layers, BASE_IDS.shape[1]
+    n_layers, length = model.n_layers, base_ids.shape[1]
     k_sites = [model.layer_site("attn.k", layer) for layer in range(n_layers)]
     z_sites = [model.layer_site("attn.z", layer) for layer in range(n_layers)]
     v_sites = [model.layer_site("attn.v", layer) for layer in range(n_layers)]
-    grads = gradient_pass(model, BASE_IDS, SOURCE_IDS, [*k_sites, *z_sites], _objective)
+    grads = gradient_pass(model, base_ids, source_ids, [*k_sites, *z_sites], objective)
     changes = key_pattern_changes(
-        model, BASE_IDS, [(k, grads.source[k.name], v, z)
+        model, base_ids, [(k, grads.source[k.name], v, z)
                           for k, v, z in zip(k_sites, v_sites, z_sites)], range(length))
     assert changes is not None, "the closed form stepped aside"
     outs = pattern_patched_outputs(
-        model, BASE_IDS, [(k, grads.source[k.name], z, grads.base[z.name])
+        model, base_ids, [(k, grads.source[k.name], z, grads.base[z.name])
                           for k, z in zip(k_sites, z_sites)], [[p] for p in range(length)])
     closed, exact = [], []
     for layer, z in enumerate(z_sites):
@@ -82,6 +84,22 @@ def test_closed_form_key_fix_equals_the_exact_recomputation(family):
     assert_matches_reference(closed, exact, 0.0, rtol=ENGINE_RTOL, min_cells=20,
                              what=f"{family} key fix")
     assert model.hook_snapshot() == before
+
+
+@pytest.mark.real
+def test_closed_form_key_fix_equals_the_exact_recomputation_on_smollm2(smollm2):
+    """SmolLM2-135M (30 layers, 9 query / 3 key-value heads), an IOI pair."""
+    base = smollm2.to_tokens("When Mary and John went to the store, Mary gave a drink to")
+    source = smollm2.to_tokens("When Mary and John went to the store, John gave a drink to")
+    mary, john = smollm2.to_single_token(" Mary"), smollm2.to_single_token(" John")
+
+    def objective(logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, mary] - logits[:, john]
+
+    closed, exact = _both_routes(smollm2, base, source, objective)
+    # observed ratio 1.7e-6 (float32 rounding over 30 layers of scores and values)
+    assert_matches_reference(closed, exact, 0.0, rtol=1.5e-5, min_cells=50,
+                             what="smollm2 key fix")
 
 
 def _llama() -> InterpretableModel:
