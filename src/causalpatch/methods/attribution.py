@@ -34,9 +34,15 @@ reliable than that of ``logit_diff``. Use ``verify_top_k`` to check the cells th
 
 AtP* (``method="atp*"``; Kramar et al. 2024, docs/attribution_patching.md) removes attribution
 patching's two known sources of false negatives. The **QK fix** (``attn_head_q``/``_k``):
-the patched attention pattern is recomputed exactly by the layer's own attention and only what
-follows is linearised, ``c(n) = sum_t (z'_t - z_t) . d metric / d z_t`` with ``z' = A' v``
-(a key: over every query position and query head that reads it). **GradDrop**: ``L`` more
+the patched attention pattern is exact and only what follows is linearised,
+``c(n) = sum_t (z'_t - z_t) . d metric / d z_t`` with ``z' = A' v`` (a key: over every query
+position and query head that reads it). Queries (and keys patched jointly) take one run of the
+layer's own attention with the node patched; a key by position takes the paper's closed form
+from the attention logits ``s``: only column ``n`` changes, ``A'_t(n) = softmax(s_t + e_n
+ds_tn)``, so ``c(n) = sum_t (A'_tn - A_tn) (g_t . v_n - g_t . u_tn)`` (``g_t = d metric /
+d z_t``, ``u_tn`` the value average without ``n``; :class:`causalpatch.engine.KeyPatternChange`),
+with the exact runs as fallback where the logits do not reproduce the layer's attention
+(``extra["qk_fix"]`` says which ran). **GradDrop**: ``L`` more
 backward passes, pass ``l`` with the gradient through layer ``l``'s residual writes zeroed,
 ``c_GD(n) = sum_l |c_l(n)| / (L - 1)`` (``extra["graddrop"]``). ``verify="auto"`` then
 screens (``max(|estimate|, c_GD)``) and proves: :func:`causalpatch.options.screen_then_prove`.
