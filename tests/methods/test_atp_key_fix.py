@@ -203,10 +203,10 @@ DEFINITION_RTOL = 2e-15
 
 def _by_definition(scores, patched, values, grad, keys):
     """``c(n) = sum_t sum_j G_tj (softmax(s_t + e_n ds_tn)_j - softmax(s_t)_j)`` row by row."""
-    b, n_heads, length, _ = scores.shape
+    b, n_heads = scores.shape[:2]
     groups = n_heads // values.shape[2]
     v = values.repeat_interleave(groups, dim=2)
-    G = torch.einsum("bthd,bjhd->bhtj", grad, v)  # noqa: N806
+    G = torch.einsum("bthd,bjhd->bhtj", grad, v)
     base = torch.softmax(scores, -1)
     out = torch.zeros(b, len(keys), n_heads, dtype=torch.float64)
     for r, n in enumerate(keys):

@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, TextPairs
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-import atp_cost as C  # noqa: E402
+import atp_cost as C
 
 DATA = TextPairs(["When Mary and John went to the store, John gave a drink to"],
                  ["When Mary and John went to the store, Mary gave a drink to"],
