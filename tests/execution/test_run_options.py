@@ -2,8 +2,8 @@
 
 Every method that evaluates pairs or prompts takes ``progress``, ``executor``, ``batch_size``,
 ``memory_mb``, ``checkpoint`` and ``threads`` with the same defaults
-(:mod:`causalpatch.options`); a run killed after its first group resumes from the checkpoint to exactly the numbers of an
-uninterrupted run, without evaluating the finished group again.
+(:mod:`causalpatch.options`); a run killed after its first group resumes from the checkpoint to
+exactly the numbers of an uninterrupted run, without evaluating the finished group again.
 """
 
 from __future__ import annotations
