@@ -183,6 +183,31 @@ def test_logits_that_do_not_reproduce_the_attention_fall_back_to_the_exact_route
     assert torch.equal(res.effect_matrix, exact.effect_matrix)
 
 
+def test_logits_that_cannot_be_read_fall_back_and_leave_the_model_unchanged(monkeypatch):
+    """An attention call whose logits the adapter cannot read (it raises mid-forward): the
+    exact route runs, and the model keeps its config and no hook."""
+    from causalpatch.errors import UnsupportedArchitectureError
+
+    model = _llama()
+    before = model.hook_snapshot()
+    configs = [layer.self_attn.config for layer in model.hf_model.model.layers]
+    kw = dict(component="attn_head_k", by_position=True, method="atp*", **ANSWERS)
+    with monkeypatch.context() as m:
+        _exact_route(m)
+        exact = attribution_patching(model, CLEAN_IDS, CORRUPTED_IDS, **kw)
+
+    def unreadable(*args, **kwargs):
+        raise UnsupportedArchitectureError("no logits here")
+
+    monkeypatch.setattr(runtime, "attention_scores", unreadable)
+    res = attribution_patching(model, CLEAN_IDS, CORRUPTED_IDS, **kw)
+    assert res.extra["qk_fix"] == "exact recomputation"
+    assert torch.equal(res.effect_matrix, exact.effect_matrix)
+    assert model.hook_snapshot() == before
+    assert all(a is b for a, b in zip(
+        [layer.self_attn.config for layer in model.hf_model.model.layers], configs))
+
+
 @pytest.mark.parametrize("component,by_position", [("attn_head_q", True),
                                                    ("attn_head_q", False),
                                                    ("attn_head_k", False)])
