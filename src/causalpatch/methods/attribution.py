@@ -410,8 +410,8 @@ def _key_fix(model: HookedModel, base_ids: torch.Tensor, plan: ComponentPlan,
     if plan.component != "attn_head_k" or not by_position:
         return None
     keys = list(range(base_ids.shape[1])) if positions is None else list(positions)
-    layers = [(s, source[s.name], model.layer_site("attn.v", z.layer or 0), z)
-              for s, z in zip(plan.sites, z_sites)]
+    layers = [(s, source[s.name], model.layer_site("attn.v", layer), z)
+              for s, z, layer in zip(plan.sites, z_sites, plan.layers)]
     return key_pattern_changes(model, base_ids, layers, keys)
 
 
