@@ -53,14 +53,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .adapters.runtime import LayerCall, first_argument, parse_layer_call, stack_paths
 from .enums import Engine
-from .errors import InvalidArgumentError, NonFiniteError
+from .errors import InvalidArgumentError, NonFiniteError, UnsupportedArchitectureError
 from .hooks import Hook, StopForward, hooked, last_position_only, recorded_calls
 from .names import Site
 from .plan import Patch, SitePatch
@@ -1219,3 +1219,173 @@ def pattern_patched_outputs(model: HookedModel, base_ids: torch.Tensor,
             f"{missing} not reached; the QK fix needs the attention output of each patched "
             "layer")
     return [seen[i].reshape(b, n, *seen[i].shape[1:]) for i in range(len(layers))]
+
+
+# -- AtP*'s key fix in closed form ---------------------------------------------------------------
+#: The closed-form key fix is used only where ``softmax(scores) . v`` reproduces the layer's own
+#: attention output to this fraction of its largest entry (float32 models: observed <= 3e-7;
+#: anything structural the logits miss, a sink or a bias outside the mask, is of order 1).
+KEY_FIX_CHECK = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 2e-2,
+                 torch.bfloat16: 4e-2}
+
+
+@dataclass
+class KeyPatternChange:
+    """One attention layer's pattern change when each key position ``n`` alone takes its
+    source key (AtP*'s key fix, Kramar et al. 2024), in closed form, every key at once.
+
+    With the base logits ``s_t`` of query row ``t`` (``-inf`` where masked), a change of key
+    ``n`` changes only column ``n``: ``s'_tn = s_tn + ds_tn`` with ``ds_tn = s(q_t, k'_n) -
+    s(q_t, k_n)`` (the model's scaling and soft-cap), so the patched row is
+    ``a'_t(n) = softmax(s_t + e_n ds_tn)``. Writing ``x_tn = s_tn - logsumexp_{j != n} s_tj``
+    (``a_tn = sigmoid(x_tn)``), the patched weight of ``n`` is ``a'_tn = sigmoid(x_tn +
+    ds_tn)`` and every other weight is rescaled by ``(1 - a'_tn) / (1 - a_tn)``.
+
+    The estimate linearises only what follows the pattern: with ``G_tj = d metric / d a_tj =
+    g_t . v_j`` (``g_t`` the metric's gradient at the head's output ``z_t = sum_j a_tj v_j``)
+
+        c(n) = sum_t sum_j G_tj (a'_tj(n) - a_tj) = sum_t (a'_tn - a_tn) (G_tn - g_t . u_tn)
+
+    where ``u_tn`` is the value average without ``n``, ``sum_{j != n} a_tj v_j / (1 - a_tn)``
+    (the second form follows from the rescaling; it is ``O(T^2)`` per head instead of
+    ``O(T^3)``). For ``n`` not a row's largest logit ``a_tn <= 1/2``, so dividing by ``1 -
+    a_tn`` is safe; for the row's largest logit, ``u`` is the softmax of the row without it,
+    taken from the logits, so a saturated softmax (``a_tn`` = 1 in float32) loses nothing.
+
+    Attributes:
+        pattern: ``[b, H, T, T]`` the base pattern ``a`` (float64).
+        change: ``[b, H, T, R]`` ``a'_tn - a_tn`` for the ``R`` key positions ``keys``.
+        is_top: ``[b, H, T, R]`` whether key ``n`` holds row ``t``'s largest logit.
+        without_top: ``[b, H, T, T]`` each row's softmax without its largest logit (zeros for
+            a row with one key).
+        values: ``[b, T, H, d_head]`` the values each query head reads (float64).
+        keys: the key positions.
+    """
+
+    pattern: torch.Tensor
+    change: torch.Tensor
+    is_top: torch.Tensor
+    without_top: torch.Tensor
+    values: torch.Tensor
+    keys: list[int]
+
+    @staticmethod
+    def make(scores: torch.Tensor, patched: torch.Tensor, values: torch.Tensor,
+             keys: Sequence[int]) -> KeyPatternChange:
+        """From the base logits ``scores`` and the logits ``patched`` of a run with every key
+        of ``keys`` from the source ``[b, H, T, T]`` (``-inf`` where masked), and the values
+        ``[b, T, KV, d_head]``."""
+        cols = list(keys)
+        s = scores.double()
+        total = torch.logsumexp(s, -1, keepdim=True)
+        pattern = torch.exp(s - total)
+        top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.argmax(-1, keepdim=True),
+                                                              True)
+        rest = s.masked_fill(top, float("-inf"))
+        rest_total = torch.logsumexp(rest, -1, keepdim=True)  # -inf for a one-key row
+        without_top = torch.where(torch.isfinite(rest_total), torch.exp(rest - rest_total),
+                                  torch.zeros_like(rest))
+        s_n, a_n, top_n = s[..., cols], pattern[..., cols], top[..., cols]
+        allowed = torch.isfinite(s_n)
+        delta = torch.where(allowed, patched.double()[..., cols] - s_n, torch.zeros_like(s_n))
+        # logsumexp of row t without key n: from the row's total (a_tn <= 1/2 there) or, for
+        # the row's largest logit, from the logits without it
+        other = torch.where(top_n, rest_total.expand_as(s_n),
+                            total + torch.log1p(-a_n.clamp(max=0.5)))
+        x = s_n - other  # -inf where masked, +inf for a row's only key
+        change = torch.sigmoid(x + delta) - torch.sigmoid(x)
+        groups = scores.shape[1] // values.shape[2]
+        v = values.double().repeat_interleave(groups, dim=2) if groups > 1 else values.double()
+        return KeyPatternChange(pattern, change, top_n, without_top, v, cols)
+
+    def output(self) -> torch.Tensor:
+        """``[b, T, H, d_head]`` the attention output these logits and values give (the
+        check against the layer's own output)."""
+        return torch.einsum("bhtj,bjhd->bthd", self.pattern, self.values)
+
+    def contract(self, grad: torch.Tensor) -> torch.Tensor:
+        """``[b, R, H]`` the estimate ``c(n)`` of each key position and query head, for the
+        metric's gradient ``grad`` ``[b, T, H, d_head]`` at the head outputs."""
+        g = grad.double()
+        G = torch.einsum("bthd,bjhd->bhtj", g, self.values)  # d metric / d a_tj
+        through = (self.pattern * G).sum(-1, keepdim=True)  # g_t . z_t
+        g_n, a_n = G[..., self.keys], self.pattern[..., self.keys]
+        rest = (through - a_n * g_n) / (1 - a_n.clamp(max=0.5))  # g_t . u_tn, n not the top
+        top = (self.without_top * G).sum(-1, keepdim=True)  # g_t . u_tn, n the top
+        u = torch.where(self.is_top, top.expand_as(g_n), rest)
+        return (self.change * (g_n - u)).sum(2).transpose(1, 2)
+
+
+def key_pattern_changes(model: HookedModel, base_ids: torch.Tensor,
+                        layers: Sequence[tuple[Site, torch.Tensor, Site, Site]],
+                        keys: Sequence[int]) -> list[KeyPatternChange] | None:
+    """AtP*'s key fix in closed form (:class:`KeyPatternChange`) for every layer of
+    ``layers``, from one forward of ``2b`` rows: the base run, and the base run with every
+    key of ``keys`` from the source (whose attention output is then set back to the base
+    run's, so each layer's logits are those of the base run with only its own keys patched).
+
+    Each entry of ``layers`` is ``(key site, source keys [b, T, KV, d_head], value site,
+    output site)`` (``attn.k``, ``attn.v``, ``attn.z`` of one layer). The logits come from the
+    layer's attention call (:func:`causalpatch.adapters.runtime.attention_scores`: the model's
+    scaling, soft-cap and mask, after rotary embedding and q/k norms).
+
+    Returns ``None`` when the logits cannot be read for this model, or when the softmax of the
+    logits times the values does not reproduce a layer's own attention output (within
+    :data:`KEY_FIX_CHECK`): the caller then recomputes the patterns exactly
+    (:func:`pattern_patched_outputs`).
+    """
+    b = base_ids.shape[0]
+    cols = list(keys)
+    ids = torch.cat([base_ids, base_ids])
+    scores: dict[int, torch.Tensor] = {}
+    values: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def patch(source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            new = act.clone()
+            new[b:, cols] = source[:, cols].to(new.dtype)
+            return new
+        return hook
+
+    def read(store: dict[int, torch.Tensor], i: int) -> Callable[[torch.Tensor], None]:
+        def hook(act: torch.Tensor) -> None:
+            store[i] = act.detach().clone()
+        return hook
+
+    def restore(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(act: torch.Tensor) -> torch.Tensor:
+            outputs[i] = act[:b].detach().clone()
+            if len(outputs) == len(layers):
+                raise StopForward  # nothing later is read
+            new = act.clone()
+            new[b:] = act[:b]
+            return new
+        return hook
+
+    hooks = []
+    for i, (key_site, source, value_site, output_site) in enumerate(layers):
+        if key_site.layer is None:
+            return None  # a single module, not a layer's keys
+        pattern_site = model.layer_site("attn.pattern", key_site.layer)
+        score_site = replace(pattern_site, name=f"{pattern_site.name}:scores", hook="scores")
+        hooks += [Hook(key_site, patch(source)), Hook(value_site, read(values, i)),
+                  Hook(score_site, read(scores, i)), Hook(output_site, restore(i))]
+    try:
+        with torch.no_grad():
+            last_logits(model, ids, hooks)
+    except StopForward:
+        pass
+    except UnsupportedArchitectureError:
+        return None
+    if len(scores) != len(layers) or len(values) != len(layers):
+        return None  # an attention call the tap does not see (a family's own code path)
+    out = []
+    for i in range(len(layers)):
+        change = KeyPatternChange.make(scores[i][:b], scores[i][b:], values[i][:b], cols)
+        own = outputs[i].double()
+        tol = KEY_FIX_CHECK.get(outputs[i].dtype, 1e-4) * float(own.abs().max())
+        if not float((change.output() - own).abs().max()) <= tol:
+            return None
+        out.append(change)
+    return out

@@ -114,8 +114,8 @@ def hooked(root: nn.Module, hooks: Sequence[Hook], dims: ModelDims) -> Iterator[
                 remember, on_attn = _residual_hooks(hook, dims)
                 remembers.append((root.get_submodule(hook.site.residual_from), remember))
                 handles.append(module.register_forward_hook(on_attn))
-            elif hook.site.hook == "pattern":
-                tap = PatternTap(_pattern_reader(hook))
+            elif hook.site.hook in ("pattern", "scores"):
+                tap = PatternTap(_pattern_reader(hook), scores=hook.site.hook == "scores")
                 taps.append(tap)
                 handles.append(module.register_forward_pre_hook(tap.before, with_kwargs=True))
                 handles.append(module.register_forward_hook(tap.after))

@@ -21,6 +21,12 @@ collected in one :class:`RunOptions`:
 ``checkpoint``
     A file path: finished cells are saved there after every group (atomically) and a rerun
     with the same arguments resumes, after a kill too.
+``threads``
+    ``None`` (default: torch's current setting) or the number of CPU threads torch uses
+    while the method computes: set with :func:`torch.set_num_threads` when the work starts
+    and restored when it ends, on every exit path (an exception or Ctrl-C too). One thread is
+    often faster on a busy machine (other processes on the cores) and for tiny models.
+    Results do not depend on it. Ray workers keep their own count (``num_cpus_per_worker``).
 
 :func:`prepare_pairs` is the one prologue of the pair methods: direction parsed, answers
 merged, a dataset (also one written in the seed framework's style) accepted, pairs made,
@@ -30,7 +36,8 @@ the metric chosen by the one rule and checked against the answers — all before
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,11 +78,12 @@ class RunOptions:
     batch_size: int | None = None
     memory_mb: float = DEFAULT_MEMORY_MB
     checkpoint: str | None = None
+    threads: int | None = None
 
     @classmethod
     def make(cls, model: HookedModel, *, progress: Progress = None, executor: Any = None,
              batch_size: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
-             checkpoint: Any = None) -> RunOptions:
+             checkpoint: Any = None, threads: int | None = None) -> RunOptions:
         """Validate the options for ``model``.
 
         Raises:
@@ -98,8 +106,22 @@ class RunOptions:
                 raise InvalidTypeError(
                     f"checkpoint must be a file path (str or os.PathLike), got {checkpoint!r}")
             checkpoint = os.fspath(checkpoint)
+        check_threads(threads)
         return cls(progress, resolve_executor(executor, model), batch_size, float(memory_mb),
-                   checkpoint)
+                   checkpoint, threads)
+
+    def exact(self) -> RunOptions:
+        """These options for a method's exact check of chosen cells (``verify_top_k``, ...):
+        the engine's own default batch size and no checkpoint; progress, executor, memory
+        budget and threads kept."""
+        return RunOptions(self.progress, self.executor, None, self.memory_mb, None, self.threads)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """For the ``with`` block, torch uses :attr:`threads` CPU threads (when set); the
+        previous count is restored on every exit path."""
+        with using_threads(self.threads):
+            yield
 
     def run(self, model: HookedModel, pairs: Sequence[Any], n_cells: int,
             build: EvaluatorFactory, *, groups: Sequence[list[int]] | None = None,
@@ -111,11 +133,41 @@ class RunOptions:
         cells' values (include the method's name), so a checkpoint of another sweep is
         refused. ``chunk``: cells per evaluation call when checkpointing locally.
         """
-        return run_pairs(model, pairs, n_cells, build=build, groups=groups,
-                         checkpoint=self.checkpoint,
-                         checkpoint_args=checkpoint_args,
-                         chunk=chunk, progress=self.progress, label=label,
-                         executor=self.executor)
+        with self.applied():
+            return run_pairs(model, pairs, n_cells, build=build, groups=groups,
+                             checkpoint=self.checkpoint,
+                             checkpoint_args=checkpoint_args,
+                             chunk=chunk, progress=self.progress, label=label,
+                             executor=self.executor)
+
+
+def check_threads(threads: Any) -> None:
+    """``threads=``: ``None`` or a positive int (before any compute)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise InvalidTypeError(
+            f"threads must be None (keep torch's current setting) or a positive int number of "
+            f"CPU threads, got {threads!r}")
+    if threads < 1:
+        raise InvalidArgumentError(
+            f"threads must be a positive number of CPU threads (1 is often fastest on a busy "
+            f"machine), or None to keep torch's setting; got {threads}")
+
+
+@contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """torch on ``threads`` CPU threads for the ``with`` block (``None``: unchanged), the
+    previous count restored on every exit path (an exception, ``KeyboardInterrupt``)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -196,8 +248,9 @@ def _exact_values(model: HookedModel, prep: PreparedPairs,
         return pair_evaluator(model_, pairs, patches, metric, direction, Engine.FAST,
                               batch_size, memory_mb, stats, sites)
 
-    return run_pairs(model, pairs, n, build=build, executor=options.executor,
-                     progress=options.progress, label=label)
+    with options.applied():
+        return run_pairs(model, pairs, n, build=build, executor=options.executor,
+                         progress=options.progress, label=label)
 
 
 def exact_cells(model: HookedModel, prep: PreparedPairs, estimate: torch.Tensor,
@@ -379,5 +432,6 @@ def screen_then_prove(model: HookedModel, prep: PreparedPairs, estimate: torch.T
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "PreparedPairs", "Progress", "RunOptions", "prepare_pairs",
+           "check_threads", "using_threads",
            "verify_top_k", "exact_cells", "screen_then_prove", "Proven", "SCREEN_MARGIN",
            "BISECT_ROWS"]

@@ -1,9 +1,9 @@
 """One set of run options for every method, and a checkpoint every dataset method resumes from.
 
 Every method that evaluates pairs or prompts takes ``progress``, ``executor``, ``batch_size``,
-``memory_mb`` and ``checkpoint`` with the same defaults (:mod:`causalpatch.options`); a run
-killed after its first group resumes from the checkpoint to exactly the numbers of an
-uninterrupted run, without evaluating the finished group again.
+``memory_mb``, ``checkpoint`` and ``threads`` with the same defaults
+(:mod:`causalpatch.options`); a run killed after its first group resumes from the checkpoint to
+exactly the numbers of an uninterrupted run, without evaluating the finished group again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from causalpatch.options import DEFAULT_MEMORY_MB, RunOptions
 METHODS = [cp.activation_patching, attribution_patching, ablate, path_patching, causal_tracing,
            sae_patching, sae_attribution]
 DEFAULTS = {"progress": None, "executor": None, "batch_size": None,
-            "memory_mb": DEFAULT_MEMORY_MB, "checkpoint": None}
+            "memory_mb": DEFAULT_MEMORY_MB, "checkpoint": None, "threads": None}
 
 # two pairs of different token lengths: two groups
 CLEAN = ["When Mary and John went to the store, John gave a drink to",
@@ -55,6 +55,12 @@ def test_bad_run_options_are_refused_before_any_forward(tiny_lm):
         RunOptions.make(tiny_lm, checkpoint=3)
     with pytest.raises(InvalidArgumentError, match="batch_size"):
         RunOptions.make(tiny_lm, batch_size=0)
+    with pytest.raises(InvalidArgumentError, match="threads"):
+        RunOptions.make(tiny_lm, threads=0)
+    with pytest.raises(InvalidTypeError, match="threads"):
+        RunOptions.make(tiny_lm, threads=2.0)
+    with pytest.raises(InvalidTypeError, match="threads"):
+        RunOptions.make(tiny_lm, threads=True)
 
 
 def _killed_after_first_group(after: int) -> Callable[[int, int], None]:

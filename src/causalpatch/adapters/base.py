@@ -24,8 +24,10 @@ if TYPE_CHECKING:  # annotations only: listing the adapters (`causalpatch models
     import torch
 
 #: ``"pattern"``: the attention weights ``[batch, head, query, key]`` the module computes
-#: (read-only; see :class:`causalpatch.adapters.runtime.PatternTap`).
-HookKind = Literal["input", "output", "pattern"]
+#: (read-only; see :class:`causalpatch.adapters.runtime.PatternTap`). ``"scores"``: the same
+#: module's attention logits (:func:`causalpatch.adapters.runtime.attention_scores`), read by
+#: AtP*'s key fix on a copy of an ``attn.pattern`` site (no site table names it).
+HookKind = Literal["input", "output", "pattern", "scores"]
 #: The description of every family's ``attn.pattern`` site.
 PATTERN_DOC = "attention weights [batch, head, query, key] (read-only)"
 

@@ -72,6 +72,10 @@ def _tapped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     eager = _eager_function(module)
     real = ALL_ATTENTION_FUNCTIONS.get_interface(tap.implementation or "eager", eager)
     out = real(module, query, key, value, attention_mask, **kwargs)
+    if tap.scores:
+        tap.record(attention_scores(query, key, attention_mask, kwargs.get("scaling"),
+                                    kwargs.get("softcap")))
+        return out
     weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
     if weights is None or tap.implementation not in (None, "eager"):
         mask = _additive_mask(attention_mask, query, key)
@@ -91,6 +95,31 @@ def _eager_function(module: nn.Module) -> Callable[..., Any]:
             f"{type(module).__name__} has no eager_attention_forward in its modelling file; "
             "attn.pattern cannot be read for this model")
     return fn
+
+
+def attention_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
+                     scaling: float | None = None, softcap: float | None = None
+                     ) -> torch.Tensor:
+    """The attention logits ``[batch, head, query, key]`` the families' eager attention
+    softmaxes: ``softcap * tanh(q . k * scaling / softcap)`` (no tanh without a soft-cap;
+    ``scaling`` defaults to ``d_head ** -0.5``, as the eager functions do) plus the mask, and
+    ``-inf`` where the mask forbids the key. ``query`` ``[b, H, q, d]``, ``key``
+    ``[b, KV, k, d]`` after rotary embedding and any q/k norm (query head ``h`` reads key
+    head ``h // (H / KV)``), in the model's dtype, computed as the eager function does.
+
+    Used by AtP*'s closed-form key fix (:func:`causalpatch.engine.key_pattern_changes`), which
+    checks each time that the softmax of these logits times the values reproduces the
+    layer's own attention output before it relies on them."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = _additive_mask(attention_mask, query, key)[..., : key.shape[-2]]
+    scores = scores + mask
+    return scores.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
 
 
 def _additive_mask(mask: Any, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -125,8 +154,9 @@ class PatternTap:
     The model's own config is never changed.
     """
 
-    def __init__(self, record: Callable[[torch.Tensor], None]) -> None:
+    def __init__(self, record: Callable[[torch.Tensor], None], scores: bool = False) -> None:
         self.record = record
+        self.scores = scores  # record the logits (attention_scores) instead of the weights
         self.implementation: str | None = None
         self._saved: list[tuple[nn.Module, Any]] = []
 

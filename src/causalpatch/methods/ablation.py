@@ -209,6 +209,7 @@ def ablate(
     seed: int = 0,
     batch_size: int | None = None,
     executor: Any = None,
+    threads: int | None = None,
     saes: Sequence[Any] | None = None,
     features: Sequence[int] | int | None = None,
     engine: str | Engine = "fast",
@@ -243,7 +244,7 @@ def ablate(
         features: with SAE features, the features to ablate (default all).
         engine: ``"fast"`` (the staircase: each row from the cell's layer, rows of prompts of
             one length batched) or ``"naive"`` (one forward per row); same numbers.
-        memory_mb, checkpoint, progress: the run options every method shares
+        memory_mb, checkpoint, progress, threads: the run options every method shares
             (:mod:`causalpatch.options`; ``executor`` and ``batch_size`` above are two of them).
 
     Returns:
@@ -264,7 +265,7 @@ def ablate(
         raise InvalidTypeError(f"seed must be an int, got {seed!r}")
     engine_ = engine_choice(engine, None)
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     if kind_ is AblationKind.ZERO and reference is not None:
         raise InvalidArgumentError(
             "reference is only used by kind='mean' and kind='resample', not by zero ablation")

@@ -71,6 +71,7 @@ def activation_patching(
     method: str | None = None,
     normalize_effects: bool | None = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> PatchingResult:
     """Patch every layer (x position x head) and measure the effect on a metric.
 
@@ -96,6 +97,7 @@ def activation_patching(
         batch_size: patch rows per staircase pass (default: from ``memory_mb``).
         normalize: False returns raw patched metric values (mean over pairs) instead of effects.
         checkpoint: a file path: finished cells are saved there and a rerun resumes.
+        threads: CPU threads torch uses during the run (restored after; ``None``: unchanged).
         progress: ``None`` (default: a bar with counts and ETA in a terminal or notebook once
             the sweep has run 2 s), ``True`` (a bar at once), ``False`` (silent) or a callback
             ``(done, total)``.
@@ -113,7 +115,7 @@ def activation_patching(
     # -- validate everything first ----------------------------------------------------------
     engine_ = engine_choice(engine, method)
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     if normalize_effects is not None:
         warnings.warn("normalize_effects= is deprecated; use normalize=", DeprecationWarning,
                       stacklevel=2)

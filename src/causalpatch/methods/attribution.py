@@ -34,9 +34,15 @@ reliable than that of ``logit_diff``. Use ``verify_top_k`` to check the cells th
 
 AtP* (``method="atp*"``; Kramar et al. 2024, docs/attribution_patching.md) removes attribution
 patching's two known sources of false negatives. The **QK fix** (``attn_head_q``/``_k``):
-the patched attention pattern is recomputed exactly by the layer's own attention and only what
-follows is linearised, ``c(n) = sum_t (z'_t - z_t) . d metric / d z_t`` with ``z' = A' v``
-(a key: over every query position and query head that reads it). **GradDrop**: ``L`` more
+the patched attention pattern is exact and only what follows is linearised,
+``c(n) = sum_t (z'_t - z_t) . d metric / d z_t`` with ``z' = A' v`` (a key: over every query
+position and query head that reads it). Queries (and keys patched jointly) take one run of the
+layer's own attention with the node patched; a key by position takes the paper's closed form
+from the attention logits ``s``: only column ``n`` changes, ``A'_t(n) = softmax(s_t + e_n
+ds_tn)``, so ``c(n) = sum_t (A'_tn - A_tn) (g_t . v_n - g_t . u_tn)`` (``g_t = d metric /
+d z_t``, ``u_tn`` the value average without ``n``; :class:`causalpatch.engine.KeyPatternChange`),
+with the exact runs as fallback where the logits do not reproduce the layer's attention
+(``extra["qk_fix"]`` says which ran). **GradDrop**: ``L`` more
 backward passes, pass ``l`` with the gradient through layer ``l``'s residual writes zeroed,
 ``c_GD(n) = sum_l |c_l(n)| / (L - 1)`` (``extra["graddrop"]``). ``verify="auto"`` then
 screens (``max(|estimate|, c_GD)``) and proves: :func:`causalpatch.options.screen_then_prove`.
@@ -64,7 +70,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..assemble import GroupValues, PairValues, Scale, aggregate, build_result
-from ..engine import graddrop_pass, gradient_pass, pattern_patched_outputs
+from ..engine import (KeyPatternChange, graddrop_pass, gradient_pass, key_pattern_changes,
+                      pattern_patched_outputs)
 from ..enums import Direction
 from ..errors import InvalidArgumentError
 from ..metrics import Metric
@@ -136,6 +143,7 @@ def attribution_patching(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> PatchingResult:
     """Estimate every patch effect of an activation patching sweep from one backward pass.
 
@@ -174,7 +182,7 @@ def attribution_patching(
         top_k, threshold, n_subsets, seed: of ``verify="auto"``.
         batch_size: pairs per forward/backward batch (pairs are grouped by token length;
             default 8); the exact check of ``verify_top_k`` uses the engine's default.
-        memory_mb, checkpoint, progress, executor: the run options every method shares
+        memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`); with an executor, batches of pairs (and the
             ``verify_top_k`` check) are evaluated by Ray workers.
 
@@ -204,7 +212,7 @@ def attribution_patching(
             f"threshold must be None or a positive normalised effect, got {threshold!r}")
     star = method == "atp*"
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
     pairs, m, denoise = prep.pairs, prep.metric, prep.denoise  # the factory captures no dataset
@@ -243,7 +251,11 @@ def attribution_patching(
 
             def estimate(grad: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
                 with torch.no_grad():
-                    if qk:
+                    if closed:
+                        per_site = [_key_cells(ch.contract(grad[z.name]["act"]), plan,
+                                               by_position, n_kv)
+                                    for ch, z in zip(closed, z_sites)]
+                    elif qk:
                         per_site = [_qk_reduce(dz, grad[z.name]["act"].float(), plan, pos,
                                                by_position, n_kv)
                                     for dz, z in zip(deltas, z_sites)]
@@ -259,15 +271,25 @@ def attribution_patching(
                 dropped = graddrop_pass(model_, base_ids, src_ids, [*plan.sites, *z_sites],
                                         objective, timings=stats)
                 grads = dropped.plain
-                # the QK fix: each attention output with the patched pattern, exactly
+                # the QK fix: a key per position in closed form from the attention logits
+                # (KeyPatternChange), else each attention output with the patched pattern
+                # recomputed exactly (queries, keys jointly, or logits the adapter cannot read)
+                t_fix = time.perf_counter()
+                closed = _key_fix(model_, base_ids, plan, z_sites, grads.source, pos,
+                                  by_position) if qk else None
                 deltas = _pattern_deltas(model_, base_ids, plan, z_sites, grads.source,
-                                         grads.base, pos, by_position) if qk else []
+                                         grads.base, pos, by_position) if qk and not closed else []
+                if qk:
+                    key = "qk_fix_closed_form" if closed else "qk_fix_exact"
+                    stats[key] = stats.get(key, 0.0) + 1.0
+                    stats["qk_fix_s"] = stats.get("qk_fix_s", 0.0) + time.perf_counter() - t_fix
                 # GradDrop: sum over l of |estimate with layer l's writes' gradient dropped|,
                 # over L - 1 (a cell's own layer gives 0); appended after the estimates
                 drop = torch.stack([estimate(g).abs() for g in dropped.dropped]).sum(0) / max(
                     model_.n_layers - 1, 1)
                 est = torch.cat([estimate(grads.grads), drop], dim=1)
             else:
+                closed = None
                 grads = gradient_pass(model_, base_ids, src_ids, plan.sites, objective,
                                       timings=stats)
                 est = estimate(grads.grads)
@@ -296,6 +318,14 @@ def attribution_patching(
     if star:
         timings["graddrop_backward_s"] = values.stats.pop("graddrop_backward_s", 0.0)
         timings["attribution_s"] += timings["graddrop_backward_s"]
+        if plan.component in QK_COMPONENTS:
+            timings["qk_fix_s"] = values.stats.pop("qk_fix_s", 0.0)
+            timings["attribution_s"] += timings["qk_fix_s"]
+            n_closed = values.stats.pop("qk_fix_closed_form", 0.0)
+            n_exact = values.stats.pop("qk_fix_exact", 0.0)
+            extra["qk_fix"] = {(True, False): "closed form", (False, True): "exact recomputation",
+                               (True, True): "closed form and exact recomputation"}.get(
+                (n_closed > 0, n_exact > 0), "not run (every pair from the checkpoint)")
         gd = PairValues(values.raw[:, n_cells:], values.base, values.source)
         # GradDrop: |.| per pair, averaged, normalised; a magnitude
         graddrop = aggregate(gd, Scale.NORMALIZED, m).effect.abs()
@@ -308,7 +338,7 @@ def attribution_patching(
     verified: list[dict[str, Any]] = []
     if verify_top_k > 0:
         effect = aggregate(values, Scale.NORMALIZED, m).effect
-        exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
+        exact_options = options.exact()
 
         def patches_for(order: list[int]) -> list[list[Any]]:
             return [[build_patches(plan, pos, by_position, len(p.clean))[j] for j in order]
@@ -319,7 +349,7 @@ def attribution_patching(
     if verify == "auto":
         estimate_ = aggregate(values, Scale.NORMALIZED, m).effect
         score = (torch.maximum(estimate_.abs(), graddrop) if star else estimate_.abs())
-        exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
+        exact_options = options.exact()
 
         every = [build_patches(plan, pos, by_position, len(p.clean))  # once per pair
                  for p, pos in zip(pairs, positions_of)]
@@ -371,6 +401,31 @@ def _pattern_deltas(model: HookedModel, base_ids: torch.Tensor, plan: ComponentP
     return [out.float() - base[z.name].float()[:, None] for out, z in zip(outs, z_sites)]
 
 
+def _key_fix(model: HookedModel, base_ids: torch.Tensor, plan: ComponentPlan,
+             z_sites: list[Site], source: dict[str, torch.Tensor], positions: list[int] | None,
+             by_position: bool) -> list[KeyPatternChange] | None:
+    """The closed-form key fix of every layer (keys by position only), or ``None``: queries
+    and keys patched jointly take one exact run of ``b`` rows, as cheap as the closed form's
+    one of ``2b``; a model whose logits cannot be read falls back to the exact runs too."""
+    if plan.component != "attn_head_k" or not by_position:
+        return None
+    keys = list(range(base_ids.shape[1])) if positions is None else list(positions)
+    layers = [(s, source[s.name], model.layer_site("attn.v", layer), z)
+              for s, z, layer in zip(plan.sites, z_sites, plan.layers)]
+    return key_pattern_changes(model, base_ids, layers, keys)
+
+
+def _key_cells(per_key: torch.Tensor, plan: ComponentPlan, by_position: bool, n_kv: int
+               ) -> torch.Tensor:
+    """Key cells ``[b, R, (n_units)]`` from per-query-head values ``[b, R, H]``: grouped-query
+    attention's query heads ``[g * H/KV, (g + 1) * H/KV)`` read key head ``g``."""
+    b, r, n_heads = per_key.shape
+    cells = per_key.reshape(b, r, n_kv, n_heads // n_kv).sum(-1)  # [b, R, KV]
+    if plan.units is not None:
+        cells = cells[:, :, plan.units]
+    return cells if by_position else cells[:, 0]
+
+
 def _qk_reduce(dz: torch.Tensor, grad_z: torch.Tensor, plan: ComponentPlan,
                positions: list[int] | None, by_position: bool, n_kv: int) -> torch.Tensor:
     """Cells of the QK-fixed estimate: ``(z' - z) . d metric / d z`` (the pattern exact, the
@@ -379,12 +434,7 @@ def _qk_reduce(dz: torch.Tensor, grad_z: torch.Tensor, plan: ComponentPlan,
     if plan.component == "attn_head_q":
         return _reduce(dz[:, 0] * grad_z, plan, positions, by_position)
     per_run = (dz * grad_z[:, None]).sum(-1).sum(2)  # [b, R, H]: over queries and d_head
-    b, r, n_heads = per_run.shape
-    # grouped-query attention: query heads [g * H/KV, (g + 1) * H/KV) read key head g
-    cells = per_run.reshape(b, r, n_kv, n_heads // n_kv).sum(-1)  # [b, R, KV]
-    if plan.units is not None:
-        cells = cells[:, :, plan.units]
-    return cells if by_position else cells[:, 0]
+    return _key_cells(per_run, plan, by_position, n_kv)
 
 
 def _strides(shape: tuple[int, ...]) -> list[int]:

@@ -593,6 +593,7 @@ def causal_tracing(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> CausalTracingResult:
     """ROME-style causal tracing of one prompt or many.
 
@@ -616,7 +617,7 @@ def causal_tracing(
             equal token lengths).
         batch_size: patch rows per staircase pass (default: as many as ``memory_mb`` holds;
             every noise draw's rows of a position share the passes).
-        memory_mb, checkpoint, progress, executor: the run options every method shares
+        memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`): a checkpoint keeps every finished prompt, a rerun
             traces only the others; with an executor, prompts are split into shards traced by
             Ray workers (same noise draws, same results). The progress bar counts prompts.
@@ -634,7 +635,7 @@ def causal_tracing(
     t0 = time.perf_counter()
     # -- validate everything first ----------------------------------------------------------
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     plan = _plan(model, prompts, subject, answer, noise, samples, window, components,
                  position_groups)
     n, kinds, width = model.n_layers, plan.kinds, plan.width
@@ -671,7 +672,8 @@ def causal_tracing(
             tick(1)
 
     counted = RunOptions(prompts_done if tick is not None else False, options.executor,
-                         options.batch_size, options.memory_mb, options.checkpoint)
+                         options.batch_size, options.memory_mb, options.checkpoint,
+                         options.threads)
     try:
         values = counted.run(  # a prompt is traced whole: one call per prompt (chunk)
             model, items, n_cells, build, label="causal tracing", chunk=max(1, n_cells),
@@ -726,6 +728,7 @@ def causal_tracing_dataset(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> CausalTracingResult:
     """Average causal tracing over many facts, in ROME's six position groups.
 
@@ -759,7 +762,8 @@ def causal_tracing_dataset(
     return causal_tracing(
         model, prompts, subjects, answer=answers, noise=noise, samples=samples, seed=seed,
         components=components, window=window, position_groups=True, batch_size=batch_size,
-        memory_mb=memory_mb, checkpoint=checkpoint, progress=progress, executor=executor)
+        memory_mb=memory_mb, checkpoint=checkpoint, progress=progress, executor=executor,
+        threads=threads)
 
 
 def _fact_fields(fact: Any, i: int) -> tuple[Any, Any, Any]:

@@ -506,6 +506,7 @@ def path_patching(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> PatchingResult:
     """Path patching: each sender's effect on the metric through the receivers only.
 
@@ -538,7 +539,7 @@ def path_patching(
             through the residual stream).
         batch_size: senders per pass (rows of one staircase); default: as many as
             ``memory_mb`` holds.
-        memory_mb, checkpoint, progress, executor: the run options every method shares
+        memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`).
 
     Returns:
@@ -560,7 +561,7 @@ def path_patching(
     freeze_ = parse(Freeze, freeze, "freeze")
     _check_separable_heads(model)
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
     pairs, m, denoise = prep.pairs, prep.metric, prep.denoise  # the factory captures no dataset

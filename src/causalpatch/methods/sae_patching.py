@@ -36,7 +36,7 @@ Both report, in ``extra["reference"]``, the effect of patching the whole site (p
 patching at the same positions), of all features at once (error from the base run; exact method
 only) and of the error term alone, so one can say how much of the site's effect the SAE's
 features explain. Both take the run options every method shares (:mod:`causalpatch.options`:
-``progress``, ``executor``, ``batch_size``, ``memory_mb``, ``checkpoint``).
+``progress``, ``executor``, ``batch_size``, ``memory_mb``, ``checkpoint``, ``threads``).
 
 Example::
 
@@ -508,6 +508,7 @@ def sae_patching(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> PatchingResult:
     """Patch SAE features one cell at a time (error term from the base run); exact.
 
@@ -540,6 +541,7 @@ def sae_patching(
             error term alone (``extra["reference"]``: effects, same normalisation).
         checkpoint: a file path: finished cells are saved there after every group of pairs
             and a rerun with the same arguments (and the same SAE) resumes, after a kill too.
+        threads: CPU threads torch uses during the run (restored after; ``None``: unchanged).
         progress: ``None`` (default: a bar with counts and ETA in a terminal or notebook once
             the sweep has run 2 s), ``True`` (a bar at once), ``False`` (silent) or a callback
             ``(done, total)``.
@@ -558,7 +560,7 @@ def sae_patching(
     engine_ = engine_choice(engine)
     check_int(top_k, "top_k", 1, allow_none=True)
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     setup = _setup(model, sae, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                    features, positions, by_position, direction)
     bound, prep, m = setup.bound, setup.prep, setup.metric
@@ -569,8 +571,7 @@ def sae_patching(
     n_groups = len(setup.groups_of[0])
     if top_k is not None:
         t1 = time.perf_counter()
-        estimate_options = RunOptions(options.progress, options.executor, None,
-                                      options.memory_mb)
+        estimate_options = options.exact()
         est = _attribution_values(model, setup, cells_f, estimate_options)
         change = aggregate(_split(est, n_groups * len(cells_f))[0], Scale.CHANGE, m).effect
         score = change.reshape(n_groups, len(cells_f)).abs().amax(0)
@@ -633,6 +634,7 @@ def sae_attribution(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> PatchingResult:
     """First-order estimate of every SAE feature cell's patching effect, from one gradient pass
     per batch of pairs (a source forward, a base forward and one backward pass).
@@ -650,7 +652,7 @@ def sae_attribution(
             the feature label and the absolute token position).
         batch_size: pairs per forward/backward batch (pairs are grouped by token length;
             default 8); the exact check of ``verify_top_k`` uses the engine's default.
-        memory_mb, checkpoint, progress, executor: the run options every method shares
+        memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`); with an executor, batches of pairs (and the
             ``verify_top_k`` check) are evaluated by Ray workers.
 
@@ -662,7 +664,7 @@ def sae_attribution(
     t0 = time.perf_counter()
     check_int(verify_top_k, "verify_top_k", 0)
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     setup = _setup(model, sae, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                    features, positions, by_position, direction)
     bound, prep, m = setup.bound, setup.prep, setup.metric
@@ -687,7 +689,7 @@ def sae_attribution(
     verified: list[dict[str, Any]] = []
     if verify_top_k > 0:
         effect = aggregate(values, Scale.NORMALIZED, m).effect
-        exact_options = RunOptions(options.progress, options.executor, None, options.memory_mb)
+        exact_options = options.exact()
         n_f = len(cells_f)
 
         def patches_for(order: list[int]) -> _FeaturePatches:
