@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -67,6 +69,22 @@ def bootstrap_rho(exact_pp: torch.Tensor, est_pp: torch.Tensor, n_boot: int, see
     return [lo, hi]
 
 
+def render(out: dict[str, Any]) -> str:
+    """The markdown table docs/attribution_patching.md quotes, from this script's JSON."""
+    lines = ["| task | component | method | Spearman ρ [95% CI] | top-10 recall | top-20 recall "
+             "| false negatives |", "|---|---|---|---|---:|---:|---:|"]
+    for key, row in out["results"].items():
+        task, component = key.split("/")
+        for method in ("atp", "atp*"):
+            st = row[method]
+            lo, hi = st["spearman_ci95"]
+            lines.append(
+                f"| {task} | `{component}` | {'AtP' if method == 'atp' else 'AtP*'} | "
+                f"{st['spearman']:.3f} [{lo:.3f}, {hi:.3f}] | {st['recall_top10']:.2f} | "
+                f"{st['recall_top20']:.2f} | {st['false_negatives_top20_outside_top40']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=32)
@@ -74,7 +92,13 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--components", default=",".join(COMPONENTS))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="print the docs' markdown table of a finished run's JSON and exit")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render, encoding="utf-8") as fh:
+            print(render(json.load(fh)))
+        return
     torch.set_num_threads(args.threads)
     from causalpatch import InterpretableModel, activation_patching, attribution_patching
     from causalpatch.datasets import FactualRecallDataset, IOIDataset
@@ -82,7 +106,12 @@ def main() -> None:
     model = InterpretableModel("smollm2")
     tasks = {"ioi": IOIDataset(model, n=args.pairs, seed=0),
              "factual": FactualRecallDataset(model, n=args.pairs, seed=0)}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip() or None
     out: dict[str, Any] = {"model": model.name, "pairs": args.pairs, "threads": args.threads,
+                           "commit": commit, "seed": 0,
+                           "command": "python benchmarks/atp_accuracy.py " + " ".join(
+                               sys.argv[1:]),
                            "n_boot": args.n_boot, "results": {}}
     for task, data in tasks.items():
         for component in args.components.split(","):
