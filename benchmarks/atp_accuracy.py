@@ -71,7 +71,7 @@ def bootstrap_rho(exact_pp: torch.Tensor, est_pp: torch.Tensor, n_boot: int, see
 
 def render(out: dict[str, Any]) -> str:
     """The markdown table docs/attribution_patching.md quotes, from this script's JSON."""
-    lines = ["| task | component | method | Spearman ρ [95% CI] | top-10 recall | top-20 recall "
+    lines = ["| task | component | method | Spearman rho [95% CI] | top-10 recall | top-20 recall "
              "| false negatives |", "|---|---|---|---|---:|---:|---:|"]
     for key, row in out["results"].items():
         task, component = key.split("/")
