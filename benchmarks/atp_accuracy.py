@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +32,9 @@ from typing import Any
 import torch
 
 COMPONENTS = ("attn_head", "attn_head_q", "attn_head_k", "mlp", "resid_post")
+#: Sweep options per component: ``resid_post`` over all positions jointly restores the whole
+#: residual stream (every layer's exact effect is 1.0, a ranking of ties), so it is by position.
+OPTIONS: dict[str, dict[str, Any]] = {"resid_post": {"by_position": True}}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,6 +96,8 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--components", default=",".join(COMPONENTS))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only this run's rows in an existing --json file")
     parser.add_argument("--render", default=None, metavar="JSON",
                         help="print the docs' markdown table of a finished run's JSON and exit")
     args = parser.parse_args()
@@ -117,13 +123,15 @@ def main() -> None:
         for component in args.components.split(","):
             row: dict[str, Any] = {}
             t0 = time.perf_counter()
-            exact = activation_patching(model, data, component=component, progress=False)
+            opts = OPTIONS.get(component, {})
+            exact = activation_patching(model, data, component=component, progress=False,
+                                        **opts)
             row["exact_s"] = time.perf_counter() - t0
             assert exact.per_pair is not None
             for method in ("atp", "atp*"):
                 t0 = time.perf_counter()
                 est = attribution_patching(model, data, component=component, method=method,
-                                           progress=False)
+                                           progress=False, **opts)
                 seconds = time.perf_counter() - t0
                 score = est.effect_matrix.abs()
                 if method == "atp*":
@@ -140,6 +148,13 @@ def main() -> None:
                                         for k, v in row[m].items() if k != "spearman_ci95"}
                                     for m in ("atp", "atp*")}, flush=True)
     if args.json:
+        if args.update and os.path.exists(args.json):
+            with open(args.json, encoding="utf-8") as fh:
+                old = json.load(fh)
+            for key in out["results"]:  # rows of this run replace the old run's, say by what
+                old["results"][key] = {**out["results"][key], "commit": out["commit"],
+                                       "command": out["command"]}
+            out = old
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)
 
