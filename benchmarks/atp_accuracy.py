@@ -2,7 +2,7 @@
 
 For each task (IOI, factual recall; ``--pairs`` pairs each, SmolLM2-135M-Instruct, float32) and
 each component kind (``attn_head``, ``attn_head_q``, ``attn_head_k``, ``mlp``, ``resid_post``;
-all positions jointly), runs the exact sweep (:func:`causalpatch.activation_patching`) and the
+all positions jointly; ``resid_post`` by position), runs the exact sweep (:func:`causalpatch.activation_patching`) and the
 first-order estimates (:func:`causalpatch.attribution_patching`, ``method="atp"`` and
 ``"atp*"``), then reports, over the dataset's mean effects:
 
