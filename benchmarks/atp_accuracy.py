@@ -2,7 +2,7 @@
 
 For each task (IOI, factual recall; ``--pairs`` pairs each, SmolLM2-135M-Instruct, float32) and
 each component kind (``attn_head``, ``attn_head_q``, ``attn_head_k``, ``mlp``, ``resid_post``;
-all positions jointly), runs the exact sweep (:func:`causalpatch.activation_patching`) and the
+all positions jointly; ``resid_post`` by position), runs the exact sweep (:func:`causalpatch.activation_patching`) and the
 first-order estimates (:func:`causalpatch.attribution_patching`, ``method="atp"`` and
 ``"atp*"``), then reports, over the dataset's mean effects:
 
@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
 import torch
 
 COMPONENTS = ("attn_head", "attn_head_q", "attn_head_k", "mlp", "resid_post")
+#: Sweep options per component: ``resid_post`` over all positions jointly restores the whole
+#: residual stream (every layer's exact effect is 1.0, a ranking of ties), so it is by position.
+OPTIONS: dict[str, dict[str, Any]] = {"resid_post": {"by_position": True}}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,6 +73,22 @@ def bootstrap_rho(exact_pp: torch.Tensor, est_pp: torch.Tensor, n_boot: int, see
     return [lo, hi]
 
 
+def render(out: dict[str, Any]) -> str:
+    """The markdown table docs/attribution_patching.md quotes, from this script's JSON."""
+    lines = ["| task | component | method | Spearman rho [95% CI] | top-10 recall | top-20 recall "
+             "| false negatives |", "|---|---|---|---|---:|---:|---:|"]
+    for key, row in out["results"].items():
+        task, component = key.split("/")
+        for method in ("atp", "atp*"):
+            st = row[method]
+            lo, hi = st["spearman_ci95"]
+            lines.append(
+                f"| {task} | `{component}` | {'AtP' if method == 'atp' else 'AtP*'} | "
+                f"{st['spearman']:.3f} [{lo:.3f}, {hi:.3f}] | {st['recall_top10']:.2f} | "
+                f"{st['recall_top20']:.2f} | {st['false_negatives_top20_outside_top40']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=32)
@@ -74,7 +96,15 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--components", default=",".join(COMPONENTS))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only this run's rows in an existing --json file")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="print the docs' markdown table of a finished run's JSON and exit")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render, encoding="utf-8") as fh:
+            print(render(json.load(fh)))
+        return
     torch.set_num_threads(args.threads)
     from causalpatch import InterpretableModel, activation_patching, attribution_patching
     from causalpatch.datasets import FactualRecallDataset, IOIDataset
@@ -82,19 +112,26 @@ def main() -> None:
     model = InterpretableModel("smollm2")
     tasks = {"ioi": IOIDataset(model, n=args.pairs, seed=0),
              "factual": FactualRecallDataset(model, n=args.pairs, seed=0)}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip() or None
     out: dict[str, Any] = {"model": model.name, "pairs": args.pairs, "threads": args.threads,
+                           "commit": commit, "seed": 0,
+                           "command": "python benchmarks/atp_accuracy.py " + " ".join(
+                               sys.argv[1:]),
                            "n_boot": args.n_boot, "results": {}}
     for task, data in tasks.items():
         for component in args.components.split(","):
             row: dict[str, Any] = {}
             t0 = time.perf_counter()
-            exact = activation_patching(model, data, component=component, progress=False)
+            opts = OPTIONS.get(component, {})
+            exact = activation_patching(model, data, component=component, progress=False,
+                                        **opts)
             row["exact_s"] = time.perf_counter() - t0
             assert exact.per_pair is not None
             for method in ("atp", "atp*"):
                 t0 = time.perf_counter()
                 est = attribution_patching(model, data, component=component, method=method,
-                                           progress=False)
+                                           progress=False, **opts)
                 seconds = time.perf_counter() - t0
                 score = est.effect_matrix.abs()
                 if method == "atp*":
@@ -111,6 +148,13 @@ def main() -> None:
                                         for k, v in row[m].items() if k != "spearman_ci95"}
                                     for m in ("atp", "atp*")}, flush=True)
     if args.json:
+        if args.update and os.path.exists(args.json):
+            with open(args.json, encoding="utf-8") as fh:
+                old = json.load(fh)
+            for key in out["results"]:  # rows of this run replace the old run's, say by what
+                old["results"][key] = {**out["results"][key], "commit": out["commit"],
+                                       "command": out["command"]}
+            out = old
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)
 

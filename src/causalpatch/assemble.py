@@ -355,6 +355,12 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
     else:
         clean_v, corrupted_v = ((values.source, values.base) if denoise
                                 else (values.base, values.source))
+    pair_metrics: dict[str, Any] = {}
+    if n > 1 and aggregated is None:
+        # each pair's unpatched metrics: what PatchingResult.ci needs to re-normalise resamples
+        pair_metrics["base"] = [float(v) for v in values.base.tolist()]
+        if values.source is not None:
+            pair_metrics["source"] = [float(v) for v in values.source.tolist()]
     decode = model.tokenizer.decode
     times = dict(timings or {})
     times.setdefault("run_s", values.seconds)
@@ -382,6 +388,7 @@ def build_result(model: HookedModel, *, values: PairValues, scale: Scale, metric
         timings=times,
         extra={"n_pairs": n, "scale": scale.value, **values.stats,
                "answers": [list(a) for a in answers[:1]],
+               **({"pair_metrics": pair_metrics} if pair_metrics else {}),
                **_texts(model, answers, data, n), **(extra or {})},
     )
 

@@ -265,3 +265,90 @@ def normalize(patched: torch.Tensor, base: torch.Tensor | float, source: torch.T
             "~0. Choose prompts/answers that the model tells apart, or pass normalize=False for "
             "raw metric values")
     return (patched.float() - base_t) / gap
+
+
+#: Elements per ``torch.quantile`` call in :func:`bootstrap_interval` (below torch's limit).
+_QUANTILE_ELEMENTS = 1 << 22
+
+
+def bootstrap_interval(per_pair: torch.Tensor, *, base: torch.Tensor | None = None,
+                       source: torch.Tensor | None = None, level: float = 0.95,
+                       n_boot: int = 1000, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentile bootstrap interval of the mean effect over pairs.
+
+    Pairs are resampled with replacement ``n_boot`` times and the aggregate effect recomputed
+    on each resample by the same rule that made it:
+
+    * ``base``/``source`` given (normalised effects, ``per_pair[i] = (patched_i - base_i) / D``
+      with ``D = mean(source) - mean(base)`` over all pairs): a resample's effect is
+      ``mean_b(per_pair) * D / D_b``, ``D_b`` its own ``mean(source) - mean(base)``, i.e.
+      ``(mean_b(patched) - mean_b(base)) / (mean_b(source) - mean_b(base))`` exactly as
+      :func:`normalize` of the means;
+    * otherwise (changes or raw values): ``mean_b(per_pair)``.
+
+    Args:
+        per_pair: ``[n_pairs, *cells]`` per-pair effects.
+        base, source: ``[n_pairs]`` the metric on each pair's base and source run.
+        level: coverage of the interval, in (0, 1).
+        n_boot: number of resamples (≥ 100).
+        seed: seed of the resampling (same seed, same interval).
+
+    Returns:
+        ``(lower, upper)``, each ``[*cells]`` float32.
+
+    Raises:
+        InvalidArgumentError: fewer than 2 pairs, ``level`` outside (0, 1), ``n_boot`` < 100,
+            or ``base``/``source`` of the wrong length.
+        NormalizationError: a resample's ``mean(source) - mean(base)`` is ~0 (the gap is not
+            stable over pairs, so a normalised interval is undefined: use raw values).
+    """
+    if not 0.0 < level < 1.0:
+        raise InvalidArgumentError(f"level must be in (0, 1) (e.g. 0.95), got {level!r}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 100:
+        raise InvalidArgumentError(
+            f"n_boot must be an int >= 100 (percentile intervals need many resamples), "
+            f"got {n_boot!r}")
+    n = int(per_pair.shape[0])
+    if n < 2:
+        raise InvalidArgumentError(
+            f"a bootstrap interval needs at least 2 pairs, this result has {n}: run the method "
+            "on a dataset (several prompt pairs)")
+    if (base is None) != (source is None):
+        raise InvalidArgumentError("give both base and source per-pair metrics, or neither")
+    cells = per_pair.reshape(n, -1).double()
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(n, (n_boot, n), generator=gen)
+    # counts[b, i]: how often pair i is drawn in resample b; mean_b(x) = counts[b] @ x / n
+    counts = torch.zeros(n_boot, n, dtype=torch.float64)
+    counts.scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+    factor = torch.ones(n_boot, dtype=torch.float64)
+    if base is not None and source is not None:
+        base_d, source_d = base.double().flatten(), source.double().flatten()
+        if base_d.numel() != n or source_d.numel() != n:
+            raise InvalidArgumentError(
+                f"base and source need one value per pair ({n}), got {base_d.numel()} and "
+                f"{source_d.numel()}")
+        gap = source_d.mean() - base_d.mean()
+        gaps = counts @ (source_d - base_d) / n  # [n_boot]
+        scale = torch.maximum(torch.ones(()), torch.maximum(base_d.abs().max(),
+                                                             source_d.abs().max()))
+        if bool((gaps.abs() <= 1e-6 * scale).any()):
+            raise NormalizationError(
+                "cannot bootstrap a normalised interval: on some resamples of the pairs the "
+                "metric's source - base gap is ~0. Use more pairs, or pass normalize=False to "
+                "the method for raw values")
+        factor = gap / gaps
+    alpha = (1.0 - level) / 2.0
+    q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
+    lower = torch.empty(cells.shape[1], dtype=torch.float64)
+    upper = torch.empty_like(lower)
+    step = max(1, _QUANTILE_ELEMENTS // n_boot)  # torch.quantile's input-size limit
+    for start in range(0, cells.shape[1], step):
+        means = counts @ cells[:, start:start + step] / n * factor[:, None]  # [n_boot, chunk]
+        lower[start:start + step], upper[start:start + step] = torch.quantile(means, q, dim=0)
+    if not bool(torch.isfinite(lower).all() and torch.isfinite(upper).all()):
+        raise NonFiniteError("the bootstrap interval is not finite: the per-pair effects hold "
+                             "NaN or inf")
+    shape = per_pair.shape[1:]
+    return lower.reshape(shape).float(), upper.reshape(shape).float()

@@ -54,7 +54,9 @@ from .errors import (
     InvalidArgumentError,
     InvalidTypeError,
     NonFiniteError,
+    NormalizationError,
 )
+from .metrics import bootstrap_interval
 from .render.html import PLOTLY_MODES, compact_html, report
 from .render.markdown import timing_name
 from .render.markdown import to_markdown as render_markdown
@@ -453,6 +455,54 @@ class PatchingResult:
         """
         return render_takeaway(self, k=k, threshold=threshold)
 
+    def ci(self, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bootstrap confidence interval of every cell's effect over the pairs.
+
+        The pairs are resampled with replacement ``n_boot`` times and each cell's effect is
+        recomputed on every resample by the rule that made it (normalised effects divide by the
+        resample's own clean-corrupted gap, ``extra["pair_metrics"]``); the interval is the
+        percentile interval of those ``n_boot`` values (see
+        :func:`causalpatch.metrics.bootstrap_interval`). It measures how much the effect depends
+        on which pairs were drawn, not the error of an estimate: a first-order method's interval
+        is the spread of its estimates.
+
+        Returns:
+            ``(lower, upper)``, float32 tensors shaped like ``effect_matrix``.
+
+        Raises:
+            InvalidArgumentError: the result has no per-pair effects (one pair, or a method
+                that aggregates per group, such as causal tracing's position groups), or a
+                normalised result lacks its per-pair metrics (saved by an older version).
+        """
+        if self.per_pair is None:
+            raise InvalidArgumentError(
+                f"ci() needs per-pair effects and this result has none ({self.n_pairs} pair(s)"
+                f"{'' if self.n_pairs < 2 else ', aggregated per group by the method'}): run "
+                "the method on a dataset of several prompt pairs")
+        if not self._has_pair_metrics():
+            raise InvalidArgumentError(
+                "ci() of a normalised result needs each pair's unpatched metrics "
+                "(extra['pair_metrics']), which this result does not hold: rerun the "
+                "method to get them")
+        return self._bootstrap(self.per_pair, level, n_boot, seed)
+
+    def _has_pair_metrics(self) -> bool:
+        metrics = self.extra.get("pair_metrics") or {}
+        return not self.normalized or ("base" in metrics and "source" in metrics)
+
+    def _bootstrap(self, per_pair: torch.Tensor, level: float = 0.95, n_boot: int = 1000,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`bootstrap_interval` of ``per_pair`` (``[n_pairs, *cells]``) with this
+        result's per-pair metrics when it is normalised."""
+        base = source = None
+        if self.normalized:
+            metrics = self.extra["pair_metrics"]
+            base = torch.tensor(metrics["base"], dtype=torch.float64)
+            source = torch.tensor(metrics["source"], dtype=torch.float64)
+        return bootstrap_interval(per_pair, base=base, source=source, level=level,
+                                  n_boot=n_boot, seed=seed)
+
     def summary(self, k: int = 5) -> str:
         """A few lines of text: what was run, baselines, shape, top components, timings."""
         kind = "normalised effect" if self.normalized else "raw values"
@@ -475,18 +525,37 @@ class PatchingResult:
                      f"pairs: {self.n_pairs}")
         lines.append(f"  top {k} by |effect|:")
         std = self.std.flatten().tolist() if self.std is not None else None
-        for coords, effect in self.top_cells(k):
+        top = self.top_cells(k)
+        flats = []
+        for coords, _ in top:
+            flat = 0
+            for coord, size in zip(coords, self.shape):
+                flat = flat * size + coord
+            flats.append(flat)
+        interval = self._top_interval(flats)
+        for j, ((coords, effect), flat) in enumerate(zip(top, flats)):
             line = f"    {self.describe_cell(coords)}: {effect:+.4f}"
+            if interval is not None:
+                line += f" [95% CI {interval[0][j]:+.4f}, {interval[1][j]:+.4f}]"
             if std is not None:
-                flat = 0
-                for coord, size in zip(coords, self.shape):
-                    flat = flat * size + coord
                 line += f" (std {std[flat]:.4f})"
             lines.append(line)
         if self.timings:
             lines.append("  time: " + ", ".join(
                 f"{timing_name(name)} {value:.2f} s" for name, value in self.timings.items()))
         return "\n".join(lines)
+
+    def _top_interval(self, flats: list[int]) -> tuple[list[float], list[float]] | None:
+        """95% bootstrap intervals of the flat cells ``flats`` (``summary``), or None when the
+        result cannot have them (see :meth:`ci`)."""
+        if self.per_pair is None or not flats or not self._has_pair_metrics():
+            return None
+        try:
+            lower, upper = self._bootstrap(
+                self.per_pair.reshape(self.per_pair.shape[0], -1)[:, flats])
+        except NormalizationError:  # an unstable gap: summary() shows no interval, ci() says why
+            return None
+        return lower.tolist(), upper.tolist()
 
     @property
     def n_pairs(self) -> int:
