@@ -312,7 +312,8 @@ def _one_cell_per_site(model: Any, data: Any, names: list[str], positions: list[
         direction=first.direction, clean_prompts=first.clean_prompts,
         corrupted_prompts=first.corrupted_prompts, clean_metric=first.clean_metric,
         corrupted_metric=first.corrupted_metric,
-        per_pair=None if first.per_pair is None else torch.cat([c.per_pair for c in cells], 1),
+        per_pair=None if any(c.per_pair is None for c in cells)
+        else torch.cat([c.per_pair for c in cells if c.per_pair is not None], 1),
         extra={**first.extra, "patches": [c.extra.get("patches", [None])[0] for c in cells]})
 
 
