@@ -238,8 +238,8 @@ class Values(tuple):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         raise InvalidArgumentError(
-            f"{self.path}[{_key_text(key)}] = ... cannot take effect: {self.path} is a tuple; write into "
-            f"its tensor instead, {self.path}[0][:] = x (forms: {WRITE_FORMS})")
+            f"{self.path}[{_key_text(key)}] = ... cannot take effect: {self.path} is a tuple; "
+            f"write into its tensor instead, {self.path}[0][:] = x (forms: {WRITE_FORMS})")
 
 
 def _key_text(key: Any) -> str:
