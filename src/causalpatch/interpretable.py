@@ -237,9 +237,10 @@ class Values(tuple):
         return super().__getitem__(key)
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        where = ":" if isinstance(key, int) else _key_text(key)
         raise InvalidArgumentError(
             f"{self.path}[{_key_text(key)}] = ... cannot take effect: {self.path} is a tuple; "
-            f"write into its tensor instead, {self.path}[0][:] = x (forms: {WRITE_FORMS})")
+            f"write into its tensor instead, {self.path}[0][{where}] = x (forms: {WRITE_FORMS})")
 
 
 def _key_text(key: Any) -> str:
