@@ -33,6 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .datasets import PatchingDataset, as_patching_dataset
 from .errors import InvalidArgumentError, InvalidTypeError
 from .methods.activation_patching import CausalTrace, activation_patching
 from .names import Site
@@ -268,8 +271,6 @@ def _common_kind(sites: list[Site]) -> str | None:
 
 def _subset(dataset: Any, pair_indices: Sequence[int] | None, model: Any) -> Any:
     """The dataset as a causalpatch dataset, restricted to ``pair_indices``."""
-    from .datasets import PatchingDataset, as_patching_dataset
-
     data = as_patching_dataset(dataset, model)
     if pair_indices is None:
         return data
@@ -291,8 +292,6 @@ def _one_cell_per_site(model: Any, data: Any, names: list[str], positions: list[
                        **kwargs: Any) -> PatchingResult:
     """Hook points of different kinds: one :class:`CausalTrace` cell per name, gathered into
     one result with a ``site`` axis (each cell exactly the sweep's value for that site)."""
-    import torch
-
     direction = kwargs.pop("direction", "denoise")
     metric = kwargs.pop("metric", None)
     if kwargs:
