@@ -129,6 +129,8 @@ class InterpretableModel(HookedModel):
             bwd_hooks: not supported (must be empty): use
                 :func:`causalpatch.attribution_patching` for gradients.
             return_type: ``"logits"`` (default) or ``None``.
+            ignored: TransformerLens's ``reset_hooks_end`` / ``clear_contexts`` are accepted and
+                have nothing to do (hooks never outlive the call); any other keyword is refused.
 
         Returns:
             Logits ``[batch, pos, vocab]`` (``None`` with ``return_type=None``). Every hook is
@@ -243,6 +245,20 @@ class Values(tuple):
             f"write into its tensor instead, {self.path}[0][{where}] = x (forms: {WRITE_FORMS})")
 
 
+class Kwargs(dict):
+    """The keyword arguments of nnsight's ``(args, kwargs)`` input: not recorded, so empty and
+    read-only (a write would change nothing)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise InvalidArgumentError(
+            f"{self.path}[1][{key!r}] = ... would change nothing: only the first positional "
+            f"argument is recorded; write it instead, {self.path}[0][0][:] = x")
+
+
 def _key_text(key: Any) -> str:
     keys = key if isinstance(key, tuple) else (key,)
     return ", ".join(":" if k == slice(None) else repr(k) for k in keys)
@@ -326,7 +342,7 @@ class ModuleEnvoy:
         """``((first_argument,), {})`` in the open trace (see the class docstring)."""
         tr = self._model.open_trace(f"{self.path}.input")
         name = f"{self.path}.input"
-        return Values((Values((tr.value(name),), f"{name}[0]"), {}), name)
+        return Values((Values((tr.value(name),), f"{name}[0]"), Kwargs(name)), name)
 
     inputs = input
 

@@ -216,6 +216,11 @@ def test_module_tree_refusals_name_the_supported_form(tiny_lm, tiny_family):
             layer.foo = 1
         with pytest.raises(InvalidArgumentError, match="only the first"):
             layer.output = (torch.zeros(1), torch.zeros(1))
+        o_proj_input = _walk(tiny_lm, ref.o_proj).input
+        with pytest.raises(InvalidArgumentError, match="only the first positional"):
+            o_proj_input[1]["x"] = 1.0
+        with pytest.raises(InvalidArgumentError, match=r"tuple.*\[0\]\[:\] = x"):
+            o_proj_input[0][0] = 1.0
     torch.testing.assert_close(tr.logits, _logits_with(tiny_lm, {}), rtol=0, atol=0)
     with pytest.raises(InvalidArgumentError, match="trace"):
         layer.output
