@@ -597,3 +597,16 @@ def checkpoint_cells(path: Path) -> int:
         return sum(len(c) for c in json.loads(path.read_text())["cells"].values())
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
+
+
+# -- vendored code snippets of the documents causalpatch reproduces ---------------------------
+#: One file per snippet (``tests/data/snippets/<name>.txt``) and ``manifest.json``: the SHA-256
+#: of each source document and of each vendored file, and which document each snippet is from.
+SNIPPETS_DIR = TESTS_DIR / "data" / "snippets"
+#: The source documents themselves, when present beside the repository (not on a clean clone).
+SOURCE_DOCS = REPO_ROOT.parent / "shared" / "seeds"
+
+
+def load_snippet(name: str) -> str:
+    """The vendored snippet ``name`` (file stem), as written in its source document."""
+    return (SNIPPETS_DIR / f"{name}.txt").read_text()
