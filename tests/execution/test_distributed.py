@@ -35,8 +35,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 #: on effects up to 4.3; default executor mlp 8.9e-7, head node 8.5e-7, the CLI's top effects
 #: 8.2e-7, resid_pre by position 8.0e-7, ablate 7.2e-7, attn_head 2.9e-7); 0 (bitwise) for
 #: attribution and its verified exact values, path patching, causal tracing, the
-#: killed-and-restarted worker, and the sweep resumed locally after a worker error. Not zero elsewhere because a worker batches only its shard's rows
-#: (other matmul shapes, so other float32 summation orders).
+#: killed-and-restarted worker, and the sweep resumed locally after a worker error. Not zero
+#: elsewhere because a worker batches only its shard's rows (other matmul shapes, so other
+#: float32 summation orders).
 TOL = 1e-5
 #: Per pair: 2.3e-6 observed (|diff| 1.5e-5 on per-pair effects up to 6.4; one pair's change
 #: divided by the dataset's mean gap amplifies rounding). SAE patching: 2.4e-5 observed (|diff|
