@@ -30,8 +30,8 @@ RTOL_SWEEP = 4e-5
 RTOL_FAMILY = 1e-3
 
 
-#: Heads of SmolLM2 whose direct effect is >= 100x the tolerance (observed: 0 of 270).
-SMOLLM2_MIN_CELLS = 1
+#: Heads of SmolLM2 whose direct effect is >= 100x its tolerance (observed: 93 of 270).
+SMOLLM2_MIN_CELLS = 50
 
 
 def check(got, expected, what: str = "", rtol: float = RTOL, min_cells: int = 1) -> None:
