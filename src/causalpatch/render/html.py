@@ -621,11 +621,20 @@ def metadata_table(result: PatchingResult) -> str:
         ("direction", result.direction),
         ("shape", " x ".join(f"{a} {n}" for a, n in zip(result.axes, result.shape))),
     ]
+    names = (f"clean {result.metric}", f"corrupted {result.metric}")
+    if result.method == "causal_tracing":
+        items[3] = ("metric", "indirect effect on p(answer): p(restored) - p(subject noised)")
+        names = ("p(answer), clean run", "p(answer), subject noised")
+    elif result.method == "ablation":
+        items[3] = ("metric", f"{result.metric} ({metric_words(result.metric)}): ablated - "
+                              "baseline")
+        names = (f"baseline {result.metric} (nothing ablated)", names[1])
     if result.clean_metric is not None:
-        items.append((f"clean {result.metric}", _fmt(result.clean_metric)))
+        items.append((names[0], _fmt(result.clean_metric)))
     if result.corrupted_metric is not None:
-        items.append((f"corrupted {result.metric}", _fmt(result.corrupted_metric)))
-    items.append(("pairs", str(n_pairs_of(result))))
+        items.append((names[1], _fmt(result.corrupted_metric)))
+    unit = "prompts" if result.method in ("ablation", "causal_tracing") else "pairs"
+    items.append((unit, str(n_pairs_of(result))))
     answers = answer_text(result, 0)
     if answers:
         items.append(("answers (pair 0)", answers))

@@ -308,8 +308,11 @@ def takeaway(result: PatchingResult, k: int = 3, threshold: float = 0.1) -> str:
 
 
 def headline(result: PatchingResult, k: int = 3, threshold: float = 0.1) -> str:
-    """The takeaway's first sentence: the result's main finding in one line."""
-    return takeaway_sentences(result, k, threshold)[0]
+    """The result's main finding in one line: the takeaway's first sentence without its lead
+    (what was done, which a title already says)."""
+    first = takeaway_sentences(result, k, threshold)[0]
+    _, sep, finding = first.partition(": ")
+    return finding[:1].upper() + finding[1:] if sep and finding else first
 
 
 def takeaway_sentences(result: PatchingResult, k: int = 3, threshold: float = 0.1
