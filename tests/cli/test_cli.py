@@ -337,3 +337,44 @@ def test_help_examples_copy_paste(monkeypatch):
         assert word in res.output
     res = runner.invoke(cli.app, ["trace", "--help"], terminal_width=80)
     assert '--prompt "The Eiffel Tower is in the city of"' in res.output
+
+
+def _flat(text: str) -> str:
+    """Terminal output with its line breaks and runs of spaces made single spaces."""
+    return " ".join(text.split())
+
+
+def test_sweep_commands_print_title_baselines_and_takeaway(use_tiny_model, tmp_path):
+    """``patch`` and ``trace`` print, per result, what was run, the baselines and the
+    takeaway (the report's words), before the table; ``--json`` carries them too."""
+    from causalpatch.render.text import baselines_text, takeaway, title_words
+
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--component", "attn_head"))
+    assert res.exit_code == 0, res.output
+    result = PatchingResult.from_json(tmp_path / "o" / "result.json")
+    shown = _flat(res.output)
+    for line in (title_words(result), baselines_text(result), takeaway(result)):
+        assert _flat(line) in shown, line
+    assert shown.index(_flat(takeaway(result))) < shown.index("top 10 components")
+    assert f"clean {result.clean_metric:.4f}, corrupted {result.corrupted_metric:.4f}" in shown
+    data = json.loads(runner.invoke(cli.app, _patch_args(
+        tmp_path, "--component", "attn_head", "--json")).stdout)
+    assert data["results"][0]["takeaway"] == takeaway(result)
+    assert data["results"][0]["title"] == "Activation patching: attention heads"
+
+    out = tmp_path / "trace"
+    res = runner.invoke(cli.app, ["trace", "--prompt", "The Eiffel Tower is in the city of",
+                                  "--subject", "Eiffel Tower", "--samples", "2", "--window", "2",
+                                  "--components", "mlp,attn", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    shown = _flat(res.output)
+    for name in ("mlp_by_position", "attn_by_position"):
+        traced = PatchingResult.from_json(out / f"{name}.json")
+        assert _flat(takeaway(traced)) in shown
+        assert "has the largest indirect effect" in takeaway(traced)
+    assert "Causal tracing: restoring the MLP output (window of 2 layers), subject " \
+           "'Eiffel Tower' noised" in shown
+    assert (f"p(answer): clean run {traced.clean_metric:.4f}, subject noised "
+            f"{traced.corrupted_metric:.4f}") in shown
+    report = (out / "report.html").read_text()
+    assert report.count("<li><a href='#result-") == 2  # the summary: one line per component

@@ -337,7 +337,7 @@ def takeaway_sentences(result: PatchingResult, k: int = 3, threshold: float = 0.
         return _ablation_sentences(result, top, over, close)
     if not result.normalized:
         lead = f"{method_words(result.method)} of {what}"
-        out = [f"{lead}: {cell_words(result, c0)} gives {metric} {v0:+.3g} ({over}{close}"]
+        out = [f"{lead}: {cell_words(result, c0)} gives a {metric} of {v0:+.3g} ({over}{close}"]
         if rest:
             out.append("Next: " + ", ".join(f"{cell_words(result, c)} ({v:+.3g})"
                                             for c, v in rest) + ".")
