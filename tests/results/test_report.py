@@ -746,3 +746,24 @@ def test_chromium_renders_every_methods_story(stories, tmp_path):
     summary = dom.stdout.split('id="summary"')[1].split("</section>")[0]
     assert summary.count("<li>") == len(results)
     assert 'id="plot-9"' not in dom.stdout and 'class="cp-lens"' in dom.stdout
+
+
+def test_new_story_fields_are_escaped(tmp_path):
+    """A hostile subject reaches the title, takeaway, run list, summary and figure of a
+    causal-tracing section only as text."""
+    labels = {"layer": [0, 1], "position": ["0: 'a'", "1: 'b'*", "2: 'c'"]}
+    traced = PatchingResult(
+        effect_matrix=torch.tensor([[0.0, 0.2, 0.1], [0.0, 0.05, 0.3]]),
+        axes=("layer", "position"), labels=labels, component="mlp", metric="prob",
+        method="causal_tracing", normalized=False, clean_metric=0.5, corrupted_metric=0.1,
+        clean_prompts=[HOSTILE[1]], extra={
+            "subjects": [HOSTILE[0]], "subject_spans": [[1, 2]], "noise": 3.0, "sigma": 0.5,
+            "samples": 2, "window": 2, "n_prompts": 1, "positions": [0, 1, 2]})
+    page = report([traced, traced], tmp_path / "r.html", plotly="cdn")
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.DOTALL)
+    assert "<script>alert" not in outside and "<img" not in outside
+    assert outside.count(html.escape(repr(HOSTILE[0]))) >= 5  # titles, takeaways, runs, summary
+    titles = re.findall(r"<h2>\d\. (.*?)</h2>", page)
+    assert len(titles) == 2 and titles[1] == titles[0] + " (2)"  # the same run twice
+    drawn = figures_of(page)[0]["layout"]["title"]["text"]
+    assert "<script>" not in drawn and "&lt;script&gt;" in drawn
