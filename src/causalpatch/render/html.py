@@ -5,16 +5,30 @@ plotly.js (plotly's offline bundle, ``plotly.offline.get_plotlyjs()``) is inline
 many results there are; ``plotly="cdn"`` loads it from cdn.plot.ly instead (a small file that
 needs network to draw). The page has:
 
+* with several sections, a **Summary** first: each section's title and its main finding
+  (:func:`~.text.headline`), one line each, linking to the section;
 * one **Prompts** table per distinct set of prompt pairs (clean, corrupted, answers as text),
   with the tokens of the first clean prompt and their roles; sections built from another set
   than the first section say so;
-* per result: a plain-language **takeaway** (which cells recover most of the effect, with
-  numbers), an interactive plotly heatmap (bar chart for 1-D results; 3-D results get a slider
+* per result: a title that says what was done (:func:`~.text.title_words`: path patching's
+  senders -> receivers and freeze mode, the ablation kind, attribution's estimates, causal
+  tracing's restored state and noised subject; identical titles get " (2)"), a
+  plain-language **takeaway** in the method's own terms (which cells recover most of the
+  effect, with numbers; attribution values as estimates with the verified exact value beside
+  each; an ablation's baseline metric before and after; causal tracing's indirect effect), the
+  method's settings as a visible list (senders, receivers and what is frozen; ablation kind
+  and baseline; subject, noise, window and baselines of causal tracing; the verified exact
+  values), an interactive plotly heatmap (bar chart for 1-D results; 3-D results get a slider
   over the last axis, starting on the largest-magnitude effect over it) whose hover text shows
   the layer, head, position (token or role) and effect; a **per-pair view** (select a pair to
   see its own heatmap, prompts, answers and top cells; ``#pair-0=2`` in the URL preselects
   pair 2 of section 0); a top-components table; and the run's metadata (model, metric,
   direction, baselines, answers, what the position labels are, timings, method metadata);
+* causal tracing drawn as its PNG (:func:`~.plots.plot_trace`): positions (subject tokens
+  marked ``*``) or ROME's groups down, layers across, the component's sequential colour map
+  from 0 (the subject-noised run) to the largest indirect effect;
+* logit-lens and direct-logit-attribution results (duck-typed, :mod:`~.lens`) as static
+  sections: the lens table and the DLA bars with their closure check;
 * a checkbox switching every heatmap between its own colour range and one range shared by
   all results of the same kind (normalised effects, or raw values of one metric);
   ``shared_scale=True`` starts shared.

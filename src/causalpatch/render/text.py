@@ -215,6 +215,12 @@ def run_words(result: PatchingResult) -> list[str]:
         if isinstance(spans, list) and len(spans) == 1 and isinstance(spans[0], list):
             s0, s1 = spans[0]
             subject += f" (tokens {s0}–{s1 - 1}, marked * on the position axis)"
+        subjects = extra.get("subjects")
+        if isinstance(subjects, list) and len(subjects) > 1:
+            shown = ", ".join(repr(x) for x in subjects[:3] if isinstance(x, str))
+            subject = (f"subjects of {len(subjects)} prompts ({shown}"
+                       + (", ..." if len(subjects) > 3 else "") + "); positions averaged in "
+                       "ROME's groups relative to each subject")
         out.append(subject)
         if "noise" in extra:
             sigma = extra.get("sigma")
@@ -272,6 +278,8 @@ def cell_words(result: PatchingResult, coords: tuple[int, ...]) -> str:
             where = f" at {rest} (position {pos})" if sep and rest else f" at position {text}"
         elif axis == "site":
             parts.append(text)
+        elif axis == "group":  # causal tracing's position groups: "at the last subject token"
+            where = f" at the {text}"
         else:
             parts.append(f"{axis} {text}")
     return " ".join(parts).strip() + where if parts else where.strip()
