@@ -626,8 +626,12 @@ def test_attribution_values_are_labelled_estimates_with_exact_beside(stories):
         (c0, v0), *_ = result.top_cells(1)
         entry = next(e for e in verified if tuple(e["cell"]) == c0)  # the top cell is verified
         assert v0 < 0  # on this model the largest cell pushes the wrong way (-147% exact)
-        assert (f"{cell_words(result, c0)} has the largest effect, estimated "
-                f"{entry['estimate'] * 100:+.0f}%, exact {entry['exact'] * 100:+.0f}%" in text)
+        assert (f"{cell_words(result, c0)} has the largest effect, an estimated "
+                f"{entry['estimate'] * 100:+.0f}% (exact {entry['exact'] * 100:+.0f}%)" in text)
+        c1, v1 = result.top_cells(2)[1]  # "Next:" names the second cell's estimate and exact
+        second = next(e for e in verified if tuple(e["cell"]) == c1)
+        assert (f"{cell_words(result, c1)} (estimated {second['estimate'] * 100:+.0f}%, exact "
+                f"{second['exact'] * 100:+.0f}%)" in text)
         table = top_table(result)
         assert "<th>estimate</th><th>exact</th>" in table and "<th>effect</th>" not in table
         for e in verified[:3]:

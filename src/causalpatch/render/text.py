@@ -360,20 +360,19 @@ def takeaway_sentences(result: PatchingResult, k: int = 3, threshold: float = 0.
         verb = "removes"
     if estimate:
         lead += f" ({estimate_words(result)})"
-        verb = "is estimated to " + verb[:-1]
     gap = f"the clean-corrupted {metric} gap"
     if abs(v0) < threshold:
-        out = [f"{lead}: no single cell {'is estimated to ' if estimate else ''}"
-               f"{verb.split()[-1]} {threshold * 100:.0f}% or more of {gap}; the largest is "
-               f"{cell_words(result, c0)} at {percent_text(result, c0, v0, signed=True)} "
+        out = [f"{lead}: no single cell {'is estimated to ' + verb[:-1] if estimate else verb} "
+               f"{threshold * 100:.0f}% or more of {gap}; the largest is "
+               f"{cell_words(result, c0)} at {amount_text(result, c0, v0, signed=True)} "
                f"({over}).", "The effect is spread out, or this component does not carry it."]
         return out + _estimate_sentences(result)
     if v0 > 0:
-        first = (f"{lead}: {cell_words(result, c0)} {verb} {percent_text(result, c0, v0)} of "
+        first = (f"{lead}: {cell_words(result, c0)} {verb} {amount_text(result, c0, v0)} of "
                  f"{gap} ({over}{close}")
     else:
         first = (f"{lead}: {cell_words(result, c0)} has the largest effect, "
-                 f"{percent_text(result, c0, v0, signed=True)} of {gap}, i.e. it pushes the "
+                 f"{amount_text(result, c0, v0, signed=True)} of {gap}, i.e. it pushes the "
                  f"wrong way ({over}{close}")
     out = [first]
     rest = [(c, v) for c, v in rest if abs(v) >= threshold]
@@ -389,7 +388,7 @@ def takeaway_sentences(result: PatchingResult, k: int = 3, threshold: float = 0.
     if lowest <= -threshold and v0 > 0:
         coords, value = _argmin(result)
         out.append(f"The most negative, {cell_words(result, coords)}, moves it "
-                   f"{percent_text(result, coords, value)} the other way.")
+                   f"{amount_text(result, coords, value)} the other way.")
     return out + _estimate_sentences(result)
 
 
@@ -436,6 +435,21 @@ def percent_text(result: PatchingResult, coords: tuple[int, ...], value: float,
     if checked is None:
         return f"estimated {pct(value)}"
     return f"estimated {pct(checked['estimate'])}, exact {pct(checked['exact'])}"
+
+
+def amount_text(result: PatchingResult, coords: tuple[int, ...], value: float,
+                signed: bool = False) -> str:
+    """A normalised value in percent inside a sentence; for attribution patching ``"an
+    estimated 65%"``, or ``"an estimated 65% (exact 58%)"`` where the cell was verified."""
+    if result.method != "attribution_patching":
+        return f"{value * 100:+.0f}%" if signed else _pct(value)
+    checked = verified_cells(result).get(tuple(int(c) for c in coords))
+    est = value if checked is None else checked["estimate"]
+    text = f"an estimated {est * 100:+.0f}%" if signed else f"an estimated {_pct(est)}"
+    if checked is None:
+        return text
+    exact = checked["exact"]
+    return text + (f" (exact {exact * 100:+.0f}%)" if signed else f" (exact {_pct(exact)})")
 
 
 def _estimate_sentences(result: PatchingResult) -> list[str]:
@@ -535,8 +549,9 @@ def _argmin(result: PatchingResult) -> tuple[tuple[int, ...], float]:
     return coords_t, float(result.effect_matrix[coords_t])
 
 
-__all__ = ["AXIS_TITLES", "COMPONENT_WORDS", "ablation_kind", "axis_title", "baselines_text",
-           "cell_words", "component_words", "estimate_words", "figure_title", "headline",
-           "method_words", "metric_words", "n_pairs_of", "pairs_text", "percent_text",
+__all__ = ["AXIS_TITLES", "COMPONENT_WORDS", "ablation_kind", "amount_text", "axis_title",
+           "baselines_text", "cell_words", "component_words", "estimate_words", "figure_title",
+           "headline", "method_words", "metric_words", "n_pairs_of", "pairs_text", "path_words",
+           "percent_text",
            "position_roles", "run_words", "short_model_name", "subject_text", "takeaway",
            "takeaway_sentences", "title_words", "trace_component_words", "verified_cells"]
