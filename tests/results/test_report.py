@@ -613,6 +613,7 @@ def test_attribution_values_are_labelled_estimates_with_exact_beside(stories):
     """Title, takeaway and table call attribution's values estimates; each verified cell shows
     its exact value beside the estimate (``verify_top_k`` and screen-then-prove alike)."""
     from causalpatch.render.html import result_title, top_table
+    from causalpatch.render.markdown import md_text
     from causalpatch.render.text import cell_words
 
     for key, words in (("atp", "AtP estimates"), ("atp*", "AtP* estimates")):
@@ -637,6 +638,9 @@ def test_attribution_values_are_labelled_estimates_with_exact_beside(stories):
         for e in verified[:3]:
             assert f"<td class='num'>{e['exact']:+.4f}</td>" in table
             assert f"<td class='num'>{e['estimate']:+.4f}</td>" in table
+        md = result.to_markdown()
+        assert f"- **what**: Attribution patching ({md_text(words)})" in md
+        assert "- verified exactly: layer" in md and "exact" in md
     bound = stories["atp*"].extra["missed_bound"]
     assert (f"|effect| ≤ {bound['max_abs_effect'] * 100:.0f}%"
             in stories["atp*"].takeaway())
@@ -711,6 +715,8 @@ def test_summary_opens_a_multi_section_report_one_line_each(stories):
     assert "estimated" in lines[3][2] and "from" in lines[2][2]
     assert "Logit lens:" in lines[4][1] and "rank" in lines[4][2]
     assert "Direct logit attribution (head)" in lines[5][1] and "largest part" in lines[5][2]
+    mixed = report([stories["mean"], stories["trace"]], plotly="cdn")  # a trace's components
+    assert mixed.count("<li><a href='#result-") == 1 + len(stories["trace"])
     single = report([stories["mean"]], plotly="cdn")
     assert "id='summary'" not in single
 

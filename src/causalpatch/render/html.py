@@ -63,6 +63,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,7 @@ from .text import (
     run_words,
     takeaway,
     title_words,
+    value_heading,
     verified_cells,
 )
 
@@ -565,18 +567,6 @@ def _cell_value(result: PatchingResult, coords: tuple[int, ...]) -> tuple[float,
     return value, std
 
 
-def value_heading(result: PatchingResult) -> str:
-    """The name of a result's values in tables: ``effect``, ``estimate`` (attribution
-    patching), ``indirect effect`` (causal tracing), ``change`` (ablation)."""
-    if result.method == "attribution_patching":
-        return "estimate"
-    if result.method == "causal_tracing":
-        return "indirect effect"
-    if result.method == "ablation":
-        return "change"
-    return "effect"
-
-
 def top_table(result: PatchingResult, k: int = 10) -> str:
     """HTML table of the ``k`` largest-magnitude cells (axis labels, value, std); attribution
     patching's values are headed ``estimate``, with an ``exact`` column where cells were
@@ -840,7 +830,8 @@ def report(results: Any,
     Args:
         results: a result or a sequence of them (e.g. resid, attn, mlp and heads of one
             experiment): :class:`~causalpatch.result.PatchingResult` objects of any method,
-            and logit-lens and direct-logit-attribution results
+            causal-tracing results (a section per component), and logit-lens and
+            direct-logit-attribution results
             (:class:`~causalpatch.methods.lens.LensResult`, ``DLAResult``), each a section.
         path: where to write it (atomically); None only returns the HTML text.
         title: page title and heading (escaped; None means the default).
@@ -859,7 +850,12 @@ def report(results: Any,
             ``LensResult`` or a ``DLAResult`` (nor shaped like one, see :func:`is_result`).
     """
     single = is_result(results) or is_lens(results) or is_dla(results)
-    everything = [results] if single else list(results)
+    everything = []
+    for item in [results] if single or isinstance(results, Mapping) else list(results):
+        if isinstance(item, Mapping):  # a CausalTracingResult: one section per component
+            everything += list(item.values())
+        else:
+            everything.append(item)
     if not everything:
         raise InvalidArgumentError("report needs at least one result, got none")
     for item in everything:

@@ -245,6 +245,18 @@ def run_words(result: PatchingResult) -> list[str]:
     return out
 
 
+def value_heading(result: PatchingResult) -> str:
+    """The name of a result's values in tables: ``effect``, ``estimate`` (attribution
+    patching), ``indirect effect`` (causal tracing), ``change`` (ablation)."""
+    if result.method == "attribution_patching":
+        return "estimate"
+    if result.method == "causal_tracing":
+        return "indirect effect"
+    if result.method == "ablation":
+        return "change"
+    return "effect"
+
+
 def baselines_text(result: PatchingResult) -> str:
     """One line with the metric on the runs the effects are measured from, in the method's
     terms (causal tracing: the answer's probability, clean and with the subject noised;
@@ -554,4 +566,5 @@ __all__ = ["AXIS_TITLES", "COMPONENT_WORDS", "ablation_kind", "amount_text", "ax
            "headline", "method_words", "metric_words", "n_pairs_of", "pairs_text", "path_words",
            "percent_text",
            "position_roles", "run_words", "short_model_name", "subject_text", "takeaway",
-           "takeaway_sentences", "title_words", "trace_component_words", "verified_cells"]
+           "takeaway_sentences", "title_words", "trace_component_words", "value_heading",
+           "verified_cells"]
