@@ -576,6 +576,8 @@ def stories(small_llama):
                                      verify="auto", top_k=3, **PP_ANSWERS),
         "trace": causal_tracing(small_llama, "t5 t6 t7 t8 t9 t10 t11", "t6 t7", samples=3,
                                 window=2, position_groups=False),
+        "trace2": causal_tracing(small_llama, ["t5 t6 t7 t8 t9 t10 t11", "t4 t6 t9 t3 t8 t8 t2"],
+                                 ["t6 t7", "t6"], samples=2, window=2, position_groups=False),
         "lens": logit_lens(small_llama, PP_CLEAN, answer=3),
         "dla": direct_logit_attribution(small_llama, PP_CLEAN, "head", **PP_ANSWERS),
     }
@@ -699,6 +701,17 @@ def test_causal_tracing_speaks_romes_terms_and_draws_as_its_png(stories):
         cmap = colormaps[TRACE_CMAPS[component]]
         assert scale[0][1] == to_hex(cmap(0.0)) and scale[-1][1] == to_hex(cmap(1.0))
     assert "0 = subject noised" in trace["colorbar"]["title"]["text"]
+    # several prompts: each prompt's own view is drawn the same way, its own subject marked
+    from causalpatch.render.html import pair_view
+
+    two = stories["trace2"]["mlp"]
+    view = pair_view(two)
+    assert view["data"][0]["colorscale"] == trace["colorscale"]
+    assert view["data"][0]["zmin"] == 0.0 and view["layout"]["yaxis"]["autorange"] == "reversed"
+    assert [t.endswith("*") for t in view["views"][1]["y"][0]][:3] == [False, True, False]
+    assert [t.endswith("*") for t in view["views"][0]["y"][0]][:3] == [False, True, True]
+    assert torch.allclose(torch.tensor(view["views"][1]["z"][0], dtype=torch.float64),
+                          two.per_pair[1].double().T, rtol=1e-4)
     notebook = traced._repr_html_()
     assert "indirect effect" in notebook and "gives a probability" not in notebook
     assert "p(answer): clean run" in compact_html(mlp)
@@ -747,15 +760,19 @@ def test_chromium_renders_every_methods_story(stories, tmp_path):
     DLA) renders in headless Chromium with nothing on the console: every heatmap drawn, the
     summary lists one line per section."""
     results = [stories[k] for k in ("path_q", "path_logits", "mean", "zero", "atp", "atp*")]
-    results += [*stories["trace"].values(), stories["lens"], stories["dla"]]
+    results += [*stories["trace"].values(), stories["trace2"]["attn"], stories["lens"],
+                stories["dla"]]
     path = tmp_path / "stories.html"
     report(results, path, title="every method")
-    dom = chromium(path, tmp_path, "--dump-dom")
-    plotted = [f"plot-{i}" for i in range(len(results) - 2)]
+    dom = chromium(path, tmp_path, "--dump-dom", fragment="pair-9=1")
+    plotted = [f"plot-{i}" for i in range(len(results) - 2)] + ["pairplot-9"]
     assert page_problems(dom, plotted) == [], dom.stderr[-3000:]
     summary = dom.stdout.split('id="summary"')[1].split("</section>")[0]
     assert summary.count("<li>") == len(results)
-    assert 'id="plot-9"' not in dom.stdout and 'class="cp-lens"' in dom.stdout
+    assert 'id="plot-10"' not in dom.stdout and 'class="cp-lens"' in dom.stdout
+    scan = _PlotScan()
+    scan.feed(dom.stdout)
+    assert scan.attrs["pairplot-9"]["data-pair"] == "1"  # the second prompt's trace was drawn
 
 
 def test_new_story_fields_are_escaped(tmp_path):

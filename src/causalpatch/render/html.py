@@ -530,8 +530,42 @@ def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[s
         for key, axis in (("xaxis", axes[1]), ("yaxis", axes[0])):
             if axis == "position":
                 layout[key]["title"]["text"] = "position (this pair)"
-    return {"data": [trace], "layout": layout, "views": views, "details": details,
-            "n_pairs": n, "shown": shown}
+    out = {"data": [trace], "layout": layout, "views": views, "details": details,
+           "n_pairs": n, "shown": shown}
+    if result.method == "causal_tracing" and mats[0].ndim == 2:
+        _as_trace_view(result, out, mats)
+    return out
+
+
+def _as_trace_view(result: PatchingResult, view: dict[str, Any], mats: list[Any]) -> None:
+    """Turn a causal-tracing per-prompt view into its PNG's form (as
+    :func:`trace_figure_spec`): positions down, layers across, the sequential colour map
+    from 0 to the largest indirect effect of the prompts shown."""
+    import numpy as np
+
+    spans = result.extra.get("subject_spans") if isinstance(result.extra, dict) else None
+    for i, (v, m) in enumerate(zip(view["views"], mats)):
+        v["x"], v["y"], v["z"] = v["y"], v["x"], [_nums(np.asarray(m).T.tolist())]
+        if isinstance(spans, list) and i < len(spans) and len(spans[i]) == 2:
+            s0, s1 = spans[i]  # this prompt's own subject tokens
+            v["y"] = [[t if not s0 <= j < s1 or t.endswith("*") else t + "*"
+                       for j, t in enumerate(v["y"][0])]]
+    stacked = np.stack(mats)
+    finite = stacked[np.isfinite(stacked)]
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    first = view["views"][0]
+    view["data"] = [{
+        "type": "heatmap", "x": first["x"][0], "y": first["y"][0], "z": first["z"][0],
+        "colorscale": trace_colorscale(result.component), "zmin": 0.0, "zmax": _limit(vmax),
+        "zauto": False, "xgap": 1, "ygap": 1,
+        "hovertemplate": "position %{y}<br>layer %{x}<br>indirect effect %{z:+.4f}"
+                         "<extra></extra>",
+        "colorbar": {"title": {"text": "indirect effect"}, "thickness": 14}}]
+    layout = view["layout"]
+    layout["xaxis"] = {"title": {"text": "layer"}, "type": "category", "automargin": True}
+    layout["yaxis"] = {"title": {"text": "position (this prompt; * = subject token)"},
+                       "type": "category", "automargin": True, "autorange": "reversed"}
+    layout["plot_bgcolor"] = "#eeeeee"
 
 
 def _pair_section(i: int, view: dict[str, Any], result: PatchingResult) -> str:
@@ -541,6 +575,8 @@ def _pair_section(i: int, view: dict[str, Any], result: PatchingResult) -> str:
             if view["shown"] < view["n_pairs"] else "")
     d0 = view["details"][0]
     kind = "normalised by the mean gap over all pairs" if result.normalized else "raw values"
+    if result.method == "causal_tracing":
+        kind = "each prompt's indirect effects; pair = prompt"
     return (
         f"<details class='pairs' open><summary>Per pair ({_esc(pairs_text(view['n_pairs']))}; "
         f"{_esc(kind)})</summary>"
