@@ -564,7 +564,6 @@ def _argmin(result: PatchingResult) -> tuple[tuple[int, ...], float]:
 __all__ = ["AXIS_TITLES", "COMPONENT_WORDS", "ablation_kind", "amount_text", "axis_title",
            "baselines_text", "cell_words", "component_words", "estimate_words", "figure_title",
            "headline", "method_words", "metric_words", "n_pairs_of", "pairs_text", "path_words",
-           "percent_text",
-           "position_roles", "run_words", "short_model_name", "subject_text", "takeaway",
-           "takeaway_sentences", "title_words", "trace_component_words", "value_heading",
-           "verified_cells"]
+           "percent_text", "position_roles", "run_words", "short_model_name", "subject_text",
+           "takeaway", "takeaway_sentences", "title_words", "trace_component_words",
+           "value_heading", "verified_cells"]
