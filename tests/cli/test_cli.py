@@ -378,3 +378,40 @@ def test_sweep_commands_print_title_baselines_and_takeaway(use_tiny_model, tmp_p
             f"{traced.corrupted_metric:.4f}") in shown
     report = (out / "report.html").read_text()
     assert report.count("<li><a href='#result-") == 2  # the summary: one line per component
+
+
+def test_ioi_prints_every_steps_story_and_its_report_opens_with_a_summary(
+        use_tiny_model, tmp_path, monkeypatch):
+    """``ioi``'s four steps each print title, baselines and takeaway; its report opens with
+    one summary line per step, each linking to its section. (The tiny tokenizer knows too few
+    names for ``IOIDataset``: its IOI-like pairs stand in for the dataset.)"""
+    import causalpatch.datasets
+    from causalpatch.render.text import baselines_text, headline, takeaway, title_words
+    from conftest import IOI_PAIRS, TextPairs
+
+    class Pairs(TextPairs):
+        def __len__(self) -> int:  # the command counts the dataset's pairs
+            return len(self.clean)
+
+    monkeypatch.setattr(causalpatch.datasets, "IOIDataset",
+                        lambda model, n, seed, equal_length=False: Pairs.of(IOI_PAIRS[:n]))
+    out = tmp_path / "ioi"
+    res = runner.invoke(cli.app, ["ioi", "--n", "2", "--no-progress", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    shown = _flat(res.output)
+    names = ["resid_post_by_position", "attn_by_position", "mlp_by_position", "attn_head"]
+    results = [PatchingResult.from_json(out / f"{name}.json") for name in names]
+    for result in results:
+        for line in (title_words(result), baselines_text(result), takeaway(result)):
+            assert _flat(line) in shown, line
+    page = (out / "report.html").read_text()
+    summary = page.split("<section id='summary'>")[1].split("</section>")[0]
+    for i, result in enumerate(results):
+        assert f"<li><a href='#result-{i}'>" in summary
+        assert html_escape(headline(result)) in summary
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
