@@ -614,7 +614,7 @@ def test_path_patching_titles_name_senders_receivers_and_freeze(stories):
 def test_attribution_values_are_labelled_estimates_with_exact_beside(stories):
     """Title, takeaway and table call attribution's values estimates; each verified cell shows
     its exact value beside the estimate (``verify_top_k`` and screen-then-prove alike)."""
-    from causalpatch.render.html import result_title, top_table
+    from causalpatch.render.html import figure_spec, result_title, top_table
     from causalpatch.render.markdown import md_text
     from causalpatch.render.text import cell_words
 
@@ -640,6 +640,9 @@ def test_attribution_values_are_labelled_estimates_with_exact_beside(stories):
         for e in verified[:3]:
             assert f"<td class='num'>{e['exact']:+.4f}</td>" in table
             assert f"<td class='num'>{e['estimate']:+.4f}</td>" in table
+        spec = figure_spec(result)["data"][0]
+        assert spec["colorbar"]["title"]["text"] == "estimate" and "estimate %{z" in (
+            spec["hovertemplate"])
         md = result.to_markdown()
         assert f"- **what**: Attribution patching ({md_text(words)})" in md
         assert "- verified exactly: layer" in md and "exact" in md

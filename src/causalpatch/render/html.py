@@ -247,7 +247,7 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     names = [_unique([_pt(result.cell_text(a, i)) for i in range(n)])
              for a, n in zip(axes, m.shape)]
     limit = _limit(vmax if vmax is not None and 0 < vmax < math.inf else symmetric_limit(m))
-    value_name = "effect" if result.normalized else _pt(result.metric)
+    value_name = _value_name(result)
     std = None if result.std is None else result.std.double().numpy()
     layout: dict[str, Any] = {
         "title": {"text": _pt(result_title(result)), "font": {"size": 15}},
@@ -377,6 +377,16 @@ def trace_figure_spec(result: PatchingResult) -> dict[str, Any]:
     return {"data": [trace], "layout": layout}
 
 
+def _value_name(result: PatchingResult) -> str:
+    """What the colour bar and hover call a value (plotly-escaped): ``effect``, ``estimate``
+    (attribution patching), the ablation's ``change in <metric>``, or the raw metric."""
+    if result.method == "attribution_patching" and result.normalized:
+        return "estimate"
+    if result.method == "ablation":
+        return _pt(f"change in {result.metric}")
+    return "effect" if result.normalized else _pt(result.metric)
+
+
 def _panel_names(result: PatchingResult, names: list[list[str]]) -> tuple[str, list[str]]:
     """Name of the flattened trailing axes and of each of their entries (plotly-escaped)."""
     axes, shape = result.axes, result.shape
@@ -462,7 +472,7 @@ def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[s
     shown = max(1, min(n, max_pairs, MAX_PAIR_VALUES // max(1, 2 * cells)))
     names = [_unique([_pt(result.cell_text(a, i)) for i in range(size)])
              for a, size in zip(axes, result.shape)]
-    value_name = "effect" if result.normalized else _pt(result.metric)
+    value_name = _value_name(result)
     panel_axis = panel_names = None
     if values.ndim > 3:
         panel_axis, panel_names = _panel_names(result, names)

@@ -87,7 +87,11 @@ def title_of(result: PatchingResult) -> str:
 def value_label(result: PatchingResult) -> str:
     """Colour bar / y-axis label."""
     if result.normalized:
+        if result.method == "attribution_patching":
+            return "estimated effect (0 none, 1 full)"
         return "effect (0 none, 1 full)"
+    if result.method == "ablation":
+        return f"change in {metric_words(result.metric)}"
     return metric_words(result.metric)
 
 
