@@ -374,6 +374,7 @@ def test_sweep_commands_print_title_baselines_and_takeaway(use_tiny_model, tmp_p
         assert "has the largest indirect effect" in takeaway(traced)
     assert "Causal tracing: restoring the MLP output (window of 2 layers), subject " \
            "'Eiffel Tower' noised" in shown
+    assert "indirect effect" in res.output.split("top 10 components")[1]  # the table column
     assert (f"p(answer): clean run {traced.clean_metric:.4f}, subject noised "
             f"{traced.corrupted_metric:.4f}") in shown
     report = (out / "report.html").read_text()

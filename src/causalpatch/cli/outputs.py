@@ -145,7 +145,9 @@ def top_table(result: Any, k: int = 10) -> Any:
     axes = list(result.axes)
     for axis in axes:
         table.add_column(axis)
-    table.add_column("effect", justify="right")
+    from ..render.text import value_heading
+
+    table.add_column(value_heading(result), justify="right")  # "indirect effect" for traces
     for index, effect in result.top_components(k):
         idx = index if isinstance(index, tuple) else (index,)
         cells = []
