@@ -47,6 +47,9 @@ _EXPORTS: dict[str, str] = {
     "write_report": "result",
     "load_sae": "sae",
     "save_sae": "sae",
+    "edge_attribution": "methods.edges",
+    "EdgeGraph": "graph",
+    "EdgeResult": "graph",
 }
 #: Submodules exported by name (``causalpatch.datasets`` ...).
 _SUBMODULES = ("datasets", "errors", "interventions", "metrics", "sae")
@@ -85,6 +88,9 @@ __all__ = [
     "direct_logit_attribution",
     "logit_lens",
     "plot_attention_pattern",
+    "edge_attribution",
+    "EdgeGraph",
+    "EdgeResult",
 ]
 __version__ = "0.1.0"
 
@@ -123,3 +129,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .render.html import report
     from .result import PatchingResult, write_report
     from .sae import load_sae, save_sae
+    from .graph import EdgeGraph, EdgeResult
+    from .methods.edges import edge_attribution

@@ -1,0 +1,363 @@
+"""Edge attribution: which edges of the computational graph carry a behaviour.
+
+The graph (:mod:`causalpatch.graph`) has one edge per (writer, reader) pair of the residual
+stream: ``input``, every head ``a{L}.h{H}`` and every MLP ``m{L}`` write; every head's query,
+key and value input (``a{L}.h{H}.q/.k/.v``), every MLP ``m{L}`` and the ``logits`` read. The
+score of an edge ``u -> v`` is the change of the metric when only ``v``'s input receives
+``u``'s difference ``z_u(source) - z_u(base)`` (every other reader keeps the base run's input).
+Three methods:
+
+``"eap"`` (edge attribution patching, Syed et al. 2023)
+    The first-order estimate ``sum_t (z_u(source) - z_u(base))_t . dM / d(input of v)_t``,
+    the gradient at the base run. ``dM / d(input of v)`` is the gradient with respect to
+    ``v``'s *own copy* of the residual stream: for a head's query it flows only through that
+    head's query (its slice of the query projection, back through the layer's input norm); for
+    a key/value only through what that query head reads of its key/value head; for an MLP only
+    through the MLP. All of them come from one backward pass: the gradients at each layer's
+    q/k/v and attention output are mapped back to the residual stream by vector-Jacobian
+    products on the same graph (:func:`causalpatch.engine.gradient_pass`'s ``after``), all
+    receivers of a layer at once (``is_grads_batched``). The scores of every edge are then one
+    contraction per receiver layer: no loop over edges.
+
+``"eap_ig"`` (EAP with integrated gradients, Hanna et al. 2024)
+    The same with the gradient averaged over ``ig_steps`` runs whose input embeddings are
+    ``e_source + (k / ig_steps) (e_base - e_source)``, ``k = 0 .. ig_steps - 1``: the source
+    endpoint is included and the base endpoint is not (a Riemann sum from the source side). With
+    ``direction="noise"`` these are exactly EAP-IG's points ``corrupted + (k/m)(clean -
+    corrupted)``, ``k = 0..m-1``. The steps are rows of one batch.
+
+Sign and direction (as everywhere in causalpatch, docs/noising_vs_denoising.md): the base run
+is patched with the source run's values; ``direction="noise"`` (the default here, as in EAP and
+EAP-IG) has base = clean, source = corrupted, ``"denoise"`` the reverse. Scores are normalised
+like every other method: ``(mean patched - mean base) / (mean source - mean base)`` over pairs,
+so 1.0 = "this edge alone moves the metric all the way to the source run" (full damage when
+noising); :attr:`~causalpatch.graph.EdgeResult.change` keeps the metric's own unit. EAP-IG's and
+AutoCircuit's scores are the un-normalised ``change`` summed (EAP-IG: averaged) over the batch,
+usually of a loss such as ``-logit_diff``, so their sign is flipped relative to
+``change`` with ``metric="logit_diff"``.
+
+Example::
+
+    from causalpatch import InterpretableModel, edge_attribution
+    model = InterpretableModel("smollm2")
+    result = edge_attribution(
+        model, "When Mary and John went to the store, John gave a drink to",
+        "When Mary and John went to the store, Mary gave a drink to",
+        correct=" Mary", incorrect=" John")
+    result.top(5)                     # [(src, dst, score), ...]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..assemble import GroupValues, Scale, aggregate
+from ..engine import cachers, embed, gradient_pass, last_logits
+from ..enums import Direction
+from ..errors import InvalidArgumentError, UnknownComponentError, UnsupportedArchitectureError
+from ..graph import EdgeGraph, EdgeResult
+from ..metrics import Metric
+from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
+from ..plan import check_int, metric_inputs
+
+if TYPE_CHECKING:
+    from ..model import HookedModel
+    from ..names import Site
+
+#: ``method=``: the first-order estimate, its integrated-gradients variant, exact patching.
+METHODS = ("eap", "eap_ig")
+
+#: Pairs per forward/backward batch when ``batch_size`` is not given (the receivers' input
+#: gradients of a batch are held until its scores are contracted: about ``4 * n_receivers * T
+#: * d_model`` bytes per pair, ~150 MB for 4 SmolLM2 IOI pairs).
+DEFAULT_PAIRS_PER_BATCH = 4
+
+
+def check_separable(model: HookedModel) -> None:
+    """Edges need each head's residual write on its own: a per-head ``attn.z`` whose output
+    projection is added to the residual stream as it is (no post-attention norm)."""
+    reason = ""
+    try:
+        if not model.layer_site("attn.z", 0).per_head:
+            reason = "its attn.z site is not per head"
+    except UnknownComponentError as err:
+        reason = str(err)
+    if not reason and (model.runtime.post_norm_input("attn") is not None
+                       or model.runtime.post_norm_input("mlp") is not None):
+        reason = ("a norm after the attention block (Gemma 2/3's post-attention norm) mixes "
+                  "the heads before the residual add, so no head has a residual write of its "
+                  "own")
+    if reason:
+        raise UnsupportedArchitectureError(
+            f"edge attribution needs each attention head's residual write separately, which "
+            f"this {model.adapter.name} model does not have: {reason}; use "
+            "attribution_patching(component='attn_head') for head scores instead")
+
+
+def _sites(model: HookedModel, parallel: bool) -> dict[str, list[Site]]:
+    """Per kind, every layer's site (``post``: only the last layer's output)."""
+    kinds = ["resid_pre", "attn.q", "attn.k", "attn.v", "attn.z", "mlp"]
+    if not parallel:
+        kinds.append("resid_mid")
+    out = {k: [model.layer_site(k, layer) for layer in range(model.n_layers)] for k in kinds}
+    out["post"] = [model.layer_site("resid_post", model.n_layers - 1)]
+    return out
+
+
+def _sender_deltas(model: HookedModel, sites: dict[str, list[Site]],
+                   base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]
+                   ) -> torch.Tensor:
+    """``[b, T, n_nodes, d_model]`` every node's residual write, source minus base: the
+    embedding (``resid_pre`` of layer 0), each head's ``z`` through its rows of the output
+    projection (the bias is common to both runs), each MLP's output."""
+    n_heads, d_head = model.n_heads, model.d_head
+    parts = []
+    name = sites["resid_pre"][0].name
+    parts.append((source[name].float() - base[name].float())[:, :, None])
+    for layer in range(model.n_layers):
+        z = sites["attn.z"][layer].name
+        w, _ = model.runtime.output_projection(layer, "attn")  # [H * d_head, d_model]
+        dz = source[z].float() - base[z].float()  # [b, T, H, d_head]
+        parts.append(torch.einsum("bthe,hed->bthd", dz,
+                                  w.float().reshape(n_heads, d_head, -1)))
+        m = sites["mlp"][layer].name
+        parts.append((source[m].float() - base[m].float())[:, :, None])
+    return torch.cat(parts, dim=2)
+
+
+class _Receivers:
+    """The leaf of :func:`~causalpatch.engine.gradient_pass` that keeps each site's tensors,
+    and the vector-Jacobian products that turn the pass's gradients into every receiver's
+    input gradient ``dM / d(input of v)`` (module docstring), averaged over ``steps`` rows per
+    pair (``eap_ig``)."""
+
+    def __init__(self, model: HookedModel, sites: dict[str, list[Site]], parallel: bool,
+                 steps: int) -> None:
+        self.model, self.sites, self.parallel, self.steps = model, sites, parallel, steps
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.attn: list[torch.Tensor] = []  # per layer [3 H, b, T, d_model]: q, k, v heads
+        self.mlp: list[torch.Tensor] = []  # per layer [b, T, d_model]
+        self.logits: torch.Tensor | None = None  # [b, T, d_model]
+
+    def leaf(self, site: Site, act: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        delta = torch.zeros_like(act, requires_grad=True)
+        self.kept[site.name] = (act, delta)
+        return act + delta, {"act": delta}
+
+    def _mean(self, g: torch.Tensor, batch_dim: int) -> torch.Tensor:
+        """Average the ``steps`` rows of each pair (rows pair-major) in float32."""
+        g = g.float()
+        if self.steps == 1:
+            return g.detach()
+        shape = g.shape
+        g = g.reshape(*shape[:batch_dim], -1, self.steps, *shape[batch_dim + 1:])
+        return g.mean(batch_dim + 1).detach()
+
+    def after(self, grads: dict[str, dict[str, torch.Tensor]]) -> None:
+        model, sites = self.model, self.sites
+        n_heads, n_kv = model.n_heads, model.n_kv_heads
+        group = n_heads // n_kv
+        heads = torch.arange(n_heads)
+        kv_of = heads // group  # the key/value head each query head reads
+        for layer in range(model.n_layers):
+            z_act, _ = self.kept[sites["attn.z"][layer].name]
+            dz = grads[sites["attn.z"][layer].name]["act"]  # [B, T, H, d_head]
+            dq = grads[sites["attn.q"][layer].name]["act"]
+            k_name, v_name = sites["attn.k"][layer].name, sites["attn.v"][layer].name
+            if group == 1:  # every key/value head is read by one query head
+                dk, dv = grads[k_name]["act"], grads[v_name]["act"]
+            else:  # member j of every group at once: heads j, j + group, ... read kv heads 0..
+                dk, dv = torch.zeros_like(dz), torch.zeros_like(dz)
+                for j in range(group):
+                    mask = (heads % group == j).to(dz.dtype).to(dz.device)[:, None]
+                    gk, gv = _vjp(z_act, [self.kept[k_name][1], self.kept[v_name][1]],
+                                  dz * mask)
+                    dk[:, :, j::group] = gk
+                    dv[:, :, j::group] = gv
+            x = self.kept[sites["resid_pre"][layer].name][1]
+            per_kind = []
+            for name, per_head, units in ((sites["attn.q"][layer].name, dq, heads),
+                                          (k_name, dk, kv_of), (v_name, dv, kv_of)):
+                act = self.kept[name][0]  # [B, T, n_units, d_head]
+                cot = per_head.new_zeros(n_heads, *act.shape)
+                # receiver h's cotangent: its own gradient in the unit it reads, zero elsewhere
+                cot[heads, :, :, units] = per_head.permute(2, 0, 1, 3)
+                (g,) = _vjp(act, [x], cot, batched=True)
+                per_kind.append(self._mean(g, 1))
+            self.attn.append(torch.cat(per_kind))
+            mlp_in = sites["resid_pre" if self.parallel else "resid_mid"][layer].name
+            mlp_name = sites["mlp"][layer].name
+            (g,) = _vjp(self.kept[mlp_name][0], [self.kept[mlp_in][1]], grads[mlp_name]["act"])
+            self.mlp.append(self._mean(g, 0))
+        self.logits = self._mean(grads[sites["post"][0].name]["act"], 0)
+        self.kept.clear()
+
+    def scores(self, graph: EdgeGraph, deltas: torch.Tensor) -> torch.Tensor:
+        """``[b, n_edges]`` every edge's estimate ``sum_t delta_u . grad_v`` from the senders'
+        differences ``deltas`` ``[b, T, n_nodes, d_model]``, receiver-major."""
+        assert self.logits is not None
+        out = []
+        for layer in range(graph.n_layers):
+            n = graph.sender_index(layer, 0)
+            attn = torch.einsum("btsd,rbtd->brs", deltas[:, :, :n], self.attn[layer])
+            out.append(attn.flatten(1))
+            n_mlp = n + (0 if graph.parallel else graph.n_heads)
+            out.append(torch.einsum("btsd,btd->bs", deltas[:, :, :n_mlp], self.mlp[layer]))
+        out.append(torch.einsum("btsd,btd->bs", deltas, self.logits))
+        return torch.cat(out, dim=1)
+
+
+def _vjp(output: torch.Tensor, inputs: list[torch.Tensor], cotangent: torch.Tensor,
+         batched: bool = False) -> list[torch.Tensor]:
+    """``cotangent . d output / d inputs`` on the retained graph (zeros where unused);
+    ``batched``: ``cotangent`` has a leading axis of independent cotangents."""
+    found = torch.autograd.grad(output, inputs, cotangent, retain_graph=True,
+                                allow_unused=True, is_grads_batched=batched)
+    return [torch.zeros((*cotangent.shape[:1], *t.shape) if batched else t.shape,
+                        dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(found, inputs)]
+
+
+def edge_attribution(
+    model: HookedModel,
+    clean: Any,
+    corrupted: Any = None,
+    method: str = "eap",
+    metric: str | Metric | Callable[..., Any] | None = None,
+    metric_kwargs: Mapping[str, Any] | None = None,
+    *,
+    correct: Any = None,
+    incorrect: Any = None,
+    direction: str | Direction = "noise",
+    ig_steps: int = 5,
+    batch_size: int | None = None,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    checkpoint: str | None = None,
+    progress: Progress = None,
+    executor: Any = None,
+) -> EdgeResult:
+    """Score every edge of the model's graph (:mod:`causalpatch.graph`).
+
+    Args:
+        model: the :class:`~causalpatch.HookedModel` (heads must be separable: not Gemma 2/3,
+            whose post-attention norm mixes them).
+        clean, corrupted: as in :func:`causalpatch.activation_patching`: prompts of equal
+            token length pairwise, or a dataset as ``clean`` (then ``corrupted=None``).
+        method: ``"eap"`` (first-order, gradient at the base run) or ``"eap_ig"`` (the
+            gradient averaged over ``ig_steps`` interpolated inputs); module docstring.
+        metric, metric_kwargs, correct, incorrect: as every pair method; the metric must be
+            differentiable in the logits.
+        direction: ``"noise"`` (default, EAP's: corrupted differences, gradient on the clean
+            run) or ``"denoise"`` (clean differences, gradient on the corrupted run).
+        ig_steps: ``eap_ig``'s number of interpolation points (``>= 1``; the source endpoint
+            included, the base excluded).
+        batch_size: pairs per forward/backward batch (pairs are grouped by token length;
+            default 4); ``eap_ig`` runs ``batch_size * ig_steps`` rows.
+        memory_mb, checkpoint, progress, executor: the run options every method shares
+            (:mod:`causalpatch.options`).
+
+    Returns:
+        :class:`~causalpatch.graph.EdgeResult`: ``scores`` ``[n_edges]`` normalised,
+        ``change`` in the metric's unit, ``score(src, dst)``, ``top(n)``, ``to_pandas()``,
+        JSON.
+
+    Raises:
+        InvalidArgumentError: an unknown method, ``ig_steps < 1``, an empty dataset, prompts
+            of different lengths, missing answers (all before any forward pass).
+        UnsupportedArchitectureError: heads that cannot be separated.
+    """
+    t_start = time.perf_counter()
+    # -- validate everything first ----------------------------------------------------------
+    if not isinstance(method, str) or method not in METHODS:
+        raise InvalidArgumentError(
+            f"method must be one of {', '.join(repr(m) for m in METHODS)} (edge attribution "
+            f"patching, or with integrated gradients), got {method!r}")
+    check_int(ig_steps, "ig_steps", 1)
+    check_separable(model)
+    options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
+                              memory_mb=memory_mb, checkpoint=checkpoint)
+    prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
+                         direction)
+    pairs, m, denoise = prep.pairs, prep.metric, prep.denoise
+    graph = EdgeGraph.of(model)
+    steps = ig_steps if method == "eap_ig" else 1
+    per_batch = batch_size or DEFAULT_PAIRS_PER_BATCH
+    groups: dict[int, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(len(pair.clean), []).append(i)
+    batches = [idx[lo : lo + per_batch] for idx in groups.values()
+               for lo in range(0, len(idx), per_batch)]
+
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
+        sites = _sites(model_, graph.parallel)
+        flat = [s for kind in sites.values() for s in kind]
+
+        def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
+                     ) -> GroupValues:
+            chunk = [pairs[i] for i in group]
+            runs = [p.runs(denoise) for p in chunk]
+            base_ids = torch.tensor([b for b, _ in runs], device=model_.device)
+            src_ids = torch.tensor([s for _, s in runs], device=model_.device)
+            correct_ = [p.correct for p in chunk]
+            incorrect_ = [p.incorrect for p in chunk]
+
+            seen: list[torch.Tensor] = []
+
+            def objective(logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
+                seen[:] = [source_logits.detach()]
+                rep = logits.shape[0] // source_logits.shape[0]  # eap_ig: steps per pair
+                return m(logits, metric_inputs(
+                    m, [c for c in correct_ for _ in range(rep)],
+                    [c for c in incorrect_ for _ in range(rep)],
+                    source_logits.repeat_interleave(rep, 0)))
+
+            receivers = _Receivers(model_, sites, graph.parallel, steps)
+            base_acts: dict[str, torch.Tensor] = {}
+            if steps == 1:
+                grads = gradient_pass(model_, base_ids, src_ids, flat, objective,
+                                      receivers.leaf, stats, "edge attribution",
+                                      after=receivers.after)
+                base_acts, base_values = grads.base, grads.base_values
+            else:
+                e_base, e_src = embed(model_, base_ids), embed(model_, src_ids)
+                alpha = (torch.arange(steps, dtype=e_base.dtype, device=e_base.device)
+                         / steps)[None, :, None, None]
+                points = (e_src[:, None] + alpha * (e_base - e_src)[:, None]).flatten(0, 1)
+                grads = gradient_pass(model_, base_ids.repeat_interleave(steps, 0), src_ids,
+                                      flat, objective, receivers.leaf, stats,
+                                      "edge attribution", base_embeds=points,
+                                      after=receivers.after)
+                # the base run itself (the pass ran the interpolations): a plain forward
+                with torch.no_grad():
+                    base_last = last_logits(model_, base_ids, cachers(base_acts, flat))
+                    base_values = objective(base_last.float(), seen[0])
+            deltas = _sender_deltas(model_, sites, base_acts, grads.source)
+            with torch.no_grad():
+                est = receivers.scores(graph, deltas).cpu()
+            patched = base_values.float().cpu()[:, None] + est
+            if tick is not None:
+                tick(len(group) * len(cells))
+            return GroupValues(base_values.float().cpu(), grads.source_values.float().cpu(),
+                               patched[:, cells])
+
+        return evaluate
+
+    values = options.run(
+        model, pairs, graph.n_edges, build, groups=batches, label="edge attribution",
+        checkpoint_args=dict(method="edge_attribution", edge_method=method, metric=m.name,
+                             direction=prep.direction.value, ig_steps=steps, batch=per_batch))
+    agg = aggregate(values, Scale.NORMALIZED, m)
+    change = aggregate(values, Scale.CHANGE, m).effect
+    assert values.source is not None
+    extra: dict[str, Any] = {"edge_method": method, "seconds": time.perf_counter() - t_start,
+                             "n_edges": graph.n_edges}
+    if method == "eap_ig":
+        extra["ig_steps"] = steps
+    return EdgeResult(graph, agg.effect.float(), change.float(), float(values.base.mean()),
+                      float(values.source.mean()), method, prep.direction.value, m.name,
+                      len(pairs), model.name, extra)
