@@ -225,28 +225,44 @@ class EdgeResult:
     model_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def scored(self) -> torch.Tensor:
+        """``[n_edges]`` bool: the edges that were scored (all but those left out by
+        ``edges=``, which hold NaN)."""
+        return ~torch.isnan(self.scores)
+
     def score(self, src: str, dst: str) -> float:
         """The normalised score of edge ``src -> dst`` (e.g. ``("a3.h2", "a5.h1.k")``)."""
-        return float(self.scores[self.graph.edge_index(src, dst)])
+        index = self.graph.edge_index(src, dst)
+        value = float(self.scores[index])
+        if value != value:
+            raise InvalidArgumentError(
+                f"edge {src!r} -> {dst!r} was not scored (the run's edges= left it out); "
+                f"rerun with it in edges=")
+        return value
 
     def top(self, n: int = 10) -> list[tuple[str, str, float]]:
-        """The ``n`` edges with the largest ``|score|``: ``(src, dst, score)``, largest first."""
+        """The ``n`` scored edges with the largest ``|score|``: ``(src, dst, score)``, largest
+        first."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidArgumentError(f"n must be a positive int, got {n!r}")
-        order = torch.argsort(self.scores.abs(), descending=True, stable=True)[:n]
+        key = torch.where(self.scored, self.scores.abs(), torch.full_like(self.scores, -1.0))
+        order = torch.argsort(key, descending=True, stable=True)[:min(n, int(self.scored.sum()))]
         return [(*self.graph.edge_names(int(i)), float(self.scores[i])) for i in order]
 
     def to_pandas(self) -> Any:
-        """One row per edge: ``src``, ``dst``, ``score`` (normalised), ``change`` (metric
-        units), in storage order (a ``pandas.DataFrame``)."""
+        """One row per scored edge: ``src``, ``dst``, ``score`` (normalised), ``change``
+        (metric units), in storage order (a ``pandas.DataFrame``)."""
         import pandas as pd
 
         g = self.graph
         nodes, receivers = g.nodes, g.receivers
+        keep = self.scored
         return pd.DataFrame({
-            "src": [nodes[i] for i in g.edge_src.tolist()],
-            "dst": [receivers[i] for i in g.edge_dst.tolist()],
-            "score": self.scores.double().numpy(), "change": self.change.double().numpy()})
+            "src": [nodes[i] for i in g.edge_src[keep].tolist()],
+            "dst": [receivers[i] for i in g.edge_dst[keep].tolist()],
+            "score": self.scores[keep].double().numpy(),
+            "change": self.change[keep].double().numpy()})
 
     to_dataframe = to_pandas
 
@@ -256,8 +272,8 @@ class EdgeResult:
                 "graph": self.graph.to_dict(), "method": self.method,
                 "direction": self.direction, "metric": self.metric, "n_pairs": self.n_pairs,
                 "model_name": self.model_name, "base_value": self.base_value,
-                "source_value": self.source_value, "scores": self.scores.double().tolist(),
-                "change": self.change.double().tolist(), "extra": self.extra}
+                "source_value": self.source_value, "scores": _json_floats(self.scores),
+                "change": _json_floats(self.change), "extra": self.extra}
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """:meth:`to_dict` as JSON text, written atomically to ``path`` when given."""
@@ -274,8 +290,7 @@ class EdgeResult:
                 raise ValueError(f"format is {d.get('format')!r}, not {EDGES_FORMAT!r}")
             graph = EdgeGraph(**{k: d["graph"][k] for k in
                                  ("n_layers", "n_heads", "n_kv_heads", "parallel")})
-            out = cls(graph, torch.tensor(d["scores"], dtype=torch.float32),
-                      torch.tensor(d["change"], dtype=torch.float32), float(d["base_value"]),
+            out = cls(graph, _floats(d["scores"]), _floats(d["change"]), float(d["base_value"]),
                       float(d["source_value"]), str(d["method"]), str(d["direction"]),
                       str(d["metric"]), int(d["n_pairs"]), str(d.get("model_name", "")),
                       dict(d.get("extra") or {}))
@@ -308,3 +323,14 @@ class EdgeResult:
                 f"metric={self.metric!r}, n_edges={self.graph.n_edges}, "
                 f"n_pairs={self.n_pairs})")
 
+
+
+def _json_floats(t: torch.Tensor) -> list[float | None]:
+    """Floats for JSON, NaN (not scored) as ``null``."""
+    return [None if v != v else v for v in t.double().tolist()]
+
+
+def _floats(values: Any) -> torch.Tensor:
+    """:func:`_json_floats` back: ``null`` as NaN."""
+    return torch.tensor([float("nan") if v is None else float(v) for v in values],
+                        dtype=torch.float32)

@@ -55,21 +55,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..assemble import GroupValues, Scale, aggregate
-from ..engine import cachers, embed, gradient_pass, last_logits
+from ..assemble import GroupValues, Scale, aggregate, answer_columns
+from ..engine import (PairRun, Step, cachers, climb, embed, gradient_pass, last_logits,
+                      rows_per_chunk, run_layer, run_pair, unembed)
 from ..enums import Direction
-from ..errors import InvalidArgumentError, UnknownComponentError, UnsupportedArchitectureError
+from ..errors import (InvalidArgumentError, InvalidTypeError, UnknownComponentError,
+                      UnsupportedArchitectureError)
 from ..graph import EdgeGraph, EdgeResult
+from ..hooks import Hook, StopForward
 from ..metrics import Metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
-from ..plan import check_int, metric_inputs
+from ..plan import Pair, check_int, metric_inputs
 
 if TYPE_CHECKING:
     from ..model import HookedModel
     from ..names import Site
 
 #: ``method=``: the first-order estimate, its integrated-gradients variant, exact patching.
-METHODS = ("eap", "eap_ig")
+METHODS = ("eap", "eap_ig", "exact")
 
 #: Pairs per forward/backward batch when ``batch_size`` is not given (the receivers' input
 #: gradients of a batch are held until its scores are contracted: about ``4 * n_receivers * T
@@ -223,6 +226,155 @@ def _vjp(output: torch.Tensor, inputs: list[torch.Tensor], cotangent: torch.Tens
             for g, t in zip(found, inputs)]
 
 
+# -- exact edge patching -----------------------------------------------------------------------
+def _receiver_parts(graph: EdgeGraph, r: int) -> tuple[int, str, int]:
+    """Receiver index -> ``(layer, kind, head)``: kind ``"q"/"k"/"v"`` (head: the query
+    head), ``"mlp"`` or ``"logits"`` (layer ``n_layers``)."""
+    per_layer = 3 * graph.n_heads + 1
+    if r == len(graph.receivers) - 1:
+        return graph.n_layers, "logits", -1
+    layer, within = divmod(r, per_layer)
+    if within == 3 * graph.n_heads:
+        return layer, "mlp", -1
+    return layer, "qkv"[within // graph.n_heads], within % graph.n_heads
+
+
+def _window(run: PairRun, name: str) -> torch.Tensor:
+    """A recorded base-run activation on the staircase window ``[1, T - start, ...]``."""
+    assert run.prepared is not None
+    return run.base.acts[name][:, run.prepared.start:]
+
+
+def _receiver_values(model: HookedModel, run: PairRun, sites: dict[str, list[Site]],
+                     layer: int, mlp: bool, hidden: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """Pass 1: layer ``layer`` called on ``hidden`` ``[R, q, d_model]`` (the base input plus
+    each row's sender difference); its q/k/v (``mlp=False``) or, with the attention output
+    held at the base run's so that the MLP reads ``resid_mid + difference``, its MLP output."""
+    assert run.prepared is not None
+    got: dict[str, torch.Tensor] = {}
+    wanted = ("mlp",) if mlp else ("attn.q", "attn.k", "attn.v")
+
+    def reader(kind: str) -> Callable[[torch.Tensor], None]:
+        def read(act: torch.Tensor) -> None:
+            got[kind] = act.detach().clone()
+            if all(k in got for k in wanted):
+                raise StopForward  # what this pass needs is read
+        return read
+
+    hooks = [Hook(sites[k][layer], reader(k)) for k in wanted]
+    if mlp:
+        base_attn = _window(run, sites["attn"][layer].name)
+        hooks.insert(0, Hook(sites["attn"][layer],
+                             lambda act: base_attn.to(act.dtype).expand_as(act)))
+    run_layer(model, run.prepared, layer, hidden, hooks, stop_ok=True)
+    return got
+
+
+def _exact_logits(model: HookedModel, run: PairRun, graph: EdgeGraph,
+                  sites: dict[str, list[Site]], edges: list[int], deltas: torch.Tensor,
+                  chunk_size: int | None, memory_mb: float, columns: list[int] | None
+                  ) -> torch.Tensor:
+    """``[len(edges), n_columns]`` last-position logits of the base run with only each edge's
+    receiver reading its sender's difference ``deltas`` ``[1, q, n_nodes, d_model]`` (on the
+    staircase window): pass 1 computes the receiver's input from ``base + difference`` (one
+    call of its layer), pass 2 writes it and climbs from the receiver's layer. A query head's
+    key/value receiver writes its key/value head and keeps every other head's output at the
+    base run's: heads do not mix inside the attention, so only that query head reads it."""
+    stairs = run.prepared
+    assert stairs is not None
+    n_heads, group = model.n_heads, model.n_heads // model.n_kv_heads
+    src = graph.edge_src[edges].tolist()
+    dst = graph.edge_dst[edges].tolist()
+    parts = [_receiver_parts(graph, r) for r in dst]
+    n_cols = model.vocab_size if columns is None else len(set(columns))
+    out = torch.empty(len(edges), n_cols)
+
+    def base_hidden(layer: int) -> torch.Tensor:
+        return stairs.calls[layer].hidden if layer < model.n_layers else stairs.final_input
+
+    by_group: dict[tuple[int, bool], list[int]] = {}
+    for i, (layer, kind, _) in enumerate(parts):
+        by_group.setdefault((layer, kind == "mlp"), []).append(i)
+    q = deltas.shape[1]
+    T = run.base_ids.shape[1]
+    size = chunk_size or rows_per_chunk(model, q, T, memory_mb, n_cols)
+    for (layer, mlp), members in sorted(by_group.items()):
+        for lo in range(0, len(members), size):
+            rows = members[lo : lo + size]
+            diff = deltas[0][:, [src[i] for i in rows]].transpose(0, 1).contiguous()  # [R, q, d]
+            if layer == model.n_layers:  # logits: the final residual stream plus the difference
+                with torch.no_grad():
+                    final = stairs.final_input[:, -1] + diff[:, -1].to(stairs.final_input.dtype)
+                    out[rows] = unembed(model, final, columns).float().cpu()
+                continue
+            hidden = stairs.calls[layer].hidden + diff.to(stairs.calls[layer].hidden.dtype)
+            values = _receiver_values(model, run, sites, layer, mlp, hidden)
+            r_t = torch.arange(len(rows), device=hidden.device)
+            if mlp:
+                def writes(act: torch.Tensor, v: torch.Tensor = values["mlp"]) -> torch.Tensor:
+                    return v.to(act.dtype)
+                hooks = [Hook(sites["mlp"][layer], writes)]
+            else:
+                kinds = [parts[i][1] for i in rows]
+                heads = torch.tensor([parts[i][2] for i in rows], device=hidden.device)
+                units = {"q": heads, "k": heads // group, "v": heads // group}
+                hooks = []
+                for kind in "qkv":
+                    mine = torch.tensor([k == kind for k in kinds], device=hidden.device)
+                    if not bool(mine.any()):
+                        continue
+                    r_k, u_k = r_t[mine], units[kind][mine]
+                    value = values[f"attn.{kind}"][r_k, :, u_k]  # [R_k, q, d_head]
+
+                    def write(act: torch.Tensor, r_k: torch.Tensor = r_k,
+                              u_k: torch.Tensor = u_k, value: torch.Tensor = value
+                              ) -> torch.Tensor:
+                        new = act.clone()
+                        new[r_k, :, u_k] = value.to(act.dtype)
+                        return new
+                    hooks.append(Hook(sites[f"attn.{kind}"][layer], write))
+                keep = torch.zeros(len(rows), 1, n_heads, 1, dtype=torch.bool,
+                                   device=hidden.device)
+                keep[r_t, 0, heads] = True
+                z_base = _window(run, sites["attn.z"][layer].name)
+
+                def only_receiver(act: torch.Tensor, keep: torch.Tensor = keep,
+                                  z_base: torch.Tensor = z_base) -> torch.Tensor:
+                    return torch.where(keep, act, z_base.to(act.dtype))
+                hooks.append(Hook(sites["attn.z"][layer], only_receiver))
+
+            def step(at: int, h: torch.Tensor, layer: int = layer,
+                     hooks: list[Hook] = hooks) -> Step:
+                return Step(hooks if at == layer else ())
+
+            final = climb(model, stairs.calls, base_hidden, [layer] * len(rows),
+                          model.n_layers, step, prefix=stairs.prefix_cache)
+            with torch.no_grad():
+                out[rows] = unembed(model, final[:, -1], columns).float().cpu()
+    return out
+
+
+def _select(graph: EdgeGraph, edges: Any) -> list[int]:
+    """Storage indices of ``edges`` (``None``: every edge), checked before any forward."""
+    if edges is None:
+        return list(range(graph.n_edges))
+    if isinstance(edges, (str, bytes)) or not hasattr(edges, "__iter__"):
+        raise InvalidTypeError(
+            f"edges must be None (every edge) or a list of (src, dst) name pairs such as "
+            f"[('a0.h1', 'a2.h3.k')], got {edges!r}")
+    out = []
+    for item in edges:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidTypeError(f"each edge must be a (src, dst) name pair, got {item!r}")
+        out.append(graph.edge_index(item[0], item[1]))
+    if not out:
+        raise InvalidArgumentError("edges is empty: give at least one (src, dst) pair, or None")
+    if len(set(out)) != len(out):
+        raise InvalidArgumentError("edges has repeated entries")
+    return sorted(out)
+
+
 def edge_attribution(
     model: HookedModel,
     clean: Any,
@@ -235,6 +387,7 @@ def edge_attribution(
     incorrect: Any = None,
     direction: str | Direction = "noise",
     ig_steps: int = 5,
+    edges: Any = None,
     batch_size: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     checkpoint: str | None = None,
@@ -248,16 +401,23 @@ def edge_attribution(
             whose post-attention norm mixes them).
         clean, corrupted: as in :func:`causalpatch.activation_patching`: prompts of equal
             token length pairwise, or a dataset as ``clean`` (then ``corrupted=None``).
-        method: ``"eap"`` (first-order, gradient at the base run) or ``"eap_ig"`` (the
-            gradient averaged over ``ig_steps`` interpolated inputs); module docstring.
-        metric, metric_kwargs, correct, incorrect: as every pair method; the metric must be
-            differentiable in the logits.
+        method: ``"eap"`` (first-order, gradient at the base run), ``"eap_ig"`` (the
+            gradient averaged over ``ig_steps`` interpolated inputs) or ``"exact"`` (each
+            edge patched on its own: the base run with only the receiver's input plus the
+            sender's difference; one staircase row per edge); module docstring.
+        metric, metric_kwargs, correct, incorrect: as every pair method; ``eap``/``eap_ig``
+            need a metric differentiable in the logits.
         direction: ``"noise"`` (default, EAP's: corrupted differences, gradient on the clean
             run) or ``"denoise"`` (clean differences, gradient on the corrupted run).
         ig_steps: ``eap_ig``'s number of interpolation points (``>= 1``; the source endpoint
             included, the base excluded).
-        batch_size: pairs per forward/backward batch (pairs are grouped by token length;
-            default 4); ``eap_ig`` runs ``batch_size * ig_steps`` rows.
+        edges: ``None`` (every edge) or a list of ``(src, dst)`` names to score; the others
+            hold NaN. ``exact`` costs one row per edge (all edges of SmolLM2 are ~123k
+            rows), so pass the edges to check; ``eap``/``eap_ig`` score every edge in the same
+            pass whatever this says.
+        batch_size: ``eap``/``eap_ig``: pairs per forward/backward batch (pairs are grouped by
+            token length; default 4; ``eap_ig`` runs ``batch_size * ig_steps`` rows);
+            ``exact``: edges per staircase pass (default from ``memory_mb``).
         memory_mb, checkpoint, progress, executor: the run options every method shares
             (:mod:`causalpatch.options`).
 
@@ -267,8 +427,11 @@ def edge_attribution(
         JSON.
 
     Raises:
-        InvalidArgumentError: an unknown method, ``ig_steps < 1``, an empty dataset, prompts
-            of different lengths, missing answers (all before any forward pass).
+        InvalidArgumentError: an unknown method, ``ig_steps < 1``, an edge that does not
+            exist, an empty dataset, prompts of different lengths, missing answers (all
+            before any forward pass).
+        UnknownComponentError: an unknown node or receiver name in ``edges`` (with close
+            matches).
         UnsupportedArchitectureError: heads that cannot be separated.
     """
     t_start = time.perf_counter()
@@ -276,23 +439,55 @@ def edge_attribution(
     if not isinstance(method, str) or method not in METHODS:
         raise InvalidArgumentError(
             f"method must be one of {', '.join(repr(m) for m in METHODS)} (edge attribution "
-            f"patching, or with integrated gradients), got {method!r}")
+            f"patching, with integrated gradients, or exact edge patching), got {method!r}")
     check_int(ig_steps, "ig_steps", 1)
     check_separable(model)
+    graph = EdgeGraph.of(model)
+    selected = _select(graph, edges)
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
                               memory_mb=memory_mb, checkpoint=checkpoint)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
     pairs, m, denoise = prep.pairs, prep.metric, prep.denoise
-    graph = EdgeGraph.of(model)
     steps = ig_steps if method == "eap_ig" else 1
-    per_batch = batch_size or DEFAULT_PAIRS_PER_BATCH
-    groups: dict[int, list[int]] = {}
-    for i, pair in enumerate(pairs):
-        groups.setdefault(len(pair.clean), []).append(i)
-    batches = [idx[lo : lo + per_batch] for idx in groups.values()
-               for lo in range(0, len(idx), per_batch)]
+    if method == "exact":
+        batches = [[i] for i in range(len(pairs))]
+        build = _exact_factory(graph, pairs, m, denoise, selected, options)
+    else:
+        per_batch = batch_size or DEFAULT_PAIRS_PER_BATCH
+        groups: dict[int, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            groups.setdefault(len(pair.clean), []).append(i)
+        batches = [idx[lo : lo + per_batch] for idx in groups.values()
+                   for lo in range(0, len(idx), per_batch)]
+        build = _gradient_factory(graph, pairs, m, denoise, selected, steps)
+    values = options.run(
+        model, pairs, len(selected), build, groups=batches, label="edge attribution",
+        checkpoint_args=dict(method="edge_attribution", edge_method=method, metric=m.name,
+                             direction=prep.direction.value, ig_steps=steps,
+                             edges=None if edges is None else selected,
+                             batch=None if method == "exact" else batches))
+    agg = aggregate(values, Scale.NORMALIZED, m)
+    change = aggregate(values, Scale.CHANGE, m).effect
+    assert values.source is not None
+    scores = torch.full((graph.n_edges,), float("nan"))
+    changes = torch.full((graph.n_edges,), float("nan"))
+    scores[selected] = agg.effect.float()
+    changes[selected] = change.float()
+    extra: dict[str, Any] = {"edge_method": method, "seconds": time.perf_counter() - t_start,
+                             "n_scored": len(selected)}
+    if method == "eap_ig":
+        extra["ig_steps"] = steps
+    return EdgeResult(graph, scores, changes, float(values.base.mean()),
+                      float(values.source.mean()), method, prep.direction.value, m.name,
+                      len(pairs), model.name, extra)
 
+
+def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: bool,
+                      selected: list[int], steps: int
+                      ) -> Callable[[HookedModel, dict[str, Any]], Callable[..., GroupValues]]:
+    """The evaluator factory of ``eap`` (``steps == 1``) and ``eap_ig``: one gradient pass per
+    batch of pairs of one token length."""
     def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
         sites = _sites(model_, graph.parallel)
         flat = [s for kind in sites.values() for s in kind]
@@ -343,21 +538,45 @@ def edge_attribution(
             if tick is not None:
                 tick(len(group) * len(cells))
             return GroupValues(base_values.float().cpu(), grads.source_values.float().cpu(),
-                               patched[:, cells])
+                               patched[:, selected][:, cells])
 
         return evaluate
 
-    values = options.run(
-        model, pairs, graph.n_edges, build, groups=batches, label="edge attribution",
-        checkpoint_args=dict(method="edge_attribution", edge_method=method, metric=m.name,
-                             direction=prep.direction.value, ig_steps=steps, batch=per_batch))
-    agg = aggregate(values, Scale.NORMALIZED, m)
-    change = aggregate(values, Scale.CHANGE, m).effect
-    assert values.source is not None
-    extra: dict[str, Any] = {"edge_method": method, "seconds": time.perf_counter() - t_start,
-                             "n_edges": graph.n_edges}
-    if method == "eap_ig":
-        extra["ig_steps"] = steps
-    return EdgeResult(graph, agg.effect.float(), change.float(), float(values.base.mean()),
-                      float(values.source.mean()), method, prep.direction.value, m.name,
-                      len(pairs), model.name, extra)
+    return build
+
+
+def _exact_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: bool,
+                   selected: list[int], options: RunOptions
+                   ) -> Callable[[HookedModel, dict[str, Any]], Callable[..., GroupValues]]:
+    """The evaluator factory of ``exact``: one pair per group, its edges as staircase rows."""
+    columns = answer_columns(m, pairs)
+
+    def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
+        sites = _sites(model_, graph.parallel)
+        sites["attn"] = [model_.layer_site("attn", layer) for layer in range(model_.n_layers)]
+        record = [*sites["resid_pre"][:1], *sites["attn.z"], *sites["mlp"], *sites["attn"]]
+
+        def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
+                     ) -> GroupValues:
+            (i,) = group
+            pair = pairs[i]
+            base_ids, source_ids = pair.runs(denoise)
+            run = run_pair(model_, base_ids, source_ids, record)
+            assert run.prepared is not None
+            inputs = metric_inputs(m, [pair.correct], [pair.incorrect],
+                                   run.source_last.float().cpu().unsqueeze(0))
+            ends = m(torch.stack([run.base_last, run.source_last]).float().cpu(),
+                     inputs.expand(2))
+            deltas = _sender_deltas(model_, sites, run.base.acts, run.source.acts)
+            logits = _exact_logits(model_, run, graph, sites, [selected[c] for c in cells],
+                                   deltas[:, run.prepared.start:], options.batch_size,
+                                   options.memory_mb, columns)
+            narrowed = inputs if columns is None else inputs.on_columns(columns)
+            values = m(logits, narrowed.expand(len(cells)))
+            if tick is not None:
+                tick(len(cells))
+            return GroupValues(ends[:1], ends[1:], values.unsqueeze(0))
+
+        return evaluate
+
+    return build
