@@ -26,6 +26,16 @@ Three methods:
     ``direction="noise"`` these are exactly EAP-IG's points ``corrupted + (k/m)(clean -
     corrupted)``, ``k = 0..m-1``. The steps are rows of one batch.
 
+``"exact"`` (edge patching: path patching with one sender and one receiver)
+    The metric of the base run in which only ``v`` reads ``x + (z_u(source) - z_u(base))``:
+    the receiver's input is computed by one call of its layer on the shifted residual stream
+    (q/k/v, or the MLP's output with the attention output held at the base run's), written
+    into the base run at its site, and the rest of the model recomputed from there on the
+    staircase (:func:`causalpatch.engine.climb`), one row per edge, batched. A query head's
+    key/value receiver writes its key/value head and holds every other head's output at the
+    base run's: heads do not mix inside the attention, so only that query head reads the new
+    key/value, exactly, without ungrouping any weight. ``edges=`` chooses which edges to run.
+
 Sign and direction (as everywhere in causalpatch, docs/noising_vs_denoising.md): the base run
 is patched with the source run's values; ``direction="noise"`` (the default here, as in EAP and
 EAP-IG) has base = clean, source = corrupted, ``"denoise"`` the reverse. Scores are normalised
@@ -176,23 +186,30 @@ class _Receivers:
                 dk, dv = grads[k_name]["act"], grads[v_name]["act"]
             else:  # member j of every group at once: heads j, j + group, ... read kv heads 0..
                 dk, dv = torch.zeros_like(dz), torch.zeros_like(dz)
-                for j in range(group):
+                rest_k, rest_v = grads[k_name]["act"].clone(), grads[v_name]["act"].clone()
+                for j in range(group - 1):
                     mask = (heads % group == j).to(dz.dtype).to(dz.device)[:, None]
                     gk, gv = _vjp(z_act, [self.kept[k_name][1], self.kept[v_name][1]],
                                   dz * mask)
-                    dk[:, :, j::group] = gk
-                    dv[:, :, j::group] = gv
+                    dk[:, :, j::group], dv[:, :, j::group] = gk, gv
+                    rest_k -= gk
+                    rest_v -= gv
+                # the last member's share is what the others leave of the total gradient
+                dk[:, :, group - 1::group], dv[:, :, group - 1::group] = rest_k, rest_v
             x = self.kept[sites["resid_pre"][layer].name][1]
-            per_kind = []
-            for name, per_head, units in ((sites["attn.q"][layer].name, dq, heads),
-                                          (k_name, dk, kv_of), (v_name, dv, kv_of)):
+            acts, cots = [], []
+            kinds = ((sites["attn.q"][layer].name, dq, heads), (k_name, dk, kv_of),
+                     (v_name, dv, kv_of))
+            for i, (name, per_head, units) in enumerate(kinds):
                 act = self.kept[name][0]  # [B, T, n_units, d_head]
-                cot = per_head.new_zeros(n_heads, *act.shape)
+                cot = per_head.new_zeros(3 * n_heads, *act.shape)
                 # receiver h's cotangent: its own gradient in the unit it reads, zero elsewhere
-                cot[heads, :, :, units] = per_head.permute(2, 0, 1, 3)
-                (g,) = _vjp(act, [x], cot, batched=True)
-                per_kind.append(self._mean(g, 1))
-            self.attn.append(torch.cat(per_kind))
+                cot[heads + i * n_heads, :, :, units] = per_head.permute(2, 0, 1, 3)
+                acts.append(act)
+                cots.append(cot)
+            # the q, k and v receivers of the layer: one batched product through the norm
+            (g,) = _vjp(acts, [x], cots, batched=True)
+            self.attn.append(self._mean(g, 1))
             mlp_in = sites["resid_pre" if self.parallel else "resid_mid"][layer].name
             mlp_name = sites["mlp"][layer].name
             (g,) = _vjp(self.kept[mlp_name][0], [self.kept[mlp_in][1]], grads[mlp_name]["act"])
@@ -215,15 +232,16 @@ class _Receivers:
         return torch.cat(out, dim=1)
 
 
-def _vjp(output: torch.Tensor, inputs: list[torch.Tensor], cotangent: torch.Tensor,
-         batched: bool = False) -> list[torch.Tensor]:
-    """``cotangent . d output / d inputs`` on the retained graph (zeros where unused);
-    ``batched``: ``cotangent`` has a leading axis of independent cotangents."""
-    found = torch.autograd.grad(output, inputs, cotangent, retain_graph=True,
+def _vjp(outputs: torch.Tensor | list[torch.Tensor], inputs: list[torch.Tensor],
+         cotangents: torch.Tensor | list[torch.Tensor], batched: bool = False
+         ) -> list[torch.Tensor]:
+    """``cotangents . d outputs / d inputs`` on the retained graph (zeros where unused);
+    ``batched``: the cotangents have a leading axis of independent cotangents."""
+    found = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True,
                                 allow_unused=True, is_grads_batched=batched)
-    return [torch.zeros((*cotangent.shape[:1], *t.shape) if batched else t.shape,
-                        dtype=t.dtype, device=t.device) if g is None else g
-            for g, t in zip(found, inputs)]
+    lead = (cotangents[0] if isinstance(cotangents, list) else cotangents).shape[:1]
+    return [torch.zeros((*lead, *t.shape) if batched else t.shape, dtype=t.dtype,
+                        device=t.device) if g is None else g for g, t in zip(found, inputs)]
 
 
 # -- exact edge patching -----------------------------------------------------------------------
