@@ -553,3 +553,49 @@ def test_empty_dataset_and_inseparable_heads_are_refused():
         gemma = tiny_model(family)
         with pytest.raises(UnsupportedArchitectureError, match="post-attention norm"):
             edge_attribution(gemma, CLEAN, CORRUPTED, correct=CORRECT, incorrect=INCORRECT)
+
+
+# -- SmolLM2 ---------------------------------------------------------------------------------------
+@pytest.mark.real
+def test_smollm2_graph_and_eap_against_exact(smollm2):
+    """The real model: EAP-IG's 123,211 edges, and on an IOI pair the largest EAP edges into
+    the logits (a nearly linear readout) agree with their exact effect: observed within 0.003
+    of normalised scores up to 0.53 (2026-12-07)."""
+    graph = EdgeGraph.of(smollm2)
+    assert (graph.n_layers, graph.n_heads, graph.n_kv_heads, graph.parallel) == (30, 9, 3, False)
+    assert graph.n_edges == 123_211
+    clean = "When Mary and John went to the store, John gave a drink to"
+    corrupted = "When Mary and John went to the store, Mary gave a drink to"
+    kw = dict(correct=" Mary", incorrect=" John", progress=False)
+    before = smollm2.hook_snapshot()
+    eap = edge_attribution(smollm2, clean, corrupted, **kw)
+    into_logits = [(s, d) for s, d, _ in eap.top(200) if d == "logits"][:3]
+    exact = edge_attribution(smollm2, clean, corrupted, method="exact", edges=into_logits, **kw)
+    assert smollm2.hook_snapshot() == before
+    assert len(into_logits) == 3
+    for src, dst in into_logits:
+        assert abs(exact.score(src, dst)) > 0.1
+        assert eap.score(src, dst) == pytest.approx(exact.score(src, dst), abs=0.03)
+
+
+def test_run_options_checkpoint_and_progress(tmp_path, one_thread):
+    """The shared run options: a checkpointed run, rerun from its file, gives the same scores
+    without evaluating again; a progress callback sees every edge of every pair."""
+    from conftest import TextPairs
+
+    model = tiny_model("llama")
+    data = TextPairs.of(IOI_PAIRS[:2])
+    path = tmp_path / "edges.ckpt"
+    seen: list[tuple[int, int]] = []
+    first = edge_attribution(model, data, method="exact", checkpoint=str(path), batch_size=7,
+                             progress=lambda done, total: seen.append((done, total)))
+    n = first.graph.n_edges
+    assert seen[-1] == (2 * n, 2 * n)
+    calls = _Counter(model)
+    try:
+        again = edge_attribution(model, data, method="exact", checkpoint=str(path),
+                                 batch_size=7)
+        assert calls.n == 0  # every pair restored from the file
+    finally:
+        calls.handle.remove()
+    assert torch.equal(again.scores, first.scores)
