@@ -210,9 +210,14 @@ class _Receivers:
             # the q, k and v receivers of the layer: one batched product through the norm
             (g,) = _vjp(acts, [x], cots, batched=True)
             self.attn.append(self._mean(g, 1))
-            mlp_in = sites["resid_pre" if self.parallel else "resid_mid"][layer].name
             mlp_name = sites["mlp"][layer].name
-            (g,) = _vjp(self.kept[mlp_name][0], [self.kept[mlp_in][1]], grads[mlp_name]["act"])
+            if self.parallel:  # the MLP reads resid_pre, as the attention does
+                (g,) = _vjp(self.kept[mlp_name][0], [self.kept[sites["resid_pre"][layer].name][1]],
+                            grads[mlp_name]["act"])
+            else:  # resid_mid's gradient is the layer output's (the skip) plus the MLP path's
+                after_layer = (sites["resid_pre"][layer + 1] if layer + 1 < model.n_layers
+                               else sites["post"][0])
+                g = grads[sites["resid_mid"][layer].name]["act"] - grads[after_layer.name]["act"]
             self.mlp.append(self._mean(g, 0))
         self.logits = self._mean(grads[sites["post"][0].name]["act"], 0)
         self.kept.clear()
