@@ -226,14 +226,20 @@ class _Receivers:
         """``[b, n_edges]`` every edge's estimate ``sum_t delta_u . grad_v`` from the senders'
         differences ``deltas`` ``[b, T, n_nodes, d_model]``, receiver-major."""
         assert self.logits is not None
+        # positions before the first token where a prompt of the batch differs have no
+        # difference at all (exact zeros): they add nothing, so they are skipped
+        moved = deltas.flatten(2).ne(0).any(2).any(0).nonzero()
+        w = int(moved[0]) if len(moved) else deltas.shape[1]
+        deltas = deltas[:, w:]
         out = []
         for layer in range(graph.n_layers):
             n = graph.sender_index(layer, 0)
-            attn = torch.einsum("btsd,rbtd->brs", deltas[:, :, :n], self.attn[layer])
+            attn = torch.einsum("btsd,rbtd->brs", deltas[:, :, :n], self.attn[layer][:, :, w:])
             out.append(attn.flatten(1))
             n_mlp = n + (0 if graph.parallel else graph.n_heads)
-            out.append(torch.einsum("btsd,btd->bs", deltas[:, :, :n_mlp], self.mlp[layer]))
-        out.append(torch.einsum("btsd,btd->bs", deltas, self.logits))
+            out.append(torch.einsum("btsd,btd->bs", deltas[:, :, :n_mlp],
+                                    self.mlp[layer][:, w:]))
+        out.append(torch.einsum("btsd,btd->bs", deltas, self.logits[:, w:]))
         return torch.cat(out, dim=1)
 
 
