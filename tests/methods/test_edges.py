@@ -599,3 +599,27 @@ def test_run_options_checkpoint_and_progress(tmp_path, one_thread):
     finally:
         calls.handle.remove()
     assert torch.equal(again.scores, first.scores)
+
+
+def test_exact_batches_the_edges_into_a_receiver(one_thread):
+    """Exact edge patching runs the edges into one receiver as rows of one batch: the
+    receiver's layer is called a fixed number of times (the pair's runs, pass 1, pass 2),
+    not once per edge, and no earlier layer runs after the pair's runs."""
+    model = tiny_model("llama")
+    graph = EdgeGraph.of(model)
+    receiver = "a2.h1.v"
+    edges = [graph.edge_names(i) for i in range(graph.n_edges)
+             if graph.edge_names(i)[1] == receiver]
+    calls = {0: 0, 2: 0}
+    layers = model.hf_model.model.layers
+    handles = [layers[i].register_forward_pre_hook(
+        lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    try:
+        edge_attribution(model, CLEAN, CORRUPTED, method="exact", edges=edges,
+                         correct=CORRECT, incorrect=INCORRECT)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(edges) == 11
+    # the pair's prefix and suffix runs (2 each), then pass 1 and pass 2 in layer 2 only
+    assert calls == {0: 2, 2: 4}
