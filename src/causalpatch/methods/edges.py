@@ -16,8 +16,13 @@ Three methods:
     through the MLP. All of them come from one backward pass: the gradients at each layer's
     q/k/v and attention output are mapped back to the residual stream by vector-Jacobian
     products on the same graph (:func:`causalpatch.engine.gradient_pass`'s ``after``), all
-    receivers of a layer at once (``is_grads_batched``). The scores of every edge are then one
-    contraction per receiver layer: no loop over edges.
+    q/k/v receivers of a layer in one batched product (``is_grads_batched``); a query head's
+    share of a grouped key/value head's gradient is the product of the attention with that
+    head's output gradient alone (one product per member of a group, all groups at once, the
+    last member by difference). An MLP receiver's gradient is ``resid_mid``'s minus the layer
+    output's (the skip connection's share), with no further backward (parallel-residual
+    models: one product through the MLP). The scores of every edge are then one contraction
+    per receiver layer, from the first position where a prompt differs: no loop over edges.
 
 ``"eap_ig"`` (EAP with integrated gradients, Hanna et al. 2024)
     The same with the gradient averaged over ``ig_steps`` runs whose input embeddings are
