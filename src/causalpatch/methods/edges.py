@@ -486,7 +486,8 @@ def edge_attribution(
     steps = ig_steps if method == "eap_ig" else 1
     if method == "exact":
         batches = [[i] for i in range(len(pairs))]
-        build = _exact_factory(graph, pairs, m, denoise, selected, options)
+        build = _exact_factory(graph, pairs, m, denoise, selected, options.batch_size,
+                               options.memory_mb)
     else:
         per_batch = batch_size or DEFAULT_PAIRS_PER_BATCH
         groups: dict[int, list[int]] = {}
@@ -580,9 +581,10 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
 
 
 def _exact_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: bool,
-                   selected: list[int], options: RunOptions
+                   selected: list[int], batch_size: int | None, memory_mb: float
                    ) -> Callable[[HookedModel, dict[str, Any]], Callable[..., GroupValues]]:
-    """The evaluator factory of ``exact``: one pair per group, its edges as staircase rows."""
+    """The evaluator factory of ``exact``: one pair per group, its edges as staircase rows
+    (``batch_size`` per pass, default from ``memory_mb``)."""
     columns = answer_columns(m, pairs)
 
     def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
@@ -603,8 +605,8 @@ def _exact_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: bool
                      inputs.expand(2))
             deltas = _sender_deltas(model_, sites, run.base.acts, run.source.acts)
             logits = _exact_logits(model_, run, graph, sites, [selected[c] for c in cells],
-                                   deltas[:, run.prepared.start:], options.batch_size,
-                                   options.memory_mb, columns)
+                                   deltas[:, run.prepared.start:], batch_size, memory_mb,
+                                   columns)
             narrowed = inputs if columns is None else inputs.on_columns(columns)
             values = m(logits, narrowed.expand(len(cells)))
             if tick is not None:
