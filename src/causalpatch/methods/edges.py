@@ -564,7 +564,8 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
                                       after=receivers.after)
                 # the base run itself (the pass ran the interpolations): a plain forward
                 with torch.no_grad():
-                    base_last = last_logits(model_, base_ids, cachers(base_acts, flat))
+                    senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
+                    base_last = last_logits(model_, base_ids, cachers(base_acts, senders))
                     base_values = objective(base_last.float(), seen[0])
             deltas = _sender_deltas(model_, sites, base_acts, grads.source)
             with torch.no_grad():
