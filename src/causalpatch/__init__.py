@@ -54,6 +54,9 @@ _EXPORTS: dict[str, str] = {
     "print_head_results": "framework",
     "create_head_heatmap": "framework",
     "create_full_report": "framework",
+    "edge_attribution": "methods.edges",
+    "EdgeGraph": "graph",
+    "EdgeResult": "graph",
 }
 #: Submodules exported by name (``causalpatch.datasets`` ...).
 _SUBMODULES = ("datasets", "errors", "interventions", "metrics", "sae")
@@ -99,6 +102,9 @@ __all__ = [
     "print_head_results",
     "create_head_heatmap",
     "create_full_report",
+    "edge_attribution",
+    "EdgeGraph",
+    "EdgeResult",
 ]
 __version__ = "0.1.0"
 
@@ -140,3 +146,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .framework import (ActivationPatcher, HeadPatcher, create_full_report,
                             create_head_heatmap, find_important_heads, print_head_results,
                             summarize_results)
+    from .graph import EdgeGraph, EdgeResult
+    from .methods.edges import edge_attribution

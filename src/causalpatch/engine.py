@@ -1033,7 +1033,10 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                   sites: Sequence[Site],
                   objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
-                  what: str = "attribution patching") -> Gradients:
+                  what: str = "attribution patching", *,
+                  base_embeds: torch.Tensor | None = None,
+                  after: Callable[[dict[str, dict[str, torch.Tensor]]], None] | None = None
+                  ) -> Gradients:
     """The one gradient pass of every first-order method: one source forward (caching the
     sites), one base forward with each site made differentiable by ``leaf``, one backward.
 
@@ -1046,6 +1049,13 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
             each base row (it must be differentiable in ``base_logits``; rows independent).
         timings: receives ``source_forward_s``, ``base_forward_s``, ``backward_s`` (added).
         what: the method's name, for error messages.
+        base_embeds: ``[b, T, d_model]`` the base forward's embedding output (the ``embed``
+            site) instead of the tokens' own, e.g. integrated gradients' interpolations
+            (``base`` then holds the activations of those runs).
+        after: called with ``site name -> leaf name -> gradient`` right after the backward,
+            while the base run's graph is still alive (it is retained for this call): the
+            caller's own vector-Jacobian products between the tensors its ``leaf`` kept
+            (edge attribution's per-receiver input gradients).
 
     Raises:
         InvalidArgumentError: a site the forward never reaches, or a metric that does not
@@ -1053,7 +1063,7 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
         NonFiniteError: a gradient that is not finite.
     """
     return _first_order(model, base_ids, source_ids, sites, objective, leaf, timings, what,
-                        drop_layers=False).plain
+                        drop_layers=False, base_embeds=base_embeds, after=after).plain
 
 
 @dataclass
@@ -1101,7 +1111,9 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
 def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.Tensor,
                  sites: Sequence[Site],
                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 leaf: Leaf, timings: dict[str, float] | None, what: str, drop_layers: bool
+                 leaf: Leaf, timings: dict[str, float] | None, what: str, drop_layers: bool,
+                 base_embeds: torch.Tensor | None = None,
+                 after: Callable[[dict[str, dict[str, torch.Tensor]]], None] | None = None
                  ) -> DroppedGradients:
     """:func:`gradient_pass` and, with ``drop_layers``, :func:`graddrop_pass`'s extra passes
     (``dropped`` is empty without them)."""
@@ -1138,6 +1150,7 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
                    for layer in range(n_layers)], *hooks,
                  *[Hook(model.layer_site("resid_pre", layer), end(f"pre {layer}"))
                    for layer in range(n_layers)]]
+    hooks = [*_embed_hooks(model, base_embeds, 0), *hooks]
     passes: list[Sequence[torch.Tensor | None]] = []
     with torch.enable_grad():
         base_last = last_logits(model, base_ids, hooks)
@@ -1156,8 +1169,15 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
         posts = [ends[f"post {layer}"] for layer in range(n_layers)] if drop_layers else []
         # rows are independent, so the gradient of the sum is each row's own gradient
         found = torch.autograd.grad(base_values.sum(), [t for _, _, t in flat] + posts,
-                                    allow_unused=True, retain_graph=drop_layers)
+                                    allow_unused=True,
+                                    retain_graph=drop_layers or after is not None)
         passes.append(found[:len(flat)])
+        if after is not None:
+            plain_grads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+            for (site_name, leaf_name, leaf_t), got in zip(flat, found[:len(flat)]):
+                plain_grads[site_name][leaf_name] = (torch.zeros_like(leaf_t) if got is None
+                                                     else got)
+            after(dict(plain_grads))
         g_post = found[len(flat):]
         t3 = time.perf_counter()
         for layer in range(n_layers if drop_layers else 0):
