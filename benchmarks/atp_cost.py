@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +43,8 @@ from typing import Any
 import torch
 
 METHODS = ("atp", "atp*", "screen_prove", "exact")
+#: By-position sweeps need pairs of one token length: drawn from this many times ``--pairs``.
+DRAW_FACTOR = 6
 
 
 def base_prompts(data: Any) -> list[Any]:
@@ -153,10 +158,24 @@ def main() -> None:
 
     model = InterpretableModel("smollm2")
     makers = {"ioi": IOIDataset, "factual": FactualRecallDataset}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip() or None
     out: dict[str, Any] = {"model": model.name, "pairs": args.pairs, "repeats": args.repeats,
-                           "threads": args.threads, "seed": args.seed, "results": {}}
+                           "threads": args.threads, "seed": args.seed, "commit": commit,
+                           "command": "python benchmarks/atp_cost.py " + " ".join(sys.argv[1:]),
+                           "load_average_before": os.getloadavg(), "results": {}}
     for task in args.tasks.split(","):
         data = makers[task](model, n=args.pairs, seed=args.seed)
+        if not args.no_by_position:  # by position: pairs of one token length (the most common)
+            pool = makers[task](model, n=args.pairs * DRAW_FACTOR, seed=args.seed)
+            length, same = next(iter(pool.by_length(model).items()))
+            if len(same) < args.pairs:
+                raise SystemExit(f"{task}: only {len(same)} pairs of one length among "
+                                 f"{len(pool)}; lower --pairs")
+            data = same.subset(range(args.pairs))
+            out.setdefault("pairs_note", {})[task] = (
+                f"{args.pairs} pairs of {length} tokens, the most common length among "
+                f"{len(pool)} pairs of seed {args.seed}")
         for component in args.components.split(","):
             row = measure(model, data, component, not args.no_by_position, args.repeats,
                           args.top_k)
@@ -166,6 +185,7 @@ def main() -> None:
                   + ", ".join(f"{m} {fe[m]:.1f}" for m in METHODS)
                   + f"; screen/exact {row['screen_prove_over_exact']:.2f}, recall@{args.top_k} "
                   f"{row['recall_top_k']:.2f}, verified {row['verified_cells']}", flush=True)
+    out["load_average_after"] = os.getloadavg()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)

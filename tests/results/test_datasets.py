@@ -197,6 +197,29 @@ def test_dataset_sweep_reports_mean_and_spread(smollm2):
     assert abs(result.effect_matrix[1].item() - 1.0) < 1e-4
 
 
+def test_by_length_groups_pairs_for_by_position_sweeps(smollm2):
+    ioi = IOIDataset(smollm2, n=24, seed=0)
+    groups = ioi.by_length(smollm2)
+    lengths = [len(token_lists(smollm2, p)[0]) for p in ioi.clean]
+    assert len(groups) > 1  # seed 0's names tokenise to several lengths
+    assert sum(len(g) for g in groups.values()) == len(ioi)
+    sizes = [len(g) for g in groups.values()]
+    assert sizes == sorted(sizes, reverse=True)  # largest group first
+    for n, group in groups.items():
+        assert isinstance(group, IOIDataset)
+        want = [i for i, length in enumerate(lengths) if length == n]
+        assert group.clean == [ioi.clean[i] for i in want]  # order kept
+        assert group.io_names == [ioi.io_names[i] for i in want]
+    n, same = next(iter(groups.items()))
+    with pytest.raises(InvalidArgumentError, match="group pairs by length"):
+        activation_patching(smollm2, ioi, component="resid_post", by_position=True,
+                            layers=[29])
+    result = activation_patching(smollm2, same, component="resid_post", by_position=True,
+                                 layers=[29])
+    assert result.effect_matrix.shape == (1, n)
+    assert abs(result.effect_matrix[0, -1].item() - 1.0) < 1e-4  # last layer, last position
+
+
 # -- factual recall ------------------------------------------------------------------------------
 def test_factual_pairs_swap_subjects_within_one_relation(smollm2):
     facts = {f["known_id"]: f for f in load_known_facts()}

@@ -194,6 +194,23 @@ class PatchingDataset(SeedProtocol):
         for lo in range(0, len(self), size):
             yield self.subset(range(lo, min(lo + size, len(self))))
 
+    def by_length(self, model: HookedModel) -> dict[int, PatchingDataset]:
+        """The pairs grouped by token length, ``{n_tokens: sub-dataset}`` (see :meth:`subset`),
+        largest group first (ties: shorter first); pairs keep their order inside a group.
+
+        ``by_position=True`` sweeps need pairs of one token length; this is the grouping their
+        error message asks for::
+
+            groups = data.by_length(model)
+            n_tokens, same = next(iter(groups.items()))   # the largest group
+            activation_patching(model, same, component="resid_post", by_position=True)
+        """
+        members: dict[int, list[int]] = {}
+        for i, prompt in enumerate(self.clean):
+            members.setdefault(n_tokens(model, prompt), []).append(i)
+        order = sorted(members, key=lambda n: (-len(members[n]), n))
+        return {n: self.subset(members[n]) for n in order}
+
     # -- checks and construction ------------------------------------------------------------------
     def check_lengths(self, model: HookedModel) -> None:
         """Raise :class:`InvalidArgumentError` if a pair's prompts differ in token length."""
