@@ -383,7 +383,8 @@ def pair_positions(pairs: Sequence[Pair], positions: Any, by_position: bool
     if by_position and len(lengths) > 1:
         raise InvalidArgumentError(
             f"by_position=True needs all pairs to have the same token length, got lengths "
-            f"{lengths}; group pairs by length or use by_position=False")
+            f"{lengths}; group pairs by length (a dataset's .by_length(model) gives one "
+            f"dataset per length) or use by_position=False")
     return [resolve_positions(positions, by_position, len(p.clean)) for p in pairs]
 
 

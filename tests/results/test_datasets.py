@@ -211,7 +211,7 @@ def test_by_length_groups_pairs_for_by_position_sweeps(smollm2):
         assert group.clean == [ioi.clean[i] for i in want]  # order kept
         assert group.io_names == [ioi.io_names[i] for i in want]
     n, same = next(iter(groups.items()))
-    with pytest.raises(InvalidArgumentError, match="group pairs by length"):
+    with pytest.raises(InvalidArgumentError, match=r"group pairs by length .*\.by_length\(model\)"):
         activation_patching(smollm2, ioi, component="resid_post", by_position=True,
                             layers=[29])
     result = activation_patching(smollm2, same, component="resid_post", by_position=True,
