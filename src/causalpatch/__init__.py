@@ -47,6 +47,16 @@ _EXPORTS: dict[str, str] = {
     "write_report": "result",
     "load_sae": "sae",
     "save_sae": "sae",
+    "ActivationPatcher": "framework",
+    "HeadPatcher": "framework",
+    "summarize_results": "framework",
+    "find_important_heads": "framework",
+    "print_head_results": "framework",
+    "create_head_heatmap": "framework",
+    "create_full_report": "framework",
+    "edge_attribution": "methods.edges",
+    "EdgeGraph": "graph",
+    "EdgeResult": "graph",
 }
 #: Submodules exported by name (``causalpatch.datasets`` ...).
 _SUBMODULES = ("datasets", "errors", "interventions", "metrics", "sae")
@@ -85,6 +95,16 @@ __all__ = [
     "direct_logit_attribution",
     "logit_lens",
     "plot_attention_pattern",
+    "ActivationPatcher",
+    "HeadPatcher",
+    "summarize_results",
+    "find_important_heads",
+    "print_head_results",
+    "create_head_heatmap",
+    "create_full_report",
+    "edge_attribution",
+    "EdgeGraph",
+    "EdgeResult",
 ]
 __version__ = "0.1.0"
 
@@ -123,3 +143,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .render.html import report
     from .result import PatchingResult, write_report
     from .sae import load_sae, save_sae
+    from .framework import (ActivationPatcher, HeadPatcher, create_full_report,
+                            create_head_heatmap, find_important_heads, print_head_results,
+                            summarize_results)
+    from .graph import EdgeGraph, EdgeResult
+    from .methods.edges import edge_attribution

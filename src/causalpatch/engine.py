@@ -85,12 +85,19 @@ class RunActivations:
         return act if unit is None else act[unit]
 
 
-def entry_values(sp: SitePatch, source: RunActivations
+def entry_values(sp: SitePatch, source: RunActivations, base: RunActivations | None = None
                  ) -> list[tuple[int, int | None, torch.Tensor]]:
     """Every entry ``(pos, unit)`` of ``sp`` with the value it is set to: the patch's own
-    ``values`` when it carries them, else the source run's activation there."""
+    ``values`` when it carries them, else the source run's activation there (the ``base``
+    run's for a :attr:`~causalpatch.plan.SitePatch.frozen` site patch)."""
     if sp.values is not None:
         return [(p, u, sp.values[i]) for i, (p, u) in enumerate(sp.entries())]
+    if sp.frozen:
+        if base is None:
+            raise InvalidArgumentError(
+                f"the frozen site patch at {sp.site.name} holds base-run values: pass the base "
+                "run's activations (or give the patch its own values)")
+        source = base
     return [(p, u, source.value(sp.site, p, u)) for p, u in sp.entries()]
 
 
@@ -174,13 +181,15 @@ def _writer(writes: _Writes) -> Callable[[torch.Tensor], torch.Tensor]:
 # -- naive reference ---------------------------------------------------------------------------
 def naive_patched_logits(model: HookedModel, base_ids: torch.Tensor,
                          patches: Sequence[Patch], source: RunActivations,
-                         progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                         progress: Callable[[int], None] | None = None,
+                         base: RunActivations | None = None) -> torch.Tensor:
     """Reference implementation: one forward pass per patch.
 
     Args:
         base_ids: ``[1, pos]`` token ids of the run patched into.
         patches: the patches, one per output row.
         source: the source run's activations at every patched site.
+        base: the base run's activations (read by frozen site patches without own values).
 
     Returns:
         ``[n_patches, vocab]`` float32 logits at the last position.
@@ -191,7 +200,7 @@ def naive_patched_logits(model: HookedModel, base_ids: torch.Tensor,
         hooks = []
         for sp in patch:
             writes = _Writes()
-            for pos, unit, value in entry_values(sp, source):
+            for pos, unit, value in entry_values(sp, source, base):
                 writes.add(0, pos, unit, value)
             hooks.append(Hook(sp.site, _writer(writes.freeze())))
         with torch.no_grad():
@@ -241,6 +250,8 @@ def _changed_entries(patch: Patch, base: RunActivations, source: RunActivations,
     restoration windows)."""
     out = []
     for sp in patch:
+        if sp.frozen:  # never a change by itself: see _frozen_entries
+            continue
         key = None
         if memo is not None and sp.values is None:
             key = (run, sp.site.name, sp.positions, sp.units)
@@ -274,6 +285,32 @@ def _changed_site(sp: SitePatch, base: RunActivations, source: RunActivations,
     if bool(keep.any()):
         out.append(_Entries(sp, pos[keep], None if units is None else units[keep],
                             values[keep]))
+
+
+def _frozen_entries(patch: Patch, base: RunActivations, stage: int, window: int,
+                    n_layers: int) -> Changed:
+    """The frozen site patches of a live row whose first change is at decoder layer ``stage``
+    and position ``window``: every entry at or after both, set to the base run's value (or the
+    patch's own) whether it differs or not. Entries before them are dropped: there the row
+    still equals the base run, so holding the base value changes nothing."""
+    out = []
+    for sp in patch:
+        if not sp.frozen or _stage(sp, n_layers) < stage:
+            continue
+        entries = sp.entries()
+        pos = torch.tensor([p for p, _ in entries], dtype=torch.long)
+        units = None if sp.units is None else torch.tensor([u for _, u in entries],
+                                                           dtype=torch.long)
+        if sp.values is not None:
+            values = sp.values
+        else:
+            bas = base.acts[sp.site.name][0]
+            values = bas[pos] if units is None else bas[pos, units]
+        keep = pos >= window
+        if bool(keep.any()):
+            out.append(_Entries(sp, pos[keep], None if units is None else units[keep],
+                                values[keep]))
+    return out
 
 
 @dataclass
@@ -723,6 +760,8 @@ def staircase_logits(model: HookedModel, runs: Sequence[PairRun],
         T = run.base_ids.shape[1]
         window = min(T - 1, min(int(e.pos.min()) for e in changed))
         stage = min(_stage(e.sp, n_layers) for e in changed)
+        if any(sp.frozen for sp in patch):
+            changed = changed + _frozen_entries(patch, run.base, stage, window, n_layers)
         live.append(_Row(i, r, stage, window, changed))
     counts: dict[str, Any] = {"rows": len(live), "skipped": len(jobs) - len(live), "chunks": 0,
                               "layer_tokens": 0, "window": 0}
@@ -940,7 +979,7 @@ def patched_logits_many(model: HookedModel, runs: Sequence[PairRun],
             if mine:
                 out.append((mine, naive_patched_logits(model, run.base_ids,
                                                        [patches[i] for i in mine], run.source,
-                                                       progress)[:, cols]))
+                                                       progress, run.base)[:, cols]))
         logits = torch.empty(len(jobs), out[0][1].shape[-1])
         for mine, values in out:
             logits[mine] = values
@@ -994,7 +1033,10 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                   sites: Sequence[Site],
                   objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
-                  what: str = "attribution patching") -> Gradients:
+                  what: str = "attribution patching", *,
+                  base_embeds: torch.Tensor | None = None,
+                  after: Callable[[dict[str, dict[str, torch.Tensor]]], None] | None = None
+                  ) -> Gradients:
     """The one gradient pass of every first-order method: one source forward (caching the
     sites), one base forward with each site made differentiable by ``leaf``, one backward.
 
@@ -1007,6 +1049,13 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
             each base row (it must be differentiable in ``base_logits``; rows independent).
         timings: receives ``source_forward_s``, ``base_forward_s``, ``backward_s`` (added).
         what: the method's name, for error messages.
+        base_embeds: ``[b, T, d_model]`` the base forward's embedding output (the ``embed``
+            site) instead of the tokens' own, e.g. integrated gradients' interpolations
+            (``base`` then holds the activations of those runs).
+        after: called with ``site name -> leaf name -> gradient`` right after the backward,
+            while the base run's graph is still alive (it is retained for this call): the
+            caller's own vector-Jacobian products between the tensors its ``leaf`` kept
+            (edge attribution's per-receiver input gradients).
 
     Raises:
         InvalidArgumentError: a site the forward never reaches, or a metric that does not
@@ -1014,7 +1063,7 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
         NonFiniteError: a gradient that is not finite.
     """
     return _first_order(model, base_ids, source_ids, sites, objective, leaf, timings, what,
-                        drop_layers=False).plain
+                        drop_layers=False, base_embeds=base_embeds, after=after).plain
 
 
 @dataclass
@@ -1062,7 +1111,9 @@ def graddrop_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
 def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.Tensor,
                  sites: Sequence[Site],
                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 leaf: Leaf, timings: dict[str, float] | None, what: str, drop_layers: bool
+                 leaf: Leaf, timings: dict[str, float] | None, what: str, drop_layers: bool,
+                 base_embeds: torch.Tensor | None = None,
+                 after: Callable[[dict[str, dict[str, torch.Tensor]]], None] | None = None
                  ) -> DroppedGradients:
     """:func:`gradient_pass` and, with ``drop_layers``, :func:`graddrop_pass`'s extra passes
     (``dropped`` is empty without them)."""
@@ -1099,6 +1150,7 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
                    for layer in range(n_layers)], *hooks,
                  *[Hook(model.layer_site("resid_pre", layer), end(f"pre {layer}"))
                    for layer in range(n_layers)]]
+    hooks = [*_embed_hooks(model, base_embeds, 0), *hooks]
     passes: list[Sequence[torch.Tensor | None]] = []
     with torch.enable_grad():
         base_last = last_logits(model, base_ids, hooks)
@@ -1117,8 +1169,15 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
         posts = [ends[f"post {layer}"] for layer in range(n_layers)] if drop_layers else []
         # rows are independent, so the gradient of the sum is each row's own gradient
         found = torch.autograd.grad(base_values.sum(), [t for _, _, t in flat] + posts,
-                                    allow_unused=True, retain_graph=drop_layers)
+                                    allow_unused=True,
+                                    retain_graph=drop_layers or after is not None)
         passes.append(found[:len(flat)])
+        if after is not None:
+            plain_grads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+            for (site_name, leaf_name, leaf_t), got in zip(flat, found[:len(flat)]):
+                plain_grads[site_name][leaf_name] = (torch.zeros_like(leaf_t) if got is None
+                                                     else got)
+            after(dict(plain_grads))
         g_post = found[len(flat):]
         t3 = time.perf_counter()
         for layer in range(n_layers if drop_layers else 0):

@@ -402,12 +402,17 @@ class SitePatch:
             values. A sweep whose rows each need their own vector at a site (e.g. an SAE
             feature patch: ``x_base + decode(f') - decode(f_base)``) passes them here, and the
             engines use them exactly as they use source values (no-op entries are skipped).
+        frozen: hold the entries at the *base* run's values (or at ``values``) against the
+            row's other changes: written in every row whatever they equal, never making a row
+            live by themselves (a patch of frozen entries alone is the base run). E.g. causal
+            tracing's severed restorations keep later MLP outputs at their corrupted values.
     """
 
     site: Site
     positions: tuple[int, ...]
     units: tuple[int, ...] | None = None
     values: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    frozen: bool = False
 
     def __post_init__(self) -> None:
         if self.values is not None:

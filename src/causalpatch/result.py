@@ -61,7 +61,9 @@ from .render.html import PLOTLY_MODES, compact_html, report
 from .render.markdown import timing_name
 from .render.markdown import to_markdown as render_markdown
 from .render.plots import plot_result
+from .render.text import baselines_text as render_baselines
 from .render.text import takeaway as render_takeaway
+from .render.text import title_words as render_title
 
 if TYPE_CHECKING:
     from .render.figure import ResultFigure
@@ -508,15 +510,11 @@ class PatchingResult:
         kind = "normalised effect" if self.normalized else "raw values"
         lines = [
             f"{self.method} of {self.component!r} on {self.model_name or 'an unnamed model'}",
+            f"  {render_title(self)}",
             f"  metric: {self.metric} ({kind}), direction: {self.direction}",
         ]
-        baselines = []
-        if self.clean_metric is not None:
-            baselines.append(f"clean {self.clean_metric:.4f}")
-        if self.corrupted_metric is not None:
-            baselines.append(f"corrupted {self.corrupted_metric:.4f}")
-        if baselines:
-            lines.append(f"  baselines ({self.metric}): " + ", ".join(baselines))
+        if self.clean_metric is not None or self.corrupted_metric is not None:
+            lines.append(f"  {render_baselines(self)}")
         answers = self.answer_texts()
         if answers:
             c, i = answers[0]
@@ -823,7 +821,7 @@ class PatchingResult:
         Returns the HTML text.
         """
         return report([self], path,
-                      title=title or f"causalpatch: {self.method} of {self.component}",
+                      title=title or f"causalpatch: {render_title(self)}",
                       plotly=plotly)
 
     def _repr_html_(self) -> str:

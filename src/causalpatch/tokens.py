@@ -118,3 +118,27 @@ def make_batch(rows: list[list[int]], pad_id: int, device: torch.device | str = 
     return Batch(ids.to(device), mask.to(device), lengths.to(device))
 
 
+
+
+def prepended_bos(model: HookedModel, prepend_bos: object) -> int | None:
+    """The token id a ``prepend_bos=`` option asks for: ``False``/``None`` nothing, ``True``
+    the tokenizer's BOS token, an int that token id.
+
+    Raises:
+        InvalidArgumentError: ``True`` with a tokenizer that has no BOS token, or anything else
+            than a bool or a token id of the vocabulary.
+    """
+    if prepend_bos is False or prepend_bos is None:
+        return None
+    if prepend_bos is True:
+        bos = getattr(model.tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise InvalidArgumentError(
+                "prepend_bos=True but the tokenizer has no BOS token (bos_token_id is None); "
+                "pass the token id to prepend instead, e.g. prepend_bos=0")
+        return int(bos)
+    if isinstance(prepend_bos, int) and 0 <= prepend_bos < model.vocab_size:
+        return int(prepend_bos)
+    raise InvalidArgumentError(
+        f"prepend_bos must be True/False or a token id in [0, {model.vocab_size - 1}], got "
+        f"{prepend_bos!r}")

@@ -129,6 +129,11 @@ class SavedTensor(torch.Tensor):
         """The value as a plain ``torch.Tensor`` (already computed: the forward has run)."""
         return self.as_subclass(torch.Tensor)
 
+    @property
+    def value(self) -> torch.Tensor:
+        """The value as a plain ``torch.Tensor`` (older nnsight's ``saved.value``)."""
+        return self.as_subclass(torch.Tensor)
+
     # mypy drops the names of a dunder's keyword-only arguments (Tensor.__repr__ has
     # ``tensor_contents``), so it rejects every override with an annotation, even an identical one
     def __repr__(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]  # mypy bug

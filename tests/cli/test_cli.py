@@ -337,3 +337,82 @@ def test_help_examples_copy_paste(monkeypatch):
         assert word in res.output
     res = runner.invoke(cli.app, ["trace", "--help"], terminal_width=80)
     assert '--prompt "The Eiffel Tower is in the city of"' in res.output
+
+
+def _flat(text: str) -> str:
+    """Terminal output with its line breaks and runs of spaces made single spaces."""
+    return " ".join(text.split())
+
+
+def test_sweep_commands_print_title_baselines_and_takeaway(use_tiny_model, tmp_path):
+    """``patch`` and ``trace`` print, per result, what was run, the baselines and the
+    takeaway (the report's words), before the table; ``--json`` carries them too."""
+    from causalpatch.render.text import baselines_text, takeaway, title_words
+
+    res = runner.invoke(cli.app, _patch_args(tmp_path, "--component", "attn_head"))
+    assert res.exit_code == 0, res.output
+    result = PatchingResult.from_json(tmp_path / "o" / "result.json")
+    shown = _flat(res.output)
+    for line in (title_words(result), baselines_text(result), takeaway(result)):
+        assert _flat(line) in shown, line
+    assert shown.index(_flat(takeaway(result))) < shown.index("top 10 components")
+    assert f"clean {result.clean_metric:.4f}, corrupted {result.corrupted_metric:.4f}" in shown
+    data = json.loads(runner.invoke(cli.app, _patch_args(
+        tmp_path, "--component", "attn_head", "--json")).stdout)
+    assert data["results"][0]["takeaway"] == takeaway(result)
+    assert data["results"][0]["title"] == "Activation patching: attention heads"
+
+    out = tmp_path / "trace"
+    res = runner.invoke(cli.app, ["trace", "--prompt", "The Eiffel Tower is in the city of",
+                                  "--subject", "Eiffel Tower", "--samples", "2", "--window", "2",
+                                  "--components", "mlp,attn", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    shown = _flat(res.output)
+    for name in ("mlp_by_position", "attn_by_position"):
+        traced = PatchingResult.from_json(out / f"{name}.json")
+        assert _flat(takeaway(traced)) in shown
+        assert "has the largest indirect effect" in takeaway(traced)
+    assert "Causal tracing: restoring the MLP output (window of 2 layers), subject " \
+           "'Eiffel Tower' noised" in shown
+    assert "indirect effect" in res.output.split("top 10 components")[1]  # the table column
+    assert (f"p(answer): clean run {traced.clean_metric:.4f}, subject noised "
+            f"{traced.corrupted_metric:.4f}") in shown
+    report = (out / "report.html").read_text()
+    assert report.count("<li><a href='#result-") == 2  # the summary: one line per component
+
+
+def test_ioi_prints_every_steps_story_and_its_report_opens_with_a_summary(
+        use_tiny_model, tmp_path, monkeypatch):
+    """``ioi``'s four steps each print title, baselines and takeaway; its report opens with
+    one summary line per step, each linking to its section. (The tiny tokenizer knows too few
+    names for ``IOIDataset``: its IOI-like pairs stand in for the dataset.)"""
+    import causalpatch.datasets
+    from causalpatch.render.text import baselines_text, headline, takeaway, title_words
+    from conftest import IOI_PAIRS, TextPairs
+
+    class Pairs(TextPairs):
+        def __len__(self) -> int:  # the command counts the dataset's pairs
+            return len(self.clean)
+
+    monkeypatch.setattr(causalpatch.datasets, "IOIDataset",
+                        lambda model, n, seed, equal_length=False: Pairs.of(IOI_PAIRS[:n]))
+    out = tmp_path / "ioi"
+    res = runner.invoke(cli.app, ["ioi", "--n", "2", "--no-progress", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    shown = _flat(res.output)
+    names = ["resid_post_by_position", "attn_by_position", "mlp_by_position", "attn_head"]
+    results = [PatchingResult.from_json(out / f"{name}.json") for name in names]
+    for result in results:
+        for line in (title_words(result), baselines_text(result), takeaway(result)):
+            assert _flat(line) in shown, line
+    page = (out / "report.html").read_text()
+    summary = page.split("<section id='summary'>")[1].split("</section>")[0]
+    for i, result in enumerate(results):
+        assert f"<li><a href='#result-{i}'>" in summary
+        assert html_escape(headline(result)) in summary
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)

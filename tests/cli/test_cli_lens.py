@@ -181,3 +181,45 @@ def test_dla_ioi_dataset_equals_the_api(smollm2, monkeypatch, tmp_path, one_thre
     api = direct_logit_attribution(smollm2, IOIDataset(smollm2, n=2, seed=1), "component")
     assert data["result"] == json.loads(api.to_json())
     assert len(data["result"]["prompts"]) == 2 and data["result"]["metric"] == "logit_diff"
+
+
+def test_lens_and_dla_print_title_and_headline_and_join_a_report(tiny, tmp_path):
+    """Both commands print their title and main finding (the report summary's line); their
+    result files go into ``causalpatch report`` beside a patching result, each a section with
+    its line in the summary."""
+    from causalpatch.render.lens import dla_headline, dla_title, lens_headline, lens_title
+
+    folder, model = tiny
+    res = runner.invoke(cli.app, ["lens", "--model", folder, "--prompt", PROMPT, "--answer",
+                                  " Mary", "--out", str(tmp_path / "lens")])
+    assert res.exit_code == 0, res.output
+    lens = LensResult.from_json(tmp_path / "lens" / "result.json")
+    shown = " ".join(res.output.split())
+    assert lens_title(lens) in shown and " ".join(lens_headline(lens).split())[1:] in shown
+    res = runner.invoke(cli.app, ["dla", "--model", folder, "--prompt", PROMPT, "--correct",
+                                  " Mary", "--incorrect", " John", "--out",
+                                  str(tmp_path / "dla")])
+    assert res.exit_code == 0, res.output
+    dla = DLAResult.from_json(tmp_path / "dla" / "result.json")
+    shown = " ".join(res.output.split())
+    assert dla_title(dla) in shown and dla_headline(dla)[1:] in shown
+    data = _run(["dla", "--model", folder, "--prompt", PROMPT, "--correct", " Mary",
+                 "--json", "--out", str(tmp_path / "dla2")])
+    assert data["title"].startswith("Direct logit attribution (component)")
+    assert data["takeaway"].startswith("logit(' Mary') =")
+
+    res = runner.invoke(cli.app, ["patch", "--model", folder, "--clean", PROMPT, "--corrupted",
+                                  PROMPT.replace("John gave", "Mary gave"), "--correct", " Mary",
+                                  "--incorrect", " John", "--layers", "0,1",
+                                  "--out", str(tmp_path / "patch")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "all.html"
+    res = runner.invoke(cli.app, ["report", str(tmp_path / "patch" / "result.json"),
+                                  str(tmp_path / "lens"), str(tmp_path / "dla" / "result.json"),
+                                  "--out", str(out), "--plotly", "cdn"])
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    summary = page.split("<section id='summary'>")[1].split("</section>")[0]
+    assert summary.count("<li>") == 3 and "Logit lens:" in summary
+    assert "Direct logit attribution (component)" in summary
+    assert "id='result-2'" in page and "class='cp-lens'" in page

@@ -39,12 +39,21 @@ FAMILIES64 = ["llama", "gpt2", "gemma3_text", "gpt_neox_parallel"]
 COMPONENTS = ["resid_pre", "resid_mid", "resid_post", "attn", "mlp", "attn_head",
               "attn_head_q", "attn_head_k", "attn_head_v", "mlp_neuron"]
 #: engine logits of a float64 model, rounded to float32 at the end: |fast - naive| <= ULP32 *
-#: |naive| element by element (one float32 ulp, 2**-23 of the value).
+#: |naive| element by element (one float32 ulp, 2**-23 of the value). Observed: 0 ulps, fast
+#: and naive logits bitwise equal after the rounding in every family, component and by_position
+#: setting. One ulp, not 0, is the smallest bound rounding admits: a float64 difference of
+#: ~1e-16 (other summation orders) flips a float32 rounding when it lands on a midpoint.
 ULP32 = 2.0 ** -23
 #: method results are float32 metric values of float64 logits: max |fast - naive| <=
-#: REL32 * max |value| (float32 eps is 1.2e-7: a couple of ulps of the largest value).
+#: REL32 * max(1, max |value|) (float32 eps is 1.2e-7: a couple of ulps of the largest value).
+#: Observed: 0 (bitwise equal) for activation patching, ablate and attribution's verified values
+#: on every family and component, since both sides' float32 logits are bitwise equal (above);
+#: the bound allows one flipped logit rounding (an ulp of a logit of up to ~5 moves a metric by
+#: up to 4.8e-7). The float64 method tests of path patching and causal tracing, which compare
+#: with constructions of their own, observe 1.8e-7 (``methods/test_float64_methods.py``).
 REL32 = 5e-7
-#: non-vacuity: some patch moves the logits / the metric by more than this.
+#: non-vacuity: some patch moves the logits / the metric by more than this (smallest largest
+#: move observed: 0.043 of the logits, 0.055 of a metric value).
 MOVES = 1e-2
 
 

@@ -1,7 +1,7 @@
 """Numerics across dtypes and vocabularies.
 
-Stated tolerances (absolute, on normalised effects, against the float32 run of the same sweep):
-float16 <= 0.01, bfloat16 <= 0.05 (bfloat16 keeps 8 bits of mantissa).
+Stated tolerances (relative to the largest effect, on normalised effects, against the float32
+run of the same sweep): float16 <= 0.01, bfloat16 <= 0.05 (bfloat16 keeps 8 bits of mantissa).
 """
 
 from __future__ import annotations
@@ -11,13 +11,25 @@ import copy
 import pytest
 import torch
 
+from conftest import assert_matches_reference
+
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.errors import NonFiniteError
 from causalpatch.metrics import METRICS, MetricInputs, get_metric
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+#: Relative tolerance of a half-precision sweep against the float32 one (:func:`conftest.
+#: assert_matches_reference`: max |half - float32| over the largest float32 effect, normalised
+#: effects of SmolLM2, 14 cells of which 8 are 0.33-1.01). Not small, and not a bug: every
+#: matmul, norm and softmax of 30 layers rounds to 11 (float16) or 8 (bfloat16) bits of mantissa,
+#: and the normalisation divides by a clean-corrupted gap computed in that precision. Observed:
+#: float16 1.04e-3 (|diff| 1.06e-3 on effects up to 1.01), bfloat16 1.61e-2 (|diff| 1.63e-2).
 TOLERANCE = {torch.float16: 0.01, torch.bfloat16: 0.05}
+#: 100x a tolerance of 1-5% exceeds the largest effect, so half precision asks for cells whose
+#: effect is >= 10x the tolerance: 8 cells (float16, >= 0.10) and 7 (bfloat16, >= 0.51) observed.
+HALF_MARGIN = 10.0
+HALF_MIN_CELLS = 6
 SWEEP = dict(component="resid_post", layers=[0, 5, 10, 15, 20, 25, 29], positions=[9, 13],
              by_position=True, correct=" Mary", incorrect=" John")
 
@@ -36,8 +48,10 @@ def float32_effects(smollm2):
 def test_low_precision_effects_match_float32(low_precision, float32_effects):
     result = activation_patching(low_precision, CLEAN, CORRUPTED, **SWEEP)
     assert torch.isfinite(result.effect_matrix).all()
-    diff = (result.effect_matrix - float32_effects).abs().max().item()
-    assert diff <= TOLERANCE[low_precision.dtype], diff
+    # normalised effects (unpatched value 0); the reference is the float32 run of the same sweep
+    assert_matches_reference(result.effect_matrix, float32_effects, 0.0,
+                             rtol=TOLERANCE[low_precision.dtype], min_cells=HALF_MIN_CELLS,
+                             margin=HALF_MARGIN, what=f"{low_precision.dtype} vs float32")
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))

@@ -1,15 +1,17 @@
 """Dataset sweeps batched across pairs: pairs of one token length share staircase batches.
 
 Compared on every tiny architecture with (a) the naive loop (one forward per patch, each pair
-alone) and (b) the per-pair fast path (each pair swept on its own); tolerance 1e-5 on float32
-metric values. Unequal lengths are grouped by length, and the result's metadata says so.
+alone; for ``mlp_neuron`` on the neurons :func:`conftest.neuron_sample` picks) and (b) the
+per-pair fast path (each pair swept on its own), by :func:`conftest.assert_matches_reference`
+(:data:`RTOL` on float32 metric values). Unequal lengths are grouped by length, and the
+result's metadata says so.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, neuron_sample
 
 from causalpatch import activation_patching
 from causalpatch.assemble import length_groups
@@ -50,18 +52,30 @@ def unpatched(result):
     ("attn_head", False), ("resid_post", False), ("mlp_neuron", False), ("attn_head_q", False)])
 def test_grouped_pairs_equal_the_per_pair_path_and_the_naive_loop(model, component, by_position):
     kw = dict(component=component, correct=5, incorrect=6, normalize=False)
-    fast = activation_patching(model, CLEAN, CORRUPTED, **kw)
-    naive = activation_patching(model, CLEAN, CORRUPTED, engine="naive", **kw)
-    assert fast.per_pair is not None and naive.per_pair is not None
+    # mlp_neuron on the first two pairs (one length group whose pairs differ first at 5 and 6,
+    # so they share batches): grouping by length is the same code for every component, checked
+    # with all four pairs on the others, and the neuron rows are what this case adds
+    n_pairs = 2 if component == "mlp_neuron" else len(CLEAN)
+    clean_texts, corrupted_texts = CLEAN[:n_pairs], CORRUPTED[:n_pairs]
+    fast = activation_patching(model, clean_texts, corrupted_texts, **kw)
+    assert fast.per_pair is not None
     alone = [activation_patching(model, clean, corrupted, **kw)
-             for clean, corrupted in zip(CLEAN, CORRUPTED)]
+             for clean, corrupted in zip(clean_texts, corrupted_texts)]
     # each pair's own unpatched (corrupted-run) metric: the per-pair raw values are compared
     # with it, so a sweep that returned every pair's base run would fail
     base = torch.tensor([a.corrupted_metric for a in alone])
-    base = base.view(-1, *[1] * naive.effect_matrix.dim())
-    assert_matches_reference(fast.per_pair, naive.per_pair, base, rtol=RTOL, min_cells=MIN_CELLS,
-                             what=f"{component} per pair")
-    assert_matches_reference(fast.effect_matrix, naive.effect_matrix, unpatched(naive),
+    base = base.view(-1, *[1] * fast.effect_matrix.dim())
+    cells: tuple = (...,)  # every cell, except for mlp_neuron: the sampled neurons
+    if component == "mlp_neuron":  # one naive forward per neuron and pair: check a sample
+        moved = (fast.per_pair - base).abs().amax(0).flatten()  # layer-major
+        n_layers, n_neurons = fast.effect_matrix.shape
+        kw["neurons"] = sorted({row % n_neurons for row in neuron_sample(moved, n_layers)})
+        cells = (..., kw["neurons"])
+    naive = activation_patching(model, clean_texts, corrupted_texts, engine="naive", **kw)
+    assert naive.per_pair is not None
+    assert_matches_reference(fast.per_pair[cells], naive.per_pair, base, rtol=RTOL,
+                             min_cells=MIN_CELLS, what=f"{component} per pair")
+    assert_matches_reference(fast.effect_matrix[cells], naive.effect_matrix, unpatched(naive),
                              rtol=RTOL, min_cells=MIN_CELLS, what=f"{component} mean")
     # the same as sweeping every pair on its own with the fast engine
     for i, one in enumerate(alone):

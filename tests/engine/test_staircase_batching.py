@@ -1,7 +1,10 @@
 """The staircase batched over several base runs, per-position windows and its memory budget.
 
 Every fast path is compared with the naive loop (one forward per patch) on the same model,
-tolerance 1e-5 in float32 logits, on every tiny architecture.
+by :func:`conftest.assert_matches_reference` (:data:`RTOL`, float32 logits), on every tiny
+architecture; ``mlp_neuron`` sweeps run every neuron fast and a sample of them naively
+(:func:`conftest.neuron_sample`: each layer's first and last neuron, seeded picks, and the rows
+the fast sweep moves most).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, neuron_sample
 
 from causalpatch.engine import (collect_sites, patched_logits, patched_logits_many,
                                 rows_per_chunk, run_base_and_source)
@@ -38,11 +41,24 @@ def model(tiny_lm):
     return tiny_lm
 
 
+def naive_rows(fast: torch.Tensor, base: torch.Tensor, n_runs: int, n_layers: int,
+               component: str) -> list[int]:
+    """Rows the naive loop checks, in run order: every row, except for ``mlp_neuron`` (one
+    naive forward per neuron) a sample of each run's rows (:func:`conftest.neuron_sample`).
+    ``fast`` / ``base``: ``[rows, vocab]``, the runs' rows one after another."""
+    if component != "mlp_neuron":
+        return list(range(len(fast)))
+    per_run = len(fast) // n_runs
+    moved = (fast - base).abs().amax(-1)
+    return [r * per_run + i for r in range(n_runs)
+            for i in neuron_sample(moved[r * per_run:(r + 1) * per_run], n_layers)]
+
+
 @pytest.mark.parametrize("component,by_position", [
     ("resid_post", True), ("attn_head", False), ("mlp_neuron", False), ("attn", True)])
 def test_rows_of_several_runs_share_batches_and_equal_naive(model, component, by_position):
     plan = plan_component(model, component, None, None, None)
-    runs, jobs, naive = [], [], []
+    runs, jobs = [], []
     for clean, corrupted in PAIRS:
         pair = make_pairs(model, clean, corrupted, 5, 6)[0]
         patches = build_patches(plan, resolve_positions(None, by_position, 12), by_position, 12)
@@ -50,12 +66,14 @@ def test_rows_of_several_runs_share_batches_and_equal_naive(model, component, by
                                   patches, Engine.FAST)
         jobs += [(len(runs), p) for p in patches]
         runs.append(run)
-        naive.append(patched_logits(model, run, patches, Engine.NAIVE))
     stats: dict = {}
     fast = patched_logits_many(model, runs, jobs, Engine.FAST, batch_size=50, stats=stats)
-    naive_all = torch.cat(naive)
-    assert_matches_reference(fast, naive_all, torch.stack([runs[r].base_last for r, _ in jobs]),
-                             rtol=RTOL, min_cells=MIN_CELLS, what=f"{component} staircase")
+    base = torch.stack([runs[r].base_last for r, _ in jobs])
+    rows = naive_rows(fast, base, len(runs), len(plan.layers), component)
+    naive = torch.cat([patched_logits(model, run, [jobs[i][1] for i in rows if jobs[i][0] == r],
+                                      Engine.NAIVE) for r, run in enumerate(runs)])
+    assert_matches_reference(fast[rows], naive, base[rows], rtol=RTOL, min_cells=MIN_CELLS,
+                             what=f"{component} staircase")
     # fewer passes than one staircase per run, and no row computes positions before its change
     assert stats["rows"] > 0
     assert stats["layer_tokens"] <= stats["rows"] * model.n_layers * 12
@@ -111,8 +129,9 @@ def test_last_layer_runs_its_mlp_on_the_last_position_only(model, component, by_
     run = run_base_and_source(model, pair.corrupted, pair.clean, collect_sites(patches), patches,
                               Engine.FAST)
     fast = patched_logits(model, run, patches, Engine.FAST, batch_size=7)
-    naive = patched_logits(model, run, patches, Engine.NAIVE)
-    assert_matches_reference(fast, naive, run.base_last, rtol=RTOL, min_cells=MIN_CELLS,
+    rows = naive_rows(fast, run.base_last.expand_as(fast), 1, 1, component)
+    naive = patched_logits(model, run, [patches[i] for i in rows], Engine.NAIVE)
+    assert_matches_reference(fast[rows], naive, run.base_last, rtol=RTOL, min_cells=MIN_CELLS,
                              what=f"{component} last layer")
     assert cuts  # every chunk has rows of more than one position
     assert all(path.startswith(model.runtime.layer_paths[-1] + ".") for path in cuts)

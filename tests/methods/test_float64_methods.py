@@ -24,8 +24,14 @@ from causalpatch.sae import SparseAutoencoder
 
 F64 = torch.float64
 #: |got - expected| <= REL32 * max(1, max |expected|): float32 rounding of float64 values.
+#: Observed: 1.8e-7 for path patching (brute force's normalised values up to 0.44, a few float32
+#: ulps: both sides round their float64 logits to float32 and the normalisation divides by a
+#: gap of float32 metrics), 8.9e-8 for causal tracing (probability differences: float32
+#: softmax of rounded logits against float64 plain traces), 0 (bitwise) for SAE patching fast
+#: against naive (both sides round the same float64 logits).
 REL32 = 5e-7
-#: non-vacuity: the largest expected value exceeds this.
+#: non-vacuity: the largest expected value exceeds this (smallest largest value observed: 0.091
+#: for path patching, 1.1 for SAE patching).
 MOVES = 1e-2
 
 CLEAN = [5, 6, 7, 8, 9, 10, 11, 12]

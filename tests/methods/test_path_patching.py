@@ -30,6 +30,10 @@ RTOL_SWEEP = 4e-5
 RTOL_FAMILY = 1e-3
 
 
+#: Heads of SmolLM2 whose direct effect is >= 100x its tolerance (observed: 93 of 270).
+SMOLLM2_MIN_CELLS = 50
+
+
 def check(got, expected, what: str = "", rtol: float = RTOL, min_cells: int = 1) -> None:
     """``got`` (the batched cells) equals ``expected`` (brute force) by the suite's one rule."""
     assert_matches_reference(torch.tensor(got, dtype=torch.float64),
@@ -336,7 +340,7 @@ def test_smollm2_direct_effect_of_every_head_equals_the_hand_computation(smollm2
         return float(logits[good] - logits[bad])
 
     base_ld, source_ld = ld(base.last_logits[0]), ld(source.last_logits[0])
-    worst = 0.0
+    expected = torch.zeros(n, H, dtype=torch.float64)
     with torch.no_grad():
         for layer in range(n):
             w_o = hf.model.layers[layer].self_attn.o_proj.weight  # [d_model, H * dh]
@@ -344,9 +348,11 @@ def test_smollm2_direct_effect_of_every_head_equals_the_hand_computation(smollm2
             for head in range(H):
                 delta = w_o[:, head * dh:(head + 1) * dh] @ dz[0, -1, head]
                 logits = hf.lm_head(hf.model.norm(final + delta)).float()
-                expected = (ld(logits) - base_ld) / (source_ld - base_ld)
-                worst = max(worst, abs(float(result.effect_matrix[layer, head]) - expected))
-    assert worst <= 1e-3, worst
+                expected[layer, head] = (ld(logits) - base_ld) / (source_ld - base_ld)
+    # float32 on both sides, other summation orders: observed 1.4e-6 of the largest effect
+    # (|diff| 5.3e-7 on effects up to 0.38; the old check was 1e-3 absolute)
+    check(result.effect_matrix.tolist(), expected.tolist(), "smollm2 every head -> logits",
+          rtol=1e-5, min_cells=SMOLLM2_MIN_CELLS)
 
 
 IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"

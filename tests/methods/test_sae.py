@@ -831,7 +831,9 @@ def test_real_model_no_op_edit_is_exact(smollm2, shipped):
         live = int(f[0, -1].argmax())
         out = smollm2.trace(CLEAN, saes=[shipped], interventions={name: edit_features(
             [live], value=f[:, -1:, live:live + 1], positions=[-1])}).run().logits
-    assert (out - base).abs().max() <= 1e-5
+    # the splice is exact (decode(f) + error == the activation), and writing a feature its own
+    # value changes nothing: observed bitwise equal logits (the old check allowed 1e-5)
+    assert torch.equal(out, base)
     assert int((f[0, 1:] > 0).sum(-1).max()) == 32
     assert smollm2.hook_snapshot() == before
 

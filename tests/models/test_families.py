@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import neuron_sample
 
 import causalpatch.interventions as iv
 from causalpatch.engine import collect_sites, patched_logits, run_base_and_source
@@ -112,25 +113,10 @@ def test_fast_engine_equals_naive_loop(model, component, by_position):
     fast = patched_logits(model, run, patches, Engine.FAST, batch_size=7)
     rows = list(range(len(patches)))
     if component == "mlp_neuron":  # the naive loop on a sample: every neuron is a forward
-        rows = _neuron_rows(fast, base_last, plan.units or [], len(plan.layers))
+        rows = neuron_sample((fast - base_last).abs().amax(-1), len(plan.layers))
     naive = patched_logits(model, run, [patches[i] for i in rows], Engine.NAIVE)
     assert (fast[rows] - naive).abs().max().item() <= 1e-5
     assert (naive - base_last).abs().max().item() > 1e-7  # the patches change something
-
-
-def _neuron_rows(fast: torch.Tensor, base_last: torch.Tensor, neurons: list[int],
-                 n_layers: int, n_random: int = 6, n_largest: int = 4) -> list[int]:
-    """Rows of a layer-major neuron sweep the naive loop checks: each layer's first and last
-    neuron, seeded random ones, and the rows whose fast logits move most from the base run."""
-    n = len(neurons)
-    gen = torch.Generator().manual_seed(0)
-    rows = set()
-    for layer in range(n_layers):
-        picks = torch.randperm(n, generator=gen)[:n_random].tolist()
-        rows |= {layer * n + j for j in (0, n - 1, *picks)}
-    moved = (fast - base_last).abs().amax(-1)
-    rows |= set(torch.topk(moved, min(n_largest, len(moved))).indices.tolist())
-    return sorted(rows)
 
 
 def test_names_and_errors(model):

@@ -1,5 +1,10 @@
 """Writes to traced values inside ``with model.trace(...)`` (issue 26): each either takes effect
-exactly as the equivalent intervention, or raises an error naming the supported forms."""
+exactly as the equivalent intervention, or raises an error naming the supported forms.
+
+The same through nnsight's spelling of the Hugging Face module tree
+(``model.transformer.h[i].output[0]``, ``model.model.layers[i]...``, ``lm_head.output``,
+``o_proj.input[0][0]``) on every family: reads equal plain PyTorch hooks on the hand-written
+paths of ``conftest.REFERENCE``, writes equal the equivalent intervention bit for bit."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 
 import causalpatch.interventions as iv
 from causalpatch.errors import InvalidArgumentError
+from conftest import REFERENCE, capture_modules
 
 CLEAN = "a b c d e f"
 CORRUPT = "a b c d b f"
@@ -122,4 +128,102 @@ def test_refused_writes_name_the_supported_forms(tiny_lm):
     torch.testing.assert_close(tr.logits, base, rtol=0, atol=0)  # nothing refused took effect
     with pytest.raises(InvalidArgumentError, match="trace"):
         tiny_lm.layers[LAYER].output = clean
+    assert tiny_lm.hook_snapshot() == {}
+
+
+# -- nnsight's module tree: model.transformer.h[i] / model.model.layers[i] ---------------------
+#: The unembedding module, written out by hand: ``lm_head`` in every family's modelling code
+#: of the pinned ``transformers`` (GPT-NeoX's ``embed_out`` was renamed).
+UNEMBED = "lm_head"
+
+
+def _walk(lm, path, layer=LAYER):
+    """``model.<a>.<b>[layer].<c>`` for the hand-written path ``a.b.{L}.c``."""
+    node = lm
+    for part in path.split("."):
+        node = node[layer] if part == "{L}" else getattr(node, part)
+    return node
+
+
+def _ids(lm, prompt):
+    return lm.to_tokens(prompt)
+
+
+def test_module_tree_reads_are_the_modules_values(tiny_lm, tiny_family):
+    ref = REFERENCE[tiny_family]
+    layer_path = ref.sites["resid_post"][0]
+    attn_kind = "attn.raw" if "attn.raw" in ref.sites else "attn"
+    unembed = UNEMBED
+    wanted = {"layer": (layer_path.format(L=LAYER), "out"),
+              "attn": (ref.sites[attn_kind][0].format(L=LAYER), "out"),
+              "o_proj_in": (ref.o_proj.format(L=LAYER), "in"), "unembed": (unembed, "out")}
+    expected = capture_modules(tiny_lm.hf_model, _ids(tiny_lm, CORRUPT), wanted)
+    stack = _walk(tiny_lm, layer_path.rsplit(".{L}", 1)[0] + ".{L}")
+    n_layers = len(_walk(tiny_lm, layer_path.rsplit(".{L}", 1)[0]))
+    with tiny_lm.trace(CORRUPT) as tr:
+        hidden = stack.output[0].save()
+        attn = _walk(tiny_lm, ref.sites[attn_kind][0]).output[0].save()
+        o_in = _walk(tiny_lm, ref.o_proj).input[0][0].save()
+        logits = getattr(tiny_lm, unembed).output.save()
+    assert n_layers == tiny_lm.n_layers
+    for name, got in (("layer", hidden), ("attn", attn), ("o_proj_in", o_in),
+                      ("unembed", logits)):
+        torch.testing.assert_close(got, expected[name], rtol=0, atol=0, msg=name)
+    if tiny_family not in ("gemma2", "gemma3_text"):  # their logits are soft-capped after it
+        torch.testing.assert_close(logits, tr.logits, rtol=0, atol=0)
+    assert tiny_lm.hook_snapshot() == {}
+
+
+def test_module_tree_writes_equal_the_interventions(tiny_lm, tiny_family):
+    ref = REFERENCE[tiny_family]
+    layer = _walk(tiny_lm, ref.sites["resid_post"][0])
+    o_proj = _walk(tiny_lm, ref.o_proj)
+    with tiny_lm.trace(CLEAN):
+        clean = layer.output[0].save().clone()
+        clean_z = o_proj.input[0][0].save().clone()
+    p, head, d_head = 6, 1, tiny_lm.d_head  # position 6: where the prompts differ
+    cases = [
+        (lambda: layer.output[0].__setitem__(slice(None), clean),
+         {f"layers.{LAYER}": iv.replace_with(clean)}),
+        (lambda: layer.output[0].__setitem__((slice(None), p, slice(None)), clean[:, p, :]),
+         {f"layers.{LAYER}": _set((slice(None), p), clean[:, p])}),
+        (lambda: setattr(layer, "output", (clean,)), {f"layers.{LAYER}": iv.replace_with(clean)}),
+        (lambda: o_proj.input[0][0].__setitem__(
+            (slice(None), slice(None), slice(head * d_head, (head + 1) * d_head)),
+            clean_z[:, :, head * d_head:(head + 1) * d_head]),
+         {f"blocks.{LAYER}.attn.z": iv.replace_with(
+             clean_z.view(*clean_z.shape[:2], -1, d_head), heads=[head])}),
+    ]
+    base = _logits_with(tiny_lm, {})
+    for i, (write, interventions) in enumerate(cases):
+        expected = _logits_with(tiny_lm, interventions)
+        assert not torch.allclose(expected, base), i
+        with tiny_lm.trace(CORRUPT) as tr:
+            write()
+        torch.testing.assert_close(tr.logits, expected, rtol=0, atol=0, msg=f"case {i}")
+    assert tiny_lm.hook_snapshot() == {}
+
+
+def test_module_tree_refusals_name_the_supported_form(tiny_lm, tiny_family):
+    ref = REFERENCE[tiny_family]
+    layer = _walk(tiny_lm, ref.sites["resid_post"][0])
+    with tiny_lm.trace(CORRUPT) as tr:
+        with pytest.raises(InvalidArgumentError, match=r"tuple.*\[0\]\[:, 2\] = x"):
+            layer.output[:, 2] = 0.0
+        with pytest.raises(InvalidArgumentError, match=r"tuple.*\[0\]\[:\] = x"):
+            layer.output[0] = 0.0
+        with pytest.raises(InvalidArgumentError, match="would change nothing"):
+            layer.foo = 1
+        with pytest.raises(InvalidArgumentError, match="only the first"):
+            layer.output = (torch.zeros(1), torch.zeros(1))
+        o_proj_input = _walk(tiny_lm, ref.o_proj).input
+        with pytest.raises(InvalidArgumentError, match="only the first positional"):
+            o_proj_input[1]["x"] = 1.0
+        with pytest.raises(InvalidArgumentError, match=r"tuple.*\[0\]\[:\] = x"):
+            o_proj_input[0][0] = 1.0
+    torch.testing.assert_close(tr.logits, _logits_with(tiny_lm, {}), rtol=0, atol=0)
+    with pytest.raises(InvalidArgumentError, match="trace"):
+        layer.output
+    with pytest.raises(AttributeError):
+        tiny_lm.no_such_module
     assert tiny_lm.hook_snapshot() == {}

@@ -60,7 +60,8 @@ RANKS: dict[str, int] = {
     "interventions": 5, "loading": 6, "sae": 6, "tracing": 7, "model": 8, "metrics": 9, "plan": 10,
     "engine": 11, "checkpoint": 12, "render": 13, "result": 14, "assemble": 15, "datasets": 16,
     "executors": 16, "options": 17,
-    "methods": 18, "sae.train": 18, "interpretable": 19, "cli": 20, "__init__": 20,
+    "methods": 18, "sae.train": 18, "interpretable": 19, "framework": 19, "cli": 20, "__init__": 20,
+    "graph": 14,
 }
 METHODS = f"{PACKAGE}.methods"
 ADAPTERS = f"{PACKAGE}.adapters"

@@ -1,11 +1,12 @@
 """The seeds' documented API (issue 12): their own snippets, adapted only in the import lines.
 
-The snippets below are copied from the seed documents in ``../shared/seeds`` (the mlxterp
+The snippets are vendored in ``tests/data/snippets`` (one file each; the mlxterp
 activation-patching and causal-patching guides, and the TransformerLens framework's
-``PatchingDataset`` pattern); :func:`test_snippets_are_the_seeds_own` checks that each one,
-without its import lines, occurs in the seeds (whitespace ignored: one seed lost its
-indentation). :func:`adapt` rewrites only the import lines (:data:`IMPORTS`): ``mlxterp`` ->
-``causalpatch``; ``mlx.core`` -> a few torch functions under the same names; ``mlx_lm.load`` and
+``PatchingDataset`` pattern); ``tests/package/test_seed_snippets.py`` checks that each occurs in
+its source document (whitespace ignored: one document lost its indentation) when the documents
+are present, and the recorded SHA-256 of each vendored file otherwise. :func:`adapt` rewrites
+only the import lines (:data:`IMPORTS`): ``mlxterp`` -> ``causalpatch``; ``mlx.core`` -> a few
+torch functions under the same names; ``mlx_lm.load`` and
 ``InterpretableModel("mlx-community/...")`` -> the test model.
 
 The test model is a seeded 12-layer tiny LLaMA with a word-level tokenizer in which the seeds'
@@ -15,7 +16,6 @@ prompt pairs have equal token lengths, as they have on SmolLM2 (" Eiffel" is two
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -31,291 +31,27 @@ import causalpatch.interventions as iv
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.datasets import PatchingDataset, as_patching_dataset
 from causalpatch.errors import InvalidArgumentError
-from conftest import REPO_ROOT, VOCAB_SIZE, _common, tiny_model
+from conftest import VOCAB_SIZE, _common, assert_matches_reference, load_snippet, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SEEDS = REPO_ROOT.parent / "shared" / "seeds"
-
-# -- the seeds' snippets (mlxterp activation patching guide) --------------------------------
-ACT_HELPER = '''
-from mlxterp import InterpretableModel
-from mlx_lm import load
-
-# Load model
-base_model, tokenizer = load('mlx-community/Llama-3.2-1B-Instruct-4bit')
-model = InterpretableModel(base_model, tokenizer=tokenizer)
-
-# Find important layers - that's it!
-results = model.activation_patching(
-    clean_text="Paris is the capital of France",
-    corrupted_text="London is the capital of France",
-    component="mlp",
-    plot=True
-)
-
-# Analyze
-sorted_results = sorted(results.items(), key=lambda x: x[1], reverse=True)
-print("Top 3 most important layers:")
-for layer_idx, recovery in sorted_results[:3]:
-    print(f"  Layer {layer_idx}: {recovery:.1f}% recovery")
-'''
-
-ACT_QUICK = '''
-import mlx.core as mx
-from mlxterp import InterpretableModel, interventions as iv
-from mlx_lm import load
-
-# Load model
-base_model, tokenizer = load('mlx-community/Llama-3.2-1B-Instruct-4bit')
-model = InterpretableModel(base_model, tokenizer=tokenizer)
-
-# Define clean vs corrupted inputs
-clean_text = "Paris is the capital of France"
-corrupted_text = "London is the capital of France"
-
-# Get baseline outputs
-with model.trace(clean_text):
-    clean_output = model.output.save()
-
-with model.trace(corrupted_text):
-    corrupted_output = model.output.save()
-
-mx.eval(clean_output, corrupted_output)
-
-# Helper function to measure distance
-def l2_distance(a, b):
-    return float(mx.sqrt(mx.sum((a - b) ** 2)))
-
-baseline = l2_distance(corrupted_output[0, -1], clean_output[0, -1])
-print(f"Baseline L2 distance: {baseline:.2f}")
-
-# Patch MLP at layer 10
-with model.trace(clean_text) as trace:
-    clean_mlp = trace.activations["model.model.layers.10.mlp"]
-
-mx.eval(clean_mlp)
-
-with model.trace(corrupted_text,
-                interventions={"layers.10.mlp": iv.replace_with(clean_mlp)}):
-    patched_output = model.output.save()
-
-mx.eval(patched_output)
-
-dist = l2_distance(patched_output[0, -1], clean_output[0, -1])
-recovery = (baseline - dist) / baseline * 100
-print(f"Layer 10 MLP: {recovery:.1f}% recovery")
-'''
-
-ACT_LOOP = '''
-results = {}
-
-for layer_idx in range(len(model.layers)):
-    # Get clean activation for this component
-    with model.trace(clean_text) as trace:
-        clean_mlp = trace.activations[f"model.model.layers.{layer_idx}.mlp"]
-
-    mx.eval(clean_mlp)
-
-    # Patch into corrupted run
-    with model.trace(corrupted_text,
-                    interventions={f"layers.{layer_idx}.mlp": iv.replace_with(clean_mlp)}):
-        patched_output = model.output.save()
-
-    mx.eval(patched_output)
-
-    # Measure recovery
-    dist = l2_distance(patched_output[0, -1], clean_output[0, -1])
-    recovery = (baseline - dist) / baseline * 100
-    results[layer_idx] = recovery
-
-    print(f"Layer {layer_idx:2d}: {recovery:6.1f}% recovery")
-'''
-
-ACT_ANALYSE = '''
-# Sort by importance
-sorted_results = sorted(results.items(), key=lambda x: x[1], reverse=True)
-
-print("\\nMost important layers:")
-for layer_idx, recovery in sorted_results[:5]:
-    print(f"  Layer {layer_idx:2d}: {recovery:5.1f}% recovery")
-'''
-
-ACT_CLOSURE = '''
-# WRONG - lambda closure bug
-for i in range(num_layers):
-    with model.trace(clean_text):
-        clean_act = model.layers[i].output.save()
-
-    # Bug: all interventions use the SAME activation
-    with model.trace(corrupted_text,
-                    interventions={f"layers.{i}": lambda x: clean_act}):
-        pass
-'''
-
-ACT_COSINE = '''
-results = model.activation_patching(
-    clean_text="Paris is the capital of France",
-    corrupted_text="London is the capital of France",
-    metric="cosine"
-)
-'''
-
-ACT_MSE = '''
-# Recommended for Qwen (151k vocab), GPT-4 scale models
-results = model.activation_patching(
-    clean_text="Paris is the capital of France",
-    corrupted_text="London is the capital of France",
-    metric="mse"  # Most stable
-)
-'''
-
-ACT_SELECTIVE = '''
-# Patch only the last token's MLP activation
-with model.trace(clean_text) as trace:
-    clean_mlp = trace.activations["model.model.layers.10.mlp"]
-
-# Create patched activation: clean for last token, corrupted for others
-def selective_patch(corrupted_activation):
-    patched = corrupted_activation.copy()
-    patched[0, -1, :] = clean_mlp[0, -1, :]  # Patch last token only
-    return patched
-
-with model.trace(corrupted_text,
-                interventions={"layers.10.mlp": selective_patch}):
-    patched_output = model.output.save()
-'''
-
-# -- the seeds' snippets (mlxterp causal patching guide) ------------------------------------
-CAUSAL_QUICK = '''
-from mlxterp import InterpretableModel
-from mlxterp.causal import activation_patching
-model = InterpretableModel("mlx-community/Llama-3.2-1B-Instruct-4bit")
-# Which layers' MLPs are important for factual recall?
-result = activation_patching(
-    model,
-    clean="The Eiffel Tower is in Paris",
-    corrupted="The Colosseum is in Paris",
-    component="mlp",
-    metric="l2",
-)
-result.plot() # Bar chart of per-layer effects
-print(result.top_components(k=5))
-'''
-
-CAUSAL_COMPLETE = '''
-from mlxterp import InterpretableModel
-from mlxterp.causal import activation_patching
-from mlxterp.metrics import logit_diff
-model = InterpretableModel("mlx-community/Llama-3.2-1B-Instruct-4bit")
-clean = "The Eiffel Tower is in"
-corrupted = "The Colosseum is in"
-# Step 1: Find important layers (MLP)
-mlp_result = activation_patching(
-    model, clean, corrupted,
-    component="mlp",
-    metric="l2",
-)
-# Step 2: Find important layers (attention)
-attn_result = activation_patching(
-    model, clean, corrupted,
-    component="attn",
-    metric="l2",
-)
-# Step 3: For the most important layer, find which heads matter
-top_layer = mlp_result.top_components(k=1)[0][0]
-print(f"Most important MLP layer: {top_layer}")
-head_result = activation_patching(
-    model, clean, corrupted,
-    component="attn_head",
-    metric="l2",
-    layers=[top_layer - 1, top_layer, top_layer + 1],
-)
-head_result.plot() # Heatmap: layer x head
-'''
-
-CAUSAL_POSITIONS = '''
-result = activation_patching(
-    model, clean, corrupted,
-    component="mlp",
-    positions=[3, 4, 5], # Only patch these positions
-)
-'''
-
-CAUSAL_TRACE = '''
-with model.causal_trace(clean, corrupted) as ct:
-    # Patch MLP at layers 5-7 and attention at layer 9
-    ct.patch("layers.5.mlp")
-    ct.patch("layers.6.mlp")
-    ct.patch("layers.7.mlp")
-    ct.patch("layers.9.self_attn")
-    # All patches applied at once
-    effect = ct.metric("l2")
-print(f"Combined effect: {effect:.4f}")
-'''
-
-CAUSAL_LOGIT_DIFF = '''
-correct_token = model.tokenizer.encode(" Paris")[-1]
-incorrect_token = model.tokenizer.encode(" Rome")[-1]
-result = activation_patching(
-    model, clean, corrupted,
-    component="mlp",
-    metric="logit_diff",
-    metric_kwargs={
-        "correct_token": correct_token,
-        "incorrect_token": incorrect_token,
-    },
-)
-'''
-
-CAUSAL_RESULTS = '''
-# Summary
-print(result.summary())
-# Top components
-for layer, effect in result.top_components(k=5):
-    print(f" Layer {layer}: {effect:.4f}")
-# JSON export (for programmatic use)
-json_data = result.to_json()
-# Markdown report
-print(result.to_markdown())
-# Raw effect matrix
-print(result.effect_matrix) # mx.array
-print(result.effect_matrix.tolist()) # Python list
-'''
-
-# -- the seeds' snippet (TransformerLens framework README) ----------------------------------
-DATASET = '''
-from activation_patching import PatchingDataset
-
-class MyTask(PatchingDataset):
-    def __init__(self, model):
-        self.model = model
-        # Your setup here
-
-    @property
-    def name(self) -> str:
-        return "My Custom Task"
-
-    def get_clean_corrupt_pairs(self):
-        # Return [(clean_prompt, corrupted_prompt), ...]
-        return [
-            ("The cat sat on the mat", "The dog sat on the mat"),
-            # ...
-        ]
-
-    def get_target_tokens(self, pair_idx):
-        # Return (correct_token_id, incorrect_token_id)
-        return (self.model.to_single_token(" cat"),
-                self.model.to_single_token(" dog"))
-
-    def compute_metric(self, logits, pair_idx):
-        # Compute your task-specific metric
-        correct, incorrect = self.get_target_tokens(pair_idx)
-        return (logits[0, -1, correct] - logits[0, -1, incorrect]).item()
-'''
-
-SNIPPETS = {name: value for name, value in globals().items()
-            if name.isupper() and isinstance(value, str) and value.startswith("\n")}
+# -- the documents' snippets, vendored in tests/data/snippets (checked against their sources
+# and hashes by tests/package/test_seed_snippets.py) -------------------------------------
+ACT_HELPER = load_snippet("act_helper")
+ACT_QUICK = load_snippet("act_quick")
+ACT_LOOP = load_snippet("act_loop")
+ACT_ANALYSE = load_snippet("act_analyse")
+ACT_CLOSURE = load_snippet("act_closure")
+ACT_COSINE = load_snippet("act_cosine")
+ACT_MSE = load_snippet("act_mse")
+ACT_SELECTIVE = load_snippet("act_selective")
+CAUSAL_QUICK = load_snippet("causal_quick")
+CAUSAL_COMPLETE = load_snippet("causal_complete")
+CAUSAL_POSITIONS = load_snippet("causal_positions")
+CAUSAL_TRACE = load_snippet("causal_trace")
+CAUSAL_LOGIT_DIFF = load_snippet("causal_logit_diff")
+CAUSAL_RESULTS = load_snippet("causal_results")
+DATASET = load_snippet("dataset")
 
 #: The only rewrites: import lines.
 IMPORTS = {
@@ -353,6 +89,20 @@ def run(snippet: str, model: InterpretableModel, namespace: dict[str, Any] | Non
     ns.setdefault("model", model)
     exec(compile(adapt(snippet), "<seed snippet>", "exec"), ns)
     return ns
+
+
+# -- tolerances (relative to the largest effect; conftest.assert_matches_reference) -------
+#: helper vs the snippet's own loop: observed 1.2e-6 (the same patched runs; l2 distances of
+#: [1, 6, vocab] logits summed in a different order)
+RTOL_HELPER_LOOP = 1e-5
+#: the task's metric (reads all logits) vs logit_diff (unembeds only the answer columns), and
+#: causal_trace vs the sweep: observed 5.4e-7 and 3.8e-7 (float32 matmul shapes)
+RTOL_TASK_METRIC = 5e-6
+#: causal_trace noising vs the sweep: observed 6.8e-5 (2.6e-6 absolute on an effect of 0.038:
+#: the normalisation divides a float32 difference by a small gap)
+RTOL_NOISE_TRACE = 5e-4
+#: SmolLM2, helper vs the snippet at layer 10: observed 8.7e-7 (2.3e-5 of a 26% recovery)
+RTOL_SMOLLM2_HELPER = 5e-6
 
 
 # -- the test model ----------------------------------------------------------------------------
@@ -393,16 +143,6 @@ CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 
-# -- the snippets are the seeds' --------------------------------------------------------------
-@pytest.mark.skipif(not SEEDS.is_dir(), reason="../shared/seeds is not present")
-def test_snippets_are_the_seeds_own():
-    squash = lambda text: re.sub(r"\s+", "", text)  # noqa: E731
-    seeds = squash(" ".join(p.read_text(errors="replace") for p in sorted(SEEDS.iterdir())))
-    for name, snippet in SNIPPETS.items():
-        body = [line for line in snippet.split("\n") if line.strip() not in IMPORTS]
-        assert squash("\n".join(body)) in seeds, f"{name} is not verbatim from the seeds"
-
-
 # -- mlxterp activation patching guide -------------------------------------------------------
 def test_trace_quick_example_and_layer_loop(model12):
     ns = run(ACT_QUICK, model12)
@@ -418,8 +158,10 @@ def test_trace_quick_example_and_layer_loop(model12):
     # the helper computes exactly the seeds' recovery
     helper = model12.activation_patching("Paris is the capital of France",
                                          "London is the capital of France", component="mlp")
-    for layer, recovery in ns["results"].items():
-        assert helper[layer] == pytest.approx(recovery, rel=1e-4, abs=1e-3)
+    # percent recovery; 0 is the unpatched run
+    assert_matches_reference([helper[k] for k in range(12)],
+                             [ns["results"][k] for k in range(12)], 0.0, rtol=RTOL_HELPER_LOOP,
+                             min_cells=6, what="helper vs the snippet's loop (l2 recovery)")
     assert ns["results"][10] == pytest.approx(layer10, abs=1e-9)
 
 
@@ -450,11 +192,19 @@ def test_helper_metrics(model12, snippet, metric):
     assert results.figure is None
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="mlx arrays have .copy(); torch tensors have .clone()")
-def test_selective_patch_snippet(model12):
-    run(ACT_SELECTIVE, model12, {"clean_text": "Paris is the capital of France",
-                                 "corrupted_text": "London is the capital of France"})
+def test_selective_patch_snippet_needs_clone_for_copy(model12):
+    """mlx arrays have ``.copy()``, torch tensors ``.clone()``: the snippet stops there (listed
+    in docs/porting.md); with that one word changed it patches the last position."""
+    names = {"clean_text": "Paris is the capital of France",
+             "corrupted_text": "London is the capital of France"}
+    with pytest.raises(AttributeError, match="copy"):
+        run(ACT_SELECTIVE, model12, dict(names))
+    ns = run(ACT_SELECTIVE.replace(".copy()", ".clone()"), model12, dict(names))
+    last = ns["clean_mlp"][:, -1:]
+    with model12.trace(names["corrupted_text"], interventions={
+            "blocks.10.mlp": lambda act: torch.cat([act[:, :-1], last], dim=1)}) as ref:
+        pass
+    torch.testing.assert_close(ns["patched_output"], ref.logits, rtol=0, atol=0)
 
 
 # -- mlxterp causal patching guide -----------------------------------------------------------
@@ -487,16 +237,17 @@ def test_patching_dataset_subclass_pattern(model12):
                                    component="mlp", correct=" cat", incorrect=" dog")
     got = activation_patching(model12, task, component="mlp")
     assert got.metric == "MyTask.compute_metric"
-    torch.testing.assert_close(got.effect_matrix, expected.effect_matrix)
+    # float32: logit_diff unembeds only the answer columns, the task's metric reads all logits
+    assert_matches_reference(got.effect_matrix, expected.effect_matrix, 0.0,
+                             rtol=RTOL_TASK_METRIC, min_cells=6, what="task metric vs logit_diff")
     helper = model12.activation_patching(task, component="mlp")
-    # float32: logit_diff unembeds only the answer columns, the task's metric reads all logits;
-    # the helper reports percent, so 1e-3 here is 1e-5 of the clean-corrupted gap
-    assert helper == {k: pytest.approx(v * 100, rel=1e-5, abs=1e-3) for k, v in
-                      enumerate(expected.effect_matrix.tolist())}
+    assert_matches_reference([helper[k] / 100 for k in range(12)], expected.effect_matrix, 0.0,
+                             rtol=RTOL_TASK_METRIC, min_cells=6, what="helper (percent) vs sweep")
     with model12.causal_trace(task) as ct:
         ct.patch("layers.3.mlp")
         effect = ct.metric()
-    assert effect == pytest.approx(float(expected.effect_matrix[3]), rel=1e-5)
+    assert_matches_reference([effect], expected.effect_matrix[3:4], 0.0, rtol=RTOL_TASK_METRIC,
+                             min_cells=1, what="causal_trace vs sweep, layer 3")
 
 
 def test_seed_protocol_objects_of_other_classes_are_converted(model12):
@@ -639,7 +390,8 @@ def test_causal_trace_noising_equals_the_sweep(lm):
     with lm.causal_trace(CLEAN, CORRUPTED, direction="noise") as ct:
         ct.patch("layers.1.mlp")
         effect = ct.metric(correct_token=" Mary", incorrect_token=" John")
-    assert effect == pytest.approx(float(sweep.effect_matrix[1]), rel=1e-3, abs=1e-5)
+    assert_matches_reference([effect], sweep.effect_matrix[1:2], 0.0, rtol=RTOL_NOISE_TRACE,
+                             min_cells=1, what="causal_trace noising vs the sweep")
 
 
 def test_plot_is_displayed_in_a_notebook(lm, monkeypatch):
@@ -666,7 +418,8 @@ def test_seed_snippets_on_smollm2(smollm2):
     helper = smollm2.activation_patching("Paris is the capital of France",
                                          "London is the capital of France", component="mlp",
                                          layers=[10])
-    assert helper[10] == pytest.approx(ns["recovery"], rel=1e-3, abs=1e-2)
+    assert_matches_reference([helper[10]], [ns["recovery"]], 0.0, rtol=RTOL_SMOLLM2_HELPER,
+                             min_cells=1, what="SmolLM2 helper vs the snippet, layer 10")
     ns = run(CAUSAL_COMPLETE, smollm2)
     run(CAUSAL_TRACE, smollm2, ns)
     run(CAUSAL_LOGIT_DIFF, smollm2, ns)

@@ -541,3 +541,259 @@ def test_ioi_dataset_roles_reach_the_report(smollm2):
     assert all(r == roles[0] for r in roles)  # one template, one order: every pair agrees
     mixed = IOIDataset(smollm2, n=4, seed=0, equal_length=True)  # ABBA and BABA
     assert mixed.roles[0] != mixed.roles[1] and mixed.subset([1]).roles == [mixed.roles[1]]
+
+
+# -- each method's story: titles, estimates, ablation kinds, causal tracing, summary, lens/DLA ---
+#: The token ids of the path-patching tests' pair (``small_llama``: a 3-layer token-id LLaMA).
+PP_CLEAN, PP_CORRUPTED = [5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 20, 9, 10, 21, 12]
+PP_ANSWERS = dict(correct=3, incorrect=4)
+
+
+@pytest.fixture(scope="module")
+def stories(small_llama):
+    """Real results of every method on the 3-layer token-id LLaMA (a few seconds)."""
+    from causalpatch.methods.ablation import ablate
+    from causalpatch.methods.attribution import attribution_patching
+    from causalpatch.methods.causal_tracing import causal_tracing
+    from causalpatch.methods.lens import direct_logit_attribution, logit_lens
+    from causalpatch.methods.path_patching import path_patching
+
+    torch.set_num_threads(1)
+    pair = ([PP_CLEAN], [PP_CORRUPTED])
+    return {
+        "path_q": path_patching(small_llama, *pair, senders="attn_head", receivers=[(2, 1)],
+                                receiver_input="q", **PP_ANSWERS),
+        "path_logits": path_patching(small_llama, *pair, senders="attn_head",
+                                     receivers="logits", **PP_ANSWERS),
+        "path_logits_all": path_patching(small_llama, *pair, senders="attn_head",
+                                         receivers="logits", freeze="all", **PP_ANSWERS),
+        "mean": ablate(small_llama, [PP_CLEAN, PP_CORRUPTED], "attn_head", "mean",
+                       **PP_ANSWERS),
+        "zero": ablate(small_llama, [PP_CLEAN, PP_CORRUPTED], "mlp", "zero", **PP_ANSWERS),
+        "atp": attribution_patching(small_llama, *pair, component="attn_head", verify_top_k=3,
+                                    **PP_ANSWERS),
+        "atp*": attribution_patching(small_llama, *pair, component="attn_head", method="atp*",
+                                     verify="auto", top_k=3, **PP_ANSWERS),
+        "trace": causal_tracing(small_llama, "t5 t6 t7 t8 t9 t10 t11", "t6 t7", samples=3,
+                                window=2, position_groups=False),
+        "trace2": causal_tracing(small_llama, ["t5 t6 t7 t8 t9 t10 t11", "t4 t6 t9 t3 t8 t8 t2"],
+                                 ["t6 t7", "t6"], samples=2, window=2, position_groups=False),
+        "lens": logit_lens(small_llama, PP_CLEAN, answer=3),
+        "dla": direct_logit_attribution(small_llama, PP_CLEAN, "head", **PP_ANSWERS),
+    }
+
+
+def sections_of(page: str) -> dict[str, str]:
+    """Section id -> its HTML, with the collapsed metadata (``<details>``) removed."""
+    found = re.findall(r"<section id='(result-\d+)'[^>]*>(.*?)</section>", page, flags=re.DOTALL)
+    return {k: re.sub(r"<details>.*?</details>", "", v, flags=re.DOTALL) for k, v in found}
+
+
+def test_path_patching_titles_name_senders_receivers_and_freeze(stories):
+    """Two path-patching sections never share a title: it says senders -> receivers (and the
+    receivers' input) and what is frozen; the receivers are on the page, not only in the
+    collapsed metadata."""
+    from causalpatch.render.html import result_title
+
+    results = [stories["path_q"], stories["path_logits"], stories["path_logits_all"]]
+    titles = [result_title(r) for r in results]
+    assert len(set(titles)) == 3, titles
+    assert titles[0].startswith("Path patching: attention heads → L2H1 via q, other heads "
+                                "frozen")
+    assert "→ logits (direct path), other heads frozen" in titles[1]
+    assert "→ logits (direct path), other heads and MLPs frozen" in titles[2]
+    page = report(results, plotly="cdn")
+    visible = sections_of(page)
+    assert "receivers: L2H1 via q" in visible["result-0"]
+    assert "receivers: logits (direct path)" in visible["result-1"]
+    assert "frozen: every other attn.z and every mlp output" in visible["result-2"]
+    assert [f["layout"]["title"]["text"] for f in figures_of(page)] == [
+        html.escape(t, quote=False) for t in titles]
+
+
+def test_attribution_values_are_labelled_estimates_with_exact_beside(stories):
+    """Title, takeaway and table call attribution's values estimates; each verified cell shows
+    its exact value beside the estimate (``verify_top_k`` and screen-then-prove alike)."""
+    from causalpatch.render.html import figure_spec, result_title, top_table
+    from causalpatch.render.markdown import md_text
+    from causalpatch.render.text import cell_words
+
+    for key, words in (("atp", "AtP estimates"), ("atp*", "AtP* estimates")):
+        result = stories[key]
+        verified = result.extra["verified"]
+        assert verified, key
+        assert f"Attribution patching ({words})" in result_title(result)
+        text = result.takeaway()
+        assert "estimated" in text and f"These are {words}" in text
+        assert f"{len(verified)} cells were verified" in text
+        (c0, v0), *_ = result.top_cells(1)
+        entry = next(e for e in verified if tuple(e["cell"]) == c0)  # the top cell is verified
+        assert v0 < 0  # on this model the largest cell pushes the wrong way (-147% exact)
+        assert (f"{cell_words(result, c0)} has the largest effect, an estimated "
+                f"{entry['estimate'] * 100:+.0f}% (exact {entry['exact'] * 100:+.0f}%)" in text)
+        c1, v1 = result.top_cells(2)[1]  # "Next:" names the second cell's estimate and exact
+        second = next(e for e in verified if tuple(e["cell"]) == c1)
+        assert (f"{cell_words(result, c1)} (estimated {second['estimate'] * 100:+.0f}%, exact "
+                f"{second['exact'] * 100:+.0f}%)" in text)
+        table = top_table(result)
+        assert "<th>estimate</th><th>exact</th>" in table and "<th>effect</th>" not in table
+        for e in verified[:3]:
+            assert f"<td class='num'>{e['exact']:+.4f}</td>" in table
+            assert f"<td class='num'>{e['estimate']:+.4f}</td>" in table
+        spec = figure_spec(result)["data"][0]
+        assert spec["colorbar"]["title"]["text"] == "estimate" and "estimate %{z" in (
+            spec["hovertemplate"])
+        md = result.to_markdown()
+        assert f"- **what**: Attribution patching ({md_text(words)})" in md
+        assert "- verified exactly: layer" in md and "exact" in md
+    bound = stories["atp*"].extra["missed_bound"]
+    assert (f"|effect| ≤ {bound['max_abs_effect'] * 100:.0f}%"
+            in stories["atp*"].takeaway())
+
+
+def test_ablation_title_has_its_kind_and_takeaway_its_baseline(stories):
+    from causalpatch.render.html import result_title
+
+    mean, zero = stories["mean"], stories["zero"]
+    assert result_title(mean).startswith("Mean ablation: attention heads")
+    assert result_title(zero).startswith("Zero ablation: MLP output")
+    base = mean.clean_metric
+    assert base == pytest.approx(sum(mean.extra["original_metric"]) / 2, rel=1e-6)
+    (c0, v0), *_ = mean.top_cells(1)
+    assert (f"changes the logit difference from {base:.3g} to {base + v0:.3g} ({v0:+.3g}"
+            in mean.takeaway())
+    assert mean.takeaway().startswith("Mean-ablating attention heads: ablating layer")
+    page = report([mean, zero], plotly="cdn")
+    assert "ablation kind: mean" in sections_of(page)["result-0"]
+    assert f"baseline logit difference (nothing ablated): {base:.4g}" in page
+
+
+def test_causal_tracing_speaks_romes_terms_and_draws_as_its_png(stories):
+    """Indirect effect (not "a probability"), the subject-noised baseline, the subject marked,
+    noise and window shown; the HTML heatmap has the PNG's orientation (positions down, layers
+    across) and its sequential colour map from 0."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    from causalpatch.render.html import compact_html, figure_spec
+    from causalpatch.render.plots import TRACE_CMAPS
+
+    traced = stories["trace"]
+    mlp = traced["mlp"]
+    text = mlp.takeaway()
+    assert "probability of" not in text and "has the largest indirect effect" in text
+    (c0, v0), *_ = mlp.top_cells(1)
+    assert (f"p(answer) goes from {mlp.corrupted_metric:.3g} (subject noised) to "
+            f"{mlp.corrupted_metric + v0:.3g}") in text
+    assert "MLP output (window of 2 layers)" in text and "subject 't6 t7'" in text
+    page = report(list(traced.values()), plotly="cdn")
+    visible = sections_of(page)["result-1"]
+    for words in ("subject &#x27;t6 t7&#x27; (tokens 1–2, marked * on the position axis)",
+                  "noise 3 x the embeddings&#x27; std", "window: 2 layers restored together",
+                  f"subject noised {mlp.corrupted_metric:.4f}"):
+        assert words in visible, words
+    spec = figure_spec(mlp)
+    trace = spec["data"][0]
+    assert torch.allclose(torch.tensor(trace["z"], dtype=torch.float64),
+                          mlp.effect_matrix.double().T, rtol=1e-4)  # 5 significant digits
+    assert trace["y"][1].endswith("*") and not trace["y"][0].endswith("*")  # subject marked
+    assert spec["layout"]["yaxis"]["autorange"] == "reversed"  # first token on top, as imshow
+    assert trace["zmin"] == 0.0 and trace["zmax"] > 0
+    for component, result in traced.items():
+        scale = figure_spec(result)["data"][0]["colorscale"]
+        cmap = colormaps[TRACE_CMAPS[component]]
+        assert scale[0][1] == to_hex(cmap(0.0)) and scale[-1][1] == to_hex(cmap(1.0))
+    assert "0 = subject noised" in trace["colorbar"]["title"]["text"]
+    # several prompts: each prompt's own view is drawn the same way, its own subject marked
+    from causalpatch.render.html import pair_view
+
+    two = stories["trace2"]["mlp"]
+    view = pair_view(two)
+    assert view["data"][0]["colorscale"] == trace["colorscale"]
+    assert view["data"][0]["zmin"] == 0.0 and view["layout"]["yaxis"]["autorange"] == "reversed"
+    assert [t.endswith("*") for t in view["views"][1]["y"][0]][:3] == [False, True, False]
+    assert [t.endswith("*") for t in view["views"][0]["y"][0]][:3] == [False, True, True]
+    assert torch.allclose(torch.tensor(view["views"][1]["z"][0], dtype=torch.float64),
+                          two.per_pair[1].double().T, rtol=1e-4)
+    notebook = traced._repr_html_()
+    assert "indirect effect" in notebook and "gives a probability" not in notebook
+    assert "p(answer): clean run" in compact_html(mlp)
+
+
+def test_summary_opens_a_multi_section_report_one_line_each(stories):
+    results = [stories[k] for k in ("path_q", "path_logits", "mean", "atp*", "lens", "dla")]
+    page = report(results, plotly="cdn")
+    summary = page.split("<section id='summary'>")[1].split("</section>")[0]
+    lines = re.findall(r"<li><a href='#result-(\d+)'>(.*?)</a>: (.*?)</li>", summary)
+    assert [int(i) for i, _, _ in lines] == list(range(len(results)))
+    assert len({title for _, title, _ in lines}) == len(results)  # distinct titles
+    assert page.index("id='summary'") < page.index("id='prompts'") < page.index("id='result-0'")
+    assert "estimated" in lines[3][2] and "from" in lines[2][2]
+    assert "Logit lens:" in lines[4][1] and "rank" in lines[4][2]
+    assert "Direct logit attribution (head)" in lines[5][1] and "largest part" in lines[5][2]
+    mixed = report([stories["mean"], stories["trace"]], plotly="cdn")  # a trace's components
+    assert mixed.count("<li><a href='#result-") == 1 + len(stories["trace"])
+    single = report([stories["mean"]], plotly="cdn")
+    assert "id='summary'" not in single
+
+
+def test_lens_and_dla_are_report_sections(stories, tmp_path):
+    lens, dla = stories["lens"], stories["dla"]
+    page = report([lens, dla], tmp_path / "r.html", plotly="cdn")
+    visible = sections_of(page)
+    assert "Logit lens —" in visible["result-0"] and "class='cp-lens'" in visible["result-0"]
+    assert f"{dla.logit_diff:.4f}" in visible["result-1"]
+    assert figures_of(page) == [None, None] and "id='prompts'" not in page
+    alone = report(lens, plotly="cdn")  # one lens result on its own
+    assert "id='result-0'" in alone
+    hostile = copy_with(lens, prompt=HOSTILE[0])
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", report([hostile, dla], plotly="cdn"),
+                     flags=re.DOTALL)
+    assert "<script>alert" not in outside and html.escape(repr(HOSTILE[0])) in outside
+
+
+def copy_with(result, **changes):
+    import dataclasses
+
+    return dataclasses.replace(result, **changes)
+
+
+def test_chromium_renders_every_methods_story(stories, tmp_path):
+    """A report of every method (path patching, ablation, attribution, causal tracing, lens,
+    DLA) renders in headless Chromium with nothing on the console: every heatmap drawn, the
+    summary lists one line per section."""
+    results = [stories[k] for k in ("path_q", "path_logits", "mean", "zero", "atp", "atp*")]
+    results += [*stories["trace"].values(), stories["trace2"]["attn"], stories["lens"],
+                stories["dla"]]
+    path = tmp_path / "stories.html"
+    report(results, path, title="every method")
+    dom = chromium(path, tmp_path, "--dump-dom", fragment="pair-9=1")
+    plotted = [f"plot-{i}" for i in range(len(results) - 2)] + ["pairplot-9"]
+    assert page_problems(dom, plotted) == [], dom.stderr[-3000:]
+    summary = dom.stdout.split('id="summary"')[1].split("</section>")[0]
+    assert summary.count("<li>") == len(results)
+    assert 'id="plot-10"' not in dom.stdout and 'class="cp-lens"' in dom.stdout
+    scan = _PlotScan()
+    scan.feed(dom.stdout)
+    assert scan.attrs["pairplot-9"]["data-pair"] == "1"  # the second prompt's trace was drawn
+
+
+def test_new_story_fields_are_escaped(tmp_path):
+    """A hostile subject reaches the title, takeaway, run list, summary and figure of a
+    causal-tracing section only as text."""
+    labels = {"layer": [0, 1], "position": ["0: 'a'", "1: 'b'*", "2: 'c'"]}
+    traced = PatchingResult(
+        effect_matrix=torch.tensor([[0.0, 0.2, 0.1], [0.0, 0.05, 0.3]]),
+        axes=("layer", "position"), labels=labels, component="mlp", metric="prob",
+        method="causal_tracing", normalized=False, clean_metric=0.5, corrupted_metric=0.1,
+        clean_prompts=[HOSTILE[1]], extra={
+            "subjects": [HOSTILE[0]], "subject_spans": [[1, 2]], "noise": 3.0, "sigma": 0.5,
+            "samples": 2, "window": 2, "n_prompts": 1, "positions": [0, 1, 2]})
+    page = report([traced, traced], tmp_path / "r.html", plotly="cdn")
+    outside = re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.DOTALL)
+    assert "<script>alert" not in outside and "<img" not in outside
+    assert outside.count(html.escape(repr(HOSTILE[0]))) >= 5  # titles, takeaways, runs, summary
+    titles = re.findall(r"<h2>\d\. (.*?)</h2>", page)
+    assert len(titles) == 2 and titles[1] == titles[0] + " (2)"  # the same run twice
+    drawn = figures_of(page)[0]["layout"]["title"]["text"]
+    assert "<script>" not in drawn and "&lt;script&gt;" in drawn

@@ -145,7 +145,9 @@ def top_table(result: Any, k: int = 10) -> Any:
     axes = list(result.axes)
     for axis in axes:
         table.add_column(axis)
-    table.add_column("effect", justify="right")
+    from ..render.text import value_heading
+
+    table.add_column(value_heading(result), justify="right")  # "indirect effect" for traces
     for index, effect in result.top_components(k):
         idx = index if isinstance(index, tuple) else (index,)
         cells = []
@@ -160,27 +162,42 @@ def top_table(result: Any, k: int = 10) -> Any:
 
 
 def baselines(result: Any) -> str:
-    """One line: the metric on the clean and the corrupted run, which the effects scale
-    between (0: the corrupted run, 1: the clean run, when normalised)."""
-    parts = [f"clean {result.clean_metric:.4f}"]
-    if result.corrupted_metric is not None:
-        parts.append(f"corrupted {result.corrupted_metric:.4f}")
-    scale = " (effects: 0 = corrupted, 1 = clean)" if result.normalized else ""
-    return f"baselines ({result.metric}): " + ", ".join(parts) + scale
+    """One line: the metric on the runs the effects are measured from, in the method's terms
+    (patching: clean and corrupted, the 1 and 0 of normalised effects; causal tracing: the
+    answer's probability clean and with the subject noised; ablation: nothing ablated)."""
+    from ..render.text import baselines_text
+
+    return baselines_text(result)
+
+
+def story(result: Any) -> list[str]:
+    """What the terminal shows above a result's table: its title (what was patched into what),
+    its baselines and its takeaway (the same words as the report)."""
+    from ..render.text import takeaway, title_words
+
+    return [title_words(result), baselines(result), takeaway(result)]
 
 
 def finish(results: list[Any], files: dict[str, str], as_json: bool) -> None:
-    """The end of ``patch``/``ioi``/``trace``: JSON, or the tables and the files written."""
+    """The end of ``patch``/``ioi``/``trace``: JSON, or per result its title, baselines,
+    takeaway and top-components table, then the files written."""
     if as_json or State.json:
+        from ..render.text import takeaway, title_words
+
         emit_json({"files": files, "results": [
             {"component": r.component, "metric": r.metric, "direction": r.direction,
              "shape": list(r.effect_matrix.shape), "clean_metric": r.clean_metric,
              "corrupted_metric": r.corrupted_metric, "timings": r.timings,
+             "title": title_words(r), "baselines": baselines(r), "takeaway": takeaway(r),
              "top": [[list(i) if isinstance(i, tuple) else i, e] for i, e in r.top_components(10)]}
             for r in results]})
         return
     if not State.quiet:
         for r in results:
+            title, base, words = story(r)
+            out_console.print(f"[bold]{escape(title)}[/]", highlight=False, soft_wrap=True)
+            out_console.print(escape(base), highlight=False, soft_wrap=True)
+            out_console.print(escape(words), highlight=False, soft_wrap=True)
             out_console.print(top_table(r))
         for name, path in files.items():
             out_console.print(f"[green]wrote[/] {escape(name)}: {escape(path)}")

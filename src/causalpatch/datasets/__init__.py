@@ -39,6 +39,8 @@ The package, one idea a module (every name above is importable from here):
 from .base import PatchingDataset, PatchingPair
 from .base import as_patching_dataset as as_patching_dataset
 from .factual import FactualRecallDataset, KnownFact, known_facts, load_known_facts
+from .factual import KnownFraction as KnownFraction
+from .factual import known_fraction as known_fraction
 from .greater_than import GT_NOUNS as GT_NOUNS
 from .greater_than import GreaterThanDataset, greater_than_metric
 from .induction import InductionDataset

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 
 from ..errors import InvalidArgumentError
+from ..tokens import prepended_bos
 from .base import PatchingDataset, check_n, n_tokens
 from .roles import token_roles
 
@@ -81,13 +82,16 @@ def _first_token(model: HookedModel, text: str) -> int:
 
 def known_facts(model: HookedModel, n: int | None = 100, seed: int = 0,
                 only_correct: bool = True, path: str | Path | None = None,
-                batch_size: int = 32) -> list[KnownFact]:
+                batch_size: int = 32, prepend_bos: bool | int = False) -> list[KnownFact]:
     """Up to ``n`` known facts, shuffled with ``seed``, that the model gets right.
 
     With ``only_correct=True`` a fact is kept when the model's top-1 next token after
     ``prompt`` is the first token of ``" " + attribute`` (one forward pass per ``batch_size``
     prompts, stopping once ``n`` are found). Fewer than ``n`` are returned when the file has
-    fewer; ``n=None`` checks all of them.
+    fewer; ``n=None`` checks all of them (:func:`known_fraction` counts them).
+    ``prepend_bos``: judge the prompts with the tokenizer's BOS token (``True``) or the given
+    token id in front (as causal tracing's ``prepend_bos``); the prompts returned are the
+    facts' own.
 
     Example::
 
@@ -98,6 +102,7 @@ def known_facts(model: HookedModel, n: int | None = 100, seed: int = 0,
         check_n(n)
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
+    bos = prepended_bos(model, prepend_bos)
     facts = load_known_facts(path)
     random.Random(seed).shuffle(facts)
     out: list[KnownFact] = []
@@ -106,8 +111,12 @@ def known_facts(model: HookedModel, n: int | None = 100, seed: int = 0,
         chunk = facts[lo:lo + batch_size]
         answers = [_first_token(model, f["attribute"]) for f in chunk]
         if only_correct:
+            prompts: list[Any] = [f["prompt"] for f in chunk]
+            if bos is not None:
+                prompts = [[bos, *ids] if ids[0] != bos else ids
+                           for ids in (list(model.tokenizer(p)["input_ids"]) for p in prompts)]
             with torch.no_grad():
-                top = model.trace([f["prompt"] for f in chunk]).run().last_logits.argmax(-1)
+                top = model.trace(prompts).run().last_logits.argmax(-1)
             keep = [int(t) == a for t, a in zip(top.tolist(), answers)]
         else:
             keep = [True] * len(chunk)
@@ -117,6 +126,29 @@ def known_facts(model: HookedModel, n: int | None = 100, seed: int = 0,
                 if len(out) >= limit:
                     return out
     return out
+
+
+class KnownFraction(NamedTuple):
+    """How many facts of a known-facts file a model completes correctly (:func:`known_facts`'
+    test: the top-1 next token is the first token of ``" " + attribute``)."""
+
+    known: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        """``known / total``."""
+        return self.known / self.total
+
+
+def known_fraction(model: HookedModel, path: str | Path | None = None, batch_size: int = 32,
+                   prepend_bos: bool | int = False) -> KnownFraction:
+    """Check every fact of the file (the packaged 1,209 by default) and count those the model
+    completes correctly: ``known_fraction(model).fraction``. One forward pass per
+    ``batch_size`` prompts; ``prepend_bos`` as :func:`known_facts`."""
+    total = len(load_known_facts(path))
+    known = known_facts(model, None, path=path, batch_size=batch_size, prepend_bos=prepend_bos)
+    return KnownFraction(len(known), total)
 
 
 # -- roles ------------------------------------------------------------------------------------

@@ -7,14 +7,19 @@ its token embeddings, so the model loses the fact, then restore one clean activa
 * clean run: ``p_clean`` = probability of the answer token;
 * corrupted run: noise ``N(0, (noise * sigma)^2)`` added to the embedding output at the subject
   positions, ``sigma`` = the standard deviation of the embedding outputs over the whole
-  vocabulary; ``p_corrupted`` = the answer's probability averaged over ``samples`` noise draws;
+  vocabulary (``noise_std="vocab"``, the default), over the traced subject tokens
+  (``"subject"``, ROME's statistic) or a given number; ``p_corrupted`` = the answer's
+  probability averaged over ``samples`` noise draws;
 * restored run: the corrupted run with one component at one ``(layer, position)`` set to its
   clean value, the same noise draws; ``p_restored`` averaged over the draws.
 
 The *indirect effect* is ``IE = p_restored - p_corrupted``. Components: ``resid_post`` (the
 hidden state after layer L), ``mlp`` and ``attn`` (block outputs before the residual add; with
 ``window=w`` the ``w`` layers centred at L are restored together, as ROME's plots do with
-``w=10``) and ``resid_pre``.
+``w=10``; ``window="scaled"`` keeps ROME's fraction of the depth, ``exclude_layers`` leaves
+layers out of every window) and ``resid_pre``. ``sever="mlp"``/``"attn"`` adds ROME's severed
+hidden-state traces: the hidden state restored with the MLP (attention) outputs of every later
+layer at that position frozen at their corrupted values (frozen site patches of the same rows).
 
 Aggregation. Per prompt, ROME's definition averages the answer's probability over the noise
 draws (``p_corrupted``, ``p_restored``). Over prompts, every cell follows the one rule of
@@ -75,10 +80,11 @@ from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..plan import Patch, SitePatch, answer_tokens, check_int
 from ..render.html import compact_html, report
 from ..render.plots import plot_trace
-from ..tokens import is_single_prompt, token_lists
+from ..tokens import is_single_prompt, prepended_bos, token_lists
 
 if TYPE_CHECKING:
     from ..model import HookedModel
+    from ..names import Site
     from ..result import PatchingResult
 
 #: ROME's position groups for averages over many facts (Meng et al., 2022, Fig. 2).
@@ -86,6 +92,14 @@ GROUPS: tuple[str, ...] = ("first subject token", "middle subject tokens", "last
                            "first subsequent token", "further tokens", "last token")
 #: Components that can be restored.
 TRACE_COMPONENTS: tuple[str, ...] = ("resid_pre", "resid_post", "mlp", "attn")
+#: ``sever=`` kind -> the result's component: the hidden state restored with that kind's later
+#: outputs at the restored position frozen at their corrupted values (ROME, Fig. 3).
+SEVERED: dict[str, str] = {"mlp": "resid_post_sever_mlp", "attn": "resid_post_sever_attn"}
+#: ``noise_std=`` rules besides a number: the embedding std over the whole vocabulary
+#: (``"vocab"``, the default) or over the traced prompts' subject tokens (``"subject"``).
+NOISE_STD_RULES: tuple[str, ...] = ("vocab", "subject")
+#: ``window="scaled"``: ROME's 10 of GPT-2 XL's 48 layers, scaled to the model's depth.
+ROME_WINDOW, ROME_DEPTH = 10, 48
 
 #: The metric of every causal-tracing result: the answer's probability.
 _PROB = get_metric("prob")
@@ -216,33 +230,127 @@ def _window(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
+def scaled_window(n_layers: int) -> int:
+    """``window="scaled"``: ROME's window of 10 layers in GPT-2 XL's 48, scaled to a model of
+    ``n_layers`` layers, ``max(1, round(n_layers * 10 / 48))`` (halves rounded up): 6 for
+    SmolLM2-135M's 30 layers, 10 for 48."""
+    return max(1, int(n_layers * ROME_WINDOW / ROME_DEPTH + 0.5))
+
+
+def subject_std(model: HookedModel, ids_list: Sequence[Sequence[int]],
+                spans: Sequence[tuple[int, int]]) -> float:
+    """``noise_std="subject"``: the standard deviation of the embedding output at the subject
+    tokens, pooled over every prompt (each subject token of each prompt once, every one of its
+    ``d_model`` values; one mean, ``n - 1`` denominator).
+
+    ROME's sigma is the same statistic over the subjects of its whole dataset, each subject
+    tokenised alone; here it is the subject tokens exactly as they are noised in the prompts
+    given (pass ``noise_std=<number>`` to use a std measured elsewhere, e.g.
+    :func:`subject_embedding_std` over many facts).
+    """
+    values = []
+    with torch.no_grad():
+        for ids, (s0, s1) in zip(ids_list, spans):
+            ids_t = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+            values.append(embed(model, ids_t)[0, s0:s1].double().flatten().cpu())
+    flat = torch.cat(values)
+    if flat.numel() < 2:
+        raise InvalidArgumentError(
+            "noise_std='subject' needs at least two embedding values; the subject tokens give "
+            f"{flat.numel()}")
+    return float(flat.std())
+
+
+def subject_embedding_std(model: HookedModel, prompts: Any,
+                          subjects: str | tuple[int, int] | Sequence[str | tuple[int, int]],
+                          prepend_bos: bool | int = False) -> float:
+    """The std of :func:`subject_std` over ``prompts`` and their ``subjects`` (one for all or one
+    per prompt): compute it over many facts once, then trace few with ``noise_std=`` it."""
+    prompt_list = [prompts] if is_single_prompt(prompts) else list(prompts)
+    subjects_ = _subjects(subject=subjects, n=len(prompt_list))
+    ids_list, spans, _ = _located(model, prompt_list, subjects_, prepended_bos(model, prepend_bos))
+    return subject_std(model, ids_list, spans)
+
+
+def _subjects(subject: Any, n: int) -> list[Any]:
+    """One subject per prompt (a string or a token range given once stands for all)."""
+    if isinstance(subject, str) or (isinstance(subject, tuple) and len(subject) == 2
+                                    and all(isinstance(v, int) for v in subject)):
+        return [subject] * n
+    subjects = list(subject)
+    if len(subjects) != n:
+        raise InvalidArgumentError(f"subject has {len(subjects)} entries for {n} prompts")
+    return subjects
+
+
+def _located(model: HookedModel, prompts: Sequence[Any], subjects: Sequence[Any],
+             bos: int | None) -> tuple[list[list[int]], list[tuple[int, int]], list[int]]:
+    """Every prompt's token ids (BOS in front when ``bos`` is given and the prompt does not
+    start with it), subject span in those ids and subject occurrence count. Subjects are found
+    in the prompt's own tokens (a token range counts them), then shifted past the BOS."""
+    ids_list, spans, occurrences = [], [], []
+    for p, sub in zip(prompts, subjects):
+        ids = token_lists(model, p, "prompt")[0]
+        (s0, s1), k = _locate_subject(model, p, sub, ids)
+        if bos is not None and ids[0] != bos:
+            ids, s0, s1 = [bos, *ids], s0 + 1, s1 + 1
+        ids_list.append(ids)
+        spans.append((s0, s1))
+        occurrences.append(k)
+    return ids_list, spans, occurrences
+
+
 # -- one prompt ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Restoration:
-    """One restoration of a position: ``kind`` at the decoder layers ``layers`` (one layer, or
-    the window centred at ``layer``), all at the same token position."""
+    """One restoration of a position: the site ``site`` at the decoder layers ``layers`` (one
+    layer, or the window centred at ``layer`` without the excluded layers), all at the same
+    token position; result component ``kind``. ``frozen``: for a severed trace, the site kind
+    (``mlp``/``attn``) held at its corrupted value at that position in every layer after
+    ``layer``."""
 
     kind: str
     layer: int
     layers: tuple[int, ...]
+    site: str
+    frozen: str | None = None
 
 
-def _restorations(kinds: Sequence[str], n_layers: int, window: int) -> list[_Restoration]:
+def _restorations(kinds: Sequence[str], n_layers: int, window: int,
+                  exclude: Sequence[int] = ()) -> list[_Restoration]:
+    severed = {v: k for k, v in SEVERED.items()}
     out = []
     for kind in kinds:
         for layer in range(n_layers):
-            layers = (layer,) if kind in ("resid_pre", "resid_post") else tuple(
-                _window(layer, window, n_layers))
-            out.append(_Restoration(kind, layer, layers))
+            if kind in severed:
+                out.append(_Restoration(kind, layer, (layer,), "resid_post", severed[kind]))
+            elif kind in ("resid_pre", "resid_post"):
+                out.append(_Restoration(kind, layer, (layer,), kind))
+            else:
+                layers = tuple(x for x in _window(layer, window, n_layers) if x not in exclude)
+                out.append(_Restoration(kind, layer, layers, kind))
     return out
 
 
 def _no_op(r: _Restoration, p: int, n_tokens: int, n_layers: int) -> bool:
     """Restorations that cannot change the last position's logits (exactly the corrupted run):
-    the last layer's output or block outputs at an earlier position."""
-    if p == n_tokens - 1 or r.kind == "resid_pre":
+    a window whose every layer is excluded, the last layer's output or block outputs at an
+    earlier position."""
+    if not r.layers:
+        return True
+    if p == n_tokens - 1 or r.site == "resid_pre":
         return False
     return min(r.layers) == n_layers - 1
+
+
+def _patch(r: _Restoration, p: int, sites: Mapping[str, Site], n_layers: int) -> Patch:
+    """The restoration ``r`` at position ``p``: the clean site values, plus (severed) the
+    frozen kind's corrupted values at ``p`` in every later layer."""
+    patch = [SitePatch(sites[f"blocks.{layer}.{r.site}"], (p,)) for layer in r.layers]
+    if r.frozen is not None:
+        patch += [SitePatch(sites[f"blocks.{later}.{r.frozen}"], (p,), frozen=True)
+                  for later in range(r.layer + 1, n_layers)]
+    return tuple(patch)
 
 
 def answer_prob(logits: torch.Tensor, answer: int) -> torch.Tensor:
@@ -286,9 +394,9 @@ def subject_noise(seed: int, n_samples: int, span: tuple[int, int], d_model: int
 
 def _trace_one(model: HookedModel, ids: list[int], span: tuple[int, int],
                answer: int | None, sigma: float, n_samples: int, seed: int,
-               kinds: Sequence[str], window: int, batch_size: int | None,
-               memory_mb: float = DEFAULT_MEMORY_MB, stats: dict[str, Any] | None = None
-               ) -> _Traced:
+               kinds: Sequence[str], restorations: Sequence[_Restoration],
+               batch_size: int | None, memory_mb: float = DEFAULT_MEMORY_MB,
+               stats: dict[str, Any] | None = None) -> _Traced:
     """Trace one prompt on the staircase engine: one base run per noise draw (the clean
     embeddings plus the draw's noise at the subject, :func:`~causalpatch.engine.run_perturbed`),
     the clean run as the source, every (restoration, position, draw) a patch row."""
@@ -298,8 +406,10 @@ def _trace_one(model: HookedModel, ids: list[int], span: tuple[int, int],
     ids_t = torch.tensor([ids], dtype=torch.long, device=model.device)
     noised = embed(model, ids_t).expand(n_samples, -1, -1).clone()  # [n_samples, T, d_model]
     noised[:, s0:s1] = noised[:, s0:s1] + noise.to(noised.device, noised.dtype)
+    site_kinds = dict.fromkeys([r.site for r in restorations] +
+                               [r.frozen for r in restorations if r.frozen is not None])
     sites = {f"blocks.{layer}.{k}": model.site(f"blocks.{layer}.{k}")
-             for k in kinds for layer in range(n)}
+             for k in site_kinds for layer in range(n)}
     runs = run_perturbed(model, ids, noised, list(sites.values()))
 
     clean = torch.softmax(runs[0].source_last.float(), -1)
@@ -318,11 +428,10 @@ def _trace_one(model: HookedModel, ids: list[int], span: tuple[int, int],
     cells: list[tuple[str, int, int]] = []
     jobs: list[tuple[int, Patch]] = []
     for p in range(s0, T):
-        for r in _restorations(kinds, n, window):
+        for r in restorations:
             if _no_op(r, p, T, n):
                 continue
-            patch = tuple(SitePatch(sites[f"blocks.{layer}.{r.kind}"], (p,))
-                          for layer in r.layers)
+            patch = _patch(r, p, sites, n)
             cells.append((r.kind, r.layer, p))
             jobs += [(s, patch) for s in range(n_samples)]
     if jobs:
@@ -351,7 +460,7 @@ class CausalTracingResult(dict):
         p_clean, p_corrupted: ``[n_prompts]`` answer probabilities.
         per_position: per prompt, ``{component: IE [n_layers, n_tokens]}``.
         noise: per prompt, the noise added ``[n_samples, n_subject_tokens, d_model]``.
-        sigma: the noise standard deviation (``noise`` x the embedding std).
+        sigma: the noise standard deviation (``noise`` x the std ``noise_std`` chose).
         settings: the arguments of the run.
     """
 
@@ -487,6 +596,10 @@ class _Plan:
     kinds: tuple[str, ...]
     grouped: bool
     sigma: float
+    window: int
+    exclude: tuple[int, ...]
+    bos: int | None
+    restorations: list[_Restoration]
 
     @property
     def width(self) -> int:
@@ -495,34 +608,47 @@ class _Plan:
 
 
 def _plan(model: HookedModel, prompts: Any, subject: Any, answer: Any, noise: Any,
-          samples: Any, window: Any, components: Sequence[str], position_groups: bool
-          ) -> _Plan:
+          samples: Any, window: Any, components: Sequence[str], position_groups: bool,
+          noise_std: Any = "vocab", exclude_layers: Any = (), sever: Any = None,
+          prepend_bos: Any = False) -> _Plan:
     """Validate everything before any forward pass (the embedding statistics aside)."""
     prompt_list = [prompts] if is_single_prompt(prompts) else list(prompts)
     if not prompt_list:
         raise InvalidArgumentError("prompts is empty: give at least one prompt")
-    if isinstance(subject, str) or (isinstance(subject, tuple) and len(subject) == 2
-                                    and all(isinstance(v, int) for v in subject)):
-        subjects = [subject] * len(prompt_list)
-    else:
-        subjects = list(subject)
-        if len(subjects) != len(prompt_list):
-            raise InvalidArgumentError(
-                f"subject has {len(subjects)} entries for {len(prompt_list)} prompts")
+    subjects = _subjects(subject, len(prompt_list))
+    if isinstance(components, str):
+        components = (components,)
     kinds = tuple(dict.fromkeys(components))
     bad = [k for k in kinds if k not in TRACE_COMPONENTS]
     if not kinds or bad:
         raise InvalidArgumentError(
             f"unknown components {bad or components!r}; expected some of {TRACE_COMPONENTS}")
     check_int(samples, "samples", 1)
-    check_int(window, "window", 1)
+    n_layers = model.n_layers
+    if window == "scaled":
+        window_ = scaled_window(n_layers)
+    elif isinstance(window, str):
+        raise InvalidArgumentError(
+            f"window must be a positive int or 'scaled' (ROME's 10 of 48 layers scaled to the "
+            f"model's depth: {scaled_window(n_layers)} here), got {window!r}")
+    else:
+        check_int(window, "window", 1)
+        window_ = int(window)
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise > 0:
         raise InvalidArgumentError(
             f"noise must be a positive number (a multiple of the embeddings' standard "
             f"deviation; ROME uses 3.0), got {noise!r}")
-    ids_list = [token_lists(model, p, "prompt")[0] for p in prompt_list]
-    located = [_locate_subject(model, p, s, ids)
-               for p, s, ids in zip(prompt_list, subjects, ids_list)]
+    if not (noise_std in NOISE_STD_RULES or (
+            isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool)
+            and math.isfinite(noise_std) and noise_std > 0)):
+        raise InvalidArgumentError(
+            f"noise_std must be 'vocab' (the embedding std over the vocabulary, the default), "
+            f"'subject' (over the traced subject tokens, ROME's) or a positive number (the std "
+            f"itself), got {noise_std!r}")
+    exclude = _exclude(exclude_layers, n_layers)
+    severs = _severs(sever)
+    bos = prepended_bos(model, prepend_bos)
+    ids_list, spans, occurrences = _located(model, prompt_list, subjects, bos)
     answers = answer_tokens(model, answer, len(prompt_list), "answer")
     grouped = bool(position_groups)
     if not grouped and len({len(ids) for ids in ids_list}) > 1:
@@ -530,9 +656,53 @@ def _plan(model: HookedModel, prompts: Any, subject: Any, answer: Any, noise: An
             "position_groups=False needs prompts of equal token length (got lengths "
             f"{sorted({len(i) for i in ids_list})}); use position_groups=True to average ROME's "
             "position groups")
-    return _Plan(prompt_list, subjects, ids_list, [span for span, _ in located],
-                 [k for _, k in located], answers, kinds, grouped,
-                 float(noise) * embedding_std(model))
+    kinds = kinds + tuple(SEVERED[k] for k in severs)
+    if noise_std == "vocab":
+        std = embedding_std(model)
+    elif noise_std == "subject":
+        std = subject_std(model, ids_list, spans)
+    else:
+        std = float(noise_std)
+    return _Plan(prompt_list, subjects, ids_list, spans, occurrences, answers, kinds, grouped,
+                 float(noise) * std, window_, exclude, bos,
+                 _restorations(kinds, n_layers, window_, exclude))
+
+
+def _exclude(exclude_layers: Any, n_layers: int) -> tuple[int, ...]:
+    """The layers left out of every ``mlp``/``attn`` restoration window, validated."""
+    if exclude_layers is None:
+        return ()
+    listed = [exclude_layers] if isinstance(exclude_layers, int) else exclude_layers
+    try:
+        layers = list(listed)
+    except TypeError:
+        layers = [exclude_layers]
+    for x in layers:
+        if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < n_layers:
+            raise InvalidArgumentError(
+                f"exclude_layers must hold layer indices in [0, {n_layers - 1}] (e.g. (0,) to "
+                f"keep MLP 0 out of every window), got {exclude_layers!r}")
+    if len(set(layers)) >= n_layers:
+        raise InvalidArgumentError(
+            f"exclude_layers={exclude_layers!r} excludes all {n_layers} layers: no window "
+            "would restore anything")
+    return tuple(sorted(set(layers)))
+
+
+def _severs(sever: Any) -> tuple[str, ...]:
+    """The ``sever=`` kinds (``"mlp"``, ``"attn"``), validated."""
+    if sever is None:
+        return ()
+    listed = [sever] if isinstance(sever, str) else sever
+    try:
+        kinds = tuple(dict.fromkeys(listed))
+    except TypeError:
+        kinds = (sever,)
+    if not kinds or any(k not in SEVERED for k in kinds):
+        raise InvalidArgumentError(
+            f"sever must be 'mlp', 'attn' or both (('mlp', 'attn')), got {sever!r}; it adds "
+            f"the hidden-state trace with those outputs frozen ({', '.join(SEVERED.values())})")
+    return kinds
 
 
 def _component_result(model: HookedModel, plan: _Plan, kind: str, values: PairValues,
@@ -542,8 +712,11 @@ def _component_result(model: HookedModel, plan: _Plan, kind: str, values: PairVa
     n, width = model.n_layers, plan.width
     extra: dict[str, Any] = {
         "n_prompts": len(traced), "noise": float(settings["noise"]), "sigma": plan.sigma,
-        "samples": settings["samples"], "seed": settings["seed"],
-        "window": settings["window"] if kind in ("mlp", "attn") else 1,
+        "noise_std": settings["noise_std"], "samples": settings["samples"],
+        "seed": settings["seed"], "window": plan.window if kind in ("mlp", "attn") else 1,
+        "exclude_layers": list(plan.exclude) if kind in ("mlp", "attn") else [],
+        "sever": next((k for k, v in SEVERED.items() if v == kind), None),
+        "prepend_bos": plan.bos, "subject_starts": [s0 for s0, _ in plan.spans],
         "subject_spans": [list(s) for s in plan.spans], "answers": [t.answer for t in traced],
         "subjects": [s if isinstance(s, str) else list(s) for s in plan.subjects],
         "subject_occurrences": plan.occurrences,
@@ -586,8 +759,12 @@ def causal_tracing(
     samples: int = 10,
     seed: int = 0,
     components: Sequence[str] = ("resid_post", "mlp", "attn"),
-    window: int = 10,
+    window: int | str = 10,
     position_groups: bool = True,
+    noise_std: str | float = "vocab",
+    exclude_layers: Sequence[int] = (),
+    sever: str | Sequence[str] | None = None,
+    prepend_bos: bool | int = False,
     batch_size: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     checkpoint: str | None = None,
@@ -605,16 +782,32 @@ def causal_tracing(
             ``(start, end)`` token range.
         answer: the answer token (string or id), one or one per prompt; default: the model's
             top-1 next token on the clean prompt.
-        noise: noise scale as a multiple of the embedding std (ROME: 3).
-        samples: noise draws per prompt (rows of each batch).
+        noise: noise scale as a multiple of ``noise_std`` (ROME: 3): the noise is
+            ``N(0, (noise * std)^2)``.
+        samples: noise draws per prompt (rows of each batch; ROME: 10).
         seed: noise seed; prompt ``i`` uses ``seed + i``. Every restoration sees the same draws.
         components: any of ``resid_post``, ``mlp``, ``attn``, ``resid_pre``.
         window: for ``mlp``/``attn``, restore ``window`` consecutive layers centred at L
-            (clipped at the ends), ROME uses 10 for its MLP/attention plots.
+            (clipped at the ends); ROME uses 10 (of GPT-2 XL's 48 layers). ``"scaled"``: the
+            same fraction of this model's depth, :func:`scaled_window` (6 of 30 layers).
         position_groups: average positions into ROME's six groups (result axes
             ``("layer", "group")``, shape ``(n_layers, 6)``); False keeps every position (axes
             ``("layer", "position")``, shape ``(n_layers, n_tokens)``; prompts must then have
             equal token lengths).
+        noise_std: the std the noise scales: ``"vocab"`` (default) the embedding output's std
+            over the whole vocabulary (:func:`embedding_std`); ``"subject"`` its std over the
+            subject tokens of the prompts traced (:func:`subject_std`, ROME's statistic); or a
+            positive number, the std itself.
+        exclude_layers: layers left out of every ``mlp``/``attn`` window (e.g. ``(0,)``: MLP 0
+            acts like part of the embedding); a window left empty restores nothing (IE 0).
+            Hidden-state restorations are unaffected.
+        sever: ``"mlp"``, ``"attn"`` or both: add the hidden-state trace with the MLP
+            (attention) outputs of every later layer at the restored position frozen at their
+            corrupted values (ROME, Fig. 3), as components ``resid_post_sever_mlp`` /
+            ``resid_post_sever_attn``, on the same noise draws.
+        prepend_bos: put the tokenizer's BOS token (``True``) or the given token id in front
+            of every prompt that does not start with it (SmolLM2's tokenizer adds none).
+            Subject token ranges count the prompt's own tokens.
         batch_size: patch rows per staircase pass (default: as many as ``memory_mb`` holds;
             every noise draw's rows of a position share the passes).
         memory_mb, checkpoint, progress, executor, threads: the run options every method shares
@@ -637,11 +830,14 @@ def causal_tracing(
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
                               memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     plan = _plan(model, prompts, subject, answer, noise, samples, window, components,
-                 position_groups)
+                 position_groups, noise_std, exclude_layers, sever, prepend_bos)
     n, kinds, width = model.n_layers, plan.kinds, plan.width
     n_cells = len(kinds) * n * width
     settings = {"noise": noise, "samples": samples, "seed": seed, "components": kinds,
-                "window": window, "position_groups": plan.grouped}
+                "window": plan.window, "position_groups": plan.grouped,
+                "noise_std": noise_std, "exclude_layers": plan.exclude,
+                "sever": [k for k, v in SEVERED.items() if v in kinds],
+                "prepend_bos": plan.bos}
     t_setup = time.perf_counter() - t0
 
     # -- run: one prompt per group ------------------------------------------------------------
@@ -652,7 +848,7 @@ def causal_tracing(
                  tick_: Callable[[int], None] | None) -> GroupValues:
         (i,) = group
         one = _trace_one(model_, plan.ids[i], plan.spans[i], plan.answers[i], plan.sigma,
-                         samples, seed + i, kinds, window, options.batch_size,
+                         samples, seed + i, kinds, plan.restorations, options.batch_size,
                          options.memory_mb, stats)
         raw = _cell_values(one, kinds, plan.ids[i], plan.spans[i], plan.grouped)
         if tick_ is not None:
@@ -678,8 +874,9 @@ def causal_tracing(
         values = counted.run(  # a prompt is traced whole: one call per prompt (chunk)
             model, items, n_cells, build, label="causal tracing", chunk=max(1, n_cells),
             checkpoint_args=dict(method="causal_tracing", spans=plan.spans, noise=noise,
-                                 samples=samples, seed=seed, components=kinds, window=window,
-                                 grouped=plan.grouped))
+                                 samples=samples, seed=seed, components=kinds,
+                                 window=plan.window, grouped=plan.grouped, sigma=plan.sigma,
+                                 exclude=plan.exclude))
     finally:
         close()
     traced = [_Traced.of(values.payloads[i]) for i in range(len(items))]
@@ -722,7 +919,11 @@ def causal_tracing_dataset(
     samples: int = 10,
     seed: int = 0,
     components: Sequence[str] = ("resid_post", "mlp", "attn"),
-    window: int = 10,
+    window: int | str = 10,
+    noise_std: str | float = "vocab",
+    exclude_layers: Sequence[int] = (),
+    sever: str | Sequence[str] | None = None,
+    prepend_bos: bool | int = False,
     batch_size: int | None = None,
     memory_mb: float = DEFAULT_MEMORY_MB,
     checkpoint: str | None = None,
@@ -736,8 +937,9 @@ def causal_tracing_dataset(
         facts: :class:`~causalpatch.datasets.KnownFact` tuples, dicts with ``prompt``,
             ``subject`` and optionally ``answer`` (token id or string; default: the model's
             top-1 token), or ``(prompt, subject[, answer])`` tuples. Default:
-            ``causalpatch.datasets.known_facts(model, n, seed=seed)``, i.e. ``n`` of ROME's
-            known facts that the model completes correctly.
+            ``causalpatch.datasets.known_facts(model, n, seed=seed, prepend_bos=prepend_bos)``,
+            i.e. ``n`` of ROME's known facts that the model completes correctly (with the BOS
+            in front when it is prepended).
         n: number of facts when ``facts`` is None.
         Other arguments: as :func:`causal_tracing`.
 
@@ -748,7 +950,7 @@ def causal_tracing_dataset(
     if facts is None:
         from ..datasets import known_facts
 
-        fact_list: list[Any] = list(known_facts(model, n, seed=seed))
+        fact_list: list[Any] = list(known_facts(model, n, seed=seed, prepend_bos=prepend_bos))
     else:
         fact_list = list(facts)
     if not fact_list:
@@ -761,7 +963,9 @@ def causal_tracing_dataset(
         answers.append(answer)
     return causal_tracing(
         model, prompts, subjects, answer=answers, noise=noise, samples=samples, seed=seed,
-        components=components, window=window, position_groups=True, batch_size=batch_size,
+        components=components, window=window, position_groups=True, noise_std=noise_std,
+        exclude_layers=exclude_layers, sever=sever, prepend_bos=prepend_bos,
+        batch_size=batch_size,
         memory_mb=memory_mb, checkpoint=checkpoint, progress=progress, executor=executor,
         threads=threads)
 
@@ -782,6 +986,7 @@ def _fact_fields(fact: Any, i: int) -> tuple[Any, Any, Any]:
         f"a KnownFact or a (prompt, subject[, answer]) tuple; got {fact!r}")
 
 
-__all__ = ["GROUPS", "TRACE_COMPONENTS", "CausalTracingResult", "causal_tracing",
-           "causal_tracing_dataset", "embedding_std", "plot_trace", "position_groups",
-           "subject_span"]
+__all__ = ["GROUPS", "NOISE_STD_RULES", "SEVERED", "TRACE_COMPONENTS", "CausalTracingResult",
+           "causal_tracing", "causal_tracing_dataset", "embedding_std", "plot_trace",
+           "position_groups", "scaled_window", "subject_embedding_std", "subject_span",
+           "subject_std"]

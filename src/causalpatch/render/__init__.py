@@ -9,8 +9,13 @@
   :func:`compact_html` (``_repr_html_``).
 * :mod:`~causalpatch.render.attention`: :func:`plot_attention_pattern`, chosen heads'
   attention patterns over a prompt's tokens (``blocks.L.attn.pattern``).
-* :mod:`~causalpatch.render.text`: components and metrics in words, axis titles, and
-  :func:`takeaway` (``PatchingResult.takeaway``).
+* :mod:`~causalpatch.render.text`: components and metrics in words, axis titles, each
+  method's title (``title_words``: path patching's senders -> receivers, the ablation kind,
+  attribution's estimates, causal tracing's restored state), settings (``run_words``),
+  baselines, :func:`takeaway` (``PatchingResult.takeaway``) and its one-line ``headline``
+  (the report summary's line).
+* :mod:`~causalpatch.render.lens`: logit-lens and direct-logit-attribution figures, HTML views
+  and their report sections (title and headline).
 
 Everything here is duck-typed on results and never imports ``causalpatch.result`` (which sits
 above it and delegates its rendering here). matplotlib and plotly are imported only when a

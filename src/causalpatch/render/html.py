@@ -5,16 +5,30 @@ plotly.js (plotly's offline bundle, ``plotly.offline.get_plotlyjs()``) is inline
 many results there are; ``plotly="cdn"`` loads it from cdn.plot.ly instead (a small file that
 needs network to draw). The page has:
 
+* with several sections, a **Summary** first: each section's title and its main finding
+  (:func:`~.text.headline`), one line each, linking to the section;
 * one **Prompts** table per distinct set of prompt pairs (clean, corrupted, answers as text),
   with the tokens of the first clean prompt and their roles; sections built from another set
   than the first section say so;
-* per result: a plain-language **takeaway** (which cells recover most of the effect, with
-  numbers), an interactive plotly heatmap (bar chart for 1-D results; 3-D results get a slider
+* per result: a title that says what was done (:func:`~.text.title_words`: path patching's
+  senders -> receivers and freeze mode, the ablation kind, attribution's estimates, causal
+  tracing's restored state and noised subject; identical titles get " (2)"), a
+  plain-language **takeaway** in the method's own terms (which cells recover most of the
+  effect, with numbers; attribution values as estimates with the verified exact value beside
+  each; an ablation's baseline metric before and after; causal tracing's indirect effect), the
+  method's settings as a visible list (senders, receivers and what is frozen; ablation kind
+  and baseline; subject, noise, window and baselines of causal tracing; the verified exact
+  values), an interactive plotly heatmap (bar chart for 1-D results; 3-D results get a slider
   over the last axis, starting on the largest-magnitude effect over it) whose hover text shows
   the layer, head, position (token or role) and effect; a **per-pair view** (select a pair to
   see its own heatmap, prompts, answers and top cells; ``#pair-0=2`` in the URL preselects
   pair 2 of section 0); a top-components table; and the run's metadata (model, metric,
   direction, baselines, answers, what the position labels are, timings, method metadata);
+* causal tracing drawn as its PNG (:func:`~.plots.plot_trace`): positions (subject tokens
+  marked ``*``) or ROME's groups down, layers across, the component's sequential colour map
+  from 0 (the subject-noised run) to the largest indirect effect;
+* logit-lens and direct-logit-attribution results (duck-typed, :mod:`~.lens`) as static
+  sections: the lens table and the DLA bars with their closure check;
 * a checkbox switching every heatmap between its own colour range and one range shared by
   all results of the same kind (normalised effects, or raw values of one metric);
   ``shared_scale=True`` starts shared.
@@ -49,23 +63,38 @@ import json
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_write_text
 from ..errors import InvalidArgumentError, InvalidTypeError
 from .markdown import timing_name
-from .plots import max_magnitude, plot_result, symmetric_limit
+from .lens import (
+    dla_headline,
+    dla_html,
+    dla_title,
+    is_dla,
+    is_lens,
+    lens_headline,
+    lens_html,
+    lens_title,
+)
+from .plots import TRACE_CMAPS, max_magnitude, plot_result, plot_trace, symmetric_limit
 from .text import (
     axis_title,
+    baselines_text,
     component_words,
-    method_words,
+    headline,
     metric_words,
     n_pairs_of,
     pairs_text,
     position_roles,
+    run_words,
     takeaway,
+    title_words,
+    value_heading,
+    verified_cells,
 )
 
 if TYPE_CHECKING:
@@ -164,10 +193,16 @@ def _unique(texts: list[str]) -> list[str]:
 
 
 def result_title(result: PatchingResult) -> str:
-    """Heading of one result: method and component in words, the internal name, metric,
-    direction."""
-    return (f"{method_words(result.method)}: {component_words(result.component)} "
-            f"({result.component}; {result.metric}, {result.direction})")
+    """Heading of one result: what was done in words (:func:`~.text.title_words`: path
+    patching's senders -> receivers and freeze mode, the ablation kind, attribution's
+    estimates, causal tracing's restored state), then the internal name, metric, direction."""
+    if result.method == "causal_tracing":
+        how = "indirect effect on p(answer)"
+    elif result.method == "ablation":
+        how = result.metric
+    else:
+        how = f"{result.metric}, {result.direction}"
+    return f"{title_words(result)} ({result.component}; {how})"
 
 
 def _font() -> dict[str, str]:
@@ -185,9 +220,10 @@ def _axis_layout(result: PatchingResult, axis: str, reverse: bool = False) -> di
 
 
 def heatmap_limit(result: PatchingResult) -> float | None:
-    """The result's own colour limit (``max |effect|``), or None for 1-D results (bars)."""
+    """The result's own colour limit (``max |effect|``), or None for 1-D results (bars) and
+    causal tracing (a sequential scale from 0, never shared)."""
     m = result.effect_matrix.double().numpy()
-    if m.ndim < 2:
+    if m.ndim < 2 or result.method == "causal_tracing":  # its own sequential scale from 0
         return None
     return _limit(symmetric_limit(m))
 
@@ -205,11 +241,13 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     import numpy as np
 
     m = result.effect_matrix.double().numpy()
+    if result.method == "causal_tracing" and m.ndim == 2:
+        return trace_figure_spec(result)
     axes = result.axes
     names = [_unique([_pt(result.cell_text(a, i)) for i in range(n)])
              for a, n in zip(axes, m.shape)]
     limit = _limit(vmax if vmax is not None and 0 < vmax < math.inf else symmetric_limit(m))
-    value_name = "effect" if result.normalized else _pt(result.metric)
+    value_name = _value_name(result)
     std = None if result.std is None else result.std.double().numpy()
     layout: dict[str, Any] = {
         "title": {"text": _pt(result_title(result)), "font": {"size": 15}},
@@ -277,6 +315,76 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
         "currentvalue": {"prefix": f"{_pt(panel_axis)}: ", "font": {"size": 13}},
     }]
     return {"data": [trace], "layout": layout}
+
+
+def trace_colorscale(component: str, steps: int = 11) -> list[list[Any]]:
+    """The plotly colour scale of a causal-tracing component: the same sequential matplotlib
+    map as its PNG (:data:`~.plots.TRACE_CMAPS`: purple hidden states, green MLP, red
+    attention), sampled at ``steps`` points."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps[TRACE_CMAPS.get(component, "Purples")]
+    return [[i / (steps - 1), to_hex(cmap(i / (steps - 1)))] for i in range(steps)]
+
+
+def trace_figure_spec(result: PatchingResult) -> dict[str, Any]:
+    """A causal-tracing heatmap drawn as its PNG (:func:`~.plots.plot_trace`) draws it: rows
+    are the positions (first token on top; subject tokens marked ``*``) or ROME's position
+    groups, columns the layers, on the component's sequential colour scale from 0 (the run with
+    the subject noised) to the largest indirect effect. The hover text gives the indirect effect
+    and the restored probability ``p(subject noised) + IE``."""
+    import numpy as np
+
+    matrix = result.effect_matrix.double().numpy().T  # [groups/positions, layers]
+    row_axis = result.axes[1]
+    rows = [str(r) for r in result.labels[row_axis]]
+    counts = result.extra.get("group_counts") if isinstance(result.extra, dict) else None
+    if isinstance(counts, list) and len(counts) == len(rows):
+        matrix = matrix.copy()
+        matrix[np.asarray(counts) == 0, :] = np.nan
+        rows = [f"{r} ({c})" for r, c in zip(rows, counts)]
+    layers = [str(v) for v in result.labels["layer"]]
+    finite = matrix[np.isfinite(matrix)]
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    base = result.corrupted_metric
+    window = result.extra.get("window") if isinstance(result.extra, dict) else None
+    x_title = "layer" + (f" (window {window})" if result.component in ("mlp", "attn")
+                         and window is not None else "")
+    y_title = ("position (* = subject token)" if row_axis == "position"
+               else "position group (prompts with it)")
+    bar_title = "indirect effect" + (f"<br>0 = subject noised<br>(p = {base:.3g})"
+                                     if base is not None else "")
+    template = "position %{y}<br>layer %{x}<br>indirect effect %{z:+.4f}"
+    trace: dict[str, Any] = {
+        "type": "heatmap", "x": _unique([_pt(t) for t in layers]),
+        "y": _unique([_pt(t) for t in rows]), "z": _nums(matrix.tolist()),
+        "colorscale": trace_colorscale(result.component), "zmin": 0.0, "zmax": _limit(vmax),
+        "zauto": False, "xgap": 1, "ygap": 1,
+        "colorbar": {"title": {"text": bar_title}, "thickness": 14}}
+    if base is not None:
+        trace["customdata"] = _nums((matrix + base).tolist())
+        template += "<br>p(restored) %{customdata:.4f}"
+    trace["hovertemplate"] = template + "<extra></extra>"
+    height = int(min(1000, max(300, 26 * len(rows) + 170)))
+    layout: dict[str, Any] = {
+        "title": {"text": _pt(result_title(result)), "font": {"size": 15}},
+        "font": _font(), "paper_bgcolor": "white", "plot_bgcolor": "#eeeeee",
+        "margin": {"l": 70, "r": 30, "t": 60, "b": 60}, "height": height,
+        "xaxis": {"title": {"text": _pt(x_title)}, "type": "category", "automargin": True},
+        "yaxis": {"title": {"text": _pt(y_title)}, "type": "category", "automargin": True,
+                  "autorange": "reversed"}}
+    return {"data": [trace], "layout": layout}
+
+
+def _value_name(result: PatchingResult) -> str:
+    """What the colour bar and hover call a value (plotly-escaped): ``effect``, ``estimate``
+    (attribution patching), the ablation's ``change in <metric>``, or the raw metric."""
+    if result.method == "attribution_patching" and result.normalized:
+        return "estimate"
+    if result.method == "ablation":
+        return _pt(f"change in {result.metric}")
+    return "effect" if result.normalized else _pt(result.metric)
 
 
 def _panel_names(result: PatchingResult, names: list[list[str]]) -> tuple[str, list[str]]:
@@ -364,7 +472,7 @@ def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[s
     shown = max(1, min(n, max_pairs, MAX_PAIR_VALUES // max(1, 2 * cells)))
     names = [_unique([_pt(result.cell_text(a, i)) for i in range(size)])
              for a, size in zip(axes, result.shape)]
-    value_name = "effect" if result.normalized else _pt(result.metric)
+    value_name = _value_name(result)
     panel_axis = panel_names = None
     if values.ndim > 3:
         panel_axis, panel_names = _panel_names(result, names)
@@ -432,8 +540,42 @@ def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[s
         for key, axis in (("xaxis", axes[1]), ("yaxis", axes[0])):
             if axis == "position":
                 layout[key]["title"]["text"] = "position (this pair)"
-    return {"data": [trace], "layout": layout, "views": views, "details": details,
-            "n_pairs": n, "shown": shown}
+    out = {"data": [trace], "layout": layout, "views": views, "details": details,
+           "n_pairs": n, "shown": shown}
+    if result.method == "causal_tracing" and mats[0].ndim == 2:
+        _as_trace_view(result, out, mats)
+    return out
+
+
+def _as_trace_view(result: PatchingResult, view: dict[str, Any], mats: list[Any]) -> None:
+    """Turn a causal-tracing per-prompt view into its PNG's form (as
+    :func:`trace_figure_spec`): positions down, layers across, the sequential colour map
+    from 0 to the largest indirect effect of the prompts shown."""
+    import numpy as np
+
+    spans = result.extra.get("subject_spans") if isinstance(result.extra, dict) else None
+    for i, (v, m) in enumerate(zip(view["views"], mats)):
+        v["x"], v["y"], v["z"] = v["y"], v["x"], [_nums(np.asarray(m).T.tolist())]
+        if isinstance(spans, list) and i < len(spans) and len(spans[i]) == 2:
+            s0, s1 = spans[i]  # this prompt's own subject tokens
+            v["y"] = [[t if not s0 <= j < s1 or t.endswith("*") else t + "*"
+                       for j, t in enumerate(v["y"][0])]]
+    stacked = np.stack(mats)
+    finite = stacked[np.isfinite(stacked)]
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    first = view["views"][0]
+    view["data"] = [{
+        "type": "heatmap", "x": first["x"][0], "y": first["y"][0], "z": first["z"][0],
+        "colorscale": trace_colorscale(result.component), "zmin": 0.0, "zmax": _limit(vmax),
+        "zauto": False, "xgap": 1, "ygap": 1,
+        "hovertemplate": "position %{y}<br>layer %{x}<br>indirect effect %{z:+.4f}"
+                         "<extra></extra>",
+        "colorbar": {"title": {"text": "indirect effect"}, "thickness": 14}}]
+    layout = view["layout"]
+    layout["xaxis"] = {"title": {"text": "layer"}, "type": "category", "automargin": True}
+    layout["yaxis"] = {"title": {"text": "position (this prompt; * = subject token)"},
+                       "type": "category", "automargin": True, "autorange": "reversed"}
+    layout["plot_bgcolor"] = "#eeeeee"
 
 
 def _pair_section(i: int, view: dict[str, Any], result: PatchingResult) -> str:
@@ -443,6 +585,8 @@ def _pair_section(i: int, view: dict[str, Any], result: PatchingResult) -> str:
             if view["shown"] < view["n_pairs"] else "")
     d0 = view["details"][0]
     kind = "normalised by the mean gap over all pairs" if result.normalized else "raw values"
+    if result.method == "causal_tracing":
+        kind = "each prompt's indirect effects; pair = prompt"
     return (
         f"<details class='pairs' open><summary>Per pair ({_esc(pairs_text(view['n_pairs']))}; "
         f"{_esc(kind)})</summary>"
@@ -470,15 +614,26 @@ def _cell_value(result: PatchingResult, coords: tuple[int, ...]) -> tuple[float,
 
 
 def top_table(result: PatchingResult, k: int = 10) -> str:
-    """HTML table of the ``k`` largest-magnitude cells (axis labels, effect, std)."""
-    head = "".join(f"<th>{_esc(a)}</th>" for a in result.axes) + "<th>effect</th>"
+    """HTML table of the ``k`` largest-magnitude cells (axis labels, value, std); attribution
+    patching's values are headed ``estimate``, with an ``exact`` column where cells were
+    verified (``extra["verified"]``)."""
+    checked = verified_cells(result) if result.method == "attribution_patching" else {}
+    head = "".join(f"<th>{_esc(a)}</th>" for a in result.axes)
+    head += f"<th>{_esc(value_heading(result))}</th>"
+    if checked:
+        head += "<th>exact</th>"
     if result.std is not None:
         head += "<th>std</th>"
     rows = []
     for coords, effect in result.top_cells(k):
         cells = "".join(f"<td>{_esc(result.cell_text(a, c))}</td>"
                         for a, c in zip(result.axes, coords))
-        cells += f"<td class='num'>{effect:+.4f}</td>"
+        exact = checked.get(tuple(int(c) for c in coords))
+        shown = effect if exact is None else exact["estimate"]
+        cells += f"<td class='num'>{shown:+.4f}</td>"
+        if checked:
+            cells += ("<td class='num'>–</td>" if exact is None
+                      else f"<td class='num'>{exact['exact']:+.4f}</td>")
         if result.std is not None:
             cells += f"<td class='num'>{_cell_value(result, coords)[1]:.4f}</td>"
         rows.append(f"<tr>{cells}</tr>")
@@ -516,11 +671,20 @@ def metadata_table(result: PatchingResult) -> str:
         ("direction", result.direction),
         ("shape", " x ".join(f"{a} {n}" for a, n in zip(result.axes, result.shape))),
     ]
+    names = (f"clean {result.metric}", f"corrupted {result.metric}")
+    if result.method == "causal_tracing":
+        items[3] = ("metric", "indirect effect on p(answer): p(restored) - p(subject noised)")
+        names = ("p(answer), clean run", "p(answer), subject noised")
+    elif result.method == "ablation":
+        items[3] = ("metric", f"{result.metric} ({metric_words(result.metric)}): ablated - "
+                              "baseline")
+        names = (f"baseline {result.metric} (nothing ablated)", names[1])
     if result.clean_metric is not None:
-        items.append((f"clean {result.metric}", _fmt(result.clean_metric)))
+        items.append((names[0], _fmt(result.clean_metric)))
     if result.corrupted_metric is not None:
-        items.append((f"corrupted {result.metric}", _fmt(result.corrupted_metric)))
-    items.append(("pairs", str(n_pairs_of(result))))
+        items.append((names[1], _fmt(result.corrupted_metric)))
+    unit = "prompts" if result.method in ("ablation", "causal_tracing") else "pairs"
+    items.append((unit, str(n_pairs_of(result))))
     answers = answer_text(result, 0)
     if answers:
         items.append(("answers (pair 0)", answers))
@@ -609,7 +773,9 @@ table.meta th{width:170px} .versions,.note{color:#666;font-size:12px}
  margin:10px 0} .prompt-note{font-size:13px;color:#444} .prompt-note.other{color:#8a4b00}
 details.pairs{margin:10px 0;border:1px solid #e4e4e4;padding:6px 10px}
 details.pairs summary{font-weight:600;font-size:14px;cursor:pointer}
-.controls{font-size:13px;margin:8px 0} #cp-plotly-missing{color:#8a0000;font-weight:600}
+.controls{font-size:13px;margin:8px 0}
+ol.summary li{font-size:14px;margin:3px 0} ul.run{font-size:13px;margin:4px 0 8px;color:#333}
+#cp-plotly-missing{color:#8a0000;font-weight:600}
 """
 
 _INIT = """(function () {
@@ -649,7 +815,7 @@ _INIT = """(function () {
   }
   function setScale(shared) {
     doc.forEach(function (f) {
-      if (f.scale === undefined || f.scale === null) { return; }
+      if (!f || f.scale === undefined || f.scale === null) { return; }
       var v = shared ? f.scale.shared : f.scale.own;
       Plotly.restyle(f.id, {zmin: [-v], zmax: [v]}, [0]).then(function () { mark(f.id); });
     });
@@ -660,6 +826,7 @@ _INIT = """(function () {
     if (m) { wanted[m[1]] = parseInt(m[2], 10); }
   });
   doc.forEach(function (f, i) {
+    if (!f) { return; }
     plot(f.id, f);
     if (f.pairs) {
       f.pairs.pristine = JSON.stringify({data: f.pairs.data, layout: f.pairs.layout});
@@ -686,7 +853,21 @@ def _plotly_cdn_url() -> str:
     return f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
 
 
-def report(results: PatchingResult | Sequence[PatchingResult],
+def section_title(result: Any) -> str:
+    """The title of a report section: :func:`result_title`, or the lens/DLA title."""
+    if is_result(result):
+        return result_title(result)
+    return lens_title(result) if is_lens(result) else dla_title(result)
+
+
+def section_headline(result: Any) -> str:
+    """A section's main finding in one line (the report's summary lists one per section)."""
+    if is_result(result):
+        return headline(result)
+    return lens_headline(result) if is_lens(result) else dla_headline(result)
+
+
+def report(results: Any,
            path: str | os.PathLike[str] | None = None,
            title: str = "causalpatch report", *, plotly: str = "inline",
            shared_scale: bool = False, max_pairs: int = MAX_PAIR_VIEWS) -> str:
@@ -694,7 +875,10 @@ def report(results: PatchingResult | Sequence[PatchingResult],
 
     Args:
         results: a result or a sequence of them (e.g. resid, attn, mlp and heads of one
-            experiment).
+            experiment): :class:`~causalpatch.result.PatchingResult` objects of any method,
+            causal-tracing results (a section per component), and logit-lens and
+            direct-logit-attribution results
+            (:class:`~causalpatch.methods.lens.LensResult`, ``DLAResult``), each a section.
         path: where to write it (atomically); None only returns the HTML text.
         title: page title and heading (escaped; None means the default).
         plotly: ``"inline"`` (default): plotly.js inlined once, the file opens offline;
@@ -708,16 +892,26 @@ def report(results: PatchingResult | Sequence[PatchingResult],
 
     Raises:
         InvalidArgumentError: no results, or an unknown ``plotly`` mode.
-        InvalidTypeError: an item is not a :class:`~causalpatch.result.PatchingResult` (nor
-            shaped like one, see :func:`is_result`).
+        InvalidTypeError: an item is not a :class:`~causalpatch.result.PatchingResult`, a
+            ``LensResult`` or a ``DLAResult`` (nor shaped like one, see :func:`is_result`).
     """
-    items = [results] if is_result(results) else list(results)
-    if not items:
+    single = is_result(results) or is_lens(results) or is_dla(results)
+    everything = []
+    for item in [results] if single or isinstance(results, Mapping) else list(results):
+        if isinstance(item, Mapping):  # a CausalTracingResult: one section per component
+            everything += list(item.values())
+        else:
+            everything.append(item)
+    if not everything:
         raise InvalidArgumentError("report needs at least one result, got none")
-    for item in items:
-        if not is_result(item):
+    for item in everything:
+        if not (is_result(item) or is_lens(item) or is_dla(item)):
             raise InvalidTypeError(
-                f"report takes PatchingResult objects, got {type(item).__name__}")
+                f"report takes PatchingResult, LensResult or DLAResult objects, got "
+                f"{type(item).__name__}")
+    # the patching results (with heatmaps, prompt sets and colour scales) by section number
+    patching = {i: r for i, r in enumerate(everything) if is_result(r)}
+    items = list(patching.values())
     if plotly not in PLOTLY_MODES:
         raise InvalidArgumentError(
             f"plotly must be one of {', '.join(map(repr, PLOTLY_MODES))}, got {plotly!r}")
@@ -743,16 +937,31 @@ def report(results: PatchingResult | Sequence[PatchingResult],
             keys.append(key)
         set_of.append(keys.index(key))
     users: dict[int, list[int]] = {}
-    for i, k in enumerate(set_of):
-        users.setdefault(k, []).append(i + 1)
+    for section, k in zip(patching, set_of):
+        users.setdefault(k, []).append(section + 1)
 
-    sections, figures, toc = [], [], []
-    for i, result in enumerate(items):
-        heading = f"{i + 1}. {result_title(result)}"
+    titles = _unique([section_title(r) for r in everything])
+    sections: list[str] = []
+    figures: list[dict[str, Any] | None] = []
+    summary: list[str] = []
+    for i, result in enumerate(everything):
+        summary.append(f"<li><a href='#result-{i}'>{_esc(titles[i])}</a>: "
+                       f"{_esc(section_headline(result))}</li>")
+        if i not in patching:
+            figures.append(None)  # lens and DLA sections are static HTML
+            view_html = (lens_html(result, page=False) if is_lens(result)
+                         else dla_html(result, page=False))
+            sections.append(f"<section id='result-{i}' class='static'>"
+                             f"<h2>{_esc(f'{i + 1}. {titles[i]}')}</h2>"
+                             f"<p class='takeaway'>{_esc(section_headline(result))}.</p>"
+                             f"{view_html}</section>")
+            continue
+        j = items.index(result)
+        heading = f"{i + 1}. {titles[i]}"
         plot_id = f"plot-{i}"
         scale = None
-        if own[i] is not None:
-            scale = {"own": own[i], "shared": shared_of[scale_group(result)]}
+        if own[j] is not None:
+            scale = {"own": own[j], "shared": shared_of[scale_group(result)]}
         vmax = scale["shared"] if scale and shared_scale else None
         figure: dict[str, Any] = {"id": plot_id, **figure_spec(result, vmax=vmax),
                                   "scale": scale}
@@ -760,8 +969,7 @@ def report(results: PatchingResult | Sequence[PatchingResult],
         if view is not None:
             figure["pairs"] = {k: view[k] for k in ("data", "layout", "views", "details")}
         figures.append(figure)
-        toc.append(f"<li><a href='#result-{i}'>{_esc(result_title(result))}</a></li>")
-        k = set_of[i]
+        k = set_of[j]
         n = n_pairs_of(result)
         if not keys[k][0] and not keys[k][1]:
             note = "<p class='prompt-note'>Prompts: not recorded.</p>"
@@ -772,12 +980,15 @@ def report(results: PatchingResult | Sequence[PatchingResult],
             note = (f"<p class='prompt-note'>Prompts: <a href='#prompts-{_set_name(k)}'>set "
                     f"{_set_name(k)}</a> ({_esc(pairs_text(n))}).</p>")
         else:
-            note = (f"<p class='prompt-note other'><b>Built from other prompts</b> than section "
-                    f"1: <a href='#prompts-{_set_name(k)}'>set {_set_name(k)}</a> "
+            note = (f"<p class='prompt-note other'><b>Built from other prompts</b> than the "
+                    f"first section: <a href='#prompts-{_set_name(k)}'>set {_set_name(k)}</a> "
                     f"({_esc(pairs_text(n))}).</p>")
+        run = run_words(result)
+        run_html = ("<ul class='run'>" + "".join(f"<li>{_esc(w)}</li>" for w in run) + "</ul>"
+                    if run else "")
         sections.append(
             f"<section id='result-{i}'><h2>{_esc(heading)}</h2>"
-            f"<p class='takeaway'>{_esc(takeaway(result))}</p>{note}"
+            f"<p class='takeaway'>{_esc(takeaway(result))}</p>{run_html}{note}"
             f"<div id='{plot_id}' class='plot'></div>"
             + (_pair_section(i, view, result) if view is not None else "")
             + f"<div class='cols'><div><h3>Top components</h3>{top_table(result)}</div>"
@@ -794,7 +1005,8 @@ def report(results: PatchingResult | Sequence[PatchingResult],
                 f"<h3 id='prompts-{_set_name(k)}'>Set {_set_name(k)} "
                 f"({_esc(pairs_text(max(len(key[0]), len(key[1]))))}; sections {used})</h3>"
                 + prompts_table(first))
-    prompts_html = f"<section id='prompts'><h2>Prompts</h2>{''.join(prompt_parts)}</section>"
+    prompts_html = (f"<section id='prompts'><h2>Prompts</h2>{''.join(prompt_parts)}</section>"
+                    if items else "")
 
     if plotly == "inline":
         from plotly.offline import get_plotlyjs
@@ -810,7 +1022,8 @@ def report(results: PatchingResult | Sequence[PatchingResult],
            + "; style-src 'unsafe-inline'; img-src data: blob:; font-src data:; "
            "form-action 'none'; base-uri 'none'")
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
-    nav = f"<nav><ol>{''.join(toc)}</ol></nav>" if len(items) > 1 else ""
+    nav = (f"<section id='summary'><h2>Summary</h2><ol class='summary'>{''.join(summary)}"
+           "</ol></section>" if len(everything) > 1 else "")
     checked = " checked" if shared_scale else ""
     controls = ("<p class='controls'><label><input type='checkbox' id='cp-shared-scale'"
                 f"{checked}> one colour scale for all heatmaps of the same kind</label></p>"
@@ -842,21 +1055,21 @@ def compact_html(result: PatchingResult) -> str:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.0, 3.6), layout="constrained")
-    plot_result(result, ax=fig.add_subplot())
+    if result.method == "causal_tracing" and len(result.axes) == 2:
+        plot_trace(result, ax=fig.add_subplot())  # ROME's orientation and colours
+    else:
+        plot_result(result, ax=fig.add_subplot())
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=72)
     image = base64.b64encode(buffer.getvalue()).decode()
-    line = (f"{result.method} of {result.component} on {result.model_name or 'a model'}: "
-            f"{result.metric}, {result.direction}, "
+    line = (f"{result_title(result)} on {result.model_name or 'a model'}: "
             f"{' x '.join(f'{a} {n}' for a, n in zip(result.axes, result.shape))}")
-    baselines = []
-    if result.clean_metric is not None:
-        baselines.append(f"clean {result.clean_metric:.4f}")
-    if result.corrupted_metric is not None:
-        baselines.append(f"corrupted {result.corrupted_metric:.4f}")
+    run = run_words(result)
+    if result.method != "causal_tracing":  # its run words hold its baselines
+        run.append(baselines_text(result))
     return (f"<div class='causalpatch-result' style='font-size:12px'>"
             f"<div><b>{_esc(line)}</b></div>"
-            + (f"<div>{_esc('; '.join(baselines))}</div>" if baselines else "")
+            + "".join(f"<div>{_esc(w)}</div>" for w in run)
             + f"<div style='margin:4px 0'>{_esc(takeaway(result))}</div>"
             + f"<img alt='effect plot' style='max-width:100%' "
               f"src='data:image/png;base64,{image}'/>{top_table(result, 5)}</div>")

@@ -259,4 +259,77 @@ def dla_html(result: Any, page: bool = True, k: int = 25) -> str:
     return _page("Direct logit attribution", content) if page else _CSS + content
 
 
-__all__ = ["dla_html", "dla_target", "lens_html", "plot_dla", "plot_lens", "shown_token"]
+# -- report sections: what each result is and its main finding, in one line ---------------------
+LENS_ATTRIBUTES = ("prompt", "tokens", "positions", "layers", "top_tokens", "top_probs",
+                   "entropy", "kl")
+"""What a report needs of a logit-lens result (:class:`~causalpatch.methods.lens.LensResult`)."""
+DLA_ATTRIBUTES = ("unit", "names", "values", "logit_diffs", "correct_text", "prompts", "top")
+"""What a report needs of a DLA result (:class:`~causalpatch.methods.lens.DLAResult`)."""
+
+
+def is_lens(value: Any) -> bool:
+    """True for a logit-lens result (duck-typed on :data:`LENS_ATTRIBUTES`)."""
+    return all(hasattr(value, name) for name in LENS_ATTRIBUTES)
+
+
+def is_dla(value: Any) -> bool:
+    """True for a direct-logit-attribution result (duck-typed on :data:`DLA_ATTRIBUTES`)."""
+    return all(hasattr(value, name) for name in DLA_ATTRIBUTES)
+
+
+def lens_title(result: Any) -> str:
+    """``"Logit lens: 'The Eiffel Tower is in the city of' (30 layers x 1 position)"``."""
+    prompt = str(result.prompt)
+    prompt = prompt if len(prompt) <= 60 else prompt[:59] + "…"
+    n_pos = len(result.positions)
+    return (f"Logit lens: {prompt!r} ({len(result.layers)} layers x {n_pos} "
+            f"position{'s' if n_pos != 1 else ''})")
+
+
+def lens_headline(result: Any) -> str:
+    """The lens's main finding at the last position of its axis: the answer's probability and
+    rank at the last layer and the first layer where it is the top token; without an answer,
+    the final top token and the first layer from which it stays on top."""
+    j = len(result.positions) - 1
+    where = f"at {result.tokens[result.positions[j]]!r} (position {result.positions[j]})"
+    if getattr(result, "answer_prob", None) is not None and result.answer_rank is not None:
+        ranks = [int(result.answer_rank[i, j]) for i in range(len(result.layers))]
+        first = next((result.layers[i] for i, r in enumerate(ranks) if r == 1), None)
+        text = (f"{result.answer_text!r} {where}: p = {float(result.answer_prob[-1, j]):.3g}, "
+                f"rank {ranks[-1]} at the last layer")
+        if first is None:
+            return text + "; never the top token"
+        if all(r == 1 for r in ranks[result.layers.index(first):]):
+            return text + f"; the top token from layer {first} on"
+        return text + f"; first the top token at layer {first}"
+    final = result.top_tokens[-1][j][0]
+    tops = [result.top_tokens[i][j][0] for i in range(len(result.layers))]
+    since = len(tops) - 1
+    while since > 0 and tops[since - 1] == final:
+        since -= 1
+    return (f"top token {where}: {final!r} (p = {float(result.top_probs[-1, j, 0]):.3g}) at "
+            f"the last layer, on top from layer {result.layers[since]}")
+
+
+def dla_title(result: Any) -> str:
+    """``"Direct logit attribution (head): logit(' Mary') - logit(' John')"``."""
+    return f"Direct logit attribution ({result.unit}): {dla_target(result)}"
+
+
+def dla_headline(result: Any) -> str:
+    """The attributed difference and its largest part, with that part's share."""
+    total = result.logit_diff
+    lead = f"{dla_target(result)} = {total:.3g}"
+    top = result.top(1)
+    if not top:
+        return lead
+    name, value = top[0]
+    share = f" ({value / total * 100:+.0f}% of it)" if abs(total) > 1e-9 else ""
+    n = len(result.prompts)
+    over = "1 prompt" if n == 1 else f"mean of {n} prompts"
+    return f"{lead} ({over}); largest part {name} {value:+.3g}{share}"
+
+
+__all__ = ["DLA_ATTRIBUTES", "LENS_ATTRIBUTES", "dla_headline", "dla_html", "dla_target",
+           "dla_title", "is_dla", "is_lens", "lens_headline", "lens_html", "lens_title",
+           "plot_dla", "plot_lens", "shown_token"]

@@ -102,6 +102,10 @@ def to_markdown(result: PatchingResult, max_rows: int = 100, max_cols: int = 40,
     if result.model_name:
         lines.append(f"- **model**: {md_code(result.model_name)}")
     lines.append(f"- **metric**: {md_text(result.metric)} ({kind})")
+    from .text import run_words, title_words, value_heading
+
+    lines.append(f"- **what**: {md_text(title_words(result))}")
+    lines += [f"- {md_text(words)}" for words in run_words(result)]  # the method's settings
     baselines = []
     if result.clean_metric is not None:
         baselines.append(f"clean {result.clean_metric:.4f}")
@@ -141,7 +145,8 @@ def to_markdown(result: PatchingResult, max_rows: int = 100, max_cols: int = 40,
         rows = [[result.cell_text(axis, i), fmt.format(v)]
                 + ([f"{std[i]:.{digits}f}"] if std is not None else [])
                 for i, v in enumerate(m.tolist())]
-        lines += md_table([axis, "effect"] + (["std"] if std is not None else []), rows,
+        lines += md_table([axis, value_heading(result)] + (["std"] if std is not None else []),
+                          rows,
                           max_rows, max_cols + 1)
     elif m.dim() == 2:
         lines += md_grid(result, m, axes[0], axes[1], fmt, max_rows, max_cols)

@@ -40,7 +40,7 @@ import math
 import textwrap
 from typing import TYPE_CHECKING, Any
 
-from .text import axis_title, figure_title, metric_words
+from .text import axis_title, figure_title, metric_words, short_model_name, subject_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,7 +87,11 @@ def title_of(result: PatchingResult) -> str:
 def value_label(result: PatchingResult) -> str:
     """Colour bar / y-axis label."""
     if result.normalized:
+        if result.method == "attribution_patching":
+            return "estimated effect (0 none, 1 full)"
         return "effect (0 none, 1 full)"
+    if result.method == "ablation":
+        return f"change in {metric_words(result.metric)}"
     return metric_words(result.metric)
 
 
@@ -304,6 +308,8 @@ def plot_trace(result: PatchingResult, ax: Any = None, title: str | None = None)
                       vmax=vmax, interpolation="nearest")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(rows)
+    ax.set_ylabel("position (* = subject token)" if row_axis == "position"
+                  else "position group (prompts with it)")
     layers = list(result.labels["layer"])
     step = max(1, len(layers) // 15)
     ax.set_xticks(range(0, len(layers), step))
@@ -311,14 +317,32 @@ def plot_trace(result: PatchingResult, ax: Any = None, title: str | None = None)
     ax.set_xlabel("layer" + (f" (window {result.extra.get('window')})"
                              if result.component in ("mlp", "attn") else ""))
     colorbar = fig.colorbar(image, ax=ax)
-    colorbar.set_label("indirect effect  p(restored) - p(corrupted)")
+    base = result.corrupted_metric
+    colorbar.set_label("indirect effect  p(restored) - p(subject noised)"
+                       + (f"\n0 = subject noised (p = {base:.3g})" if base is not None else ""))
     if title is None:
-        n = result.extra.get("n_prompts", 1)
-        title = (f"causal tracing: restore {result.component} — {result.model_name}, "
-                 f"{n} prompt{'s' if n != 1 else ''}")
-    ax.set_title(title)
+        title = trace_title(result)
+    ax.set_title(title, fontsize=10)
     return fig
 
 
+def trace_title(result: PatchingResult) -> str:
+    """Three short lines: what was restored (and the window), the subject and the noise, the
+    model and the prompts."""
+    extra = result.extra if isinstance(result.extra, dict) else {}
+    n = extra.get("n_prompts", 1)
+    window = extra.get("window")
+    first = f"Causal tracing: restore {result.component}"
+    if result.component in ("mlp", "attn") and window is not None:
+        first += f" (window {window})"
+    second = subject_text(result) + " noised"
+    if "noise" in extra:
+        second += f" ({float(extra['noise']):g} x embedding std"
+        second += f", {extra['samples']} samples)" if extra.get("samples") else ")"
+    third = (f"{short_model_name(result.model_name) or 'model'} · "
+             f"{n} prompt{'s' if n != 1 else ''}")
+    return "\n".join((first, second, third))
+
+
 __all__ = ["CMAP", "COLUMN_WIDTH", "TEXT_WIDTH", "TRACE_CMAPS", "max_magnitude", "plot_result",
-           "plot_trace", "symmetric_limit", "title_of", "value_label"]
+           "plot_trace", "symmetric_limit", "title_of", "trace_title", "value_label"]

@@ -46,14 +46,24 @@ def save_result(result: Any, out: Path, fmt: str, **plot_kw: Any) -> dict[str, s
 
 
 def show(result: Any, files: dict[str, str], as_json: bool) -> None:
-    """``--json``: one document with the files and every number of the result; otherwise the
+    """``--json``: one document with the files, the title and takeaway line and every number
+    of the result; otherwise the title, the takeaway line (the report summary's line), the
     result's summary and the files written (nothing with ``--quiet``)."""
+    from ...render.lens import dla_headline, dla_title, is_lens, lens_headline, lens_title
+
+    lens_like = is_lens(result)
+    title = lens_title(result) if lens_like else dla_title(result)
+    line = lens_headline(result) if lens_like else dla_headline(result)
     if as_json or State.json:
-        emit_json({"files": files, "result": result.to_dict()})
+        emit_json({"files": files, "title": title, "takeaway": line,
+                   "result": result.to_dict()})
         return
     if not State.quiet:
         from rich.markup import escape
 
+        out_console.print(f"[bold]{escape(title)}[/]", highlight=False, soft_wrap=True)
+        out_console.print(escape(line[:1].upper() + line[1:] + "."), highlight=False,
+                          soft_wrap=True)
         out_console.print(escape(result.summary()), highlight=False)
         for name, path in files.items():
             out_console.print(f"[green]wrote[/] {escape(name)}: {escape(path)}")

@@ -18,8 +18,8 @@ from ..checks import (DIRECTIONS, DTYPES, FIGURE_FORMATS, METRICS, check_answer,
 from ..failures import error, user_errors
 from ..options import (ADDRESS_HELP, COMPONENT_HELP, DTYPE_HELP, EXECUTOR_HELP, JSON_HELP,
                        MODEL_HELP, WORKERS_HELP, format_option)
-from ..outputs import baselines, check_out_dir, executor_summary, finish, save_outputs
-from ..state import State, chatty, note, out_console, warn
+from ..outputs import check_out_dir, executor_summary, finish, save_outputs
+from ..state import State, chatty, note, warn
 from ..sweeps import Steps, resume_option
 
 
@@ -137,6 +137,4 @@ def patch(
         steps.done()
     if chatty(as_json):
         executor_summary([result])
-        out_console.print(baselines(result), highlight=False)
-        out_console.print(result.takeaway(), highlight=False, soft_wrap=True)
-    finish([result], files, as_json)
+    finish([result], files, as_json)  # title, baselines, takeaway, table, files

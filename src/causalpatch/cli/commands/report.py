@@ -1,10 +1,12 @@
 """``causalpatch report``: one self-contained HTML file from saved result JSON files (or
-folders of them), written by ``patch``/``ioi``/``trace`` or ``result.save("x.json")``."""
+folders of them), written by ``patch``/``ioi``/``trace``/``lens``/``dla`` or
+``result.save("x.json")``; a report of several opens with a summary, one line per section."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -31,9 +33,27 @@ def result_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+def load_result(path: Path) -> Any:
+    """A saved result of any kind: a logit lens or DLA file (by its ``format`` field, the
+    first key those files write) as ``LensResult``/``DLAResult``, anything else as a
+    ``PatchingResult``."""
+    head = path.read_bytes()[:200]
+    if b'"format"' in head:
+        from ...methods.lens import DLA_FORMAT, LENS_FORMAT, DLAResult, LensResult
+
+        if f'"{LENS_FORMAT}"'.encode() in head:
+            return LensResult.from_json(path)
+        if f'"{DLA_FORMAT}"'.encode() in head:
+            return DLAResult.from_json(path)
+    from ...result import PatchingResult
+
+    return PatchingResult.from_json(path)
+
+
 def report_command(
     results: list[Path] = typer.Argument(..., help="Result JSON files (or folders of them), "
-                                         "written by patch/ioi/trace or result.save('x.json')."),
+                                         "written by patch/ioi/trace/lens/dla or "
+                                         "result.save('x.json')."),
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
     title: str | None = typer.Option(None, help="Page title."),
     plotly: str = typer.Option("inline", help="inline: plotly.js in the file, opens offline "
@@ -42,7 +62,10 @@ def report_command(
                                       help="Start with one colour scale per kind of result."),
     as_json: bool = typer.Option(False, "--json", help="Print only machine-readable JSON."),
 ) -> None:
-    """Build one HTML report from saved result JSON files.
+    """Build one HTML report from saved result JSON files (patching, tracing, lens, DLA).
+
+    A report of several results opens with a summary: each section's main finding, one
+    line each.
 
     Example:
 
@@ -54,10 +77,12 @@ def report_command(
         check_choice(plotly, PLOTLY_MODES, "--plotly")
         files = result_files(results)
         check_out_file(out)
-        from ...result import write_report
+        from ...render.html import report
 
+        loaded = [load_result(f) for f in files]
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_report(files, out, title=title, plotly=plotly, shared_scale=shared_scale)
+        report(loaded, out, title=title or "causalpatch report", plotly=plotly,
+               shared_scale=shared_scale)
     if as_json or State.json:
         emit_json({"report": str(out), "results": [str(f) for f in files]})
     elif not State.quiet:
