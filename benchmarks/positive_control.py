@@ -50,9 +50,11 @@ def commit() -> str:
 def cell(result: Any, coords: tuple[int, ...], interval: tuple[torch.Tensor, torch.Tensor] | None
          ) -> dict[str, Any]:
     """One cell's effect (and its interval) with its coordinates."""
-    out: dict[str, Any] = {"cell": list(coords), "effect": float(result.effect_matrix[coords])}
+    # + 0.0: a -0.0 effect (a product with a zero change) is written as 0.0
+    out: dict[str, Any] = {"cell": list(coords),
+                           "effect": float(result.effect_matrix[coords]) + 0.0}
     if interval is not None:
-        out["ci95"] = [float(interval[0][coords]), float(interval[1][coords])]
+        out["ci95"] = [float(interval[0][coords]) + 0.0, float(interval[1][coords]) + 0.0]
     return out
 
 
@@ -116,6 +118,7 @@ def main() -> None:
         "previous_token_scores": circuit.previous_token_scores.tolist(),
         "induction_scores": circuit.induction_scores.tolist(),
         "copying_scores": circuit.copying_scores.tolist(),
+        "copying_scores_layer0_max_abs": float(circuit.copying_scores[0].abs().max()),
     }
 
     # -- (a) activation patching ------------------------------------------------------------
