@@ -83,7 +83,7 @@ def main() -> None:
 
     import transformers
     from test_positive_control import (AFTER_FIRST, CORRUPTED_POS, HELDOUT_SEED, LAST, N_PAIRS,
-                                       TRACED, corrupted_pairs, identify_circuit,
+                                       N_SEQUENCES, TRACED, corrupted_pairs, identify_circuit,
                                        induction_model, known_edges, random_init_model)
 
     from causalpatch import (activation_patching, attribution_patching, causal_tracing,
@@ -113,6 +113,7 @@ def main() -> None:
 
     # -- (0) the circuit without patching ---------------------------------------------------
     out["circuit"] = {
+        "n_sequences": N_SEQUENCES,
         "previous_token_head": list(circuit.previous_token),
         "induction_head": list(circuit.induction),
         "previous_token_scores": circuit.previous_token_scores.tolist(),

@@ -79,6 +79,8 @@ N, K = 10, 6
 #: The generator of the held-out prompts (training used seeds 0 and 12345).
 HELDOUT_SEED = 2026
 N_PAIRS = 16
+#: Held-out sequences ``[BOS] a_1..a_n a_1..a_n`` the circuit is identified on.
+N_SEQUENCES = 32
 #: Where the circuit acts on these prompts: the first occurrence of a_k (the corrupted token),
 #: the token after it, and the last position (the second occurrence of a_k).
 CORRUPTED_POS = K
@@ -161,7 +163,7 @@ class Circuit:
     copying_scores: torch.Tensor
 
 
-def identify_circuit(model, n_seq: int = 32) -> Circuit:
+def identify_circuit(model, n_seq: int = N_SEQUENCES) -> Circuit:
     """The previous-token head (best layer-0 head by :func:`previous_token_scores`) and the
     induction head (best layer-1 head by :func:`induction_scores` x :func:`copying_scores`: it
     attends to the token after the earlier occurrence and copies what it reads) on held-out
