@@ -84,7 +84,8 @@ def main() -> None:
     import transformers
     from test_positive_control import (AFTER_FIRST, CORRUPTED_POS, HELDOUT_SEED, LAST, N_PAIRS,
                                        N_SEQUENCES, TRACED, corrupted_pairs, identify_circuit,
-                                       induction_model, known_edges, random_init_model)
+                                       induction_model, known_edges, patterns,
+                                       random_init_model)
 
     from causalpatch import (activation_patching, attribution_patching, causal_tracing,
                              edge_attribution, path_patching)
@@ -194,6 +195,11 @@ def main() -> None:
         }
     out["attribution_patching"]["exact_induction_key_at_after_first"] = cell(
         key_exact, (0, AFTER_FIRST, i), ci(key_exact))
+    # the attention step the first-order estimates cross: the induction head's attention from
+    # the last position to k+1, mean over pairs, in each run
+    out["attribution_patching"]["induction_attention_last_to_after_first"] = {
+        name: float(patterns(model, prompts)[:, 1, i, LAST, AFTER_FIRST].mean())
+        for name, prompts in (("clean", pairs.clean), ("corrupted", pairs.corrupted))}
 
     # -- (e) edge attribution ----------------------------------------------------------------
     known, known_value = known_edges(circuit), known_edges(circuit, value=True)
