@@ -666,6 +666,12 @@ def induction_model() -> Any:
 
     with ``P``, ``I`` the heads ``identify_circuit`` returns. MLP nodes output exactly 0, so
     every edge from or to ``m0``/``m1`` carries nothing.
+
+    Attention alone finds four induction-attending layer-1 heads; ``identify_circuit`` picks
+    ``I`` by the weights' OV copying score as well (``copying_scores``). Which edges a
+    corruption exercises depends on what it replaces: the first ``a_k`` (the tests' default)
+    runs through ``input`` -> ``a0.h{P}.v``, the key edge and the logits edge; the first
+    ``a_{k+1}`` through the value edge and the logits edge (``docs/positive_control.md``).
     """
     from causalpatch import InterpretableModel
 
