@@ -637,3 +637,43 @@ SOURCE_DOCS = REPO_ROOT.parent / "shared" / "seeds"
 def load_snippet(name: str) -> str:
     """The vendored snippet ``name`` (file stem), as written in its source document."""
     return (SNIPPETS_DIR / f"{name}.txt").read_text()
+
+
+# -- the induction positive control (tests/data/induction_model) -----------------------------
+#: The trained two-layer attention-only LLaMA of the positive control (safetensors + config;
+#: made by ``scripts/train_induction_model.py``, whose settings and held-out accuracy are in
+#: ``training.json`` there).
+INDUCTION_MODEL_DIR = TESTS_DIR / "data" / "induction_model"
+
+
+def induction_model() -> Any:
+    """The positive-control model: a 2-layer attention-only LLaMA (4 heads per layer, MLPs
+    zero) trained on ``[BOS=1] a_1..a_n a_1..a_n`` with random content tokens 2..63, loaded
+    from :data:`INDUCTION_MODEL_DIR` with :class:`IdTokenizer` (prompts are token ids).
+
+    Its circuit is known without patching, from attention patterns alone
+    (``tests/methods/test_positive_control.py``: ``previous_token_scores``,
+    ``induction_scores``, ``identify_circuit``): a previous-token head in layer 0 and an
+    induction head in layer 1. In the edge graph of circuit discovery (nodes ``input``,
+    ``a{L}.h{H}``, ``m{L}``, ``logits``) the known circuit is the three edges
+
+    * ``a0.h{P}`` -> ``a1.h{I}.k``: the previous-token head writes "the token before me" into
+      the residual stream at the token after the first occurrence, which the induction head's
+      key reads (K-composition);
+    * ``input`` -> ``a1.h{I}.v``: the token embedding at that position is what the induction
+      head copies;
+    * ``a1.h{I}`` -> ``logits``: the copied token is the prediction,
+
+    with ``P``, ``I`` the heads ``identify_circuit`` returns. MLP nodes output exactly 0, so
+    every edge from or to ``m0``/``m1`` carries nothing.
+
+    Attention alone finds four induction-attending layer-1 heads; ``identify_circuit`` picks
+    ``I`` by the weights' OV copying score as well (``copying_scores``). Which edges a
+    corruption exercises depends on what it replaces: the first ``a_k`` (the tests' default)
+    runs through ``input`` -> ``a0.h{P}.v``, the key edge and the logits edge; the first
+    ``a_{k+1}`` through the value edge and the logits edge (``docs/positive_control.md``).
+    """
+    from causalpatch import InterpretableModel
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(INDUCTION_MODEL_DIR).eval()
+    return InterpretableModel(hf, tokenizer=IdTokenizer())
