@@ -123,8 +123,10 @@ class FaithfulnessCurve:
             of the same sizes chosen uniformly at random (``None`` without a baseline).
         clean_value, corrupted_value, metric, n_pairs, n_graph_edges: as
             :class:`CircuitEvaluation`.
-        selection: how circuits were chosen (``"top"`` / ``"greedy"``, ``absolute``,
-            ``prune``, the baseline's ``seed``).
+        selection: how circuits were chosen (``greedy``, ``absolute``, ``prune``, the
+            baseline's ``seed``).
+        circuits, random_circuits: the evaluated :class:`~causalpatch.graph.Circuit` of each
+            size (not in :meth:`to_dict`).
     """
 
     sizes: list[int]
@@ -143,6 +145,8 @@ class FaithfulnessCurve:
     random_n_edges: list[int] | None = None
     random_cpr: float | None = None
     random_cmd: float | None = None
+    circuits: list[Circuit] = field(default_factory=list, repr=False)
+    random_circuits: list[Circuit] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -577,8 +581,10 @@ def faithfulness_curve(
     out = FaithfulnessCurve(
         wanted, fractions, [c.n_edges for c in chosen], faith, cpr, cmd, clean, corr, m.name,
         n_pairs, graph.n_edges,
-        {"greedy": greedy, "absolute": absolute, "prune": prune, "seed": seed})
+        {"greedy": greedy, "absolute": absolute, "prune": prune, "seed": seed},
+        circuits=chosen)
     if random_baseline:
+        out.random_circuits = randoms
         out.random_faithfulness = effect[n:]
         out.random_n_edges = [c.n_edges for c in randoms]
         out.random_cpr, out.random_cmd = areas(fractions, effect[n:].tolist())
