@@ -565,6 +565,22 @@ class Circuit:
         except (KeyError, TypeError, ValueError, UnknownComponentError) as exc:
             raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} data: {exc!r}") from None
 
+    @classmethod
+    def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> Circuit:
+        """Load :meth:`to_json`'s output (JSON text or a file path)."""
+        text: str | bytes
+        if isinstance(text_or_path, (bytes, str)) and str(text_or_path).lstrip()[:1] == "{":
+            text = text_or_path
+        else:
+            text = Path(text_or_path).read_text()  # type: ignore[arg-type]  # a path here
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} JSON: not an object")
+        return cls.from_dict(data)
+
     def __repr__(self) -> str:
         return (f"Circuit({self.n_edges} of {self.graph.n_edges} edges, "
                 f"{len(self.nodes)} nodes)")

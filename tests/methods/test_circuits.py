@@ -31,8 +31,8 @@ from conftest import (IOI_PAIRS, REFERENCE, TextPairs, assert_matches_reference,
 
 from causalpatch import (Circuit, InterpretableModel, edge_attribution, evaluate_circuit,
                          faithfulness_curve)
-from causalpatch.errors import (InvalidArgumentError, InvalidTypeError, UnknownComponentError,
-                                UnsupportedArchitectureError)
+from causalpatch.errors import (CorruptResultError, InvalidArgumentError, InvalidTypeError,
+                                UnknownComponentError, UnsupportedArchitectureError)
 from causalpatch.graph import EdgeGraph, select_edges
 from causalpatch.methods.circuits import DisconnectedCircuitWarning
 
@@ -87,13 +87,18 @@ def test_pruning_keeps_exactly_the_edges_on_input_to_logits_paths():
     assert ("a0.h1", "logits") in via_key and ("a0.h0", "logits") not in via_key
 
 
-def test_circuit_json_round_trip_and_bad_edges():
+def test_circuit_json_round_trip_and_bad_edges(tmp_path):
     g = EdgeGraph(3, 4, 2, parallel=True)
     circuit = Circuit.from_edges(g, [("input", "a0.h1.k"), ("a0.h1", "a2.h3.v"),
                                      ("a2.h3", "logits")])
     back = Circuit.from_dict(circuit.to_dict())
     assert back.graph == g and torch.equal(back.mask, circuit.mask)
-    assert Circuit.from_dict(__import__("json").loads(circuit.to_json())).edges == circuit.edges
+    path = tmp_path / "circuit.json"
+    circuit.to_json(path)
+    assert Circuit.from_json(path).edges == circuit.edges == Circuit.from_json(
+        circuit.to_json()).edges
+    with pytest.raises(CorruptResultError, match=r"causalpatch\.circuit"):
+        Circuit.from_json('{"format": "causalpatch.edges"}')
     with pytest.raises(UnknownComponentError, match=r"did you mean 'a1\.h2'"):
         Circuit.from_edges(g, [("a1.h2x", "logits")])
     with pytest.raises(InvalidArgumentError, match="reads the residual stream before"):
