@@ -507,7 +507,8 @@ class Circuit:
         touched = torch.zeros(len(g.nodes) + 1, dtype=torch.bool)
         touched[g.edge_src[self.mask]] = True
         touched[g.receiver_node[g.edge_dst[self.mask]]] = True
-        return [[*g.nodes, "logits"][int(i)] for i in touched.nonzero()[:, 0]]
+        names = [*g.nodes, "logits"]
+        return [names[int(i)] for i in touched.nonzero()[:, 0]]
 
     def _reach(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``([n_nodes + 1], [n_nodes + 1])`` bool: reached from ``input`` along circuit
