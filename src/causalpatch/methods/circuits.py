@@ -69,8 +69,8 @@ MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 class DisconnectedCircuitWarning(UserWarning):
     """The evaluated circuit has no path from ``input`` to ``logits``: the clean prompt cannot
-    reach the output through it, so its faithfulness is that of the corrupted run (0) up to
-    the nodes' own biases."""
+    reach the output through it, so it evaluates as the corrupted run (faithfulness 0, up to
+    float rounding)."""
 
 
 @dataclass
