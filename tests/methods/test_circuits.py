@@ -494,6 +494,29 @@ def test_faithfulness_curve_rows_equal_evaluate_circuit(one_thread):
     assert list(table["size"]) == sizes and len(curve.to_dict()["faithfulness"]) == len(sizes)
 
 
+def test_faithfulness_curve_greedy_and_default_sizes(one_thread):
+    """``greedy=True`` evaluates the result's greedy circuits; the default sizes are MIB's
+    fractions of the edges; fractions given as floats become edge counts."""
+    model = tiny_model("gpt2")
+    scores = edge_attribution(model, CLEAN, CORRUPTED, correct=CORRECT, incorrect=INCORRECT)
+    n = scores.graph.n_edges
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DisconnectedCircuitWarning)
+        greedy = faithfulness_curve(model, CLEAN, scores, sizes=[0, 10, 40], greedy=True,
+                                    random_baseline=False, **KW)
+        default = faithfulness_curve(model, CLEAN, scores, random_baseline=False, **KW)
+        fractions = faithfulness_curve(model, CLEAN, scores.scores, sizes=[0.0, 0.25, 1.0],
+                                       random_baseline=False, **KW)
+    assert all(torch.equal(c.mask, scores.circuit(k, greedy=True).mask)
+               for k, c in zip([0, 10, 40], greedy.circuits))
+    assert greedy.random_faithfulness is None and greedy.random_cpr is None
+    assert "random_cpr" not in greedy.to_dict()
+    mib = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    assert default.sizes == sorted({round(f * n) for f in mib})
+    assert fractions.sizes == [0, round(0.25 * n), n]
+    assert fractions.faithfulness[-1] == pytest.approx(1.0, abs=1e-3)
+
+
 # -- bad input -------------------------------------------------------------------------------------
 class _Counter:
     """Counts forward passes of the wrapped HF model with a plain hook of the user's own."""
