@@ -436,6 +436,31 @@ def test_one_edge_circuits_equal_exact_edge_patching(family, one_thread):
         denoise.score(*edge))
 
 
+def test_receivers_patching_the_same_senders_share_one_row(one_thread):
+    """The q/k/v pass computes each distinct receiver input once: with the full graph (no
+    sender patched) or the empty circuit (every sender patched) the 3 x 4 receivers of a layer
+    are one row; a circuit holding one edge into layer 1's heads adds exactly one."""
+    model = tiny_model("llama")
+    g = EdgeGraph.of(model)
+    rows: list[int] = []
+    layer = model.hf_model.model.layers[1]
+    handle = layer.register_forward_pre_hook(
+        lambda m, a, kw: rows.append((a[0] if a else kw["hidden_states"]).shape[0]),
+        with_kwargs=True)
+    one = torch.ones(g.n_edges, dtype=torch.bool)
+    one[g.edge_index("a0.h2", "a1.h3.k")] = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DisconnectedCircuitWarning)
+            for mask in (one, torch.ones_like(one), torch.zeros_like(one)):
+                evaluate_circuit(model, CLEAN, Circuit(g, mask), **KW)
+    finally:
+        handle.remove()
+    # per circuit: the pair's prefix and suffix runs (1 and 2 rows), the q/k/v pass, the
+    # attention pass (2 rows: one per member of a key/value group) and the staircase's call
+    assert rows == [1, 2, 2, 2, 1] + [1, 2, 1, 2, 1] * 2
+
+
 # -- faithfulness curves ---------------------------------------------------------------------------
 #: Curve rows (12 circuits in one batch) against one evaluate_circuit each, on faithfulness,
 #: relative to the largest: observed 4.1e-6 (float32: the rows' batch shapes differ).

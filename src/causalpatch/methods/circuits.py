@@ -225,6 +225,24 @@ def _circuit_logits(model: HookedModel, run: PairRun, graph: EdgeGraph,
         mask = out_f[:, lo : lo + n_recv * n_src].reshape(R, n_recv, n_src)
         return torch.einsum("rvs,rtsd->rvtd", mask, deltas[:, :, :n_src])
 
+    def distinct_inputs(r_first: int, n_recv: int, n_src: int, hidden: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct inputs ``[U, q, d]`` of ``n_recv`` consecutive receivers over every
+        circuit (receivers of one circuit whose patched senders are the same read the same
+        input: in a small circuit most patch every sender, in a large one none), and for each
+        ``(circuit, receiver)``, ``[R * n_recv]``, which of them it reads."""
+        lo = offsets[r_first]
+        masks = outside[:, lo : lo + n_recv * n_src].reshape(R, n_recv, n_src)
+        parts, where, count = [], [], 0
+        for r in range(R):
+            kinds, which = torch.unique(masks[r].to(torch.uint8), dim=0, return_inverse=True)
+            cut = torch.einsum("us,tsd->utd", kinds.to(deltas.dtype).to(deltas.device),
+                               deltas[r, :, :n_src])
+            parts.append(hidden[r] - cut.to(hidden.dtype))
+            where.append(which + count)
+            count += len(kinds)
+        return torch.cat(parts), torch.cat(where).to(hidden.device)
+
     def inject(layer: int, hidden: torch.Tensor) -> torch.Tensor:
         back = pending.pop(layer - 1, None)
         return hidden if back is None else hidden + back.to(hidden.dtype)
@@ -245,12 +263,13 @@ def _circuit_logits(model: HookedModel, run: PairRun, graph: EdgeGraph,
         n_src = graph.sender_index(layer, 0)
         first = layer * per_layer
         heads = torch.arange(n_heads, device=hidden.device)
-        # every q/k/v receiver's own input, through one (stopped) call of the layer
-        inputs = hidden[:, None] - patched(first, 3 * n_heads, n_src).to(hidden.dtype)
+        # every q/k/v receiver's own input, through one (stopped) call of the layer; receivers
+        # of a circuit that patch the same senders read the same input, computed once
+        inputs, where = distinct_inputs(first, 3 * n_heads, n_src, hidden)
         got: dict[str, torch.Tensor] = {}
-        run_layer(model, stairs, layer, inputs.flatten(0, 1),
+        run_layer(model, stairs, layer, inputs,
                   reads(("attn.q", "attn.k", "attn.v"), layer, got), stop_ok=True)
-        per = {k: got[f"attn.{k}"].unflatten(0, (R, 3 * n_heads)) for k in "qkv"}
+        per = {k: got[f"attn.{k}"][where].unflatten(0, (R, 3 * n_heads)) for k in "qkv"}
         # receiver (kind, h) reads its own unit: query head h, or key/value head h // group
         qs = per["q"][:, heads, :, heads].permute(1, 2, 0, 3)  # [R, q, H, d_head]
         ks = per["k"][:, n_heads + heads, :, heads // group].permute(1, 2, 0, 3)
