@@ -24,7 +24,8 @@ the first one where the prompts differ (earlier positions are the clean run's, f
 cache), one row per circuit, every circuit of a pair in one batch. In each layer, before the
 layer's call, the query/key/value receivers' inputs are computed for every head at once and
 read off one call of the layer on them (stopped once q/k/v are read), as exact edge patching
-does; grouped-query key/value heads keep their grouping: the attention runs once per member
+does (receivers of a circuit that patch the same senders read the same input, computed once);
+grouped-query key/value heads keep their grouping: the attention runs once per member
 of a group (as batch rows), member ``j`` of every group reading the key/value its query head
 receives, and each head's output is taken from its own member's row. The MLP's input is the
 attention block's output minus the MLP's patched senders (taken back out of the residual
