@@ -31,8 +31,9 @@ from conftest import (IOI_PAIRS, REFERENCE, TextPairs, assert_matches_reference,
 
 from causalpatch import (Circuit, InterpretableModel, edge_attribution, evaluate_circuit,
                          faithfulness_curve)
-from causalpatch.errors import (CorruptResultError, InvalidArgumentError, InvalidTypeError,
-                                UnknownComponentError, UnsupportedArchitectureError)
+from causalpatch.errors import (CheckpointMismatchError, CorruptResultError, InvalidArgumentError,
+                                InvalidTypeError, UnknownComponentError,
+                                UnsupportedArchitectureError)
 from causalpatch.graph import EdgeGraph, select_edges
 from causalpatch.methods.circuits import DisconnectedCircuitWarning
 
@@ -540,6 +541,32 @@ def test_faithfulness_curve_greedy_and_default_sizes(one_thread):
     assert default.sizes == sorted({round(f * n) for f in mib})
     assert fractions.sizes == [0, round(0.25 * n), n]
     assert fractions.faithfulness[-1] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_curve_checkpoint_and_progress(tmp_path, one_thread):
+    """The shared run options: a checkpointed curve, rerun from its file, gives the same rows
+    without a forward pass; another circuit set is not read from that file; a progress
+    callback sees every circuit of every pair."""
+    model = tiny_model("llama")
+    data = TextPairs.of(IOI_PAIRS[:2])
+    scores = torch.linspace(0, 1, EdgeGraph.of(model).n_edges)
+    path = tmp_path / "curve.ckpt"
+    seen: list[tuple[int, int]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DisconnectedCircuitWarning)
+        first = faithfulness_curve(model, data, scores, sizes=[0, 50, 200], checkpoint=str(path),
+                                   progress=lambda done, total: seen.append((done, total)))
+        assert seen[-1] == (2 * 6, 2 * 6)
+        counter = _Counter(model)
+        try:
+            again = faithfulness_curve(model, data, scores, sizes=[0, 50, 200],
+                                       checkpoint=str(path))
+            assert counter.n == 0
+        finally:
+            counter.handle.remove()
+        assert torch.equal(again.faithfulness, first.faithfulness)
+        with pytest.raises(CheckpointMismatchError, match="different sweep"):
+            faithfulness_curve(model, data, scores, sizes=[0, 60, 200], checkpoint=str(path))
 
 
 # -- bad input -------------------------------------------------------------------------------------
