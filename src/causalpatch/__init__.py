@@ -57,6 +57,9 @@ _EXPORTS: dict[str, str] = {
     "edge_attribution": "methods.edges",
     "EdgeGraph": "graph",
     "EdgeResult": "graph",
+    "Circuit": "graph",
+    "evaluate_circuit": "methods.circuits",
+    "faithfulness_curve": "methods.circuits",
 }
 #: Submodules exported by name (``causalpatch.datasets`` ...).
 _SUBMODULES = ("datasets", "errors", "interventions", "metrics", "sae")
@@ -105,6 +108,9 @@ __all__ = [
     "edge_attribution",
     "EdgeGraph",
     "EdgeResult",
+    "Circuit",
+    "evaluate_circuit",
+    "faithfulness_curve",
 ]
 __version__ = "0.1.0"
 
@@ -148,3 +154,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
                             summarize_results)
     from .graph import EdgeGraph, EdgeResult
     from .methods.edges import edge_attribution
+    from .graph import Circuit
+    from .methods.circuits import evaluate_circuit, faithfulness_curve

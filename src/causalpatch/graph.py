@@ -33,9 +33,10 @@ and the edges are stored receiver-major. SmolLM2-135M (30 layers, 9 query heads)
 from __future__ import annotations
 
 import difflib
+import heapq
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,14 +45,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._io import atomic_write_text
-from .errors import CorruptResultError, InvalidArgumentError, UnknownComponentError
+from .errors import (CorruptResultError, InvalidArgumentError, InvalidTypeError,
+                     UnknownComponentError, UnsupportedArchitectureError)
 
 if TYPE_CHECKING:
     from .model import HookedModel
+    from .names import Site
 
 #: ``"format"`` of :meth:`EdgeResult.to_json` files.
 EDGES_FORMAT = "causalpatch.edges"
 FORMAT_VERSION = 1
+#: ``"format"`` of :meth:`Circuit.to_json` files.
+CIRCUIT_FORMAT = "causalpatch.circuit"
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,29 @@ class EdgeGraph:
             f"{arg}={name!r} is not {what} of this {self.n_layers}-layer, "
             f"{self.n_heads}-head graph{hint}")
 
+    def receiver_parts(self, r: int) -> tuple[int, str, int]:
+        """Receiver index -> ``(layer, kind, head)``: kind ``"q"/"k"/"v"`` (head: the query
+        head), ``"mlp"`` or ``"logits"`` (layer ``n_layers``); head ``-1`` when none."""
+        per_layer = 3 * self.n_heads + 1
+        if r == len(self.receivers) - 1:
+            return self.n_layers, "logits", -1
+        layer, within = divmod(r, per_layer)
+        if within == 3 * self.n_heads:
+            return layer, "mlp", -1
+        return layer, "qkv"[within // self.n_heads], within % self.n_heads
+
+    @cached_property
+    def receiver_node(self) -> torch.Tensor:
+        """``[n_receivers]`` the node each receiver belongs to (``a{L}.h{H}.q/k/v`` ->
+        ``a{L}.h{H}``, ``m{L}`` -> ``m{L}``); ``logits`` -> ``len(nodes)`` (a slot of its
+        own)."""
+        out = []
+        for r in range(len(self.receivers)):
+            layer, kind, head = self.receiver_parts(r)
+            out.append(len(self.nodes) if kind == "logits" else
+                       self.sender_index(layer, None if kind == "mlp" else head))
+        return torch.tensor(out, dtype=torch.long)
+
     def to_dict(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "n_heads": self.n_heads,
                 "n_kv_heads": self.n_kv_heads, "parallel": self.parallel}
@@ -249,6 +277,14 @@ class EdgeResult:
         key = torch.where(self.scored, self.scores.abs(), torch.full_like(self.scores, -1.0))
         order = torch.argsort(key, descending=True, stable=True)[:min(n, int(self.scored.sum()))]
         return [(*self.graph.edge_names(int(i)), float(self.scores[i])) for i in order]
+
+    def circuit(self, n: int | None = None, *, threshold: float | None = None,
+                greedy: bool = False, absolute: bool = True, prune: bool = True) -> Circuit:
+        """The circuit of the ``n`` best edges (``greedy=True``: EAP-IG's greedy growth from
+        the logits) or of every edge with ``|score| >= threshold``, pruned to the edges on a
+        path from ``input`` to ``logits`` (:func:`select_edges`)."""
+        return select_edges(self.graph, self.scores, n, threshold=threshold, greedy=greedy,
+                            absolute=absolute, prune=prune)
 
     def to_pandas(self) -> Any:
         """One row per scored edge: ``src``, ``dst``, ``score`` (normalised), ``change``
@@ -323,6 +359,328 @@ class EdgeResult:
                 f"metric={self.metric!r}, n_edges={self.graph.n_edges}, "
                 f"n_pairs={self.n_pairs})")
 
+
+# -- the model's side of the graph (shared by edge attribution and circuit evaluation) ----------
+def check_separable(model: HookedModel) -> None:
+    """Edges need each head's residual write on its own: a per-head ``attn.z`` whose output
+    projection is added to the residual stream as it is (no post-attention norm).
+
+    Raises:
+        UnsupportedArchitectureError: heads that cannot be separated (Gemma 2/3).
+    """
+    reason = ""
+    try:
+        if not model.layer_site("attn.z", 0).per_head:
+            reason = "its attn.z site is not per head"
+    except UnknownComponentError as err:
+        reason = str(err)
+    if not reason and (model.runtime.post_norm_input("attn") is not None
+                       or model.runtime.post_norm_input("mlp") is not None):
+        reason = ("a norm after the attention block (Gemma 2/3's post-attention norm) mixes "
+                  "the heads before the residual add, so no head has a residual write of its "
+                  "own")
+    if reason:
+        raise UnsupportedArchitectureError(
+            f"edge attribution needs each attention head's residual write separately, which "
+            f"this {model.adapter.name} model does not have: {reason}; use "
+            "attribution_patching(component='attn_head') for head scores instead")
+
+
+def edge_sites(model: HookedModel, parallel: bool) -> dict[str, list[Site]]:
+    """Per kind (``resid_pre``, ``attn.q/k/v/z``, ``mlp``, and ``resid_mid`` unless
+    ``parallel``), every layer's site; ``post``: only the last layer's output."""
+    kinds = ["resid_pre", "attn.q", "attn.k", "attn.v", "attn.z", "mlp"]
+    if not parallel:
+        kinds.append("resid_mid")
+    out = {k: [model.layer_site(k, layer) for layer in range(model.n_layers)] for k in kinds}
+    out["post"] = [model.layer_site("resid_post", model.n_layers - 1)]
+    return out
+
+
+def head_writes(model: HookedModel, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """``[..., H, d_head] -> [..., H, d_model]`` (float32): each head's ``z`` through its rows
+    of layer ``layer``'s output projection (the bias, common to every head, left out)."""
+    w, _ = model.runtime.output_projection(layer, "attn")  # [H * d_head, d_model]
+    return torch.einsum("...he,hed->...hd", z.float(),
+                        w.float().reshape(model.n_heads, model.d_head, -1))
+
+
+def sender_deltas(model: HookedModel, sites: dict[str, list[Site]],
+                  base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]
+                  ) -> torch.Tensor:
+    """``[b, T, n_nodes, d_model]`` every node's residual write, source minus base: the
+    embedding (``resid_pre`` of layer 0), each head's ``z`` through its rows of the output
+    projection (the bias is common to both runs), each MLP's output."""
+    parts = []
+    name = sites["resid_pre"][0].name
+    parts.append((source[name].float() - base[name].float())[:, :, None])
+    for layer in range(model.n_layers):
+        z = sites["attn.z"][layer].name
+        parts.append(head_writes(model, layer, source[z].float() - base[z].float()))
+        m = sites["mlp"][layer].name
+        parts.append((source[m].float() - base[m].float())[:, :, None])
+    return torch.cat(parts, dim=2)
+
+
+# -- circuits ----------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Circuit:
+    """A set of edges of an :class:`EdgeGraph`.
+
+    Build one from names (:meth:`from_edges`), :meth:`full` / :meth:`empty`, or from scores
+    (:meth:`EdgeResult.circuit`, :func:`select_edges`). :meth:`pruned` drops every edge that
+    lies on no path from ``input`` to ``logits`` inside the circuit (an edge out of a node no
+    circuit edge reaches, or into a node whose output no circuit edge carries on to the
+    logits); such edges cannot change what the circuit computes.
+
+    Attributes:
+        graph: the graph.
+        mask: ``[n_edges]`` bool, edge ``i`` (:meth:`EdgeGraph.edge_names`) in the circuit.
+    """
+
+    graph: EdgeGraph
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool
+                or self.mask.shape != (self.graph.n_edges,)):
+            raise InvalidArgumentError(
+                f"a Circuit's mask must be a bool tensor of shape [{self.graph.n_edges}] (one "
+                f"entry per edge of the graph), got "
+                f"{getattr(self.mask, 'dtype', type(self.mask).__name__)} "
+                f"{tuple(getattr(self.mask, 'shape', ()))}")
+
+    @classmethod
+    def from_edges(cls, graph: EdgeGraph, edges: Iterable[Any]) -> Circuit:
+        """The circuit of ``edges``, ``(src, dst)`` name pairs such as ``("a0.h1",
+        "a2.h3.k")``.
+
+        Raises:
+            InvalidTypeError: not an iterable of name pairs.
+            UnknownComponentError / InvalidArgumentError: a name that is no node / receiver
+                (with close matches), or an edge the graph does not have (reader before
+                writer).
+        """
+        if isinstance(edges, (str, bytes)) or not hasattr(edges, "__iter__"):
+            raise InvalidTypeError(
+                f"edges must be a list of (src, dst) name pairs such as [('a0.h1', "
+                f"'a2.h3.k')], got {edges!r}")
+        mask = torch.zeros(graph.n_edges, dtype=torch.bool)
+        for item in edges:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise InvalidTypeError(f"each edge must be a (src, dst) name pair, got {item!r}")
+            mask[graph.edge_index(item[0], item[1])] = True
+        return cls(graph, mask)
+
+    @classmethod
+    def full(cls, graph: EdgeGraph) -> Circuit:
+        """Every edge: evaluates to the clean run (faithfulness 1)."""
+        return cls(graph, torch.ones(graph.n_edges, dtype=torch.bool))
+
+    @classmethod
+    def empty(cls, graph: EdgeGraph) -> Circuit:
+        """No edge: evaluates to the corrupted run (faithfulness 0)."""
+        return cls(graph, torch.zeros(graph.n_edges, dtype=torch.bool))
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.mask.sum())
+
+    def __len__(self) -> int:
+        return self.n_edges
+
+    def __contains__(self, edge: object) -> bool:
+        if not isinstance(edge, (tuple, list)) or len(edge) != 2:
+            return False
+        return bool(self.mask[self.graph.edge_index(edge[0], edge[1])])
+
+    @property
+    def edges(self) -> list[tuple[str, str]]:
+        """``(src, dst)`` of every edge, in storage order."""
+        return [self.graph.edge_names(int(i)) for i in self.mask.nonzero()[:, 0]]
+
+    @property
+    def nodes(self) -> list[str]:
+        """The nodes an edge touches (as sender, or as the node its receiver belongs to), in
+        forward order, ``logits`` last when an edge reaches it."""
+        g = self.graph
+        touched = torch.zeros(len(g.nodes) + 1, dtype=torch.bool)
+        touched[g.edge_src[self.mask]] = True
+        touched[g.receiver_node[g.edge_dst[self.mask]]] = True
+        names = [*g.nodes, "logits"]
+        return [names[int(i)] for i in touched.nonzero()[:, 0]]
+
+    def _reach(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n_nodes + 1], [n_nodes + 1])`` bool: reached from ``input`` along circuit
+        edges, and reaching ``logits`` (the last slot) along circuit edges."""
+        g = self.graph
+        src, dst = g.edge_src[self.mask], g.receiver_node[g.edge_dst[self.mask]]
+        n = len(g.nodes) + 1
+        forward = torch.zeros(n, dtype=torch.bool)
+        forward[0] = True
+        backward = torch.zeros(n, dtype=torch.bool)
+        backward[-1] = True
+        for reach, frm, to in ((forward, src, dst), (backward, dst, src)):
+            while True:  # one step per layer of depth at most: senders precede receivers
+                new = reach.clone()
+                new[to[reach[frm]]] = True
+                if torch.equal(new, reach):
+                    break
+                reach.copy_(new)
+        return forward, backward
+
+    @property
+    def connected(self) -> bool:
+        """Some path of circuit edges leads from ``input`` to ``logits``."""
+        return bool(self._reach()[0][-1])
+
+    def pruned(self) -> Circuit:
+        """The edges on some path of circuit edges from ``input`` to ``logits`` (module
+        docstring of :class:`Circuit`); the empty circuit when there is none."""
+        g = self.graph
+        forward, backward = self._reach()
+        keep = self.mask & forward[g.edge_src] & backward[g.receiver_node[g.edge_dst]]
+        return Circuit(g, keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON values: the graph by its sizes, the edges as ``[src, dst]`` names."""
+        return {"format": CIRCUIT_FORMAT, "version": FORMAT_VERSION,
+                "graph": self.graph.to_dict(), "edges": [list(e) for e in self.edges]}
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """:meth:`to_dict` as JSON text, written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            atomic_write_text(Path(path), text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Circuit:
+        """Rebuild from :meth:`to_dict`."""
+        try:
+            if d.get("format") != CIRCUIT_FORMAT:
+                raise ValueError(f"format is {d.get('format')!r}, not {CIRCUIT_FORMAT!r}")
+            graph = EdgeGraph(**{k: d["graph"][k] for k in
+                                 ("n_layers", "n_heads", "n_kv_heads", "parallel")})
+            return cls.from_edges(graph, [tuple(e) for e in d["edges"]])
+        except (KeyError, TypeError, ValueError, UnknownComponentError) as exc:
+            raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} data: {exc!r}") from None
+
+    @classmethod
+    def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> Circuit:
+        """Load :meth:`to_json`'s output (JSON text or a file path)."""
+        text: str | bytes
+        if isinstance(text_or_path, (bytes, str)) and str(text_or_path).lstrip()[:1] == "{":
+            text = text_or_path
+        else:
+            text = Path(text_or_path).read_text()  # type: ignore[arg-type]  # a path here
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} JSON: not an object")
+        return cls.from_dict(data)
+
+    def __repr__(self) -> str:
+        return (f"Circuit({self.n_edges} of {self.graph.n_edges} edges, "
+                f"{len(self.nodes)} nodes)")
+
+
+def _ranking(scores: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """``[n_edges]`` float64 ranking key: ``|score|`` (or the score), ``-inf`` for NaN."""
+    key = scores.double().abs() if absolute else scores.double()
+    return torch.where(torch.isnan(key), torch.full_like(key, float("-inf")), key)
+
+
+def select_edges(graph: EdgeGraph, scores: torch.Tensor, n: int | None = None, *,
+                 threshold: float | None = None, greedy: bool = False, absolute: bool = True,
+                 prune: bool = True) -> Circuit:
+    """A circuit chosen from edge scores ``[n_edges]`` (NaN: never chosen).
+
+    * ``n=``: the ``n`` edges with the largest ``|score|`` (``absolute=False``: the largest
+      signed score); ties broken by storage order.
+    * ``threshold=``: every edge with ``|score| >= threshold``.
+    * ``n=`` with ``greedy=True`` (EAP-IG's greedy search): grown backwards from the logits.
+      The candidates start as the edges into ``logits``; the best candidate joins the circuit,
+      and when its sender is a node new to the circuit, the edges into that node's receivers
+      (a head's ``.q``, ``.k`` and ``.v``, an MLP's input) become candidates; until ``n``
+      edges (or no candidate is left). Every chosen edge then leads to the logits.
+
+    ``prune`` (default): :meth:`Circuit.pruned` of the choice, so the circuit may hold fewer
+    than ``n`` edges.
+
+    Raises:
+        InvalidArgumentError: neither or both of ``n`` and ``threshold``, ``greedy`` with a
+            threshold, ``n`` outside ``[0, number of scored edges]``, scores of the wrong shape.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.shape != (graph.n_edges,):
+        raise InvalidArgumentError(
+            f"scores must be a [{graph.n_edges}] tensor (one per edge of this graph), got "
+            f"{tuple(getattr(scores, 'shape', ())) or type(scores).__name__}")
+    if (n is None) == (threshold is None):
+        raise InvalidArgumentError(
+            "give exactly one of n= (the number of edges) and threshold= (the smallest "
+            f"|score| kept), got n={n!r}, threshold={threshold!r}")
+    key = _ranking(scores, absolute)
+    n_scored = int(torch.isfinite(key).sum())
+    if threshold is not None:
+        if greedy:
+            raise InvalidArgumentError("greedy=True grows a circuit to n edges: give n=, not "
+                                       "threshold=")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or threshold != threshold:
+            raise InvalidTypeError(f"threshold must be a number, got {threshold!r}")
+        mask = key >= float(threshold)
+    else:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= n_scored:
+            raise InvalidArgumentError(
+                f"n must be an int in [0, {n_scored}] (the number of scored edges), got {n!r}")
+        mask = _greedy(graph, key, n) if greedy else _top(key, n)
+    circuit = Circuit(graph, mask)
+    return circuit.pruned() if prune else circuit
+
+
+def _top(key: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.zeros(len(key), dtype=torch.bool)
+    mask[torch.argsort(key, descending=True, stable=True)[:n]] = True
+    return mask
+
+
+def _greedy(graph: EdgeGraph, key: torch.Tensor, n: int) -> torch.Tensor:
+    """EAP-IG's greedy growth from the logits (:func:`select_edges`), with a heap of
+    candidate edges ``(-key, index)``."""
+    mask = torch.zeros(len(key), dtype=torch.bool)
+    values = key.tolist()
+    offsets = graph.offsets.tolist()
+    per_layer = 3 * graph.n_heads + 1
+
+    def receivers_of(node: int) -> list[int]:
+        layer, within = divmod(node - 1, graph.n_heads + 1)
+        if within == graph.n_heads:  # the MLP
+            return [layer * per_layer + 3 * graph.n_heads]
+        return [layer * per_layer + kind * graph.n_heads + within for kind in range(3)]
+
+    heap: list[tuple[float, int]] = []
+
+    def push(receiver: int) -> None:
+        for e in range(offsets[receiver], offsets[receiver + 1]):
+            if values[e] != float("-inf"):
+                heapq.heappush(heap, (-values[e], e))
+
+    push(len(graph.receivers) - 1)
+    src = graph.edge_src.tolist()
+    added = {0}  # input has no receivers
+    count = 0
+    while count < n and heap:
+        _, e = heapq.heappop(heap)
+        mask[e] = True
+        count += 1
+        if src[e] not in added:
+            added.add(src[e])
+            for r in receivers_of(src[e]):
+                push(r)
+    return mask
 
 
 def _json_floats(t: torch.Tensor) -> list[float | None]:

@@ -28,6 +28,9 @@ from conftest import REPO_ROOT
 SAE_IOI = "docs/img/sae_ioi.json"
 SAE_CFG = "tests/data/saes/smollm2-blocks.20.resid_post-topk-2048/cfg.json"
 AB_CORE = "benchmarks/results/ab_method_core_part_two.json"
+CIRCUITS = "benchmarks/results/circuits_ioi.json"
+CHECKED = tuple(f"checked/{i}/{k}" for i in range(6) for k in ("src", "dst", "eap_ig", "eap",
+                                                                "exact"))
 REPORT = "metadata/training_report/"
 S2, END = "positions_detail/S2/", "positions_detail/END/"
 
@@ -92,6 +95,33 @@ QUOTES: list[tuple[str, str, str, tuple[str, ...], str | tuple[str, ...]]] = [
                "sweeps/resid_post_by_position/new_over_old", "sweeps/attn_head/old_min_s",
                "sweeps/attn_head/new_min_s", "sweeps/attn_head/new_over_old"),
      ("d", "d", ".3f", ".3f", ".3f", ".3f", ".3f", ".3f")),
+    # -- docs/circuits.md: the IOI circuit of SmolLM2 (benchmarks/circuits_ioi.py's JSON) --------
+    ("circuits.md", "scores the {} edges on {} IOI pairs (noising, `logit_diff`, EAP-IG with {} "
+     "steps)", CIRCUITS, ("n_graph_edges", "n_pairs", "ig_steps"), (",d", "d", "d")),
+    ("circuits.md", "| EAP-IG, top edges | {} | {} | | EAP, top edges | {} | {} | | random "
+     "edges | {} | {} |", CIRCUITS,
+     ("eap_ig/curve/cpr", "eap_ig/curve/cmd", "eap/curve/cpr", "eap/curve/cmd",
+      "eap_ig/curve/random_cpr", "eap_ig/curve/random_cmd"), ".3f"),
+    ("circuits.md", "| edges | {} | {} | {} | {} | {} | {} |", CIRCUITS,
+     tuple(f"eap_ig/curve/sizes/{i}" for i in range(1, 7)), ",d"),
+    ("circuits.md", "| EAP-IG | {} | {} | {} | {} | {} | {} | | EAP | {} | {} | {} | {} | {} | "
+     "{} |", CIRCUITS, tuple(f"{m}/curve/faithfulness/{i}" for m in ("eap_ig", "eap")
+                             for i in range(1, 7)), ".3f"),
+    ("circuits.md", "half of the edges ({} at 50%)", CIRCUITS,
+     ("eap_ig/curve/random_faithfulness/9",), ".3f"),
+    ("circuits.md", "At {} edges EAP's circuit keeps {} edges after pruning (EAP-IG's {}): EAP "
+     "scores `input -> m0` at {} where its exact effect is {} (EAP-IG: {})", CIRCUITS,
+     ("eap/curve/sizes/1", "eap/curve/n_edges/1", "eap_ig/curve/n_edges/1", "checked/0/eap",
+      "checked/0/exact", "checked/0/eap_ig"), ("d", "d", "d", ".3f", ".3f", ".3f")),
+    ("circuits.md", "With {} edges, EAP-IG's top circuit ({} edges after pruning) is {} "
+     "faithful and its greedy circuit ({}) {}; EAP's {} ({}) and {} ({}).", CIRCUITS,
+     ("eap_ig/circuit/requested", "eap_ig/circuit/top_edges", "eap_ig/circuit/top_faithfulness",
+      "eap_ig/circuit/greedy_edges", "eap_ig/circuit/greedy_faithfulness",
+      "eap/circuit/top_faithfulness", "eap/circuit/top_edges",
+      "eap/circuit/greedy_faithfulness", "eap/circuit/greedy_edges"),
+     ("d", "d", ".3f", "d", ".3f", ".3f", "d", ".3f", "d")),
+    ("circuits.md", " ".join(["| `{} -> {}` | {} | {} | {} |"] * 6), CIRCUITS, CHECKED,
+     ("s", "s", "±.3f", "±.3f", "±.3f") * 6),
 ]
 
 #: docs/positive_control.md: every number on the page, line by line, from

@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from . import runtime
 from .commands import info, ioi, models, patch, report, sae, trace
 from .commands import dla, lens
+from .commands import circuit
 from .options import epilog
 from .state import State
 
@@ -144,6 +145,7 @@ app.command(epilog=epilog("causalpatch ioi ... --quiet"))(ioi.ioi)
 app.command(epilog=epilog("causalpatch trace ... --quiet"))(trace.trace)
 app.command(epilog=epilog("causalpatch lens ... --quiet"))(lens.lens)
 app.command(epilog=epilog("causalpatch dla ... --quiet"))(dla.dla)
+app.command(epilog=epilog("causalpatch circuit ... --quiet"))(circuit.circuit)
 app.command("report", epilog=epilog("causalpatch report ... --quiet"))(report.report_command)
 app.command(epilog=epilog("causalpatch models --quiet"))(models.models)
 app.command(epilog=epilog("causalpatch info smollm2 --json"))(info.info)

@@ -74,9 +74,8 @@ from ..assemble import GroupValues, Scale, aggregate, answer_columns
 from ..engine import (PairRun, Step, cachers, climb, embed, gradient_pass, last_logits,
                       rows_per_chunk, run_layer, run_pair, unembed)
 from ..enums import Direction
-from ..errors import (InvalidArgumentError, InvalidTypeError, UnknownComponentError,
-                      UnsupportedArchitectureError)
-from ..graph import EdgeGraph, EdgeResult
+from ..errors import InvalidArgumentError, InvalidTypeError
+from ..graph import EdgeGraph, EdgeResult, check_separable, edge_sites, sender_deltas
 from ..hooks import Hook, StopForward
 from ..metrics import Metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
@@ -93,58 +92,6 @@ METHODS = ("eap", "eap_ig", "exact")
 #: gradients of a batch are held until its scores are contracted: about ``4 * n_receivers * T
 #: * d_model`` bytes per pair, ~150 MB for 4 SmolLM2 IOI pairs).
 DEFAULT_PAIRS_PER_BATCH = 4
-
-
-def check_separable(model: HookedModel) -> None:
-    """Edges need each head's residual write on its own: a per-head ``attn.z`` whose output
-    projection is added to the residual stream as it is (no post-attention norm)."""
-    reason = ""
-    try:
-        if not model.layer_site("attn.z", 0).per_head:
-            reason = "its attn.z site is not per head"
-    except UnknownComponentError as err:
-        reason = str(err)
-    if not reason and (model.runtime.post_norm_input("attn") is not None
-                       or model.runtime.post_norm_input("mlp") is not None):
-        reason = ("a norm after the attention block (Gemma 2/3's post-attention norm) mixes "
-                  "the heads before the residual add, so no head has a residual write of its "
-                  "own")
-    if reason:
-        raise UnsupportedArchitectureError(
-            f"edge attribution needs each attention head's residual write separately, which "
-            f"this {model.adapter.name} model does not have: {reason}; use "
-            "attribution_patching(component='attn_head') for head scores instead")
-
-
-def _sites(model: HookedModel, parallel: bool) -> dict[str, list[Site]]:
-    """Per kind, every layer's site (``post``: only the last layer's output)."""
-    kinds = ["resid_pre", "attn.q", "attn.k", "attn.v", "attn.z", "mlp"]
-    if not parallel:
-        kinds.append("resid_mid")
-    out = {k: [model.layer_site(k, layer) for layer in range(model.n_layers)] for k in kinds}
-    out["post"] = [model.layer_site("resid_post", model.n_layers - 1)]
-    return out
-
-
-def _sender_deltas(model: HookedModel, sites: dict[str, list[Site]],
-                   base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]
-                   ) -> torch.Tensor:
-    """``[b, T, n_nodes, d_model]`` every node's residual write, source minus base: the
-    embedding (``resid_pre`` of layer 0), each head's ``z`` through its rows of the output
-    projection (the bias is common to both runs), each MLP's output."""
-    n_heads, d_head = model.n_heads, model.d_head
-    parts = []
-    name = sites["resid_pre"][0].name
-    parts.append((source[name].float() - base[name].float())[:, :, None])
-    for layer in range(model.n_layers):
-        z = sites["attn.z"][layer].name
-        w, _ = model.runtime.output_projection(layer, "attn")  # [H * d_head, d_model]
-        dz = source[z].float() - base[z].float()  # [b, T, H, d_head]
-        parts.append(torch.einsum("bthe,hed->bthd", dz,
-                                  w.float().reshape(n_heads, d_head, -1)))
-        m = sites["mlp"][layer].name
-        parts.append((source[m].float() - base[m].float())[:, :, None])
-    return torch.cat(parts, dim=2)
 
 
 class _Receivers:
@@ -261,18 +208,6 @@ def _vjp(outputs: torch.Tensor | list[torch.Tensor], inputs: list[torch.Tensor],
 
 
 # -- exact edge patching -----------------------------------------------------------------------
-def _receiver_parts(graph: EdgeGraph, r: int) -> tuple[int, str, int]:
-    """Receiver index -> ``(layer, kind, head)``: kind ``"q"/"k"/"v"`` (head: the query
-    head), ``"mlp"`` or ``"logits"`` (layer ``n_layers``)."""
-    per_layer = 3 * graph.n_heads + 1
-    if r == len(graph.receivers) - 1:
-        return graph.n_layers, "logits", -1
-    layer, within = divmod(r, per_layer)
-    if within == 3 * graph.n_heads:
-        return layer, "mlp", -1
-    return layer, "qkv"[within // graph.n_heads], within % graph.n_heads
-
-
 def _window(run: PairRun, name: str) -> torch.Tensor:
     """A recorded base-run activation on the staircase window ``[1, T - start, ...]``."""
     assert run.prepared is not None
@@ -320,7 +255,7 @@ def _exact_logits(model: HookedModel, run: PairRun, graph: EdgeGraph,
     n_heads, group = model.n_heads, model.n_heads // model.n_kv_heads
     src = graph.edge_src[edges].tolist()
     dst = graph.edge_dst[edges].tolist()
-    parts = [_receiver_parts(graph, r) for r in dst]
+    parts = [graph.receiver_parts(r) for r in dst]
     n_cols = model.vocab_size if columns is None else len(set(columns))
     out = torch.empty(len(edges), n_cols)
 
@@ -524,7 +459,7 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
     """The evaluator factory of ``eap`` (``steps == 1``) and ``eap_ig``: one gradient pass per
     batch of pairs of one token length."""
     def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
-        sites = _sites(model_, graph.parallel)
+        sites = edge_sites(model_, graph.parallel)
         flat = [s for kind in sites.values() for s in kind]
 
         def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
@@ -567,7 +502,7 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
                     senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
                     base_last = last_logits(model_, base_ids, cachers(base_acts, senders))
                     base_values = objective(base_last.float(), seen[0])
-            deltas = _sender_deltas(model_, sites, base_acts, grads.source)
+            deltas = sender_deltas(model_, sites, base_acts, grads.source)
             with torch.no_grad():
                 est = receivers.scores(graph, deltas).cpu()
             patched = base_values.float().cpu()[:, None] + est
@@ -589,7 +524,7 @@ def _exact_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: bool
     columns = answer_columns(m, pairs)
 
     def build(model_: HookedModel, stats: dict[str, Any]) -> Callable[..., GroupValues]:
-        sites = _sites(model_, graph.parallel)
+        sites = edge_sites(model_, graph.parallel)
         sites["attn"] = [model_.layer_site("attn", layer) for layer in range(model_.n_layers)]
         record = [*sites["resid_pre"][:1], *sites["attn.z"], *sites["mlp"], *sites["attn"]]
 
@@ -604,7 +539,7 @@ def _exact_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: bool
                                    run.source_last.float().cpu().unsqueeze(0))
             ends = m(torch.stack([run.base_last, run.source_last]).float().cpu(),
                      inputs.expand(2))
-            deltas = _sender_deltas(model_, sites, run.base.acts, run.source.acts)
+            deltas = sender_deltas(model_, sites, run.base.acts, run.source.acts)
             logits = _exact_logits(model_, run, graph, sites, [selected[c] for c in cells],
                                    deltas[:, run.prepared.start:], batch_size, memory_mb,
                                    columns)
