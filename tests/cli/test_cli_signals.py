@@ -224,7 +224,8 @@ def test_info_lists_the_sweep_components(tiny_cli):
 @pytest.mark.parametrize("args,fragment", [
     (["--site", "blocks.1.resid_pots"], "Did you mean: blocks.1.resid_post"),
     (["--site", "blocks.x.resid_post"], "must name one layer's site"),
-    (["--site", "blocks.99.resid_post"], "out of range: this model has 3 layers"),
+    (["--site", "blocks.99.resid_post"],
+     "--site 'blocks.99.resid_post': layer contains 99, out of range: this model has 3 layers"),
     (["--architecture", "relu"], "--architecture"),
 ])
 def test_sae_train_checks_come_before_the_weights_load(tiny_cli, monkeypatch, tmp_path, args,

@@ -104,7 +104,7 @@ def sae_train(
         check_out_dir(out)
         info = model_info.inspect_model(model)  # --site's layer against the config, no weights
         if info is not None and site.startswith("blocks."):
-            check_component(info, site, None)
+            check_component(info, site, None, option="--site")
         if threads is None:
             threads = State.threads
         import torch
