@@ -249,3 +249,19 @@ def test_sae_info_on_a_bad_folder_fails_without_torch(tmp_path):
                           timeout=300, env=_env())
     assert done.stdout.split() == ["False", "2"], done.stderr
     assert "has no sae_weights.safetensors" in " ".join(done.stderr.split())
+
+
+def test_interrupt_before_a_steps_first_checkpoint_says_it_starts_over(tmp_path, capsys):
+    """A signal before the running step has checkpointed anything: the message says the step
+    starts over (not "0 of 0 cells checkpointed" in a file that does not exist)."""
+    from causalpatch.cli.sweeps import Steps
+
+    steps = Steps(tmp_path / "out", resume=None, as_json=False, total=4)
+    steps.prepare()
+    steps.running = (3, "mlp by position", steps.folder / "step3_mlp.json")
+    steps.signum = signal.SIGTERM
+    steps._report({})
+    message = " ".join(capsys.readouterr().err.split())
+    assert "step 3/4 (mlp by position) had not finished a group of cells yet: it starts over" \
+        in message
+    assert "0 of 0" not in message and "step3_mlp.json" not in message

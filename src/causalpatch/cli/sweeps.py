@@ -226,6 +226,9 @@ class Steps:
         if checkpoint is not None and checkpoint["path"] is None:
             lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) "
                          "keeps no checkpoint: it starts over.")
+        elif checkpoint is not None and checkpoint["cells_done"] == 0:
+            lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) "
+                         "had not finished a group of cells yet: it starts over.")
         elif checkpoint is not None:
             lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}): "
                          f"{checkpoint['cells_done']} of {checkpoint['cells']} cells "
