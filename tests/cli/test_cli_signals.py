@@ -265,3 +265,24 @@ def test_interrupt_before_a_steps_first_checkpoint_says_it_starts_over(tmp_path,
     assert "step 3/4 (mlp by position) had not finished a group of cells yet: it starts over" \
         in message
     assert "0 of 0" not in message and "step3_mlp.json" not in message
+
+
+def test_sae_train_interrupted_says_nothing_was_written_and_how_to_start_over(
+        tiny_cli, monkeypatch, tmp_path):
+    """``sae train`` keeps no checkpoint: an interrupt says so and how to start over (it has no
+    ``--resume``), exits 130, and writes nothing."""
+    import causalpatch.sae.train as sae_train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what the CLI's SIGINT/SIGTERM handler raises mid-training
+
+    monkeypatch.setattr(sae_train, "train_sae", interrupted)
+    out = tmp_path / "sae"
+    res = runner.invoke(cli.app, ["sae", "train", "--model", "tiny", "--site",
+                                  "blocks.1.resid_post", "--out", str(out)])
+    assert res.exit_code == 130, res.output
+    message = " ".join(res.output.split())
+    assert "interrupted (SIGINT)" in message and "no result written" in message
+    assert "step 1/1 (SAE training) keeps no checkpoint: it starts over" in message
+    assert "start over with: causalpatch sae train" in message and "--resume" not in message
+    assert not out.exists()
