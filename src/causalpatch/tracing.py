@@ -141,8 +141,8 @@ class SavedTensor(torch.Tensor):
 
 
 #: The forms of a write that take effect, named by every refusal.
-WRITE_FORMS = ("`.output[:] = x`, `.output[:, p] = x` (any basic index), `.output = x`; the same "
-               "with `.input`")
+WRITE_FORMS = ("`.output[:] = x`, `.output[:, p] = x` (any basic index), `.output = x`, in-place "
+               "operations such as `.output.add_(x)` or `+= x`; the same with `.input`")
 
 
 class TracedTensor(SavedTensor):
@@ -150,7 +150,9 @@ class TracedTensor(SavedTensor):
     that can be written as in nnsight: ``value[index] = x`` on it, or on a view of it taken by
     basic indexing (``value[0][:, p] = x``), records the write as an intervention at its site,
     applied in the forward pass after the site's own interventions; everything read afterwards
-    (``model.output``, other values, ``tr.logits``) comes from the pass with the write. Indexing
+    (``model.output``, other values, ``tr.logits``) comes from the pass with the write. In-place
+    operations (``value.add_(x)``, ``value.zero_()``, ``value += x``) are writes of their
+    result; those that change the shape (``unsqueeze_``, ...) are refused. Indexing
     returns a ``TracedTensor`` view; every other operation gives a plain tensor. After the block
     closes it is a plain tensor again (writes change only it)."""
 
@@ -190,6 +192,50 @@ class TracedTensor(SavedTensor):
             raise InvalidArgumentError(self._cp_refusal)
         trace.write(self._cp_name, (*self._cp_keys, key), value)
         plain[key] = _plain(value)
+
+
+#: In-place methods that change a value's shape or storage, not its numbers: refused on an open
+#: trace's value (the model cannot take a value of another shape).
+RESHAPING_IN_PLACE = frozenset({
+    "as_strided_", "resize_", "resize_as_", "resize_as_sparse_", "set_", "sparse_resize_",
+    "sparse_resize_and_clear_", "squeeze_", "unsqueeze_", "swapaxes_", "swapdims_", "t_",
+    "transpose_"})
+#: In-place methods that change no number (autograd and sharing flags): left to torch.
+NON_VALUE_IN_PLACE = frozenset({"requires_grad_", "share_memory_", "detach_"})
+#: The augmented assignments ``x += y``, ``x *= y``, ... (Tensor's in-place operators).
+IN_PLACE_OPERATORS = ("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                      "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                      "__irshift__")
+
+
+def _in_place(name: str) -> Callable[..., Any]:
+    """``TracedTensor.<name>``: in an open trace, an in-place operation is a write of its result
+    (``value.add_(1)`` is ``value[...] = value + 1``; ``value += 1`` too), as in nnsight where
+    it changes the model's own activation; elsewhere torch's own method."""
+
+    def method(self: TracedTensor, *args: Any, **kwargs: Any) -> TracedTensor:
+        plain = self.as_subclass(torch.Tensor)
+        trace = getattr(self, "_cp_trace", None)
+        if trace is None or not trace.is_open:
+            getattr(plain, name)(*args, **kwargs)
+            return self
+        if name in RESHAPING_IN_PLACE:
+            raise InvalidArgumentError(
+                f"{self._cp_name}.{name}(...) changes the shape of a traced value, which the "
+                f"model cannot take; write its numbers instead: {WRITE_FORMS}")
+        updated = plain.clone()
+        getattr(updated, name)(*args, **kwargs)
+        self[...] = updated  # records the write, or raises why this value cannot be written
+        return self
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_")
+              and n not in NON_VALUE_IN_PLACE] + [
+        n for n in IN_PLACE_OPERATORS if hasattr(torch.Tensor, n)]:
+    setattr(TracedTensor, _name, _in_place(_name))
 
 
 def _show(key: Any) -> str:
