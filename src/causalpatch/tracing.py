@@ -289,6 +289,8 @@ class ActivationCache(dict):
         self._fill = fill
         self._by_canonical: dict[str, str] = {}
         self._refresh: Callable[[], None] | None = None  # brings a written trace up to date
+        # how a value is handed out: inside an open trace block, as a writable TracedTensor
+        self._shown: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def __setitem__(self, name: Any, value: Any) -> None:
         raise InvalidArgumentError(
@@ -323,6 +325,11 @@ class ActivationCache(dict):
         return None if canonical is None else self._by_canonical.get(canonical)
 
     def __getitem__(self, name: Any) -> torch.Tensor:
+        value = self.raw(name)
+        return value if self._shown is None else self._shown(name, value)
+
+    def raw(self, name: Any) -> torch.Tensor:
+        """``cache[name]`` as the plain stored tensor (also inside an open trace block)."""
         key = self._key(name)
         if key is not None:
             return dict.__getitem__(self, key)
@@ -340,7 +347,10 @@ class ActivationCache(dict):
 
     def get(self, name: Any, default: Any = None) -> Any:
         key = self._key(name)
-        return default if key is None else dict.__getitem__(self, key)
+        if key is None:
+            return default
+        value = dict.__getitem__(self, key)
+        return value if self._shown is None else self._shown(name, value)
 
     def __copy__(self) -> ActivationCache:
         new = ActivationCache(self._canonical_of, None)
@@ -418,6 +428,8 @@ class Trace:
         self._plan = _plan(model, self.batch, self._interventions, cache, self.splices)
         self.cache = ActivationCache(self.canonical_name, self._compute)
         self.cache._refresh = self._refresh
+        self.cache._shown = self._shown
+        self._views: dict[int, tuple[torch.Tensor, TracedTensor]] = {}  # id(value) -> its view
         self._logits: torch.Tensor | None = None
         self._writes: dict[str, _Write] = {}  # canonical site name -> writes made in the block
         self._stale = False  # a write was made since the last pass
@@ -466,7 +478,7 @@ class Trace:
         site = self.model.site(name)
         if site.hook == "pattern":
             raise read_only_error(name)
-        current = self.cache[name]
+        current = self.cache.raw(name)
         write = self._writes.get(site.name)
         if write is None:
             write = _Write(torch.zeros(current.shape, dtype=torch.bool, device=current.device),
@@ -509,6 +521,7 @@ class Trace:
         self._plan = _plan(self.model, self.batch, self._interventions_with_writes(),
                            self._cache_request, self.splices)
         self.cache.clear_values()
+        self._views.clear()
         self._more.clear()
         self._everything = False
         with _replayed_rng(self._rng, self.model.device):
@@ -528,10 +541,21 @@ class Trace:
             return found[0].value_name(found[1])
         return self.model.site(name).name
 
+    def _shown(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``tr.cache[name]`` inside the open block is writable like ``tr.value(name)``; every
+        spelling of one site gives the same object, as outside the block."""
+        if not self.is_open:
+            return value
+        hit = self._views.get(id(value))
+        if hit is None or hit[0] is not value:
+            hit = (value, _traced(value, self, name))
+            self._views[id(value)] = hit
+        return hit[1]
+
     def value(self, name: str) -> SavedTensor:
         """The activation ``name`` of this pass (computed if not cached), ``.save()``-able;
         inside the open block a :class:`TracedTensor` (writes to it take effect)."""
-        value = self.cache[name]
+        value = self.cache.raw(name)
         if self.is_open:
             return _traced(value, self, name)
         out = saved(value)

@@ -292,3 +292,25 @@ def test_in_place_refusals_and_after_the_block(tiny_lm):
     torch.testing.assert_close(kept, before + 1.0, rtol=0, atol=0)
     torch.testing.assert_close(tr.logits, base, rtol=0, atol=0)
     assert tiny_lm.hook_snapshot() == {}
+
+
+def test_cache_entries_inside_the_block_are_writable_values(tiny_lm):
+    """``tr.cache[name]`` (and ``.get``, any spelling) inside the block is the same writable value
+    as ``tr.value(name)``; outside a block the cache is a plain record."""
+    clean = _clean_hidden(tiny_lm)
+    site = f"layers.{LAYER}"
+    with tiny_lm.trace(CORRUPT, cache=[site]) as tr:
+        tr.cache[site][:] = clean
+    torch.testing.assert_close(tr.logits, _logits_with(tiny_lm, {site: iv.replace_with(clean)}),
+                               rtol=0, atol=0)
+    with tiny_lm.trace(CORRUPT, cache=[f"blocks.{LAYER}.resid_post"]) as tr:
+        tr.cache.get(site).zero_()
+    zeroed = _logits_with(tiny_lm, {site: iv.zero()})
+    assert not torch.equal(zeroed, _logits_with(tiny_lm, {}))
+    torch.testing.assert_close(tr.logits, zeroed, rtol=0, atol=0)
+    with tiny_lm.trace(CORRUPT, cache=["blocks.0.attn.pattern"]) as tr:
+        with pytest.raises(InvalidArgumentError, match="read-only"):
+            tr.cache["blocks.0.attn.pattern"][:] = 0.0
+    _, cache = tiny_lm.run_with_cache(CORRUPT, names=[site])
+    assert type(cache[site]) is torch.Tensor  # a record, outside any block
+    assert tiny_lm.hook_snapshot() == {}
