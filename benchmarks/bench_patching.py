@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of patching sweeps on SmolLM2-135M (float32), issue 13.
+"""Side-by-side benchmark of patching sweeps on SmolLM2-135M (float32).
 
 One process, one model load, every implementation of each sweep timed in the same process,
 repeats interleaved across implementations (repeat 1 of every implementation, then repeat 2,

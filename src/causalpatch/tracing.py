@@ -141,8 +141,8 @@ class SavedTensor(torch.Tensor):
 
 
 #: The forms of a write that take effect, named by every refusal.
-WRITE_FORMS = ("`.output[:] = x`, `.output[:, p] = x` (any basic index), `.output = x`; the same "
-               "with `.input`")
+WRITE_FORMS = ("`.output[:] = x`, `.output[:, p] = x` (any basic index), `.output = x`, in-place "
+               "operations such as `.output.add_(x)` or `+= x`; the same with `.input`")
 
 
 class TracedTensor(SavedTensor):
@@ -150,7 +150,9 @@ class TracedTensor(SavedTensor):
     that can be written as in nnsight: ``value[index] = x`` on it, or on a view of it taken by
     basic indexing (``value[0][:, p] = x``), records the write as an intervention at its site,
     applied in the forward pass after the site's own interventions; everything read afterwards
-    (``model.output``, other values, ``tr.logits``) comes from the pass with the write. Indexing
+    (``model.output``, other values, ``tr.logits``) comes from the pass with the write. In-place
+    operations (``value.add_(x)``, ``value.zero_()``, ``value += x``) are writes of their
+    result; those that change the shape (``unsqueeze_``, ...) are refused. Indexing
     returns a ``TracedTensor`` view; every other operation gives a plain tensor. After the block
     closes it is a plain tensor again (writes change only it)."""
 
@@ -190,6 +192,50 @@ class TracedTensor(SavedTensor):
             raise InvalidArgumentError(self._cp_refusal)
         trace.write(self._cp_name, (*self._cp_keys, key), value)
         plain[key] = _plain(value)
+
+
+#: In-place methods that change a value's shape or storage, not its numbers: refused on an open
+#: trace's value (the model cannot take a value of another shape).
+RESHAPING_IN_PLACE = frozenset({
+    "as_strided_", "resize_", "resize_as_", "resize_as_sparse_", "set_", "sparse_resize_",
+    "sparse_resize_and_clear_", "squeeze_", "unsqueeze_", "swapaxes_", "swapdims_", "t_",
+    "transpose_"})
+#: In-place methods that change no number (autograd and sharing flags): left to torch.
+NON_VALUE_IN_PLACE = frozenset({"requires_grad_", "share_memory_", "detach_"})
+#: The augmented assignments ``x += y``, ``x *= y``, ... (Tensor's in-place operators).
+IN_PLACE_OPERATORS = ("__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                      "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                      "__irshift__")
+
+
+def _in_place(name: str) -> Callable[..., Any]:
+    """``TracedTensor.<name>``: in an open trace, an in-place operation is a write of its result
+    (``value.add_(1)`` is ``value[...] = value + 1``; ``value += 1`` too), as in nnsight where
+    it changes the model's own activation; elsewhere torch's own method."""
+
+    def method(self: TracedTensor, *args: Any, **kwargs: Any) -> TracedTensor:
+        plain = self.as_subclass(torch.Tensor)
+        trace = getattr(self, "_cp_trace", None)
+        if trace is None or not trace.is_open:
+            getattr(plain, name)(*args, **kwargs)
+            return self
+        if name in RESHAPING_IN_PLACE:
+            raise InvalidArgumentError(
+                f"{self._cp_name}.{name}(...) changes the shape of a traced value, which the "
+                f"model cannot take; write its numbers instead: {WRITE_FORMS}")
+        updated = plain.clone()
+        getattr(updated, name)(*args, **kwargs)
+        self[...] = updated  # records the write, or raises why this value cannot be written
+        return self
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in [n for n in dir(torch.Tensor) if n.endswith("_") and not n.startswith("_")
+              and n not in NON_VALUE_IN_PLACE] + [
+        n for n in IN_PLACE_OPERATORS if hasattr(torch.Tensor, n)]:
+    setattr(TracedTensor, _name, _in_place(_name))
 
 
 def _show(key: Any) -> str:
@@ -243,6 +289,8 @@ class ActivationCache(dict):
         self._fill = fill
         self._by_canonical: dict[str, str] = {}
         self._refresh: Callable[[], None] | None = None  # brings a written trace up to date
+        # how a value is handed out: inside an open trace block, as a writable TracedTensor
+        self._shown: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def __setitem__(self, name: Any, value: Any) -> None:
         raise InvalidArgumentError(
@@ -277,6 +325,11 @@ class ActivationCache(dict):
         return None if canonical is None else self._by_canonical.get(canonical)
 
     def __getitem__(self, name: Any) -> torch.Tensor:
+        value = self.raw(name)
+        return value if self._shown is None else self._shown(name, value)
+
+    def raw(self, name: Any) -> torch.Tensor:
+        """``cache[name]`` as the plain stored tensor (also inside an open trace block)."""
         key = self._key(name)
         if key is not None:
             return dict.__getitem__(self, key)
@@ -294,7 +347,10 @@ class ActivationCache(dict):
 
     def get(self, name: Any, default: Any = None) -> Any:
         key = self._key(name)
-        return default if key is None else dict.__getitem__(self, key)
+        if key is None:
+            return default
+        value = dict.__getitem__(self, key)
+        return value if self._shown is None else self._shown(name, value)
 
     def __copy__(self) -> ActivationCache:
         new = ActivationCache(self._canonical_of, None)
@@ -372,6 +428,8 @@ class Trace:
         self._plan = _plan(model, self.batch, self._interventions, cache, self.splices)
         self.cache = ActivationCache(self.canonical_name, self._compute)
         self.cache._refresh = self._refresh
+        self.cache._shown = self._shown
+        self._views: dict[int, tuple[torch.Tensor, TracedTensor]] = {}  # id(value) -> its view
         self._logits: torch.Tensor | None = None
         self._writes: dict[str, _Write] = {}  # canonical site name -> writes made in the block
         self._stale = False  # a write was made since the last pass
@@ -420,7 +478,7 @@ class Trace:
         site = self.model.site(name)
         if site.hook == "pattern":
             raise read_only_error(name)
-        current = self.cache[name]
+        current = self.cache.raw(name)
         write = self._writes.get(site.name)
         if write is None:
             write = _Write(torch.zeros(current.shape, dtype=torch.bool, device=current.device),
@@ -463,6 +521,7 @@ class Trace:
         self._plan = _plan(self.model, self.batch, self._interventions_with_writes(),
                            self._cache_request, self.splices)
         self.cache.clear_values()
+        self._views.clear()
         self._more.clear()
         self._everything = False
         with _replayed_rng(self._rng, self.model.device):
@@ -482,10 +541,21 @@ class Trace:
             return found[0].value_name(found[1])
         return self.model.site(name).name
 
+    def _shown(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``tr.cache[name]`` inside the open block is writable like ``tr.value(name)``; every
+        spelling of one site gives the same object, as outside the block."""
+        if not self.is_open:
+            return value
+        hit = self._views.get(id(value))
+        if hit is None or hit[0] is not value:
+            hit = (value, _traced(value, self, name))
+            self._views[id(value)] = hit
+        return hit[1]
+
     def value(self, name: str) -> SavedTensor:
         """The activation ``name`` of this pass (computed if not cached), ``.save()``-able;
         inside the open block a :class:`TracedTensor` (writes to it take effect)."""
-        value = self.cache[name]
+        value = self.cache.raw(name)
         if self.is_open:
             return _traced(value, self, name)
         out = saved(value)

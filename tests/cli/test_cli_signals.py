@@ -224,7 +224,8 @@ def test_info_lists_the_sweep_components(tiny_cli):
 @pytest.mark.parametrize("args,fragment", [
     (["--site", "blocks.1.resid_pots"], "Did you mean: blocks.1.resid_post"),
     (["--site", "blocks.x.resid_post"], "must name one layer's site"),
-    (["--site", "blocks.99.resid_post"], "out of range: this model has 3 layers"),
+    (["--site", "blocks.99.resid_post"],
+     "--site 'blocks.99.resid_post': layer contains 99, out of range: this model has 3 layers"),
     (["--architecture", "relu"], "--architecture"),
 ])
 def test_sae_train_checks_come_before_the_weights_load(tiny_cli, monkeypatch, tmp_path, args,
@@ -248,3 +249,40 @@ def test_sae_info_on_a_bad_folder_fails_without_torch(tmp_path):
                           timeout=300, env=_env())
     assert done.stdout.split() == ["False", "2"], done.stderr
     assert "has no sae_weights.safetensors" in " ".join(done.stderr.split())
+
+
+def test_interrupt_before_a_steps_first_checkpoint_says_it_starts_over(tmp_path, capsys):
+    """A signal before the running step has checkpointed anything: the message says the step
+    starts over (not "0 of 0 cells checkpointed" in a file that does not exist)."""
+    from causalpatch.cli.sweeps import Steps
+
+    steps = Steps(tmp_path / "out", resume=None, as_json=False, total=4)
+    steps.prepare()
+    steps.running = (3, "mlp by position", steps.folder / "step3_mlp.json")
+    steps.signum = signal.SIGTERM
+    steps._report({})
+    message = " ".join(capsys.readouterr().err.split())
+    assert "step 3/4 (mlp by position) had not finished a group of cells yet: it starts over" \
+        in message
+    assert "0 of 0" not in message and "step3_mlp.json" not in message
+
+
+def test_sae_train_interrupted_says_nothing_was_written_and_how_to_start_over(
+        tiny_cli, monkeypatch, tmp_path):
+    """``sae train`` keeps no checkpoint: an interrupt says so and how to start over (it has no
+    ``--resume``), exits 130, and writes nothing."""
+    import causalpatch.sae.train as sae_train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what the CLI's SIGINT/SIGTERM handler raises mid-training
+
+    monkeypatch.setattr(sae_train, "train_sae", interrupted)
+    out = tmp_path / "sae"
+    res = runner.invoke(cli.app, ["sae", "train", "--model", "tiny", "--site",
+                                  "blocks.1.resid_post", "--out", str(out)])
+    assert res.exit_code == 130, res.output
+    message = " ".join(res.output.split())
+    assert "interrupted (SIGINT)" in message and "no result written" in message
+    assert "step 1/1 (SAE training) keeps no checkpoint: it starts over" in message
+    assert "start over with: causalpatch sae train" in message and "--resume" not in message
+    assert not out.exists()

@@ -56,6 +56,15 @@ def test_help_and_models_run_without_torch(argv):
     assert got == {"torch": False, "transformers": False}
 
 
+def test_python_dash_m_causalpatch_is_the_command_line():
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "causalpatch", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Usage: causalpatch" in " ".join(done.stdout.split()) and "patch" in done.stdout
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+    assert "torch" not in imported and "transformers" not in imported
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """The tiny LLaMA saved as a local Hugging Face folder (config, tokenizer.json, weights)."""

@@ -106,3 +106,54 @@ def test_bad_threads_are_refused_before_any_forward(bad, error, make_tiny_lm):
         handle.remove()
     assert calls == []
     assert torch.get_num_threads() == before
+
+
+# -- the calls with no progress callback: the logit lens, DLA and SAE training ------------------
+def _train_sae(model: Any, **kw: Any) -> Any:
+    from causalpatch.sae.train import train_sae, training_texts
+
+    docs = list(training_texts(("known_facts",)))[:300]
+    return train_sae(model, "blocks.1.resid_post", 32, k=4, train_tokens=1000, eval_tokens=200,
+                     context=32, epochs=1, docs=docs, **kw)
+
+
+UNPROGRESSED: dict[str, Callable[..., Any]] = {
+    "logit_lens": lambda m, **kw: cp.logit_lens(m, CLEAN[0], answer=" Mary", **kw),
+    "direct_logit_attribution": lambda m, **kw: cp.direct_logit_attribution(
+        m, CLEAN, "head", **ANSWERS, **kw),
+    "train_sae": _train_sae,
+}
+
+
+def _numbers(result: Any) -> torch.Tensor:
+    if isinstance(result, tuple):  # train_sae: (sae, report)
+        return result[0].W_enc.detach()
+    return result.answer_prob if hasattr(result, "answer_prob") else result.values
+
+
+@pytest.mark.parametrize("name", list(UNPROGRESSED))
+def test_threads_of_the_lens_dla_and_sae_training(name, make_tiny_lm):
+    """Seen from inside every forward pass (a plain PyTorch pre-hook on the model), restored
+    afterwards, refused before any forward when invalid, and without effect on the numbers."""
+    model = make_tiny_lm("llama")
+    call = UNPROGRESSED[name]
+    before = torch.get_num_threads()
+    want = _target(before)
+    seen: list[int] = []
+    handle = model.hf_model.register_forward_pre_hook(
+        lambda m, a: seen.append(torch.get_num_threads()))
+    try:
+        with pytest.raises(InvalidArgumentError, match="threads"):
+            call(model, threads=0)
+        assert seen == []
+        default = call(model)
+        assert seen and set(seen) == {before}
+        seen.clear()
+        threaded = call(model, threads=want)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {want}, seen
+    assert torch.get_num_threads() == before
+    # observed bitwise equal (0.0) with 1 and 2 threads; 1e-6 relative as above
+    ref = _numbers(default)
+    assert (_numbers(threaded) - ref).abs().max() <= 1e-6 * ref.abs().max()

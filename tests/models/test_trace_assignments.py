@@ -227,3 +227,90 @@ def test_module_tree_refusals_name_the_supported_form(tiny_lm, tiny_family):
     with pytest.raises(AttributeError):
         tiny_lm.no_such_module
     assert tiny_lm.hook_snapshot() == {}
+
+
+# -- in-place operations: nnsight's proxies change the model's own activation ------------------
+def _shifted(fn):
+    """An intervention applying ``fn`` to a copy of the activation."""
+    def apply(act):
+        out = act.clone()
+        fn(out)
+        return out
+    return apply
+
+
+def test_in_place_operations_are_writes(tiny_lm, tiny_family):
+    """``value.add_(x)``, ``.mul_``, ``.zero_()``, ``.copy_(x)``, ``.clamp_``, ``s += x`` on a saved
+    handle, an in-place op on a view (``output[0][:, p].add_``) and on nnsight's module tree each
+    equal the equivalent intervention bit for bit."""
+    clean = _clean_hidden(tiny_lm)
+    p = 4
+    site = f"layers.{LAYER}"
+
+    def iadd_saved(v):
+        s = v.save()
+        s += clean
+
+    cases = {
+        "add_": (lambda v: v.add_(1.0), _shifted(lambda a: a.add_(1.0))),
+        "mul_": (lambda v: v.mul_(2.0), _shifted(lambda a: a.mul_(2.0))),
+        "zero_": (lambda v: v.zero_(), iv.zero()),
+        "copy_": (lambda v: v.copy_(clean), iv.replace_with(clean)),
+        "clamp_": (lambda v: v.clamp_(min=0.0), _shifted(lambda a: a.clamp_(min=0.0))),
+        "s += x": (iadd_saved, _shifted(lambda a: a.add_(clean))),
+        "view add_": (lambda v: v[0][:, p].add_(1.0), _shifted(lambda a: a[0][:, p].add_(1.0))),
+    }
+    base = _logits_with(tiny_lm, {})
+    for what, (op, intervention) in cases.items():
+        expected = _logits_with(tiny_lm, {site: intervention})
+        assert not torch.equal(expected, base), what
+        with tiny_lm.trace(CORRUPT) as tr:
+            op(tiny_lm.layers[LAYER].output)
+        torch.testing.assert_close(tr.logits, expected, rtol=0, atol=0, msg=what)
+    # nnsight's spelling: the decoder layer's output tuple, element 0
+    layer = _walk(tiny_lm, REFERENCE[tiny_family].sites["resid_post"][0])
+    with tiny_lm.trace(CORRUPT) as tr:
+        layer.output[0].mul_(2.0)
+    torch.testing.assert_close(tr.logits, _logits_with(tiny_lm, {site: cases["mul_"][1]}),
+                               rtol=0, atol=0)
+    assert tiny_lm.hook_snapshot() == {}
+
+
+def test_in_place_refusals_and_after_the_block(tiny_lm):
+    with tiny_lm.trace(CORRUPT) as tr:
+        with pytest.raises(InvalidArgumentError, match="changes the shape.*output\\[:\\] = x"):
+            tiny_lm.layers[LAYER].output.unsqueeze_(0)
+        with pytest.raises(InvalidArgumentError, match="cannot be written"):
+            tiny_lm.output.add_(1.0)
+        with pytest.raises(InvalidArgumentError, match="read-only"):
+            tiny_lm.layers[0].attn.pattern.output.zero_()
+        kept = tiny_lm.layers[LAYER].output.save()
+    base = _logits_with(tiny_lm, {})
+    torch.testing.assert_close(tr.logits, base, rtol=0, atol=0)  # nothing refused took effect
+    before = kept.clone()
+    kept.add_(1.0)  # after the block: a plain tensor, changed locally only
+    torch.testing.assert_close(kept, before + 1.0, rtol=0, atol=0)
+    torch.testing.assert_close(tr.logits, base, rtol=0, atol=0)
+    assert tiny_lm.hook_snapshot() == {}
+
+
+def test_cache_entries_inside_the_block_are_writable_values(tiny_lm):
+    """``tr.cache[name]`` (and ``.get``, any spelling) inside the block is the same writable value
+    as ``tr.value(name)``; outside a block the cache is a plain record."""
+    clean = _clean_hidden(tiny_lm)
+    site = f"layers.{LAYER}"
+    with tiny_lm.trace(CORRUPT, cache=[site]) as tr:
+        tr.cache[site][:] = clean
+    torch.testing.assert_close(tr.logits, _logits_with(tiny_lm, {site: iv.replace_with(clean)}),
+                               rtol=0, atol=0)
+    with tiny_lm.trace(CORRUPT, cache=[f"blocks.{LAYER}.resid_post"]) as tr:
+        tr.cache.get(site).zero_()
+    zeroed = _logits_with(tiny_lm, {site: iv.zero()})
+    assert not torch.equal(zeroed, _logits_with(tiny_lm, {}))
+    torch.testing.assert_close(tr.logits, zeroed, rtol=0, atol=0)
+    with tiny_lm.trace(CORRUPT, cache=["blocks.0.attn.pattern"]) as tr:
+        with pytest.raises(InvalidArgumentError, match="read-only"):
+            tr.cache["blocks.0.attn.pattern"][:] = 0.0
+    _, cache = tiny_lm.run_with_cache(CORRUPT, names=[site])
+    assert type(cache[site]) is torch.Tensor  # a record, outside any block
+    assert tiny_lm.hook_snapshot() == {}

@@ -61,7 +61,7 @@ RANKS: dict[str, int] = {
     "engine": 11, "checkpoint": 12, "render": 13, "result": 14, "assemble": 15, "datasets": 16,
     "executors": 16, "options": 17,
     "methods": 18, "sae.train": 18, "interpretable": 19, "framework": 19, "cli": 20, "__init__": 20,
-    "graph": 14,
+    "graph": 14, "__main__": 21,
 }
 METHODS = f"{PACKAGE}.methods"
 ADAPTERS = f"{PACKAGE}.adapters"

@@ -648,3 +648,20 @@ def test_raw_results_rank_cells_by_their_change_from_the_unpatched_run(tiny_lm):
         assert value == float(raw.effect_matrix[coords])
     back = PatchingResult.from_json(raw.to_json())
     assert back.is_raw and back.top_cells(3) == raw.top_cells(3)
+
+
+@pytest.mark.parametrize("direction,unpatched", [("denoise", 4.5), ("noise", 4.5)])
+def test_raw_ranking_differs_from_ranking_the_raw_values(direction, unpatched):
+    """Raw values far from 0: the largest raw value is the smallest change from the unpatched
+    run, so ranking the raw values themselves would put the cells in the opposite order."""
+    raw = make((3,))
+    raw.effect_matrix = torch.tensor([5.0, 4.25, 1.0])  # changes +0.5, -0.25, -3.5
+    raw.normalized, raw.direction, raw.extra["scale"] = False, direction, "raw"
+    if direction == "denoise":
+        raw.corrupted_metric = unpatched
+    else:
+        raw.clean_metric = unpatched
+    assert raw.unpatched_metric == unpatched
+    assert raw.top_cells(3) == [((2,), 1.0), ((0,), 5.0), ((1,), 4.25)]
+    assert raw.top_cells(3, by="value") == [((0,), 5.0), ((1,), 4.25), ((2,), 1.0)]
+    assert raw.top_components(1) == [(raw.labels["layer"][2], 1.0)]

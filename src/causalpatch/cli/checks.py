@@ -136,14 +136,15 @@ def check_layers(info: ModelInfo, layers: list[int] | None, what: str = "--layer
                         f"{what} must be in [{-n}, {n - 1}]")
 
 
-def check_component(info: ModelInfo, component: str, heads: list[int] | None) -> None:
+def check_component(info: ModelInfo, component: str, heads: list[int] | None,
+                    option: str = "--component") -> None:
     """``blocks.N.*`` in range, the site kind present in this model, ``--heads`` in range and
-    only for per-head components."""
+    only for per-head components. ``option``: the flag the messages name."""
     kind: str | None = component
     if component.startswith("blocks."):
         parts = component.split(".", 2)
         if len(parts) == 3 and parts[1].lstrip("-").isdigit():
-            check_layers(info, [int(parts[1])], f"--component {component!r}: layer")
+            check_layers(info, [int(parts[1])], f"{option} {component!r}: layer")
             kind = parts[2]
         else:
             kind = None
@@ -152,8 +153,8 @@ def check_component(info: ModelInfo, component: str, heads: list[int] | None) ->
 
         kind = canonical_kind(kind)
         if kind in info.family_kinds and kind not in info.kinds:
-            raise error(f"component {component!r} does not exist in this {info.architecture} "
-                        f"model (config); it has {', '.join(info.kinds)}")
+            raise error(f"{option.lstrip('-')} {component!r} does not exist in this "
+                        f"{info.architecture} model (config); it has {', '.join(info.kinds)}")
     if heads is not None and component in PER_HEAD_COMPONENTS:
         n = info.dims.n_heads
         for h in heads:

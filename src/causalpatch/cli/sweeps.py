@@ -69,13 +69,14 @@ class Steps:
     """The numbered sweeps of one command, their checkpoints, and what an interrupt writes.
 
     ``single``: the command writes one result (named ``result.json``), as
-    :func:`~causalpatch.cli.outputs.save_outputs` names it.
+    :func:`~causalpatch.cli.outputs.save_outputs` names it. ``resumable=False``: the command
+    has no ``--resume`` (``sae train``); an interrupt says how to start it over instead.
     """
 
     def __init__(self, out: Path, resume: bool | None, as_json: bool, total: int,
-                 single: bool = False) -> None:
+                 single: bool = False, resumable: bool = True) -> None:
         self.out, self.resume, self.as_json = out, resume, as_json
-        self.total, self.single = total, single
+        self.total, self.single, self.resumable = total, single, resumable
         self.folder = out / CHECKPOINT_DIR
         self.finished: list[tuple[str, list[Any]]] = []
         self.running: tuple[int, str, Path | None] | None = None
@@ -196,9 +197,9 @@ class Steps:
         return files
 
     def resume_command(self) -> str:
-        """The command line that continues this run."""
+        """The command line that continues this run (starts it over if not resumable)."""
         argv = [a for a in State.argv if a not in ("--resume", "--no-resume")]
-        return "causalpatch " + shlex.join([*argv, "--resume"])
+        return "causalpatch " + shlex.join([*argv, "--resume"] if self.resumable else argv)
 
     def _report(self, files: dict[str, str]) -> None:
         name = signal.Signals(self.signum or signal.SIGINT).name
@@ -226,10 +227,14 @@ class Steps:
         if checkpoint is not None and checkpoint["path"] is None:
             lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) "
                          "keeps no checkpoint: it starts over.")
+        elif checkpoint is not None and checkpoint["cells_done"] == 0:
+            lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) "
+                         "had not finished a group of cells yet: it starts over.")
         elif checkpoint is not None:
             lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}): "
                          f"{checkpoint['cells_done']} of {checkpoint['cells']} cells "
                          f"checkpointed in {checkpoint['path']}.")
-        lines.append(f"resume with: {self.resume_command()}")
+        lines.append(f"{'resume' if self.resumable else 'start over'} with: "
+                     f"{self.resume_command()}")
         for line in lines:
             console.print(escape(line), soft_wrap=True, highlight=False)

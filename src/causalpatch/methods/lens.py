@@ -57,6 +57,7 @@ from ..errors import (
     OutOfRangeError,
 )
 from ..hooks import Hook, hooked
+from ..options import check_threads, using_threads
 from ..plan import answer_tokens
 from ..tokens import Batch, is_single_prompt, make_batch, token_lists
 
@@ -390,8 +391,8 @@ class LensResult:
 
 def logit_lens(model: HookedModel, prompts: Any, *, answer: Any = None,
                positions: Sequence[int] | None = None, k: int = 5,
-               include_embed: bool = False, keep_logits: bool = True
-               ) -> LensResult | list[LensResult]:
+               include_embed: bool = False, keep_logits: bool = True,
+               threads: int | None = None) -> LensResult | list[LensResult]:
     """The logit lens of every layer x position, from one forward pass.
 
     Each layer's ``resid_post`` goes through the model's own final norm, with that vector's own
@@ -410,12 +411,15 @@ def logit_lens(model: HookedModel, prompts: Any, *, answer: Any = None,
         include_embed: add an ``"embed"`` row first: the lens of the input of layer 0.
         keep_logits: keep the ``[n_layers, n_positions, vocab]`` logits on the result (they
             are 4 bytes per entry); the statistics are computed either way.
+        threads: torch's CPU threads while the lens computes (default: torch's current
+            setting), restored afterwards; as ``threads=`` of every method.
 
     Raises:
         OutOfRangeError: a position is beyond a prompt.
         InvalidArgumentError: an answer is not a single token (the message shows its tokens),
             or ``k`` is out of range. All checks happen before the forward pass.
     """
+    check_threads(threads)
     single = is_single_prompt(prompts)
     token_rows = token_lists(model, prompts)
     n = len(token_rows)
@@ -435,38 +439,39 @@ def logit_lens(model: HookedModel, prompts: Any, *, answer: Any = None,
     else:
         per_row = [list(range(len(r))) for r in token_rows]
 
-    batch = make_batch(token_rows, model.pad_token_id, model.device)
-    rows = torch.tensor([i for i, ps in enumerate(per_row) for _ in ps], dtype=torch.long)
-    cols = torch.tensor([p for ps in per_row for p in ps], dtype=torch.long)
-    names = (["blocks.0.resid_pre"] if include_embed else []) + [
-        f"blocks.{layer}.resid_post" for layer in range(model.n_layers)]
-    layers: list[Any] = (["embed"] if include_embed else []) + list(range(model.n_layers))
-    got, _ = _read(model, batch, names, rows, cols, full_logits=False)
+    with using_threads(threads):
+        batch = make_batch(token_rows, model.pad_token_id, model.device)
+        rows = torch.tensor([i for i, ps in enumerate(per_row) for _ in ps], dtype=torch.long)
+        cols = torch.tensor([p for ps in per_row for p in ps], dtype=torch.long)
+        names = (["blocks.0.resid_pre"] if include_embed else []) + [
+            f"blocks.{layer}.resid_post" for layer in range(model.n_layers)]
+        layers: list[Any] = (["embed"] if include_embed else []) + list(range(model.n_layers))
+        got, _ = _read(model, batch, names, rows, cols, full_logits=False)
 
-    decode = _decoder(model)
-    texts = [prompts] if isinstance(prompts, str) else (
-        list(prompts) if isinstance(prompts, (list, tuple))
-        and all(isinstance(p, str) for p in prompts) else None)
-    results: list[LensResult] = []
-    start = 0
-    for i, ps in enumerate(per_row):
-        cells = slice(start, start + len(ps))
-        start += len(ps)
-        hidden = torch.stack([got[name][cells] for name in names])  # [layers, pos, d]
-        stats = _lens_stats(model, hidden, None if answers is None else answers[i], k,
-                            keep_logits)
-        top_ids = stats["top_ids"]
-        top_tokens = [[[decode(int(t)) for t in cell] for cell in row] for row in top_ids]
-        results.append(LensResult(
-            prompt=texts[i] if texts is not None else model.tokenizer.decode(token_rows[i]),
-            tokens=[decode(t) for t in token_rows[i]], positions=ps, layers=list(layers),
-            top_ids=top_ids, top_probs=stats["top_probs"], top_tokens=top_tokens,
-            entropy=stats["entropy"], kl=stats["kl"], logits=stats.get("logits"),
-            answer=None if answers is None else answers[i],
-            answer_text=None if answers is None else decode(answers[i]),
-            answer_prob=stats.get("answer_prob"), answer_logit=stats.get("answer_logit"),
-            answer_rank=stats.get("answer_rank"), model_name=model.name))
-    return results[0] if single else results
+        decode = _decoder(model)
+        texts = [prompts] if isinstance(prompts, str) else (
+            list(prompts) if isinstance(prompts, (list, tuple))
+            and all(isinstance(p, str) for p in prompts) else None)
+        results: list[LensResult] = []
+        start = 0
+        for i, ps in enumerate(per_row):
+            cells = slice(start, start + len(ps))
+            start += len(ps)
+            hidden = torch.stack([got[name][cells] for name in names])  # [layers, pos, d]
+            stats = _lens_stats(model, hidden, None if answers is None else answers[i], k,
+                                keep_logits)
+            top_ids = stats["top_ids"]
+            top_tokens = [[[decode(int(t)) for t in cell] for cell in row] for row in top_ids]
+            results.append(LensResult(
+                prompt=texts[i] if texts is not None else model.tokenizer.decode(token_rows[i]),
+                tokens=[decode(t) for t in token_rows[i]], positions=ps, layers=list(layers),
+                top_ids=top_ids, top_probs=stats["top_probs"], top_tokens=top_tokens,
+                entropy=stats["entropy"], kl=stats["kl"], logits=stats.get("logits"),
+                answer=None if answers is None else answers[i],
+                answer_text=None if answers is None else decode(answers[i]),
+                answer_prob=stats.get("answer_prob"), answer_logit=stats.get("answer_logit"),
+                answer_rank=stats.get("answer_rank"), model_name=model.name))
+        return results[0] if single else results
 
 
 def _lens_stats(model: HookedModel, hidden: torch.Tensor, answer: int | None, k: int,
@@ -770,7 +775,7 @@ def _data(model: HookedModel, data: Any, correct: Any, incorrect: Any
 
 def direct_logit_attribution(model: HookedModel, data: Any, unit: str = "component", *,
                              correct: Any = None, incorrect: Any = None,
-                             position: int = -1) -> DLAResult:
+                             position: int = -1, threads: int | None = None) -> DLAResult:
     """Direct logit attribution: each residual-stream write projected onto the answer direction.
 
     The parts (embeddings; every attention output, per head with ``unit="head"``; every MLP
@@ -800,6 +805,8 @@ def direct_logit_attribution(model: HookedModel, data: Any, unit: str = "compone
             ``logit(correct)`` alone.
         position: the token position (negative counts from each prompt's end; default the
             last token).
+        threads: torch's CPU threads while the attribution computes (default: torch's current
+            setting), restored afterwards; as ``threads=`` of every method.
 
     Returns:
         :class:`DLAResult`; ``result.parts`` maps each part to its mean over prompts.
@@ -809,6 +816,7 @@ def direct_logit_attribution(model: HookedModel, data: Any, unit: str = "compone
             shows its tokens), or answer lists of the wrong length.
         OutOfRangeError: ``position`` is beyond a prompt. All checks happen before the forward.
     """
+    check_threads(threads)
     _check_choice(unit, UNITS, "unit")
     rows_ids, texts, correct, incorrect = _data(model, data, correct, incorrect)
     n = len(rows_ids)
@@ -840,102 +848,105 @@ def direct_logit_attribution(model: HookedModel, data: Any, unit: str = "compone
                 if post[block] is not None:
                     names.append(f"blocks.{layer}.{post[block]}")
 
-    batch = make_batch(rows_ids, model.pad_token_id, model.device)
-    last_only = not batch.padded and all(p == len(r) - 1 for p, r in zip(positions, rows_ids))
-    row_index = torch.arange(n, dtype=torch.long)
-    col_index = torch.tensor(positions, dtype=torch.long)
-    got, logits = _read(model, batch, names, row_index, col_index, full_logits=not last_only)
+    with using_threads(threads):
+        batch = make_batch(rows_ids, model.pad_token_id, model.device)
+        last_only = not batch.padded and all(p == len(r) - 1 for p, r in zip(positions, rows_ids))
+        row_index = torch.arange(n, dtype=torch.long)
+        col_index = torch.tensor(positions, dtype=torch.long)
+        got, logits = _read(model, batch, names, row_index, col_index, full_logits=not last_only)
 
-    f64 = torch.float64
-    with torch.no_grad():
-        at = logits[:, -1] if last_only else logits[row_index.to(logits.device),
-                                                    col_index.to(logits.device)]
-        at = at.to(f64)
-        good_t = torch.tensor(good, dtype=torch.long, device=at.device)
-        model_diff = at.gather(1, good_t[:, None])[:, 0]
-        if bad is not None:
-            bad_t = torch.tensor(bad, dtype=torch.long, device=at.device)
-            model_diff = model_diff - at.gather(1, bad_t[:, None])[:, 0]
+        f64 = torch.float64
+        with torch.no_grad():
+            at = logits[:, -1] if last_only else logits[row_index.to(logits.device),
+                                                        col_index.to(logits.device)]
+            at = at.to(f64)
+            good_t = torch.tensor(good, dtype=torch.long, device=at.device)
+            model_diff = at.gather(1, good_t[:, None])[:, 0]
+            if bad is not None:
+                bad_t = torch.tensor(bad, dtype=torch.long, device=at.device)
+                model_diff = model_diff - at.gather(1, bad_t[:, None])[:, 0]
 
-        final = got[f"blocks.{n_layers - 1}.resid_post"]  # [n, d]
-        device = final.device
-        frozen = runtime.freeze_final_norm(final, f64)
-        w_good, b_good = runtime.unembed_rows(good)
-        direction = w_good.to(device, f64)
-        dbias = None if b_good is None else b_good.to(device, f64)
-        if bad is not None:
-            w_bad, b_bad = runtime.unembed_rows(bad)
-            direction = direction - w_bad.to(device, f64)
-            if dbias is not None and b_bad is not None:
-                dbias = dbias - b_bad.to(device, f64)
-        u = frozen.pullback(direction)  # [n, d]: a write's part is write . u
+            final = got[f"blocks.{n_layers - 1}.resid_post"]  # [n, d]
+            device = final.device
+            frozen = runtime.freeze_final_norm(final, f64)
+            w_good, b_good = runtime.unembed_rows(good)
+            direction = w_good.to(device, f64)
+            dbias = None if b_good is None else b_good.to(device, f64)
+            if bad is not None:
+                w_bad, b_bad = runtime.unembed_rows(bad)
+                direction = direction - w_bad.to(device, f64)
+                if dbias is not None and b_bad is not None:
+                    dbias = dbias - b_bad.to(device, f64)
+            u = frozen.pullback(direction)  # [n, d]: a write's part is write . u
 
-        if softcap is None:
-            target = model_diff
-        else:  # the pre-cap difference: the model's own ln_final output through the head
-            normed = got["ln_final"].to(device, f64)
-            target = (normed * direction).sum(-1) + (0.0 if dbias is None else dbias)
+            if softcap is None:
+                target = model_diff
+            else:  # the pre-cap difference: the model's own ln_final output through the head
+                normed = got["ln_final"].to(device, f64)
+                target = (normed * direction).sum(-1) + (0.0 if dbias is None else dbias)
 
-        part_names: list[str] = []
-        columns: list[torch.Tensor] = []
+            part_names: list[str] = []
+            columns: list[torch.Tensor] = []
 
-        def add(name: str, value: torch.Tensor) -> None:
-            part_names.append(name)
-            columns.append(value.reshape(n, -1) if value.dim() > 1 else value[:, None])
+            def add(name: str, value: torch.Tensor) -> None:
+                part_names.append(name)
+                columns.append(value.reshape(n, -1) if value.dim() > 1 else value[:, None])
 
-        def dot(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return (x.to(device, f64) * v).sum(-1)
+            def dot(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return (x.to(device, f64) * v).sum(-1)
 
-        start = got["blocks.0.resid_pre"].to(device, f64)
-        if pos_path is not None:
-            pos = got[pos_path].to(device, f64)
-            add("embed", dot(start - pos, u))
-            add("pos_embed", dot(pos, u))
-        else:
-            add("embed", dot(start, u))
+            start = got["blocks.0.resid_pre"].to(device, f64)
+            if pos_path is not None:
+                pos = got[pos_path].to(device, f64)
+                add("embed", dot(start - pos, u))
+                add("pos_embed", dot(pos, u))
+            else:
+                add("embed", dot(start, u))
 
-        for layer in range(n_layers):
-            layer_total = torch.zeros(n, dtype=f64, device=device)
-            for block, inner, word in (("attn", "attn.z", "head"), ("mlp", "mlp.post", "neuron")):
-                if not split[block]:
-                    value = dot(got[f"blocks.{layer}.{block}"], u)
-                    if unit == "layer":
-                        layer_total = layer_total + value
-                    else:
-                        add(f"blocks.{layer}.{block}", value)
-                    continue
-                v = u
-                extra_bias = torch.zeros(n, dtype=f64, device=device)
-                if post[block] is not None:
-                    pnorm = runtime.freeze_post_norm(layer, block,
-                                                     got[f"blocks.{layer}.{post[block]}"], f64)
-                    v = pnorm.pullback(u)
-                    if pnorm.bias is not None:
-                        extra_bias = (pnorm.bias * u).sum(-1)
-                w, b = runtime.output_projection(layer, block)  # [d_in, d_model]
-                # [n, d_in]: each input unit's part per unit of its activation. The product
-                # runs in the weights' dtype (a float64 copy of every projection would cost
-                # more than the forward); its rounding (~1e-7 relative) is far below 1e-4
-                coeff = (v.to(w.dtype) @ w.to(device).T).to(f64)
-                x = got[f"blocks.{layer}.{inner}"].to(device, f64).reshape(n, -1)
-                contrib = x * coeff  # [n, d_in]
-                if block == "attn":
-                    contrib = contrib.reshape(n, model.n_heads, -1).sum(-1)
-                for j in range(contrib.shape[1]):
-                    part_names.append(f"blocks.{layer}.{block}.{word}.{j}")
-                columns.append(contrib)
-                bias_value = extra_bias + (0.0 if b is None else (b.to(device, f64) * v).sum(-1))
-                add(f"blocks.{layer}.{block}.bias", bias_value)
-            if unit == "layer":
-                add(f"blocks.{layer}", layer_total)
-        if frozen.bias is not None:
-            add("ln_final.bias", (frozen.bias * direction).sum(-1))
-        if dbias is not None:
-            add("unembed.bias", dbias)
+            for layer in range(n_layers):
+                layer_total = torch.zeros(n, dtype=f64, device=device)
+                for block, inner, word in (("attn", "attn.z", "head"),
+                                           ("mlp", "mlp.post", "neuron")):
+                    if not split[block]:
+                        value = dot(got[f"blocks.{layer}.{block}"], u)
+                        if unit == "layer":
+                            layer_total = layer_total + value
+                        else:
+                            add(f"blocks.{layer}.{block}", value)
+                        continue
+                    v = u
+                    extra_bias = torch.zeros(n, dtype=f64, device=device)
+                    if post[block] is not None:
+                        pnorm = runtime.freeze_post_norm(layer, block,
+                                                         got[f"blocks.{layer}.{post[block]}"], f64)
+                        v = pnorm.pullback(u)
+                        if pnorm.bias is not None:
+                            extra_bias = (pnorm.bias * u).sum(-1)
+                    w, b = runtime.output_projection(layer, block)  # [d_in, d_model]
+                    # [n, d_in]: each input unit's part per unit of its activation. The product
+                    # runs in the weights' dtype (a float64 copy of every projection would cost
+                    # more than the forward); its rounding (~1e-7 relative) is far below 1e-4
+                    coeff = (v.to(w.dtype) @ w.to(device).T).to(f64)
+                    x = got[f"blocks.{layer}.{inner}"].to(device, f64).reshape(n, -1)
+                    contrib = x * coeff  # [n, d_in]
+                    if block == "attn":
+                        contrib = contrib.reshape(n, model.n_heads, -1).sum(-1)
+                    for j in range(contrib.shape[1]):
+                        part_names.append(f"blocks.{layer}.{block}.{word}.{j}")
+                    columns.append(contrib)
+                    bias_value = extra_bias + (
+                        0.0 if b is None else (b.to(device, f64) * v).sum(-1))
+                    add(f"blocks.{layer}.{block}.bias", bias_value)
+                if unit == "layer":
+                    add(f"blocks.{layer}", layer_total)
+            if frozen.bias is not None:
+                add("ln_final.bias", (frozen.bias * direction).sum(-1))
+            if dbias is not None:
+                add("unembed.bias", dbias)
 
-        per_prompt = torch.cat(columns, dim=1).cpu()
-        targets = target.cpu()
-        error = float((per_prompt.sum(1) - targets).abs().max())
+            per_prompt = torch.cat(columns, dim=1).cpu()
+            targets = target.cpu()
+            error = float((per_prompt.sum(1) - targets).abs().max())
 
     decode = _decoder(model)
     prompts = texts if texts is not None else [model.tokenizer.decode(r) for r in rows_ids]

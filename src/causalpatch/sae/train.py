@@ -37,6 +37,7 @@ import torch
 from ..errors import InvalidArgumentError
 from ..hooks import Hook, StopForward, hooked
 from ..names import Site, hook_name_for_site
+from ..options import check_threads, using_threads
 from .model import SparseAutoencoder, bind_sae
 from .splicing import splice
 
@@ -373,8 +374,8 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
               train_tokens: int = 100_000, eval_tokens: int = 4096, context: int = 128,
               epochs: int = 8, batch_tokens: int = 512, lr: float = 4e-4, seed: int = 0,
               docs: Sequence[tuple[str, str]] | None = None,
-              log: Callable[[str], None] | None = None) -> tuple[SparseAutoencoder,
-                                                                 TrainingReport]:
+              log: Callable[[str], None] | None = None, threads: int | None = None
+              ) -> tuple[SparseAutoencoder, TrainingReport]:
     """Train an SAE on ``site`` activations of real text (:func:`training_texts`).
 
     Activations are collected once (positions after the first of each ``context``-token
@@ -383,11 +384,14 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
     into the saved weights, so the SAE reads raw activations), and trained with Adam for ``epochs``
     passes. ``topk``: MSE + OpenAI's AuxK loss (coefficient 1/32) for dead latents; ``standard``:
     MSE + ``l1_coefficient * sum(f * |W_dec|)`` (ReLU). Decoder rows are kept at unit norm.
+    ``threads``: torch's CPU threads while it collects, trains and evaluates (default: torch's
+    current setting), restored afterwards; as ``threads=`` of every method.
 
     Returns:
         ``(sae, report)``; the report holds explained variance, L0, dead features and the
         next-token loss with the SAE spliced in, on held-out sequences.
     """
+    check_threads(threads)
     if architecture not in ("topk", "standard"):
         raise InvalidArgumentError(f"train_sae trains 'topk' or 'standard' SAEs, got "
                                    f"{architecture!r}")
@@ -410,50 +414,51 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
             f"the texts hold {ids.shape[0] * per_seq} usable tokens, fewer than train_tokens + "
             f"eval_tokens = {train_tokens + eval_tokens}")
     eval_ids, train_ids = ids[:n_eval], ids[n_eval : n_eval + n_train]
-    say(f"collecting {n_train * per_seq} training activations at {site_.name}")
-    x_all = collect_activations(model, site_, train_ids)
-    x_eval_all = collect_activations(model, site_, eval_ids)
-    max_norm = SINK_NORM_FACTOR * float(x_all.norm(dim=-1).median())
-    x_train = ordinary_tokens(x_all, max_norm)
-    x_eval = ordinary_tokens(x_eval_all, max_norm)
-    n_sinks = (x_all.shape[0] - x_train.shape[0]) + (x_eval_all.shape[0] - x_eval.shape[0])
-    say(f"left out {n_sinks} attention-sink tokens (norm > {max_norm:.0f})")
-    del x_all
-    times["collect"] = time.perf_counter() - t0
+    with using_threads(threads):
+        say(f"collecting {n_train * per_seq} training activations at {site_.name}")
+        x_all = collect_activations(model, site_, train_ids)
+        x_eval_all = collect_activations(model, site_, eval_ids)
+        max_norm = SINK_NORM_FACTOR * float(x_all.norm(dim=-1).median())
+        x_train = ordinary_tokens(x_all, max_norm)
+        x_eval = ordinary_tokens(x_eval_all, max_norm)
+        n_sinks = (x_all.shape[0] - x_train.shape[0]) + (x_eval_all.shape[0] - x_eval.shape[0])
+        say(f"left out {n_sinks} attention-sink tokens (norm > {max_norm:.0f})")
+        del x_all
+        times["collect"] = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    weights, counts, fired_ever, n, total = fit_sae(
-        x_train, n_features, architecture=architecture, k=k, l1_coefficient=l1_coefficient,
-        epochs=epochs, batch_tokens=batch_tokens, lr=lr, seed=seed, log=say)
-    times["train"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        weights, counts, fired_ever, n, total = fit_sae(
+            x_train, n_features, architecture=architecture, k=k, l1_coefficient=l1_coefficient,
+            epochs=epochs, batch_tokens=batch_tokens, lr=lr, seed=seed, log=say)
+        times["train"] = time.perf_counter() - t1
 
-    hook_name = hook_name_for_site(site_.name)
-    sae = SparseAutoencoder(
-        d_in, n_features, architecture, hook_name=hook_name, model_name=model.name,
-        k=k if architecture == "topk" else None, weights=weights,
-        metadata={"context_size": context, "prepend_bos": False,
-                  "dataset_path": "causalpatch.sae.training_texts: " + ", ".join(per_source),
-                  "exclude_first_positions": 1, "sink_norm_threshold": max_norm,
-                  "trained_with": "causalpatch sae train", "train_tokens": int(n),
-                  "epochs": epochs, "seed": seed})
-    sae.log_sparsity = torch.log10(counts / max(1, n) + 1e-10)
-    t2 = time.perf_counter()
-    stats = evaluate_sae(model, sae, x_eval, eval_ids, max_norm=max_norm)
-    times["eval"] = time.perf_counter() - t2
-    with torch.no_grad():
-        for lo in range(0, x_eval.shape[0], 4096):
-            fired_ever |= (sae.encode(x_eval[lo : lo + 4096]) > 0).any(0)
-    report = TrainingReport(
-        model_name=model.name, site=site_.name, hook_name=hook_name, architecture=architecture,
-        d_sae=n_features, k=k if architecture == "topk" else None,
-        l1_coefficient=l1_coefficient if architecture == "standard" else None,
-        train_tokens=int(n), eval_tokens=int(x_eval.shape[0]), context=context, epochs=epochs,
-        steps=total, lr=lr, seed=seed, text_tokens=per_source,
-        explained_variance=stats["explained_variance"], l0=stats["l0"],
-        dead_fraction=1 - float(fired_ever.float().mean()), ce_clean=stats["ce_clean"],
-        ce_spliced=stats["ce_spliced"], ce_zero=stats["ce_zero"],
-        ce_recovered=stats["ce_recovered"], sink_tokens=int(n_sinks), sink_norm=max_norm,
-        seconds=times)
+        hook_name = hook_name_for_site(site_.name)
+        sae = SparseAutoencoder(
+            d_in, n_features, architecture, hook_name=hook_name, model_name=model.name,
+            k=k if architecture == "topk" else None, weights=weights,
+            metadata={"context_size": context, "prepend_bos": False,
+                      "dataset_path": "causalpatch.sae.training_texts: " + ", ".join(per_source),
+                      "exclude_first_positions": 1, "sink_norm_threshold": max_norm,
+                      "trained_with": "causalpatch sae train", "train_tokens": int(n),
+                      "epochs": epochs, "seed": seed})
+        sae.log_sparsity = torch.log10(counts / max(1, n) + 1e-10)
+        t2 = time.perf_counter()
+        stats = evaluate_sae(model, sae, x_eval, eval_ids, max_norm=max_norm)
+        times["eval"] = time.perf_counter() - t2
+        with torch.no_grad():
+            for lo in range(0, x_eval.shape[0], 4096):
+                fired_ever |= (sae.encode(x_eval[lo : lo + 4096]) > 0).any(0)
+        report = TrainingReport(
+            model_name=model.name, site=site_.name, hook_name=hook_name, architecture=architecture,
+            d_sae=n_features, k=k if architecture == "topk" else None,
+            l1_coefficient=l1_coefficient if architecture == "standard" else None,
+            train_tokens=int(n), eval_tokens=int(x_eval.shape[0]), context=context, epochs=epochs,
+            steps=total, lr=lr, seed=seed, text_tokens=per_source,
+            explained_variance=stats["explained_variance"], l0=stats["l0"],
+            dead_fraction=1 - float(fired_ever.float().mean()), ce_clean=stats["ce_clean"],
+            ce_spliced=stats["ce_spliced"], ce_zero=stats["ce_zero"],
+            ce_recovered=stats["ce_recovered"], sink_tokens=int(n_sinks), sink_norm=max_norm,
+            seconds=times)
     sae.metadata["training_report"] = {k: v for k, v in report.to_dict().items()
                                        if k not in ("seconds",)}
     return sae, report

@@ -5,6 +5,7 @@ training report. The group is its own typer app (:data:`sae_app`), added under `
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -15,6 +16,7 @@ from ..failures import error, user_errors
 from ..options import MODEL_HELP
 from ..outputs import check_out_dir, emit_json
 from ..state import State, chatty, console, out_console
+from ..sweeps import Steps
 
 #: The SAELens files of an SAE folder (mirrors causalpatch.sae.format, which imports torch).
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
@@ -91,7 +93,8 @@ def sae_train(
       causalpatch sae train --model smollm2 --site blocks.20.resid_post \\
         --features 2048 --k 32 --tokens 100000 --out out/sae
     """
-    with user_errors():
+    steps = Steps(out, None, as_json or State.json, total=1, resumable=False)
+    with user_errors(), steps.interruptible():  # Ctrl-C/SIGTERM: a message, exit 130/143
         State.json = as_json = as_json or State.json
         if storage_dtype not in ("float16", "float32"):
             raise error(f"--storage-dtype must be float16 or float32, got {storage_dtype!r}")
@@ -104,7 +107,7 @@ def sae_train(
         check_out_dir(out)
         info = model_info.inspect_model(model)  # --site's layer against the config, no weights
         if info is not None and site.startswith("blocks."):
-            check_component(info, site, None)
+            check_component(info, site, None, option="--site")
         if threads is None:
             threads = State.threads
         import torch
@@ -117,10 +120,17 @@ def sae_train(
         m = runtime.load_model(model)
         log = (lambda msg: None) if not chatty(as_json) else (
             lambda msg: console.print(escape(msg)))
-        sae, report = train_sae(m, site, features, architecture=architecture, k=k,
-                                l1_coefficient=l1, train_tokens=tokens,
-                                eval_tokens=eval_tokens, epochs=epochs, lr=lr, seed=seed,
-                                log=log)
+        trained: list[tuple[Any, Any]] = []
+
+        def train(ckpt: str | None, progress: Any) -> list[Any]:
+            trained.append(train_sae(m, site, features, architecture=architecture, k=k,
+                                     l1_coefficient=l1, train_tokens=tokens,
+                                     eval_tokens=eval_tokens, epochs=epochs, lr=lr, seed=seed,
+                                     log=log))
+            return []  # the SAE is saved below, not as a result JSON
+
+        steps.run(1, "sae", "SAE training", train, checkpointed=False)
+        sae, report = trained[0]
         folder = save_sae(sae, out, storage_dtype=getattr(torch, storage_dtype))
     if as_json:
         emit_json({"folder": str(folder), **report.to_dict()})
