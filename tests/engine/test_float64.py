@@ -32,6 +32,7 @@ from conftest import tiny_hf_model, tiny_tokenizer
 from causalpatch import InterpretableModel, ablate, activation_patching, attribution_patching
 from causalpatch.engine import collect_sites, patched_logits, run_base_and_source
 from causalpatch.enums import Engine
+from causalpatch.errors import UnknownComponentError
 from causalpatch.plan import build_patches, make_pairs, plan_component, resolve_positions
 
 CLEAN, CORRUPTED = "abcdefghijkl", "abcdeXghijkl"  # 12 tokens, differ at position 5
@@ -76,7 +77,9 @@ def _neurons(model):
 def test_float64_fast_engine_equals_naive_loop(model64, component, by_position, one_thread):
     family, model = model64
     if component == "resid_mid" and family == "gpt_neox_parallel":
-        pytest.skip("resid_mid is not defined for parallel-residual models")
+        with pytest.raises(UnknownComponentError, match="parallel residual"):
+            model.site("blocks.1.resid_mid")  # not defined there: refused, nothing to compare
+        return
     pair = make_pairs(model, CLEAN, CORRUPTED, 5, 6)[0]
     neurons = _neurons(model) if component == "mlp_neuron" else None
     plan = plan_component(model, component, None, None, neurons)
@@ -105,7 +108,9 @@ ANSWERS = dict(correct=5, incorrect=6, normalize=False)
 def test_float64_activation_patching_fast_equals_naive(model64, component, one_thread):
     family, model = model64
     if component == "resid_mid" and family == "gpt_neox_parallel":
-        pytest.skip("resid_mid is not defined for parallel-residual models")
+        with pytest.raises(UnknownComponentError, match="parallel residual"):
+            model.site("blocks.1.resid_mid")  # not defined there: refused, nothing to compare
+        return
     kw = dict(component=component, by_position=component.startswith("resid"), **ANSWERS)
     if component == "mlp_neuron":
         kw["neurons"] = _neurons(model)

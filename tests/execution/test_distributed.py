@@ -52,8 +52,8 @@ MIN_CELLS = 2
 def same(remote, local, what: str, rtol: float = TOL) -> None:
     """``remote`` equals ``local`` by the suite's rule (effects; unpatched value 0)."""
     assert_matches_reference(remote, local, 0.0, rtol=rtol, min_cells=MIN_CELLS, what=what)
-ray = pytest.importorskip("ray", reason="needs the distributed extra: pip install "
-                                        "'causalpatch[distributed]'")
+# `make test` installs the distributed extra: a missing Ray fails here, loudly, not skipped.
+import ray  # noqa: E402
 
 from causalpatch import (InterpretableModel, ablate, activation_patching,  # noqa: E402
                          attribution_patching, causal_tracing, path_patching)

@@ -1227,7 +1227,7 @@ class InProcessExecutor:
 
 
 def test_the_executor_path_is_wired(lm, monkeypatch, one_thread):
-    pytest.importorskip("ray", reason="the evaluator factory is serialised with Ray's cloudpickle")
+    import ray  # noqa: F401 - installed by `make test`; the factory goes through its cloudpickle
     monkeypatch.setattr("causalpatch.options.resolve_executor", lambda executor, model: executor)
     sae = tiny_sae()
     d = two_lengths()
