@@ -1,10 +1,11 @@
 """How well AtP and AtP* rank components against exact activation patching, over many pairs.
 
 For each task (IOI, factual recall; ``--pairs`` pairs each, SmolLM2-135M-Instruct, float32) and
-each component kind (``attn_head``, ``attn_head_q``, ``attn_head_k``, ``mlp``, ``resid_post``;
-all positions jointly; ``resid_post`` by position), runs the exact sweep (:func:`causalpatch.activation_patching`) and the
-first-order estimates (:func:`causalpatch.attribution_patching`, ``method="atp"`` and
-``"atp*"``), then reports, over the dataset's mean effects:
+each component kind (``attn_head``, ``attn_head_q``, ``attn_head_k``, ``mlp``: all positions
+jointly; ``resid_post`` by position), runs the exact sweep
+(:func:`causalpatch.activation_patching`) and the first-order estimates
+(:func:`causalpatch.attribution_patching`, ``method="atp"`` and ``"atp*"``), then reports,
+over the dataset's mean effects:
 
 * Spearman's rho between the estimate and the exact effect (with a 95% bootstrap interval over
   pairs: pairs resampled, both mean effects recomputed from ``per_pair``);
@@ -35,6 +36,19 @@ COMPONENTS = ("attn_head", "attn_head_q", "attn_head_k", "mlp", "resid_post")
 #: Sweep options per component: ``resid_post`` over all positions jointly restores the whole
 #: residual stream (every layer's exact effect is 1.0, a ranking of ties), so it is by position.
 OPTIONS: dict[str, dict[str, Any]] = {"resid_post": {"by_position": True}}
+#: A by-position sweep needs pairs of one token length: such components run on ``--pairs``
+#: pairs of the most common length among this many times as many pairs of the same seed.
+DRAW_FACTOR = 6
+
+
+def one_length(model: Any, make: Any, n: int) -> tuple[int, Any]:
+    """``(length, data)``: ``n`` pairs of one token length (the most common one) from
+    ``make(n * DRAW_FACTOR)``."""
+    length, same = next(iter(make(n * DRAW_FACTOR).by_length(model).items()))
+    if len(same) < n:
+        raise SystemExit(f"only {len(same)} pairs of one length ({length} tokens) among "
+                         f"{n * DRAW_FACTOR}; lower --pairs or raise DRAW_FACTOR")
+    return length, same.subset(range(n))
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -110,8 +124,8 @@ def main() -> None:
     from causalpatch.datasets import FactualRecallDataset, IOIDataset
 
     model = InterpretableModel("smollm2")
-    tasks = {"ioi": IOIDataset(model, n=args.pairs, seed=0),
-             "factual": FactualRecallDataset(model, n=args.pairs, seed=0)}
+    makers = {"ioi": lambda n: IOIDataset(model, n=n, seed=0),
+              "factual": lambda n: FactualRecallDataset(model, n=n, seed=0)}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=False).stdout.strip() or None
     out: dict[str, Any] = {"model": model.name, "pairs": args.pairs, "threads": args.threads,
@@ -119,15 +133,23 @@ def main() -> None:
                            "command": "python benchmarks/atp_accuracy.py " + " ".join(
                                sys.argv[1:]),
                            "n_boot": args.n_boot, "results": {}}
-    for task, data in tasks.items():
+    for task, make in makers.items():
         for component in args.components.split(","):
             row: dict[str, Any] = {}
-            t0 = time.perf_counter()
             opts = OPTIONS.get(component, {})
+            if opts.get("by_position"):
+                length, data = one_length(model, make, args.pairs)
+                row["pairs_note"] = (f"{args.pairs} pairs of one token length ({length}), "
+                                     f"the most common among "
+                                     f"{args.pairs * DRAW_FACTOR} pairs of seed 0")
+            else:
+                data = make(args.pairs)
+            t0 = time.perf_counter()
             exact = activation_patching(model, data, component=component, progress=False,
                                         **opts)
             row["exact_s"] = time.perf_counter() - t0
             assert exact.per_pair is not None
+            estimates: dict[str, torch.Tensor] = {}
             for method in ("atp", "atp*"):
                 t0 = time.perf_counter()
                 est = attribution_patching(model, data, component=component, method=method,
@@ -143,6 +165,17 @@ def main() -> None:
                                                        args.n_boot, seed=0)
                 stats["seconds"] = seconds
                 row[method] = stats
+                estimates[method] = est.effect_matrix
+            # the exact top 20 with both estimates: where the misses are
+            flat = exact.effect_matrix.flatten()
+            order = torch.argsort(flat.abs(), descending=True, stable=True)[:20].tolist()
+            shape = tuple(exact.effect_matrix.shape)
+            row["exact_top20"] = [
+                {"cell": list(torch.unravel_index(torch.tensor(i), shape)[j].item()
+                              for j in range(len(shape))),
+                 "exact": float(flat[i]),
+                 **{m: float(estimates[m].flatten()[i]) for m in ("atp", "atp*")}}
+                for i in order]
             out["results"][f"{task}/{component}"] = row
             print(task, component, {m: {k: (round(v, 3) if isinstance(v, float) else v)
                                         for k, v in row[m].items() if k != "spearman_ci95"}
