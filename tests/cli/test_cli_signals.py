@@ -238,6 +238,7 @@ def test_sae_train_checks_come_before_the_weights_load(tiny_cli, monkeypatch, tm
                                   "--out", str(tmp_path / "sae")])
     assert res.exit_code == 2, res.output
     assert fragment in res.output
+    assert not (tmp_path / "sae" / CHECKPOINT_DIR).exists()  # no checkpoint folder either
 
 
 def test_sae_info_on_a_bad_folder_fails_without_torch(tmp_path):

@@ -128,10 +128,10 @@ def sae_train(
             raise error("--k, --eval-tokens and --lr must be positive")
         check_site(site)
         check_out_dir(out)
-        steps.prepare()
         info = model_info.inspect_model(model)  # --site's layer against the config, no weights
         if info is not None and site.startswith("blocks."):
             check_component(info, site, None, option="--site")
+        steps.prepare()  # every check passed: the checkpoint folder
         if threads is None:
             threads = State.threads
         import torch
