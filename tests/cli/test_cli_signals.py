@@ -327,7 +327,7 @@ def test_sae_train_ctrl_c_checkpoints_epochs_and_resumes_to_the_identical_sae(ti
     assert ckpt.exists()
 
     resumed = _run([*args, "--out", str(out), "--resume"])
-    assert "continuing after epoch 1/3" in " ".join(resumed.stderr.split())
+    assert "(epoch 1/3 finished) from the checkpoint" in " ".join(resumed.stderr.split())
     assert not (out / CHECKPOINT_DIR).exists()  # removed once the SAE is written
     reference = tmp_path / "reference"
     _run([*args, "--out", str(reference)])
@@ -336,3 +336,33 @@ def test_sae_train_ctrl_c_checkpoints_epochs_and_resumes_to_the_identical_sae(ti
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((out / "cfg.json").read_text()) == json.loads(
         (reference / "cfg.json").read_text())
+
+
+def test_sae_interrupt_message_names_steps_within_an_epoch(make_tiny_lm, tmp_path,
+                                                            monkeypatch, one_thread):
+    """With ``--checkpoint-steps``, a checkpoint taken within an epoch is described by its
+    finished epochs and the steps of the running one."""
+    from causalpatch.cli.commands.sae import describe_checkpoint, epochs_checkpointed
+    from causalpatch.sae.checkpoint import TrainingCheckpoint, checkpoint_status
+    from causalpatch.sae.train import train_sae, training_texts
+
+    real = TrainingCheckpoint.save_state
+
+    def save_then_stop(self, state):
+        real(self, state)
+        if int(state["step"]) == 13:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingCheckpoint, "save_state", save_then_stop)
+    path = tmp_path / "sae.json"
+    assert describe_checkpoint(path) is None and epochs_checkpointed(path) == (0, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(make_tiny_lm("llama"), "blocks.1.resid_post", 32, k=4, train_tokens=1500,
+                  eval_tokens=200, context=32, epochs=3, batch_tokens=128,
+                  docs=list(training_texts(("known_facts",)))[:200], checkpoint=path,
+                  checkpoint_steps=13)
+    steps_per_epoch = checkpoint_status(path).steps // 3
+    assert 13 - steps_per_epoch > 0  # within the second epoch
+    assert epochs_checkpointed(path) == (1, 3)
+    assert describe_checkpoint(path) == (f"the collected activations and 1 of 3 epochs, "
+                                         f"{13 - steps_per_epoch} steps of epoch 2")

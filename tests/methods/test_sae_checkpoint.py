@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import causalpatch.sae.train as sae_train
-from causalpatch.errors import CheckpointMismatchError, CorruptResultError
+from causalpatch.errors import CheckpointMismatchError, CorruptResultError, InvalidArgumentError
 from causalpatch.sae.checkpoint import checkpoint_status, sibling
 from causalpatch.sae.train import train_sae, training_texts
 
@@ -82,7 +82,7 @@ def test_interrupted_training_continues_to_bitwise_the_uninterrupted_sae(
     with pytest.raises(Stop):
         train_sae(lm, SITE, features, architecture=architecture, docs=docs, checkpoint=path,
                   progress=_stop_after(stop), **settings)
-    assert checkpoint_status(path) == (True, stop, epochs)
+    assert checkpoint_status(path)[:3] == (True, stop, epochs)
     at_stop = load_file(sibling(path, "state"))
     if epochs > 3:  # the dead-latent path is exercised after the resume
         assert int((at_stop["since_fired"] > 20_000).sum()) > 0
@@ -97,7 +97,7 @@ def test_interrupted_training_continues_to_bitwise_the_uninterrupted_sae(
     sae, report = train_sae(lm, SITE, features, architecture=architecture, docs=docs,
                             checkpoint=path, progress=lambda d, t: seen.append(d), **settings)
     assert seen == list(range(stop + 1, epochs + 1))  # finished epochs are not trained again
-    assert checkpoint_status(path) == (True, epochs, epochs)
+    assert checkpoint_status(path)[:3] == (True, epochs, epochs)
     # Observed: bitwise equal (the same float32 operations in the same order on the same
     # saved bits); the bound is therefore equality, not a tolerance.
     for name, weight in reference.state_dict().items():
@@ -175,3 +175,50 @@ def test_stale_tensor_files_of_another_run_are_ignored(lm, docs, tmp_path, one_t
     assert seen == [1, 2, 3]
     reference, _ = train_sae(lm, SITE, 48, docs=docs, **{**SETTINGS, "seed": 5})
     assert torch.equal(sae.W_dec, reference.W_dec)
+
+
+@pytest.mark.parametrize("stop_at", [4, 12])
+def test_a_resume_within_an_epoch_is_as_exact(lm, docs, tmp_path, monkeypatch, one_thread,
+                                               stop_at):
+    """``checkpoint_steps=4``: interrupted right after the save at step ``stop_at`` (within
+    the first or the second epoch of ~11 steps), the run continues mid-epoch, reshuffling from
+    the saved generator state, to bitwise the uninterrupted SAE."""
+    from causalpatch.sae.checkpoint import TrainingCheckpoint
+
+    reference, ref_report = train_sae(lm, SITE, 48, docs=docs, **SETTINGS)
+    path = tmp_path / "sae.json"
+    real = TrainingCheckpoint.save_state
+    saved: list[int] = []
+
+    def save_then_stop(self: Any, state: dict[str, torch.Tensor]) -> None:
+        real(self, state)
+        saved.append(int(state["step"]))
+        if saved[-1] == stop_at:
+            raise Stop
+
+    monkeypatch.setattr(TrainingCheckpoint, "save_state", save_then_stop)
+    with pytest.raises(Stop):
+        train_sae(lm, SITE, 48, docs=docs, checkpoint=path, checkpoint_steps=4, **SETTINGS)
+    status = checkpoint_status(path)
+    per_epoch = status.steps // 3
+    assert status.steps_done == stop_at and stop_at % per_epoch != 0  # within an epoch
+    assert status.epochs_done == stop_at // per_epoch
+    monkeypatch.setattr(TrainingCheckpoint, "save_state", real)
+    sae, report = train_sae(lm, SITE, 48, docs=docs, checkpoint=path, checkpoint_steps=4,
+                            **SETTINGS)
+    # Observed: bitwise equal, as for a resume at an epoch's end.
+    for name, weight in reference.state_dict().items():
+        assert torch.equal(sae.state_dict()[name], weight), name
+    assert torch.equal(sae.log_sparsity, reference.log_sparsity)
+    assert report.explained_variance == ref_report.explained_variance
+    assert checkpoint_status(path).steps_done == status.steps
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_checkpoint_steps_is_refused_before_any_forward(lm, docs, tmp_path, monkeypatch,
+                                                            bad):
+    calls = _count_forwards(lm, monkeypatch)
+    with pytest.raises(InvalidArgumentError, match="checkpoint_steps must be a positive int"):
+        train_sae(lm, SITE, 48, docs=docs, checkpoint=tmp_path / "s.json",
+                  checkpoint_steps=bad, **SETTINGS)
+    assert calls == [] and not (tmp_path / "s.json").exists()

@@ -11,9 +11,9 @@ A checkpoint is three files beside each other (``P`` is the path given as ``chec
 * ``P.activations.safetensors`` (stem + suffix): the collected activations (training and
   held-out tokens, attention sinks already left out) and the sink threshold, written once
   after the collection.
-* ``P.state.safetensors``: after every finished epoch, the SAE's weights, Adam's state
-  (``step``, ``exp_avg``, ``exp_avg_sq`` per weight, as tensors), the generator's state, the
-  dead-feature counters and the number of finished epochs.
+* ``P.state.safetensors``: after every finished epoch (and, if asked, every N steps within
+  one), the SAE's weights, Adam's state (``step``, ``exp_avg``, ``exp_avg_sq`` per weight, as
+  tensors), the generator's state, the dead-feature counters and the steps and epochs done.
 
 Every file is written atomically (a temporary file in the same folder, ``fsync``,
 ``os.replace``), so an interrupt at any moment leaves the previous version. The tensor files
@@ -29,7 +29,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -64,19 +64,32 @@ def header_metadata(path: Path) -> dict[str, str] | None:
     return meta if isinstance(meta, dict) else {}
 
 
-def checkpoint_status(path: str | os.PathLike[str]) -> tuple[bool, int, int]:
-    """``(activations saved, epochs finished, epochs)`` of the checkpoint at ``path``
-    (``(False, 0, 0)`` if there is none). Reads only the manifest and the files' headers."""
+class Status(NamedTuple):
+    """What a checkpoint holds (:func:`checkpoint_status`)."""
+
+    activations: bool
+    epochs_done: int
+    epochs: int
+    steps_done: int = 0
+    steps: int = 0
+
+
+def checkpoint_status(path: str | os.PathLike[str]) -> Status:
+    """``(activations saved, epochs finished, epochs, steps done, steps)`` of the checkpoint
+    at ``path`` (all zero if there is none). Reads only the manifest and the files'
+    headers."""
     path = Path(path)
     try:
         manifest = json.loads(path.read_text("utf-8"))
         key, epochs = manifest["key"], int(manifest["settings"]["epochs"])
     except (OSError, ValueError, KeyError, TypeError):
-        return False, 0, 0
+        return Status(False, 0, 0)
     acts = header_metadata(sibling(path, "activations"))
     state = header_metadata(sibling(path, "state"))
-    done = int(state["epoch"]) if state and state.get("key") == key else 0
-    return bool(acts and acts.get("key") == key), done, epochs
+    if not state or state.get("key") != key:
+        return Status(bool(acts and acts.get("key") == key), 0, epochs)
+    return Status(bool(acts and acts.get("key") == key), int(state["epoch"]), epochs,
+                  int(state["step"]), int(state["steps"]))
 
 
 @dataclass
@@ -149,11 +162,12 @@ class TrainingCheckpoint:
     def save_activations(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         self._save("activations", tensors, meta)
 
-    def load_state(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """``(finished epochs, training state)`` of the last finished epoch, or None."""
+    def load_state(self) -> dict[str, torch.Tensor] | None:
+        """The last saved training state (``fit_sae``'s ``state``), or None."""
         loaded = self._load("state")
-        return None if loaded is None else (int(loaded[1]["epoch"]), loaded[0])
+        return None if loaded is None else loaded[0]
 
-    def save_state(self, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
-        """The training state after ``epoch`` finished epochs."""
-        self._save("state", tensors, {"epoch": str(epoch)})
+    def save_state(self, state: dict[str, torch.Tensor]) -> None:
+        """A training state (with the scalars ``step``, ``epoch`` and ``steps``)."""
+        self._save("state", state, {name: str(int(state[name]))
+                                    for name in ("step", "epoch", "steps")})

@@ -299,15 +299,17 @@ def evaluate_sae(model: HookedModel, sae: Any, acts: torch.Tensor,
 def fit_sae(x_train: torch.Tensor, n_features: int, *, architecture: str = "topk",
             k: int = 32, l1_coefficient: float = 3.0, epochs: int = 8, batch_tokens: int = 512,
             lr: float = 4e-4, seed: int = 0, log: Callable[[str], None] | None = None,
-            state: dict[str, torch.Tensor] | None = None, start_epoch: int = 0,
-            after_epoch: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+            state: dict[str, torch.Tensor] | None = None,
+            save: Callable[[dict[str, torch.Tensor]], None] | None = None,
+            save_every: int | None = None
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int, int]:
     """Train SAE weights on activations ``x_train`` ``[n, d_in]`` (see :func:`train_sae`).
 
-    ``after_epoch(epochs finished, state)`` is called after every epoch with the whole training
-    state (weights, Adam's state, the generator's state, the dead-feature counters: a dict of
-    tensors); ``fit_sae(..., state=state, start_epoch=epochs finished)`` continues from it to
-    bitwise the weights of an uninterrupted run.
+    ``save(state)`` is called after every epoch, and within an epoch after every ``save_every``
+    steps, with the whole training state as a dict of tensors (weights, Adam's state, the
+    generator's state as of the epoch's shuffle, the dead-feature counters, the scalars
+    ``step``, ``epoch`` (finished epochs) and ``steps`` (all steps)); ``fit_sae(...,
+    state=state)`` continues from it to bitwise the weights of an uninterrupted run.
 
     Returns:
         ``(weights, firing counts in the last epoch [d_sae], fired at all [d_sae], n, steps)``;
@@ -344,20 +346,26 @@ def fit_sae(x_train: torch.Tensor, n_features: int, *, architecture: str = "topk
         since_fired = state["since_fired"].clone()
         fired_ever = state["fired_ever"].clone()
         counts = state["counts"].clone()
+    step = 0 if state is None else int(state["step"])
+    running = 0.0 if state is None else float(state["running"])
 
-    def snapshot() -> dict[str, torch.Tensor]:
+    def snapshot(generator: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {name: p.detach().clone() for name, p in params.items()}
         for name, p in params.items():
             for slot in ("step", "exp_avg", "exp_avg_sq"):
                 out[f"adam.{name}.{slot}"] = opt.state[p][slot].detach().clone()
-        return {**out, "generator": gen.get_state(), "since_fired": since_fired.clone(),
-                "fired_ever": fired_ever.clone(), "counts": counts.clone()}
+        return {**out, "generator": generator, "since_fired": since_fired.clone(),
+                "fired_ever": fired_ever.clone(), "counts": counts.clone(),
+                "step": torch.tensor(step), "epoch": torch.tensor(step // steps_per_epoch),
+                "steps": torch.tensor(total),
+                "running": torch.tensor(running, dtype=torch.float64)}
 
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(step // steps_per_epoch, epochs):
+        shuffled_from = gen.get_state()  # a save within this epoch shuffles again from here
         order = torch.randperm(n, generator=gen)
-        running = 0.0
-        for b in range(steps_per_epoch):
+        if step % steps_per_epoch == 0:
+            running = 0.0
+        for b in range(step % steps_per_epoch, steps_per_epoch):
             x = xs[order[b * batch_tokens : (b + 1) * batch_tokens]]
             pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
             if architecture == "topk":
@@ -391,10 +399,13 @@ def fit_sae(x_train: torch.Tensor, n_features: int, *, architecture: str = "topk
                 params["W_dec"] /= params["W_dec"].norm(dim=-1, keepdim=True).clamp_min(1e-8)
             running += float(mse.detach())
             step += 1
+            if save is not None and save_every and step % save_every == 0 and (
+                    b + 1 < steps_per_epoch):
+                save(snapshot(shuffled_from))
         say(f"epoch {epoch + 1}/{epochs}: normalised MSE {running / steps_per_epoch:.4f}, dead "
             f"{int((since_fired > dead_after).sum())}")
-        if after_epoch is not None:
-            after_epoch(epoch + 1, snapshot())
+        if save is not None:
+            save(snapshot(gen.get_state()))
     weights = {name: p.detach().clone() for name, p in params.items()}
     weights["W_enc"] *= scale  # fold the input scaling: the SAE reads raw activations
     weights["W_dec"] /= scale
@@ -409,6 +420,7 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
               docs: Sequence[tuple[str, str]] | None = None,
               log: Callable[[str], None] | None = None, threads: int | None = None,
               checkpoint: str | os.PathLike[str] | None = None,
+              checkpoint_steps: int | None = None,
               progress: Callable[[int, int], None] | None = None
               ) -> tuple[SparseAutoencoder, TrainingReport]:
     """Train an SAE on ``site`` activations of real text (:func:`training_texts`).
@@ -429,14 +441,20 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
     an interrupt or a kill, loads the activations instead of collecting them and continues
     from the last finished epoch, to bitwise the SAE of an uninterrupted run; a checkpoint of
     a run with other settings raises :class:`~causalpatch.errors.CheckpointMismatchError`
-    before any forward pass. ``progress(epochs finished, epochs)`` is called after every epoch
-    (once its state is saved).
+    before any forward pass. ``checkpoint_steps``: also save the state every that many
+    training steps within an epoch (for long epochs; a resume then continues mid-epoch, as
+    exactly). ``progress(epochs finished, epochs)`` is called after every epoch (once its
+    state is saved).
 
     Returns:
         ``(sae, report)``; the report holds explained variance, L0, dead features and the
         next-token loss with the SAE spliced in, on held-out sequences.
     """
     check_threads(threads)
+    if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or not isinstance(
+            checkpoint_steps, int) or checkpoint_steps < 1):
+        raise InvalidArgumentError(f"checkpoint_steps must be a positive int (steps between "
+                                   f"saves within an epoch) or None, got {checkpoint_steps!r}")
     if architecture not in ("topk", "standard"):
         raise InvalidArgumentError(f"train_sae trains 'topk' or 'standard' SAEs, got "
                                    f"{architecture!r}")
@@ -491,20 +509,24 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
         times["collect"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        start, state = (ckpt.load_state() if ckpt is not None else None) or (0, None)
-        if start:
-            say(f"continuing after epoch {start}/{epochs} from the checkpoint")
+        state = ckpt.load_state() if ckpt is not None else None
+        if state is not None:
+            say(f"continuing after step {int(state['step'])}/{int(state['steps'])} (epoch "
+                f"{int(state['epoch'])}/{epochs} finished) from the checkpoint")
+        reported = [0 if state is None else int(state["epoch"])]
 
-        def after_epoch(done: int, snapshot: dict[str, torch.Tensor]) -> None:
+        def save(snapshot: dict[str, torch.Tensor]) -> None:
             if ckpt is not None:
-                ckpt.save_state(done, snapshot)
-            if progress is not None:
+                ckpt.save_state(snapshot)
+            done = int(snapshot["epoch"])
+            if progress is not None and done > reported[0]:
+                reported[0] = done
                 progress(done, epochs)
 
         weights, counts, fired_ever, n, total = fit_sae(
             x_train, n_features, architecture=architecture, k=k, l1_coefficient=l1_coefficient,
             epochs=epochs, batch_tokens=batch_tokens, lr=lr, seed=seed, log=say, state=state,
-            start_epoch=start, after_epoch=after_epoch)
+            save=save, save_every=checkpoint_steps)
         times["train"] = time.perf_counter() - t1
 
         hook_name = hook_name_for_site(site_.name)

@@ -62,17 +62,25 @@ def epochs_checkpointed(path: Path) -> tuple[int, int]:
     """``(finished epochs, epochs)`` in the training checkpoint at ``path``."""
     from ...sae.checkpoint import checkpoint_status
 
-    return checkpoint_status(path)[1:]
+    status = checkpoint_status(path)
+    return status.epochs_done, status.epochs
 
 
 def describe_checkpoint(path: Path) -> str | None:
     """What the training checkpoint at ``path`` holds, for the interrupt message."""
     from ...sae.checkpoint import checkpoint_status
 
-    activations, done, epochs = checkpoint_status(path)
-    if not activations:
+    status = checkpoint_status(path)
+    if not status.activations:
         return None
-    return "the collected activations" + (f" and {done} of {epochs} epochs" if done else "")
+    what = "the collected activations"
+    if status.epochs_done:
+        what += f" and {status.epochs_done} of {status.epochs} epochs"
+    within = status.steps_done - status.epochs_done * (status.steps // max(1, status.epochs))
+    if within > 0:
+        what += f"{',' if status.epochs_done else ' and'} {within} steps of epoch " \
+                f"{status.epochs_done + 1}"
+    return what
 
 
 sae_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
@@ -97,6 +105,9 @@ def sae_train(
     threads: int | None = typer.Option(None, min=1, help="torch threads (default: the global "
                                        "--threads, else torch's)."),
     out: Path = typer.Option(Path("out/sae"), help="Output folder (SAELens format)."),
+    checkpoint_steps: int | None = typer.Option(
+        None, min=1, help="Also checkpoint every N training steps within an epoch (default: "
+        "after every epoch only)."),
     resume: bool | None = resume_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -151,6 +162,7 @@ def sae_train(
                                      l1_coefficient=l1, train_tokens=tokens,
                                      eval_tokens=eval_tokens, epochs=epochs, lr=lr, seed=seed,
                                      log=log, checkpoint=ckpt,
+                                     checkpoint_steps=checkpoint_steps,
                                      progress=progress if callable(progress) else None))
             return []  # the SAE is saved below, not as a result JSON
 
