@@ -238,6 +238,7 @@ def test_sae_train_checks_come_before_the_weights_load(tiny_cli, monkeypatch, tm
                                   "--out", str(tmp_path / "sae")])
     assert res.exit_code == 2, res.output
     assert fragment in res.output
+    assert not (tmp_path / "sae" / CHECKPOINT_DIR).exists()  # no checkpoint folder either
 
 
 def test_sae_info_on_a_bad_folder_fails_without_torch(tmp_path):
@@ -267,10 +268,10 @@ def test_interrupt_before_a_steps_first_checkpoint_says_it_starts_over(tmp_path,
     assert "0 of 0" not in message and "step3_mlp.json" not in message
 
 
-def test_sae_train_interrupted_says_nothing_was_written_and_how_to_start_over(
+def test_sae_train_interrupted_before_its_first_checkpoint_says_it_starts_over(
         tiny_cli, monkeypatch, tmp_path):
-    """``sae train`` keeps no checkpoint: an interrupt says so and how to start over (it has no
-    ``--resume``), exits 130, and writes nothing."""
+    """An interrupt before ``sae train`` has checkpointed anything: the message says the step
+    starts over and gives the resuming command; exit 130, no SAE written."""
     import causalpatch.sae.train as sae_train
 
     def interrupted(*args, **kwargs):
@@ -283,6 +284,85 @@ def test_sae_train_interrupted_says_nothing_was_written_and_how_to_start_over(
     assert res.exit_code == 130, res.output
     message = " ".join(res.output.split())
     assert "interrupted (SIGINT)" in message and "no result written" in message
-    assert "step 1/1 (SAE training) keeps no checkpoint: it starts over" in message
-    assert "start over with: causalpatch sae train" in message and "--resume" not in message
-    assert not out.exists()
+    assert "step 1/1 (SAE training) had not checkpointed anything yet: it starts over" \
+        in message
+    assert "resume with: causalpatch sae train" in message and message.endswith("--resume")
+    assert not (out / "cfg.json").exists()
+
+
+# -- sae train: the training checkpoint under real signals ---------------------------------------
+SAE_ARGS = ["--site", "blocks.1.resid_post", "--features", "32", "--k", "4",
+            "--tokens", "2000", "--eval-tokens", "300", "--epochs", "3", "--threads", "1",
+            "--storage-dtype", "float32"]
+
+
+def test_sae_train_ctrl_c_checkpoints_epochs_and_resumes_to_the_identical_sae(tiny_dir,
+                                                                              tmp_path):
+    """SIGINT after the first epoch: the activations and the epoch are checkpointed, the
+    message says so and how to resume; ``--resume`` with other settings is refused before any
+    compute; ``--resume`` with the same ones writes bitwise the SAE of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    args = ["sae", "train", "--model", str(tiny_dir), *SAE_ARGS]
+    out = tmp_path / "interrupted"
+    code, _, stderr = _interrupt([*args, "--out", str(out)], 1, signal.SIGINT,
+                                 tmp_path / "held")
+    assert code == 130, stderr
+    ckpt = out / CHECKPOINT_DIR / "sae.json"
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [
+        "sae.activations.safetensors", "sae.json", "sae.state.safetensors"]
+    message = " ".join(stderr.split())
+    assert "interrupted (SIGINT) after 0 of 1 finished step" in message
+    assert (f"step 1/1 (SAE training): the collected activations and 1 of 3 epochs "
+            f"checkpointed in {ckpt}") in message
+    assert f"resume with: causalpatch sae train --model {tiny_dir}" in message
+    assert message.endswith("--resume") and "Traceback" not in stderr
+    assert not (out / "cfg.json").exists()
+
+    other = subprocess.run([*CLI, *args[:-4], "--epochs", "4", *args[-4:], "--out", str(out),
+                            "--resume"], env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 2
+    assert "epochs: 3 there, 4 here" in " ".join(other.stderr.split())
+    assert ckpt.exists()
+
+    resumed = _run([*args, "--out", str(out), "--resume"])
+    assert "(epoch 1/3 finished) from the checkpoint" in " ".join(resumed.stderr.split())
+    assert not (out / CHECKPOINT_DIR).exists()  # removed once the SAE is written
+    reference = tmp_path / "reference"
+    _run([*args, "--out", str(reference)])
+    got = load_file(out / "sae_weights.safetensors")
+    want = load_file(reference / "sae_weights.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "cfg.json").read_text()) == json.loads(
+        (reference / "cfg.json").read_text())
+
+
+def test_sae_interrupt_message_names_steps_within_an_epoch(make_tiny_lm, tmp_path,
+                                                            monkeypatch, one_thread):
+    """With ``--checkpoint-steps``, a checkpoint taken within an epoch is described by its
+    finished epochs and the steps of the running one."""
+    from causalpatch.cli.commands.sae import describe_checkpoint, epochs_checkpointed
+    from causalpatch.sae.checkpoint import TrainingCheckpoint, checkpoint_status
+    from causalpatch.sae.train import train_sae, training_texts
+
+    real = TrainingCheckpoint.save_state
+
+    def save_then_stop(self, state):
+        real(self, state)
+        if int(state["step"]) == 13:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainingCheckpoint, "save_state", save_then_stop)
+    path = tmp_path / "sae.json"
+    assert describe_checkpoint(path) is None and epochs_checkpointed(path) == (0, 0)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(make_tiny_lm("llama"), "blocks.1.resid_post", 32, k=4, train_tokens=1500,
+                  eval_tokens=200, context=32, epochs=3, batch_tokens=128,
+                  docs=list(training_texts(("known_facts",)))[:200], checkpoint=path,
+                  checkpoint_steps=13)
+    steps_per_epoch = checkpoint_status(path).steps // 3
+    assert 13 - steps_per_epoch > 0  # within the second epoch
+    assert epochs_checkpointed(path) == (1, 3)
+    assert describe_checkpoint(path) == (f"the collected activations and 1 of 3 epochs, "
+                                         f"{13 - steps_per_epoch} steps of epoch 2")

@@ -70,13 +70,19 @@ class Steps:
 
     ``single``: the command writes one result (named ``result.json``), as
     :func:`~causalpatch.cli.outputs.save_outputs` names it. ``resumable=False``: the command
-    has no ``--resume`` (``sae train``); an interrupt says how to start it over instead.
+    has no ``--resume``; an interrupt says how to start it over instead. A checkpoint that is
+    not a sweep's (``sae train``'s) comes with ``progress_of(path)`` (``(done, total)`` units
+    of work, in place of :func:`checkpoint_progress`) and ``describe(path)`` (what it holds,
+    for the message; None: nothing yet).
     """
 
     def __init__(self, out: Path, resume: bool | None, as_json: bool, total: int,
-                 single: bool = False, resumable: bool = True) -> None:
+                 single: bool = False, resumable: bool = True,
+                 progress_of: Callable[[Path], tuple[int, int]] = checkpoint_progress,
+                 describe: Callable[[Path], str | None] | None = None) -> None:
         self.out, self.resume, self.as_json = out, resume, as_json
         self.total, self.single, self.resumable = total, single, resumable
+        self.progress_of, self.describe = progress_of, describe
         self.folder = out / CHECKPOINT_DIR
         self.finished: list[tuple[str, list[Any]]] = []
         self.running: tuple[int, str, Path | None] | None = None
@@ -112,11 +118,13 @@ class Steps:
             return results
         try:
             results = compute(str(path), self._progress(index, path))
-        except CheckpointMismatchError:
+        except CheckpointMismatchError as exc:
             if self.resume:
-                raise error(f"--resume: the checkpoint {str(path)!r} was written by a different "
-                            "run (other model, prompts or arguments); rerun that command, or "
-                            "drop --resume to start over") from None
+                why = str(exc) if self.describe is not None else (
+                    f"the checkpoint {str(path)!r} was written by a different run (other model, "
+                    "prompts or arguments)")
+                raise error(f"--resume: {why}; rerun that command, or drop --resume to start "
+                            "over") from None
             note(f"discarding {path}: it was written by a different run")
             path.unlink()
             results = compute(str(path), self._progress(index, path))
@@ -136,7 +144,7 @@ class Steps:
             return mode
 
         def tick(done: int, total: int) -> None:
-            if checkpoint_progress(path)[0] > 0:
+            if self.progress_of(path)[0] > 0:
                 Path(marker).write_text(f"held in step {index}\n", "utf-8")
                 while True:  # until a signal handler raises KeyboardInterrupt
                     signal.pause()
@@ -206,11 +214,13 @@ class Steps:
         checkpoint: dict[str, Any] | None = None
         if self.running is not None:
             index, label, path = self.running
-            done, cells = checkpoint_progress(path) if path is not None else (0, 0)
+            done, cells = self.progress_of(path) if path is not None else (0, 0)
             checkpoint = {"step": index, "label": label, "path": str(path),
                           "cells_done": done, "cells": cells}
             if path is None:
                 checkpoint["path"] = None
+            elif self.describe is not None:
+                checkpoint["checkpointed"] = self.describe(path)
         if self.as_json or State.json:
             from .outputs import emit_json
 
@@ -227,6 +237,12 @@ class Steps:
         if checkpoint is not None and checkpoint["path"] is None:
             lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) "
                          "keeps no checkpoint: it starts over.")
+        elif checkpoint is not None and "checkpointed" in checkpoint:
+            what = checkpoint["checkpointed"]
+            lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}): "
+                         f"{what} checkpointed in {checkpoint['path']}." if what else
+                         f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) had "
+                         "not checkpointed anything yet: it starts over.")
         elif checkpoint is not None and checkpoint["cells_done"] == 0:
             lines.append(f"step {checkpoint['step']}/{self.total} ({checkpoint['label']}) "
                          "had not finished a group of cells yet: it starts over.")

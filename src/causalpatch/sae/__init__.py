@@ -17,6 +17,8 @@ The package, by idea (every public name is importable from ``causalpatch.sae``):
 * :mod:`~causalpatch.sae.splicing` -- the exact splice (:func:`splice`), the value names, the
   trace's splice set (:func:`attach_saes`), feature edits (:func:`edit_features`,
   :func:`feature_edit_values`) and :func:`features_component` for the methods. Rank 6.
+* :mod:`~causalpatch.sae.checkpoint` -- what ``train_sae(checkpoint=...)`` keeps (settings,
+  activations, training state; JSON and safetensors) to continue an interrupted run. Rank 6.
 * :mod:`~causalpatch.sae.train` -- :func:`train_sae` and its parts (training text,
   activations, fitting, evaluation, :func:`top_activations`). It runs the model, so it ranks
   with the methods (17).

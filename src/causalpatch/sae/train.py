@@ -22,8 +22,10 @@ median, e.g. SmolLM2's first position) are left out of training and of the stati
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
+import os
 import sysconfig
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..checkpoint import model_fingerprint
 from ..errors import InvalidArgumentError
 from ..hooks import Hook, StopForward, hooked
 from ..names import Site, hook_name_for_site
 from ..options import check_threads, using_threads
+from .checkpoint import TrainingCheckpoint
 from .model import SparseAutoencoder, bind_sae
 from .splicing import splice
 
@@ -294,9 +298,18 @@ def evaluate_sae(model: HookedModel, sae: Any, acts: torch.Tensor,
 
 def fit_sae(x_train: torch.Tensor, n_features: int, *, architecture: str = "topk",
             k: int = 32, l1_coefficient: float = 3.0, epochs: int = 8, batch_tokens: int = 512,
-            lr: float = 4e-4, seed: int = 0, log: Callable[[str], None] | None = None
+            lr: float = 4e-4, seed: int = 0, log: Callable[[str], None] | None = None,
+            state: dict[str, torch.Tensor] | None = None,
+            save: Callable[[dict[str, torch.Tensor]], None] | None = None,
+            save_every: int | None = None
             ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int, int]:
     """Train SAE weights on activations ``x_train`` ``[n, d_in]`` (see :func:`train_sae`).
+
+    ``save(state)`` is called after every epoch, and within an epoch after every ``save_every``
+    steps, with the whole training state as a dict of tensors (weights, Adam's state, the
+    generator's state as of the epoch's shuffle, the dead-feature counters, the scalars
+    ``step``, ``epoch`` (finished epochs) and ``steps`` (all steps)); ``fit_sae(...,
+    state=state)`` continues from it to bitwise the weights of an uninterrupted run.
 
     Returns:
         ``(weights, firing counts in the last epoch [d_sae], fired at all [d_sae], n, steps)``;
@@ -322,11 +335,37 @@ def fit_sae(x_train: torch.Tensor, n_features: int, *, architecture: str = "topk
     fired_ever = torch.zeros(n_features, dtype=torch.bool)
     counts = torch.zeros(n_features)
     dead_after = 20_000  # tokens without firing
-    step = 0
-    for epoch in range(epochs):
+    if state is not None:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name])
+                opt.state[p] = {"step": state[f"adam.{name}.step"].clone(),
+                                "exp_avg": state[f"adam.{name}.exp_avg"].clone(),
+                                "exp_avg_sq": state[f"adam.{name}.exp_avg_sq"].clone()}
+        gen.set_state(state["generator"])
+        since_fired = state["since_fired"].clone()
+        fired_ever = state["fired_ever"].clone()
+        counts = state["counts"].clone()
+    step = 0 if state is None else int(state["step"])
+    running = 0.0 if state is None else float(state["running"])
+
+    def snapshot(generator: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {name: p.detach().clone() for name, p in params.items()}
+        for name, p in params.items():
+            for slot in ("step", "exp_avg", "exp_avg_sq"):
+                out[f"adam.{name}.{slot}"] = opt.state[p][slot].detach().clone()
+        return {**out, "generator": generator, "since_fired": since_fired.clone(),
+                "fired_ever": fired_ever.clone(), "counts": counts.clone(),
+                "step": torch.tensor(step), "epoch": torch.tensor(step // steps_per_epoch),
+                "steps": torch.tensor(total),
+                "running": torch.tensor(running, dtype=torch.float64)}
+
+    for epoch in range(step // steps_per_epoch, epochs):
+        shuffled_from = gen.get_state()  # a save within this epoch shuffles again from here
         order = torch.randperm(n, generator=gen)
-        running = 0.0
-        for b in range(steps_per_epoch):
+        if step % steps_per_epoch == 0:
+            running = 0.0
+        for b in range(step % steps_per_epoch, steps_per_epoch):
             x = xs[order[b * batch_tokens : (b + 1) * batch_tokens]]
             pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
             if architecture == "topk":
@@ -360,8 +399,13 @@ def fit_sae(x_train: torch.Tensor, n_features: int, *, architecture: str = "topk
                 params["W_dec"] /= params["W_dec"].norm(dim=-1, keepdim=True).clamp_min(1e-8)
             running += float(mse.detach())
             step += 1
+            if save is not None and save_every and step % save_every == 0 and (
+                    b + 1 < steps_per_epoch):
+                save(snapshot(shuffled_from))
         say(f"epoch {epoch + 1}/{epochs}: normalised MSE {running / steps_per_epoch:.4f}, dead "
             f"{int((since_fired > dead_after).sum())}")
+        if save is not None:
+            save(snapshot(gen.get_state()))
     weights = {name: p.detach().clone() for name, p in params.items()}
     weights["W_enc"] *= scale  # fold the input scaling: the SAE reads raw activations
     weights["W_dec"] /= scale
@@ -374,7 +418,10 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
               train_tokens: int = 100_000, eval_tokens: int = 4096, context: int = 128,
               epochs: int = 8, batch_tokens: int = 512, lr: float = 4e-4, seed: int = 0,
               docs: Sequence[tuple[str, str]] | None = None,
-              log: Callable[[str], None] | None = None, threads: int | None = None
+              log: Callable[[str], None] | None = None, threads: int | None = None,
+              checkpoint: str | os.PathLike[str] | None = None,
+              checkpoint_steps: int | None = None,
+              progress: Callable[[int, int], None] | None = None
               ) -> tuple[SparseAutoencoder, TrainingReport]:
     """Train an SAE on ``site`` activations of real text (:func:`training_texts`).
 
@@ -387,11 +434,27 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
     ``threads``: torch's CPU threads while it collects, trains and evaluates (default: torch's
     current setting), restored afterwards; as ``threads=`` of every method.
 
+    ``checkpoint``: a file path (its folder must exist). The run's settings are written there
+    before any forward pass, the collected activations beside it once collected, and the whole
+    training state (weights, Adam's state, the generator's state) after every epoch, each
+    atomically (see :mod:`causalpatch.sae.checkpoint`). A rerun with the same arguments, after
+    an interrupt or a kill, loads the activations instead of collecting them and continues
+    from the last finished epoch, to bitwise the SAE of an uninterrupted run; a checkpoint of
+    a run with other settings raises :class:`~causalpatch.errors.CheckpointMismatchError`
+    before any forward pass. ``checkpoint_steps``: also save the state every that many
+    training steps within an epoch (for long epochs; a resume then continues mid-epoch, as
+    exactly). ``progress(epochs finished, epochs)`` is called after every epoch (once its
+    state is saved).
+
     Returns:
         ``(sae, report)``; the report holds explained variance, L0, dead features and the
         next-token loss with the SAE spliced in, on held-out sequences.
     """
     check_threads(threads)
+    if checkpoint_steps is not None and (isinstance(checkpoint_steps, bool) or not isinstance(
+            checkpoint_steps, int) or checkpoint_steps < 1):
+        raise InvalidArgumentError(f"checkpoint_steps must be a positive int (steps between "
+                                   f"saves within an epoch) or None, got {checkpoint_steps!r}")
     if architecture not in ("topk", "standard"):
         raise InvalidArgumentError(f"train_sae trains 'topk' or 'standard' SAEs, got "
                                    f"{architecture!r}")
@@ -404,8 +467,17 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
     d_in = shape[0]
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    ids, per_source = token_sequences(model, docs if docs is not None else training_texts(),
-                                      context, seed)
+    docs = list(docs) if docs is not None else training_texts()
+    ckpt = None
+    if checkpoint is not None:  # settings checked against the file before any forward pass
+        texts = hashlib.sha256(json.dumps(docs).encode()).hexdigest()
+        ckpt = TrainingCheckpoint.open(checkpoint, {
+            "model": model_fingerprint(model), "model_name": model.name, "site": site_.name,
+            "n_features": n_features, "architecture": architecture, "k": k,
+            "l1_coefficient": l1_coefficient, "train_tokens": train_tokens,
+            "eval_tokens": eval_tokens, "context": context, "epochs": epochs,
+            "batch_tokens": batch_tokens, "lr": lr, "seed": seed, "texts": texts})
+    ids, per_source = token_sequences(model, docs, context, seed)
     per_seq = context - 1
     n_eval = max(1, -(-eval_tokens // per_seq))
     n_train = max(1, -(-train_tokens // per_seq))
@@ -415,21 +487,46 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
             f"eval_tokens = {train_tokens + eval_tokens}")
     eval_ids, train_ids = ids[:n_eval], ids[n_eval : n_eval + n_train]
     with using_threads(threads):
-        say(f"collecting {n_train * per_seq} training activations at {site_.name}")
-        x_all = collect_activations(model, site_, train_ids)
-        x_eval_all = collect_activations(model, site_, eval_ids)
-        max_norm = SINK_NORM_FACTOR * float(x_all.norm(dim=-1).median())
-        x_train = ordinary_tokens(x_all, max_norm)
-        x_eval = ordinary_tokens(x_eval_all, max_norm)
-        n_sinks = (x_all.shape[0] - x_train.shape[0]) + (x_eval_all.shape[0] - x_eval.shape[0])
+        saved = ckpt.load_activations() if ckpt is not None else None
+        if saved is None:
+            say(f"collecting {n_train * per_seq} training activations at {site_.name}")
+            x_all = collect_activations(model, site_, train_ids)
+            x_eval_all = collect_activations(model, site_, eval_ids)
+            max_norm = SINK_NORM_FACTOR * float(x_all.norm(dim=-1).median())
+            x_train = ordinary_tokens(x_all, max_norm)
+            x_eval = ordinary_tokens(x_eval_all, max_norm)
+            n_sinks = (x_all.shape[0] - x_train.shape[0]) + (x_eval_all.shape[0]
+                                                             - x_eval.shape[0])
+            del x_all
+            if ckpt is not None:
+                ckpt.save_activations({"x_train": x_train, "x_eval": x_eval},
+                                      {"max_norm": repr(max_norm), "sink_tokens": str(n_sinks)})
+        else:
+            x_train, x_eval = saved[0]["x_train"], saved[0]["x_eval"]
+            max_norm, n_sinks = float(saved[1]["max_norm"]), int(saved[1]["sink_tokens"])
+            say(f"loaded {x_train.shape[0]} training activations from the checkpoint")
         say(f"left out {n_sinks} attention-sink tokens (norm > {max_norm:.0f})")
-        del x_all
         times["collect"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        state = ckpt.load_state() if ckpt is not None else None
+        if state is not None:
+            say(f"continuing after step {int(state['step'])}/{int(state['steps'])} (epoch "
+                f"{int(state['epoch'])}/{epochs} finished) from the checkpoint")
+        reported = [0 if state is None else int(state["epoch"])]
+
+        def save(snapshot: dict[str, torch.Tensor]) -> None:
+            if ckpt is not None:
+                ckpt.save_state(snapshot)
+            done = int(snapshot["epoch"])
+            if progress is not None and done > reported[0]:
+                reported[0] = done
+                progress(done, epochs)
+
         weights, counts, fired_ever, n, total = fit_sae(
             x_train, n_features, architecture=architecture, k=k, l1_coefficient=l1_coefficient,
-            epochs=epochs, batch_tokens=batch_tokens, lr=lr, seed=seed, log=say)
+            epochs=epochs, batch_tokens=batch_tokens, lr=lr, seed=seed, log=say, state=state,
+            save=save, save_every=checkpoint_steps)
         times["train"] = time.perf_counter() - t1
 
         hook_name = hook_name_for_site(site_.name)

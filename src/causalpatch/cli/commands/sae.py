@@ -16,7 +16,7 @@ from ..failures import error, user_errors
 from ..options import MODEL_HELP
 from ..outputs import check_out_dir, emit_json
 from ..state import State, chatty, console, out_console
-from ..sweeps import Steps
+from ..sweeps import Steps, resume_option
 
 #: The SAELens files of an SAE folder (mirrors causalpatch.sae.format, which imports torch).
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
@@ -58,6 +58,31 @@ def check_sae_folder(path: Path) -> None:
                         f"holds {SAE_FILES[0]} and {SAE_FILES[1]}")
 
 
+def epochs_checkpointed(path: Path) -> tuple[int, int]:
+    """``(finished epochs, epochs)`` in the training checkpoint at ``path``."""
+    from ...sae.checkpoint import checkpoint_status
+
+    status = checkpoint_status(path)
+    return status.epochs_done, status.epochs
+
+
+def describe_checkpoint(path: Path) -> str | None:
+    """What the training checkpoint at ``path`` holds, for the interrupt message."""
+    from ...sae.checkpoint import checkpoint_status
+
+    status = checkpoint_status(path)
+    if not status.activations:
+        return None
+    what = "the collected activations"
+    if status.epochs_done:
+        what += f" and {status.epochs_done} of {status.epochs} epochs"
+    within = status.steps_done - status.epochs_done * (status.steps // max(1, status.epochs))
+    if within > 0:
+        what += f"{',' if status.epochs_done else ' and'} {within} steps of epoch " \
+                f"{status.epochs_done + 1}"
+    return what
+
+
 sae_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                       help="Sparse autoencoders (SAELens format): train one, inspect one.")
 
@@ -80,6 +105,10 @@ def sae_train(
     threads: int | None = typer.Option(None, min=1, help="torch threads (default: the global "
                                        "--threads, else torch's)."),
     out: Path = typer.Option(Path("out/sae"), help="Output folder (SAELens format)."),
+    checkpoint_steps: int | None = typer.Option(
+        None, min=1, help="Also checkpoint every N training steps within an epoch (default: "
+        "after every epoch only)."),
+    resume: bool | None = resume_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Train an SAE on a model's activations of offline text and save it in the SAELens format.
@@ -88,12 +117,17 @@ def sae_train(
     library's docstrings, ROME's known facts; see causalpatch.sae.training_texts). Reports
     explained variance, L0, dead features and the model's loss with the SAE spliced in.
 
+    The collected activations and, after every epoch, the training state are checkpointed in
+    OUT/.checkpoints: after Ctrl-C, SIGTERM or a kill, the same command (or --resume)
+    continues to the same SAE.
+
     Example:
 
       causalpatch sae train --model smollm2 --site blocks.20.resid_post \\
         --features 2048 --k 32 --tokens 100000 --out out/sae
     """
-    steps = Steps(out, None, as_json or State.json, total=1, resumable=False)
+    steps = Steps(out, resume, as_json or State.json, total=1, progress_of=epochs_checkpointed,
+                  describe=describe_checkpoint)
     with user_errors(), steps.interruptible():  # Ctrl-C/SIGTERM: a message, exit 130/143
         State.json = as_json = as_json or State.json
         if storage_dtype not in ("float16", "float32"):
@@ -108,6 +142,7 @@ def sae_train(
         info = model_info.inspect_model(model)  # --site's layer against the config, no weights
         if info is not None and site.startswith("blocks."):
             check_component(info, site, None, option="--site")
+        steps.prepare()  # every check passed: the checkpoint folder
         if threads is None:
             threads = State.threads
         import torch
@@ -126,12 +161,15 @@ def sae_train(
             trained.append(train_sae(m, site, features, architecture=architecture, k=k,
                                      l1_coefficient=l1, train_tokens=tokens,
                                      eval_tokens=eval_tokens, epochs=epochs, lr=lr, seed=seed,
-                                     log=log))
+                                     log=log, checkpoint=ckpt,
+                                     checkpoint_steps=checkpoint_steps,
+                                     progress=progress if callable(progress) else None))
             return []  # the SAE is saved below, not as a result JSON
 
-        steps.run(1, "sae", "SAE training", train, checkpointed=False)
+        steps.run(1, "sae", "SAE training", train)
         sae, report = trained[0]
         folder = save_sae(sae, out, storage_dtype=getattr(torch, storage_dtype))
+        steps.done()
     if as_json:
         emit_json({"folder": str(folder), **report.to_dict()})
     elif not State.quiet:
