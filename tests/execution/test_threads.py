@@ -23,6 +23,16 @@ CLEAN = ["When Mary and John went to the store, John gave a drink to"]
 CORRUPTED = ["When Mary and John went to the store, Mary gave a drink to"]
 ANSWERS = dict(correct=" Mary", incorrect=" John")
 
+def _edges(model: Any, indices: Any) -> list[tuple[str, str]]:
+    graph = cp.EdgeGraph.of(model)
+    return [graph.edge_names(i) for i in indices]
+
+
+def _third_of_the_graph(model: Any) -> Any:
+    graph = cp.EdgeGraph.of(model)
+    return cp.Circuit.from_edges(graph, _edges(model, range(0, graph.n_edges, 3)))
+
+
 CALLS: dict[str, Callable[..., Any]] = {
     "activation_patching": lambda m, **kw: cp.activation_patching(
         m, CLEAN, CORRUPTED, component="attn_head", **ANSWERS, **kw),
@@ -35,6 +45,17 @@ CALLS: dict[str, Callable[..., Any]] = {
     "path_patching": lambda m, **kw: path_patching(m, CLEAN, CORRUPTED, **ANSWERS, **kw),
     "causal_tracing": lambda m, **kw: causal_tracing(
         m, CLEAN[0], " Mary", answer=" John", samples=2, window=1, components=("mlp",), **kw),
+    "edge_attribution": lambda m, **kw: cp.edge_attribution(
+        m, CLEAN, CORRUPTED, method="eap", **ANSWERS, **kw),
+    "edge_attribution exact": lambda m, **kw: cp.edge_attribution(
+        m, CLEAN, CORRUPTED, method="exact", edges=_edges(m, range(6)),
+        **ANSWERS, **kw),
+    "evaluate_circuit": lambda m, **kw: cp.evaluate_circuit(
+        m, CLEAN, _third_of_the_graph(m),
+        corrupted=CORRUPTED, **ANSWERS, **kw),
+    "faithfulness_curve": lambda m, **kw: cp.faithfulness_curve(
+        m, CLEAN, cp.edge_attribution(m, CLEAN, CORRUPTED, **ANSWERS), sizes=[2, 8],
+        corrupted=CORRUPTED, random_baseline=False, **ANSWERS, **kw),
 }
 
 
@@ -44,8 +65,12 @@ def _target(current: int) -> int:
 
 
 def _effect(result: Any) -> torch.Tensor:
-    return result["mlp"].effect_matrix if hasattr(result, "per_position") else (
-        result.effect_matrix)
+    if hasattr(result, "per_position"):  # causal tracing
+        return result["mlp"].effect_matrix
+    for name in ("effect_matrix", "scores", "per_pair"):  # sweeps, edges, one circuit
+        if hasattr(result, name):
+            return torch.nan_to_num(getattr(result, name))
+    return result.faithfulness  # a curve
 
 
 @pytest.mark.parametrize("name", list(CALLS))
@@ -64,8 +89,8 @@ def test_threads_are_applied_during_the_run_and_restored_after(name, make_tiny_l
     threaded = call(model, threads=want, progress=progress)
     assert seen and set(seen) == {want}, seen
     assert torch.get_num_threads() == before
-    # the numbers do not depend on the thread count: observed bitwise equal (0.0) for all six
-    # calls with 1 and 2 threads; 1e-6 relative leaves room for a BLAS that splits a
+    # the numbers do not depend on the thread count: observed bitwise equal (0.0) for the six
+    # sweep calls with 1 and 2 threads (the edge and circuit calls were added under the same bound); 1e-6 relative leaves room for a BLAS that splits a
     # reduction across threads (effects are of order 1, causal tracing's of order 1e-3)
     ref = _effect(default)
     assert (_effect(threaded) - ref).abs().max() <= 1e-6 * ref.abs().max()

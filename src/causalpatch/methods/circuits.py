@@ -420,6 +420,7 @@ def evaluate_circuit(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> CircuitEvaluation:
     """The faithfulness of ``circuit``: the clean run with every edge outside it patched to
     the corrupted run (module docstring), one staircase run per prompt pair.
@@ -433,7 +434,7 @@ def evaluate_circuit(
             It is evaluated as given: pruning does not change the value (edges off every
             input-to-logits path carry nothing to the logits).
         corrupted, metric, metric_kwargs, correct, incorrect: as every pair method.
-        batch_size, memory_mb, checkpoint, progress, executor: the shared run options
+        batch_size, memory_mb, checkpoint, progress, executor, threads: the shared run options
             (``batch_size``: circuits per staircase pass).
 
     Returns:
@@ -456,7 +457,7 @@ def evaluate_circuit(
     _check_model(model, circuit.graph)
     options = RunOptions.make(model, progress=progress, executor=executor,
                               batch_size=batch_size, memory_mb=memory_mb,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, threads=threads)
     connected = circuit.connected
     if not connected:
         warnings.warn(
@@ -524,6 +525,7 @@ def faithfulness_curve(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> FaithfulnessCurve:
     """Faithfulness of the best circuits of each size in ``sizes``, chosen from ``scores``,
     and of random circuits of the same sizes: every circuit a row of the same batches (one
@@ -542,7 +544,7 @@ def faithfulness_curve(
             EAP-IG's greedy growth from the logits; then pruned).
         random_baseline: also evaluate, per size, that many edges drawn uniformly at random
             (``torch.Generator`` seeded with ``seed``), pruned the same way.
-        batch_size, memory_mb, checkpoint, progress, executor: the shared run options
+        batch_size, memory_mb, checkpoint, progress, executor, threads: the shared run options
             (``batch_size``: circuits per staircase pass).
 
     Returns:
@@ -578,7 +580,7 @@ def faithfulness_curve(
         raise InvalidTypeError(f"seed must be an int, got {seed!r}")
     options = RunOptions.make(model, progress=progress, executor=executor,
                               batch_size=batch_size, memory_mb=memory_mb,
-                              checkpoint=checkpoint)
+                              checkpoint=checkpoint, threads=threads)
     chosen = [select_edges(graph, values, k, greedy=greedy, absolute=absolute, prune=prune)
               for k in wanted]
     masks = [c.mask for c in chosen]

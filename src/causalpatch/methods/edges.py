@@ -362,6 +362,7 @@ def edge_attribution(
     checkpoint: str | None = None,
     progress: Progress = None,
     executor: Any = None,
+    threads: int | None = None,
 ) -> EdgeResult:
     """Score every edge of the model's graph (:mod:`causalpatch.graph`).
 
@@ -387,7 +388,7 @@ def edge_attribution(
         batch_size: ``eap``/``eap_ig``: pairs per forward/backward batch (pairs are grouped by
             token length; default 4; ``eap_ig`` runs ``batch_size * ig_steps`` rows);
             ``exact``: edges per staircase pass (default from ``memory_mb``).
-        memory_mb, checkpoint, progress, executor: the run options every method shares
+        memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`).
 
     Returns:
@@ -414,7 +415,7 @@ def edge_attribution(
     graph = EdgeGraph.of(model)
     selected = _select(graph, edges)
     options = RunOptions.make(model, progress=progress, executor=executor, batch_size=batch_size,
-                              memory_mb=memory_mb, checkpoint=checkpoint)
+                              memory_mb=memory_mb, checkpoint=checkpoint, threads=threads)
     prep = prepare_pairs(model, clean, corrupted, metric, metric_kwargs, correct, incorrect,
                          direction)
     pairs, m, denoise = prep.pairs, prep.metric, prep.denoise
