@@ -132,3 +132,4 @@ def publish_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> b
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+

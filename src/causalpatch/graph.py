@@ -59,6 +59,27 @@ FORMAT_VERSION = 1
 CIRCUIT_FORMAT = "causalpatch.circuit"
 
 
+def _read_json_object(text_or_path: str | bytes | os.PathLike[str], what: str) -> dict:
+    """A JSON object from JSON text (``str``/``bytes`` starting with ``{``) or a file path.
+
+    Raises:
+        CorruptResultError: not JSON, or JSON that is not an object (``what`` names the format).
+        FileNotFoundError: the path does not exist.
+    """
+    text: str | bytes
+    if isinstance(text_or_path, (bytes, str)) and str(text_or_path).lstrip()[:1] == "{":
+        text = text_or_path
+    else:
+        text = Path(text_or_path).read_text()  # type: ignore[arg-type]  # a path here
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptResultError(f"invalid {what} JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CorruptResultError(f"invalid {what} JSON: not an object")
+    return data
+
+
 @dataclass(frozen=True)
 class EdgeGraph:
     """The nodes, receivers and edges of one model (module docstring).
@@ -341,18 +362,7 @@ class EdgeResult:
     @classmethod
     def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> EdgeResult:
         """Load :meth:`to_json`'s output (JSON text or a file path)."""
-        text: str | bytes
-        if isinstance(text_or_path, (bytes, str)) and str(text_or_path).lstrip()[:1] == "{":
-            text = text_or_path
-        else:
-            text = Path(text_or_path).read_text()  # type: ignore[arg-type]  # a path here
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CorruptResultError(f"invalid {EDGES_FORMAT} JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise CorruptResultError(f"invalid {EDGES_FORMAT} JSON: not an object")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_json_object(text_or_path, EDGES_FORMAT))
 
     def __repr__(self) -> str:
         return (f"EdgeResult(method={self.method!r}, direction={self.direction!r}, "
@@ -569,18 +579,7 @@ class Circuit:
     @classmethod
     def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> Circuit:
         """Load :meth:`to_json`'s output (JSON text or a file path)."""
-        text: str | bytes
-        if isinstance(text_or_path, (bytes, str)) and str(text_or_path).lstrip()[:1] == "{":
-            text = text_or_path
-        else:
-            text = Path(text_or_path).read_text()  # type: ignore[arg-type]  # a path here
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise CorruptResultError(f"invalid {CIRCUIT_FORMAT} JSON: not an object")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_json_object(text_or_path, CIRCUIT_FORMAT))
 
     def __repr__(self) -> str:
         return (f"Circuit({self.n_edges} of {self.graph.n_edges} edges, "
