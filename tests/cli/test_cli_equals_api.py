@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_matches_reference
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -107,5 +107,5 @@ def test_console_entry_point_in_a_subprocess_equals_api(tiny_llama_dir, folder_m
     got = _effects(out)
     expected = _api(folder_model, case).double()
     assert got.shape == expected.shape == (2, 2)  # 2 layers x 2 key/value heads
-    assert (got - expected).abs().max().item() <= TOL_PROCESS
-    assert expected.abs().max().item() > 1e-2
+    assert_matches_reference(got, expected, 0.0, rtol=TOL_PROCESS, min_cells=4,
+                             what="console entry point")
