@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_matches_reference
 
 from causalpatch import activation_patching
 from causalpatch.engine import collect_sites, patched_logits, run_base_and_source
@@ -17,8 +18,13 @@ from causalpatch.plan import (build_patches, make_pairs, plan_component, resolve
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 FIRST_DIFF = 9  # " John" vs " Mary": the first token that differs
-#: Stated tolerance of the fast engine against the naive loop, in logits.
-TOL = 1e-4
+#: The fast engine against the naive loop on SmolLM2 (``conftest.assert_matches_reference``:
+#: max |fast - naive| over the largest logit change of the sampled cells). PLACEHOLDER
+RTOL = 1e-3
+#: (cell, vocabulary entry) logits that move by 100x the tolerance. PLACEHOLDER
+MIN_CELLS = 1
+#: The same for the sweep's normalised effects. PLACEHOLDER
+SWEEP_RTOL = 1e-3
 
 
 def _neuron_sample(model, n_random=14):
@@ -61,9 +67,8 @@ def test_fast_engine_equals_naive_loop_on_smollm2(smollm2, component, by_positio
     top = moved.topk(3).indices.tolist()
     sample = sorted(set(sample) | set(live[-3:]) | set(live[:2]) | set(top))
     naive = patched_logits(smollm2, run, [patches[i] for i in sample], Engine.NAIVE)
-    assert (fast[sample] - naive).abs().max().item() <= TOL
-    # and the patches really do something somewhere (the comparison is not vacuous)
-    assert (naive - base_last).abs().max().item() > 1e-2
+    assert_matches_reference(fast[sample], naive, base_last, rtol=RTOL, min_cells=MIN_CELLS,
+                             what=f"smollm2 {component} {by_position}")
 
 
 def test_sweep_effects_fast_equal_naive(smollm2):
@@ -72,7 +77,8 @@ def test_sweep_effects_fast_equal_naive(smollm2):
     fast = activation_patching(smollm2, CLEAN, CORRUPTED, **kw)
     naive = activation_patching(smollm2, CLEAN, CORRUPTED, engine="naive", **kw)
     assert fast.effect_matrix.shape == (3, 14)
-    assert torch.allclose(fast.effect_matrix, naive.effect_matrix, atol=1e-5)
+    assert_matches_reference(fast.effect_matrix, naive.effect_matrix, 0.0, rtol=SWEEP_RTOL,
+                             min_cells=10, what="smollm2 resid_post sweep")
 
 
 def test_denoising_final_residual_at_last_position_recovers_fully(smollm2):
