@@ -19,12 +19,18 @@ CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 FIRST_DIFF = 9  # " John" vs " Mary": the first token that differs
 #: The fast engine against the naive loop on SmolLM2 (``conftest.assert_matches_reference``:
-#: max |fast - naive| over the largest logit change of the sampled cells). PLACEHOLDER
+#: max |fast - naive| over the largest logit change of the sampled cells). Not zero: the
+#: staircase batches rows (other float32 summation orders), ~3e-5 absolute on logits of ~20
+#: for every component. Largest ratio observed 1.25e-4 (mlp_neuron, whose largest logit change
+#: is only 0.24); 4e-6 to 2e-5 for the other components.
 RTOL = 1e-3
-#: (cell, vocabulary entry) logits that move by 100x the tolerance. PLACEHOLDER
-MIN_CELLS = 1
-#: The same for the sweep's normalised effects. PLACEHOLDER
-SWEEP_RTOL = 1e-3
+#: (cell, vocabulary entry) logits that move by 100x the tolerance (fewest observed: 69,347).
+MIN_CELLS = 50_000
+#: The sweep's normalised effects, fast vs naive: observed 2.9e-7 of the largest effect (1.0).
+SWEEP_RTOL = 2.5e-6
+#: sweep cells with an effect >= 100x that (observed 10 of 42: positions before the first
+#: difference are exactly 0).
+SWEEP_MIN_CELLS = 8
 
 
 def _neuron_sample(model, n_random=14):
@@ -78,7 +84,7 @@ def test_sweep_effects_fast_equal_naive(smollm2):
     naive = activation_patching(smollm2, CLEAN, CORRUPTED, engine="naive", **kw)
     assert fast.effect_matrix.shape == (3, 14)
     assert_matches_reference(fast.effect_matrix, naive.effect_matrix, 0.0, rtol=SWEEP_RTOL,
-                             min_cells=10, what="smollm2 resid_post sweep")
+                             min_cells=SWEEP_MIN_CELLS, what="smollm2 resid_post sweep")
 
 
 def test_denoising_final_residual_at_last_position_recovers_fully(smollm2):
