@@ -21,9 +21,10 @@ FIRST_DIFF = 9  # " John" vs " Mary": the first token that differs
 #: The fast engine against the naive loop on SmolLM2 (``conftest.assert_matches_reference``:
 #: max |fast - naive| over the largest logit change of the sampled cells). Not zero: the
 #: staircase batches rows (other float32 summation orders), ~3e-5 absolute on logits of ~20
-#: for every component. Largest ratio observed 1.25e-4 (mlp_neuron, whose largest logit change
-#: is only 0.24); 4e-6 to 2e-5 for the other components.
-RTOL = 1e-3
+#: for every component. Largest ratio observed 2.0e-5 (attn_head_k, largest change 1.7); for
+#: mlp_neuron 1.25e-4 (RTOL_NEURON), whose largest logit change is only 0.24.
+RTOL = 2e-4
+RTOL_NEURON = 1e-3
 #: (cell, vocabulary entry) logits that move by 100x the tolerance (fewest observed: 69,347).
 MIN_CELLS = 50_000
 #: The sweep's normalised effects, fast vs naive: observed 2.9e-7 of the largest effect (1.0).
@@ -73,7 +74,8 @@ def test_fast_engine_equals_naive_loop_on_smollm2(smollm2, component, by_positio
     top = moved.topk(3).indices.tolist()
     sample = sorted(set(sample) | set(live[-3:]) | set(live[:2]) | set(top))
     naive = patched_logits(smollm2, run, [patches[i] for i in sample], Engine.NAIVE)
-    assert_matches_reference(fast[sample], naive, base_last, rtol=RTOL, min_cells=MIN_CELLS,
+    rtol = RTOL_NEURON if component == "mlp_neuron" else RTOL
+    assert_matches_reference(fast[sample], naive, base_last, rtol=rtol, min_cells=MIN_CELLS,
                              what=f"smollm2 {component} {by_position}")
 
 
