@@ -1,16 +1,17 @@
 """Float64 controls of the newer methods: logit lens, direct logit attribution, edge
-attribution (``exact`` and ``eap``), AtP*'s verified cells and ROME causal tracing with its
-controls (``noise_std`` given, ``exclude_layers``, ``sever``), each on float64 tiny models of
-LLaMA (grouped-query heads), GPT-2 (fused ``c_attn``), Gemma 3 (sandwich norms, soft-caps) and
-GPT-NeoX with a parallel residual, against a reference written here with plain PyTorch hooks
-on the module paths of ``conftest.REFERENCE`` (or ``model.trace`` with plain interventions,
-or the naive loop), all through ``conftest.assert_matches_reference``.
+attribution (``exact``, ``eap``, ``eap_ig``), AtP*'s verified cells and ROME causal tracing
+with its controls (``noise_std`` given, ``exclude_layers``, ``sever`` of MLPs and of
+attention), each on float64 tiny models of LLaMA (grouped-query heads), GPT-2 (fused
+``c_attn``), Gemma 3 (sandwich norms, soft-caps) and GPT-NeoX with a parallel residual, against
+a reference written here with plain PyTorch hooks on the module paths of
+``conftest.REFERENCE`` (or ``model.trace`` with plain interventions, or the naive loop), all
+through ``conftest.assert_matches_reference``.
 
 In float64 neither side has float32 rounding to hide behind: where a method returns float64
-values the two sides agree to float64 rounding (:data:`RTOL64`); where it returns float32
-values (metrics, effect matrices) they agree to float32 resolution of the result
-(:data:`RTOL32`). Gemma 3 mixes the heads in its post-attention norm, so ``edge_attribution``
-refuses it (``test_edges.py``); its edges are not run here.
+values (DLA) the two sides agree to float64 rounding; where it returns float32 values (logits,
+metrics, effects) they agree to float32 resolution of the result (the tolerances below, each
+measured). Gemma 3 mixes the heads in its post-attention norm, so ``edge_attribution`` refuses
+it: the edge test asserts that refusal there.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ LENS_RTOL = 2e-7
 DLA_RTOL = 1e-14
 #: edge attribution: ``change`` is a float32 difference of float32 metric values (logit
 #: differences of 1-5, one float32 ulp 1.2e-7 to 4.8e-7). Observed at most 2.0e-6 for ``exact``
-#: (GPT-2: 2.6e-7 on a largest change of 0.13) and 7.8e-7 for ``eap`` (GPT-2).
-EDGE_RTOL = {"exact": 1e-5, "eap": 5e-6}
+#: (GPT-2: 2.6e-7 on a largest change of 0.13), 7.8e-7 for ``eap`` and 6.3e-7 for ``eap_ig``
+#: (GPT-2 both).
+EDGE_RTOL = {"exact": 1e-5, "eap": 5e-6, "eap_ig": 5e-6}
+IG_STEPS = 3
 #: AtP*'s verified cells against the naive loop: float32 effects from the same float64 logits.
 #: Observed 0 (bitwise equal) on every family and component; the bound allows one flipped
 #: float32 rounding of a metric value (as ``engine/test_float64.py``'s REL32).
 RTOL32 = 5e-7
 #: causal tracing: float32 probabilities of the answer (the method's metric) of float64 runs,
-#: against float64 softmax of the plain traces. Observed at most 2.5e-6 (GPT-2's severed trace:
-#: 4.7e-9 absolute on a largest effect of 1.9e-3).
+#: against float64 softmax of the plain traces. Observed at most 2.5e-6 (GPT-2's severed-MLP
+#: trace: 4.7e-9 absolute on a largest effect of 1.9e-3; severed attention 1.2e-6).
 TRACE_RTOL = 2e-5
 
 
@@ -207,11 +210,13 @@ EDGES = [("input", "logits"), ("input", "m1"), ("m0", "logits"), ("m0", "m2"), (
          ("a1.h3", "m2")]
 
 
-@pytest.mark.parametrize("method", ["exact", "eap"])
+@pytest.mark.parametrize("method", ["exact", "eap", "eap_ig"])
 def test_float64_edges_equal_plain_hook_edges(model64, method):
     """``exact``: the clean run with only the receiver reading ``x + delta_u``, minus the clean
     run, in logit-difference units. ``eap``: ``delta_u`` dotted with the gradient of the clean
-    run's logit difference at the receiver's input (plain autograd)."""
+    run's logit difference at the receiver's input (plain autograd). ``eap_ig``: the same with
+    the gradient averaged over runs whose embedding output is ``e_corrupted + (k/m)(e_clean -
+    e_corrupted)``, ``k = 0..m-1`` (:data:`IG_STEPS`)."""
     family, model = model64
     if family == "gemma3_text":  # its post-attention norm mixes the heads: no edges to check
         with pytest.raises(UnsupportedArchitectureError):
@@ -221,6 +226,10 @@ def test_float64_edges_equal_plain_hook_edges(model64, method):
     hf = model.hf_model
     delta, point = _edge_setup(family, model)
     ids = _ids(CLEAN)
+    layer0 = REFERENCE[family].sites["resid_pre"][0].format(L=0)
+    e_clean = capture_modules(hf, ids, {"e": (layer0, "in")})["e"]
+    e_corr = capture_modules(hf, _ids(CORRUPTED), {"e": (layer0, "in")})["e"]
+    embeds = [e_corr + (k / IG_STEPS) * (e_clean - e_corr) for k in range(IG_STEPS)]
     with torch.no_grad():
         base = float(_ld(_run(hf, ids)))
     expected = []
@@ -231,13 +240,20 @@ def test_float64_edges_equal_plain_hook_edges(model64, method):
             with torch.no_grad():
                 expected.append(float(_ld(_run(hf, ids, [(path, _add(d, pre), pre)]))) - base)
         else:
-            leaf = torch.zeros_like(d, requires_grad=True)
-            with torch.enable_grad():
-                value = _ld(_run(hf, ids, [(path, _add(leaf, pre), pre)]))
-                (grad,) = torch.autograd.grad(value, [leaf])
-            expected.append(float((grad * d).sum()))
+            grads = []
+            for emb in (embeds if method == "eap_ig" else [None]):
+                leaf = torch.zeros_like(d, requires_grad=True)
+                hooks = [(path, _add(leaf, pre), pre)]
+                if emb is not None:  # the run's embedding output is the interpolation point
+                    hooks.append((layer0, lambda module, args, e=emb: (e, *args[1:]), True))
+                with torch.enable_grad():
+                    value = _ld(_run(hf, ids, hooks))
+                    grads.append(torch.autograd.grad(value, [leaf])[0])
+            expected.append(float((torch.stack(grads).mean(0) * d).sum()))
+    kw = dict(ig_steps=IG_STEPS) if method == "eap_ig" else {}
     result = edge_attribution(model, CLEAN, CORRUPTED, method=method, correct=CORRECT,
-                              incorrect=INCORRECT, edges=EDGES if method == "exact" else None)
+                              incorrect=INCORRECT, edges=EDGES if method == "exact" else None,
+                              **kw)
     got = [float(result.change[result.graph.edge_index(s, d)]) for s, d in EDGES]
     assert_matches_reference(got, expected, 0.0, rtol=EDGE_RTOL[method], min_cells=6,
                              what=f"{family} {method} edges")
@@ -285,11 +301,12 @@ def _restored_p(model, ids, span, noise, answer, restore, frozen=None) -> float:
 
 
 def test_float64_causal_tracing_controls_equal_plain_traces(model64):
-    """noise_std given as a number, window 2 with layer 0 excluded, and the severed-MLP trace
-    (every later MLP output at the restored position frozen at its noised value)."""
+    """noise_std given as a number, window 2 with layer 0 excluded, and the severed traces
+    (every later MLP, or attention, output at the restored position frozen at its noised
+    value)."""
     family, model = model64
     result = causal_tracing(model, PROMPT, SUBJECT, samples=3, noise_std=0.5, window=2,
-                            exclude_layers=(0,), sever="mlp", position_groups=False,
+                            exclude_layers=(0,), sever=("mlp", "attn"), position_groups=False,
                             components=("resid_post", "mlp", "attn"))
     assert result.sigma == 3.0 * 0.5
     ids = model.tokenizer(PROMPT)["input_ids"]
@@ -299,10 +316,10 @@ def test_float64_causal_tracing_controls_equal_plain_traces(model64):
     rows = noise.shape[0]
     full = torch.zeros(rows, T, model.d_model, dtype=F64)
     full[:, span[0]:span[1]] = noise.to(F64)
-    names = [f"blocks.{L}.mlp" for L in range(n)]
+    names = [f"blocks.{L}.{k}" for L in range(n) for k in ("mlp", "attn")]
     noised = model.trace([ids] * rows, interventions={"embed": iv.add(full)},
                          cache=names).run().cache
-    for kind in ("resid_post", "mlp", "attn", "resid_post_sever_mlp"):
+    for kind in ("resid_post", "mlp", "attn", "resid_post_sever_mlp", "resid_post_sever_attn"):
         got, expected = [], []
         for layer in range(n):
             for p in range(T):
@@ -311,8 +328,9 @@ def test_float64_causal_tracing_controls_equal_plain_traces(model64):
                 else:  # window 2: layers L-1 and L, without the excluded layer 0
                     restore = {f"blocks.{lr}.{kind}": p for lr in (layer - 1, layer) if lr >= 1}
                 frozen = {}
-                if kind == "resid_post_sever_mlp":
-                    frozen = {f"blocks.{lr}.mlp": (p, noised[f"blocks.{lr}.mlp"])
+                if kind.startswith("resid_post_sever_"):
+                    cut = kind.rsplit("_", 1)[1]
+                    frozen = {f"blocks.{lr}.{cut}": (p, noised[f"blocks.{lr}.{cut}"])
                               for lr in range(layer + 1, n)}
                 value = (_restored_p(model, ids, span, noise, answer, restore, frozen)
                          if restore else p_corr)
