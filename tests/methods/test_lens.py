@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import matplotlib
 import pytest
 import torch
-from conftest import REFERENCE, TextPairs, assert_matches_reference, capture_modules, \
-    tiny_hf_model, tiny_tokenizer
+from conftest import REFERENCE, TextPairs, assert_matches_reference, assert_within, \
+    capture_modules, tiny_hf_model, tiny_tokenizer
 
 from causalpatch import (
     DLAResult,
@@ -83,16 +83,6 @@ def _logits(got, expected, what: str) -> None:
     """Lens logits by the suite's one rule (:data:`LOGITS_RTOL`)."""
     _close(got, expected, LOGITS_RTOL, what, LOGITS_MIN_CELLS)
 
-
-def _sums(got, expected, what: str) -> None:
-    """An identity of sums to :data:`SUM_ATOL` (absolute, logits)."""
-    import os
-
-    diff = float((torch.as_tensor(got, dtype=torch.float64)
-                  - torch.as_tensor(expected, dtype=torch.float64)).abs().max())
-    if os.environ.get("CAUSALPATCH_TOL_REPORT"):
-        print(f"\n[sum] {what}: max |difference| {diff:.3g} (atol {SUM_ATOL:g})")
-    assert diff <= SUM_ATOL, f"{what}: {diff:.3g} > {SUM_ATOL:g}"
 
 
 # -- independent helpers (plain torch and Hugging Face modules only) ------------------------------
@@ -245,11 +235,11 @@ def test_dla_parts_sum_to_the_models_logit_difference(lm, tiny_family, unit):
     r = direct_logit_attribution(lm, PROMPT, unit, **IOI)
     assert isinstance(r, DLAResult) and r.unit == unit
     total = sum(r.parts.values())
-    _sums([total], [r.logit_diff], "dla sum")
+    assert_within([total], [r.logit_diff], SUM_ATOL, "dla sum")
     ids = _ids(lm)
     # the attributed difference is the model's own (pre-cap where the model soft-caps)
-    _sums([r.logit_diff], [_model_diff(lm, ids)], "dla sum")
-    _sums([r.model_logit_diff], [_model_diff(lm, ids, capped=True)], "dla sum")
+    assert_within([r.logit_diff], [_model_diff(lm, ids)], SUM_ATOL, "dla sum")
+    assert_within([r.model_logit_diff], [_model_diff(lm, ids, capped=True)], SUM_ATOL, "dla sum")
     assert r.sum_error <= SUM_ATOL
     assert max(abs(v) for v in r.parts.values()) > 1e-2  # not vacuous
     n_heads, d_mlp, n = lm.n_heads, lm.d_mlp, lm.n_layers
@@ -277,9 +267,9 @@ def test_soft_capped_models_attribute_the_pre_cap_difference(family):
     for unit in UNITS:
         r = direct_logit_attribution(lm, PROMPT, unit, correct=c, incorrect=i)
         assert r.softcap == 0.5
-        _sums([r.logit_diff], [float(pre[c] - pre[i])], "dla sum")
-        _sums([sum(r.parts.values())], [r.logit_diff], "dla sum")
-        _sums([r.model_logit_diff], [float(logits[c] - logits[i])], "dla sum")
+        assert_within([r.logit_diff], [float(pre[c] - pre[i])], SUM_ATOL, "dla sum")
+        assert_within([sum(r.parts.values())], [r.logit_diff], SUM_ATOL, "dla sum")
+        assert_within([r.model_logit_diff], [float(logits[c] - logits[i])], SUM_ATOL, "dla sum")
     assert abs(r.logit_diff - r.model_logit_diff) > 1e-2  # the cap matters here
     lens = logit_lens(lm, PROMPT)
     _logits(lens.logits[-1], _plain_logits(lm, ids)[0], "lens logits")
@@ -371,13 +361,14 @@ def test_units_are_refinements_of_each_other(lm):
     comp = parts["component"]
     for L in range(lm.n_layers):
         heads = sum(parts["head"][f"blocks.{L}.attn.head.{h}"] for h in range(lm.n_heads))
-        _sums([heads + parts["head"][f"blocks.{L}.attn.bias"]], [comp[f"blocks.{L}.attn"]],
-              "heads refine attn")
+        assert_within([heads + parts["head"][f"blocks.{L}.attn.bias"]],
+                      [comp[f"blocks.{L}.attn"]], SUM_ATOL, "heads refine attn")
         neurons = sum(parts["neuron"][f"blocks.{L}.mlp.neuron.{j}"] for j in range(lm.d_mlp))
-        _sums([neurons + parts["neuron"][f"blocks.{L}.mlp.bias"]], [comp[f"blocks.{L}.mlp"]],
-              "neurons refine mlp")
-        _sums([parts["layer"][f"blocks.{L}"]],
-              [comp[f"blocks.{L}.attn"] + comp[f"blocks.{L}.mlp"]], "layer = attn + mlp")
+        assert_within([neurons + parts["neuron"][f"blocks.{L}.mlp.bias"]],
+                      [comp[f"blocks.{L}.mlp"]], SUM_ATOL, "neurons refine mlp")
+        assert_within([parts["layer"][f"blocks.{L}"]],
+                      [comp[f"blocks.{L}.attn"] + comp[f"blocks.{L}.mlp"]], SUM_ATOL,
+                      "layer = attn + mlp")
         assert parts["head"][f"blocks.{L}.mlp"] == pytest.approx(comp[f"blocks.{L}.mlp"],
                                                                  abs=1e-9)
 
@@ -391,7 +382,7 @@ def test_dla_over_a_padded_batch_and_a_dataset_is_the_mean_of_single_prompts(lm)
     for row, single in zip(r.per_prompt, singles):
         _close(row, single.values, PARTS_RTOL, "batched row", min_cells=4)
     assert (r.values - r.per_prompt.mean(0)).abs().max() <= 1e-12
-    _sums([sum(r.parts.values())], [r.logit_diff], "dla sum")
+    assert_within([sum(r.parts.values())], [r.logit_diff], SUM_ATOL, "dla sum")
     assert r.positions == [N_TOKENS - 1, 3]
     data = TextPairs.of([(PROMPT, PROMPT, " Mary", " John"), (SHORT, SHORT, " Paris", " Rome")])
     from_data = direct_logit_attribution(lm, data, "head")
@@ -402,13 +393,13 @@ def test_dla_at_an_inner_position_and_of_a_single_logit(lm):
     ids = _ids(lm)
     r = direct_logit_attribution(lm, PROMPT, "component", position=4, **IOI)
     assert r.positions == [4]
-    _sums([r.logit_diff], [_model_diff(lm, ids, pos=4)], "dla sum")
-    _sums([sum(r.parts.values())], [r.logit_diff], "dla sum")
+    assert_within([r.logit_diff], [_model_diff(lm, ids, pos=4)], SUM_ATOL, "dla sum")
+    assert_within([sum(r.parts.values())], [r.logit_diff], SUM_ATOL, "dla sum")
     one = direct_logit_attribution(lm, PROMPT, "neuron", correct=" Mary")
     assert one.metric == "logit" and one.incorrect is None
     got = capture_modules(lm.hf_model, ids, {"head": ("lm_head", "out")})["head"][0, -1]
-    _sums([one.logit_diff], [float(got[lm.to_single_token(" Mary")])], "dla sum")
-    _sums([sum(one.parts.values())], [one.logit_diff], "dla sum")
+    assert_within([one.logit_diff], [float(got[lm.to_single_token(" Mary")])], SUM_ATOL, "dla sum")
+    assert_within([sum(one.parts.values())], [one.logit_diff], SUM_ATOL, "dla sum")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox_parallel"])
@@ -423,7 +414,7 @@ def test_tied_embeddings(family):
     _logits(lens.logits[-1], _plain_logits(lm, ids)[0], "lens logits")
     for unit in UNITS:
         r = direct_logit_attribution(lm, PROMPT, unit, **IOI)
-        _sums([sum(r.parts.values())], [_model_diff(lm, ids)], "dla sum")
+        assert_within([sum(r.parts.values())], [_model_diff(lm, ids)], SUM_ATOL, "dla sum")
     assert lm.hook_snapshot() == {}
 
 
@@ -520,7 +511,7 @@ def test_dla_result_exports(make_tiny_lm, tmp_path, unit):
     assert back.parts == r.parts and torch.equal(back.per_prompt, r.per_prompt)
     df = r.to_pandas()
     assert list(df["part"]) == r.names and {"layer", "kind", "index", "prompt_1"} <= set(df)
-    _sums([df["value"].sum()], [r.logit_diff], "dla sum")
+    assert_within([df["value"].sum()], [r.logit_diff], SUM_ATOL, "dla sum")
     mat, cols = r.matrix()
     width = {"component": 2, "layer": 1, "head": lm.n_heads, "neuron": lm.d_mlp}[unit]
     assert mat.shape == (lm.n_layers, width) and len(cols) == width
@@ -546,6 +537,6 @@ def test_smollm2_lens_and_head_attribution(smollm2):
     r = direct_logit_attribution(smollm2, prompt, "head", correct=" Mary", incorrect=" John")
     diff = float(logits[-1, smollm2.to_single_token(" Mary")].double()
                  - logits[-1, smollm2.to_single_token(" John")].double())
-    _sums([r.logit_diff, sum(r.parts.values())], [diff, diff], "smollm2 dla sums")
+    assert_within([r.logit_diff, sum(r.parts.values())], [diff, diff], SUM_ATOL, "smollm2 dla sums")
     assert r.logit_diff > 1
     assert smollm2.hook_snapshot() == {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TESTS_DIR, assert_matches_reference
+from conftest import TESTS_DIR, assert_matches_reference, assert_within
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -583,7 +583,7 @@ def test_by_position_groups_and_positions(lm, one_thread):
             edit = edit_features(feats, value=f_clean[:, [p]][..., feats], positions=[p])
             patched = logit_diff(lm.trace(CORRUPTED, saes=[sae], interventions={FEATS: edit}
                                           ).run().logits, lm)
-            _near(float(r.effect_matrix[a, b]), (patched - base) / (source - base), NORM_ATOL,
+            assert_within(float(r.effect_matrix[a, b]), (patched - base) / (source - base), NORM_ATOL,
                   "hand")
 
 
@@ -594,7 +594,7 @@ def test_references_are_the_site_all_features_and_error(lm, one_thread):
     assert ref["positions"] == [[13]]
     site = activation_patching(lm, CLEAN, CORRUPTED, component="blocks.1.resid_post",
                                positions=[-1], **ANSWERS)
-    _near(ref["site"][0], float(site.effect_matrix[0]), NORM_ATOL, "hand")
+    assert_within(ref["site"][0], float(site.effect_matrix[0]), NORM_ATOL, "hand")
     with lm.trace([CLEAN, CORRUPTED], saes=[sae], cache=[FEATS]) as tr:
         f_clean = tr.cache[FEATS][:1, -1:]
     base = logit_diff(lm.trace(CORRUPTED).run().logits, lm)
@@ -602,7 +602,7 @@ def test_references_are_the_site_all_features_and_error(lm, one_thread):
     edit = iv.replace_with(f_clean, positions=[-1])
     patched = logit_diff(lm.trace(CORRUPTED, saes=[sae], interventions={FEATS: edit}
                                   ).run().logits, lm)
-    _near(ref["all_features"][0], (patched - base) / (source - base), NORM_ATOL, "hand")
+    assert_within(ref["all_features"][0], (patched - base) / (source - base), NORM_ATOL, "hand")
     x = lm.trace([CLEAN, CORRUPTED], cache=["blocks.1.resid_post"]).run().cache[
         "blocks.1.resid_post"]
     err = x - sae.decode(sae.encode(x))
@@ -610,7 +610,7 @@ def test_references_are_the_site_all_features_and_error(lm, one_thread):
     mixed[:, -1] += err[0, -1] - err[1, -1]
     patched = logit_diff(lm.trace(CORRUPTED, interventions={
         "blocks.1.resid_post": iv.replace_with(mixed)}).run().logits, lm)
-    _near(ref["error"][0], (patched - base) / (source - base), NORM_ATOL, "hand")
+    assert_within(ref["error"][0], (patched - base) / (source - base), NORM_ATOL, "hand")
 
 
 def test_a_dataset_follows_the_one_aggregation_rule(lm, one_thread):
@@ -650,7 +650,7 @@ def test_noising_patches_corrupted_features_into_the_clean_run(lm, one_thread):
         edit = edit_features([j], value=f_corr[..., j:j + 1])
         patched = logit_diff(lm.trace(CLEAN, saes=[sae], interventions={FEATS: edit}
                                       ).run().logits, lm)
-        _near(float(r.effect_matrix[j]), (patched - base) / (source - base), NORM_ATOL, "hand")
+        assert_within(float(r.effect_matrix[j]), (patched - base) / (source - base), NORM_ATOL, "hand")
 
 
 # -- attribution --------------------------------------------------------------------------------------
@@ -663,9 +663,9 @@ def test_attribution_is_additive_for_a_linear_decoder(lm, one_thread):
     ref = a.extra["reference"]
     site = attribution_patching(lm, CLEAN, CORRUPTED, component="blocks.1.resid_post",
                                 **ANSWERS)
-    _near(ref["site"][0], float(site.effect_matrix[0]), NORM_ATOL, "hand")
+    assert_within(ref["site"][0], float(site.effect_matrix[0]), NORM_ATOL, "hand")
     total = float(a.effect_matrix.sum()) + ref["error"][0]
-    _near(total, ref["site"][0], SUM_ATOL, "hand")
+    assert_within(total, ref["site"][0], SUM_ATOL, "hand")
     assert a.effect_matrix.abs().max() > 0.01
 
 
@@ -676,7 +676,7 @@ def test_attribution_estimates_and_verification(lm, one_thread):
     top = torch.argsort(a.effect_matrix.abs(), descending=True)[:4].tolist()
     assert [v["index"] for v in a.extra["verified"]] == [[j] for j in top]
     for v in a.extra["verified"]:
-        _near(v["exact"], float(exact.effect_matrix[v["index"][0]]), NORM_ATOL, "hand")
+        assert_within(v["exact"], float(exact.effect_matrix[v["index"][0]]), NORM_ATOL, "hand")
         assert v["estimate"] == pytest.approx(float(a.effect_matrix[v["index"][0]]))
     corr = torch.corrcoef(torch.stack([a.effect_matrix, exact.effect_matrix]))[0, 1]
     assert corr > 0.8
@@ -720,7 +720,7 @@ def test_feature_ablation_equals_trace_edits(lm, kind, one_thread):
                 [j], value=value)}).run().logits[0, -1]
             orig = lm.trace(p).run().logits[0, -1]
             changes.append(float((edited[c] - edited[k]) - (orig[c] - orig[k])))
-        _near(float(r.effect_matrix[col]), sum(changes) / 2, NORM_ATOL, "hand")
+        assert_within(float(r.effect_matrix[col]), sum(changes) / 2, NORM_ATOL, "hand")
     assert r.effect_matrix.abs().max() > 1e-3
 
 
@@ -740,7 +740,7 @@ def test_feature_resample_ablation_takes_another_prompts_feature(lm, one_thread)
             edited = lm.trace(p, saes=[sae], interventions={FEATS: edit_features(
                 [j], value=value)}).run().logits
             changes.append(logit_diff(edited, lm) - logit_diff(lm.trace(p).run().logits, lm))
-        _near(float(r.effect_matrix[col]), sum(changes) / 3, NORM_ATOL, "hand")
+        assert_within(float(r.effect_matrix[col]), sum(changes) / 3, NORM_ATOL, "hand")
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -1017,15 +1017,6 @@ NORM_ATOL = 7e-5
 #: linear decoder, float32 sums over 96 features): observed 1.1e-5.
 SUM_ATOL = 1e-4
 
-
-def _near(got: float, want: float, atol: float, what: str) -> None:
-    """``|got - want| <= atol`` for values the tests compute one at a time."""
-    import os
-
-    diff = abs(float(got) - float(want))
-    if os.environ.get("CAUSALPATCH_TOL_REPORT"):
-        print(f"\n[near] {what}: |difference| {diff:.3g} (atol {atol:g})")
-    assert diff <= atol, f"{what}: |{float(got):.6g} - {float(want):.6g}| = {diff:.3g}"
 
 
 def test_sae_patching_equals_hand_patching_on_three_families(family_lm, one_thread):
