@@ -28,6 +28,8 @@ Builders and helpers (plain functions, ``from conftest import ...``):
 * :func:`checkpoint_cells`: finished cells in a checkpoint file.
 * :func:`assert_matches_reference`: the one non-vacuity rule of every fast-vs-reference
   comparison (relative tolerance on the largest effect, and enough cells far above it).
+* :func:`assert_within`: a named absolute bound for single values (baselines, sums), printing
+  what it observed under ``CAUSALPATCH_TOL_REPORT=1``.
 * :func:`neuron_sample`: the rows of an ``mlp_neuron`` sweep the naive loop checks (first,
   last, seeded picks per layer, and the largest fast effects).
 * :data:`TESTS_DIR`, :data:`REPO_ROOT`: files are found from these, never from a test's own
@@ -455,6 +457,21 @@ def assert_matches_reference(fast: Any, reference: Any, unpatched: Any, *, rtol:
     assert big >= min_cells, (f"{what}: only {big} cells have an effect >= {margin:g}x the "
                               f"tolerance ({margin * rtol * scale:.3g}); need {min_cells}")
     return ratio
+
+
+def assert_within(got: Any, want: Any, atol: float, what: str = "") -> float:
+    """``max |got - want| <= atol`` for values that are not a comparison of effects (a baseline
+    metric, an identity of sums, one normalised value), where a relative rule has no scale to
+    use. ``atol`` is a pinned constant with a comment saying what was observed; with
+    ``CAUSALPATCH_TOL_REPORT=1`` the observed difference is printed. Returns it."""
+    import os
+
+    diff = float((torch.as_tensor(got, dtype=torch.float64)
+                  - torch.as_tensor(want, dtype=torch.float64)).abs().max())
+    if os.environ.get("CAUSALPATCH_TOL_REPORT"):
+        print(f"\n[within] {what}: max |got - want| {diff:.3g} (atol {atol:g})")
+    assert diff <= atol, f"{what}: max |got - want| = {diff:.3g} > {atol:g}"
+    return diff
 
 
 def neuron_sample(moved: torch.Tensor, n_layers: int, n_random: int = 6,

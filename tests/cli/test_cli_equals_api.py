@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_matches_reference
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -107,5 +107,41 @@ def test_console_entry_point_in_a_subprocess_equals_api(tiny_llama_dir, folder_m
     got = _effects(out)
     expected = _api(folder_model, case).double()
     assert got.shape == expected.shape == (2, 2)  # 2 layers x 2 key/value heads
-    assert (got - expected).abs().max().item() <= TOL_PROCESS
-    assert expected.abs().max().item() > 1e-2
+    assert_matches_reference(got, expected, 0.0, rtol=TOL_PROCESS, min_cells=4,
+                             what="console entry point")
+
+
+TRACE_PROMPT, TRACE_SUBJECT = "The Eiffel Tower is in the city of", "Eiffel Tower"
+
+
+@pytest.mark.parametrize("settings", [
+    dict(components="mlp,attn", window="2", samples="2", seed="0", noise="3.0"),
+    dict(components="resid_post", window="1", samples="3", seed="4", noise="1.5"),
+], ids=["windows", "resid_post"])
+def test_cli_trace_equals_api(tiny_llama_dir, folder_model, settings, tmp_path, plain_cli,
+                              one_thread):
+    """``causalpatch trace --prompt`` writes one result per component; each equals
+    ``causal_tracing`` with the same prompt, subject, answer, noise, samples, seed and window
+    (same process, same code path: equal)."""
+    from causalpatch import PatchingResult, causal_tracing
+
+    out = tmp_path / "trace"
+    args = ["trace", "--model", str(tiny_llama_dir), "--prompt", TRACE_PROMPT, "--subject",
+            TRACE_SUBJECT, "--answer", " Paris", "--out", str(out), "--quiet"]
+    for key, value in settings.items():
+        args += [f"--{key}", value]
+    res = runner.invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    kinds = tuple(settings["components"].split(","))
+    api = causal_tracing(folder_model, TRACE_PROMPT, TRACE_SUBJECT, answer=" Paris",
+                         position_groups=False, components=kinds,
+                         window=int(settings["window"]), samples=int(settings["samples"]),
+                         seed=int(settings["seed"]), noise=float(settings["noise"]))
+    n_tokens = len(folder_model.to_str_tokens(TRACE_PROMPT))
+    for kind in kinds:  # one file per component, or result.json for one component
+        name = f"{kind}_by_position.json" if len(kinds) > 1 else "result.json"
+        got = PatchingResult.from_json(out / name).effect_matrix.double()
+        expected = api[kind].effect_matrix.double()
+        assert got.shape == expected.shape == (folder_model.n_layers, n_tokens)
+        assert (got - expected).abs().max().item() <= TOL  # bitwise
+        assert (expected.abs() > 1e-6).sum() >= 4, kind  # indirect effects, not all 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, assert_within
 
 from causalpatch import activation_patching
 from causalpatch.engine import (collect_sites, patched_logits, run_base_and_source,
@@ -39,7 +39,9 @@ def test_unembed_columns_are_those_of_the_full_logits(tiny_lm):
         full = unembed(tiny_lm, hidden)
         part = unembed(tiny_lm, hidden, cols)
     assert part.shape == (3, 3)
-    assert (part - full[:, [2, 5, 9]]).abs().max().item() <= 1e-5
+    # the answer columns of the unembedding against all of it (another matmul shape): observed
+    # 1.8e-7 absolute
+    assert_within(part, full[:, [2, 5, 9]], 1.5e-6, "answer columns")
 
 
 @pytest.mark.parametrize("engine", [Engine.FAST, Engine.NAIVE])

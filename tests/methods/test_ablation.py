@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import causalpatch.interventions as iv
-from conftest import assert_matches_reference, id_llama
+from conftest import assert_matches_reference, assert_within, id_llama
 
 from causalpatch import InterpretableModel
 from causalpatch import AblationKind
@@ -32,6 +32,10 @@ RTOL_BY_HAND = 3e-6
 #: Cells (prompt x cell) whose effect must be >= 100 x the tolerance, engine comparisons
 #: (fewest observed: 8 of 9, mlp resample on 3 prompts).
 MIN_CELLS = 4
+#: single metric values (the original metric, a KL to itself, ratios) against plain traces,
+#: absolute: float32 metrics of differently batched runs. Largest observed 1.8e-7 (the original
+#: logit difference); the KL to itself, the KL by hand and the fractions kept are bitwise equal.
+METRIC_ATOL = 1.5e-6
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +66,7 @@ def test_zero_ablation_of_a_head_equals_zeroing_it_by_hand(tiny, prompts):
     assert res.shape == (2, 4) and res.axes == ("layer", "head")
     assert res.method == "ablation" and not res.normalized
     original = logit_diff_of(tiny, prompts)
-    assert res.clean_metric == pytest.approx(float(original.mean()), abs=1e-5)
+    assert_within(res.clean_metric, float(original.mean()), METRIC_ATOL, "original metric")
     by_hand = torch.stack([torch.stack([
         logit_diff_of(tiny, prompts, {f"blocks.{layer}.attn.z": iv.zero(heads=[head])}) - original
         for head in range(4)], -1) for layer in range(2)], 1)  # [n, layer, head]
@@ -180,7 +184,7 @@ def test_resample_needs_equal_lengths(tiny):
 # -- metrics, datasets, errors --------------------------------------------------------------------
 def test_distance_metric_measures_from_the_original_output(tiny):
     res = ablate(tiny, PROMPTS, "mlp", "zero", metric="kl")
-    assert res.clean_metric == pytest.approx(0.0, abs=1e-6)
+    assert_within(res.clean_metric, 0.0, METRIC_ATOL, "kl to itself")
     assert torch.all(res.effect_matrix > 0)
     assert res.extra["fraction_kept"] is None
     name = "blocks.1.mlp"
@@ -190,7 +194,8 @@ def test_distance_metric_measures_from_the_original_output(tiny):
         clean = tiny.trace([row]).run().last_logits
         ablated = tiny.trace([row], interventions={name: iv.zero()}).run().last_logits
         manual.append(kl(ablated, MetricInputs(target_logits=clean)))
-    assert float(res.effect_matrix[1]) == pytest.approx(float(torch.cat(manual).mean()), abs=1e-5)
+    assert_within(float(res.effect_matrix[1]), float(torch.cat(manual).mean()), METRIC_ATOL,
+                  "kl by hand")
 
 
 def test_fraction_kept_and_dataset_answers(tiny):
@@ -203,9 +208,9 @@ def test_fraction_kept_and_dataset_answers(tiny):
     assert res.extra["answers"] == [[3, 9]]
     original = torch.tensor(res.extra["original_metric"])
     ablated = torch.tensor(res.extra["ablated_metric"])
-    assert torch.allclose(ablated - original.mean(), res.effect_matrix, atol=1e-5)
-    assert res.extra["fraction_kept"] == pytest.approx(
-        (ablated / original.mean()).tolist(), abs=1e-5)
+    assert_within(ablated - original.mean(), res.effect_matrix, METRIC_ATOL, "change")
+    assert_within(res.extra["fraction_kept"], (ablated / original.mean()).tolist(), METRIC_ATOL,
+                  "fraction kept")
     res.to_json()  # everything in extra is JSON-serialisable
 
 

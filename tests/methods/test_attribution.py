@@ -12,13 +12,17 @@ import copy
 import pytest
 import torch
 
-from conftest import IdTokenizer, TextPairs, assert_matches_reference, id_llama_hf
+from conftest import IdTokenizer, TextPairs, assert_matches_reference, assert_within, \
+    id_llama_hf
 
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.methods.attribution import attribution_patching
 from causalpatch.errors import InvalidArgumentError, InvalidTypeError
 from causalpatch.plan import SWEEP_COMPONENTS as COMPONENTS
 
+#: baseline metric values against the exact sweep's, absolute: the gradient pass and the
+#: sweep run other batches (float32). Largest observed 8.3e-7; a distance to itself is 0.
+METRIC_ATOL = 8e-6
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 FIRST_DIFF = 9  # " John" vs " Mary"
@@ -108,8 +112,8 @@ def test_shapes_axes_labels_equal_activation_patching(tiny, component, by_positi
     assert est.axes == exact.axes
     assert est.labels == exact.labels
     assert est.method == "attribution_patching" and est.normalized
-    assert est.clean_metric == pytest.approx(exact.clean_metric, abs=1e-5)
-    assert est.corrupted_metric == pytest.approx(exact.corrupted_metric, abs=1e-5)
+    assert_within([est.clean_metric, est.corrupted_metric],
+                  [exact.clean_metric, exact.corrupted_metric], METRIC_ATOL, "baselines")
     assert torch.isfinite(est.effect_matrix).all()
 
 
@@ -233,7 +237,7 @@ def test_distance_metrics_are_estimated_from_the_base_gradient(tiny):
     for metric in ("kl", "l2"):
         est = attribution_patching(tiny, CLEAN_IDS, CORRUPTED_IDS, component="attn_head",
                                    metric=metric)
-        assert est.clean_metric == pytest.approx(0.0, abs=1e-6)  # distance to itself
+        assert_within(est.clean_metric, 0.0, METRIC_ATOL, "distance to itself")
         assert est.corrupted_metric > 0
         assert torch.isfinite(est.effect_matrix).all() and est.effect_matrix.abs().max() > 0
 

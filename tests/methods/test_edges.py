@@ -297,6 +297,7 @@ def test_eap_equals_plain_hook_reference(family, one_thread):
                                                          _sample_receivers(model))
     got = torch.tensor([float(result.change[result.graph.edge_index(s, d)]) for s, d in edges],
                        dtype=torch.float64)
+    # observed at most 5.1e-6 relative (gpt_neox_sequential: float32 metrics, other batches)
     assert result.base_value == pytest.approx(m_clean, rel=1e-5)
     assert result.source_value == pytest.approx(m_corr, rel=1e-5)
     assert_matches_reference(got, expected, 0.0, rtol=EAP_RTOL, min_cells=10,
@@ -304,7 +305,8 @@ def test_eap_equals_plain_hook_reference(family, one_thread):
     # normalised by the result's own gap (the one aggregation rule)
     normalised = torch.tensor([result.score(s, d) for s, d in edges], dtype=torch.float64)
     gap = result.source_value - result.base_value
-    assert torch.allclose(normalised, got / gap, rtol=1e-6, atol=0.0)
+    # observed at most 5.8e-8 relative (float32 division): one rounding, not a comparison
+    assert torch.allclose(normalised, got / gap, rtol=5e-7, atol=0.0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gpt_neox_parallel"])

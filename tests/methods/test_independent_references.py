@@ -15,7 +15,7 @@ and normalised ``(patched - corrupted) / (clean - corrupted)``, all by hand.
 Families: LLaMA (grouped-query: 4 query heads, 2 key/value heads, so ``attn_head_k``/``_v``
 cells are key/value heads), GPT-2 (fused ``[q|k|v]``), GPT-NeoX (fused, interleaved per head).
 The models run in float64 so the reference itself has no rounding to speak of; causalpatch
-returns float32 effects (see :data:`TOL`).
+returns float32 effects (see :data:`RTOL`).
 """
 
 from __future__ import annotations
@@ -24,20 +24,25 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import REFERENCE, capture_modules, first_tensor, reference_qkv, tiny_hf_model, \
-    tiny_tokenizer
+from conftest import REFERENCE, assert_matches_reference, capture_modules, first_tensor, \
+    reference_qkv, tiny_hf_model, tiny_tokenizer
 
 from causalpatch import InterpretableModel, activation_patching
 
 CLEAN, CORRUPTED = "abcdefghijkl", "abcdeXghijkl"  # 12 tokens, differ at position 5
 FAMILIES = ["llama", "gpt2", "gpt_neox_parallel"]
-#: |causalpatch - reference| on normalised effects: the effect is computed from float32 metric
-#: values of float64 logits (rounding ~1e-7 of logits of order 1, divided by a clean-corrupted
-#: gap asserted > MIN_GAP), so 1e-5 is ~10x above rounding and far below any real mismatch.
-TOL = 1e-5
+#: ``conftest.assert_matches_reference``: max |causalpatch - reference| over the largest
+#: reference effect, normalised effects. The effect is computed from float32 metric values of
+#: float64 logits (rounding ~1e-7 of logits of order 1, divided by a clean-corrupted gap
+#: asserted > MIN_GAP), and causalpatch's forward batches rows differently. Largest ratio
+#: observed 4.3e-6 (GPT-NeoX attn_head_q: 7.5e-8 on a largest effect of 0.018); 1e-7 to 2.5e-6
+#: elsewhere.
+RTOL = 3e-5
+#: (layer, unit) cells with an effect >= 100x the tolerance: fewest observed 5 of 6 (LLaMA's
+#: 3 layers x 2 key/value heads, counted at 3x this tolerance) for heads, 195 of 288 neurons.
+MIN_CELLS = 4
+NEURON_MIN_CELLS = 150
 MIN_GAP = 0.1
-#: non-vacuity: some cell of every kind moves the metric by more than this fraction.
-MOVES = 1e-2
 WHICH = {"attn_head_q": 0, "attn_head_k": 1, "attn_head_v": 2}
 
 
@@ -144,10 +149,12 @@ def test_head_qkv_cells_equal_hand_patched_projections(setup, component, one_thr
     got = activation_patching(model, CLEAN, CORRUPTED, component=component, correct=answers[0],
                               incorrect=answers[1]).effect_matrix
     assert got.shape == (n_layers, n_units)
-    assert (got.double() - expected).abs().max().item() <= TOL
-    assert expected.abs().max().item() > MOVES
+    # normalised effects: 0 is the corrupted run
+    assert_matches_reference(got, expected, 0.0, rtol=RTOL, min_cells=MIN_CELLS,
+                             what=f"{family} {component}")
     # the units are not interchangeable: a mapping off by one unit would fail the check above
-    assert (expected[:, 1:] - expected[:, :-1]).abs().max().item() > 10 * TOL
+    assert (expected[:, 1:] - expected[:, :-1]).abs().max().item() > 10 * RTOL * float(
+        expected.abs().max())
 
 
 def test_mlp_neuron_cells_equal_hand_patched_activations(setup, one_thread):
@@ -166,6 +173,7 @@ def test_mlp_neuron_cells_equal_hand_patched_activations(setup, one_thread):
     got = activation_patching(model, CLEAN, CORRUPTED, component="mlp_neuron", correct=answers[0],
                               incorrect=answers[1]).effect_matrix
     assert got.shape == (n_layers, d_mlp)
-    assert (got.double() - expected).abs().max().item() <= TOL
-    assert expected.abs().max().item() > MOVES
-    assert (expected[:, 1:] - expected[:, :-1]).abs().max().item() > 10 * TOL
+    assert_matches_reference(got, expected, 0.0, rtol=RTOL, min_cells=NEURON_MIN_CELLS,
+                             what=f"{family} mlp_neuron")
+    assert (expected[:, 1:] - expected[:, :-1]).abs().max().item() > 10 * RTOL * float(
+        expected.abs().max())

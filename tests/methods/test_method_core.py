@@ -8,14 +8,26 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import assert_matches_reference
 
 import causalpatch.interventions as iv
 from causalpatch import CausalTrace, activation_patching, attribution_patching
 from causalpatch.errors import InvalidArgumentError, OutOfRangeError, UnknownComponentError
 from causalpatch.metrics import get_metric
 
-#: Stated tolerance of the engine against the naive loop on tiny float32 models.
-TOL = 1e-5
+#: The engine against the naive loop written here, on tiny float32 models
+#: (``conftest.assert_matches_reference`` through :func:`check`: |engine - naive| over the
+#: largest |naive| effect, normalised effects or raw metric changes, 0 = no patch): the staircase
+#: batches rows and pairs differently (other float32 summation orders). Largest ratio observed
+#: 3.8e-6 (ragged pairs, fast engine: 3.1e-6 on an effect of 0.80).
+RTOL = 3e-5
+
+
+def check(got, expected, what: str, min_cells: int = 1) -> None:
+    """The engine's values equal the naive loop's by the suite's one rule (:data:`RTOL`)."""
+    assert_matches_reference(torch.as_tensor(got, dtype=torch.float64).reshape(-1),
+                             torch.as_tensor(expected, dtype=torch.float64).reshape(-1), 0.0,
+                             rtol=RTOL, min_cells=min_cells, what=what)
 
 
 @dataclass
@@ -96,15 +108,15 @@ def test_causal_trace_on_ragged_pairs_with_last_position_equals_the_naive_loop(l
     ct = CausalTrace(lm, RAGGED, engine=engine)
     ct.patch("blocks.1.resid_pre", positions=[-1])
     got = ct.metric()  # the dataset's metric and answers
-    assert got == pytest.approx(naive_effect(lm, RAGGED, [("blocks.1.resid_pre", [-1], None)]),
-                                abs=TOL)
+    check(got, naive_effect(lm, RAGGED, [("blocks.1.resid_pre", [-1], None)]),
+          f"ragged last position {engine}")
 
 
 def test_causal_trace_of_one_cell_equals_activation_patching_of_that_cell(lm):
     sweep = activation_patching(lm, RAGGED, component="mlp", layers=[0], positions=[-1])
     ct = CausalTrace(lm, RAGGED)
     ct.patch("blocks.0.mlp", positions=[-1])
-    assert ct.metric() == pytest.approx(float(sweep.effect_matrix[0]), abs=TOL)
+    check(ct.metric(), float(sweep.effect_matrix[0]), "trace = sweep cell")
     # the same aggregation: normalise the means, not the mean of per-pair normalised values
     assert float(sweep.per_pair.mean(0)[0]) == pytest.approx(float(sweep.effect_matrix[0]),
                                                              abs=1e-6)
@@ -116,10 +128,10 @@ def test_causal_trace_uses_the_datasets_answers_not_the_first_pairs(lm):
     ct.patch("blocks.0.attn", positions=[-1])
     got = ct.metric()
     expected = naive_effect(lm, RAGGED, [("blocks.0.attn", [-1], None)])
-    assert got == pytest.approx(expected, abs=TOL)
+    check(got, expected, "dataset answers")
     raw = float(ct.result(normalize=False).effect_matrix[0])
-    assert raw == pytest.approx(naive_effect(lm, RAGGED, [("blocks.0.attn", [-1], None)],
-                                             raw=True), abs=TOL)
+    check(raw, naive_effect(lm, RAGGED, [("blocks.0.attn", [-1], None)], raw=True),
+          "dataset answers, raw")
     same_answers = Pairs(RAGGED.clean, RAGGED.corrupted, [" Mary"] * 3, [" John"] * 3)
     other = naive_effect(lm, same_answers, [("blocks.0.attn", [-1], None)], raw=True)
     assert abs(other - raw) > 1e-2  # the check above can tell them apart
@@ -133,7 +145,7 @@ def test_several_patch_calls_together_equal_the_naive_loop(lm, engine):
         for name, positions, heads in patches:
             ct.patch(name, positions=positions, heads=heads)
         got = ct.metric()
-    assert got == pytest.approx(naive_effect(lm, RAGGED, patches), abs=TOL)
+    check(got, naive_effect(lm, RAGGED, patches), f"several patches {engine}")
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
@@ -142,11 +154,14 @@ def test_multi_position_and_multi_head_cells_of_a_sweep_equal_the_naive_loop(lm,
     head of a layer jointly (component 'attn' vs all heads of attn.z)."""
     result = activation_patching(lm, RAGGED, component="attn_head", positions=[-1, -2, 3],
                                  direction=direction)
+    got, expected = [], []
     for layer in range(lm.n_layers):
         for head in (0, lm.n_heads - 1):
-            expected = naive_effect(lm, RAGGED, [(f"blocks.{layer}.attn.z", [-1, -2, 3], [head])],
-                                    denoise=direction == "denoise")
-            assert float(result.effect_matrix[layer, head]) == pytest.approx(expected, abs=TOL)
+            expected.append(naive_effect(lm, RAGGED,
+                                         [(f"blocks.{layer}.attn.z", [-1, -2, 3], [head])],
+                                         denoise=direction == "denoise"))
+            got.append(float(result.effect_matrix[layer, head]))
+    check(got, expected, f"multi-position heads {direction}", min_cells=4)
 
 
 def test_negative_layers_and_positions_count_from_the_end(lm):

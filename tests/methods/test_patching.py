@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_matches_reference, assert_within
 
 from causalpatch import activation_patching
 from causalpatch.engine import collect_sites, patched_logits, run_base_and_source
@@ -17,8 +18,27 @@ from causalpatch.plan import (build_patches, make_pairs, plan_component, resolve
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 FIRST_DIFF = 9  # " John" vs " Mary": the first token that differs
-#: Stated tolerance of the fast engine against the naive loop, in logits.
-TOL = 1e-4
+#: The fast engine against the naive loop on SmolLM2 (``conftest.assert_matches_reference``:
+#: max |fast - naive| over the largest logit change of the sampled cells). Not zero: the
+#: staircase batches rows (other float32 summation orders), ~3e-5 absolute on logits of ~20
+#: for every component. Largest ratio observed 2.0e-5 (attn_head_k, largest change 1.7); for
+#: mlp_neuron 1.25e-4 (RTOL_NEURON), whose largest logit change is only 0.24.
+RTOL = 2e-4
+RTOL_NEURON = 1e-3
+#: (cell, vocabulary entry) logits that move by 100x the tolerance (fewest observed: 69,347).
+MIN_CELLS = 50_000
+#: The sweep's normalised effects, fast vs naive: observed 2.9e-7 of the largest effect (1.0).
+SWEEP_RTOL = 2.5e-6
+#: sweep cells with an effect >= 100x that (observed 10 of 42: positions before the first
+#: difference are exactly 0).
+SWEEP_MIN_CELLS = 8
+#: full restorations (the whole residual stream patched: the effect is 1 up to rounding),
+#: absolute on normalised effects: observed 0 for every metric and 6e-8 (half a float32 ulp of
+#: 1) for layer 0 denoising; the bound is two float32 ulps of 1.
+FULL_ATOL = 2.4e-7
+#: batch sizes 1 and 7 against the automatic one: observed 2.8e-6 of the largest effect (7.4e-7
+#: on 0.27; other float32 summation orders).
+BATCH_RTOL = 2.5e-5
 
 
 def _neuron_sample(model, n_random=14):
@@ -61,9 +81,9 @@ def test_fast_engine_equals_naive_loop_on_smollm2(smollm2, component, by_positio
     top = moved.topk(3).indices.tolist()
     sample = sorted(set(sample) | set(live[-3:]) | set(live[:2]) | set(top))
     naive = patched_logits(smollm2, run, [patches[i] for i in sample], Engine.NAIVE)
-    assert (fast[sample] - naive).abs().max().item() <= TOL
-    # and the patches really do something somewhere (the comparison is not vacuous)
-    assert (naive - base_last).abs().max().item() > 1e-2
+    rtol = RTOL_NEURON if component == "mlp_neuron" else RTOL
+    assert_matches_reference(fast[sample], naive, base_last, rtol=rtol, min_cells=MIN_CELLS,
+                             what=f"smollm2 {component} {by_position}")
 
 
 def test_sweep_effects_fast_equal_naive(smollm2):
@@ -72,7 +92,8 @@ def test_sweep_effects_fast_equal_naive(smollm2):
     fast = activation_patching(smollm2, CLEAN, CORRUPTED, **kw)
     naive = activation_patching(smollm2, CLEAN, CORRUPTED, engine="naive", **kw)
     assert fast.effect_matrix.shape == (3, 14)
-    assert torch.allclose(fast.effect_matrix, naive.effect_matrix, atol=1e-5)
+    assert_matches_reference(fast.effect_matrix, naive.effect_matrix, 0.0, rtol=SWEEP_RTOL,
+                             min_cells=SWEEP_MIN_CELLS, what="smollm2 resid_post sweep")
 
 
 def test_denoising_final_residual_at_last_position_recovers_fully(smollm2):
@@ -80,7 +101,7 @@ def test_denoising_final_residual_at_last_position_recovers_fully(smollm2):
                                  layers=[29], positions=[-1], correct=" Mary",
                                  incorrect=" John")
     assert result.effect_matrix.shape == (1,)
-    assert abs(result.effect_matrix[0].item() - 1.0) < 1e-5
+    assert_within(result.effect_matrix[0].item(), 1.0, FULL_ATOL, "final residual")
 
 
 def test_positions_before_first_difference_have_zero_effect(smollm2):
@@ -95,7 +116,7 @@ def test_positions_before_first_difference_have_zero_effect(smollm2):
 def test_full_residual_at_layer_zero_moves_everything(smollm2, direction):
     result = activation_patching(smollm2, CLEAN, CORRUPTED, component="resid_pre", layers=[0],
                                  direction=direction, correct=" Mary", incorrect=" John")
-    assert abs(result.effect_matrix[0].item() - 1.0) < 1e-5
+    assert_within(result.effect_matrix[0].item(), 1.0, FULL_ATOL, f"layer 0 {direction}")
 
 
 def test_ioi_result_metadata(smollm2):
@@ -117,7 +138,7 @@ def test_every_metric_gives_finite_normalised_effects(smollm2, metric):
                                  correct=" Mary", incorrect=" John")
     assert torch.isfinite(result.effect_matrix).all()
     # the last layer's residual at the last position *is* the output: full recovery
-    assert abs(result.effect_matrix[1].item() - 1.0) < 1e-4
+    assert_within(result.effect_matrix[1].item(), 1.0, FULL_ATOL, metric)
 
 
 def test_batch_size_does_not_change_results(smollm2):
@@ -125,7 +146,8 @@ def test_batch_size_does_not_change_results(smollm2):
     auto = activation_patching(smollm2, CLEAN, CORRUPTED, **kw).effect_matrix
     for size in (1, 7):
         other = activation_patching(smollm2, CLEAN, CORRUPTED, batch_size=size, **kw)
-        assert (other.effect_matrix - auto).abs().max().item() <= 1e-5
+        assert_matches_reference(other.effect_matrix, auto, 0.0, rtol=BATCH_RTOL, min_cells=10,
+                                 what=f"batch_size={size}")
 
 
 def test_seed_style_helper_returns_percent_per_layer(smollm2):
@@ -139,7 +161,7 @@ def test_causal_trace_combines_patches(smollm2):
     with smollm2.causal_trace(CLEAN, CORRUPTED) as ct:
         ct.patch("blocks.29.resid_post", positions=[-1])
         full = ct.metric("logit_diff", correct_token=" Mary", incorrect_token=" John")
-    assert abs(full - 1.0) < 1e-5
+    assert_within(full, 1.0, FULL_ATOL, "causal trace")
     with smollm2.causal_trace(CLEAN, CORRUPTED) as ct:
         ct.patch("layers.5.mlp")
         ct.patch("layers.9.self_attn", positions=[-1])

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TESTS_DIR, assert_matches_reference
+from conftest import TESTS_DIR, assert_matches_reference, assert_within
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -155,6 +155,7 @@ class Counting:
     ("hook_embed", "embed"),
     ("blocks.8.resid_post", "blocks.8.resid_post"),
 ])
+
 def test_transformerlens_hook_names_map_to_canonical_sites(hook, site):
     assert site_for_hook_name(hook) == site
     assert site_for_hook_name(hook_name_for_site(site)) == site
@@ -582,7 +583,8 @@ def test_by_position_groups_and_positions(lm, one_thread):
             edit = edit_features(feats, value=f_clean[:, [p]][..., feats], positions=[p])
             patched = logit_diff(lm.trace(CORRUPTED, saes=[sae], interventions={FEATS: edit}
                                           ).run().logits, lm)
-            assert abs(float(r.effect_matrix[a, b]) - (patched - base) / (source - base)) < 1e-4
+            assert_within(float(r.effect_matrix[a, b]), (patched - base) / (source - base), NORM_ATOL,
+                  "hand")
 
 
 def test_references_are_the_site_all_features_and_error(lm, one_thread):
@@ -592,7 +594,7 @@ def test_references_are_the_site_all_features_and_error(lm, one_thread):
     assert ref["positions"] == [[13]]
     site = activation_patching(lm, CLEAN, CORRUPTED, component="blocks.1.resid_post",
                                positions=[-1], **ANSWERS)
-    assert abs(ref["site"][0] - float(site.effect_matrix[0])) < 1e-4
+    assert_within(ref["site"][0], float(site.effect_matrix[0]), NORM_ATOL, "hand")
     with lm.trace([CLEAN, CORRUPTED], saes=[sae], cache=[FEATS]) as tr:
         f_clean = tr.cache[FEATS][:1, -1:]
     base = logit_diff(lm.trace(CORRUPTED).run().logits, lm)
@@ -600,7 +602,7 @@ def test_references_are_the_site_all_features_and_error(lm, one_thread):
     edit = iv.replace_with(f_clean, positions=[-1])
     patched = logit_diff(lm.trace(CORRUPTED, saes=[sae], interventions={FEATS: edit}
                                   ).run().logits, lm)
-    assert abs(ref["all_features"][0] - (patched - base) / (source - base)) < 1e-4
+    assert_within(ref["all_features"][0], (patched - base) / (source - base), NORM_ATOL, "hand")
     x = lm.trace([CLEAN, CORRUPTED], cache=["blocks.1.resid_post"]).run().cache[
         "blocks.1.resid_post"]
     err = x - sae.decode(sae.encode(x))
@@ -608,7 +610,7 @@ def test_references_are_the_site_all_features_and_error(lm, one_thread):
     mixed[:, -1] += err[0, -1] - err[1, -1]
     patched = logit_diff(lm.trace(CORRUPTED, interventions={
         "blocks.1.resid_post": iv.replace_with(mixed)}).run().logits, lm)
-    assert abs(ref["error"][0] - (patched - base) / (source - base)) < 1e-4
+    assert_within(ref["error"][0], (patched - base) / (source - base), NORM_ATOL, "hand")
 
 
 def test_a_dataset_follows_the_one_aggregation_rule(lm, one_thread):
@@ -648,7 +650,7 @@ def test_noising_patches_corrupted_features_into_the_clean_run(lm, one_thread):
         edit = edit_features([j], value=f_corr[..., j:j + 1])
         patched = logit_diff(lm.trace(CLEAN, saes=[sae], interventions={FEATS: edit}
                                       ).run().logits, lm)
-        assert abs(float(r.effect_matrix[j]) - (patched - base) / (source - base)) < 1e-4
+        assert_within(float(r.effect_matrix[j]), (patched - base) / (source - base), NORM_ATOL, "hand")
 
 
 # -- attribution --------------------------------------------------------------------------------------
@@ -661,9 +663,9 @@ def test_attribution_is_additive_for_a_linear_decoder(lm, one_thread):
     ref = a.extra["reference"]
     site = attribution_patching(lm, CLEAN, CORRUPTED, component="blocks.1.resid_post",
                                 **ANSWERS)
-    assert abs(ref["site"][0] - float(site.effect_matrix[0])) < 1e-4
+    assert_within(ref["site"][0], float(site.effect_matrix[0]), NORM_ATOL, "hand")
     total = float(a.effect_matrix.sum()) + ref["error"][0]
-    assert abs(total - ref["site"][0]) < 1e-3
+    assert_within(total, ref["site"][0], SUM_ATOL, "hand")
     assert a.effect_matrix.abs().max() > 0.01
 
 
@@ -674,7 +676,7 @@ def test_attribution_estimates_and_verification(lm, one_thread):
     top = torch.argsort(a.effect_matrix.abs(), descending=True)[:4].tolist()
     assert [v["index"] for v in a.extra["verified"]] == [[j] for j in top]
     for v in a.extra["verified"]:
-        assert abs(v["exact"] - float(exact.effect_matrix[v["index"][0]])) < 1e-4
+        assert_within(v["exact"], float(exact.effect_matrix[v["index"][0]]), NORM_ATOL, "hand")
         assert v["estimate"] == pytest.approx(float(a.effect_matrix[v["index"][0]]))
     corr = torch.corrcoef(torch.stack([a.effect_matrix, exact.effect_matrix]))[0, 1]
     assert corr > 0.8
@@ -718,7 +720,7 @@ def test_feature_ablation_equals_trace_edits(lm, kind, one_thread):
                 [j], value=value)}).run().logits[0, -1]
             orig = lm.trace(p).run().logits[0, -1]
             changes.append(float((edited[c] - edited[k]) - (orig[c] - orig[k])))
-        assert abs(float(r.effect_matrix[col]) - sum(changes) / 2) < 1e-4
+        assert_within(float(r.effect_matrix[col]), sum(changes) / 2, NORM_ATOL, "hand")
     assert r.effect_matrix.abs().max() > 1e-3
 
 
@@ -738,7 +740,7 @@ def test_feature_resample_ablation_takes_another_prompts_feature(lm, one_thread)
             edited = lm.trace(p, saes=[sae], interventions={FEATS: edit_features(
                 [j], value=value)}).run().logits
             changes.append(logit_diff(edited, lm) - logit_diff(lm.trace(p).run().logits, lm))
-        assert abs(float(r.effect_matrix[col]) - sum(changes) / 3) < 1e-4
+        assert_within(float(r.effect_matrix[col]), sum(changes) / 3, NORM_ATOL, "hand")
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -987,12 +989,34 @@ def hand_attribution(model: Any, family: str, sae: Any, correct: int, incorrect:
                 "base": torch.tensor(base), "source": torch.tensor(source)}
 
 
+#: hand patching / hand autograd against the method, relative to ``scale``, the largest effect
+#: of the comparison (its cells and references): float32 runs of other batch shapes. Largest
+#: observed 1.3e-6 (GPT-2, by position), over the three families.
+HAND_RTOL = 1e-5
+
+
 def assert_close_to(got: Any, want: Any, scale: float, what: str) -> None:
-    """``|got - want| <= 1e-5 * scale`` (the largest effect of the comparison)."""
-    got_t = torch.as_tensor(got, dtype=torch.float64)
+    """``|got - want| <= HAND_RTOL * scale`` (``scale``: the largest effect of the comparison),
+    by ``conftest.assert_matches_reference``: its relative tolerance is that bound over
+    ``max |want|`` (0 = no effect), and ``want`` must not be all 0."""
     want_t = torch.as_tensor(want, dtype=torch.float64)
-    diff = float((got_t - want_t).abs().max())
-    assert diff <= 1e-5 * scale, f"{what}: max |difference| {diff:.3g} > 1e-5 x {scale:.3g}"
+    top = float(want_t.abs().max())
+    assert top > 0, f"{what}: the reference is 0 everywhere (vacuous)"
+    import os
+
+    if os.environ.get("CAUSALPATCH_TOL_REPORT"):
+        diff = float((torch.as_tensor(got, dtype=torch.float64) - want_t).abs().max())
+        print(f"\n[hand] {what}: max |difference| / scale {diff / scale:.3g}")
+    assert_matches_reference(got, want_t, 0.0, rtol=HAND_RTOL * scale / top, min_cells=1,
+                             what=what)
+
+#: normalised effects (fractions of the clean-corrupted gap) against hand patching on the tiny
+#: model, absolute: float32 runs of other batch shapes. Largest observed 7.6e-6.
+NORM_ATOL = 7e-5
+#: the feature estimates plus the error estimate against the site's estimate (additivity of a
+#: linear decoder, float32 sums over 96 features): observed 1.1e-5.
+SUM_ATOL = 1e-4
+
 
 
 def test_sae_patching_equals_hand_patching_on_three_families(family_lm, one_thread):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import neuron_sample
+from conftest import assert_matches_reference, neuron_sample
 
 import causalpatch.interventions as iv
 from causalpatch.engine import collect_sites, patched_logits, run_base_and_source
@@ -14,6 +14,15 @@ from causalpatch.errors import OutOfRangeError, UnknownComponentError, Unsupport
 from causalpatch.plan import build_patches, make_pairs, plan_component, resolve_positions
 
 CLEAN, CORRUPTED = "abcdefghijkl", "abcdeXghijkl"  # 12 tokens, differ at position 5
+#: fast engine against the naive loop (``conftest.assert_matches_reference``): max |fast - naive|
+#: over the largest effect max |naive - base|, float32 logits. Not zero: the fast engine
+#: batches 7 rows (other matmul shapes, other float32 summation orders). Largest ratio observed
+#: 2.5e-5 (attn_head_q by position, 1.1e-6 absolute on a largest effect of 0.043); most
+#: components 0 to 1e-6.
+FAMILY_RTOL = 1e-4
+#: cells (row x vocabulary entry) with an effect >= 100x the tolerance: fewest observed 344
+#: (counted at 10x this tolerance, so at least that many here).
+FAMILY_MIN_CELLS = 300
 
 
 @pytest.fixture
@@ -117,8 +126,8 @@ def test_fast_engine_equals_naive_loop(model, component, by_position):
     if component == "mlp_neuron":  # the naive loop on a sample: every neuron is a forward
         rows = neuron_sample((fast - base_last).abs().amax(-1), len(plan.layers))
     naive = patched_logits(model, run, [patches[i] for i in rows], Engine.NAIVE)
-    assert (fast[rows] - naive).abs().max().item() <= 1e-5
-    assert (naive - base_last).abs().max().item() > 1e-7  # the patches change something
+    assert_matches_reference(fast[rows], naive, base_last, rtol=FAMILY_RTOL,
+                             min_cells=FAMILY_MIN_CELLS, what=f"{component} {by_position}")
 
 
 def test_names_and_errors(model):

@@ -72,7 +72,8 @@ IMPORTS = {
 
 # -- tolerances (relative to the largest effect; conftest.assert_matches_reference) ------------
 #: the nnsight recipe's loops vs the fast engine (one patched forward each vs the staircase):
-#: observed 5.1e-6 (layers), 1.3e-5 (layer x position), 5.0e-6 (layer x head), 0 (noising);
+#: observed 5.1e-6 (layers), 1.3e-5 (layer x position), 5.0e-6 (layer x head), 0 (noising),
+#: 3.5e-6 (the baselines' logit differences);
 #: float32 summation order of differently shaped batches
 RTOL_RECIPE = 3e-5
 #: the framework's results vs the run_with_hooks reference, which runs the IOI pairs as one
@@ -217,8 +218,10 @@ def test_recipe_layer_patching_equals_the_sweep(recipe, gpt3):
     sweep = _sweep(gpt3, recipe, component="resid_post")
     normalized = recipe["normalized"]
     assert normalized.shape == (N_LAYERS,) and torch.isfinite(normalized).all()
-    assert recipe["clean_diff"] == pytest.approx(sweep.clean_metric, rel=1e-5)
-    assert recipe["corrupted_diff"] == pytest.approx(sweep.corrupted_metric, rel=1e-5)
+    # the baselines: the recipe's logit differences against the sweep's (0 is no difference)
+    assert_matches_reference([recipe["clean_diff"], recipe["corrupted_diff"]],
+                             [sweep.clean_metric, sweep.corrupted_metric], 0.0,
+                             rtol=RTOL_RECIPE, min_cells=1, what="recipe: baselines")
     assert_matches_reference(sweep.effect_matrix, normalized, 0.0, rtol=RTOL_RECIPE,
                              min_cells=2, what="recipe: layers (normalised)")
 

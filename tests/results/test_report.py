@@ -551,14 +551,23 @@ PP_ANSWERS = dict(correct=3, incorrect=4)
 
 @pytest.fixture(scope="module")
 def stories(small_llama):
-    """Real results of every method on the 3-layer token-id LLaMA (a few seconds)."""
+    """Real results of every method on the 3-layer token-id LLaMA (a few seconds), on one
+    torch thread; the rest of the session keeps its thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _stories(small_llama)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _stories(small_llama) -> dict:
     from causalpatch.methods.ablation import ablate
     from causalpatch.methods.attribution import attribution_patching
     from causalpatch.methods.causal_tracing import causal_tracing
     from causalpatch.methods.lens import direct_logit_attribution, logit_lens
     from causalpatch.methods.path_patching import path_patching
 
-    torch.set_num_threads(1)
     pair = ([PP_CLEAN], [PP_CORRUPTED])
     return {
         "path_q": path_patching(small_llama, *pair, senders="attn_head", receivers=[(2, 1)],
