@@ -423,3 +423,58 @@ def test_the_checks_fail_on_a_changed_number():
     assert quoted(text, data, paths, specs) in page(doc)
     data["activation_patching"]["S2"] += 0.001
     assert quoted(text, data, paths, specs) not in page(doc)
+
+
+# -- docs/attribution_patching.md: AtP/AtP* accuracy and cost (benchmarks/results/) -------------
+ATP_ACCURACY = "benchmarks/results/atp_accuracy.json"
+ATP_COST = "benchmarks/results/atp_cost.json"
+
+
+def _atp(task_component: str, method: str = "atp") -> dict[str, Any]:
+    return load(ATP_ACCURACY)["results"][task_component][method]
+
+
+def test_attribution_accuracy_table_is_the_committed_json():
+    """The accuracy table is exactly what ``atp_accuracy.py --render`` prints from the JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "atp_accuracy", REPO_ROOT / "benchmarks" / "atp_accuracy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.render(load(ATP_ACCURACY))
+    assert table.count("\n") == 21  # header, rule, 2 tasks x 5 components x 2 methods
+    assert squash(table) in page("attribution_patching.md")
+
+
+def test_attribution_prose_and_cost_numbers_match_the_json():
+    """The numbers the text around the tables quotes, and the cost table."""
+    rows = load(ATP_ACCURACY)["results"]
+    rho = {k: format(_atp(k)["spearman"], ".2f") for k in rows} | {
+        k + "*": format(_atp(k, "atp*")["spearman"], ".2f") for k in rows}
+    doc = page("attribution_patching.md")
+    for text in (
+            f"**Heads on IOI rank well**: ρ = {rho['ioi/attn_head']}",
+            f"**On factual recall they rank worse** (ρ = {rho['factual/attn_head']})",
+            f"it raises ρ from {rho['ioi/attn_head_q']} to {rho['ioi/attn_head_q*']} "
+            f"(`attn_head_q`) and from {rho['ioi/attn_head_k']} to {rho['ioi/attn_head_k*']} "
+            f"(`attn_head_k`) on IOI, from {rho['factual/attn_head_q']} to "
+            f"{rho['factual/attn_head_q*']} and {rho['factual/attn_head_k']} to "
+            f"{rho['factual/attn_head_k*']} on factual recall",
+            f"ranks well overall (ρ = {rho['ioi/resid_post']} on IOI)"):
+        assert squash(text) in doc, text
+    assert _atp("factual/attn_head")["false_negatives_top20_outside_top40"] == 5 and _atp("factual/attn_head", "atp*")[
+        "false_negatives_top20_outside_top40"] == 1  # "five ... one outside AtP*'s"
+    assert _atp("factual/attn_head_k", "atp*")["false_negatives_top20_outside_top40"] == 3
+    assert _atp("factual/resid_post")["false_negatives_top20_outside_top40"] == 12
+    cost = load(ATP_COST)["results"]
+    for task, label in (("ioi", "IOI"), ("factual", "factual recall")):
+        row = cost[f"{task}/attn_head"]
+        fe = row["forward_equivalents_per_pair"]
+        found = round(row["recall_top_k"] * row["top_k"])
+        text = (f"| {label} | {row['cells']} | {fe['atp']:.1f} | {fe['atp*']:.1f} | "
+                f"{fe['screen_prove']:.1f} | {fe['exact']:.1f} | "
+                f"{row['screen_prove_over_exact']:.2f} | {found} of {row['top_k']} | "
+                f"{row['verified_cells']} | {'yes' if row['bound_holds'] else 'no'} |")
+        assert text in doc, text
