@@ -15,7 +15,7 @@ The numbers and figures of docs/sae_patching.md, from one command::
    site's own patching effect.
 
 Writes ``sae_ioi_features.png``, ``sae_ioi_attribution.png``, ``sae_ioi_recovery.png`` and
-``sae_ioi.json`` into ``--out`` and prints Markdown tables. About 2 minutes on one CPU core.
+``sae_ioi.json`` into ``--out`` and prints Markdown tables. About 3 minutes on one CPU core.
 """
 
 from __future__ import annotations

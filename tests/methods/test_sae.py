@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TESTS_DIR, assert_matches_reference, assert_within
+from conftest import TESTS_DIR, assert_matches_reference, assert_within, capture_modules
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
@@ -29,8 +29,8 @@ from causalpatch.errors import (CheckpointMismatchError, InvalidArgumentError, N
 from causalpatch.plan import SitePatch
 from causalpatch.sae import (SAEFormatError, SAEModelMismatchWarning, SAENotFoundError,
                              SparseAutoencoder, edit_features, hook_name_for_site, load_sae,
-                             save_sae, site_for_hook_name, split_sae_name, train_sae,
-                             training_texts, wrap_sae)
+                             save_sae, site_for_hook_name, split_sae_name, top_activations,
+                             train_sae, training_texts, wrap_sae)
 
 DATA = TESTS_DIR / "data" / "saes"
 SHIPPED = DATA / "smollm2-blocks.20.resid_post-topk-2048"
@@ -766,6 +766,52 @@ def test_train_sae_on_a_tiny_model(lm, tmp_path, one_thread):
     std, rep = train_sae(lm, "blocks.1.resid_post", 64, architecture="standard",
                          train_tokens=3000, eval_tokens=300, context=32, epochs=1, docs=docs)
     assert std.architecture == "standard" and rep.l0 > 0
+
+
+def test_top_activations_leave_out_the_attention_sinks_the_sae_never_trained_on(make_tiny_lm,
+                                                                               one_thread):
+    """A planted attention sink (one token's embedding scaled 1000x, so its residual norm is far
+    above 10x the median, the training rule) tops several features' listings when only position
+    0 is skipped; top_activations must list the strongest ordinary tokens instead, by the SAE's
+    stored threshold when it has one and by the rule on the given text when it has none."""
+    model = make_tiny_lm("llama")
+    sink_id = 200
+    ids = torch.randint(4, 190, (6, 12), generator=torch.Generator().manual_seed(3))
+    ids[2, 5] = ids[4, 7] = sink_id
+    with torch.no_grad():
+        model.hf_model.get_input_embeddings().weight[sink_id] *= 1000
+    # the independent reference: plain PyTorch hooks, the SAE's own encode, a plain top-k
+    acts = capture_modules(model.hf_model, ids, {"r": ("model.layers.1", "out")})["r"][:, 1:]
+    norms = acts.norm(dim=-1).flatten()  # [6 * 11] tokens after the first
+    sinks = norms > 10 * norms.median()
+    assert sinks.nonzero().flatten().tolist() == [2 * 11 + 4, 4 * 11 + 6]  # the planted two
+    sae = tiny_sae("topk")
+    with torch.no_grad():
+        f = sae.encode(acts.reshape(-1, 64))  # [66, 96]
+    old_top = f.argmax(0)  # the old rule: everything after position 0
+    features = [j for j in range(96) if bool(sinks[old_top[j]]) and f[old_top[j], j] > 0]
+    assert len(features) >= 3  # not vacuous: a sink used to top these features
+    features = features[:4]
+    want = f.masked_fill(sinks[:, None], float("-inf"))[:, features].topk(3, dim=0)
+
+    got = top_activations(model, sae, features, ids, k=3)
+    for i, j in enumerate(features):
+        listed = [(r["sequence"], r["position"]) for r in got[j]]
+        assert (2, 5) not in listed and (4, 7) not in listed
+        assert all(r["token"] != model.tokenizer.decode([sink_id]) for r in got[j])
+        expect = [(int(t) // 11, 1 + int(t) % 11) for t in want.indices[:, i]]
+        assert listed == expect[: len(listed)] and len(listed) == int((want.values[:, i] > 0).sum())
+        # observed difference between the two forward routes: 0.0 (same float32 ops); 1e-5 margin
+        assert [r["activation"] for r in got[j]] == pytest.approx(
+            want.values[: len(listed), i].tolist(), abs=1e-5)
+
+    # an SAE that records its training threshold is held to it, not to this text's median
+    sae.metadata["sink_norm_threshold"] = float(norms.max()) + 1.0
+    lenient = top_activations(model, sae, features, ids, k=3)
+    assert any((r["sequence"], r["position"]) in {(2, 5), (4, 7)}
+               for j in features for r in lenient[j])
+    sae.metadata["sink_norm_threshold"] = float(norms[~sinks].max()) + 1e-3
+    assert top_activations(model, sae, features, ids, k=3) == got
 
 
 def test_cli_sae_train_and_info(lm, tmp_path, monkeypatch, one_thread):

@@ -240,6 +240,33 @@ def _next_token_loss(model: HookedModel, ids: torch.Tensor, hooks: Sequence[Hook
 SINK_NORM_FACTOR = 10.0
 
 
+def sink_threshold(norms: torch.Tensor) -> float:
+    """The attention-sink threshold of a set of tokens: :data:`SINK_NORM_FACTOR` times the
+    median of their activation norms ``norms`` (any shape, one norm per token)."""
+    return SINK_NORM_FACTOR * float(norms.float().median())
+
+
+def sink_mask(norms: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """Which tokens are attention sinks: ``norms > max_norm`` (same shape as ``norms``, one
+    activation norm per token); none when ``max_norm`` is None. The one rule that training
+    (:func:`train_sae`), the SAE's report (:func:`evaluate_sae`) and :func:`top_activations`
+    apply."""
+    if max_norm is None:
+        return torch.zeros(norms.shape, dtype=torch.bool, device=norms.device)
+    return norms > max_norm
+
+
+def trained_sink_threshold(sae: Any) -> float | None:
+    """The sink threshold an SAE was trained with (``metadata["sink_norm_threshold"]``, written
+    by :func:`train_sae`), or None when its metadata does not say."""
+    meta = getattr(sae, "metadata", None)
+    if meta is None:
+        meta = getattr(getattr(sae, "cfg", None), "metadata", None)
+    value = meta.get("sink_norm_threshold") if isinstance(meta, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
 def _where_ordinary(fn: Callable[[torch.Tensor], torch.Tensor | None], max_norm: float | None
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Apply ``fn`` except at the first position and at attention sinks (norm > max_norm)."""
@@ -250,8 +277,7 @@ def _where_ordinary(fn: Callable[[torch.Tensor], torch.Tensor | None], max_norm:
             return act
         keep = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
         keep[:, 1:] = True
-        if max_norm is not None:
-            keep &= act.flatten(2).norm(dim=-1) <= max_norm
+        keep &= ~sink_mask(act.flatten(2).norm(dim=-1), max_norm)
         keep = keep.reshape(*keep.shape, *([1] * (act.dim() - 2)))
         return torch.where(keep, new.to(act.dtype), act)
 
@@ -260,7 +286,7 @@ def _where_ordinary(fn: Callable[[torch.Tensor], torch.Tensor | None], max_norm:
 
 def ordinary_tokens(acts: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     """The rows of ``acts`` ``[n, d]`` that are not attention sinks."""
-    return acts if max_norm is None else acts[acts.norm(dim=-1) <= max_norm]
+    return acts if max_norm is None else acts[~sink_mask(acts.norm(dim=-1), max_norm)]
 
 
 def evaluate_sae(model: HookedModel, sae: Any, acts: torch.Tensor,
@@ -492,7 +518,7 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
             say(f"collecting {n_train * per_seq} training activations at {site_.name}")
             x_all = collect_activations(model, site_, train_ids)
             x_eval_all = collect_activations(model, site_, eval_ids)
-            max_norm = SINK_NORM_FACTOR * float(x_all.norm(dim=-1).median())
+            max_norm = sink_threshold(x_all.norm(dim=-1))
             x_train = ordinary_tokens(x_all, max_norm)
             x_eval = ordinary_tokens(x_eval_all, max_norm)
             n_sinks = (x_all.shape[0] - x_train.shape[0]) + (x_eval_all.shape[0]
@@ -564,39 +590,48 @@ def train_sae(model: HookedModel, site: str = "blocks.20.resid_post", n_features
 def top_activations(model: HookedModel, sae: Any, features: Sequence[int], ids: torch.Tensor,
                     *, k: int = 5, window: int = 6, batch_size: int = 16
                     ) -> dict[int, list[dict[str, Any]]]:
-    """The ``k`` strongest activations of each feature on sequences ``ids`` ``[n, T]`` (the
-    first position of each sequence is skipped), each with its token and context.
+    """The ``k`` strongest activations of each feature on sequences ``ids`` ``[n, T]``, each
+    with its token and context, over the tokens the SAE was trained on.
+
+    The tokens an SAE trained by :func:`train_sae` never saw are left out here too: the first
+    position of each sequence and every attention sink, a token whose activation norm at the
+    SAE's site exceeds the SAE's ``metadata["sink_norm_threshold"]`` (:data:`SINK_NORM_FACTOR`
+    times the median norm of its training tokens). An SAE whose metadata holds no threshold
+    (trained elsewhere) gets the same rule on these sequences: :data:`SINK_NORM_FACTOR` times
+    the median norm of their tokens after the first position. A sink's huge norm gives large
+    activations to whatever features it happens to excite, so left in, the same few sink tokens
+    top the listing of many unrelated features.
 
     Returns:
-        ``{feature: [{"activation", "token", "context", "sequence", "position"}, ...]}``.
+        ``{feature: [{"activation", "token", "context", "sequence", "position"}, ...]}``, at
+        most ``k`` rows per feature, strongest first, positive activations only.
     """
     bound = bind_sae(model, sae)
     feats = bound.check_features(features)
     idx = torch.tensor(feats)
-    best_v = torch.full((len(feats), k), -1.0)
-    best_at = torch.full((len(feats), k, 2), -1, dtype=torch.long)
+    values: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
     for lo in range(0, ids.shape[0], batch_size):
         acts = collect_activations(model, bound.site, ids[lo : lo + batch_size],
                                    batch_size=batch_size, skip_first=1)
         with torch.no_grad():
-            f = bound.encode(acts)[:, idx].float()  # [tokens, n_feats]
-        per_seq = ids.shape[1] - 1
-        where = torch.arange(f.shape[0])
-        seq = lo + where // per_seq
-        pos = 1 + where % per_seq
-        cand_v = torch.cat([best_v, f.T], dim=1)
-        cand_at = torch.cat([best_at, torch.stack([seq, pos], -1)[None].expand(len(feats), -1,
-                                                                                 -1)], dim=1)
-        top = cand_v.topk(k, dim=1)
-        best_v = top.values
-        best_at = cand_at.gather(1, top.indices[..., None].expand(-1, -1, 2))
+            values.append(bound.encode(acts)[:, idx].float().cpu())  # [tokens, n_feats]
+        norms.append(acts.norm(dim=-1))
+    f, norm = torch.cat(values), torch.cat(norms)  # [n * (T - 1), n_feats], [n * (T - 1)]
+    max_norm = trained_sink_threshold(bound.sae)
+    if max_norm is None:
+        max_norm = sink_threshold(norm)
+    f[sink_mask(norm, max_norm)] = float("-inf")
+    top = f.topk(min(k, f.shape[0]), dim=0)  # [k, n_feats]
+    per_seq = ids.shape[1] - 1
     decode = model.tokenizer.decode
     out: dict[int, list[dict[str, Any]]] = {}
     for i, j in enumerate(feats):
         rows = []
-        for v, (s, p) in zip(best_v[i].tolist(), best_at[i].tolist()):
-            if s < 0 or v <= 0:
+        for v, at in zip(top.values[:, i].tolist(), top.indices[:, i].tolist()):
+            if not v > 0:
                 continue
+            s, p = at // per_seq, 1 + at % per_seq
             row = ids[s].tolist()
             rows.append({"activation": v, "token": decode([row[p]]),
                          "context": decode(row[max(0, p - window) : p]) + "[[" + decode(
