@@ -271,6 +271,13 @@ def normalize(patched: torch.Tensor, base: torch.Tensor | float, source: torch.T
 _QUANTILE_ELEMENTS = 1 << 22
 
 
+CI_N_BOOT = 1000
+"""Resamples of the 95% intervals that results show (``summary()``, the HTML report's hover,
+``to_json``'s ``ci95``)."""
+CI_SEED = 0
+"""Seed of those resamples: the shown intervals are the same on every run."""
+
+
 def bootstrap_interval(per_pair: torch.Tensor, *, base: torch.Tensor | None = None,
                        source: torch.Tensor | None = None, level: float = 0.95,
                        n_boot: int = 1000, seed: int = 0

@@ -56,7 +56,7 @@ from .errors import (
     NonFiniteError,
     NormalizationError,
 )
-from .metrics import bootstrap_interval
+from .metrics import CI_N_BOOT, CI_SEED, bootstrap_interval
 from .render.html import PLOTLY_MODES, compact_html, report
 from .render.markdown import timing_name
 from .render.markdown import to_markdown as render_markdown
@@ -78,6 +78,7 @@ SAVE_SUFFIXES = (".png", ".svg", ".pdf", ".json", ".md", ".html", ".htm")
 """File suffixes :meth:`PatchingResult.save` understands."""
 
 _TENSORS = ("effect_matrix", "per_pair", "std")
+_CI_CHUNK = 4096  # cells bootstrapped at once: [CI_N_BOOT, chunk] float64 is 33 MB
 _REQUIRED = ("effect_matrix", "axes", "labels", "component", "metric")
 _STRINGS = ("component", "metric", "direction", "method", "model_name")
 
@@ -505,6 +506,29 @@ class PatchingResult:
         return bootstrap_interval(per_pair, base=base, source=source, level=level,
                                   n_boot=n_boot, seed=seed)
 
+    def interval95(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``ci(level=0.95, n_boot=CI_N_BOOT, seed=CI_SEED)``, the interval the report and
+        :meth:`to_json` show, or None when the result cannot have one (see :meth:`ci`; also a
+        normalised result whose clean-corrupted gap vanishes in some resample).
+
+        Computed in chunks of cells, so a large result (e.g. every neuron) needs no
+        ``[n_boot, all cells]`` buffer; each cell's interval equals :meth:`ci`'s (the resampled
+        pairs depend only on the seed and the number of pairs).
+        """
+        if self.per_pair is None or self.n_pairs < 2 or not self._has_pair_metrics():
+            return None
+        flat = self.per_pair.reshape(self.per_pair.shape[0], -1)
+        lowers, uppers = [], []
+        try:
+            for start in range(0, flat.shape[1], _CI_CHUNK):
+                lower, upper = self._bootstrap(flat[:, start:start + _CI_CHUNK],
+                                               n_boot=CI_N_BOOT, seed=CI_SEED)
+                lowers.append(lower)
+                uppers.append(upper)
+        except NormalizationError:
+            return None
+        return torch.cat(lowers).reshape(self.shape), torch.cat(uppers).reshape(self.shape)
+
     def summary(self, k: int = 5) -> str:
         """A few lines of text: what was run, baselines, shape, top components, timings."""
         kind = "normalised effect" if self.normalized else "raw values"
@@ -550,7 +574,8 @@ class PatchingResult:
             return None
         try:
             lower, upper = self._bootstrap(
-                self.per_pair.reshape(self.per_pair.shape[0], -1)[:, flats])
+                self.per_pair.reshape(self.per_pair.shape[0], -1)[:, flats],
+                n_boot=CI_N_BOOT, seed=CI_SEED)
         except NormalizationError:  # an unstable gap: summary() shows no interval, ci() says why
             return None
         return lower.tolist(), upper.tolist()
@@ -621,6 +646,11 @@ class PatchingResult:
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """JSON text with format name, version and sha256 checksum of the payload.
 
+        A result with per-pair effects (at least 2 pairs) also gets ``"ci95": {"lower",
+        "upper", "level", "n_boot", "seed"}`` beside the payload: :meth:`interval95`, bounds
+        nested like ``effect_matrix``. It is derived from ``per_pair`` and so not covered by
+        the checksum; :meth:`from_json` ignores it (files without it load the same).
+
         Args:
             path: when given, the text is also written there atomically (temporary file in the
                 same folder, ``fsync``, ``os.replace``).
@@ -640,8 +670,12 @@ class PatchingResult:
         where = _find_nonfinite({k: v for k, v in payload.items() if k not in _TENSORS})
         if where is not None:
             raise NonFiniteError(f"cannot save the result: {where} is NaN or infinite")
-        doc = {"format": FORMAT, "version": VERSION, "sha256": _checksum(payload),
-               "result": payload}
+        doc: dict[str, Any] = {"format": FORMAT, "version": VERSION,
+                               "sha256": _checksum(payload), "result": payload}
+        interval = self.interval95()
+        if interval is not None:  # derived from per_pair, so outside the checksum
+            doc["ci95"] = {"lower": interval[0].tolist(), "upper": interval[1].tolist(),
+                           "level": 0.95, "n_boot": CI_N_BOOT, "seed": CI_SEED}
         text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"
         if path is not None:
             atomic_write_text(path, text)

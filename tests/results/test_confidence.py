@@ -8,12 +8,16 @@ interval gives.
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
 from causalpatch import PatchingResult, activation_patching
 from causalpatch.errors import InvalidArgumentError, NormalizationError
-from causalpatch.metrics import bootstrap_interval, normalize
+from causalpatch.metrics import CI_N_BOOT, CI_SEED, bootstrap_interval, normalize
+from causalpatch.render.html import report
 from conftest import IOI_PAIRS, TextPairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,3 +131,95 @@ def test_errors():
     flat = torch.zeros(4)
     with pytest.raises(NormalizationError, match="gap is ~0"):
         bootstrap_interval(torch.randn(4, 3), base=flat, source=flat)
+
+
+# -- where the interval is shown: JSON and the HTML report --------------------------------------
+def _figures(page: str) -> list[dict]:
+    (body,) = re.findall(r"<script type='application/json' id='cp-figures'>(.*?)</script>",
+                         page, flags=re.DOTALL)
+    return json.loads(body)
+
+
+def test_interval95_is_ci_with_the_stated_settings_and_chunks_agree(results, monkeypatch):
+    import causalpatch.result as result_module
+
+    normalised, raw = results
+    for result in (normalised, raw):
+        shown = result.interval95()
+        assert shown is not None
+        lower, upper = result.ci(n_boot=CI_N_BOOT, seed=CI_SEED)
+        assert torch.equal(shown[0], lower) and torch.equal(shown[1], upper)
+        monkeypatch.setattr(result_module, "_CI_CHUNK", 5)  # many chunks: the same bounds
+        chunked = result.interval95()
+        monkeypatch.undo()
+        assert chunked is not None
+        assert torch.equal(chunked[0], lower) and torch.equal(chunked[1], upper)
+
+
+def test_json_holds_the_interval_and_round_trips(results):
+    normalised, _ = results
+    doc = json.loads(normalised.to_json())
+    lower, upper = normalised.ci(n_boot=CI_N_BOOT, seed=CI_SEED)
+    assert doc["ci95"]["n_boot"] == CI_N_BOOT and doc["ci95"]["seed"] == CI_SEED
+    assert doc["ci95"]["level"] == 0.95
+    assert torch.equal(torch.tensor(doc["ci95"]["lower"]), lower)
+    assert torch.equal(torch.tensor(doc["ci95"]["upper"]), upper)
+    again = PatchingResult.from_json(json.dumps(doc))
+    shown = again.interval95()
+    assert shown is not None and torch.equal(shown[0], lower) and torch.equal(shown[1], upper)
+    # a file written before the field existed loads the same
+    del doc["ci95"]
+    old = PatchingResult.from_json(json.dumps(doc))
+    assert torch.equal(old.effect_matrix, normalised.effect_matrix)
+
+
+def test_report_hover_shows_each_cells_interval(results):
+    normalised, _ = results
+    lower, upper = normalised.ci(n_boot=CI_N_BOOT, seed=CI_SEED)
+    page = report(normalised)
+    (figure,) = _figures(page)
+    trace = figure["data"][0]
+    assert normalised.std is not None  # so the cell holds [std, lower, upper]
+    assert "95% CI [%{customdata[1]:+.4f}, %{customdata[2]:+.4f}]" in trace["hovertemplate"]
+    layer, head = 1, 0
+    _, lo, up = trace["customdata"][layer][head]
+    assert lo == pytest.approx(float(lower[layer, head]), rel=1e-4)  # 5 significant digits
+    assert up == pytest.approx(float(upper[layer, head]), rel=1e-4)
+    assert lo < up
+    assert f"95% bootstrap interval over the pairs ({CI_N_BOOT} resamples, seed {CI_SEED})" \
+        in page
+
+
+def test_report_bars_and_std_keep_their_hover_with_the_interval():
+    gen = torch.Generator().manual_seed(0)
+    per_pair = torch.randn(6, 4, generator=gen)
+    bars = PatchingResult(effect_matrix=per_pair.mean(0), axes=("layer",), labels={},
+                          component="resid_post", metric="logit_diff", normalized=False,
+                          per_pair=per_pair)
+    trace = _figures(report(bars))[0]["data"][0]
+    assert trace["type"] == "bar" and "95% CI" in trace["hovertemplate"]
+    lower, upper = bars.ci(n_boot=CI_N_BOOT, seed=CI_SEED)
+    # error bars reach the interval's ends
+    top = [y + e for y, e in zip(trace["y"], trace["error_y"]["array"])]
+    bottom = [y - e for y, e in zip(trace["y"], trace["error_y"]["arrayminus"])]
+    assert top == pytest.approx(upper.tolist(), rel=1e-4)
+    assert bottom == pytest.approx(lower.tolist(), rel=1e-4)
+    with_std = PatchingResult(effect_matrix=per_pair.mean(0).reshape(2, 2),
+                              axes=("layer", "head"), labels={}, component="attn_head",
+                              metric="logit_diff", normalized=False,
+                              per_pair=per_pair.reshape(6, 2, 2), std=per_pair.std(0).reshape(2, 2))
+    trace = _figures(report(with_std))[0]["data"][0]
+    assert "std %{customdata[0]:.4f}" in trace["hovertemplate"]
+    assert "95% CI [%{customdata[1]:+.4f}, %{customdata[2]:+.4f}]" in trace["hovertemplate"]
+    assert len(trace["customdata"][0][0]) == 3
+
+
+def test_one_pair_results_show_no_interval_anywhere(make_tiny_lm):
+    model = make_tiny_lm("llama")
+    one = activation_patching(model, TextPairs.of(IOI_PAIRS[:1]), component="attn_head",
+                              progress=False)
+    assert one.interval95() is None
+    assert "ci95" not in json.loads(one.to_json())
+    page = report(one)
+    assert "95% CI" not in page and "bootstrap interval" not in page
+    assert "95% CI" not in one.summary()
