@@ -78,7 +78,6 @@ SAVE_SUFFIXES = (".png", ".svg", ".pdf", ".json", ".md", ".html", ".htm")
 """File suffixes :meth:`PatchingResult.save` understands."""
 
 _TENSORS = ("effect_matrix", "per_pair", "std")
-_CI_CHUNK = 4096  # cells bootstrapped at once: [CI_N_BOOT, chunk] float64 is 33 MB
 _REQUIRED = ("effect_matrix", "axes", "labels", "component", "metric")
 _STRINGS = ("component", "metric", "direction", "method", "model_name")
 
@@ -509,25 +508,13 @@ class PatchingResult:
     def interval95(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``ci(level=0.95, n_boot=CI_N_BOOT, seed=CI_SEED)``, the interval the report and
         :meth:`to_json` show, or None when the result cannot have one (see :meth:`ci`; also a
-        normalised result whose clean-corrupted gap vanishes in some resample).
-
-        Computed in chunks of cells, so a large result (e.g. every neuron) needs no
-        ``[n_boot, all cells]`` buffer; each cell's interval equals :meth:`ci`'s (the resampled
-        pairs depend only on the seed and the number of pairs).
-        """
+        normalised result whose clean-corrupted gap vanishes in some resample)."""
         if self.per_pair is None or self.n_pairs < 2 or not self._has_pair_metrics():
             return None
-        flat = self.per_pair.reshape(self.per_pair.shape[0], -1)
-        lowers, uppers = [], []
         try:
-            for start in range(0, flat.shape[1], _CI_CHUNK):
-                lower, upper = self._bootstrap(flat[:, start:start + _CI_CHUNK],
-                                               n_boot=CI_N_BOOT, seed=CI_SEED)
-                lowers.append(lower)
-                uppers.append(upper)
+            return self._bootstrap(self.per_pair, n_boot=CI_N_BOOT, seed=CI_SEED)
         except NormalizationError:
             return None
-        return torch.cat(lowers).reshape(self.shape), torch.cat(uppers).reshape(self.shape)
 
     def summary(self, k: int = 5) -> str:
         """A few lines of text: what was run, baselines, shape, top components, timings."""

@@ -140,20 +140,13 @@ def _figures(page: str) -> list[dict]:
     return json.loads(body)
 
 
-def test_interval95_is_ci_with_the_stated_settings_and_chunks_agree(results, monkeypatch):
-    import causalpatch.result as result_module
-
+def test_interval95_is_ci_with_the_stated_settings(results):
     normalised, raw = results
     for result in (normalised, raw):
         shown = result.interval95()
         assert shown is not None
         lower, upper = result.ci(n_boot=CI_N_BOOT, seed=CI_SEED)
         assert torch.equal(shown[0], lower) and torch.equal(shown[1], upper)
-        monkeypatch.setattr(result_module, "_CI_CHUNK", 5)  # many chunks: the same bounds
-        chunked = result.interval95()
-        monkeypatch.undo()
-        assert chunked is not None
-        assert torch.equal(chunked[0], lower) and torch.equal(chunked[1], upper)
 
 
 def test_json_holds_the_interval_and_round_trips(results):
