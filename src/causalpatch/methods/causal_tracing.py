@@ -75,7 +75,7 @@ from ..assemble import (Aggregate, GroupValues, PairValues, Scale, aggregate, bu
 from ..engine import embed, run_perturbed, staircase_logits
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
-from ..metrics import get_metric
+from ..metrics import bootstrap_interval, get_metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..plan import Patch, SitePatch, answer_tokens, check_int
 from ..render.html import compact_html, report
@@ -491,6 +491,42 @@ class CausalTracingResult(dict):
             top = ", ".join(f"{idx}: {v:+.3f}" for idx, v in res.top_components(3, by="value"))
             lines.append(f"  {kind}: max IE {float(res.effect_matrix.max()):+.4f}; top {top}")
         return "\n".join(lines)
+
+    def ci(self, component: str, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bootstrap confidence interval of one component's indirect effects over the prompts.
+
+        Prompts are resampled with replacement ``n_boot`` times and each cell's mean IE
+        recomputed (:func:`causalpatch.metrics.bootstrap_interval`). Per-position results
+        (``position_groups=False``) are :meth:`PatchingResult.ci` of ``self[component]``. With
+        ROME's position groups a cell is averaged over the prompts that have its group, on each
+        resample as in the result (a resample with none of them is left out); a group no prompt
+        has gets NaN bounds.
+
+        Returns:
+            ``(lower, upper)``, float32 tensors shaped like ``self[component].effect_matrix``.
+
+        Raises:
+            InvalidArgumentError: an unknown component, or fewer than 2 prompts.
+        """
+        if component not in self:
+            raise InvalidArgumentError(
+                f"component must be one of {sorted(self)}, got {component!r}")
+        result = self[component]
+        if result.per_pair is not None or "group" not in result.axes:
+            return result.ci(level=level, n_boot=n_boot, seed=seed)
+        per_prompt = torch.full((len(self.per_position), *result.shape), math.nan)
+        for i, (positions, span) in enumerate(zip(self.per_position, self.spans)):
+            effect = positions[component]  # [n_layers, n_tokens]: this prompt's IE
+            for g, columns in enumerate(position_groups(effect.shape[1], span)):
+                if columns:
+                    per_prompt[i, :, g] = effect[:, columns].mean(1)
+        some = ~torch.isnan(per_prompt[:, 0, :]).all(0)  # [groups]: a prompt has the group
+        lower = torch.full(result.shape, math.nan)
+        upper = torch.full(result.shape, math.nan)
+        lower[:, some], upper[:, some] = bootstrap_interval(
+            per_prompt[:, :, some], level=level, n_boot=n_boot, seed=seed, skip_missing=True)
+        return lower, upper
 
     def plot(self, component: str, ax: Any = None, title: str | None = None) -> Any:
         """ROME-style heatmap of one component: rows = positions/groups, columns = layers."""
