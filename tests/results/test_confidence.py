@@ -281,6 +281,20 @@ def test_tracing_position_interval_is_the_components_ci_and_errors(small_llama):
                             components=("mlp",), position_groups=False)
     a, b = traced.ci("mlp", n_boot=200, seed=2), traced["mlp"].ci(n_boot=200, seed=2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the report's trace heatmap (positions down, layers across) hovers p(restored) and the CI
+    lower, upper = traced["mlp"].ci(n_boot=CI_N_BOOT, seed=CI_SEED)
+    page = report(traced["mlp"])
+    trace = _figures(page)[0]["data"][0]
+    assert "95% CI [%{customdata[1]:+.4f}, %{customdata[2]:+.4f}]" in trace["hovertemplate"]
+    layer, position = 1, 2  # a subject token: the prompts differ there
+    p_restored, lo, up = trace["customdata"][position][layer]
+    assert lo < up
+    assert lo == pytest.approx(float(lower[layer, position]), rel=1e-4, abs=1e-9)
+    assert up == pytest.approx(float(upper[layer, position]), rel=1e-4, abs=1e-9)
+    assert p_restored == pytest.approx(
+        float(traced["mlp"].effect_matrix[layer, position]) + traced["mlp"].corrupted_metric,
+        rel=1e-4)
+    assert "95% bootstrap interval over the prompts" in page
     with pytest.raises(InvalidArgumentError, match="component must be one of"):
         traced.ci("attn")
     one = causal_tracing(small_llama, TRACE_PROMPTS[0], TRACE_SUBJECTS[0], samples=2,

@@ -404,9 +404,18 @@ def trace_figure_spec(result: PatchingResult) -> dict[str, Any]:
         "colorscale": trace_colorscale(result.component), "zmin": 0.0, "zmax": _limit(vmax),
         "zauto": False, "xgap": 1, "ygap": 1,
         "colorbar": {"title": {"text": bar_title}, "thickness": 14}}
-    if base is not None:
+    interval = cell_intervals(result)  # per-position results of several prompts
+    if base is not None and interval is None:
         trace["customdata"] = _nums((matrix + base).tolist())
         template += "<br>p(restored) %{customdata:.4f}"
+    elif interval is not None:
+        columns = [b.T for b in interval] if base is None else [matrix + base,
+                                                                 *(b.T for b in interval)]
+        trace["customdata"] = _nums(np.stack(columns, axis=-1).tolist())
+        k = len(columns) - 2
+        if base is not None:
+            template += "<br>p(restored) %{customdata[0]:.4f}"
+        template += f"<br>95% CI [%{{customdata[{k}]:+.4f}}, %{{customdata[{k + 1}]:+.4f}}]"
     trace["hovertemplate"] = template + "<extra></extra>"
     height = int(min(1000, max(300, 26 * len(rows) + 170)))
     layout: dict[str, Any] = {
