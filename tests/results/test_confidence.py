@@ -223,7 +223,7 @@ TRACE_PROMPTS = ["t5 t6 t7 t8 t9 t10 t11", "t9 t12 t13 t14 t15", "t20 t21 t22 t2
 TRACE_SUBJECTS = ["t6 t7", "t12 t13 t14", "t20"]
 
 
-def test_tracing_group_interval_equals_a_nan_skipping_reference(small_llama):
+def test_tracing_group_interval_equals_a_nan_skipping_reference(small_llama, tmp_path):
     """ROME's groups average over the prompts that have them; each resample does the same.
     Reference: the per-prompt group means by hand (positions of each group), a resample's cell
     the nanmean over the drawn prompts, percentiles by nanquantile."""
@@ -255,12 +255,19 @@ def test_tracing_group_interval_equals_a_nan_skipping_reference(small_llama):
     torch.testing.assert_close(lower, ref[0].float(), rtol=0, atol=1e-8)
     torch.testing.assert_close(upper, ref[1].float(), rtol=0, atol=1e-8)
     assert float((upper - lower).max()) > 1e-4, "three prompts differ: some width"
+    # the saved JSON holds the interval with its settings
+    path = traced.save(tmp_path / "trace.json")
+    saved = json.loads(path.read_text())["mlp"]["ci95"]
+    shown = traced.ci("mlp", n_boot=CI_N_BOOT, seed=CI_SEED)
+    assert saved["n_boot"] == CI_N_BOOT and saved["seed"] == CI_SEED
+    assert torch.equal(torch.tensor(saved["lower"]), shown[0])
+    assert torch.equal(torch.tensor(saved["upper"]), shown[1])
     # the middle group: one prompt has it, so every resample that draws it gives its value
     torch.testing.assert_close(lower[:, 1], mlp.effect_matrix[:, 1], rtol=0, atol=1e-8)
     torch.testing.assert_close(upper[:, 1], mlp.effect_matrix[:, 1], rtol=0, atol=1e-8)
 
 
-def test_tracing_group_no_prompt_has_gets_nan_bounds(small_llama):
+def test_tracing_group_no_prompt_has_gets_nan_bounds(small_llama, tmp_path):
     from causalpatch.methods.causal_tracing import causal_tracing
 
     traced = causal_tracing(small_llama, TRACE_PROMPTS[1:], ["t12", "t20"], samples=2,
@@ -271,6 +278,8 @@ def test_tracing_group_no_prompt_has_gets_nan_bounds(small_llama):
     others = [0, 2, 3, 4, 5]
     assert bool(torch.isfinite(lower[:, others]).all())
     assert bool((lower[:, others] <= upper[:, others]).all())
+    saved = json.loads(traced.save(tmp_path / "t.json").read_text())["mlp"]["ci95"]
+    assert all(row[1] is None for row in saved["lower"])  # the missing group: null
 
 
 def test_tracing_position_interval_is_the_components_ci_and_errors(small_llama):

@@ -75,7 +75,7 @@ from ..assemble import (Aggregate, GroupValues, PairValues, Scale, aggregate, bu
 from ..engine import embed, run_perturbed, staircase_logits
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
-from ..metrics import bootstrap_interval, get_metric
+from ..metrics import CI_N_BOOT, CI_SEED, bootstrap_interval, get_metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..plan import Patch, SitePatch, answer_tokens, check_int
 from ..render.html import compact_html, report
@@ -546,7 +546,9 @@ class CausalTracingResult(dict):
 
     def save(self, path: str | os.PathLike[str], format: str | None = None) -> Path:
         """Save atomically, by ``format`` or the suffix: ``html`` (:meth:`to_html`), ``json``
-        (every component's result, ``{component: PatchingResult JSON}``) or a figure
+        (every component's result, ``{component: PatchingResult JSON}``; with ROME's groups
+        and several prompts each also gets ``"ci95"``, :meth:`ci` with ``CI_N_BOOT``
+        resamples and ``CI_SEED``, ``null`` for a group no prompt has) or a figure
         (``png``/``svg``/``pdf``: the ROME-style heatmaps of every component side by side).
 
         Raises:
@@ -557,8 +559,14 @@ class CausalTracingResult(dict):
         if kind in ("html", "htm"):
             self.to_html(path)
         elif kind == "json":
-            atomic_write_text(path, json.dumps(
-                {k: json.loads(v.to_json()) for k, v in self.items()}, allow_nan=False))
+            docs = {k: json.loads(v.to_json()) for k, v in self.items()}
+            for k, doc in docs.items():
+                if "ci95" not in doc and "group" in self[k].axes and len(self.per_position) > 1:
+                    bounds = [[[None if x != x else x for x in row] for row in b.tolist()]
+                              for b in self.ci(k, n_boot=CI_N_BOOT, seed=CI_SEED)]
+                    doc["ci95"] = {"lower": bounds[0], "upper": bounds[1], "level": 0.95,
+                                   "n_boot": CI_N_BOOT, "seed": CI_SEED}
+            atomic_write_text(path, json.dumps(docs, allow_nan=False))
         elif kind in ("png", "svg", "pdf"):
             from ..render.figure import ResultFigure
 
