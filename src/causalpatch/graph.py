@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._io import atomic_write_text
+from .metrics import bootstrap_interval
 from .errors import (CorruptResultError, InvalidArgumentError, InvalidTypeError,
                      UnknownComponentError, UnsupportedArchitectureError)
 
@@ -259,7 +260,12 @@ class EdgeResult:
         method, direction, metric: how the scores were made.
         n_pairs: pairs averaged over.
         model_name: the model's name.
-        extra: method details (``ig_steps``, timings, ...), JSON values.
+        extra: method details (``ig_steps``, timings, ...), JSON values; with ``per_pair``
+            also ``pair_metrics``: ``{"base": [n_pairs], "source": [n_pairs]}``, each pair's
+            metric on its base and source run.
+        per_pair: ``[n_pairs, n_edges]`` each pair's ``patched - base`` (metric units; NaN
+            for edges not scored), kept with ``edge_attribution(..., keep_per_pair=True)``;
+            None otherwise. :meth:`ci` needs it.
     """
 
     graph: EdgeGraph
@@ -273,6 +279,7 @@ class EdgeResult:
     n_pairs: int
     model_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    per_pair: torch.Tensor | None = None
 
     @property
     def scored(self) -> torch.Tensor:
@@ -289,6 +296,46 @@ class EdgeResult:
                 f"edge {src!r} -> {dst!r} was not scored (the run's edges= left it out); "
                 f"rerun with it in edges=")
         return value
+
+    def ci(self, level: float = 0.95, n_boot: int = 1000, seed: int = 0, *,
+           unit: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
+        """Bootstrap confidence interval of every edge's score over the pairs.
+
+        The pairs are resampled with replacement ``n_boot`` times and each edge's value
+        recomputed on every resample by the rule that made it
+        (:func:`causalpatch.metrics.bootstrap_interval`): ``unit="score"`` (default) the
+        normalised score ``(mean patched - mean base) / (mean source - mean base)`` with the
+        resample's own gap, ``unit="change"`` the mean ``patched - base`` (``change``).
+
+        Returns:
+            ``(lower, upper)``, ``[n_edges]`` float32 (NaN for edges not scored).
+
+        Raises:
+            InvalidArgumentError: the result holds no per-pair values (run
+                ``edge_attribution(..., keep_per_pair=True)`` on several pairs), or an unknown
+                ``unit``.
+            NormalizationError: ``unit="score"`` and a resample's gap is ~0.
+        """
+        if unit not in ("score", "change"):
+            raise InvalidArgumentError(f"unit must be 'score' or 'change', got {unit!r}")
+        metrics = self.extra.get("pair_metrics") or {}
+        if self.per_pair is None or "base" not in metrics or "source" not in metrics:
+            raise InvalidArgumentError(
+                "ci() needs each pair's edge values, which this result does not hold: run "
+                "edge_attribution(..., keep_per_pair=True) on a dataset of several pairs")
+        keep = self.scored
+        values = self.per_pair[:, keep].double()
+        base = source = None
+        if unit == "score":
+            base = torch.tensor(metrics["base"], dtype=torch.float64)
+            source = torch.tensor(metrics["source"], dtype=torch.float64)
+            values = values / (source.mean() - base.mean())
+        lo, up = bootstrap_interval(values, base=base, source=source, level=level,
+                                    n_boot=n_boot, seed=seed)
+        lower = torch.full_like(self.scores, float("nan"))
+        upper = torch.full_like(self.scores, float("nan"))
+        lower[keep], upper[keep] = lo, up
+        return lower, upper
 
     def top(self, n: int = 10) -> list[tuple[str, str, float]]:
         """The ``n`` scored edges with the largest ``|score|``: ``(src, dst, score)``, largest
@@ -330,7 +377,9 @@ class EdgeResult:
                 "direction": self.direction, "metric": self.metric, "n_pairs": self.n_pairs,
                 "model_name": self.model_name, "base_value": self.base_value,
                 "source_value": self.source_value, "scores": _json_floats(self.scores),
-                "change": _json_floats(self.change), "extra": self.extra}
+                "change": _json_floats(self.change), "extra": self.extra,
+                **({} if self.per_pair is None else
+                   {"per_pair": [_json_floats(row) for row in self.per_pair]})}
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """:meth:`to_dict` as JSON text, written atomically to ``path`` when given."""
@@ -351,12 +400,18 @@ class EdgeResult:
                       float(d["source_value"]), str(d["method"]), str(d["direction"]),
                       str(d["metric"]), int(d["n_pairs"]), str(d.get("model_name", "")),
                       dict(d.get("extra") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
+            if d.get("per_pair") is not None:
+                out.per_pair = torch.stack([_floats(row) for row in d["per_pair"]])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CorruptResultError(f"invalid {EDGES_FORMAT} data: {exc!r}") from None
         if out.scores.shape != (graph.n_edges,) or out.change.shape != (graph.n_edges,):
             raise CorruptResultError(
                 f"invalid {EDGES_FORMAT} data: {graph.n_edges} edges expected, got "
                 f"{tuple(out.scores.shape)} scores")
+        if out.per_pair is not None and out.per_pair.shape != (out.n_pairs, graph.n_edges):
+            raise CorruptResultError(
+                f"invalid {EDGES_FORMAT} data: per_pair is {tuple(out.per_pair.shape)}, expected "
+                f"({out.n_pairs}, {graph.n_edges})")
         return out
 
     @classmethod

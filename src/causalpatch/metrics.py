@@ -271,9 +271,16 @@ def normalize(patched: torch.Tensor, base: torch.Tensor | float, source: torch.T
 _QUANTILE_ELEMENTS = 1 << 22
 
 
+CI_N_BOOT = 1000
+"""Resamples of the 95% intervals that results show (``summary()``, the HTML report's hover,
+``to_json``'s ``ci95``)."""
+CI_SEED = 0
+"""Seed of those resamples: the shown intervals are the same on every run."""
+
+
 def bootstrap_interval(per_pair: torch.Tensor, *, base: torch.Tensor | None = None,
                        source: torch.Tensor | None = None, level: float = 0.95,
-                       n_boot: int = 1000, seed: int = 0
+                       n_boot: int = 1000, seed: int = 0, skip_missing: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Percentile bootstrap interval of the mean effect over pairs.
 
@@ -293,6 +300,10 @@ def bootstrap_interval(per_pair: torch.Tensor, *, base: torch.Tensor | None = No
         level: coverage of the interval, in (0, 1).
         n_boot: number of resamples (≥ 100).
         seed: seed of the resampling (same seed, same interval).
+        skip_missing: NaN marks a cell a pair does not have (causal tracing's position groups:
+            a one-token subject has no middle tokens); a resample's mean of a cell is then over
+            the drawn pairs that have it, and resamples drawing none of them are left out of
+            its percentiles. Without it, NaN is an error.
 
     Returns:
         ``(lower, upper)``, each ``[*cells]`` float32.
@@ -345,7 +356,15 @@ def bootstrap_interval(per_pair: torch.Tensor, *, base: torch.Tensor | None = No
     upper = torch.empty_like(lower)
     step = max(1, _QUANTILE_ELEMENTS // n_boot)  # torch.quantile's input-size limit
     for start in range(0, cells.shape[1], step):
-        means = counts @ cells[:, start:start + step] / n * factor[:, None]  # [n_boot, chunk]
+        chunk = cells[:, start:start + step]
+        if skip_missing:
+            have = ~torch.isnan(chunk)
+            means = (counts @ torch.where(have, chunk, 0.0)) / (counts @ have.double())
+            means = means * factor[:, None]  # 0/0 = NaN: a resample without the cell
+            lower[start:start + step], upper[start:start + step] = torch.nanquantile(
+                means, q, dim=0)
+            continue
+        means = counts @ chunk / n * factor[:, None]  # [n_boot, chunk]
         lower[start:start + step], upper[start:start + step] = torch.quantile(means, q, dim=0)
     if not bool(torch.isfinite(lower).all() and torch.isfinite(upper).all()):
         raise NonFiniteError("the bootstrap interval is not finite: the per-pair effects hold "

@@ -56,7 +56,7 @@ from .errors import (
     NonFiniteError,
     NormalizationError,
 )
-from .metrics import bootstrap_interval
+from .metrics import CI_N_BOOT, CI_SEED, bootstrap_interval
 from .render.html import PLOTLY_MODES, compact_html, report
 from .render.markdown import timing_name
 from .render.markdown import to_markdown as render_markdown
@@ -505,6 +505,17 @@ class PatchingResult:
         return bootstrap_interval(per_pair, base=base, source=source, level=level,
                                   n_boot=n_boot, seed=seed)
 
+    def interval95(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``ci(level=0.95, n_boot=CI_N_BOOT, seed=CI_SEED)``, the interval the report and
+        :meth:`to_json` show, or None when the result cannot have one (see :meth:`ci`; also a
+        normalised result whose clean-corrupted gap vanishes in some resample)."""
+        if self.per_pair is None or self.n_pairs < 2 or not self._has_pair_metrics():
+            return None
+        try:
+            return self._bootstrap(self.per_pair, n_boot=CI_N_BOOT, seed=CI_SEED)
+        except NormalizationError:
+            return None
+
     def summary(self, k: int = 5) -> str:
         """A few lines of text: what was run, baselines, shape, top components, timings."""
         kind = "normalised effect" if self.normalized else "raw values"
@@ -550,7 +561,8 @@ class PatchingResult:
             return None
         try:
             lower, upper = self._bootstrap(
-                self.per_pair.reshape(self.per_pair.shape[0], -1)[:, flats])
+                self.per_pair.reshape(self.per_pair.shape[0], -1)[:, flats],
+                n_boot=CI_N_BOOT, seed=CI_SEED)
         except NormalizationError:  # an unstable gap: summary() shows no interval, ci() says why
             return None
         return lower.tolist(), upper.tolist()
@@ -621,6 +633,11 @@ class PatchingResult:
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """JSON text with format name, version and sha256 checksum of the payload.
 
+        A result with per-pair effects (at least 2 pairs) also gets ``"ci95": {"lower",
+        "upper", "level", "n_boot", "seed"}`` beside the payload: :meth:`interval95`, bounds
+        nested like ``effect_matrix``. It is derived from ``per_pair`` and so not covered by
+        the checksum; :meth:`from_json` ignores it (files without it load the same).
+
         Args:
             path: when given, the text is also written there atomically (temporary file in the
                 same folder, ``fsync``, ``os.replace``).
@@ -640,8 +657,12 @@ class PatchingResult:
         where = _find_nonfinite({k: v for k, v in payload.items() if k not in _TENSORS})
         if where is not None:
             raise NonFiniteError(f"cannot save the result: {where} is NaN or infinite")
-        doc = {"format": FORMAT, "version": VERSION, "sha256": _checksum(payload),
-               "result": payload}
+        doc: dict[str, Any] = {"format": FORMAT, "version": VERSION,
+                               "sha256": _checksum(payload), "result": payload}
+        interval = self.interval95()
+        if interval is not None:  # derived from per_pair, so outside the checksum
+            doc["ci95"] = {"lower": interval[0].tolist(), "upper": interval[1].tolist(),
+                           "level": 0.95, "n_boot": CI_N_BOOT, "seed": CI_SEED}
         text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"
         if path is not None:
             atomic_write_text(path, text)

@@ -359,6 +359,27 @@ def test_chromium_renders_every_plot_without_console_errors(four_results, tmp_pa
         atomic_write_bytes(SCREENSHOT, shot.read_bytes())
 
 
+def test_chromium_draws_results_with_intervals(tmp_path):
+    """Results whose cells carry 95% intervals (hover customdata ``[std, lower, upper]``, bars
+    with interval error bars, a 3-D slider) render with nothing on the console."""
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for shape, axes, component in (((6, 5), ("layer", "position"), "resid_post"),
+                                   ((6,), ("layer",), "mlp_out"),
+                                   ((4, 5, 3), ("layer", "position", "head"), "attn_head")):
+        per_pair = torch.randn(5, *shape, generator=gen)
+        std = per_pair.std(0) if len(shape) == 2 else None
+        results.append(ioi_like(shape, axes, component, effect_matrix=per_pair.mean(0),
+                                per_pair=per_pair, std=std, normalized=False))
+    assert all(r.interval95() is not None for r in results)
+    path = tmp_path / "intervals.html"
+    page = report(results, path)
+    assert page.count("95% bootstrap interval over the pairs") == len(results)
+    dom = chromium(path, tmp_path, "--dump-dom")
+    assert page_problems(dom, [f"plot-{i}" for i in range(len(results))]) == [], \
+        dom.stderr[-3000:]
+
+
 def test_the_chromium_check_catches_broken_pages(tmp_path):
     """The checker itself: console errors, exceptions and unrendered plots are all reported."""
     page = tmp_path / "broken.html"

@@ -75,7 +75,7 @@ from ..assemble import (Aggregate, GroupValues, PairValues, Scale, aggregate, bu
 from ..engine import embed, run_perturbed, staircase_logits
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError, OutOfRangeError
-from ..metrics import get_metric
+from ..metrics import CI_N_BOOT, CI_SEED, bootstrap_interval, get_metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions
 from ..plan import Patch, SitePatch, answer_tokens, check_int
 from ..render.html import compact_html, report
@@ -492,6 +492,42 @@ class CausalTracingResult(dict):
             lines.append(f"  {kind}: max IE {float(res.effect_matrix.max()):+.4f}; top {top}")
         return "\n".join(lines)
 
+    def ci(self, component: str, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bootstrap confidence interval of one component's indirect effects over the prompts.
+
+        Prompts are resampled with replacement ``n_boot`` times and each cell's mean IE
+        recomputed (:func:`causalpatch.metrics.bootstrap_interval`). Per-position results
+        (``position_groups=False``) are :meth:`PatchingResult.ci` of ``self[component]``. With
+        ROME's position groups a cell is averaged over the prompts that have its group, on each
+        resample as in the result (a resample with none of them is left out); a group no prompt
+        has gets NaN bounds.
+
+        Returns:
+            ``(lower, upper)``, float32 tensors shaped like ``self[component].effect_matrix``.
+
+        Raises:
+            InvalidArgumentError: an unknown component, or fewer than 2 prompts.
+        """
+        if component not in self:
+            raise InvalidArgumentError(
+                f"component must be one of {sorted(self)}, got {component!r}")
+        result = self[component]
+        if result.per_pair is not None or "group" not in result.axes:
+            return result.ci(level=level, n_boot=n_boot, seed=seed)
+        per_prompt = torch.full((len(self.per_position), *result.shape), math.nan)
+        for i, (positions, span) in enumerate(zip(self.per_position, self.spans)):
+            effect = positions[component]  # [n_layers, n_tokens]: this prompt's IE
+            for g, columns in enumerate(position_groups(effect.shape[1], span)):
+                if columns:
+                    per_prompt[i, :, g] = effect[:, columns].mean(1)
+        some = ~torch.isnan(per_prompt[:, 0, :]).all(0)  # [groups]: a prompt has the group
+        lower = torch.full(result.shape, math.nan)
+        upper = torch.full(result.shape, math.nan)
+        lower[:, some], upper[:, some] = bootstrap_interval(
+            per_prompt[:, :, some], level=level, n_boot=n_boot, seed=seed, skip_missing=True)
+        return lower, upper
+
     def plot(self, component: str, ax: Any = None, title: str | None = None) -> Any:
         """ROME-style heatmap of one component: rows = positions/groups, columns = layers."""
         return plot_trace(self[component], ax=ax, title=title)
@@ -510,7 +546,9 @@ class CausalTracingResult(dict):
 
     def save(self, path: str | os.PathLike[str], format: str | None = None) -> Path:
         """Save atomically, by ``format`` or the suffix: ``html`` (:meth:`to_html`), ``json``
-        (every component's result, ``{component: PatchingResult JSON}``) or a figure
+        (every component's result, ``{component: PatchingResult JSON}``; with ROME's groups
+        and several prompts each also gets ``"ci95"``, :meth:`ci` with ``CI_N_BOOT``
+        resamples and ``CI_SEED``, ``null`` for a group no prompt has) or a figure
         (``png``/``svg``/``pdf``: the ROME-style heatmaps of every component side by side).
 
         Raises:
@@ -521,8 +559,14 @@ class CausalTracingResult(dict):
         if kind in ("html", "htm"):
             self.to_html(path)
         elif kind == "json":
-            atomic_write_text(path, json.dumps(
-                {k: json.loads(v.to_json()) for k, v in self.items()}, allow_nan=False))
+            docs = {k: json.loads(v.to_json()) for k, v in self.items()}
+            for k, doc in docs.items():
+                if "ci95" not in doc and "group" in self[k].axes and len(self.per_position) > 1:
+                    bounds = [[[None if x != x else x for x in row] for row in b.tolist()]
+                              for b in self.ci(k, n_boot=CI_N_BOOT, seed=CI_SEED)]
+                    doc["ci95"] = {"lower": bounds[0], "upper": bounds[1], "level": 0.95,
+                                   "n_boot": CI_N_BOOT, "seed": CI_SEED}
+            atomic_write_text(path, json.dumps(docs, allow_nan=False))
         elif kind in ("png", "svg", "pdf"):
             from ..render.figure import ResultFigure
 

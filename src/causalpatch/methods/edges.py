@@ -363,6 +363,7 @@ def edge_attribution(
     progress: Progress = None,
     executor: Any = None,
     threads: int | None = None,
+    keep_per_pair: bool = False,
 ) -> EdgeResult:
     """Score every edge of the model's graph (:mod:`causalpatch.graph`).
 
@@ -390,6 +391,9 @@ def edge_attribution(
             ``exact``: edges per staircase pass (default from ``memory_mb``).
         memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`).
+        keep_per_pair: also keep each pair's value of every edge (``per_pair``
+            ``[n_pairs, n_edges]``, in the JSON too) for
+            :meth:`~causalpatch.graph.EdgeResult.ci`.
 
     Returns:
         :class:`~causalpatch.graph.EdgeResult`: ``scores`` ``[n_edges]`` normalised,
@@ -411,6 +415,8 @@ def edge_attribution(
             f"method must be one of {', '.join(repr(m) for m in METHODS)} (edge attribution "
             f"patching, with integrated gradients, or exact edge patching), got {method!r}")
     check_int(ig_steps, "ig_steps", 1)
+    if not isinstance(keep_per_pair, bool):
+        raise InvalidTypeError(f"keep_per_pair must be True or False, got {keep_per_pair!r}")
     check_separable(model)
     graph = EdgeGraph.of(model)
     selected = _select(graph, edges)
@@ -449,9 +455,14 @@ def edge_attribution(
                              "n_scored": len(selected)}
     if method == "eap_ig":
         extra["ig_steps"] = steps
+    per_pair = None
+    if keep_per_pair:
+        per_pair = torch.full((len(pairs), graph.n_edges), float("nan"))
+        per_pair[:, selected] = (values.raw - values.base[:, None]).float()
+        extra["pair_metrics"] = {"base": values.base.tolist(), "source": values.source.tolist()}
     return EdgeResult(graph, scores, changes, float(values.base.mean()),
                       float(values.source.mean()), method, prep.direction.value, m.name,
-                      len(pairs), model.name, extra)
+                      len(pairs), model.name, extra, per_pair)
 
 
 def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: bool,

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_write_text
 from ..errors import InvalidArgumentError, InvalidTypeError
+from ..metrics import CI_N_BOOT, CI_SEED
 from .markdown import timing_name
 from .lens import (
     dla_headline,
@@ -233,6 +234,36 @@ def scale_group(result: PatchingResult) -> str:
     return "normalized" if result.normalized else f"raw:{result.metric}"
 
 
+def cell_intervals(result: PatchingResult) -> tuple[Any, Any] | None:
+    """Every cell's 95% bootstrap interval over the pairs as two float64 arrays shaped like
+    ``effect_matrix`` (``result.interval95()``: :data:`~causalpatch.metrics.CI_N_BOOT`
+    resamples, seed :data:`~causalpatch.metrics.CI_SEED`), or None when the result has none
+    (one pair, no per-pair effects, or an object without ``interval95``)."""
+    get = getattr(result, "interval95", None)
+    interval = get() if callable(get) else None
+    if interval is None:
+        return None
+    return interval[0].double().numpy(), interval[1].double().numpy()
+
+
+def _hover_extras(std: Any, interval: tuple[Any, Any] | None) -> tuple[Any, str]:
+    """``customdata`` and the hover lines that read it: a cell's std (a bare number when it
+    is the only value) and its 95% interval (``[std?, lower, upper]`` per cell). ``std`` and
+    the bounds are arrays of one shape; ``(None, "")`` without either."""
+    import numpy as np
+
+    columns = [] if std is None else [std]
+    lines = [] if std is None else ["std %{customdata:.4f}"]
+    if interval is None:
+        return (None, "") if std is None else (_nums(std.tolist()), "<br>" + lines[0])
+    k = len(columns)
+    columns += list(interval)
+    if lines:
+        lines = ["std %{customdata[0]:.4f}"]
+    lines.append(f"95% CI [%{{customdata[{k}]:+.4f}}, %{{customdata[{k + 1}]:+.4f}}]")
+    return _nums(np.stack(columns, axis=-1).tolist()), "".join("<br>" + t for t in lines)
+
+
 def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, Any]:
     """The plotly figure (``data`` and ``layout``) of one result, all text escaped for plotly.
 
@@ -249,6 +280,7 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     limit = _limit(vmax if vmax is not None and 0 < vmax < math.inf else symmetric_limit(m))
     value_name = _value_name(result)
     std = None if result.std is None else result.std.double().numpy()
+    interval = cell_intervals(result)
     layout: dict[str, Any] = {
         "title": {"text": _pt(result_title(result)), "font": {"size": 15}},
         "font": _font(), "paper_bgcolor": "white", "plot_bgcolor": "white",
@@ -264,8 +296,14 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
         if std is not None:
             trace["error_y"] = {"type": "data", "array": _nums(std.tolist()), "visible": True,
                                 "thickness": 1, "width": 2, "color": "#333"}
-            trace["customdata"] = _nums(std.tolist())
-            template += "<br>std %{customdata:.4f}"
+        elif interval is not None:  # error bars: the 95% interval (hover says so)
+            trace["error_y"] = {"type": "data", "symmetric": False, "visible": True,
+                                "array": _nums((interval[1] - m).clip(min=0).tolist()),
+                                "arrayminus": _nums((m - interval[0]).clip(min=0).tolist()),
+                                "thickness": 1, "width": 2, "color": "#333"}
+        custom, lines = _hover_extras(std, interval)
+        if custom is not None:
+            trace["customdata"], template = custom, template + lines
         trace["hovertemplate"] = template + "<extra></extra>"
         layout.update(height=400, xaxis=_axis_layout(result, axes[0]), bargap=0.15,
                       yaxis={"title": {"text": value_name}, "zeroline": True,
@@ -284,15 +322,16 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     if m.ndim == 2:
         trace["z"] = _nums(m.tolist())
         template = base + value_part
-        if std is not None:
-            trace["customdata"] = _nums(std.tolist())
-            template += "<br>std %{customdata:.4f}"
+        custom, lines = _hover_extras(std, interval)
+        if custom is not None:
+            trace["customdata"], template = custom, template + lines
         trace["hovertemplate"] = template + "<extra></extra>"
         return {"data": [trace], "layout": layout}
 
     # 3-D and more: trailing axes flattened into one "panel" axis with a slider over it.
     flat = m.reshape(m.shape[0], m.shape[1], -1)
     std_flat = None if std is None else std.reshape(flat.shape)
+    interval_flat = None if interval is None else tuple(b.reshape(flat.shape) for b in interval)
     panel_axis, panel_names = _panel_names(result, names)
     reduced, which = max_magnitude(flat, axis=2)
     which_names = np.array(panel_names, dtype=object)[which].tolist()
@@ -303,9 +342,12 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     for k, name in enumerate(panel_names):
         template = base + f"{_tmpl(panel_axis)} {_tmpl(name)}<br>" + value_part
         update: dict[str, Any] = {"z": [_nums(flat[:, :, k].tolist())]}
-        if std_flat is not None:
-            update["customdata"] = [_nums(std_flat[:, :, k].tolist())]
-            template += "<br>std %{customdata:.4f}"
+        custom, lines = _hover_extras(
+            None if std_flat is None else std_flat[:, :, k],
+            None if interval_flat is None else (interval_flat[0][:, :, k],
+                                                interval_flat[1][:, :, k]))
+        if custom is not None:
+            update["customdata"], template = [custom], template + lines
         update["hovertemplate"] = [template + "<extra></extra>"]
         steps.append({"label": name, "method": "restyle", "args": [update, [0]]})
     trace.update({key: value[0] for key, value in overview.items()})
@@ -362,9 +404,18 @@ def trace_figure_spec(result: PatchingResult) -> dict[str, Any]:
         "colorscale": trace_colorscale(result.component), "zmin": 0.0, "zmax": _limit(vmax),
         "zauto": False, "xgap": 1, "ygap": 1,
         "colorbar": {"title": {"text": bar_title}, "thickness": 14}}
-    if base is not None:
+    interval = cell_intervals(result)  # per-position results of several prompts
+    if base is not None and interval is None:
         trace["customdata"] = _nums((matrix + base).tolist())
         template += "<br>p(restored) %{customdata:.4f}"
+    elif interval is not None:
+        columns = [b.T for b in interval] if base is None else [matrix + base,
+                                                                 *(b.T for b in interval)]
+        trace["customdata"] = _nums(np.stack(columns, axis=-1).tolist())
+        k = len(columns) - 2
+        if base is not None:
+            template += "<br>p(restored) %{customdata[0]:.4f}"
+        template += f"<br>95% CI [%{{customdata[{k}]:+.4f}}, %{{customdata[{k + 1}]:+.4f}}]"
     trace["hovertemplate"] = template + "<extra></extra>"
     height = int(min(1000, max(300, 26 * len(rows) + 170)))
     layout: dict[str, Any] = {
@@ -685,6 +736,9 @@ def metadata_table(result: PatchingResult) -> str:
         items.append((names[1], _fmt(result.corrupted_metric)))
     unit = "prompts" if result.method in ("ablation", "causal_tracing") else "pairs"
     items.append((unit, str(n_pairs_of(result))))
+    if cell_intervals(result) is not None:
+        items.append(("intervals", f"hover a cell: its 95% bootstrap interval over the {unit} "
+                                   f"({CI_N_BOOT} resamples, seed {CI_SEED})"))
     answers = answer_text(result, 0)
     if answers:
         items.append(("answers (pair 0)", answers))
@@ -1076,6 +1130,7 @@ def compact_html(result: PatchingResult) -> str:
 
 
 __all__ = ["COLORSCALE", "MAX_PAIR_VIEWS", "PLOTLY_MODES", "RESULT_ATTRIBUTES", "answer_text",
+           "cell_intervals",
            "compact_html", "figure_spec", "is_result", "library_versions", "metadata_table",
            "pair_view", "position_note", "prompts_table", "report", "result_title",
            "script_json", "top_table"]
