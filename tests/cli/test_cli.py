@@ -319,6 +319,8 @@ def test_progress_is_the_librarys_bar(use_tiny_model, tmp_path, monkeypatch):
                                   "--components", "mlp", "--out", str(tmp_path / "t")])
     assert res.exit_code == 0, res.output
     assert asked[0] == (None, 1, "causal tracing")  # one prompt
+    import torch
+
     from causalpatch import activation_patching
 
     seen = []
@@ -405,6 +407,18 @@ def test_ioi_prints_every_steps_story_and_its_report_opens_with_a_summary(
     for result in results:
         for line in (title_words(result), baselines_text(result), takeaway(result)):
             assert _flat(line) in shown, line
+    # the numbers are the API's on the same pairs: same code, weights and threads, so equal
+    # (observed bitwise 0; the saved JSON holds float32 values exactly)
+    import torch
+
+    from causalpatch import activation_patching
+
+    for result, (component, by_position) in zip(results, [
+            ("resid_post", True), ("attn", True), ("mlp", True), ("attn_head", False)]):
+        api = activation_patching(use_tiny_model, Pairs.of(IOI_PAIRS[:2]), component=component,
+                                  by_position=by_position, progress=False)
+        assert torch.equal(result.effect_matrix, api.effect_matrix), component
+        assert result.n_pairs == api.n_pairs == 2
     page = (out / "report.html").read_text()
     summary = page.split("<section id='summary'>")[1].split("</section>")[0]
     for i, result in enumerate(results):
