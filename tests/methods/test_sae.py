@@ -827,6 +827,14 @@ def test_cli_sae_train_and_info(lm, tmp_path, monkeypatch, one_thread):
     payload = json.loads(res.output)
     assert payload["d_sae"] == 32 and payload["l0"] == pytest.approx(4.0)
     assert load_sae(out).d_sae == 32
+    # the CLI's SAE is the API's with the same arguments, stored in float16 (the CLI's default
+    # --storage-dtype): observed bitwise equal after that rounding
+    api, _ = train_sae(lm, "blocks.1.resid_post", 32, k=4, train_tokens=2000, eval_tokens=300,
+                       epochs=1)
+    cli_sae = load_sae(out)
+    for name, value in api.state_dict().items():
+        stored = value.to(torch.float16).to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(cli_sae.state_dict()[name].to(value.dtype), stored), name
     info = runner.invoke(cli.app, ["sae", "info", str(out), "--json"])
     assert info.exit_code == 0 and json.loads(info.output)["site"] == "blocks.1.resid_post"
     bad = runner.invoke(cli.app, ["sae", "info", str(tmp_path / "missing")])
