@@ -1,7 +1,7 @@
 """Float64 controls of the newer methods: logit lens, direct logit attribution, edge
 attribution (``exact``, ``eap``, ``eap_ig``), AtP*'s verified cells and ROME causal tracing
-with its controls (``noise_std`` given, ``exclude_layers``, ``sever`` of MLPs and of
-attention), each on float64 tiny models of LLaMA (grouped-query heads), GPT-2 (fused
+with its controls (``noise_std`` given or ``"subject"``, ``window="scaled"``,
+``exclude_layers``, ``prepend_bos``, ``sever`` of MLPs and of attention), each on float64 tiny models of LLaMA (grouped-query heads), GPT-2 (fused
 ``c_attn``), Gemma 3 (sandwich norms, soft-caps) and GPT-NeoX with a parallel residual, against
 a reference written here with plain PyTorch hooks on the module paths of
 ``conftest.REFERENCE`` (or ``model.trace`` with plain interventions, or the naive loop), all
@@ -339,3 +339,41 @@ def test_float64_causal_tracing_controls_equal_plain_traces(model64):
         assert_matches_reference(got, expected, 0.0, rtol=TRACE_RTOL, min_cells=4,
                                  what=f"{family} {kind} traced")
     assert result["mlp"].effect_matrix[0].abs().max() == 0  # window {0} minus layer 0: empty
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox_parallel"])
+def test_float64_rome_subject_noise_scaled_window_and_bos_equal_plain_traces(family):
+    """``noise_std="subject"`` (sigma = 3 x the std of the subject tokens' embeddings, computed
+    here from a plain trace), ``window="scaled"`` (round(10 * 10 / 48) = 2 layers of a 10-layer
+    model, written out here) and ``prepend_bos`` (the BOS token in front, the subject one token
+    later) against plain float64 traces. Observed at most 6.6e-6 of the largest effect (NeoX's
+    MLP trace: 8.7e-9 absolute, float32 probabilities), inside TRACE_RTOL."""
+    hf = tiny_hf_model(family, num_hidden_layers=10).double()
+    model = InterpretableModel(hf, tokenizer=tiny_tokenizer())
+    bos = 1
+    result = causal_tracing(model, PROMPT, SUBJECT, samples=2, noise_std="subject",
+                            window="scaled", prepend_bos=bos, position_groups=False,
+                            components=("resid_post", "mlp"))
+    plain = model.tokenizer(PROMPT)["input_ids"]
+    ids = [bos, *plain]
+    span = (2, 4)  # "The", "Eiffel", "Tower": the subject's two tokens, one later for BOS
+    assert result.spans[0] == span
+    embedded = model.trace([ids], cache=["embed"]).run().cache["embed"][0, span[0]:span[1]]
+    sigma = 3.0 * float(embedded.double().flatten().std())
+    assert result.sigma == pytest.approx(sigma, rel=1e-12)  # observed equal to float64 rounding
+    assert result["mlp"].extra["window"] == 2
+    noise, answer = result.noise[0], result.answers[0]
+    p_corr = float(result.p_corrupted[0])
+    n, T = model.n_layers, len(ids)
+    for kind in ("resid_post", "mlp"):
+        got, expected = [], []
+        for layer in range(n):
+            for p in range(T):
+                if kind == "resid_post":
+                    restore = {f"blocks.{layer}.resid_post": p}
+                else:  # window 2 centred as ROME's: layers L - 1 and L (clipped at 0)
+                    restore = {f"blocks.{lr}.mlp": p for lr in (layer - 1, layer) if lr >= 0}
+                expected.append(_restored_p(model, ids, span, noise, answer, restore) - p_corr)
+                got.append(float(result[kind].effect_matrix[layer, p]))
+        assert_matches_reference(got, expected, 0.0, rtol=TRACE_RTOL, min_cells=4,
+                                 what=f"{family} {kind} subject noise, scaled window, BOS")
