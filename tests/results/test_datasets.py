@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from causalpatch import activation_patching
+from conftest import assert_within
 from causalpatch.datasets import (FactualRecallDataset, GreaterThanDataset, InductionDataset,
                                   IOIDataset, KnownFact, PatchingDataset, PatchingPair,
                                   greater_than_metric, known_facts, load_known_facts)
@@ -193,8 +194,12 @@ def test_dataset_sweep_reports_mean_and_spread(smollm2):
     result = activation_patching(smollm2, data, component="resid_post", layers=[0, 29],
                                  positions=[-1])
     assert result.per_pair.shape == (4, 2) and result.std.shape == (2,)
-    assert torch.allclose(result.per_pair.mean(0), result.effect_matrix, atol=1e-5)
-    assert abs(result.effect_matrix[1].item() - 1.0) < 1e-4
+    # observed 6.0e-8 (effects of size ~1): the result averages the pairs in another order than
+    # torch's float32 mean here, so the last bit may differ; 5e-7 is 8.4x that
+    assert_within(result.per_pair.mean(0), result.effect_matrix, 5e-7, "mean of pairs")
+    # patching the last layer's residual stream gives the corrupted run's logits, so the
+    # normalised effect divides a number by itself: observed bitwise 1.0 (difference 0)
+    assert_within(result.effect_matrix[1], 1.0, 0.0, "last layer")
 
 
 def test_by_length_groups_pairs_for_by_position_sweeps(smollm2):
