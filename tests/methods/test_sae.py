@@ -887,9 +887,11 @@ def test_real_model_fast_equals_naive_on_an_ioi_pair(smollm2, shipped, one_threa
                              min_cells=8, what="smollm2 IOI features")
     assert (fast.effect_matrix[-4:] == 0).all()
     ref = fast.extra["reference"]
-    assert ref["site"][0] == pytest.approx(
-        float(activation_patching(smollm2, CLEAN, CORRUPTED, component="blocks.20.resid_post",
-                                  positions=[9], **ANSWERS).effect_matrix[0]), abs=1e-3)
+    site = activation_patching(smollm2, CLEAN, CORRUPTED, component="blocks.20.resid_post",
+                               positions=[9], **ANSWERS).effect_matrix[0]
+    # observed 4.2e-7 (was allowed 1e-3): both patch the whole site at position 9, in
+    # differently batched float32 forwards of 30 layers; 3e-6 is 7.2x that
+    assert_within(ref["site"][0], float(site), 3e-6, "reference: the whole site vs patching")
 
 
 # -- on the shared core: independent checks on three families -----------------------------------
