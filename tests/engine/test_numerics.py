@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, assert_within
 
 from causalpatch import InterpretableModel, activation_patching
 from causalpatch.errors import NonFiniteError
@@ -60,7 +60,10 @@ def test_every_metric_is_finite_in_low_precision(low_precision, metric):
                                  component="resid_post", layers=[10, 29], positions=[-1],
                                  correct=" Mary", incorrect=" John")
     assert torch.isfinite(result.effect_matrix).all()
-    assert abs(result.effect_matrix[1].item() - 1.0) < 1e-3
+    # patching the last layer's residual stream gives the corrupted run's final logits, so the
+    # normalised effect divides a number by itself: observed bitwise 1.0 (difference 0) for
+    # every metric in float16 and bfloat16, and nothing can round differently
+    assert_within(result.effect_matrix[1], 1.0, 0.0, f"{low_precision.dtype} {metric} last layer")
 
 
 # -- Gemma 3 270M: 262,144-token vocabulary ------------------------------------------------------
@@ -71,6 +74,14 @@ def gemma_logits():
     prompts = ["The Eiffel Tower is in the city of", "The Colosseum is in the city of"]
     logits = torch.stack([model.trace(p).run().last_logits[0] for p in prompts])
     return model, logits
+
+
+#: Relative difference of each distance metric (float32, 262,144 logits) from a float64
+#: computation on the same inputs, largest over float32 and float16 inputs. Observed: l2 4.9e-8,
+#: mse 1.2e-7, cosine 1.3e-5, kl 9.5e-7; nonzero because the metric sums 262,144 float32 terms
+#: (and cosine is 1 - a ratio near 0.7, which loses about 2 digits to cancellation). Bounds are
+#: 5-9x those.
+DISTANCE_REL = {"l2": 4e-7, "mse": 1e-6, "cosine": 1e-4, "kl": 5e-6}
 
 
 def _float64_reference(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -94,7 +105,7 @@ def test_distance_metrics_on_gemma_vocabulary(gemma_logits, name, dtype):
     value = get_metric(name)(x, MetricInputs(target_logits=target))
     assert value.dtype == torch.float32 and torch.isfinite(value).all()
     expected = _float64_reference(name, x.float(), target.float())
-    assert torch.allclose(value.double(), expected, rtol=1e-4, atol=1e-6)
+    assert_within(value.double() / expected, 1.0, DISTANCE_REL[name], f"{name} {dtype}")
 
 
 @pytest.mark.slow
@@ -104,7 +115,10 @@ def test_float16_l2_does_not_overflow_with_large_logits():
     t = torch.full((1, 262_144), -300.0, dtype=torch.float16)
     value = get_metric("l2")(x, MetricInputs(target_logits=t))
     assert torch.isfinite(value).all()
-    assert value.item() == pytest.approx(600 * 512, rel=1e-4)
+    # observed bitwise 600 * 512: torch.sum's cascade adds 2^18 equal squares exactly. One float32
+    # ulp of the result (2^-5 at 307,200) is allowed so another accurate summation order passes;
+    # an overflowing or float16 accumulation is off by far more
+    assert_within(value, 600 * 512, 2.0**-5, "l2 of large float16 logits")
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from causalpatch import (InterpretableModel, ablate, activation_patching, attrib
                          causal_tracing, path_patching)
 from causalpatch.errors import InvalidArgumentError
 
-from conftest import IOI_PAIRS, TextPairs
+from conftest import IOI_PAIRS, TextPairs, assert_within
 
 #: Layers 1-2 and the unembedding live on disk, the rest in CPU memory.
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
@@ -58,8 +58,31 @@ def test_the_model_is_really_split_and_offloaded(offloaded, memory):
     assert memory.device_map is None and not accelerate_hooks(memory)
 
 
+#: max |split - in memory| per run, float32 effects of size ~1. Observed bitwise 0 for every run
+#: not listed (per-head, neuron and naive sweeps, attribution, zero/mean ablation, path patching
+#: into heads, causal tracing, single forwards), so those allow nothing. The runs below differ in
+#: the last bits, deterministically (the same on every run, and also with ``batch_size=1`` or 4):
+#: they push several rows through each matmul, and with accelerate the weights of layers 1-2 and
+#: the unembedding are fresh tensors loaded from the offload folder for each forward, so the CPU
+#: matmul most likely takes another path for them (one-row forwards stay bitwise equal). Each
+#: bound is 5-10x what was observed (in the comment).
+PLACED_ATOL = {
+    "patch resid_pre": 3e-6,  # 3.6e-7
+    "patch resid_post": 3e-6,  # 3.6e-7
+    "patch resid_mid": 8e-6,  # 9.5e-7
+    "patch attn": 1e-5,  # 1.2e-6
+    "patch mlp": 1e-5,  # 1.8e-6
+    "patch resid_post by position": 1e-5,  # 1.4e-6
+    "ablate resample": 1e-6,  # 1.0e-7
+    "path patching -> logits": 1e-5,  # 1.4e-6
+    "auto resid_mid": 8e-6,  # 9.5e-7 (a device_map from a memory budget)
+    "auto path patching": 1e-5,  # 1.4e-6
+}
+
+
 def _same(a: Any, b: Any, what: str) -> None:
-    torch.testing.assert_close(a.effect_matrix, b.effect_matrix, rtol=0, atol=1e-5, msg=what)
+    assert a.effect_matrix.shape == b.effect_matrix.shape, what
+    assert_within(a.effect_matrix, b.effect_matrix, PLACED_ATOL.get(what, 0.0), what)
 
 
 def test_every_method_on_a_split_model_equals_the_in_memory_model(offloaded, memory,
@@ -97,9 +120,8 @@ def test_every_method_on_a_split_model_equals_the_in_memory_model(offloaded, mem
         _same(traced[kind], expected[kind], f"causal tracing {kind}")
     logits, cache = offloaded.run_with_cache(DATA.clean[0], names=["blocks.2.attn.z"])
     ref_logits, ref_cache = memory.run_with_cache(DATA.clean[0], names=["blocks.2.attn.z"])
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(cache["blocks.2.attn.z"], ref_cache["blocks.2.attn.z"], rtol=0,
-                               atol=1e-5)
+    assert_within(logits, ref_logits, 0.0, "logits")  # observed bitwise 0 (one row)
+    assert_within(cache["blocks.2.attn.z"], ref_cache["blocks.2.attn.z"], 0.0, "cached attn.z")
     assert accelerate_hooks(offloaded) == before
     assert offloaded.hook_snapshot() == torch_hooks
 
