@@ -58,9 +58,11 @@ def test_the_model_is_really_split_and_offloaded(offloaded, memory):
     assert memory.device_map is None and not accelerate_hooks(memory)
 
 
-#: max |split - in memory| per run, float32 effects of size ~1. Observed bitwise 0 for every run
-#: not listed (per-head, neuron and naive sweeps, attribution, zero/mean ablation, path patching
-#: into heads, causal tracing, single forwards), so those allow nothing. The runs below differ in
+#: max |split - in memory| per run, float32 effects of size ~1. Observed bitwise 0 here for
+#: every run not listed (per-head, neuron and naive sweeps, attribution, zero/mean ablation, path
+#: patching into heads, causal tracing, single forwards); they allow :data:`UNLISTED_ATOL`, the
+#: largest difference a listed run showed (1.8e-6), because whether the matmul takes another path
+#: for the reloaded weights (below) depends on the CPU's kernels, not on the run. The runs below differ in
 #: the last bits, deterministically (the same on every run, and also with ``batch_size=1`` or 4):
 #: they push several rows through each matmul, and with accelerate the weights of layers 1-2 and
 #: the unembedding are fresh tensors loaded from the offload folder for each forward, so the CPU
@@ -78,11 +80,12 @@ PLACED_ATOL = {
     "auto resid_mid": 8e-6,  # 9.5e-7 (a device_map from a memory budget)
     "auto path patching": 1e-5,  # 1.4e-6
 }
+UNLISTED_ATOL = 2e-6
 
 
 def _same(a: Any, b: Any, what: str) -> None:
     assert a.effect_matrix.shape == b.effect_matrix.shape, what
-    assert_within(a.effect_matrix, b.effect_matrix, PLACED_ATOL.get(what, 0.0), what)
+    assert_within(a.effect_matrix, b.effect_matrix, PLACED_ATOL.get(what, UNLISTED_ATOL), what)
 
 
 def test_every_method_on_a_split_model_equals_the_in_memory_model(offloaded, memory,
@@ -120,8 +123,10 @@ def test_every_method_on_a_split_model_equals_the_in_memory_model(offloaded, mem
         _same(traced[kind], expected[kind], f"causal tracing {kind}")
     logits, cache = offloaded.run_with_cache(DATA.clean[0], names=["blocks.2.attn.z"])
     ref_logits, ref_cache = memory.run_with_cache(DATA.clean[0], names=["blocks.2.attn.z"])
-    assert_within(logits, ref_logits, 0.0, "logits")  # observed bitwise 0 (one row)
-    assert_within(cache["blocks.2.attn.z"], ref_cache["blocks.2.attn.z"], 0.0, "cached attn.z")
+    # observed bitwise 0 (one row); UNLISTED_ATOL as above (the kernels are the CPU's)
+    assert_within(logits, ref_logits, UNLISTED_ATOL, "logits")
+    assert_within(cache["blocks.2.attn.z"], ref_cache["blocks.2.attn.z"], UNLISTED_ATOL,
+                  "cached attn.z")
     assert accelerate_hooks(offloaded) == before
     assert offloaded.hook_snapshot() == torch_hooks
 

@@ -92,8 +92,9 @@ def test_smollm2_padded_rows_equal_unbatched_runs(smollm2):
     prompts = [IOI_CLEAN, "Hello there", "The Eiffel Tower is in"]
     rows = smollm2.trace(prompts).run().last_logits
     for i, prompt in enumerate(prompts):
-        # observed 7.4e-5 (the float32 kernel difference above); 1e-4 is kept, 1.3x that
-        assert_within(rows[i], smollm2.trace(prompt).run().last_logits[0], 1e-4, "float32 row")
+        # observed 7.4e-5 (the float32 kernel difference above, which depends on the CPU's
+        # kernels); 5e-4 is 6.8x that, room for another machine's reduction order
+        assert_within(rows[i], smollm2.trace(prompt).run().last_logits[0], 5e-4, "float32 row")
     m64 = InterpretableModel(copy.deepcopy(smollm2.hf_model).double(),
                              tokenizer=smollm2.tokenizer)
     rows64 = m64.trace(prompts).run().last_logits
