@@ -22,7 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str | None:
-    """The commit the repository is at, ``+dirty`` appended when tracked files have changed."""
+    """The commit the repository is at, ``+dirty`` appended when tracked files other than the
+    outputs in ``docs/img/`` and ``docs/data/`` have changed."""
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=False)
@@ -31,7 +32,11 @@ def commit() -> str | None:
     head = git("rev-parse", "HEAD")
     if not head:
         return None
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # the figures and data the scripts write are outputs, not inputs: rewriting one does not
+    # make the code that ran differ from the commit
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)docs/img", ":(exclude)docs/data")
+    return head + ("+dirty" if changed else "")
 
 
 def command() -> str:
