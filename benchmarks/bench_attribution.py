@@ -9,9 +9,11 @@ attribution pass is one source forward, one base forward and one backward; the t
 Accuracy (``--figure PATH``): runs attribution and exact activation patching for ``attn_head``
 (all positions jointly) and ``resid_post`` by position, prints Pearson correlations (overall, and
 without the position of the changed name token) and writes a two-panel scatter plot, estimate
-against exact. The numbers in ``docs/attribution_patching.md`` come from this script::
+against exact, with its JSON beside it (``scripts/provenance.py``: command, commit, settings,
+both panels' matrices and correlations). The figure in ``docs/attribution_patching.md`` comes
+from (``--figure-only`` skips the timings; ``make figures`` runs this, under a minute)::
 
-    python benchmarks/bench_attribution.py --threads 1 --exact \
+    python benchmarks/bench_attribution.py --threads 1 --figure-only \
         --figure docs/img/attribution_vs_exact.png
 
 Timings on a shared machine are only meaningful with as many threads as idle cores (an
@@ -21,12 +23,16 @@ oversubscribed OpenMP pool can slow every pass down tens of times; the *ratio* s
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from provenance import write_figure_json
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
@@ -75,8 +81,9 @@ def cost(model: Any, repeats: int, exact: bool) -> None:
     print(f"  (last-position logits only:                    {t_last * 1e3:8.1f} ms)")
     print(f"attribution, all heads x positions (3780 cells): {t_attr * 1e3:8.1f} ms "
           f"= {t_attr / t_fwd:.2f} forward passes ({t_attr / t_last:.2f} last-logit ones)")
-    print("  phases of one more run: " + ", ".join(f"{k}={v * 1e3:.1f} ms" for k, v in phases.items()
-                                  if k.endswith("_s") and k not in ("verify_s",)))
+    print("  phases of one more run: " + ", ".join(
+        f"{k}={v * 1e3:.1f} ms" for k, v in phases.items()
+        if k.endswith("_s") and k not in ("verify_s",)))
     if exact:
         t_exact = best_of(lambda: activation_patching(model, CLEAN, CORRUPTED,
                                                       component="attn_head", by_position=True,
@@ -85,13 +92,14 @@ def cost(model: Any, repeats: int, exact: bool) -> None:
               f"= {t_exact / t_fwd:.1f} forward passes ({t_exact / t_attr:.0f}x attribution)")
 
 
-def accuracy(model: Any, figure: Path) -> None:
+def accuracy(model: Any, figure: Path, started: float, threads: int) -> None:
     from matplotlib.figure import Figure
 
     from causalpatch import activation_patching
     from causalpatch import attribution_patching
 
     panels = []
+    record: list[dict[str, Any]] = []
     for component, by_position in (("attn_head", False), ("resid_post", True)):
         kw = dict(component=component, by_position=by_position, **ANSWERS)
         est = attribution_patching(model, CLEAN, CORRUPTED, **kw).effect_matrix
@@ -112,10 +120,12 @@ def accuracy(model: Any, figure: Path) -> None:
                 for v, i in top_e)
         print(line)
         panels.append((component, by_position, est, exact, r))
+        record.append({"component": component, "by_position": by_position, "pearson_r": r,
+                       "line": line, "estimate": est.tolist(), "exact": exact.tolist()})
 
     fig = Figure(figsize=(10, 4.4), layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, (component, by_position, est, exact, r) in zip(axes, panels):
+    for ax, (_component, by_position, est, exact, r) in zip(axes, panels):
         lo = float(min(est.min(), exact.min())) - 0.05
         hi = float(max(est.max(), exact.max())) + 0.05
         ax.plot([lo, hi], [lo, hi], color="0.6", lw=1, ls="--", label="estimate = exact")
@@ -135,7 +145,11 @@ def accuracy(model: Any, figure: Path) -> None:
     fig.suptitle("SmolLM2-135M, IOI, logit_diff, denoising")
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=120)
-    print(f"wrote {figure}")
+    settings = {"model": model.name, "clean": CLEAN, "corrupted": CORRUPTED, **ANSWERS,
+                "metric": "logit_diff", "direction": "denoise", "method": "atp",
+                "changed_position": CHANGED, "threads": threads}
+    write_figure_json(figure, seed=None, settings=settings, data=record, started=started)
+    print(f"wrote {figure} and its JSON")
 
 
 def main() -> None:
@@ -144,16 +158,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--exact", action="store_true", help="also time the exact sweep")
     parser.add_argument("--figure", type=Path, default=None, help="write the accuracy scatter")
+    parser.add_argument("--figure-only", action="store_true",
+                        help="with --figure: skip the timings, only draw the figure")
     args = parser.parse_args()
+    if args.figure_only and args.figure is None:
+        parser.error("--figure-only needs --figure PATH")
+    started = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
     from causalpatch import InterpretableModel
 
     model = InterpretableModel("smollm2")
     print(f"{model.name}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
-    cost(model, args.repeats, args.exact)
+    if not args.figure_only:
+        cost(model, args.repeats, args.exact)
     if args.figure is not None:
-        accuracy(model, args.figure)
+        accuracy(model, args.figure, started, torch.get_num_threads())
 
 
 if __name__ == "__main__":
