@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_within
+from conftest import assert_within
 
-from causalpatch._io import atomic_write_bytes
 from causalpatch.errors import InvalidArgumentError, InvalidTypeError
 from causalpatch.render.html import report, script_json
 from causalpatch.render.markdown import to_markdown
 from causalpatch.result import PatchingResult, write_report
 
-SCREENSHOT = REPO_ROOT / "docs" / "img" / "report.png"
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 IOI_NAMES = [("Mary", "John"), ("Anne", "Tom"), ("Lisa", "Mark")]
 IOI_CLEAN = [f"When {a} and {b} went to the store, {b} gave a drink to" for a, b in IOI_NAMES]
@@ -332,7 +330,8 @@ def page_problems(proc: subprocess.CompletedProcess, expected_plots: list[str]) 
 
 def test_chromium_renders_every_plot_without_console_errors(four_results, tmp_path):
     """Every kind of plot (heatmaps, a bar chart, a 3-D slider, hostile labels) renders in
-    headless Chromium with nothing on the console; a screenshot goes to docs/img/report.png."""
+    headless Chromium with nothing on the console, and a screenshot of them is a real PNG (the
+    docs' screenshot is made by scripts/report_screenshot.py, from real results)."""
     rich = with_pairs(ioi_like((12, 14), ("layer", "position"), "resid_post", 6))
     realistic = [rich, *four_results, ioi_like((30,), ("layer",), "mlp_out", 4),
                  ioi_like((30, 14, 9), ("layer", "position", "head"), "attn_head", 5)]
@@ -354,9 +353,6 @@ def test_chromium_renders_every_plot_without_console_errors(four_results, tmp_pa
     proc = chromium(shown, tmp_path, "--window-size=1400,2000", f"--screenshot={shot}")
     assert proc.returncode == 0 and shot.stat().st_size > 50_000, proc.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    if not SCREENSHOT.exists() or SCREENSHOT.read_bytes() != shot.read_bytes():
-        atomic_write_bytes(SCREENSHOT, shot.read_bytes())
 
 
 def test_chromium_draws_results_with_intervals(tmp_path):
