@@ -81,7 +81,8 @@ figures: $(VENV)/.test-extras
 	$(FIG) benchmarks/atp_accuracy.py --pairs 32 --threads 1 --json benchmarks/results/atp_accuracy.json
 
 # The same scripts on small settings, written to out/figures-quick/ (docs/ untouched): checks
-# that every figure script runs end to end, in a few minutes.
+# that every figure script runs end to end (22 min on this 2-core machine while other jobs kept
+# its load average near 8).
 QUICK = out/figures-quick
 figures-quick: $(VENV)/.test-extras
 	mkdir -p $(QUICK)
