@@ -3,7 +3,8 @@
 * Every image under ``docs/`` (``.png``, ``.svg``, ``.jpg``, any depth) has a JSON of the same
   stem beside it or in ``docs/data/`` (written by ``scripts/provenance.py``) that names the
   command that made it, the commit and the seed; the command's script exists in the repository
-  and is one of the lines of the Makefile's ``figures`` target, so ``make figures`` remakes it.
+  and is one of the lines of the Makefile's ``figures`` target, so ``make figures`` remakes it
+  (so is the script of every other JSON under ``docs/`` that records a command).
 * ``docs/figures.md`` lists every image with the script that made it, and the JSON agrees.
 * The numbers the README quotes from its figure equal the figure's JSON (:data:`QUOTES`: the
   text with ``{}`` where each number stands, one key path and rounding per number, as in
@@ -108,6 +109,19 @@ def test_every_image_has_its_provenance_json(image):
     assert (REPO_ROOT / script).is_file(), f"{rel(found)}: {script} is not in the repository"
     assert script in makefile_target("figures"), (
         f"{rel(found)} was made by {script}, which the Makefile's `figures` target does not run")
+
+
+def test_every_recorded_command_is_a_make_figures_line():
+    """Every JSON under docs/ that records its command (figures' and numbers' alike, e.g.
+    docs/data/positive_control.json) names a script that `make figures` runs."""
+    recorded = {}
+    for path in sorted(DOCS.rglob("*.json")):
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and isinstance(record.get("command"), str):
+            recorded[rel(path)] = script_of(record["command"])
+    assert "docs/data/positive_control.json" in recorded, sorted(recorded)  # not vacuous
+    target = makefile_target("figures")
+    assert {p: s for p, s in recorded.items() if s not in target} == {}
 
 
 def test_figures_page_names_every_image_and_its_script():
