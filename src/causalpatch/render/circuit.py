@@ -92,8 +92,9 @@ def _pt(value: Any) -> str:
 
 
 def _num(value: float) -> float | None:
+    """A JSON number, as stored (the float32 value exactly); None for NaN/inf."""
     value = float(value)
-    return float(f"{value:.6g}") if math.isfinite(value) else None
+    return value if math.isfinite(value) else None
 
 
 def _pairs(n: int) -> str:
