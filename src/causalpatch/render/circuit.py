@@ -466,7 +466,7 @@ CIRCUIT_JS = """
         text: ids.map(function (k) { return c.nodes[k][0]; }), textposition: "top center",
         textfont: {size: 10}, hoverinfo: "text",
         hovertext: ids.map(function (k) {
-          return "<b>" + c.nodes[k][0] + "</b><br>drawn edges: " + deg[k][0] + " in, " +
+          return "<b>" + c.nodes[k][0] + "<\\/b><br>drawn edges: " + deg[k][0] + " in, " +
             deg[k][1] + " out";
         }),
         marker: {size: 11, color: "#fff", line: {color: "#222", width: 1.5}}});
@@ -512,7 +512,7 @@ CIRCUIT_JS = """
 """
 """The page script's circuit part: ``drawCircuit(figure, section)`` returns the function that
 draws the first ``n`` edges (and hides the table rows past them); ``sortable(table)`` sorts a
-table by a clicked column (numbers numerically)."""
+table by a clicked column (numbers numerically). It holds no ``</`` (the page script may not)."""
 
 
 __all__ = ["CIRCUIT_ATTRIBUTES", "CIRCUIT_JS", "DEFAULT_EDGES", "EDGE_ATTRIBUTES",
