@@ -1040,7 +1040,7 @@ def report(results: Any,
     for i, result in enumerate(everything):
         summary.append(f"<li><a href='#result-{i}'>{_esc(titles[i])}</a>: "
                        f"{_esc(section_headline(result))}</li>")
-        if is_circuit_section(result):
+        if i not in patching and is_circuit_section(result):
             html_part, figure_part = circuit_section(result, i, f"{i + 1}. {titles[i]}",
                                                      top_edges)
             figures.append(figure_part)
