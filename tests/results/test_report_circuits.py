@@ -198,6 +198,7 @@ class _Lines(HTMLParser):
         self.attrs: dict[str, dict[str, str]] = {}
         self.lines: dict[str, list[str]] = {}
         self.hidden: dict[str, int] = {}
+        self.rows: dict[str, list[list[str]]] = {}
         self.current: str | None = None
         self.table: str | None = None
 
@@ -210,6 +211,10 @@ class _Lines(HTMLParser):
             self.table = a.get("id")
         if tag == "tr" and "hidden" in a and self.table:
             self.hidden[self.table] = self.hidden.get(self.table, 0) + 1
+        if tag == "tr" and self.table:
+            self.rows.setdefault(self.table, []).append([])
+        if tag == "td" and self.table:
+            self.rows[self.table][-1].append(a.get("data-v", ""))
         if tag == "path" and self.current and "js-line" in a.get("class", "").split():
             self.lines[self.current].append(a.get("style", ""))
 
@@ -222,12 +227,13 @@ def test_chromium_draws_the_circuit_the_curve_and_nothing_on_the_console(circuit
     """With ``#edges-0=12`` the edge view draws 12 lines (the 12 best edges: one per edge,
     dashed/dotted exactly for key/value inputs, red exactly for positive scores) between the
     nodes they touch; the circuit draws each of its edges; the curve its two lines; the
-    table hides the rows past 12; and nothing reaches the console."""
+    table hides the rows past 12 and ``#sort-0=4`` sorts it by score (the header's click
+    handler); and nothing reaches the console."""
     scores, chosen = circuits["scores"], circuits["circuit"]
     path = tmp_path / "circuits.html"
     report([scores, chosen, circuits["curve"], circuits["evaluation"]], path,
            title="circuits <b>on</b> the tiny LLaMA")
-    dom = chromium(path, tmp_path, "--dump-dom", fragment="edges-0=12")
+    dom = chromium(path, tmp_path, "--dump-dom", fragment="edges-0=12&sort-0=4")
     assert page_problems(dom, []) == [], dom.stderr[-3000:]
     scan = _Lines()
     scan.feed(dom.stdout)
@@ -249,3 +255,10 @@ def test_chromium_draws_the_circuit_the_curve_and_nothing_on_the_console(circuit
     n_view = min(MAX_VIEW_EDGES, scores.graph.n_edges)
     assert scan.hidden["edges-table-0"] == n_view - 12
     assert "edges-table-1" not in scan.hidden  # the circuit's table shows every edge
+    # sorted by score, ascending: the same rows (rank, src, dst, score) in another order
+    rows = [r for r in scan.rows["edges-table-0"] if r]
+    got = [float(r[4]) for r in rows]
+    assert got == sorted(got) and len(rows) == n_view
+    assert sorted((int(r[0]), r[1], r[2], float(r[4])) for r in rows) == [
+        (k + 1, s, d, v) for k, (s, d, v) in enumerate(scores.top(n_view))]
+    assert [int(r[0]) for r in rows] != list(range(1, n_view + 1))

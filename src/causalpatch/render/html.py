@@ -885,13 +885,19 @@ _INIT = """(function () {
       Plotly.restyle(f.id, {zmin: [-v], zmax: [v]}, [0]).then(function () { mark(f.id); });
     });
   }
-  var wanted = {}, wantedEdges = {};
+  var wanted = {}, wantedEdges = {}, sorts = [];
   window.location.hash.replace(/^#/, "").split("&").forEach(function (part) {
     var m = /^pair-(\\d+)=(\\d+)$/.exec(part), e = /^edges-(\\d+)=(\\d+)$/.exec(part);
+    var s = /^sort-(\\d+)=(\\d+)$/.exec(part);
     if (m) { wanted[m[1]] = parseInt(m[2], 10); }
     if (e) { wantedEdges[e[1]] = parseInt(e[2], 10); }
+    if (s) { sorts.push(s); }
   });
   document.querySelectorAll("table.sortable").forEach(sortable);
+  sorts.forEach(function (s) {
+    var th = document.querySelectorAll("#edges-table-" + s[1] + " thead th")[parseInt(s[2], 10)];
+    if (th) { th.click(); }
+  });
   doc.forEach(function (f, i) {
     if (!f) { return; }
     if (f.circuit) { drawCircuit(f, i)(wantedEdges[i]); return; }
