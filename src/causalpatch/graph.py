@@ -419,6 +419,20 @@ class EdgeResult:
         """Load :meth:`to_json`'s output (JSON text or a file path)."""
         return cls.from_dict(_read_json_object(text_or_path, EDGES_FORMAT))
 
+    def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None,
+                plotly: str = "inline", top_edges: int | None = None) -> str:
+        """An interactive HTML report of these scores: the circuit of the ``top_edges`` best
+        edges drawn by layer (default :data:`~causalpatch.render.circuit.DEFAULT_EDGES`; a
+        control in the page changes how many), with a sortable table of them
+        (:func:`causalpatch.render.html.report`; ``path``, when given, is written
+        atomically). Returns the HTML text."""
+        from .render.circuit import DEFAULT_EDGES, section_title
+        from .render.html import report
+
+        return report([self], path, title=title or f"causalpatch: {section_title(self)}",
+                      plotly=plotly,
+                      top_edges=DEFAULT_EDGES if top_edges is None else top_edges)
+
     def __repr__(self) -> str:
         return (f"EdgeResult(method={self.method!r}, direction={self.direction!r}, "
                 f"metric={self.metric!r}, n_edges={self.graph.n_edges}, "

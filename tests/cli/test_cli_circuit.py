@@ -51,7 +51,11 @@ def test_circuit_json_equals_the_api(tiny, tmp_path):
     assert data["circuit"]["faithfulness"] == pytest.approx(api.faithfulness, abs=1e-6)
     assert data["circuit"]["n_edges"] == chosen.n_edges <= 40
     assert {p.name for p in out.iterdir()} == {"edges.json", "circuit.json",
-                                               "faithfulness.json"}
+                                               "faithfulness.json", "report.html"}
+    page = (out / "report.html").read_text()
+    assert data["files"]["report"] == str(out / "report.html")
+    assert f"faithfulness {api.faithfulness:+.3f} with {chosen.n_edges}" in page
+    assert "id='edges-table-0'" in page and "id='edges-table-1'" in page
     assert Circuit.from_json(out / "circuit.json").edges == chosen.edges
     assert EdgeResult.from_json(out / "edges.json").top(5) == scores.top(5)
     saved = json.loads((out / "faithfulness.json").read_text())

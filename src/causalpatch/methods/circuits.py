@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +175,19 @@ class FaithfulnessCurve:
             table["random_n_edges"] = self.random_n_edges
             table["random_faithfulness"] = self.random_faithfulness.double().numpy()
         return pd.DataFrame(table)
+
+    def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None,
+                plotly: str = "inline") -> str:
+        """An interactive HTML report of the curve: faithfulness against the fraction of
+        edges, with the random baseline, CPR and CMD
+        (:func:`causalpatch.render.html.report`; ``path``, when given, is written
+        atomically). Returns the HTML text."""
+        from ..render.circuit import section_title
+        from ..render.html import report
+
+        return report([self], path, title=title or f"causalpatch: {section_title(self)}",
+                      plotly=plotly)
+
 
 
 def areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tuple[float, float]:

@@ -16,6 +16,9 @@
   (the report summary's line).
 * :mod:`~causalpatch.render.lens`: logit-lens and direct-logit-attribution figures, HTML views
   and their report sections (title and headline).
+* :mod:`~causalpatch.render.circuit`: the report sections of edge attribution and circuits:
+  the circuit drawn by layer (edges weighted and signed, a control for how many), a sortable
+  edge table, the faithfulness curve, a circuit evaluation's numbers.
 
 Everything here is duck-typed on results and never imports ``causalpatch.result`` (which sits
 above it and delegates its rendering here). matplotlib and plotly are imported only when a

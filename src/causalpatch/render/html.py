@@ -29,6 +29,11 @@ needs network to draw). The page has:
   from 0 (the subject-noised run) to the largest indirect effect;
 * logit-lens and direct-logit-attribution results (duck-typed, :mod:`~.lens`) as static
   sections: the lens table and the DLA bars with their closure check;
+* edge-attribution results, circuits, faithfulness curves and circuit evaluations
+  (duck-typed, :mod:`~.circuit`): the circuit drawn (nodes by layer, the ``top_edges`` best
+  edges weighted and signed, a control to change how many, hover for scores and intervals)
+  over a sortable table of its edges; the faithfulness curve with its random baseline, CPR
+  and CMD; an evaluation's numbers;
 * a checkbox switching every heatmap between its own colour range and one range shared by
   all results of the same kind (normalised effects, or raw values of one metric);
   ``shared_scale=True`` starts shared.
@@ -71,6 +76,10 @@ from .._io import atomic_write_text
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..metrics import CI_N_BOOT, CI_SEED
 from .markdown import timing_name
+from .circuit import CIRCUIT_JS, DEFAULT_EDGES, is_circuit_section
+from .circuit import section as circuit_section
+from .circuit import section_headline as circuit_headline
+from .circuit import section_title as circuit_title
 from .lens import (
     dla_headline,
     dla_html,
@@ -830,6 +839,8 @@ details.pairs summary{font-weight:600;font-size:14px;cursor:pointer}
 .controls{font-size:13px;margin:8px 0}
 ol.summary li{font-size:14px;margin:3px 0} ul.run{font-size:13px;margin:4px 0 8px;color:#333}
 #cp-plotly-missing{color:#8a0000;font-weight:600}
+table.sortable th{cursor:pointer} table.sortable th[data-sort=up]::after{content:" \\25B2"}
+table.sortable th[data-sort=down]::after{content:" \\25BC"}
 """
 
 _INIT = """(function () {
@@ -850,7 +861,7 @@ _INIT = """(function () {
   function plot(id, fig) {
     return Plotly.newPlot(id, fig.data, fig.layout, config).then(function () { mark(id); });
   }
-  function showPair(i, k) {
+""" + CIRCUIT_JS + """  function showPair(i, k) {
     var f = doc[i], view = f.pairs.views[k], detail = f.pairs.details[k];
     var id = "pairplot-" + i, info = document.getElementById("pair-info-" + i);
     if (!view) { return; }
@@ -874,14 +885,29 @@ _INIT = """(function () {
       Plotly.restyle(f.id, {zmin: [-v], zmax: [v]}, [0]).then(function () { mark(f.id); });
     });
   }
-  var wanted = {};
+  var wanted = {}, wantedEdges = {}, sorts = [];
   window.location.hash.replace(/^#/, "").split("&").forEach(function (part) {
-    var m = /^pair-(\\d+)=(\\d+)$/.exec(part);
+    var m = /^pair-(\\d+)=(\\d+)$/.exec(part), e = /^edges-(\\d+)=(\\d+)$/.exec(part);
+    var s = /^sort-(\\d+)=(\\d+)$/.exec(part);
     if (m) { wanted[m[1]] = parseInt(m[2], 10); }
+    if (e) { wantedEdges[e[1]] = parseInt(e[2], 10); }
+    if (s) { sorts.push(s); }
+  });
+  document.querySelectorAll("table.sortable").forEach(sortable);
+  sorts.forEach(function (s) {
+    var th = document.querySelectorAll("#edges-table-" + s[1] + " thead th")[parseInt(s[2], 10)];
+    if (th) { th.click(); }
   });
   doc.forEach(function (f, i) {
     if (!f) { return; }
+    if (f.circuit) { drawCircuit(f, i)(wantedEdges[i]); return; }
     plot(f.id, f);
+    if (f.logx) {
+      var logx = document.getElementById(f.logx);
+      logx.addEventListener("change", function () {
+        Plotly.relayout(f.id, {"xaxis.type": logx.checked ? "log" : "linear"});
+      });
+    }
     if (f.pairs) {
       f.pairs.pristine = JSON.stringify({data: f.pairs.data, layout: f.pairs.layout});
       plot("pairplot-" + i, f.pairs).then(function () {
@@ -911,6 +937,8 @@ def section_title(result: Any) -> str:
     """The title of a report section: :func:`result_title`, or the lens/DLA title."""
     if is_result(result):
         return result_title(result)
+    if is_circuit_section(result):
+        return circuit_title(result)
     return lens_title(result) if is_lens(result) else dla_title(result)
 
 
@@ -918,13 +946,16 @@ def section_headline(result: Any) -> str:
     """A section's main finding in one line (the report's summary lists one per section)."""
     if is_result(result):
         return headline(result)
+    if is_circuit_section(result):
+        return circuit_headline(result)
     return lens_headline(result) if is_lens(result) else dla_headline(result)
 
 
 def report(results: Any,
            path: str | os.PathLike[str] | None = None,
            title: str = "causalpatch report", *, plotly: str = "inline",
-           shared_scale: bool = False, max_pairs: int = MAX_PAIR_VIEWS) -> str:
+           shared_scale: bool = False, max_pairs: int = MAX_PAIR_VIEWS,
+           top_edges: int = DEFAULT_EDGES) -> str:
     """Build one HTML report of one or several results (see the module docstring).
 
     Args:
@@ -932,7 +963,11 @@ def report(results: Any,
             experiment): :class:`~causalpatch.result.PatchingResult` objects of any method,
             causal-tracing results (a section per component), and logit-lens and
             direct-logit-attribution results
-            (:class:`~causalpatch.methods.lens.LensResult`, ``DLAResult``), each a section.
+            (:class:`~causalpatch.methods.lens.LensResult`, ``DLAResult``), edge-attribution
+            results (:class:`~causalpatch.graph.EdgeResult`), circuits
+            (:class:`~causalpatch.graph.Circuit`), faithfulness curves and circuit evaluations
+            (:class:`~causalpatch.methods.circuits.FaithfulnessCurve`,
+            ``CircuitEvaluation``), each a section.
         path: where to write it (atomically); None only returns the HTML text.
         title: page title and heading (escaped; None means the default).
         plotly: ``"inline"`` (default): plotly.js inlined once, the file opens offline;
@@ -940,16 +975,21 @@ def report(results: Any,
         shared_scale: start with one colour range for all heatmaps of the same kind
             (normalised, or one raw metric); a checkbox in the page switches.
         max_pairs: pairs selectable in each per-pair view.
+        top_edges: edges drawn at first in each edge result's circuit view (the page's
+            control changes it; the view holds at least
+            :data:`~.circuit.MAX_VIEW_EDGES`).
 
     Returns:
         The HTML text.
 
     Raises:
-        InvalidArgumentError: no results, or an unknown ``plotly`` mode.
-        InvalidTypeError: an item is not a :class:`~causalpatch.result.PatchingResult`, a
-            ``LensResult`` or a ``DLAResult`` (nor shaped like one, see :func:`is_result`).
+        InvalidArgumentError: no results, an unknown ``plotly`` mode, or ``top_edges`` not a
+            positive int.
+        InvalidTypeError: an item is none of the kinds above (nor shaped like one, see
+            :func:`is_result` and :mod:`~.circuit`).
     """
-    single = is_result(results) or is_lens(results) or is_dla(results)
+    single = (is_result(results) or is_lens(results) or is_dla(results)
+              or is_circuit_section(results))
     everything = []
     for item in [results] if single or isinstance(results, Mapping) else list(results):
         if isinstance(item, Mapping):  # a CausalTracingResult: one section per component
@@ -959,10 +999,15 @@ def report(results: Any,
     if not everything:
         raise InvalidArgumentError("report needs at least one result, got none")
     for item in everything:
-        if not (is_result(item) or is_lens(item) or is_dla(item)):
+        if not (is_result(item) or is_lens(item) or is_dla(item)
+                or is_circuit_section(item)):
             raise InvalidTypeError(
-                f"report takes PatchingResult, LensResult or DLAResult objects, got "
-                f"{type(item).__name__}")
+                f"report takes PatchingResult, LensResult, DLAResult, EdgeResult, Circuit, "
+                f"FaithfulnessCurve or CircuitEvaluation objects, got {type(item).__name__}")
+    if isinstance(top_edges, bool) or not isinstance(top_edges, int) or top_edges < 1:
+        raise InvalidArgumentError(
+            f"top_edges must be a positive int (edges drawn in a circuit view), got "
+            f"{top_edges!r}")
     # the patching results (with heatmaps, prompt sets and colour scales) by section number
     patching = {i: r for i, r in enumerate(everything) if is_result(r)}
     items = list(patching.values())
@@ -1001,6 +1046,12 @@ def report(results: Any,
     for i, result in enumerate(everything):
         summary.append(f"<li><a href='#result-{i}'>{_esc(titles[i])}</a>: "
                        f"{_esc(section_headline(result))}</li>")
+        if i not in patching and is_circuit_section(result):
+            html_part, figure_part = circuit_section(result, i, f"{i + 1}. {titles[i]}",
+                                                     top_edges)
+            figures.append(figure_part)
+            sections.append(html_part)
+            continue
         if i not in patching:
             figures.append(None)  # lens and DLA sections are static HTML
             view_html = (lens_html(result, page=False) if is_lens(result)

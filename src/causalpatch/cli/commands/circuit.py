@@ -1,7 +1,8 @@
 """``causalpatch circuit``: edge attribution (``eap`` or ``eap_ig``) of one clean/corrupted pair
 (``--clean``/``--corrupted``) or of IOI pairs (``--dataset ioi``), the top edges, and the
 faithfulness of the circuit of the ``--edges`` best edges; writes ``edges.json`` (every edge's
-score), ``circuit.json`` and ``faithfulness.json``."""
+score), ``circuit.json``, ``faithfulness.json`` and ``report.html`` (the best edges drawn as a
+circuit by layer, the circuit, its faithfulness: :func:`causalpatch.render.html.report`)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def circuit(
     Noising, as EAP and EAP-IG: scores are the normalised damage of patching each edge to
     the corrupted run; faithfulness = (M(circuit) - M(corrupted)) / (M(clean) -
     M(corrupted)) with every edge outside the circuit patched. Writes edges.json,
-    circuit.json and faithfulness.json.
+    circuit.json, faithfulness.json and report.html (the top edges drawn by layer, the
+    circuit and its faithfulness; self-contained, opens offline).
 
     Example:
 
@@ -122,7 +124,8 @@ def circuit(
         evaluation = evaluate_circuit(m, data, chosen, progress=progress, **kw)
         out.mkdir(parents=True, exist_ok=True)
         files = {"edges": str(out / "edges.json"), "circuit": str(out / "circuit.json"),
-                 "faithfulness": str(out / "faithfulness.json")}
+                 "faithfulness": str(out / "faithfulness.json"),
+                 "report": str(out / "report.html")}
         scores.to_json(files["edges"])
         chosen.to_json(files["circuit"])
         import json
@@ -130,6 +133,10 @@ def circuit(
         from ..._io import atomic_write_text
 
         atomic_write_text(Path(files["faithfulness"]), json.dumps(evaluation.to_dict()))
+        from ...render.html import report
+
+        report([scores, chosen, evaluation], files["report"],
+               title=f"causalpatch circuit: {scores.method} on {scores.model_name or model}")
     _show(scores, chosen, evaluation, top, greedy, files, as_json)
 
 
