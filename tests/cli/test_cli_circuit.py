@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import causalpatch.cli as cli
 from causalpatch import Circuit, InterpretableModel, edge_attribution, evaluate_circuit
 from causalpatch.graph import EdgeResult
+from causalpatch.methods.circuits import CircuitEvaluation
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
@@ -60,6 +62,18 @@ def test_circuit_json_equals_the_api(tiny, tmp_path):
     assert EdgeResult.from_json(out / "edges.json").top(5) == scores.top(5)
     saved = json.loads((out / "faithfulness.json").read_text())
     assert saved["faithfulness"] == pytest.approx(api.faithfulness, abs=1e-6)
+    back = CircuitEvaluation.from_json(out / "faithfulness.json")
+    assert (back.faithfulness, back.n_edges, back.connected) == (
+        saved["faithfulness"], chosen.n_edges, api.connected)
+    assert torch.equal(back.per_pair, api.per_pair)  # float32 both ways, written as floats
+
+    # `causalpatch report` reads every file the command wrote (the folder) into one page
+    page_out = tmp_path / "again.html"
+    res = runner.invoke(cli.app, ["report", str(out), "--out", str(page_out)])
+    assert res.exit_code == 0, res.output
+    again = page_out.read_text()
+    assert f"faithfulness {api.faithfulness:+.3f} with {chosen.n_edges}" in again
+    assert "id='edges-table-0'" in again and "id='edges-table-1'" in again
 
 
 def test_circuit_terminal_table(tiny, tmp_path):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +65,10 @@ from ..plan import Pair, metric_inputs
 if TYPE_CHECKING:
     from ..model import HookedModel
     from ..names import Site
+
+#: The circuit sizes of MIB's faithfulness curves, as fractions of the graph's edges.
+#: The ``format`` field of a saved :class:`CircuitEvaluation`.
+EVALUATION_FORMAT = "causalpatch.circuit_evaluation"
 
 #: The circuit sizes of MIB's faithfulness curves, as fractions of the graph's edges.
 MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -102,11 +107,39 @@ class CircuitEvaluation:
     n_pairs: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"faithfulness": self.faithfulness, "per_pair": self.per_pair.tolist(),
+        """JSON values (``format`` first, as the other result files write it)."""
+        return {"format": EVALUATION_FORMAT,
+                "faithfulness": self.faithfulness, "per_pair": self.per_pair.tolist(),
                 "circuit_value": self.circuit_value, "clean_value": self.clean_value,
                 "corrupted_value": self.corrupted_value, "n_edges": self.n_edges,
                 "n_graph_edges": self.n_graph_edges, "connected": self.connected,
                 "metric": self.metric, "n_pairs": self.n_pairs}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CircuitEvaluation:
+        """Rebuild from :meth:`to_dict`."""
+        if d.get("format") != EVALUATION_FORMAT:
+            raise InvalidArgumentError(
+                f"not a circuit evaluation: format {d.get('format')!r}, expected "
+                f"{EVALUATION_FORMAT!r} (the faithfulness.json `causalpatch circuit` writes)")
+        try:
+            return cls(faithfulness=float(d["faithfulness"]),
+                       per_pair=torch.tensor(d["per_pair"], dtype=torch.float32),
+                       circuit_value=float(d["circuit_value"]),
+                       clean_value=float(d["clean_value"]),
+                       corrupted_value=float(d["corrupted_value"]), n_edges=int(d["n_edges"]),
+                       n_graph_edges=int(d["n_graph_edges"]), connected=bool(d["connected"]),
+                       metric=str(d["metric"]), n_pairs=int(d["n_pairs"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(
+                f"circuit evaluation JSON is incomplete or malformed ({exc!r}); write it with "
+                "CircuitEvaluation.to_dict()") from exc
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> CircuitEvaluation:
+        """Read a file :meth:`to_dict` was written to (``faithfulness.json``)."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
 
 
 @dataclass

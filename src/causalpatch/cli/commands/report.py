@@ -1,5 +1,5 @@
 """``causalpatch report``: one self-contained HTML file from saved result JSON files (or
-folders of them), written by ``patch``/``ioi``/``trace``/``lens``/``dla`` or
+folders of them), written by ``patch``/``ioi``/``trace``/``lens``/``dla``/``circuit`` or
 ``result.save("x.json")``; a report of several opens with a summary, one line per section."""
 
 from __future__ import annotations
@@ -34,11 +34,21 @@ def result_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def load_result(path: Path) -> Any:
-    """A saved result of any kind: a logit lens or DLA file (by its ``format`` field, the
-    first key those files write) as ``LensResult``/``DLAResult``, anything else as a
-    ``PatchingResult``."""
+    """A saved result of any kind: an edge-score, circuit, logit lens or DLA file (by its
+    ``format`` field, the first key those files write) as ``EdgeResult``/``Circuit``/
+    ``LensResult``/``DLAResult``, anything else as a ``PatchingResult``."""
     head = path.read_bytes()[:200]
     if b'"format"' in head:
+        from ...graph import CIRCUIT_FORMAT, EDGES_FORMAT, Circuit, EdgeResult
+
+        if f'"{EDGES_FORMAT}"'.encode() in head:
+            return EdgeResult.from_json(path)
+        if f'"{CIRCUIT_FORMAT}"'.encode() in head:
+            return Circuit.from_json(path)
+        from ...methods.circuits import EVALUATION_FORMAT, CircuitEvaluation
+
+        if f'"{EVALUATION_FORMAT}"'.encode() in head:
+            return CircuitEvaluation.from_json(path)
         from ...methods.lens import DLA_FORMAT, LENS_FORMAT, DLAResult, LensResult
 
         if f'"{LENS_FORMAT}"'.encode() in head:
@@ -52,7 +62,7 @@ def load_result(path: Path) -> Any:
 
 def report_command(
     results: list[Path] = typer.Argument(..., help="Result JSON files (or folders of them), "
-                                         "written by patch/ioi/trace/lens/dla or "
+                                         "written by patch/ioi/trace/lens/dla/circuit or "
                                          "result.save('x.json')."),
     out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
     title: str | None = typer.Option(None, help="Page title."),
