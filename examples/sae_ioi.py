@@ -587,6 +587,8 @@ def figures(exact: Any, attr: Any, live_cells: torch.Tensor, summary: dict[str, 
 
     out, k = args.out, args.top
     names = ("S2", "END")
+    # the commit the run started on (files edited while it ran do not make it "+dirty")
+    at_start = {"commit": summary["commit"]}
 
     def err(values: Sequence[float], cis: Sequence[Sequence[float]]) -> list[list[float]]:
         return [[v - c[0] for v, c in zip(values, cis)], [c[1] - v for v, c in zip(values, cis)]]
@@ -614,7 +616,7 @@ def figures(exact: Any, attr: Any, live_cells: torch.Tensor, summary: dict[str, 
     fig.savefig(out / "sae_ioi_features.png", dpi=130)
     plt.close(fig)
     write_figure_json(out / "sae_ioi_features.png", seed=args.seed, settings=settings,
-                      data=plotted, started=started)
+                      data=plotted, started=started, extra=at_start)
 
     # 2. attribution against exact, the cells that can be non-zero; right: without the largest
     a = summary["attribution_vs_exact"]
@@ -656,7 +658,8 @@ def figures(exact: Any, attr: Any, live_cells: torch.Tensor, summary: dict[str, 
     fig.savefig(out / "sae_ioi_attribution.png", dpi=130)
     plt.close(fig)
     write_figure_json(out / "sae_ioi_attribution.png", seed=args.seed, settings=settings,
-                      data=plotted, started=started, extra={"statistics": a})
+                      data=plotted, started=started,
+                      extra={**at_start, "statistics": a})
 
     # 3. what patching the site recovers: site, all features, top 10, error alone
     fig, ax = plt.subplots(figsize=(6.6, 3.6))
@@ -683,7 +686,7 @@ def figures(exact: Any, attr: Any, live_cells: torch.Tensor, summary: dict[str, 
     fig.savefig(out / "sae_ioi_recovery.png", dpi=130)
     plt.close(fig)
     write_figure_json(out / "sae_ioi_recovery.png", seed=args.seed, settings=settings,
-                      data=plotted, started=started)
+                      data=plotted, started=started, extra=at_start)
 
     # 4. sufficiency on held-out templates
     s = summary["sufficiency"]
@@ -714,7 +717,7 @@ def figures(exact: Any, attr: Any, live_cells: torch.Tensor, summary: dict[str, 
     fig.savefig(out / "sae_ioi_sufficiency.png", dpi=130)
     plt.close(fig)
     write_figure_json(out / "sae_ioi_sufficiency.png", seed=args.seed + 1, settings=settings,
-                      data=plotted, started=started)
+                      data=plotted, started=started, extra=at_start)
 
 
 if __name__ == "__main__":
