@@ -23,7 +23,8 @@ The numbers and figures of docs/sae_patching.md, from one command::
    the activation (no error term) minus the clean loss, on the SAE's held-out text (interval
    over sequences) and on the IOI prompts, and what it does to the IOI logit difference.
 8. Sufficiency on held-out templates: the END feature picked in step 3 patched alone (and, as
-   controls, random features that fire there, the top 10 together and all features) on IOI
+   controls, random features that change with the corruption there in at least half the
+   pairs, the top 10 together and all features) on IOI
    pairs of the other 11 templates, and of those templates with names the discovery set never
    used; the share of the clean - corrupted logit difference each restores, with intervals.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -111,7 +113,8 @@ def parse() -> argparse.Namespace:
                         help="IOI pairs of each held-out set (templates 2-12)")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--controls", type=int, default=20,
-                        help="random features that fire at END, patched one at a time")
+                        help="random features (of those that change with the corruption at END "
+                             "in at least half the held-out pairs), patched one at a time")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0,
                         help="discovery pairs; held-out pairs use seed + 1; resampling")
@@ -453,7 +456,8 @@ def sufficiency(model: Any, sae: Any, discovery: IOIDataset, top_end: list[int],
     pair's last position on pairs from the other templates (and, second set, the other
     templates with names the discovery pairs never used); every feature's own effect there
     (so the headline's rank), the top 10 together, all features together, random features that
-    fire at END as controls, and the whole site."""
+    change with the corruption at END in at least half the pairs as controls, and the whole
+    site."""
     headline = top_end[0]
     used = set(discovery.io_names) | set(discovery.subject_names)
     unused = [x for x in discovery.names if x not in used]
@@ -467,13 +471,17 @@ def sufficiency(model: Any, sae: Any, discovery: IOIDataset, top_end: list[int],
     d = sae.d_sae
     out: dict[str, Any] = {"headline": headline, "top": top_end, "unused_names": len(unused)}
     for key, data in sets.items():
-        # which features fire at END in either run of some pair (the live controls)
+        # which features change with the corruption at END, in how many pairs: the controls
+        # are drawn from those that change in at least half the pairs (as the headline does)
         live = torch.zeros(d, dtype=torch.bool)
-        for prompts in (data.clean, data.corrupted):
-            for p in prompts:
-                tr = model.trace(p, saes=[sae], cache=[feats_name]).run()
-                live |= tr.cache[feats_name][0, -1] > 0
-        pool = [j for j in live.nonzero().flatten().tolist() if j not in top_end]
+        changes = torch.zeros(d)
+        for clean_prompt, corrupted_prompt in zip(data.clean, data.corrupted):
+            f = [model.trace(p, saes=[sae], cache=[feats_name]).run().cache[feats_name][0, -1]
+                 for p in (clean_prompt, corrupted_prompt)]
+            live |= (f[0] > 0) | (f[1] > 0)
+            changes += (f[0] != f[1]).float()
+        pool = [j for j in (changes >= len(data) / 2).nonzero().flatten().tolist()
+                if j not in top_end]
         controls = sorted(random.Random(args.seed).sample(pool, min(args.controls, len(pool))))
         cells: list[list[int]] = [[j] for j in range(d)] + [top_end, list(range(d))]
         res = sae_patching(model, sae, data, features=cells, positions=[-1], progress=False)
@@ -493,11 +501,10 @@ def sufficiency(model: Any, sae: Any, discovery: IOIDataset, top_end: list[int],
                                                             dtype=torch.float64),
                                         level=LEVEL, n_boot=args.boot, seed=args.seed)
         order = torch.argsort(single.abs(), descending=True)[:10].tolist()
-        templates = sorted({t for t in range(1, len(IOI_TEMPLATES))
-                            if any(c.startswith(IOI_TEMPLATES[t].split("{")[0])
-                                   for c in data.clean)})
+        templates = sorted({template_of(c) for c in data.clean})
+        assert 0 not in templates, "a held-out pair uses the discovery template"
         out[key] = {
-            "n_pairs": len(data), "templates_used": len(templates),
+            "n_pairs": len(data), "templates_used": len(templates), "templates": templates,
             "example": data.clean[0],
             "logit_diff": {"clean": res.clean_metric, "corrupted": res.corrupted_metric},
             "headline": float(eff[headline]), "headline_ci": [float(lo[headline]),
@@ -509,7 +516,8 @@ def sufficiency(model: Any, sae: Any, discovery: IOIDataset, top_end: list[int],
             "site": float(site.effect_matrix.flatten()[0]),
             "site_ci": [float(s_lo.flatten()[0]), float(s_hi.flatten()[0])],
             "error": res.extra["reference"]["error"][0],
-            "live_features": int(live.sum()),
+            "live_features": int(live.sum()), "control_pool": len(pool),
+            "headline_changes_in": int(changes[headline]),
             "controls": controls,
             "control_effects": [float(eff[j]) for j in controls],
             "control_mean": float(eff[controls].mean()),
@@ -519,6 +527,15 @@ def sufficiency(model: Any, sae: Any, discovery: IOIDataset, top_end: list[int],
                               "ci": [float(lo[j]), float(hi[j])]} for j in order],
             "discovery_top10_in_heldout_top10": len(set(order) & set(top_end))}
     return out
+
+
+def template_of(prompt: str) -> int:
+    """The index in ``IOI_TEMPLATES`` of the one template ``prompt`` fills."""
+    found = [t for t, form in enumerate(IOI_TEMPLATES)
+             if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(form)), prompt)]
+    if len(found) != 1:
+        raise ValueError(f"{prompt!r} matches the templates {found}, expected exactly one")
+    return found[0]
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -571,7 +588,8 @@ def print_tables(summary: dict[str, Any], args: argparse.Namespace) -> None:
         r = s[key]
         print(f"\nsufficiency, {key} ({r['n_pairs']} pairs, {r['templates_used']} templates): "
               f"feature {s['headline']} {ci_text(r['headline'], r['headline_ci'])} (rank "
-              f"{r['headline_rank']}); {len(r['controls'])} random live features mean "
+              f"{r['headline_rank']}); {len(r['controls'])} of {r['control_pool']} changing "
+              f"features, mean "
               f"{ci_text(r['control_mean'], r['control_mean_ci'])}, max |.| "
               f"{r['control_max_abs']:.3f}; top 10 {ci_text(r['top10'], r['top10_ci'])}; all "
               f"features {ci_text(r['all_features'], r['all_features_ci'])}; site "
@@ -692,7 +710,8 @@ def figures(exact: Any, attr: Any, live_cells: torch.Tensor, summary: dict[str, 
     s = summary["sufficiency"]
     fig, ax = plt.subplots(figsize=(7.2, 3.6))
     kinds = [("headline", "headline_ci", f"feature {s['headline']}"),
-             ("control_mean", "control_mean_ci", f"random live\nfeature (mean of {args.controls})"),
+             ("control_mean", "control_mean_ci",
+              f"random changing\nfeature (mean of {args.controls})"),
              ("top10", "top10_ci", f"top {k} together"),
              ("all_features", "all_features_ci", "all features"),
              ("site", "site_ci", "whole site")]
