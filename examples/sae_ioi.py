@@ -133,6 +133,7 @@ def main() -> None:
     ARGS = args = parse()
     torch.set_num_threads(args.threads)
     t0, started = time.perf_counter(), time.time()
+    at_commit = commit()  # before anything else: files edited while the run goes are not in it
 
     model = InterpretableModel("smollm2")
     sae = load_sae(args.sae)
@@ -177,7 +178,7 @@ def main() -> None:
     ref = exact.extra["reference"]
     names = {0: "S2", 1: "END"}
     summary: dict[str, Any] = {
-        "command": command(), "commit": commit(), "seed": args.seed, "settings": settings,
+        "command": command(), "commit": at_commit, "seed": args.seed, "settings": settings,
         "site": site, "n_pairs": len(data), "positions": {"S2": s2, "END": end},
         "tokens": toks,
         "activation_patching": {"S2": float(site_by_pos[s2]), "END": float(site_by_pos[end])},
