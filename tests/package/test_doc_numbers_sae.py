@@ -27,6 +27,7 @@ ATTR = "attribution_vs_exact/"
 COST = "splice_cost/"
 SUFF = "sufficiency/"
 HELD = SUFF + "heldout_templates/"
+HELD_NAMES = SUFF + "heldout_templates_and_names/"
 FIGURES = ("sae_ioi_features", "sae_ioi_recovery", "sae_ioi_attribution", "sae_ioi_sufficiency")
 ROLES = ("clean ABBA", "clean BABA", "corrupted ABBA", "corrupted BABA")
 DOC = "sae_patching.md"
@@ -101,6 +102,12 @@ QUOTES: list[tuple[str, tuple[str, ...], str | tuple[str, ...]]] = [
      (END + "all_features_joint",), ".3f"),
     # sufficiency
     ("**Sufficiency on held-out templates.** Feature {}", (SUFF + "headline",), "d"),
+    ("As controls, {} random features of the {} ({} on the second set) whose activation at END "
+     "changes with the corruption in at least half of those pairs, as feature {}'s does (in {} "
+     "and {} of {}), patched one at a time, restore next to nothing (none more than {})",
+     ("settings/controls", HELD + "control_pool", HELD_NAMES + "control_pool",
+      SUFF + "headline", HELD + "headline_changes_in", HELD_NAMES + "headline_changes_in",
+      HELD + "n_pairs", HELD + "control_max_abs"), ("d",) * 7 + (".3f",)),
     ("carries about a quarter of what the residual stream at END carries to the answer ({} of "
      "{})", (HELD + "headline", HELD + "site"), ".3f"),
     # attribution
@@ -232,9 +239,13 @@ def test_run_facts_the_prose_relies_on():
     for key in ("heldout_templates", "heldout_templates_and_names"):
         r = s[key]
         assert r["headline_rank"] == 1, key
-        assert r["templates_used"] == 11, key
+        assert r["templates_used"] == 11 and r["templates"] == list(range(1, 12)), key
         assert r["headline_ci"][0] > r["control_mean_ci"][1], key  # intervals do not overlap
-        assert len(r["controls"]) == data["settings"]["controls"]
+        assert len(r["controls"]) == data["settings"]["controls"] <= r["control_pool"]
+        assert r["headline_changes_in"] >= r["n_pairs"] / 2  # the pool's own criterion
+    # "none more than {}" quotes the first set's largest control: it bounds the second's too
+    assert (s["heldout_templates_and_names"]["control_max_abs"]
+            <= round(s["heldout_templates"]["control_max_abs"], 3))
     assert s["unused_names"] >= 5
     # "at every later position, END included, it reconstructs it worse than not at all: there
     # the two runs differ by 6-28% of the activation's norm while the reconstruction error is
