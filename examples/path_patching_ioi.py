@@ -1,6 +1,6 @@
 """The IOI circuit on SmolLM2 with path patching, with the controls a reviewer asks for.
 
-Run (about 25 minutes on one CPU thread of a busy 2-core machine)::
+Run (34 minutes on one CPU thread of a busy 2-core machine, 32 pairs per half)::
 
     python examples/path_patching_ioi.py [--pairs 32] [--out out/path_patching_ioi] [--docs]
 

@@ -3,7 +3,8 @@
 Activation patching a head measures everything downstream of it. Path patching isolates one
 route: the effect of a *sender* (an attention head, or an MLP) that reaches the *receivers*
 (chosen heads' query/key/value inputs, or the final residual stream read by the unembedding)
-directly through the residual stream, without passing through any other head or MLP.
+through the residual stream without passing through any other head (and, with
+``freeze="all"``, through no MLP either).
 
 Two passes per sender, as in the IOI paper:
 
@@ -31,9 +32,9 @@ base-run branch outputs to the residual stream, so the stream entering any later
 base stream plus the sender's change ``delta`` (the output of the sender's layer with and
 without the sender patched); pass 1 runs only the sender's layer (all senders of a layer as
 rows of one batch) and each receiver layer up to its q/k/v projections. Pass 2 runs only the
-layers from the first receiver on. Positions
-before the first token where the two prompts differ are identical in every run, so their keys
-and values come from the base run and only the remaining positions are computed: the base and
+layers from the first receiver on. Positions before the first token where the two prompts
+differ are identical in every run, so their keys and values come from the base run and only
+the remaining positions are computed: the base and
 source runs are :func:`causalpatch.engine.run_pair` (shared prefix, staircase context), the
 decoder layers are called by :func:`causalpatch.engine.run_layer`, and pairs are aggregated by
 :mod:`causalpatch.assemble`'s one rule.
