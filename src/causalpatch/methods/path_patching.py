@@ -3,15 +3,19 @@
 Activation patching a head measures everything downstream of it. Path patching isolates one
 route: the effect of a *sender* (an attention head, or an MLP) that reaches the *receivers*
 (chosen heads' query/key/value inputs, or the final residual stream read by the unembedding)
-directly through the residual stream, without passing through any other head or MLP.
+through the residual stream without passing through any other head (and, with
+``freeze="all"``, through no MLP either).
 
 Two passes per sender, as in the IOI paper:
 
 1. Run the *base* prompt with the sender's activation taken from the *source* prompt and every
-   other head output (``attn.z``) and every MLP output frozen at its base-run value. Only the
-   sender's change moves, and it reaches each later layer only through the residual stream.
-   Record the receivers' inputs: ``attn.q``/``attn.k``/``attn.v`` of the receiver heads, or the
-   final residual stream at the last position (``receiver_input="resid"``).
+   other head output (``attn.z``) frozen at its base-run value. With ``freeze="heads"`` (the
+   default, as in the paper) the MLPs are recomputed, so the sender's change reaches the
+   receivers through the residual stream and the MLPs but through no other head; with
+   ``freeze="all"`` every MLP output is frozen too, and the change reaches each later layer
+   only through the residual stream. Record the receivers' inputs: ``attn.q``/``attn.k``/
+   ``attn.v`` of the receiver heads, or the final residual stream at the last position
+   (``receiver_input="resid"``).
 2. Run the base prompt again with only the receivers' recorded inputs patched in, and measure
    the metric at the last position.
 
@@ -19,14 +23,18 @@ Two passes per sender, as in the IOI paper:
 ``"denoise"`` patches clean values into the corrupted run. The effect is normalised like
 :func:`causalpatch.activation_patching`: ``(patched - base) / (source - base)``.
 
-How it is computed (exactly, up to float rounding): with everything but the sender frozen,
-each decoder layer after the sender adds exactly its base-run branch outputs to the residual
-stream, so the stream entering any later layer is the base stream plus the sender's change
-``delta`` (the output of the sender's layer with and without the sender patched). Pass 1 runs
-only the sender's layer (all senders of a layer as rows of one batch) and each receiver layer
-up to its q/k/v projections; pass 2 runs only the layers from the first receiver on. Positions
-before the first token where the two prompts differ are identical in every run, so their keys
-and values come from the base run and only the remaining positions are computed: the base and
+How it is computed (exactly, up to float rounding). ``freeze="heads"``: the rows (one per
+sender) climb the decoder layers from the sender's layer with every other head's output held
+at its base value and the MLPs recomputed; with every head frozen no information moves
+between positions, so to the logits only the last position is computed. ``freeze="all"``:
+with everything but the sender frozen, each decoder layer after the sender adds exactly its
+base-run branch outputs to the residual stream, so the stream entering any later layer is the
+base stream plus the sender's change ``delta`` (the output of the sender's layer with and
+without the sender patched); pass 1 runs only the sender's layer (all senders of a layer as
+rows of one batch) and each receiver layer up to its q/k/v projections. Pass 2 runs only the
+layers from the first receiver on. Positions before the first token where the two prompts
+differ are identical in every run, so their keys and values come from the base run and only
+the remaining positions are computed: the base and
 source runs are :func:`causalpatch.engine.run_pair` (shared prefix, staircase context), the
 decoder layers are called by :func:`causalpatch.engine.run_layer`, and pairs are aggregated by
 :mod:`causalpatch.assemble`'s one rule.
