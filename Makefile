@@ -91,7 +91,7 @@ figures-quick: $(VENV)/.test-extras
 	$(FIG) benchmarks/bench_attribution.py --threads 1 --figure-only --figure $(QUICK)/attribution_vs_exact.png
 	$(FIG) examples/path_patching_ioi.py --pairs 4 --threads 1 --out $(QUICK)/path_patching
 	$(if $(wildcard examples/rome_known_facts.py),$(FIG) examples/rome_known_facts.py --facts 4 --samples 1 --threads 1 --out $(QUICK)/rome)
-	$(FIG) examples/sae_ioi.py --n 4 --out $(QUICK)/sae
+	$(FIG) examples/sae_ioi.py --n 4 --heldout-n 4 --controls 2 --boot 100 --text-sequences 24 --out $(QUICK)/sae
 	$(FIG) benchmarks/circuits_ioi.py --pairs 2 --threads 1 --json $(QUICK)/circuits_ioi.json
 	$(FIG) benchmarks/edges_accuracy.py --pairs 2 --top 10 --random 20 --threads 1 --json $(QUICK)/edges_accuracy.json
 	$(FIG) benchmarks/atp_accuracy.py --pairs 4 --components attn_head --threads 1 --json $(QUICK)/atp_accuracy.json
