@@ -149,19 +149,20 @@ class _Receivers:
                 # the last member's share is what the others leave of the total gradient
                 dk[:, :, group - 1::group], dv[:, :, group - 1::group] = rest_k, rest_v
             x = self.kept[sites["resid_pre"][layer].name][1]
-            acts, cots = [], []
+            parts = []
             kinds = ((sites["attn.q"][layer].name, dq, heads), (k_name, dk, kv_of),
                      (v_name, dv, kv_of))
-            for i, (name, per_head, units) in enumerate(kinds):
+            for name, per_head, units in kinds:
                 act = self.kept[name][0]  # [B, T, n_units, d_head]
-                cot = per_head.new_zeros(3 * n_heads, *act.shape)
+                cot = per_head.new_zeros(n_heads, *act.shape)
                 # receiver h's cotangent: its own gradient in the unit it reads, zero elsewhere
-                cot[heads + i * n_heads, :, :, units] = per_head.permute(2, 0, 1, 3)
-                acts.append(act)
-                cots.append(cot)
-            # the q, k and v receivers of the layer: one batched product through the norm
-            (g,) = _vjp(acts, [x], cots, batched=True)
-            self.attn.append(self._mean(g, 1))
+                cot[heads, :, :, units] = per_head.permute(2, 0, 1, 3)
+                # one batched product per kind, through its own projection and the norm only
+                # (a product over q, k and v at once would push each receiver's zero
+                # cotangents through the other two projections: 3x the work, same result)
+                (g,) = _vjp(act, [x], cot, batched=True)
+                parts.append(g)
+            self.attn.append(self._mean(torch.cat(parts), 1))
             mlp_name = sites["mlp"][layer].name
             if self.parallel:  # the MLP reads resid_pre, as the attention does
                 (g,) = _vjp(self.kept[mlp_name][0], [self.kept[sites["resid_pre"][layer].name][1]],
