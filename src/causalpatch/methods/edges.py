@@ -98,15 +98,18 @@ class _Receivers:
     """The leaf of :func:`~causalpatch.engine.gradient_pass` that keeps each site's tensors,
     and the vector-Jacobian products that turn the pass's gradients into every receiver's
     input gradient ``dM / d(input of v)`` (module docstring), averaged over ``steps`` rows per
-    pair (``eap_ig``)."""
+    pair (``eap_ig``), kept from position ``start`` on: before the first token where a pair of
+    the batch differs, the base and source runs are the same computation, so no sender has a
+    difference there and those gradients would only be multiplied by exact zeros."""
 
     def __init__(self, model: HookedModel, sites: dict[str, list[Site]], parallel: bool,
-                 steps: int) -> None:
+                 steps: int, start: int = 0) -> None:
         self.model, self.sites, self.parallel, self.steps = model, sites, parallel, steps
+        self.start = start
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.attn: list[torch.Tensor] = []  # per layer [3 H, b, T, d_model]: q, k, v heads
-        self.mlp: list[torch.Tensor] = []  # per layer [b, T, d_model]
-        self.logits: torch.Tensor | None = None  # [b, T, d_model]
+        self.attn: list[torch.Tensor] = []  # per layer [3 H, b, T - start, d_model]: q, k, v
+        self.mlp: list[torch.Tensor] = []  # per layer [b, T - start, d_model]
+        self.logits: torch.Tensor | None = None  # [b, T - start, d_model]
 
     def leaf(self, site: Site, act: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -115,10 +118,12 @@ class _Receivers:
         return act + delta, {"act": delta}
 
     def _mean(self, g: torch.Tensor, batch_dim: int) -> torch.Tensor:
-        """Average the ``steps`` rows of each pair (rows pair-major) in float32."""
-        g = g.float()
+        """Average the ``steps`` rows of each pair (rows pair-major) in float32, from position
+        ``start`` on (the position axis follows the batch axis; a copy, so that the full
+        gradient is freed)."""
+        g = g.float().narrow(batch_dim + 1, self.start, g.shape[batch_dim + 1] - self.start)
         if self.steps == 1:
-            return g.detach()
+            return g.detach().clone()
         shape = g.shape
         g = g.reshape(*shape[:batch_dim], -1, self.steps, *shape[batch_dim + 1:])
         return g.mean(batch_dim + 1).detach()
@@ -149,19 +154,20 @@ class _Receivers:
                 # the last member's share is what the others leave of the total gradient
                 dk[:, :, group - 1::group], dv[:, :, group - 1::group] = rest_k, rest_v
             x = self.kept[sites["resid_pre"][layer].name][1]
-            acts, cots = [], []
+            parts = []
             kinds = ((sites["attn.q"][layer].name, dq, heads), (k_name, dk, kv_of),
                      (v_name, dv, kv_of))
-            for i, (name, per_head, units) in enumerate(kinds):
+            for name, per_head, units in kinds:
                 act = self.kept[name][0]  # [B, T, n_units, d_head]
-                cot = per_head.new_zeros(3 * n_heads, *act.shape)
+                cot = per_head.new_zeros(n_heads, *act.shape)
                 # receiver h's cotangent: its own gradient in the unit it reads, zero elsewhere
-                cot[heads + i * n_heads, :, :, units] = per_head.permute(2, 0, 1, 3)
-                acts.append(act)
-                cots.append(cot)
-            # the q, k and v receivers of the layer: one batched product through the norm
-            (g,) = _vjp(acts, [x], cots, batched=True)
-            self.attn.append(self._mean(g, 1))
+                cot[heads, :, :, units] = per_head.permute(2, 0, 1, 3)
+                # one batched product per kind, through its own projection and the norm only
+                # (a product over q, k and v at once would push each receiver's zero
+                # cotangents through the other two projections: 3x the work, same result)
+                (g,) = _vjp(act, [x], cot, batched=True)
+                parts.append(g)
+            self.attn.append(self._mean(torch.cat(parts), 1))
             mlp_name = sites["mlp"][layer].name
             if self.parallel:  # the MLP reads resid_pre, as the attention does
                 (g,) = _vjp(self.kept[mlp_name][0], [self.kept[sites["resid_pre"][layer].name][1]],
@@ -176,10 +182,11 @@ class _Receivers:
 
     def scores(self, graph: EdgeGraph, deltas: torch.Tensor) -> torch.Tensor:
         """``[b, n_edges]`` every edge's estimate ``sum_t delta_u . grad_v`` from the senders'
-        differences ``deltas`` ``[b, T, n_nodes, d_model]``, receiver-major."""
+        differences ``deltas`` ``[b, T - start, n_nodes, d_model]`` (from position ``start``
+        on), receiver-major."""
         assert self.logits is not None
-        # positions before the first token where a prompt of the batch differs have no
-        # difference at all (exact zeros): they add nothing, so they are skipped
+        # positions before the first one where a sender differs have no difference at all
+        # (exact zeros): they add nothing, so they are skipped
         moved = deltas.flatten(2).ne(0).any(2).any(0).nonzero()
         w = int(moved[0]) if len(moved) else deltas.shape[1]
         deltas = deltas[:, w:]
@@ -493,7 +500,11 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
                     [c for c in incorrect_ for _ in range(rep)],
                     source_logits.repeat_interleave(rep, 0)))
 
-            receivers = _Receivers(model_, sites, graph.parallel, steps)
+            # the first position where a pair of the batch differs: gradients and differences
+            # are kept from there on (before it both runs compute the same)
+            differs = (base_ids != src_ids).any(0).nonzero()
+            start = int(differs[0]) if len(differs) else base_ids.shape[1]
+            receivers = _Receivers(model_, sites, graph.parallel, steps, start)
             base_acts: dict[str, torch.Tensor] = {}
             if steps == 1:
                 grads = gradient_pass(model_, base_ids, src_ids, flat, objective,
@@ -514,7 +525,8 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
                     senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
                     base_last = last_logits(model_, base_ids, cachers(base_acts, senders))
                     base_values = objective(base_last.float(), seen[0])
-            deltas = sender_deltas(model_, sites, base_acts, grads.source)
+            deltas = sender_deltas(model_, sites, {k: v[:, start:] for k, v in base_acts.items()},
+                                   {k: v[:, start:] for k, v in grads.source.items()})
             with torch.no_grad():
                 est = receivers.scores(graph, deltas).cpu()
             patched = base_values.float().cpu()[:, None] + est
