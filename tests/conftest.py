@@ -711,8 +711,9 @@ NAIVE_CACHE_ENV = "CAUSALPATCH_TEST_NAIVE_CACHE"
 
 #: The largest model (bytes of parameters and buffers) whose weights :class:`NaiveCache` hashes
 #: on every call. The tiny models are well under 1 MB (microseconds to hash); SmolLM2's 540 MB
-#: took 1.0-1.5 s per hash here, and its naive tests never ask for the same forward twice, so
-#: its naive calls run uncached.
+#: took 1.0-1.5 s per hash here, and its naive tests could share only a few rows (the sampled
+#: ``resid_post`` cells of ``test_patching.py`` on the layers its sweep test patches), so its
+#: naive calls run uncached.
 NAIVE_CACHE_MAX_BYTES = 64 * 2**20
 
 
