@@ -14,6 +14,9 @@ Fixtures:
   for tests that load from disk (Ray workers, accelerate placement), one per module.
 * ``one_thread``: run a test with one torch thread. Tiny models need it: on a busy machine each
   2-thread matmul waits ~20 ms for the second thread, making a 1 ms forward take 0.5 s.
+* ``naive_cache`` (and the session's autouse ``naive_cache_session``): the per-session memo of
+  the naive engine's patched forwards (:class:`NaiveCache`; ``CAUSALPATCH_TEST_NAIVE_CACHE=0``
+  turns it off).
 
 Builders and helpers (plain functions, ``from conftest import ...``):
 
@@ -51,9 +54,15 @@ fixtures where a test only needs a model.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import json
+import os
 import string
-from collections.abc import Callable
+import sys
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -694,3 +703,248 @@ def induction_model() -> Any:
 
     hf = transformers.LlamaForCausalLM.from_pretrained(INDUCTION_MODEL_DIR).eval()
     return InterpretableModel(hf, tokenizer=IdTokenizer())
+
+
+# -- a per-session cache of the naive engine's patched forwards --------------------------------
+#: ``CAUSALPATCH_TEST_NAIVE_CACHE=0`` turns the cache off: every naive forward runs.
+NAIVE_CACHE_ENV = "CAUSALPATCH_TEST_NAIVE_CACHE"
+
+#: The largest model (bytes of parameters and buffers) whose weights :class:`NaiveCache` hashes
+#: on every call. The tiny models are well under 1 MB (microseconds to hash); SmolLM2's 540 MB
+#: took 1.0-1.5 s per hash here, and its naive tests could share only a few rows (the sampled
+#: ``resid_post`` cells of ``test_patching.py`` on the layers its sweep test patches), so its
+#: naive calls run uncached.
+NAIVE_CACHE_MAX_BYTES = 64 * 2**20
+
+
+def _bytes_of(t: torch.Tensor) -> Any:
+    """The raw bytes of ``t`` (any dtype, any device) as a flat ``uint8`` array."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+class NaiveCache:
+    """A memo of :func:`causalpatch.engine.naive_patched_logits`, one patch (one forward) per
+    entry, shared by every test of a session.
+
+    A row is reused only when everything its forward reads is the same:
+
+    * the model: the wrapper and ``hf_model`` objects themselves (by identity: a rebuilt model
+      with equal weights is another model), every parameter's and buffer's name, dtype, device,
+      shape, stride, ``data_ptr`` and ``_version``, a hash of their bytes (an edit through
+      ``p.data`` bumps no version counter, so only the bytes show it), the config (JSON and
+      attention implementation), the classes' ``forward`` functions, the pad token, the device,
+      and torch's thread count and matmul settings;
+    * the base ids (dtype, shape, bytes);
+    * the patch: each site (by value; views compared by value or identity), frozen or not, and
+      every entry's position, unit and the bytes of the value written there (the source or base
+      activation, or the patch's own value: exactly what the naive loop writes).
+
+    It falls through uncached (counted in :attr:`uncached`) when part of that cannot be keyed
+    exactly: a module or the model with a ``forward`` replaced on the instance (a test counting
+    forwards, accelerate's placement hooks), any hook registered on the model, a model in
+    training mode or larger than :data:`NAIVE_CACHE_MAX_BYTES`, weights on the meta device, a
+    site whose view is neither the identity view nor a frozen dataclass, or a patch whose
+    values cannot be read (the real call then raises its own error). ``progress`` only counts
+    rows: a reused row still reports one. Rows are stored as clones and returned stacked into a
+    new tensor, so no caller holds the cache's memory.
+    """
+
+    def __init__(self, max_bytes: int = NAIVE_CACHE_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.hits = self.misses = self.uncached = 0
+        self.original: Callable[..., torch.Tensor] | None = None
+        self._rows: dict[Hashable, torch.Tensor] = {}
+        self._states: dict[Hashable, int] = {}
+        self._keys_of: dict[int, list[Hashable]] = {}
+        self._serials: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._count = itertools.count()
+        self._installed: list[Any] = []
+
+    # -- installing ------------------------------------------------------------------------
+    def install(self) -> None:
+        """Replace ``naive_patched_logits`` in :mod:`causalpatch.engine` and in every loaded
+        module that imported it by name."""
+        import causalpatch.engine as engine
+
+        original = engine.naive_patched_logits
+        self.original = original
+
+        @functools.wraps(original)
+        def naive_patched_logits(*args: Any, **kwargs: Any) -> torch.Tensor:
+            return self(*args, **kwargs)
+
+        for module in list(sys.modules.values()):
+            try:
+                found = vars(module).get("naive_patched_logits") is original
+            except TypeError:
+                continue
+            if found:
+                module.naive_patched_logits = naive_patched_logits
+                self._installed.append(module)
+
+    def uninstall(self) -> None:
+        for module in self._installed:
+            module.naive_patched_logits = self.original
+        self._installed.clear()
+
+    # -- keys ------------------------------------------------------------------------------
+    def _serial(self, obj: Any) -> int:
+        """A number for ``obj`` that no other object gets, even after ``obj`` is collected
+        (``id`` values are reused); the object's rows are dropped when it is collected."""
+        serial = self._serials.get(obj)
+        if serial is None:
+            serial = next(self._count)
+            self._serials[obj] = serial
+            self._keys_of[serial] = []
+            weakref.finalize(obj, self._forget, serial)
+        return serial
+
+    def _forget(self, serial: int) -> None:
+        for key in self._keys_of.pop(serial, []):
+            self._rows.pop(key, None)
+
+    def model_state(self, model: Any) -> tuple[int, int] | None:
+        """``(serial of the model, number of its exact state)``, or ``None`` (uncached)."""
+        hf = getattr(model, "hf_model", None)
+        runtime = getattr(model, "runtime", None)
+        if not isinstance(hf, torch.nn.Module) or hf.training:
+            return None
+        modules = list(hf.modules())
+        if any("forward" in vars(obj) for obj in (model, runtime, *modules)):
+            return None
+        from torch.nn.modules import module as torch_module
+
+        if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules)):
+            return None
+        tensors = [*hf.named_parameters(remove_duplicate=False),
+                   *hf.named_buffers(remove_duplicate=False)]
+        if (sum(t.numel() * t.element_size() for _, t in tensors) > self.max_bytes
+                or any(t.device.type == "meta" for _, t in tensors)):
+            return None
+        digest = hashlib.blake2b(digest_size=20)
+        layout = []
+        for name, t in tensors:
+            layout.append((name, str(t.dtype), str(t.device), tuple(t.shape), t.stride(),
+                           t.storage_offset(), t.data_ptr(), t._version))
+            digest.update(_bytes_of(t))
+        try:
+            serial = self._serial(model)
+            state = (serial, self._serial(hf), type(model), type(hf).forward,
+                     getattr(type(runtime), "forward", None),
+                     hf.config.to_json_string(use_diff=False),
+                     getattr(hf.config, "_attn_implementation", None), tuple(layout),
+                     digest.digest(), model.pad_token_id, str(model.device),
+                     torch.get_num_threads(), torch.get_float32_matmul_precision(),
+                     torch.backends.mkldnn.enabled, torch.are_deterministic_algorithms_enabled())
+        except (TypeError, ValueError):  # unhashable or unserialisable: not exact
+            return None
+        return serial, self._states.setdefault(state, len(self._states))
+
+    @staticmethod
+    def patch_key(patch: Sequence[Any], source: Any, base: Any) -> Hashable | None:
+        """Everything the naive loop writes for one patch, or ``None`` (uncached)."""
+        import dataclasses
+
+        from causalpatch.adapters.base import View
+        from causalpatch.engine import entry_values
+
+        digest = hashlib.blake2b(digest_size=20)
+        sites = []
+        for sp in patch:
+            view = sp.site.view
+            if not (type(view) is View or (dataclasses.is_dataclass(view)
+                                           and type(view).__dataclass_params__.frozen)):
+                return None
+            entries = []
+            for pos, unit, value in entry_values(sp, source, base):
+                if not isinstance(value, torch.Tensor):
+                    return None
+                entries.append((pos, unit, str(value.dtype), tuple(value.shape),
+                                str(value.device)))
+                digest.update(_bytes_of(value))
+            sites.append((sp.site, sp.frozen, tuple(entries)))
+        return tuple(sites), digest.digest()
+
+    # -- the call --------------------------------------------------------------------------
+    def __call__(self, model: Any, base_ids: torch.Tensor, patches: Sequence[Any], source: Any,
+                 progress: Callable[[int], None] | None = None, base: Any = None
+                 ) -> torch.Tensor:
+        original = self.original
+        assert original is not None, "NaiveCache.install() first"
+        state = self.model_state(model) if isinstance(base_ids, torch.Tensor) else None
+        if state is None:
+            self.uncached += len(patches)
+            return original(model, base_ids, patches, source, progress, base)
+        ids = (str(base_ids.dtype), tuple(base_ids.shape), _bytes_of(base_ids).tobytes())
+        rows = []
+        for patch in patches:
+            try:
+                key = self.patch_key(patch, source, base)
+            except Exception:  # the real call below raises its own error
+                key = None
+            if key is None:
+                self.uncached += 1
+                rows.append(original(model, base_ids, [patch], source, progress, base)[0])
+                continue
+            full = (state[1], ids, key)
+            row = self._rows.get(full)
+            if row is None:
+                row = original(model, base_ids, [patch], source, progress, base)[0].clone()
+                self._rows[full] = row
+                self._keys_of[state[0]].append(full)
+                self.misses += 1
+            else:
+                self.hits += 1
+                if progress is not None:
+                    progress(1)
+            rows.append(row)
+        if not rows:
+            return original(model, base_ids, patches, source, progress, base)
+        return torch.stack(rows)  # a new tensor: callers never share the cache's rows
+
+
+#: The session's cache (installed by :func:`naive_cache_session` unless turned off).
+NAIVE_CACHE = NaiveCache()
+
+
+def _naive_cache_on() -> bool:
+    return os.environ.get(NAIVE_CACHE_ENV, "1") != "0"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def naive_cache_session():
+    """Every test's naive forwards go through :data:`NAIVE_CACHE` (off with
+    ``CAUSALPATCH_TEST_NAIVE_CACHE=0``: then ``None``)."""
+    if not _naive_cache_on():
+        yield None
+        return
+    NAIVE_CACHE.install()
+    try:
+        yield NAIVE_CACHE
+    finally:
+        NAIVE_CACHE.uninstall()
+
+
+@pytest.fixture
+def naive_cache(naive_cache_session):
+    """The installed :class:`NaiveCache`: the session's, or (cache turned off) one of the
+    test's own, installed the same way for the test only."""
+    if naive_cache_session is not None:
+        yield naive_cache_session
+        return
+    own = NaiveCache()
+    own.install()
+    try:
+        yield own
+    finally:
+        own.uninstall()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _naive_cache_on():
+        terminalreporter.write_line(f"naive cache: off ({NAIVE_CACHE_ENV}=0)")
+        return
+    c = NAIVE_CACHE
+    terminalreporter.write_line(f"naive cache: {c.hits} hits, {c.misses} misses "
+                                f"({c.uncached} naive forwards uncached)")
