@@ -84,20 +84,12 @@ def forward_seconds(model: Any, data: Any) -> float:
 
 
 def pairs_per_batch(model: Any, n_tokens: int, steps: int, memory_mb: float) -> int:
-    """Pairs per gradient pass that fit ``memory_mb``: per pair, ``steps`` rows of one
-    forward's activations kept for the backward (per layer and position ``10 d_model + 4 d_mlp
-    + 3 H d_head + 2 H T`` numbers, as :func:`causalpatch.engine.row_bytes` counts one layer
-    call, plus the logits) and every receiver's input gradient and sender difference
-    (``4 (n_receivers + n_nodes) T d_model`` bytes)."""
-    from causalpatch.graph import EdgeGraph
+    """Pairs per gradient pass that fit ``memory_mb``: the library's own choice
+    (:func:`causalpatch.methods.edges.pairs_per_pass`, what ``edge_attribution`` uses when
+    ``batch_size`` is not given), at the longest pair so every pass fits."""
+    from causalpatch.methods.edges import pairs_per_pass
 
-    d = model.dims
-    item = torch.finfo(model.dtype).bits // 8
-    per_pos = 10 * d.d_model + 4 * d.d_mlp + 3 * d.n_heads * d.d_head + 2 * d.n_heads * n_tokens
-    row = item * n_tokens * per_pos * d.n_layers + 4 * n_tokens * d.vocab_size
-    graph = EdgeGraph.of(model)
-    held = 4 * (len(graph.receivers) + len(graph.nodes)) * n_tokens * d.d_model
-    return max(1, int(memory_mb * 2**20 // (steps * row + held)))
+    return pairs_per_pass(model, n_tokens, steps, memory_mb)
 
 
 def longest(model: Any, data: Any) -> int:

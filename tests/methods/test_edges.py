@@ -537,6 +537,39 @@ def test_bad_input_is_refused_before_any_forward(name, kwargs, error, fragment):
         counter.handle.remove()
 
 
+def test_pairs_per_pass_follows_the_memory_budget(one_thread):
+    """Without ``batch_size``, ``eap``/``eap_ig`` put as many pairs in a gradient pass as
+    ``memory_mb`` holds (:func:`pairs_per_pass`: more steps or a smaller budget, fewer pairs),
+    say so in ``extra["pairs_per_pass"]``, and give the scores of an explicit batch size; a
+    budget that holds no pair is refused before any forward pass."""
+    from conftest import TextPairs
+
+    from causalpatch.methods.edges import pairs_per_pass
+
+    model = tiny_model("llama")
+    rows = IOI_PAIRS[:3]
+    data = TextPairs.of(rows)
+    n_tokens = len(model.tokenizer(CLEAN)["input_ids"])
+    one_pair = 1024.0 / pairs_per_pass(model, n_tokens, 1, 1024.0)  # >= one pair's MiB
+    assert pairs_per_pass(model, n_tokens, 4, 1024.0) < pairs_per_pass(model, n_tokens, 1, 1024.0)
+    small = 2.5 * one_pair  # a budget of about two pairs (floor division of the estimate)
+    assert pairs_per_pass(model, n_tokens, 1, small) in (2, 3)
+    chosen = edge_attribution(model, data, memory_mb=small)
+    assert set(chosen.extra["pairs_per_pass"].values()) == {
+        pairs_per_pass(model, n_tokens, 1, small)}
+    explicit = edge_attribution(model, data, batch_size=1)
+    # observed 6.0e-8 of the largest change between batch sizes (float32 batching order)
+    assert_matches_reference(chosen.change, explicit.change, 0.0, rtol=1e-6, min_cells=50,
+                             what="budget-chosen batch")
+    counter = _Counter(model)
+    try:
+        with pytest.raises(InvalidArgumentError, match="memory_mb=0.001 cannot hold one pair"):
+            edge_attribution(model, data, memory_mb=0.001)
+        assert counter.n == 0
+    finally:
+        counter.handle.remove()
+
+
 def test_empty_dataset_and_inseparable_heads_are_refused():
     from conftest import TextPairs
 

@@ -72,7 +72,7 @@ import torch
 
 from ..assemble import GroupValues, Scale, aggregate, answer_columns
 from ..engine import (PairRun, Step, cachers, climb, embed, gradient_pass, last_logits,
-                      rows_per_chunk, run_layer, run_pair, unembed)
+                      row_bytes, rows_per_chunk, run_layer, run_pair, unembed)
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..graph import EdgeGraph, EdgeResult, check_separable, edge_sites, sender_deltas
@@ -88,10 +88,36 @@ if TYPE_CHECKING:
 #: ``method=``: the first-order estimate, its integrated-gradients variant, exact patching.
 METHODS = ("eap", "eap_ig", "exact")
 
-#: Pairs per forward/backward batch when ``batch_size`` is not given (the receivers' input
-#: gradients of a batch are held until its scores are contracted: about ``4 * n_receivers * T
-#: * d_model`` bytes per pair, ~150 MB for 4 SmolLM2 IOI pairs).
-DEFAULT_PAIRS_PER_BATCH = 4
+#: How much more a gradient-pass row holds than one forward's activations as
+#: :func:`~causalpatch.engine.row_bytes` counts them (the retained graph, every site's gradient,
+#: the source run's cache, the vector-Jacobian products' temporaries). Measured on SmolLM2 IOI
+#: pairs of 15 tokens (``benchmarks/edges_cost.py``'s memory probes, peak RSS added): ``eap``
+#: 1.35x and ``eap_ig`` (5 steps) 1.67x the estimate; 2 leaves room for another allocator.
+GRADIENT_ROW_FACTOR = 2.0
+
+
+def pairs_per_pass(model: HookedModel, n_tokens: int, steps: int, memory_mb: float) -> int:
+    """Pairs of ``n_tokens`` tokens per ``eap``/``eap_ig`` gradient pass that fit ``memory_mb``
+    MiB: per pair, ``steps`` rows of ``GRADIENT_ROW_FACTOR`` times one forward's activations
+    (``row_bytes`` per layer plus the logits at every position) and every receiver's input
+    gradient and sender difference (``4 (n_receivers + n_nodes) n_tokens d_model`` bytes).
+
+    Raises:
+        InvalidArgumentError: the budget holds no pair (the message names the minimum).
+    """
+    graph = EdgeGraph.of(model)
+    d = model.dims
+    row = (d.n_layers * row_bytes(model, n_tokens, n_tokens)
+           + 4 * n_tokens * d.vocab_size)
+    held = 4 * (len(graph.receivers) + len(graph.nodes)) * n_tokens * d.d_model
+    per_pair = GRADIENT_ROW_FACTOR * steps * row + held
+    n = int(memory_mb * 2**20 // per_pair)
+    if n < 1:
+        raise InvalidArgumentError(
+            f"memory_mb={memory_mb:g} cannot hold one pair's gradient pass ({n_tokens} tokens, "
+            f"{steps} row(s) per pair): one pair needs about {per_pair / 2**20:.0f} MiB; pass "
+            f"memory_mb >= {per_pair / 2**20:.0f} (or batch_size=1 to run one pair at a time)")
+    return n
 
 
 class _Receivers:
@@ -394,8 +420,9 @@ def edge_attribution(
             rows), so pass the edges to check; ``eap``/``eap_ig`` score every edge in the same
             pass whatever this says.
         batch_size: ``eap``/``eap_ig``: pairs per forward/backward batch (pairs are grouped by
-            token length; default 4; ``eap_ig`` runs ``batch_size * ig_steps`` rows);
-            ``exact``: edges per staircase pass (default from ``memory_mb``).
+            token length; default: as many as ``memory_mb`` holds, :func:`pairs_per_pass`,
+            stated in ``extra["pairs_per_pass"]``; ``eap_ig`` runs ``batch_size * ig_steps``
+            rows); ``exact``: edges per staircase pass (default from ``memory_mb``).
         memory_mb, checkpoint, progress, executor, threads: the run options every method shares
             (:mod:`causalpatch.options`).
         keep_per_pair: also keep each pair's value of every edge (``per_pair``
@@ -438,12 +465,14 @@ def edge_attribution(
         build = _exact_factory(graph, pairs, m, denoise, selected, options.batch_size,
                                options.memory_mb)
     else:
-        per_batch = batch_size or DEFAULT_PAIRS_PER_BATCH
         groups: dict[int, list[int]] = {}
         for i, pair in enumerate(pairs):
             groups.setdefault(len(pair.clean), []).append(i)
-        batches = [idx[lo : lo + per_batch] for idx in groups.values()
-                   for lo in range(0, len(idx), per_batch)]
+        # pairs per gradient pass: batch_size, or as many as the memory budget holds
+        per_length = {n: batch_size or pairs_per_pass(model, n, steps, options.memory_mb)
+                      for n in groups}
+        batches = [idx[lo : lo + per_length[n]] for n, idx in groups.items()
+                   for lo in range(0, len(idx), per_length[n])]
         build = _gradient_factory(graph, pairs, m, denoise, selected, steps)
     values = options.run(
         model, pairs, len(selected), build, groups=batches, label="edge attribution",
@@ -462,6 +491,8 @@ def edge_attribution(
                              "n_scored": len(selected)}
     if method == "eap_ig":
         extra["ig_steps"] = steps
+    if method != "exact":  # the batch size used, per token length (stated, not only chosen)
+        extra["pairs_per_pass"] = {str(n): k for n, k in per_length.items()}
     per_pair = None
     if keep_per_pair:
         per_pair = torch.full((len(pairs), graph.n_edges), float("nan"))
