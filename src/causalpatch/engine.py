@@ -1011,6 +1011,11 @@ def delta_leaf(site: Site, act: torch.Tensor) -> tuple[torch.Tensor, dict[str, t
     return act + delta, {"act": delta}
 
 
+After = Callable[[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor],
+                  dict[str, torch.Tensor]], None]
+"""A gradient pass's callback ``(grads, base, source) -> None`` (:func:`gradient_pass`)."""
+
+
 @dataclass
 class Gradients:
     """What one gradient pass of a batch of ``b`` pairs gives.
@@ -1035,8 +1040,7 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                   leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
                   what: str = "attribution patching", *,
                   base_embeds: torch.Tensor | None = None,
-                  after: Callable[[dict[str, dict[str, torch.Tensor]]], None] | None = None
-                  ) -> Gradients:
+                  after: After | None = None) -> Gradients:
     """The one gradient pass of every first-order method: one source forward (caching the
     sites), one base forward with each site made differentiable by ``leaf``, one backward.
 
@@ -1052,10 +1056,11 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
         base_embeds: ``[b, T, d_model]`` the base forward's embedding output (the ``embed``
             site) instead of the tokens' own, e.g. integrated gradients' interpolations
             (``base`` then holds the activations of those runs).
-        after: called with ``site name -> leaf name -> gradient`` right after the backward,
-            while the base run's graph is still alive (it is retained for this call): the
-            caller's own vector-Jacobian products between the tensors its ``leaf`` kept
-            (edge attribution's per-receiver input gradients).
+        after: called with ``site name -> leaf name -> gradient``, the base and the source
+            activations (as ``base``/``source`` of the result) right after the backward, while
+            the base run's graph is still alive (it is retained for this call): the caller's
+            own vector-Jacobian products between the tensors its ``leaf`` kept (edge
+            attribution's per-receiver input gradients, contracted there and then).
 
     Raises:
         InvalidArgumentError: a site the forward never reaches, or a metric that does not
@@ -1113,8 +1118,7 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  leaf: Leaf, timings: dict[str, float] | None, what: str, drop_layers: bool,
                  base_embeds: torch.Tensor | None = None,
-                 after: Callable[[dict[str, dict[str, torch.Tensor]]], None] | None = None
-                 ) -> DroppedGradients:
+                 after: After | None = None) -> DroppedGradients:
     """:func:`gradient_pass` and, with ``drop_layers``, :func:`graddrop_pass`'s extra passes
     (``dropped`` is empty without them)."""
     t0 = time.perf_counter()
@@ -1177,7 +1181,7 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
             for (site_name, leaf_name, leaf_t), got in zip(flat, found[:len(flat)]):
                 plain_grads[site_name][leaf_name] = (torch.zeros_like(leaf_t) if got is None
                                                      else got)
-            after(dict(plain_grads))
+            after(dict(plain_grads), base, source)
         g_post = found[len(flat):]
         t3 = time.perf_counter()
         for layer in range(n_layers if drop_layers else 0):

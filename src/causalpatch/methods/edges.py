@@ -128,14 +128,17 @@ class _Receivers:
     the batch differs, the base and source runs are the same computation, so no sender has a
     difference there and those gradients would only be multiplied by exact zeros."""
 
-    def __init__(self, model: HookedModel, sites: dict[str, list[Site]], parallel: bool,
-                 steps: int, start: int = 0) -> None:
-        self.model, self.sites, self.parallel, self.steps = model, sites, parallel, steps
+    def __init__(self, model: HookedModel, graph: EdgeGraph, sites: dict[str, list[Site]],
+                 steps: int, start: int = 0,
+                 base_senders: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.model, self.graph, self.sites, self.steps = model, graph, sites, steps
+        self.parallel = graph.parallel
         self.start = start
+        #: the base run's sender activations when the pass's own base rows are not the base
+        #: run (``eap_ig``'s interpolations); ``None``: the pass's base rows
+        self.base_senders = base_senders
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.attn: list[torch.Tensor] = []  # per layer [3 H, b, T - start, d_model]: q, k, v
-        self.mlp: list[torch.Tensor] = []  # per layer [b, T - start, d_model]
-        self.logits: torch.Tensor | None = None  # [b, T - start, d_model]
+        self.scores: torch.Tensor | None = None  # [b, n_edges] once the pass is done
 
     def leaf(self, site: Site, act: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -154,8 +157,24 @@ class _Receivers:
         g = g.reshape(*shape[:batch_dim], -1, self.steps, *shape[batch_dim + 1:])
         return g.mean(batch_dim + 1).detach()
 
-    def after(self, grads: dict[str, dict[str, torch.Tensor]]) -> None:
-        model, sites = self.model, self.sites
+    def after(self, grads: dict[str, dict[str, torch.Tensor]],
+              base: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor]) -> None:
+        """Every edge's estimate ``sum_t delta_u . grad_v`` (``self.scores``), one layer's
+        receivers at a time: each layer's input gradients are contracted with the senders'
+        differences as soon as they are computed, so no layer's are held past its own turn."""
+        model, sites, graph = self.model, self.sites, self.graph
+        senders = [sites["resid_pre"][0].name, *(s.name for s in sites["attn.z"]),
+                   *(s.name for s in sites["mlp"])]
+        base_of = self.base_senders if self.base_senders is not None else base
+        t0 = self.start
+        deltas = sender_deltas(model, sites, {k: base_of[k][:, t0:] for k in senders},
+                               {k: source[k][:, t0:] for k in senders})
+        # positions before the first one where a sender differs have no difference at all
+        # (exact zeros): they add nothing, so they are skipped
+        moved = deltas.flatten(2).ne(0).any(2).any(0).nonzero()
+        w = int(moved[0]) if len(moved) else deltas.shape[1]
+        deltas = deltas[:, w:]
+        out: list[torch.Tensor] = []
         n_heads, n_kv = model.n_heads, model.n_kv_heads
         group = n_heads // n_kv
         heads = torch.arange(n_heads)
@@ -193,7 +212,10 @@ class _Receivers:
                 # cotangents through the other two projections: 3x the work, same result)
                 (g,) = _vjp(act, [x], cot, batched=True)
                 parts.append(g)
-            self.attn.append(self._mean(torch.cat(parts), 1))
+            attn = self._mean(torch.cat(parts), 1)[:, :, w:]  # [3 H, b, T', d_model]
+            n = graph.sender_index(layer, 0)
+            out.append(torch.einsum("btsd,rbtd->brs", deltas[:, :, :n], attn).flatten(1))
+            del attn, parts
             mlp_name = sites["mlp"][layer].name
             if self.parallel:  # the MLP reads resid_pre, as the attention does
                 (g,) = _vjp(self.kept[mlp_name][0], [self.kept[sites["resid_pre"][layer].name][1]],
@@ -202,30 +224,13 @@ class _Receivers:
                 after_layer = (sites["resid_pre"][layer + 1] if layer + 1 < model.n_layers
                                else sites["post"][0])
                 g = grads[sites["resid_mid"][layer].name]["act"] - grads[after_layer.name]["act"]
-            self.mlp.append(self._mean(g, 0))
-        self.logits = self._mean(grads[sites["post"][0].name]["act"], 0)
-        self.kept.clear()
-
-    def scores(self, graph: EdgeGraph, deltas: torch.Tensor) -> torch.Tensor:
-        """``[b, n_edges]`` every edge's estimate ``sum_t delta_u . grad_v`` from the senders'
-        differences ``deltas`` ``[b, T - start, n_nodes, d_model]`` (from position ``start``
-        on), receiver-major."""
-        assert self.logits is not None
-        # positions before the first one where a sender differs have no difference at all
-        # (exact zeros): they add nothing, so they are skipped
-        moved = deltas.flatten(2).ne(0).any(2).any(0).nonzero()
-        w = int(moved[0]) if len(moved) else deltas.shape[1]
-        deltas = deltas[:, w:]
-        out = []
-        for layer in range(graph.n_layers):
-            n = graph.sender_index(layer, 0)
-            attn = torch.einsum("btsd,rbtd->brs", deltas[:, :, :n], self.attn[layer][:, :, w:])
-            out.append(attn.flatten(1))
             n_mlp = n + (0 if graph.parallel else graph.n_heads)
             out.append(torch.einsum("btsd,btd->bs", deltas[:, :, :n_mlp],
-                                    self.mlp[layer][:, w:]))
-        out.append(torch.einsum("btsd,btd->bs", deltas, self.logits[:, w:]))
-        return torch.cat(out, dim=1)
+                                    self._mean(g, 0)[:, w:]))
+        logits = self._mean(grads[sites["post"][0].name]["act"], 0)[:, w:]
+        out.append(torch.einsum("btsd,btd->bs", deltas, logits))
+        self.scores = torch.cat(out, dim=1).detach()
+        self.kept.clear()
 
 
 def _vjp(outputs: torch.Tensor | list[torch.Tensor], inputs: list[torch.Tensor],
@@ -535,14 +540,20 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
             # are kept from there on (before it both runs compute the same)
             differs = (base_ids != src_ids).any(0).nonzero()
             start = int(differs[0]) if len(differs) else base_ids.shape[1]
-            receivers = _Receivers(model_, sites, graph.parallel, steps, start)
-            base_acts: dict[str, torch.Tensor] = {}
             if steps == 1:
+                receivers = _Receivers(model_, graph, sites, steps, start)
                 grads = gradient_pass(model_, base_ids, src_ids, flat, objective,
                                       receivers.leaf, stats, "edge attribution",
                                       after=receivers.after)
-                base_acts, base_values = grads.base, grads.base_values
+                base_values = grads.base_values
             else:
+                # the base run itself first (the pass runs the interpolations): a plain
+                # forward for the senders' base activations and the base logits
+                base_acts: dict[str, torch.Tensor] = {}
+                with torch.no_grad():
+                    senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
+                    base_last = last_logits(model_, base_ids, cachers(base_acts, senders))
+                receivers = _Receivers(model_, graph, sites, steps, start, base_acts)
                 e_base, e_src = embed(model_, base_ids), embed(model_, src_ids)
                 alpha = (torch.arange(steps, dtype=e_base.dtype, device=e_base.device)
                          / steps)[None, :, None, None]
@@ -551,15 +562,10 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
                                       flat, objective, receivers.leaf, stats,
                                       "edge attribution", base_embeds=points,
                                       after=receivers.after)
-                # the base run itself (the pass ran the interpolations): a plain forward
                 with torch.no_grad():
-                    senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
-                    base_last = last_logits(model_, base_ids, cachers(base_acts, senders))
                     base_values = objective(base_last.float(), seen[0])
-            deltas = sender_deltas(model_, sites, {k: v[:, start:] for k, v in base_acts.items()},
-                                   {k: v[:, start:] for k, v in grads.source.items()})
-            with torch.no_grad():
-                est = receivers.scores(graph, deltas).cpu()
+            assert receivers.scores is not None
+            est = receivers.scores.cpu()
             patched = base_values.float().cpu()[:, None] + est
             if tick is not None:
                 tick(len(group) * len(cells))
