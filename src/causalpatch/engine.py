@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -1040,7 +1040,8 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
                   leaf: Leaf = delta_leaf, timings: dict[str, float] | None = None,
                   what: str = "attribution patching", *,
                   base_embeds: torch.Tensor | None = None,
-                  after: After | None = None) -> Gradients:
+                  after: After | None = None,
+                  keep: Collection[str] | None = None) -> Gradients:
     """The one gradient pass of every first-order method: one source forward (caching the
     sites), one base forward with each site made differentiable by ``leaf``, one backward.
 
@@ -1061,6 +1062,8 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
             the base run's graph is still alive (it is retained for this call): the caller's
             own vector-Jacobian products between the tensors its ``leaf`` kept (edge
             attribution's per-receiver input gradients, contracted there and then).
+        keep: the site names whose base and source activations the caller needs (``base`` and
+            ``source`` hold only these); ``None``: every site's.
 
     Raises:
         InvalidArgumentError: a site the forward never reaches, or a metric that does not
@@ -1068,7 +1071,8 @@ def gradient_pass(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.
         NonFiniteError: a gradient that is not finite.
     """
     return _first_order(model, base_ids, source_ids, sites, objective, leaf, timings, what,
-                        drop_layers=False, base_embeds=base_embeds, after=after).plain
+                        drop_layers=False, base_embeds=base_embeds, after=after,
+                        keep=keep).plain
 
 
 @dataclass
@@ -1118,13 +1122,15 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  leaf: Leaf, timings: dict[str, float] | None, what: str, drop_layers: bool,
                  base_embeds: torch.Tensor | None = None,
-                 after: After | None = None) -> DroppedGradients:
+                 after: After | None = None,
+                 keep: Collection[str] | None = None) -> DroppedGradients:
     """:func:`gradient_pass` and, with ``drop_layers``, :func:`graddrop_pass`'s extra passes
     (``dropped`` is empty without them)."""
     t0 = time.perf_counter()
     source: dict[str, torch.Tensor] = {}
+    kept_sites = [s for s in sites if keep is None or s.name in keep]
     with torch.no_grad():
-        source_last = last_logits(model, source_ids, cachers(source, sites)).float()
+        source_last = last_logits(model, source_ids, cachers(source, kept_sites)).float()
     t1 = time.perf_counter()
     base: dict[str, torch.Tensor] = {}
     leaves: dict[str, dict[str, torch.Tensor]] = {}
@@ -1133,7 +1139,8 @@ def _first_order(model: HookedModel, base_ids: torch.Tensor, source_ids: torch.T
 
     def attach(name: str, site: Site) -> Callable[[torch.Tensor], torch.Tensor]:
         def hook(act: torch.Tensor) -> torch.Tensor:
-            base[name] = act.detach().clone()
+            if keep is None or name in keep:
+                base[name] = act.detach().clone()
             new, leaves[name] = leaf(site, act)
             made[name] = len(made)
             return new

@@ -490,15 +490,21 @@ def sender_deltas(model: HookedModel, sites: dict[str, list[Site]],
     """``[b, T, n_nodes, d_model]`` every node's residual write, source minus base: the
     embedding (``resid_pre`` of layer 0), each head's ``z`` through its rows of the output
     projection (the bias is common to both runs), each MLP's output."""
-    parts = []
     name = sites["resid_pre"][0].name
-    parts.append((source[name].float() - base[name].float())[:, :, None])
+    first = source[name].float() - base[name].float()  # [b, T, d_model]
+    n_heads = model.n_heads
+    out = first.new_empty(first.shape[0], first.shape[1], 1 + model.n_layers * (n_heads + 1),
+                          first.shape[2])
+    out[:, :, 0] = first  # filled in place: no second copy of the whole tensor
+    at = 1
     for layer in range(model.n_layers):
         z = sites["attn.z"][layer].name
-        parts.append(head_writes(model, layer, source[z].float() - base[z].float()))
+        out[:, :, at : at + n_heads] = head_writes(model, layer,
+                                                   source[z].float() - base[z].float())
         m = sites["mlp"][layer].name
-        parts.append((source[m].float() - base[m].float())[:, :, None])
-    return torch.cat(parts, dim=2)
+        out[:, :, at + n_heads] = source[m].float() - base[m].float()
+        at += n_heads + 1
+    return out
 
 
 # -- circuits ----------------------------------------------------------------------------------

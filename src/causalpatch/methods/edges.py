@@ -142,7 +142,12 @@ class _Receivers:
 
     def leaf(self, site: Site, act: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        delta = torch.zeros_like(act, requires_grad=True)
+        """``act + delta`` with ``delta`` a zero of ``act``'s shape that costs no memory: a
+        broadcast view of one differentiable zero, itself a node of the graph, so the pass's
+        gradient with respect to it is ``d metric / d act`` element by element (as a full
+        zero tensor would give, without holding one per site)."""
+        zero = torch.zeros((), dtype=act.dtype, device=act.device, requires_grad=True)
+        delta = zero.expand_as(act)
         self.kept[site.name] = (act, delta)
         return act + delta, {"act": delta}
 
@@ -517,6 +522,10 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
         sites = edge_sites(model_, graph.parallel)
         flat = [s for kind in sites.values() for s in kind]
 
+        # the senders: the only sites whose base and source activations the scores need
+        senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
+        keep = {s.name for s in senders}
+
         def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
                      ) -> GroupValues:
             chunk = [pairs[i] for i in group]
@@ -544,14 +553,13 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
                 receivers = _Receivers(model_, graph, sites, steps, start)
                 grads = gradient_pass(model_, base_ids, src_ids, flat, objective,
                                       receivers.leaf, stats, "edge attribution",
-                                      after=receivers.after)
+                                      after=receivers.after, keep=keep)
                 base_values = grads.base_values
             else:
                 # the base run itself first (the pass runs the interpolations): a plain
                 # forward for the senders' base activations and the base logits
                 base_acts: dict[str, torch.Tensor] = {}
                 with torch.no_grad():
-                    senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
                     base_last = last_logits(model_, base_ids, cachers(base_acts, senders))
                 receivers = _Receivers(model_, graph, sites, steps, start, base_acts)
                 e_base, e_src = embed(model_, base_ids), embed(model_, src_ids)
@@ -561,7 +569,7 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
                 grads = gradient_pass(model_, base_ids.repeat_interleave(steps, 0), src_ids,
                                       flat, objective, receivers.leaf, stats,
                                       "edge attribution", base_embeds=points,
-                                      after=receivers.after)
+                                      after=receivers.after, keep=keep)
                 with torch.no_grad():
                     base_values = objective(base_last.float(), seen[0])
             assert receivers.scores is not None
