@@ -90,10 +90,11 @@ METHODS = ("eap", "eap_ig", "exact")
 
 #: How much more a gradient-pass row holds than one forward's activations as
 #: :func:`~causalpatch.engine.row_bytes` counts them (the retained graph, every site's gradient,
-#: the source run's cache, the vector-Jacobian products' temporaries). Measured on SmolLM2 IOI
-#: pairs of 15 tokens (``benchmarks/edges_cost.py``'s memory probes, peak RSS added): ``eap``
-#: 1.35x and ``eap_ig`` (5 steps) 1.67x the estimate; 2 leaves room for another allocator.
-GRADIENT_ROW_FACTOR = 2.0
+#: the senders' cache, the vector-Jacobian products' temporaries). Measured on SmolLM2 IOI
+#: pairs of 15 tokens (``benchmarks/edges_cost.py``'s memory probes, peak RSS added, with the
+#: per-pair term below): ``eap`` 14 pairs 873 MiB (0.63x the row estimate), ``eap_ig`` 2 pairs
+#: x 5 steps 508 MiB (1.12x); 1.5 leaves room for another allocator and longer prompts.
+GRADIENT_ROW_FACTOR = 1.5
 
 
 def pairs_per_pass(model: HookedModel, n_tokens: int, steps: int, memory_mb: float) -> int:
