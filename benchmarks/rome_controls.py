@@ -1,0 +1,436 @@
+"""ROME's causal tracing on SmolLM2 with ROME's controls: the numbers behind docs/causal_tracing.md.
+
+One command reproduces every figure and number the page quotes::
+
+    python benchmarks/rome_controls.py
+
+Stages (each saves its per-fact data to ``--cache``, ``benchmarks/results/rome_controls/``, and
+is skipped when its file exists with the same settings, so the stages can run in separate
+processes and a rerun only re-assembles):
+
+* ``known``: which of ROME's 1,209 known facts SmolLM2 answers correctly (top-1);
+* ``figures``: the first ``--fig-facts`` known facts, 10 noise samples, ``resid_post``, ``mlp``
+  and ``attn`` (windows of 10): ``docs/img/rome_{resid,mlp,attn}.png`` with their JSON;
+* ``controls``: the first ``--ctl-facts`` of those facts, ``--ctl-samples`` noise samples:
+  MLP windows without layer 0, of 1 layer and depth-scaled (6 layers), each with and without
+  layer 0; the noise's sigma from the subject tokens; a BOS token in front; severed MLP and
+  attention traces;
+* ``late``: ``--late-facts`` known facts whose subject does not start at position 0;
+* ``token``: token-replacement corruption (``FactualRecallDataset``: the subject swapped for
+  another subject of the same relation) by activation patching of ``resid_post``, ``mlp`` and
+  ``attn`` at every (layer, position), on ``--token-pairs`` pairs whose clean fact is known;
+* assembly: ``docs/img/rome_controls.json``, every quoted number with a 95% bootstrap interval
+  over facts (1,000 resamples).
+
+Run a subset with ``--stages figures`` (or ``controls,late,token``) and the assembly with the
+default afterwards. One torch thread by default (``--threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "scripts")]
+
+from provenance import command, commit, write_figure_json  # noqa: E402
+
+from causalpatch import (InterpretableModel, activation_patching,  # noqa: E402
+                         causal_tracing_dataset)
+from causalpatch.datasets import FactualRecallDataset, KnownFact, known_facts  # noqa: E402
+from causalpatch.methods.causal_tracing import (GROUPS, position_groups,  # noqa: E402
+                                                subject_embedding_std, subject_span)
+from causalpatch.metrics import bootstrap_interval  # noqa: E402
+
+#: Bootstrap resamples of every interval and the resampling's seed.
+N_BOOT, BOOT_SEED = 1000, 0
+IMG = REPO_ROOT / "docs" / "img"
+FIGURES = {"resid_post": "rome_resid", "mlp": "rome_mlp", "attn": "rome_attn"}
+#: The control traces: name -> causal_tracing_dataset keyword arguments (besides the facts,
+#: samples and seed). "sigma_subject" gets noise_std= the subject std over every known fact.
+CONTROLS: dict[str, dict[str, Any]] = {
+    "mlp_w10_no0": dict(components=("mlp",), window=10, exclude_layers=(0,)),
+    "mlp_w1": dict(components=("mlp",), window=1),
+    "mlp_w6_no0": dict(components=("mlp",), window="scaled", exclude_layers=(0,)),
+    "sigma_subject": dict(components=("mlp",), window=10),
+    "bos": dict(components=("mlp",), window=10, prepend_bos=True),
+    "severed": dict(components=("resid_post",), sever=("mlp", "attn")),
+}
+#: The components traced on the facts whose subject does not start at position 0.
+LATE_COMPONENTS = ("resid_post", "mlp")
+LAST_SUBJECT, LAST = GROUPS.index("last subject token"), GROUPS.index("last token")
+
+
+# -- stages ------------------------------------------------------------------------------------
+def traced_facts(result: Any) -> dict[str, Any]:
+    """A causal-tracing result's per-fact data: spans, baselines, each component's
+    ``[n_layers, n_tokens]`` indirect effects."""
+    return {"spans": [list(s) for s in result.spans],
+            "p_clean": result.p_clean.tolist(), "p_corrupted": result.p_corrupted.tolist(),
+            "sigma": result.sigma, "answers": list(result.answers),
+            "ie": {kind: [pp[kind].tolist() for pp in result.per_position] for kind in result},
+            "windows": {kind: result[kind].extra["window"] for kind in result}}
+
+
+def stage_known(model: Any) -> dict[str, Any]:
+    facts = known_facts(model, None, seed=0)
+    starts = [subject_span(model, f.prompt, f.subject)[0] for f in facts]
+    return {"total": 1209, "known": len(facts),
+            "facts": [[f.prompt, f.subject, f.attribute_token] for f in facts],
+            "subject_starts": starts}
+
+
+def facts_of(known: dict[str, Any]) -> list[KnownFact]:
+    return [KnownFact(p, s, int(t)) for p, s, t in known["facts"]]
+
+
+def stage_figures(model: Any, known: dict[str, Any], args: argparse.Namespace,
+                  started: float) -> dict[str, Any]:
+    facts = facts_of(known)[: args.fig_facts]
+    t0 = time.time()
+    result = causal_tracing_dataset(model, facts, samples=args.fig_samples, seed=0,
+                                    components=tuple(FIGURES), window=10, progress=progress(t0),
+                                    checkpoint=checkpoint(args, "figures"))
+    seconds = time.time() - t0
+    IMG.mkdir(parents=True, exist_ok=True)
+    names = {"resid_post": "hidden state", "mlp": "MLP outputs (window 10)",
+             "attn": "attention outputs (window 10)"}
+    for kind, stem in FIGURES.items():
+        res = result[kind]
+        title = (f"Restoring {names[kind]} — {model.name}, {len(facts)} known facts, "
+                 f"{args.fig_samples} noise samples")
+        fig = result.plot(kind, title=title)
+        fig.savefig(IMG / f"{stem}.png", dpi=130)
+        lower, upper = result.ci(kind, n_boot=N_BOOT, seed=BOOT_SEED)
+        write_figure_json(
+            IMG / f"{stem}.png", seed=0,
+            settings={"facts": len(facts), "samples": args.fig_samples, "noise": 3.0,
+                      "noise_std": "vocab", "window": res.extra["window"], "component": kind,
+                      "threads": args.threads, "facts_from": "known_facts(model, None, seed=0)"},
+            data={"layers": list(range(model.n_layers)), "groups": list(GROUPS),
+                  "group_counts": res.extra["group_counts"],
+                  "effect": res.effect_matrix.T.tolist(),
+                  "ci95_lower": nan_free(lower.T.tolist()),
+                  "ci95_upper": nan_free(upper.T.tolist())},
+            started=started,
+            extra={"p_clean": float(result.p_clean.mean()),
+                   "p_corrupted": float(result.p_corrupted.mean()), "trace_seconds": seconds})
+    return traced_facts(result) | {"seconds": seconds}
+
+
+def stage_controls(model: Any, known: dict[str, Any], args: argparse.Namespace
+                   ) -> dict[str, Any]:
+    facts = facts_of(known)[: args.ctl_facts]
+    all_facts = facts_of(known)
+    sigma_subject = subject_embedding_std(model, [f.prompt for f in all_facts],
+                                          [f.subject for f in all_facts])
+    out: dict[str, Any] = {"subject_std": sigma_subject}
+    for name, kwargs in CONTROLS.items():
+        kw = dict(kwargs)
+        if name == "sigma_subject":
+            kw["noise_std"] = sigma_subject
+        t0 = time.time()
+        print(f"control {name}", flush=True)
+        result = causal_tracing_dataset(model, facts, samples=args.ctl_samples, seed=0,
+                                        progress=progress(t0), checkpoint=checkpoint(args, name),
+                                        **kw)
+        out[name] = traced_facts(result) | {"seconds": time.time() - t0}
+    return out
+
+
+def stage_late(model: Any, known: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    late = [f for i, f in enumerate(facts_of(known))
+            if i >= args.fig_facts and known["subject_starts"][i] > 0][: args.late_facts]
+    t0 = time.time()
+    result = causal_tracing_dataset(model, late, samples=args.ctl_samples, seed=0,
+                                    components=LATE_COMPONENTS, window=10, progress=progress(t0),
+                                    checkpoint=checkpoint(args, "late"))
+    return traced_facts(result) | {"seconds": time.time() - t0,
+                                   "prompts": [f.prompt for f in late]}
+
+
+def stage_token(model: Any, known: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    known_prompts = {p for p, _, _ in known["facts"]}
+    data = FactualRecallDataset(model, n=args.token_candidates, seed=0)
+    rows = [i for i, c in enumerate(data.clean) if c in known_prompts][: args.token_pairs]
+    t0 = time.time()
+    out: dict[str, Any] = {"spans": [], "p_clean": [], "p_corrupted": [], "ie": {},
+                           "clean": [], "corrupted": [], "candidates": args.token_candidates}
+    for i in rows:
+        clean, corrupted, answer = data.clean[i], data.corrupted[i], data.correct[i]
+        span = subject_span(model, clean, data.subjects[i])
+        out["spans"].append(list(span))
+        out["clean"].append(clean)
+        out["corrupted"].append(corrupted)
+        for kind in FIGURES:
+            res = activation_patching(model, clean, corrupted, component=kind, metric="prob",
+                                      correct=answer, by_position=True, normalize=False,
+                                      progress=False)
+            base = float(res.corrupted_metric)  # p(answer) on the corrupted prompt
+            out["ie"].setdefault(kind, []).append((res.effect_matrix.double() - base).tolist())
+            if kind == "resid_post":
+                out["p_clean"].append(float(res.clean_metric))
+                out["p_corrupted"].append(base)
+        print(f"  token pair {len(out['spans'])}/{len(rows)}, {time.time() - t0:.0f} s",
+              flush=True)
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def checkpoint(args: argparse.Namespace, name: str) -> str | None:
+    """A resumable run's checkpoint file (``--checkpoints``), or None."""
+    if args.checkpoints is None:
+        return None
+    args.checkpoints.mkdir(parents=True, exist_ok=True)
+    return str(args.checkpoints / f"{name}.ckpt")
+
+
+def progress(t0: float) -> Any:
+    def report(done: int, total: int) -> None:
+        if done % 4 == 0 or done == total:
+            print(f"  {done}/{total} facts, {time.time() - t0:.0f} s", flush=True)
+    return report
+
+
+def nan_free(rows: list[list[float]]) -> list[list[float | None]]:
+    return [[None if math.isnan(x) else x for x in row] for row in rows]
+
+
+# -- assembly ----------------------------------------------------------------------------------
+def grouped(ie: list[list[list[float]]], spans: list[list[int]]) -> torch.Tensor:
+    """Per-fact IE in ROME's groups: ``[n_facts, n_layers, 6]``, NaN where a fact has no such
+    group."""
+    out = []
+    for fact, (s0, s1) in zip(ie, spans):
+        effect = torch.tensor(fact, dtype=torch.float64)  # [n_layers, n_tokens]
+        cells = torch.full((effect.shape[0], len(GROUPS)), math.nan, dtype=torch.float64)
+        for g, cols in enumerate(position_groups(effect.shape[1], (s0, s1))):
+            if cols:
+                cells[:, g] = effect[:, cols].mean(1)
+        out.append(cells)
+    return torch.stack(out)
+
+
+def stat(per_fact: torch.Tensor) -> dict[str, Any]:
+    """Mean over facts, standard error and 95% bootstrap interval of ``per_fact [n]`` (NaN:
+    facts without the cell, left out)."""
+    x = per_fact[~torch.isnan(per_fact)].double()
+    if len(x) < 2:  # no spread from fewer than two facts
+        return {"mean": float(x.mean()) if len(x) else None, "se": None, "ci95": None,
+                "n": len(x)}
+    lo, hi = bootstrap_interval(x.float().unsqueeze(1), n_boot=N_BOOT, seed=BOOT_SEED)
+    return {"mean": float(x.mean()), "se": float(x.std() / math.sqrt(len(x))),
+            "ci95": [float(lo[0]), float(hi[0])], "n": len(x)}
+
+
+def column(g: torch.Tensor, group: int) -> dict[str, Any]:
+    """One group's mean IE by layer ``[n_layers]`` (over the facts that have the group), its
+    peak layer and the peak's statistics over facts."""
+    have = ~torch.isnan(g[:, 0, group])
+    if not have.any():
+        return {"by_layer": None, "peak_layer": None, "peak": {"n": 0}}
+    means = g[have, :, group].mean(0)
+    layer = int(means.argmax())
+    return {"by_layer": [round(float(v), 6) for v in means], "peak_layer": layer,
+            "peak": stat(g[:, layer, group])}
+
+
+def at(g: torch.Tensor, group: int, layer: int) -> dict[str, Any]:
+    return stat(g[:, layer, group])
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """``a - b`` fact by fact (same facts in the same order)."""
+    return stat(a - b)
+
+
+def summarize(name: str, run: dict[str, Any], kind: str, rows: slice | None = None
+              ) -> dict[str, Any]:
+    spans = run["spans"] if rows is None else run["spans"][rows]
+    ie = run["ie"][kind] if rows is None else run["ie"][kind][rows]
+    g = grouped(ie, spans)
+    out = {"n_facts": len(spans), "groups": {GROUPS[k]: column(g, k) for k in range(len(GROUPS))}}
+    print(f"{name} {kind}: last subject peak {out['groups']['last subject token']['peak']}")
+    return out
+
+
+def assemble(stages: dict[str, Any], args: argparse.Namespace, started: float) -> dict[str, Any]:
+    known, fig, ctl = stages["known"], stages["figures"], stages["controls"]
+    n_ctl = args.ctl_facts
+    out: dict[str, Any] = {
+        "command": command(), "commit": commit(), "noise_seed": 0,
+        "bootstrap": {"n_boot": N_BOOT, "seed": BOOT_SEED, "level": 0.95},
+        "known": {"known": known["known"], "total": known["total"],
+                  "fraction": known["known"] / known["total"],
+                  "subject_at_0": sum(s == 0 for s in known["subject_starts"]),
+                  "subject_at_0_fraction": sum(s == 0 for s in known["subject_starts"])
+                  / known["known"]},
+        "sizes": {"fig_facts": len(fig["spans"]), "fig_samples": args.fig_samples,
+                  "ctl_facts": n_ctl, "ctl_samples": args.ctl_samples,
+                  "late_facts": len(stages["late"]["spans"]),
+                  "token_pairs": len(stages["token"]["spans"])},
+        "seconds": {k: v.get("seconds") for k, v in stages.items() if isinstance(v, dict)
+                    and "seconds" in v} | {"controls": {k: v["seconds"] for k, v in ctl.items()
+                                                        if isinstance(v, dict)}},
+    }
+    # -- the figures' run ------------------------------------------------------------------------
+    out["figures"] = {"p_clean": stat(torch.tensor(fig["p_clean"])),
+                      "p_corrupted": stat(torch.tensor(fig["p_corrupted"])),
+                      "sigma": fig["sigma"],
+                      "subject_at_0": sum(s[0] == 0 for s in fig["spans"])}
+    figs = {kind: grouped(fig["ie"][kind], fig["spans"]) for kind in FIGURES}
+    for kind in FIGURES:
+        out["figures"][kind] = {GROUPS[k]: column(figs[kind], k) for k in range(len(GROUPS))}
+    # -- MLP windows: the same facts, first n_ctl of the figures' run for window 10 ---------------
+    mlp10 = figs["mlp"][:n_ctl]
+    windows: dict[str, Any] = {"w10": {GROUPS[k]: column(mlp10, k) for k in (LAST_SUBJECT, LAST)}}
+    windows["w10"]["samples"] = args.fig_samples
+    for name in ("mlp_w10_no0", "mlp_w1", "mlp_w6_no0"):
+        g = grouped(ctl[name]["ie"]["mlp"], ctl[name]["spans"])
+        windows[name.removeprefix("mlp_")] = {
+            GROUPS[k]: column(g, k) for k in (LAST_SUBJECT, LAST)} | {
+            "window": ctl[name]["windows"]["mlp"], "samples": args.ctl_samples,
+            "layer0_window_at_last_subject": at(g, LAST_SUBJECT, 0)}
+    g10 = mlp10
+    windows["w10"]["layer0_window_at_last_subject"] = at(g10, LAST_SUBJECT, 0)
+    # the largest effect of a window at the last subject token that holds no layer 0
+    g_no0 = grouped(ctl["mlp_w10_no0"]["ie"]["mlp"], ctl["mlp_w10_no0"]["spans"])
+    windows["w10_no0_vs_w10_at_peak"] = paired(
+        g_no0[:, windows["w10"]["last subject token"]["peak_layer"], LAST_SUBJECT],
+        g10[:, windows["w10"]["last subject token"]["peak_layer"], LAST_SUBJECT])
+    out["mlp_windows"] = windows
+    # -- sigma from the subject tokens --------------------------------------------------------
+    sub = ctl["sigma_subject"]
+    out["sigma_subject"] = {
+        "subject_std": ctl["subject_std"], "sigma": sub["sigma"], "vocab_sigma": fig["sigma"],
+        "p_corrupted": stat(torch.tensor(sub["p_corrupted"])),
+        "p_corrupted_vocab_same_facts": stat(torch.tensor(fig["p_corrupted"][:n_ctl])),
+        "mlp": summarize("sigma_subject", sub, "mlp")["groups"],
+        "vocab_mlp_same_facts": {GROUPS[k]: column(mlp10, k) for k in range(len(GROUPS))}}
+    # -- BOS in front -------------------------------------------------------------------------
+    bos = ctl["bos"]
+    out["bos"] = {"p_clean": stat(torch.tensor(bos["p_clean"])),
+                  "p_corrupted": stat(torch.tensor(bos["p_corrupted"])),
+                  "p_clean_same_facts_no_bos": stat(torch.tensor(fig["p_clean"][:n_ctl])),
+                  "mlp": summarize("bos", bos, "mlp")["groups"],
+                  "no_bos_mlp_same_facts": {GROUPS[k]: column(mlp10, k)
+                                            for k in range(len(GROUPS))}}
+    # -- subject start: the figures' facts at 0 against the late-start facts ------------------
+    at0 = [i for i, s in enumerate(fig["spans"]) if s[0] == 0]
+    late = stages["late"]
+    split: dict[str, Any] = {"n_start_0": len(at0), "n_late": len(late["spans"]),
+                             "late_samples": args.ctl_samples,
+                             "late_p_clean": stat(torch.tensor(late["p_clean"])),
+                             "late_p_corrupted": stat(torch.tensor(late["p_corrupted"]))}
+    for kind in LATE_COMPONENTS:
+        g0 = figs[kind][at0]
+        gl = grouped(late["ie"][kind], late["spans"])
+        split[kind] = {"start_0": {GROUPS[k]: column(g0, k) for k in range(len(GROUPS))},
+                       "late": {GROUPS[k]: column(gl, k) for k in range(len(GROUPS))}}
+    out["subject_start"] = split
+    # -- severed ------------------------------------------------------------------------------
+    sev = ctl["severed"]
+    gs = {kind: grouped(sev["ie"][kind], sev["spans"]) for kind in sev["ie"]}
+    sev_out: dict[str, Any] = {kind: {GROUPS[k]: column(g, k) for k in (LAST_SUBJECT, LAST)}
+                               for kind, g in gs.items()}
+    # ROME Fig. 3: at the last subject token, the hidden state's effect with later MLPs (or
+    # attention) severed, against the plain one, over the layers where the plain one peaks
+    plain = gs["resid_post"][:, :, LAST_SUBJECT]
+    for kind in ("resid_post_sever_mlp", "resid_post_sever_attn"):
+        sev_out[f"{kind}_minus_plain_by_layer"] = [
+            round(float((gs[kind][:, layer, LAST_SUBJECT] - plain[:, layer]).mean()), 6)
+            for layer in range(plain.shape[1])]
+        for layer in (0, 5, 10, 15):
+            sev_out[f"{kind}_minus_plain_layer{layer}"] = paired(
+                gs[kind][:, layer, LAST_SUBJECT], plain[:, layer])
+            sev_out[f"{kind}_layer{layer}"] = at(gs[kind], LAST_SUBJECT, layer)
+    for layer in (0, 5, 10, 15):
+        sev_out[f"resid_post_layer{layer}"] = at(gs["resid_post"], LAST_SUBJECT, layer)
+    out["severed"] = sev_out
+    # -- token replacement ------------------------------------------------------------------------
+    tok = stages["token"]
+    tok_out: dict[str, Any] = {"n_pairs": len(tok["spans"]),
+                               "p_clean": stat(torch.tensor(tok["p_clean"])),
+                               "p_corrupted": stat(torch.tensor(tok["p_corrupted"]))}
+    for kind in FIGURES:
+        g = grouped(tok["ie"][kind], tok["spans"])
+        tok_out[kind] = {GROUPS[k]: column(g, k) for k in range(len(GROUPS))}
+    out["token_replacement"] = tok_out
+    out["wall_seconds"] = round(time.time() - started, 1)
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------
+STAGES = ("known", "figures", "controls", "late", "token")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated stages to run (missing ones are loaded from "
+                             "--cache); the assembly runs when every stage is there")
+    parser.add_argument("--fig-facts", type=int, default=10)
+    parser.add_argument("--fig-samples", type=int, default=10)
+    parser.add_argument("--ctl-facts", type=int, default=6)
+    parser.add_argument("--ctl-samples", type=int, default=3)
+    parser.add_argument("--late-facts", type=int, default=5)
+    parser.add_argument("--token-pairs", type=int, default=12)
+    parser.add_argument("--token-candidates", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path,
+                        default=REPO_ROOT / "benchmarks" / "results" / "rome_controls")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="folder for the traces' checkpoints (a rerun resumes)")
+    parser.add_argument("--json", type=Path, default=IMG / "rome_controls.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("stages", "cache", "json",
+                                                                 "threads", "checkpoints")}
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    model = InterpretableModel("smollm2")
+    stages: dict[str, Any] = {}
+    for name in STAGES:
+        path = args.cache / f"{name}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings or name == "known":
+                stages[name] = saved
+                continue
+        if name not in wanted:
+            continue
+        print(f"stage {name}", flush=True)
+        if name == "known":
+            data = stage_known(model)
+        elif name == "figures":
+            data = stage_figures(model, stages["known"], args, started)
+        elif name == "controls":
+            data = stage_controls(model, stages["known"], args)
+        elif name == "late":
+            data = stage_late(model, stages["known"], args)
+        else:
+            data = stage_token(model, stages["known"], args)
+        data["settings"] = settings
+        data["commit"] = commit()
+        path.write_text(json.dumps(data))
+        stages[name] = data
+    missing = [s for s in STAGES if s not in stages]
+    if missing:
+        print(f"stages still to run: {missing}; no assembly")
+        return
+    summary = assemble(stages, args, started)
+    args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
