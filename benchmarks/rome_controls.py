@@ -29,6 +29,7 @@ default afterwards. One torch thread by default (``--threads``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -49,6 +50,8 @@ from causalpatch.datasets import FactualRecallDataset, KnownFact, known_facts  #
 from causalpatch.methods.causal_tracing import (GROUPS, position_groups,  # noqa: E402
                                                 subject_embedding_std, subject_span)
 from causalpatch.metrics import bootstrap_interval  # noqa: E402
+from causalpatch.render.plots import plot_trace  # noqa: E402
+from causalpatch.result import PatchingResult  # noqa: E402
 
 #: Bootstrap resamples of every interval and the resampling's seed.
 N_BOOT, BOOT_SEED = 1000, 0
@@ -92,82 +95,70 @@ def facts_of(known: dict[str, Any]) -> list[KnownFact]:
     return [KnownFact(p, s, int(t)) for p, s, t in known["facts"]]
 
 
-def stage_figures(model: Any, known: dict[str, Any], args: argparse.Namespace,
-                  started: float) -> dict[str, Any]:
-    facts = facts_of(known)[: args.fig_facts]
-    t0 = time.time()
-    result = causal_tracing_dataset(model, facts, samples=args.fig_samples, seed=0,
-                                    components=tuple(FIGURES), window=10, progress=progress(t0),
-                                    checkpoint=checkpoint(args, "figures"))
-    seconds = time.time() - t0
-    IMG.mkdir(parents=True, exist_ok=True)
-    names = {"resid_post": "hidden state", "mlp": "MLP outputs (window 10)",
-             "attn": "attention outputs (window 10)"}
-    for kind, stem in FIGURES.items():
-        res = result[kind]
-        title = (f"Restoring {names[kind]} — {model.name}, {len(facts)} known facts, "
-                 f"{args.fig_samples} noise samples")
-        fig = result.plot(kind, title=title)
-        fig.savefig(IMG / f"{stem}.png", dpi=130)
-        lower, upper = result.ci(kind, n_boot=N_BOOT, seed=BOOT_SEED)
-        write_figure_json(
-            IMG / f"{stem}.png", seed=0,
-            settings={"facts": len(facts), "samples": args.fig_samples, "noise": 3.0,
-                      "noise_std": "vocab", "window": res.extra["window"], "component": kind,
-                      "threads": args.threads, "facts_from": "known_facts(model, None, seed=0)"},
-            data={"layers": list(range(model.n_layers)), "groups": list(GROUPS),
-                  "group_counts": res.extra["group_counts"],
-                  "effect": res.effect_matrix.T.tolist(),
-                  "ci95_lower": nan_free(lower.T.tolist()),
-                  "ci95_upper": nan_free(upper.T.tolist())},
-            started=started,
-            extra={"p_clean": float(result.p_clean.mean()),
-                   "p_corrupted": float(result.p_corrupted.mean()), "trace_seconds": seconds})
-    return traced_facts(result) | {"seconds": seconds}
+def late_facts(known: dict[str, Any], args: argparse.Namespace) -> list[KnownFact]:
+    """Known facts after the figures' whose subject does not start at position 0."""
+    return [f for i, f in enumerate(facts_of(known))
+            if i >= args.fig_facts and known["subject_starts"][i] > 0][: args.late_facts]
 
 
-def stage_controls(model: Any, known: dict[str, Any], args: argparse.Namespace
-                   ) -> dict[str, Any]:
-    facts = facts_of(known)[: args.ctl_facts]
-    all_facts = facts_of(known)
-    sigma_subject = subject_embedding_std(model, [f.prompt for f in all_facts],
-                                          [f.subject for f in all_facts])
-    out: dict[str, Any] = {"subject_std": sigma_subject}
-    for name, kwargs in CONTROLS.items():
-        kw = dict(kwargs)
-        if name == "sigma_subject":
-            kw["noise_std"] = sigma_subject
-        t0 = time.time()
-        print(f"control {name}", flush=True)
-        result = causal_tracing_dataset(model, facts, samples=args.ctl_samples, seed=0,
-                                        progress=progress(t0), checkpoint=checkpoint(args, name),
-                                        **kw)
-        out[name] = traced_facts(result) | {"seconds": time.time() - t0}
+def subject_std(model: Any, known: dict[str, Any], cache: Path) -> float:
+    """ROME's sigma statistic over the subject tokens of every known fact (computed once)."""
+    path = cache / "subject_std.json"
+    if not path.exists():
+        facts = facts_of(known)
+        value = subject_embedding_std(model, [f.prompt for f in facts],
+                                      [f.subject for f in facts])
+        path.write_text(json.dumps({"subject_std": value, "facts": len(facts)}))
+    return float(json.loads(path.read_text())["subject_std"])
+
+
+def run_figures(model: Any, known: dict[str, Any], args: argparse.Namespace, lo: int, hi: int
+                ) -> dict[str, Any]:
+    """Facts ``lo..hi-1`` of the figures' run (fact i's noise is seeded ``i``, as in one call
+    over every fact)."""
+    result = causal_tracing_dataset(model, facts_of(known)[lo:hi], samples=args.fig_samples,
+                                    seed=lo, components=tuple(FIGURES), window=10,
+                                    progress=False)
+    out = traced_facts(result)
+    if lo == 0:  # the template of the figures (labels, settings)
+        out["results"] = {kind: json.loads(result[kind].to_json()) for kind in FIGURES}
     return out
 
 
-def stage_late(model: Any, known: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    late = [f for i, f in enumerate(facts_of(known))
-            if i >= args.fig_facts and known["subject_starts"][i] > 0][: args.late_facts]
-    t0 = time.time()
-    result = causal_tracing_dataset(model, late, samples=args.ctl_samples, seed=0,
-                                    components=LATE_COMPONENTS, window=10, progress=progress(t0),
-                                    checkpoint=checkpoint(args, "late"))
-    return traced_facts(result) | {"seconds": time.time() - t0,
-                                   "prompts": [f.prompt for f in late]}
+def run_control(model: Any, known: dict[str, Any], args: argparse.Namespace, name: str,
+                lo: int, hi: int) -> dict[str, Any]:
+    kw = dict(CONTROLS[name])
+    if name == "sigma_subject":
+        kw["noise_std"] = subject_std(model, known, args.cache)
+    result = causal_tracing_dataset(model, facts_of(known)[lo:hi], samples=args.ctl_samples,
+                                    seed=lo, progress=False, **kw)
+    return traced_facts(result)
 
 
-def stage_token(model: Any, known: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def run_late(model: Any, known: dict[str, Any], args: argparse.Namespace, lo: int, hi: int
+             ) -> dict[str, Any]:
+    facts = late_facts(known, args)[lo:hi]
+    result = causal_tracing_dataset(model, facts, samples=args.ctl_samples, seed=lo,
+                                    components=LATE_COMPONENTS, window=10, progress=False)
+    return traced_facts(result) | {"prompts": [f.prompt for f in facts]}
+
+
+def token_pairs(model: Any, known: dict[str, Any], args: argparse.Namespace
+                ) -> tuple[Any, list[int]]:
+    """The factual pairs whose clean fact SmolLM2 knows (the first ``--token-pairs``)."""
     known_prompts = {p for p, _, _ in known["facts"]}
     data = FactualRecallDataset(model, n=args.token_candidates, seed=0)
-    rows = [i for i, c in enumerate(data.clean) if c in known_prompts][: args.token_pairs]
-    t0 = time.time()
+    return data, [i for i, c in enumerate(data.clean) if c in known_prompts][: args.token_pairs]
+
+
+def run_token(model: Any, data: Any, rows: list[int]) -> dict[str, Any]:
+    """Token replacement by activation patching: each pair's IE ``p(answer | patched) -
+    p(answer | corrupted)`` at every (layer, position), for the clean prompt's answer."""
     out: dict[str, Any] = {"spans": [], "p_clean": [], "p_corrupted": [], "ie": {},
-                           "clean": [], "corrupted": [], "candidates": args.token_candidates}
+                           "clean": [], "corrupted": []}
     for i in rows:
         clean, corrupted, answer = data.clean[i], data.corrupted[i], data.correct[i]
-        span = subject_span(model, clean, data.subjects[i])
-        out["spans"].append(list(span))
+        out["spans"].append(list(subject_span(model, clean, data.subjects[i])))
         out["clean"].append(clean)
         out["corrupted"].append(corrupted)
         for kind in FIGURES:
@@ -179,29 +170,133 @@ def stage_token(model: Any, known: dict[str, Any], args: argparse.Namespace) -> 
             if kind == "resid_post":
                 out["p_clean"].append(float(res.clean_metric))
                 out["p_corrupted"].append(base)
-        print(f"  token pair {len(out['spans'])}/{len(rows)}, {time.time() - t0:.0f} s",
-              flush=True)
-    out["seconds"] = time.time() - t0
     return out
-
-
-def checkpoint(args: argparse.Namespace, name: str) -> str | None:
-    """A resumable run's checkpoint file (``--checkpoints``), or None."""
-    if args.checkpoints is None:
-        return None
-    args.checkpoints.mkdir(parents=True, exist_ok=True)
-    return str(args.checkpoints / f"{name}.ckpt")
-
-
-def progress(t0: float) -> Any:
-    def report(done: int, total: int) -> None:
-        if done % 4 == 0 or done == total:
-            print(f"  {done}/{total} facts, {time.time() - t0:.0f} s", flush=True)
-    return report
 
 
 def nan_free(rows: list[list[float]]) -> list[list[float | None]]:
     return [[None if math.isnan(x) else x for x in row] for row in rows]
+
+
+# -- chunks ------------------------------------------------------------------------------------
+def chunk_path(args: argparse.Namespace, part: str, lo: int) -> Path:
+    return args.cache / f"{part}_{lo:03d}.json"
+
+
+def chunk_key(args: argparse.Namespace, part: str) -> dict[str, Any]:
+    """What a chunk's numbers depend on besides its facts (a chunk saved with other settings
+    is not reused)."""
+    samples = args.fig_samples if part == "figures" else args.ctl_samples
+    key: dict[str, Any] = {"samples": samples, "chunk": args.chunk}
+    if part in ("late", "token"):
+        key["fig_facts" if part == "late" else "token_candidates"] = (
+            args.fig_facts if part == "late" else args.token_candidates)
+    return key
+
+
+def parts(stage: str) -> list[str]:
+    return [f"controls_{name}" for name in CONTROLS] if stage == "controls" else [stage]
+
+
+def size(args: argparse.Namespace, part: str) -> int:
+    if part == "figures":
+        return args.fig_facts
+    if part.startswith("controls_"):
+        return args.ctl_facts
+    return args.late_facts if part == "late" else args.token_pairs
+
+
+def load_part(args: argparse.Namespace, part: str) -> dict[str, Any] | None:
+    """Every saved chunk of ``part`` from fact 0 on, merged (None: not even the first)."""
+    merged: dict[str, Any] | None = None
+    for lo in range(0, size(args, part), args.chunk):
+        path = chunk_path(args, part, lo)
+        if not path.exists():
+            break
+        data = json.loads(path.read_text())
+        if data.get("key") != chunk_key(args, part):
+            break
+        if merged is None:
+            merged = data
+            continue
+        for field in ("spans", "p_clean", "p_corrupted", "answers", "prompts", "clean",
+                      "corrupted"):
+            if field in data:
+                merged[field] = merged[field] + data[field]
+        for kind, rows in data["ie"].items():
+            merged["ie"][kind] = merged["ie"][kind] + rows
+        merged["seconds"] += data["seconds"]
+    return merged
+
+
+def run_stages(model: Any, known: dict[str, Any], args: argparse.Namespace,
+               wanted: list[str]) -> None:
+    """Chunk by chunk, round-robin over the wanted stages, so that every stage has the same
+    number of facts done whenever the run stops."""
+    token: tuple[Any, list[int]] | None = None
+    longest = max((size(args, p) for s in wanted for p in parts(s)), default=0)
+    for lo in range(0, longest, args.chunk):
+        for stage in wanted:
+            for part in parts(stage):
+                hi = min(lo + args.chunk, size(args, part))
+                path = chunk_path(args, part, lo)
+                if lo >= hi or (path.exists() and
+                                json.loads(path.read_text()).get("key") == chunk_key(args, part)):
+                    continue
+                t0 = time.time()
+                if part == "figures":
+                    data = run_figures(model, known, args, lo, hi)
+                elif part.startswith("controls_"):
+                    data = run_control(model, known, args, part.removeprefix("controls_"), lo, hi)
+                elif part == "late":
+                    data = run_late(model, known, args, lo, hi)
+                else:
+                    token = token or token_pairs(model, known, args)
+                    data = run_token(model, token[0], token[1][lo:hi])
+                data.update(key=chunk_key(args, part), seconds=time.time() - t0,
+                            commit=commit(), threads=args.threads)
+                path.write_text(json.dumps(data))
+                print(f"{part} facts {lo}..{hi - 1}: {time.time() - t0:.0f} s", flush=True)
+
+
+def draw_figures(model: Any, fig: dict[str, Any], args: argparse.Namespace, started: float
+                 ) -> None:
+    """``docs/img/rome_{resid,mlp,attn}.png`` from the figures' facts, each with its JSON."""
+    IMG.mkdir(parents=True, exist_ok=True)
+    names = {"resid_post": "hidden state", "mlp": "MLP outputs (window 10)",
+             "attn": "attention outputs (window 10)"}
+    n = len(fig["spans"])
+    for kind, stem in FIGURES.items():
+        g = grouped(fig["ie"][kind], fig["spans"])  # [facts, layers, groups]
+        have = ~torch.isnan(g[:, 0, :])  # [facts, groups]
+        counts = [int(c) for c in have.sum(0)]
+        effect = torch.stack([g[have[:, k], :, k].mean(0) if counts[k] else
+                              torch.zeros(g.shape[1], dtype=torch.float64)
+                              for k in range(len(GROUPS))], 1)  # [layers, groups]
+        template = PatchingResult.from_json(json.dumps(fig["results"][kind]))
+        result = dataclasses.replace(
+            template, effect_matrix=effect.float(), per_pair=None, std=None,
+            clean_metric=float(torch.tensor(fig["p_clean"]).mean()),
+            corrupted_metric=float(torch.tensor(fig["p_corrupted"]).mean()),
+            extra=template.extra | {"group_counts": counts, "n_prompts": n})
+        title = (f"Restoring {names[kind]} — {model.name}, {n} known facts, "
+                 f"{args.fig_samples} noise samples")
+        plot_trace(result, title=title).savefig(IMG / f"{stem}.png", dpi=130)
+        lower, upper = bootstrap_interval(g.float(), n_boot=N_BOOT, seed=BOOT_SEED,
+                                          skip_missing=True)
+        write_figure_json(
+            IMG / f"{stem}.png", seed=0,
+            settings={"facts": n, "samples": args.fig_samples, "noise": 3.0,
+                      "noise_std": "vocab", "window": 10 if kind != "resid_post" else 1,
+                      "component": kind, "threads": args.threads,
+                      "facts_from": "known_facts(model, None, seed=0), the first ones"},
+            data={"layers": list(range(model.n_layers)), "groups": list(GROUPS),
+                  "group_counts": counts, "effect": effect.T.tolist(),
+                  "ci95_lower": nan_free(lower.T.tolist()),
+                  "ci95_upper": nan_free(upper.T.tolist())},
+            started=started,
+            extra={"p_clean": float(torch.tensor(fig["p_clean"]).mean()),
+                   "p_corrupted": float(torch.tensor(fig["p_corrupted"]).mean()),
+                   "trace_seconds": fig["seconds"]})
 
 
 # -- assembly ----------------------------------------------------------------------------------
@@ -264,7 +359,7 @@ def summarize(name: str, run: dict[str, Any], kind: str, rows: slice | None = No
 
 def assemble(stages: dict[str, Any], args: argparse.Namespace, started: float) -> dict[str, Any]:
     known, fig, ctl = stages["known"], stages["figures"], stages["controls"]
-    n_ctl = args.ctl_facts
+    n_ctl = len(ctl["mlp_w10_no0"]["spans"])  # every control has these facts
     out: dict[str, Any] = {
         "command": command(), "commit": commit(), "noise_seed": 0,
         "bootstrap": {"n_boot": N_BOOT, "seed": BOOT_SEED, "level": 0.95},
@@ -277,9 +372,9 @@ def assemble(stages: dict[str, Any], args: argparse.Namespace, started: float) -
                   "ctl_facts": n_ctl, "ctl_samples": args.ctl_samples,
                   "late_facts": len(stages["late"]["spans"]),
                   "token_pairs": len(stages["token"]["spans"])},
-        "seconds": {k: v.get("seconds") for k, v in stages.items() if isinstance(v, dict)
-                    and "seconds" in v} | {"controls": {k: v["seconds"] for k, v in ctl.items()
-                                                        if isinstance(v, dict)}},
+        "seconds": {"figures": fig["seconds"], "late": stages["late"]["seconds"],
+                    "token": stages["token"]["seconds"],
+                    "controls": {k: v["seconds"] for k, v in ctl.items() if isinstance(v, dict)}},
     }
     # -- the figures' run ------------------------------------------------------------------------
     out["figures"] = {"p_clean": stat(torch.tensor(fig["p_clean"])),
@@ -369,67 +464,70 @@ def assemble(stages: dict[str, Any], args: argparse.Namespace, started: float) -
 
 
 # -- main --------------------------------------------------------------------------------------
-STAGES = ("known", "figures", "controls", "late", "token")
+STAGES = ("figures", "controls", "late", "token")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help="comma-separated stages to run (missing ones are loaded from "
-                             "--cache); the assembly runs when every stage is there")
-    parser.add_argument("--fig-facts", type=int, default=10)
+                        help="comma-separated stages to run (saved chunks are loaded from "
+                             "--cache); the assembly follows unless --no-assemble")
+    parser.add_argument("--no-assemble", action="store_true")
+    parser.add_argument("--fig-facts", type=int, default=12)
     parser.add_argument("--fig-samples", type=int, default=10)
-    parser.add_argument("--ctl-facts", type=int, default=6)
+    parser.add_argument("--ctl-facts", type=int, default=8)
     parser.add_argument("--ctl-samples", type=int, default=3)
-    parser.add_argument("--late-facts", type=int, default=5)
+    parser.add_argument("--late-facts", type=int, default=6)
     parser.add_argument("--token-pairs", type=int, default=12)
     parser.add_argument("--token-candidates", type=int, default=300)
+    parser.add_argument("--chunk", type=int, default=2, help="facts per saved chunk")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "rome_controls")
-    parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="folder for the traces' checkpoints (a rerun resumes)")
     parser.add_argument("--json", type=Path, default=IMG / "rome_controls.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
     args.cache.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("stages", "cache", "json",
-                                                                 "threads", "checkpoints")}
-    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     model = InterpretableModel("smollm2")
-    stages: dict[str, Any] = {}
-    for name in STAGES:
-        path = args.cache / f"{name}.json"
-        if path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings or name == "known":
-                stages[name] = saved
-                continue
-        if name not in wanted:
-            continue
-        print(f"stage {name}", flush=True)
-        if name == "known":
-            data = stage_known(model)
-        elif name == "figures":
-            data = stage_figures(model, stages["known"], args, started)
-        elif name == "controls":
-            data = stage_controls(model, stages["known"], args)
-        elif name == "late":
-            data = stage_late(model, stages["known"], args)
-        else:
-            data = stage_token(model, stages["known"], args)
-        data["settings"] = settings
-        data["commit"] = commit()
-        path.write_text(json.dumps(data))
-        stages[name] = data
-    missing = [s for s in STAGES if s not in stages]
-    if missing:
-        print(f"stages still to run: {missing}; no assembly")
+    known_path = args.cache / "known.json"
+    if not known_path.exists():
+        known_path.write_text(json.dumps(stage_known(model)))
+    known = json.loads(known_path.read_text())
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip() in STAGES]
+    run_stages(model, known, args, wanted)
+    if args.no_assemble:
         return
+    stages: dict[str, Any] = {"known": known}
+    for stage in STAGES:
+        loaded = {part: load_part(args, part) for part in parts(stage)}
+        if any(v is None for v in loaded.values()):
+            print(f"stage {stage} has no saved facts yet; no assembly")
+            return
+        if stage == "controls":
+            # every control over the same facts: as many as the least advanced one has (and
+            # the figures' run, their window-10 reference)
+            n = min([len(v["spans"]) for v in loaded.values() if v is not None]
+                    + [len(stages["figures"]["spans"])])
+            stages[stage] = {part.removeprefix("controls_"): truncate(v, n)
+                             for part, v in loaded.items()}
+            stages[stage]["subject_std"] = subject_std(model, known, args.cache)
+        else:
+            stages[stage] = loaded[stage]
+    draw_figures(model, stages["figures"], args, started)
     summary = assemble(stages, args, started)
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.json}")
+
+
+def truncate(run: dict[str, Any] | None, n: int) -> dict[str, Any]:
+    """The first ``n`` facts of a merged run."""
+    assert run is not None
+    out = dict(run)
+    for field in ("spans", "p_clean", "p_corrupted", "answers"):
+        out[field] = run[field][:n]
+    out["ie"] = {kind: rows[:n] for kind, rows in run["ie"].items()}
+    return out
 
 
 if __name__ == "__main__":
