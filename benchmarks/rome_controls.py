@@ -69,6 +69,9 @@ CONTROLS: dict[str, dict[str, Any]] = {
 }
 #: The components traced on the facts whose subject does not start at position 0.
 LATE_COMPONENTS = ("resid_post", "mlp")
+#: The first known facts are the figures' and the controls' pool (at most this many); the
+#: facts whose subject starts later are taken after them.
+RESERVED = 12
 LAST_SUBJECT, LAST = GROUPS.index("last subject token"), GROUPS.index("last token")
 
 
@@ -96,9 +99,10 @@ def facts_of(known: dict[str, Any]) -> list[KnownFact]:
 
 
 def late_facts(known: dict[str, Any], args: argparse.Namespace) -> list[KnownFact]:
-    """Known facts after the figures' whose subject does not start at position 0."""
+    """Known facts whose subject does not start at position 0, after the :data:`RESERVED`
+    first ones (the figures' and the controls' pool)."""
     return [f for i, f in enumerate(facts_of(known))
-            if i >= args.fig_facts and known["subject_starts"][i] > 0][: args.late_facts]
+            if i >= RESERVED and known["subject_starts"][i] > 0][: args.late_facts]
 
 
 def subject_std(model: Any, known: dict[str, Any], cache: Path) -> float:
@@ -189,7 +193,7 @@ def chunk_key(args: argparse.Namespace, part: str) -> dict[str, Any]:
     key: dict[str, Any] = {"samples": samples, "chunk": args.chunk}
     if part in ("late", "token"):
         key["fig_facts" if part == "late" else "token_candidates"] = (
-            args.fig_facts if part == "late" else args.token_candidates)
+            RESERVED if part == "late" else args.token_candidates)
     return key
 
 
@@ -486,6 +490,9 @@ def main() -> None:
                         default=REPO_ROOT / "benchmarks" / "results" / "rome_controls")
     parser.add_argument("--json", type=Path, default=IMG / "rome_controls.json")
     args = parser.parse_args()
+    if max(args.fig_facts, args.ctl_facts) > RESERVED:
+        parser.error(f"--fig-facts and --ctl-facts must be at most {RESERVED} (the facts after "
+                     "them are the late-start facts' pool)")
     torch.set_num_threads(args.threads)
     started = time.time()
     args.cache.mkdir(parents=True, exist_ok=True)
