@@ -4,26 +4,29 @@ One command reproduces every figure and number the page quotes::
 
     python benchmarks/rome_controls.py
 
-Stages (each saves its per-fact data to ``--cache``, ``benchmarks/results/rome_controls/``, and
-is skipped when its file exists with the same settings, so the stages can run in separate
-processes and a rerun only re-assembles):
+Runs (each saved to ``--cache``, ``benchmarks/results/rome_controls/``, in chunks of
+``--chunk`` facts that a rerun with the same settings loads instead of recomputing; the runs go
+round-robin chunk by chunk, so that stopped at any time every run has about as many facts):
 
-* ``known``: which of ROME's 1,209 known facts SmolLM2 answers correctly (top-1);
-* ``figures``: the first ``--fig-facts`` known facts, 10 noise samples, ``resid_post``, ``mlp``
-  and ``attn`` (windows of 10): ``docs/img/rome_{resid,mlp,attn}.png`` with their JSON;
-* ``controls``: the first ``--ctl-facts`` of those facts, ``--ctl-samples`` noise samples:
-  MLP windows without layer 0, of 1 layer and depth-scaled (6 layers), each with and without
-  layer 0; the noise's sigma from the subject tokens; a BOS token in front; severed MLP and
-  attention traces;
-* ``late``: ``--late-facts`` known facts whose subject does not start at position 0;
+* ``known.json``: which of ROME's 1,209 known facts SmolLM2 answers correctly (top-1), and
+  where each one's subject starts;
+* ``figures``: the first ``--fig-facts`` known facts, ``--fig-samples`` (10) noise samples,
+  ``resid_post``, ``mlp`` and ``attn`` (windows of 10);
+* ``controls``: the first ``--ctl-facts`` of those facts, ``--ctl-samples`` noise samples: MLP
+  windows of 10 and of 6 (``"scaled"``) without layer 0 and of 1 layer; the noise's sigma from
+  the subject tokens of every known fact; a BOS token in front; severed MLP and attention
+  traces;
+* ``late``: ``--late-facts`` known facts whose subject does not start at position 0 (taken
+  after the first :data:`RESERVED`);
 * ``token``: token-replacement corruption (``FactualRecallDataset``: the subject swapped for
   another subject of the same relation) by activation patching of ``resid_post``, ``mlp`` and
   ``attn`` at every (layer, position), on ``--token-pairs`` pairs whose clean fact is known;
-* assembly: ``docs/img/rome_controls.json``, every quoted number with a 95% bootstrap interval
-  over facts (1,000 resamples).
+* assembly: ``docs/img/rome_{resid,mlp,attn}.png`` with their JSON beside them
+  (``scripts/provenance.py``) and ``docs/img/rome_controls.json``: every quoted number, with
+  its standard error and 95% bootstrap interval over facts (1,000 resamples).
 
-Run a subset with ``--stages figures`` (or ``controls,late,token``) and the assembly with the
-default afterwards. One torch thread by default (``--threads``).
+``--stages figures`` (or ``controls,late,token``) runs a subset, e.g. in two processes;
+``--no-assemble`` skips the assembly. One torch thread by default (``--threads``).
 """
 
 from __future__ import annotations
@@ -330,14 +333,14 @@ def stat(per_fact: torch.Tensor) -> dict[str, Any]:
             "ci95": [float(lo[0]), float(hi[0])], "n": len(x)}
 
 
-def column(g: torch.Tensor, group: int) -> dict[str, Any]:
+def column(g: torch.Tensor, group: int, first: int = 0) -> dict[str, Any]:
     """One group's mean IE by layer ``[n_layers]`` (over the facts that have the group), its
-    peak layer and the peak's statistics over facts."""
+    peak layer (from layer ``first`` on) and the peak's statistics over facts."""
     have = ~torch.isnan(g[:, 0, group])
     if not have.any():
         return {"by_layer": None, "peak_layer": None, "peak": {"n": 0}}
     means = g[have, :, group].mean(0)
-    layer = int(means.argmax())
+    layer = first + int(means[first:].argmax())
     return {"by_layer": [round(float(v), 6) for v in means], "peak_layer": layer,
             "peak": stat(g[:, layer, group])}
 
@@ -398,6 +401,8 @@ def assemble(stages: dict[str, Any], args: argparse.Namespace, started: float) -
             GROUPS[k]: column(g, k) for k in (LAST_SUBJECT, LAST)} | {
             "window": ctl[name]["windows"]["mlp"], "samples": args.ctl_samples,
             "layer0_window_at_last_subject": at(g, LAST_SUBJECT, 0)}
+    g1 = grouped(ctl["mlp_w1"]["ie"]["mlp"], ctl["mlp_w1"]["spans"])
+    windows["w1"]["last subject token from layer 1"] = column(g1, LAST_SUBJECT, first=1)
     g10 = mlp10
     windows["w10"]["layer0_window_at_last_subject"] = at(g10, LAST_SUBJECT, 0)
     # the largest effect of a window at the last subject token that holds no layer 0
@@ -462,6 +467,9 @@ def assemble(stages: dict[str, Any], args: argparse.Namespace, started: float) -
     for kind in FIGURES:
         g = grouped(tok["ie"][kind], tok["spans"])
         tok_out[kind] = {GROUPS[k]: column(g, k) for k in range(len(GROUPS))}
+        tok_out[kind]["last subject token from layer 1"] = column(g, LAST_SUBJECT, first=1)
+    tok_out["same_facts_as_figures"] = sum(c in {p for p, _, _ in known["facts"][: len(
+        fig["spans"])]} for c in tok["clean"])
     out["token_replacement"] = tok_out
     out["wall_seconds"] = round(time.time() - started, 1)
     return out
