@@ -301,7 +301,8 @@ def draw_figures(model: Any, fig: dict[str, Any], args: argparse.Namespace, star
                   "ci95_lower": nan_free(lower.T.tolist()),
                   "ci95_upper": nan_free(upper.T.tolist())},
             started=started,
-            extra={"p_clean": float(torch.tensor(fig["p_clean"]).mean()),
+            extra={"commit": args.commit,  # at the start: the files written here are not edits
+                   "p_clean": float(torch.tensor(fig["p_clean"]).mean()),
                    "p_corrupted": float(torch.tensor(fig["p_corrupted"]).mean()),
                    "trace_seconds": fig["seconds"]})
 
@@ -368,7 +369,7 @@ def assemble(stages: dict[str, Any], args: argparse.Namespace, started: float) -
     known, fig, ctl = stages["known"], stages["figures"], stages["controls"]
     n_ctl = len(ctl["mlp_w10_no0"]["spans"])  # every control has these facts
     out: dict[str, Any] = {
-        "command": command(), "commit": commit(), "noise_seed": 0,
+        "command": command(), "commit": args.commit, "noise_seed": 0,
         "bootstrap": {"n_boot": N_BOOT, "seed": BOOT_SEED, "level": 0.95},
         "known": {"known": known["known"], "total": known["total"],
                   "fraction": known["known"] / known["total"],
@@ -502,6 +503,7 @@ def main() -> None:
         parser.error(f"--fig-facts and --ctl-facts must be at most {RESERVED} (the facts after "
                      "them are the late-start facts' pool)")
     torch.set_num_threads(args.threads)
+    args.commit = commit()  # before this run writes anything
     started = time.time()
     args.cache.mkdir(parents=True, exist_ok=True)
     model = InterpretableModel("smollm2")
