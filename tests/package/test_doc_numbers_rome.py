@@ -107,7 +107,7 @@ QUOTES: list[tuple[str, str, tuple[str, ...], str | tuple[str, ...]]] = [
      CONTROLS, ('figures/attn/last subject token/peak/mean',), '.3f'),
     ("kens' identity, not a looked-up fact. On the {} control fac",
      CONTROLS, ('sizes/ctl_facts',), 'd'),
-    ('] | |---|---:|---:| | window 10 (the figure; {} samples) | ',
+    (" window 10 (the figures' run on these facts, {} samples) | ",
      CONTROLS, ('mlp_windows/w10/samples',), 'd'),
     (' samples) | {} | ',
      CONTROLS, ('mlp_windows/w10/last subject token/peak_layer',), 'd'),
