@@ -2,15 +2,16 @@
 
 Run (about 13 minutes for 100 facts and 3 noise samples on the 2-core Intel benchmark host)::
 
-    python examples/rome_known_facts.py [--facts 100] [--samples 3] [--docs]
+    python examples/rome_known_facts.py [--facts 100] [--samples 3]
 
 Corrupts the subject tokens' embeddings with Gaussian noise (3x the embeddings' standard
 deviation, as in Meng et al. 2022), then restores each layer's MLP or attention output (windows
 of 10 layers) at each position, and averages the indirect effect on the answer's probability
 over facts in ROME's six position groups. Writes ``trace.json``, ``rome_mlp.png`` and
-``rome_attn.png`` to ``--out`` (and the docs figures in ``docs/img/`` with ``--docs``), and
-prints the wall time, ``p_clean``/``p_corrupted`` and each group's peak effect with its layer and
-standard error over facts.
+``rome_attn.png`` to ``--out`` and prints the wall time, ``p_clean``/``p_corrupted`` and each
+group's peak effect with its layer and standard error over facts. The figures and numbers of
+``docs/causal_tracing.md`` (with ROME's controls, 10 noise samples and their JSON) come from
+``benchmarks/rome_controls.py``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import torch
 from causalpatch import InterpretableModel, causal_tracing_dataset
 from causalpatch.datasets import known_facts
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +35,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("out/rome_known_facts"))
-    parser.add_argument("--docs", action="store_true", help="also write docs/img figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,7 +58,7 @@ def main() -> None:
           f"p_corrupted {float(result.p_corrupted.mean()):.3f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    targets = [args.out] + ([ROOT / "docs" / "img"] if args.docs else [])
+    targets = [args.out]
     for kind in ("mlp", "attn"):
         title = (f"Restoring {'MLP' if kind == 'mlp' else 'attention'} outputs (window "
                  f"{args.window}) — {model.name}, {len(facts)} known facts, "
@@ -83,8 +81,7 @@ def main() -> None:
     payload.update(p_clean=result.p_clean.tolist(), p_corrupted=result.p_corrupted.tolist(),
                    seconds=elapsed, settings=vars(args) | {"out": str(args.out)})
     (args.out / "trace.json").write_text(json.dumps(payload), encoding="utf-8")
-    print(f"wrote {args.out}/trace.json and the figures" + (" (and docs/img)" if args.docs
-                                                            else ""))
+    print(f"wrote {args.out}/trace.json and the figures")
 
 
 if __name__ == "__main__":
