@@ -73,7 +73,7 @@ figures: $(VENV)/.test-extras
 	$(FIG) scripts/report_screenshot.py --results out/ioi_example --out docs/img/report.png
 	$(FIG) benchmarks/bench_attribution.py --threads 1 --figure-only --figure docs/img/attribution_vs_exact.png
 	$(FIG) examples/path_patching_ioi.py --docs
-	$(if $(wildcard benchmarks/rome_controls.py),$(FIG) benchmarks/rome_controls.py,$(FIG) examples/rome_known_facts.py --docs)
+	$(FIG) benchmarks/rome_controls.py --cache out/rome_controls
 	$(FIG) examples/sae_ioi.py --out docs/img
 	$(FIG) benchmarks/positive_control.py --json docs/data/positive_control.json
 	$(FIG) benchmarks/circuits_ioi.py --pairs 8 --threads 2 --json benchmarks/results/circuits_ioi.json
