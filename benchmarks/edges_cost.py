@@ -44,8 +44,6 @@ Smoke run: ``--pairs 2 --repeats 1 --curve-pairs 1 --loop-edges 3 --memory none`
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
@@ -58,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_patching import reset_peak, rss_status  # the memory probes' two helpers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The receivers of the exact comparison (layer fractions of SmolLM2's 30 layers): an early,
@@ -492,31 +491,6 @@ def measure(model: Any, data: Any, *, repeats: int = 3, ig_steps: int = 5,
 
 
 # -- memory probes (fresh subprocesses) --------------------------------------------------------
-def rss_status() -> dict[str, float]:
-    """VmRSS / VmHWM of this process in MiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) / 1024
-    return out
-
-
-def reset_peak() -> bool:
-    """Free what earlier work left in the heap and reset VmHWM to the current RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     """Subprocess entry: ``eap:B``, ``eap_ig:B`` (one gradient pass of ``B`` pairs of the
     most common length) or ``forward:ROWS`` (a plain forward with autograd, output kept)."""

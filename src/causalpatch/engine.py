@@ -686,14 +686,26 @@ def rows_per_chunk(model: HookedModel, n_query: int, n_keys: int,
     Raises:
         InvalidArgumentError: the budget holds no row (the message names the minimum).
     """
-    per_row = row_bytes(model, n_query, n_keys, n_columns)
-    rows = int(memory_mb * 2**20 // per_row)
-    if rows < 1:
+    return fit_budget(memory_mb, row_bytes(model, n_query, n_keys, n_columns),
+                      f"one patch row of this sweep ({n_query} positions, {n_keys} keys)",
+                      "(or a larger budget, or batch_size=)", digits=3)
+
+
+def fit_budget(memory_mb: float, unit_bytes: float, unit: str, alternative: str,
+               digits: int = 0) -> int:
+    """How many units of ``unit_bytes`` fit ``memory_mb`` MiB (at least one).
+
+    Raises:
+        InvalidArgumentError: the budget holds no unit; the message names ``unit``, the
+            minimum budget (``digits`` decimals) and ``alternative``.
+    """
+    n = int(memory_mb * 2**20 // unit_bytes)
+    if n < 1:
+        need = f"{unit_bytes / 2**20:.{digits}f}"
         raise InvalidArgumentError(
-            f"memory_mb={memory_mb:g} cannot hold one patch row of this sweep ({n_query} "
-            f"positions, {n_keys} keys): one row needs {per_row / 2**20:.3f} MiB; pass "
-            f"memory_mb >= {per_row / 2**20:.3f} (or a larger budget, or batch_size=)")
-    return rows
+            f"memory_mb={memory_mb:g} cannot hold {unit}: one needs {need} MiB; pass "
+            f"memory_mb >= {need} {alternative}")
+    return n
 
 
 @dataclass

@@ -72,7 +72,8 @@ import torch
 
 from ..assemble import GroupValues, Scale, aggregate, answer_columns
 from ..engine import (PairRun, Step, cachers, climb, embed, gradient_pass, last_logits,
-                      row_bytes, rows_per_chunk, run_layer, run_pair, unembed)
+                      fit_budget, row_bytes, rows_per_chunk, run_layer, run_pair,
+                      unembed)
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..graph import EdgeGraph, EdgeResult, check_separable, edge_sites, sender_deltas
@@ -111,14 +112,9 @@ def pairs_per_pass(model: HookedModel, n_tokens: int, steps: int, memory_mb: flo
     row = (d.n_layers * row_bytes(model, n_tokens, n_tokens)
            + 4 * n_tokens * d.vocab_size)
     held = 4 * (len(graph.receivers) + len(graph.nodes)) * n_tokens * d.d_model
-    per_pair = GRADIENT_ROW_FACTOR * steps * row + held
-    n = int(memory_mb * 2**20 // per_pair)
-    if n < 1:
-        raise InvalidArgumentError(
-            f"memory_mb={memory_mb:g} cannot hold one pair's gradient pass ({n_tokens} tokens, "
-            f"{steps} row(s) per pair): one pair needs about {per_pair / 2**20:.0f} MiB; pass "
-            f"memory_mb >= {per_pair / 2**20:.0f} (or batch_size=1 to run one pair at a time)")
-    return n
+    return fit_budget(memory_mb, GRADIENT_ROW_FACTOR * steps * row + held,
+                      f"one pair's gradient pass ({n_tokens} tokens, {steps} row(s) per pair)",
+                      "(or batch_size=1 to run one pair at a time)")
 
 
 class _Receivers:
