@@ -287,9 +287,9 @@ def draw_figures(model: Any, fig: dict[str, Any], args: argparse.Namespace, star
             extra=template.extra | {"group_counts": counts, "n_prompts": n})
         title = (f"Restoring {names[kind]} — {model.name}, {n} known facts, "
                  f"{args.fig_samples} noise samples")
-        plot_trace(result, title=title).savefig(IMG / f"{stem}.png", dpi=130)
         lower, upper = bootstrap_interval(g.float(), n_boot=N_BOOT, seed=BOOT_SEED,
-                                          skip_missing=True)
+                                          skip_missing=True)  # [layers, groups]
+        draw_with_intervals(result, effect, lower, upper, title, IMG / f"{stem}.png")
         write_figure_json(
             IMG / f"{stem}.png", seed=0,
             settings={"facts": n, "samples": args.fig_samples, "noise": 3.0,
@@ -305,6 +305,36 @@ def draw_figures(model: Any, fig: dict[str, Any], args: argparse.Namespace, star
                    "p_clean": float(torch.tensor(fig["p_clean"]).mean()),
                    "p_corrupted": float(torch.tensor(fig["p_corrupted"]).mean()),
                    "trace_seconds": fig["seconds"]})
+
+
+def draw_with_intervals(result: PatchingResult, effect: torch.Tensor, lower: torch.Tensor,
+                        upper: torch.Tensor, title: str, path: Path) -> None:
+    """The ROME heatmap (left) and, beside it, the last subject token's and the last token's
+    effect by layer with their 95% bootstrap intervals over facts (right); ``effect``,
+    ``lower``, ``upper``: ``[layers, groups]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(14.5, 4.6), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[1.75, 1])
+    plot_trace(result, ax=left.add_subplot())
+    ax = right.add_subplot()
+    layers = list(range(effect.shape[0]))
+    for name, colour in (("last subject token", "tab:orange"), ("last token", "tab:blue")):
+        k = list(GROUPS).index(name)
+        ax.plot(layers, effect[:, k].tolist(), color=colour, label=name)
+        ax.fill_between(layers, lower[:, k].tolist(), upper[:, k].tolist(), color=colour,
+                        alpha=0.25, linewidth=0)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("layer (centre of the window)" if result.component != "resid_post"
+                  else "layer")
+    ax.set_ylabel("indirect effect (95% CI over facts)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 # -- assembly ----------------------------------------------------------------------------------
