@@ -319,10 +319,15 @@ def quoted(text: str, data: Any, paths: tuple[str, ...], specs: str | tuple[str,
 @pytest.mark.parametrize("doc,text,source,paths,specs", QUOTES,
                          ids=[f"{q[0]}:{q[1][:40]}" for q in QUOTES])
 def test_quoted_number_matches_its_json(doc, text, source, paths, specs):
+    assert_quoted(doc, text, source, paths, specs)
+
+
+def assert_quoted(doc: str, text: str, source: Any, paths: Any, specs: Any) -> None:
+    """``text`` with the JSON's numbers filled in is on the page ``docs/<doc>``; otherwise say
+    which side moved: the text around the numbers, or a number."""
     expected = quoted(text, load(source), paths, specs)
     if expected in page(doc):
         return
-    # say which side moved: the text around the numbers, or a number
     pieces = [squash(p).strip() for p in text.split("{}") if squash(p).strip()]
     missing = [p for p in pieces if p not in page(doc)]
     where = (f"the page no longer has the text {missing}" if missing else

@@ -17,7 +17,7 @@ import math
 
 import pytest
 from conftest import REPO_ROOT
-from test_doc_numbers import load, page, quoted, render, squash
+from test_doc_numbers import assert_quoted, load, page, quoted, render, squash
 
 SAE_IOI = "docs/img/sae_ioi.json"
 SAE_CFG = "tests/data/saes/smollm2-blocks.20.resid_post-topk-2048/cfg.json"
@@ -128,14 +128,7 @@ QUOTES: list[tuple[str, tuple[str, ...], str | tuple[str, ...]]] = [
 @pytest.mark.parametrize("text,paths,specs", QUOTES, ids=[q[0][:40] for q in QUOTES])
 def test_quoted_number_matches_the_json(text, paths, specs):
     source = SAE_CFG if paths[0].startswith("metadata/") else SAE_IOI
-    expected = quoted(text, load(source), paths, specs)
-    if expected in page(DOC):
-        return
-    pieces = [squash(p).strip() for p in text.split("{}") if squash(p).strip()]
-    missing = [p for p in pieces if p not in page(DOC)]
-    where = (f"the page no longer has the text {missing}" if missing else
-             f"a number differs from {source}")
-    raise AssertionError(f"docs/{DOC}: {where}; expected to find {expected!r}")
+    assert_quoted(DOC, text, source, paths, specs)
 
 
 def rows_in_order(table_header: str, rows: list[str]) -> None:
