@@ -26,12 +26,12 @@ touches are not drawn. Every text plotly draws is HTML-escaped here.
 
 from __future__ import annotations
 
-import html
 import math
 from typing import Any
 
 from ..metrics import CI_N_BOOT, CI_SEED, bootstrap_interval
 from ..errors import NormalizationError
+from .text import esc, pairs_text, plotly_text
 
 #: Edges drawn by default in a circuit view (the page's control changes it).
 DEFAULT_EDGES = 50
@@ -82,23 +82,12 @@ def is_circuit_section(value: Any) -> bool:
     return is_edges(value) or is_circuit(value) or is_curve(value) or is_evaluation(value)
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _pt(value: Any) -> str:
-    """Text for plotly to draw (plotly reads <b>, <br>, <a href> and entities in labels)."""
-    return html.escape(str(value), quote=False)
 
 
 def _num(value: float) -> float | None:
     """A JSON number, as stored (the float32 value exactly); None for NaN/inf."""
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _pairs(n: int) -> str:
-    return f"{n} pair{'s' if n != 1 else ''}"
 
 
 # -- the graph's names ------------------------------------------------------------------------
@@ -199,7 +188,7 @@ def circuit_data(result: Any, top_edges: int = DEFAULT_EDGES) -> dict[str, Any]:
         if name not in index:
             index[name] = len(nodes)
             column, y = node_place(name, graph.n_layers, graph.n_heads)
-            nodes.append([_pt(name), column, y])
+            nodes.append([plotly_text(name), column, y])
         return index[name]
 
     edges = []
@@ -207,7 +196,7 @@ def circuit_data(result: Any, top_edges: int = DEFAULT_EDGES) -> dict[str, Any]:
         target, kind = receiver_kind(dst)
         edge: dict[str, Any] = {"src": src, "dst": dst, "from": node(src), "to": node(target),
                                 "kind": kind, "score": None, "change": None, "ci": None}
-        hover = f"<b>{_pt(src)} → {_pt(dst)}</b>"
+        hover = f"<b>{plotly_text(src)} → {plotly_text(dst)}</b>"
         if weighted:
             edge["score"], edge["change"] = _num(scores[k]), _num(changes[k])
             hover += f"<br>score {scores[k]:+.4f}"
@@ -215,7 +204,7 @@ def circuit_data(result: Any, top_edges: int = DEFAULT_EDGES) -> dict[str, Any]:
                 lo, up = intervals[0][k], intervals[1][k]
                 edge["ci"] = [_num(lo), _num(up)]
                 hover += f"<br>95% CI [{lo:+.4f}, {up:+.4f}]"
-            hover += f"<br>change {changes[k]:+.4g} ({_pt(result.metric)})<br>rank {k + 1}"
+            hover += f"<br>change {changes[k]:+.4g} ({plotly_text(result.metric)})<br>rank {k + 1}"
         edge["hover"] = hover
         edges.append(edge)
     columns = sorted({c for _, c, _ in nodes})
@@ -253,7 +242,7 @@ def section_headline(result: Any) -> str:
             return "no edge was scored"
         src, dst, value = top[0]
         return (f"largest edge {src} -> {dst}, score {value:+.3g} (mean of "
-                f"{_pairs(result.n_pairs)})")
+                f"{pairs_text(result.n_pairs)})")
     if is_circuit(result):
         linked = "connects" if result.connected else "does not connect"
         return f"{len(result.nodes)} nodes; it {linked} input to logits"
@@ -304,8 +293,8 @@ def edges_table(i: int, data: dict[str, Any], metric: str) -> str:
             f"change ({metric})"]
     rows = []
     for k, e in enumerate(data["edges"]):
-        cells = [(k + 1, str(k + 1)), (e["src"], _esc(e["src"])), (e["dst"], _esc(e["dst"])),
-                 (e["kind"], _esc(e["kind"]))]
+        cells = [(k + 1, str(k + 1)), (e["src"], esc(e["src"])), (e["dst"], esc(e["dst"])),
+                 (e["kind"], esc(e["kind"]))]
         if weighted:
             cells.append((e["score"], f"{e['score']:+.4f}" if e["score"] is not None else "–"))
             if has_ci:
@@ -314,18 +303,18 @@ def edges_table(i: int, data: dict[str, Any], metric: str) -> str:
             cells.append((e["change"], "–" if e["change"] is None else f"{e['change']:+.4g}"))
         hidden = " hidden" if k >= data["n"] else ""
         tds = "".join(
-            f"<td class='num' data-v='{_esc(v)}'>{text}</td>" if isinstance(v, (int, float))
-            and not isinstance(v, bool) else f"<td data-v='{_esc('' if v is None else v)}'>"
+            f"<td class='num' data-v='{esc(v)}'>{text}</td>" if isinstance(v, (int, float))
+            and not isinstance(v, bool) else f"<td data-v='{esc('' if v is None else v)}'>"
             f"{text}</td>" for v, text in cells)
         rows.append(f"<tr{hidden}>{tds}</tr>")
-    head = "".join(f"<th title='sort'>{_esc(h)}</th>" for h in heads)
+    head = "".join(f"<th title='sort'>{esc(h)}</th>" for h in heads)
     return (f"<table class='sortable edges' id='edges-table-{i}'><thead><tr>{head}</tr>"
             f"</thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _run_table(rows: list[tuple[str, Any]]) -> str:
     return ("<table class='meta'>" + "".join(
-        f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows) + "</table>")
+        f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</table>")
 
 
 def curve_figure(curve: Any, plot_id: str) -> dict[str, Any]:
@@ -361,8 +350,8 @@ def section(result: Any, i: int, heading: str, top_edges: int = DEFAULT_EDGES
             ) -> tuple[str, dict[str, Any] | None]:
     """``(html, figure)`` of one circuit-kind section ``i`` (``figure`` None: static)."""
     plot_id = f"plot-{i}"
-    head = (f"<section id='result-{i}' class='circuit'><h2>{_esc(heading)}</h2>"
-            f"<p class='takeaway'>{_esc(section_headline(result))}.</p>")
+    head = (f"<section id='result-{i}' class='circuit'><h2>{esc(heading)}</h2>"
+            f"<p class='takeaway'>{esc(section_headline(result))}.</p>")
     if is_edges(result) or is_circuit(result):
         data = circuit_data(result, top_edges)
         if is_edges(result):
@@ -387,7 +376,7 @@ def section(result: Any, i: int, heading: str, top_edges: int = DEFAULT_EDGES
                    ("nodes", len(result.nodes)), ("input -> logits", result.connected)]
             metric = ""
         figure = {"id": plot_id, "circuit": data, "dash": DASH}
-        body = (f"<p class='note'>{_esc(caption)}</p>{_control(i, data)}"
+        body = (f"<p class='note'>{esc(caption)}</p>{_control(i, data)}"
                 f"<div id='{plot_id}' class='plot'></div>"
                 f"<div class='cols'><div><h3>Run</h3>{_run_table(run)}</div>"
                 f"<div><h3>Edges</h3><p class='note'>Click a heading to sort.</p>"
@@ -409,7 +398,7 @@ def section(result: Any, i: int, heading: str, top_edges: int = DEFAULT_EDGES
                ("graph edges", f"{result.n_graph_edges:,}"),
                ("selection", ", ".join(f"{k}={v}" for k, v in
                                        (getattr(result, "selection", None) or {}).items()))]
-        body = (f"<p class='note'>{_esc(text)}</p><p class='controls'><label><input "
+        body = (f"<p class='note'>{esc(text)}</p><p class='controls'><label><input "
                 f"type='checkbox' id='{plot_id}-logx'> log x axis (drops size 0)</label></p>"
                 f"<div id='{plot_id}' class='plot'></div><h3>Run</h3>{_run_table(run)}")
         return head + body + "</section>", figure
@@ -422,7 +411,7 @@ def section(result: Any, i: int, heading: str, top_edges: int = DEFAULT_EDGES
            ("metric", getattr(result, "metric", "")), ("pairs", getattr(result, "n_pairs", ""))]
     note = ("Faithfulness = (M(circuit) - M(corrupted)) / (M(clean) - M(corrupted)), every "
             "edge outside the circuit patched to the corrupted run.")
-    return head + f"<p class='note'>{_esc(note)}</p>{_run_table(run)}</section>", None
+    return head + f"<p class='note'>{esc(note)}</p>{_run_table(run)}</section>", None
 
 
 CIRCUIT_JS = """

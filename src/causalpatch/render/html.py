@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import io
 import itertools
 import json
@@ -95,10 +94,12 @@ from .text import (
     axis_title,
     baselines_text,
     component_words,
+    esc,
     headline,
     metric_words,
     n_pairs_of,
     pairs_text,
+    plotly_text,
     position_roles,
     run_words,
     takeaway,
@@ -160,18 +161,11 @@ def script_json(value: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _pt(value: Any) -> str:
-    """Text for plotly to draw: plotly reads <b>, <br>, <a href> and entities in labels."""
-    return html.escape(str(value), quote=False)
 
 
 def _tmpl(value: Any) -> str:
     """Literal text inside a plotly hovertemplate (``%{`` must not start a field)."""
-    return _pt(value).replace("{", "&#123;").replace("}", "&#125;")
+    return plotly_text(value).replace("{", "&#123;").replace("}", "&#125;")
 
 
 def _num(value: float) -> float | None:
@@ -220,8 +214,8 @@ def _font() -> dict[str, str]:
 
 
 def _axis_layout(result: PatchingResult, axis: str, reverse: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"title": {"text": _pt(axis_title(result, axis))}, "type": "category",
-                           "automargin": True}
+    out: dict[str, Any] = {"title": {"text": plotly_text(axis_title(result, axis))},
+                           "type": "category", "automargin": True}
     if axis == "position":
         out["tickangle"] = -40
     if reverse:
@@ -284,14 +278,14 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     if result.method == "causal_tracing" and m.ndim == 2:
         return trace_figure_spec(result)
     axes = result.axes
-    names = [_unique([_pt(result.cell_text(a, i)) for i in range(n)])
+    names = [_unique([plotly_text(result.cell_text(a, i)) for i in range(n)])
              for a, n in zip(axes, m.shape)]
     limit = _limit(vmax if vmax is not None and 0 < vmax < math.inf else symmetric_limit(m))
     value_name = _value_name(result)
     std = None if result.std is None else result.std.double().numpy()
     interval = cell_intervals(result)
     layout: dict[str, Any] = {
-        "title": {"text": _pt(result_title(result)), "font": {"size": 15}},
+        "title": {"text": plotly_text(result_title(result)), "font": {"size": 15}},
         "font": _font(), "paper_bgcolor": "white", "plot_bgcolor": "white",
         "margin": {"l": 70, "r": 30, "t": 60, "b": 60},
     }
@@ -363,7 +357,7 @@ def figure_spec(result: PatchingResult, vmax: float | None = None) -> dict[str, 
     layout["height"] = height + 90
     layout["sliders"] = [{
         "active": 0, "steps": steps, "pad": {"t": 95, "b": 10}, "len": 1.0,
-        "currentvalue": {"prefix": f"{_pt(panel_axis)}: ", "font": {"size": 13}},
+        "currentvalue": {"prefix": f"{plotly_text(panel_axis)}: ", "font": {"size": 13}},
     }]
     return {"data": [trace], "layout": layout}
 
@@ -408,8 +402,8 @@ def trace_figure_spec(result: PatchingResult) -> dict[str, Any]:
                                      if base is not None else "")
     template = "position %{y}<br>layer %{x}<br>indirect effect %{z:+.4f}"
     trace: dict[str, Any] = {
-        "type": "heatmap", "x": _unique([_pt(t) for t in layers]),
-        "y": _unique([_pt(t) for t in rows]), "z": _nums(matrix.tolist()),
+        "type": "heatmap", "x": _unique([plotly_text(t) for t in layers]),
+        "y": _unique([plotly_text(t) for t in rows]), "z": _nums(matrix.tolist()),
         "colorscale": trace_colorscale(result.component), "zmin": 0.0, "zmax": _limit(vmax),
         "zauto": False, "xgap": 1, "ygap": 1,
         "colorbar": {"title": {"text": bar_title}, "thickness": 14}}
@@ -428,11 +422,11 @@ def trace_figure_spec(result: PatchingResult) -> dict[str, Any]:
     trace["hovertemplate"] = template + "<extra></extra>"
     height = int(min(1000, max(300, 26 * len(rows) + 170)))
     layout: dict[str, Any] = {
-        "title": {"text": _pt(result_title(result)), "font": {"size": 15}},
+        "title": {"text": plotly_text(result_title(result)), "font": {"size": 15}},
         "font": _font(), "paper_bgcolor": "white", "plot_bgcolor": "#eeeeee",
         "margin": {"l": 70, "r": 30, "t": 60, "b": 60}, "height": height,
-        "xaxis": {"title": {"text": _pt(x_title)}, "type": "category", "automargin": True},
-        "yaxis": {"title": {"text": _pt(y_title)}, "type": "category", "automargin": True,
+        "xaxis": {"title": {"text": plotly_text(x_title)}, "type": "category", "automargin": True},
+        "yaxis": {"title": {"text": plotly_text(y_title)}, "type": "category", "automargin": True,
                   "autorange": "reversed"}}
     return {"data": [trace], "layout": layout}
 
@@ -443,8 +437,8 @@ def _value_name(result: PatchingResult) -> str:
     if result.method == "attribution_patching" and result.normalized:
         return "estimate"
     if result.method == "ablation":
-        return _pt(f"change in {result.metric}")
-    return "effect" if result.normalized else _pt(result.metric)
+        return plotly_text(f"change in {result.metric}")
+    return "effect" if result.normalized else plotly_text(result.metric)
 
 
 def _panel_names(result: PatchingResult, names: list[list[str]]) -> tuple[str, list[str]]:
@@ -453,7 +447,8 @@ def _panel_names(result: PatchingResult, names: list[list[str]]) -> tuple[str, l
     if len(axes) == 3:
         return axes[2], names[2]
     return " / ".join(axes[2:]), [
-        ", ".join(f"{_pt(a)} {names[2 + d][i]}" for d, (a, i) in enumerate(zip(axes[2:], coords)))
+        ", ".join(f"{plotly_text(a)} {names[2 + d][i]}"
+                  for d, (a, i) in enumerate(zip(axes[2:], coords)))
         for coords in itertools.product(*map(range, shape[2:]))]
 
 
@@ -530,7 +525,7 @@ def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[s
     axes = result.axes
     cells = int(np.prod(values.shape[1:3])) if values.ndim > 2 else int(values.shape[1])
     shown = max(1, min(n, max_pairs, MAX_PAIR_VALUES // max(1, 2 * cells)))
-    names = [_unique([_pt(result.cell_text(a, i)) for i in range(size)])
+    names = [_unique([plotly_text(result.cell_text(a, i)) for i in range(size)])
              for a, size in zip(axes, result.shape)]
     value_name = _value_name(result)
     panel_axis = panel_names = None
@@ -547,7 +542,7 @@ def pair_view(result: PatchingResult, max_pairs: int = MAX_PAIR_VIEWS) -> dict[s
     limit = _limit(symmetric_limit(np.stack(mats)))
     views, details = [], []
     for i, m in enumerate(mats):
-        texts = [_unique([_pt(t) for t in pair_axis_texts(result, a, i)]) for a in axes[:2]]
+        texts = [_unique([plotly_text(t) for t in pair_axis_texts(result, a, i)]) for a in axes[:2]]
         view: dict[str, Any]
         if m.ndim == 1:
             view = {"x": [texts[0]], "y": [_nums(m.tolist())],
@@ -639,7 +634,7 @@ def _as_trace_view(result: PatchingResult, view: dict[str, Any], mats: list[Any]
 
 
 def _pair_section(i: int, view: dict[str, Any], result: PatchingResult) -> str:
-    options = [f"<option value='{k}'>pair {k}: {_esc(_short(d['clean'], 70))}</option>"
+    options = [f"<option value='{k}'>pair {k}: {esc(_short(d['clean'], 70))}</option>"
                for k, d in enumerate(view["details"])]
     more = (f"<span class='note'> (first {view['shown']} of {view['n_pairs']} pairs)</span>"
             if view["shown"] < view["n_pairs"] else "")
@@ -648,16 +643,16 @@ def _pair_section(i: int, view: dict[str, Any], result: PatchingResult) -> str:
     if result.method == "causal_tracing":
         kind = "each prompt's indirect effects; pair = prompt"
     return (
-        f"<details class='pairs' open><summary>Per pair ({_esc(pairs_text(view['n_pairs']))}; "
-        f"{_esc(kind)})</summary>"
+        f"<details class='pairs' open><summary>Per pair ({esc(pairs_text(view['n_pairs']))}; "
+        f"{esc(kind)})</summary>"
         f"<label>pair <select id='pair-select-{i}' data-section='{i}'>{''.join(options)}"
         f"</select></label>{more}"
         f"<table class='meta pair-info' id='pair-info-{i}'>"
-        f"<tr><th>clean</th><td><code data-field='clean'>{_esc(d0['clean'])}</code></td></tr>"
-        f"<tr><th>corrupted</th><td><code data-field='corrupted'>{_esc(d0['corrupted'])}"
+        f"<tr><th>clean</th><td><code data-field='clean'>{esc(d0['clean'])}</code></td></tr>"
+        f"<tr><th>corrupted</th><td><code data-field='corrupted'>{esc(d0['corrupted'])}"
         f"</code></td></tr>"
-        f"<tr><th>answers</th><td data-field='answers'>{_esc(d0['answers'])}</td></tr>"
-        f"<tr><th>largest cells</th><td data-field='top'>{_esc(d0['top'])}</td></tr></table>"
+        f"<tr><th>answers</th><td data-field='answers'>{esc(d0['answers'])}</td></tr>"
+        f"<tr><th>largest cells</th><td data-field='top'>{esc(d0['top'])}</td></tr></table>"
         f"<div id='pairplot-{i}' class='plot pairplot' data-pair='0'></div></details>")
 
 
@@ -678,15 +673,15 @@ def top_table(result: PatchingResult, k: int = 10) -> str:
     patching's values are headed ``estimate``, with an ``exact`` column where cells were
     verified (``extra["verified"]``)."""
     checked = verified_cells(result) if result.method == "attribution_patching" else {}
-    head = "".join(f"<th>{_esc(a)}</th>" for a in result.axes)
-    head += f"<th>{_esc(value_heading(result))}</th>"
+    head = "".join(f"<th>{esc(a)}</th>" for a in result.axes)
+    head += f"<th>{esc(value_heading(result))}</th>"
     if checked:
         head += "<th>exact</th>"
     if result.std is not None:
         head += "<th>std</th>"
     rows = []
     for coords, effect in result.top_cells(k):
-        cells = "".join(f"<td>{_esc(result.cell_text(a, c))}</td>"
+        cells = "".join(f"<td>{esc(result.cell_text(a, c))}</td>"
                         for a, c in zip(result.axes, coords))
         exact = checked.get(tuple(int(c) for c in coords))
         shown = effect if exact is None else exact["estimate"]
@@ -757,7 +752,7 @@ def metadata_table(result: PatchingResult) -> str:
     if result.timings:
         items.append(("timings", ", ".join(
             f"{timing_name(k)} {v:.2f} s" for k, v in result.timings.items())))
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items)
     parts = [f"<table class='meta'>{rows}</table>"]
     if result.extra:
         try:
@@ -767,7 +762,7 @@ def metadata_table(result: PatchingResult) -> str:
         if len(text) > MAX_EXTRA_CHARS:
             text = text[:MAX_EXTRA_CHARS] + f"\n... ({len(text) - MAX_EXTRA_CHARS} more chars)"
         parts.append("<details><summary>method metadata (extra)</summary>"
-                     f"<pre>{_esc(text)}</pre></details>")
+                     f"<pre>{esc(text)}</pre></details>")
     return "".join(parts)
 
 
@@ -794,9 +789,9 @@ def prompts_table(result: PatchingResult) -> str:
         for i in range(min(n, MAX_PROMPTS)):
             clean = result.clean_prompts[i] if i < len(result.clean_prompts) else ""
             corrupted = result.corrupted_prompts[i] if i < len(result.corrupted_prompts) else ""
-            answers = f"<td>{_esc(answer_text(result, i))}</td>" if has_answers else ""
-            rows.append(f"<tr><td class='num'>{i}</td><td><code>{_esc(clean)}</code></td>"
-                        f"<td><code>{_esc(corrupted)}</code></td>{answers}</tr>")
+            answers = f"<td>{esc(answer_text(result, i))}</td>" if has_answers else ""
+            rows.append(f"<tr><td class='num'>{i}</td><td><code>{esc(clean)}</code></td>"
+                        f"<td><code>{esc(corrupted)}</code></td>{answers}</tr>")
         more = (f"<p class='note'>... and {n - MAX_PROMPTS} more pairs</p>"
                 if n > MAX_PROMPTS else "")
         parts.append("<table class='prompts'><tr><th>#</th><th>clean</th><th>corrupted</th>"
@@ -807,8 +802,8 @@ def prompts_table(result: PatchingResult) -> str:
         chips = []
         for i, t in enumerate(result.clean_tokens[0]):
             role = roles[i] if i < len(roles) else ""
-            tag = f"<b class='role'>{_esc(role)}</b>" if role else ""
-            chips.append(f"<span class='tok'><sub>{i}</sub><code>{_esc(t)}</code>{tag}</span>")
+            tag = f"<b class='role'>{esc(role)}</b>" if role else ""
+            chips.append(f"<span class='tok'><sub>{i}</sub><code>{esc(t)}</code>{tag}</span>")
         parts.append("<h4>Tokens of the first clean prompt" + (" (with roles)" if roles else "")
                      + f"</h4><div class='toks'>{''.join(chips)}</div>")
     return "".join(parts) or "<p class='note'>No prompts recorded.</p>"
@@ -1044,8 +1039,8 @@ def report(results: Any,
     figures: list[dict[str, Any] | None] = []
     summary: list[str] = []
     for i, result in enumerate(everything):
-        summary.append(f"<li><a href='#result-{i}'>{_esc(titles[i])}</a>: "
-                       f"{_esc(section_headline(result))}</li>")
+        summary.append(f"<li><a href='#result-{i}'>{esc(titles[i])}</a>: "
+                       f"{esc(section_headline(result))}</li>")
         if i not in patching and is_circuit_section(result):
             html_part, figure_part = circuit_section(result, i, f"{i + 1}. {titles[i]}",
                                                      top_edges)
@@ -1057,8 +1052,8 @@ def report(results: Any,
             view_html = (lens_html(result, page=False) if is_lens(result)
                          else dla_html(result, page=False))
             sections.append(f"<section id='result-{i}' class='static'>"
-                             f"<h2>{_esc(f'{i + 1}. {titles[i]}')}</h2>"
-                             f"<p class='takeaway'>{_esc(section_headline(result))}.</p>"
+                             f"<h2>{esc(f'{i + 1}. {titles[i]}')}</h2>"
+                             f"<p class='takeaway'>{esc(section_headline(result))}.</p>"
                              f"{view_html}</section>")
             continue
         j = items.index(result)
@@ -1080,20 +1075,20 @@ def report(results: Any,
             note = "<p class='prompt-note'>Prompts: not recorded.</p>"
         elif len(keys) == 1:
             note = (f"<p class='prompt-note'>Prompts: the <a href='#prompts'>prompt table</a> "
-                    f"({_esc(pairs_text(n))}).</p>")
+                    f"({esc(pairs_text(n))}).</p>")
         elif k == set_of[0]:
             note = (f"<p class='prompt-note'>Prompts: <a href='#prompts-{_set_name(k)}'>set "
-                    f"{_set_name(k)}</a> ({_esc(pairs_text(n))}).</p>")
+                    f"{_set_name(k)}</a> ({esc(pairs_text(n))}).</p>")
         else:
             note = (f"<p class='prompt-note other'><b>Built from other prompts</b> than the "
                     f"first section: <a href='#prompts-{_set_name(k)}'>set {_set_name(k)}</a> "
-                    f"({_esc(pairs_text(n))}).</p>")
+                    f"({esc(pairs_text(n))}).</p>")
         run = run_words(result)
-        run_html = ("<ul class='run'>" + "".join(f"<li>{_esc(w)}</li>" for w in run) + "</ul>"
+        run_html = ("<ul class='run'>" + "".join(f"<li>{esc(w)}</li>" for w in run) + "</ul>"
                     if run else "")
         sections.append(
-            f"<section id='result-{i}'><h2>{_esc(heading)}</h2>"
-            f"<p class='takeaway'>{_esc(takeaway(result))}</p>{run_html}{note}"
+            f"<section id='result-{i}'><h2>{esc(heading)}</h2>"
+            f"<p class='takeaway'>{esc(takeaway(result))}</p>{run_html}{note}"
             f"<div id='{plot_id}' class='plot'></div>"
             + (_pair_section(i, view, result) if view is not None else "")
             + f"<div class='cols'><div><h3>Top components</h3>{top_table(result)}</div>"
@@ -1108,7 +1103,7 @@ def report(results: Any,
             used = ", ".join(map(str, users[k]))
             prompt_parts.append(
                 f"<h3 id='prompts-{_set_name(k)}'>Set {_set_name(k)} "
-                f"({_esc(pairs_text(max(len(key[0]), len(key[1]))))}; sections {used})</h3>"
+                f"({esc(pairs_text(max(len(key[0]), len(key[1]))))}; sections {used})</h3>"
                 + prompts_table(first))
     prompts_html = (f"<section id='prompts'><h2>Prompts</h2>{''.join(prompt_parts)}</section>"
                     if items else "")
@@ -1121,7 +1116,7 @@ def report(results: Any,
         script_src = _csp_hash(plotly_js)
     else:
         url = _plotly_cdn_url()
-        plotly_tag = f"<script src='{_esc(url)}' charset='utf-8'></script>"
+        plotly_tag = f"<script src='{esc(url)}' charset='utf-8'></script>"
         script_src = "https://cdn.plot.ly"
     csp = ("default-src 'none'; script-src " + script_src + " " + _csp_hash(_INIT)
            + "; style-src 'unsafe-inline'; img-src data: blob:; font-src data:; "
@@ -1138,9 +1133,9 @@ def report(results: Any,
         f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<meta name='generator' content='causalpatch'>"
-        f"<title>{_esc(title)}</title><style>{_STYLE}</style>\n"
+        f"<title>{esc(title)}</title><style>{_STYLE}</style>\n"
         f"{plotly_tag}\n</head><body>"
-        f"<h1>{_esc(title)}</h1><p class='versions'>{_esc(versions)}</p>"
+        f"<h1>{esc(title)}</h1><p class='versions'>{esc(versions)}</p>"
         f"<p id='cp-plotly-missing'></p>{nav}{controls}{prompts_html}"
         f"{''.join(sections)}\n"
         f"<script type='application/json' id='cp-figures'>{script_json(figures)}</script>\n"
@@ -1173,9 +1168,9 @@ def compact_html(result: PatchingResult) -> str:
     if result.method != "causal_tracing":  # its run words hold its baselines
         run.append(baselines_text(result))
     return (f"<div class='causalpatch-result' style='font-size:12px'>"
-            f"<div><b>{_esc(line)}</b></div>"
-            + "".join(f"<div>{_esc(w)}</div>" for w in run)
-            + f"<div style='margin:4px 0'>{_esc(takeaway(result))}</div>"
+            f"<div><b>{esc(line)}</b></div>"
+            + "".join(f"<div>{esc(w)}</div>" for w in run)
+            + f"<div style='margin:4px 0'>{esc(takeaway(result))}</div>"
             + f"<img alt='effect plot' style='max-width:100%' "
               f"src='data:image/png;base64,{image}'/>{top_table(result, 5)}</div>")
 

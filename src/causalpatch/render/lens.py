@@ -9,11 +9,11 @@ self-contained (inline CSS, no scripts), for ``to_html`` files and notebooks (``
 
 from __future__ import annotations
 
-import html
 import math
 from typing import Any
 
 from .plots import COLUMN_WIDTH, FONT_SIZE, NEGATIVE, POSITIVE, TEXT_WIDTH
+from .text import esc
 
 #: Colour maps of the lens statistics (sequential: more = darker).
 LENS_CMAPS = {"top": "Blues", "answer_prob": "Greens", "answer_rank": "Greens_r",
@@ -24,9 +24,6 @@ LENS_LABELS = {"top": "probability of the top token", "answer_prob": "probabilit
 #: Cells up to which the lens heatmap writes each cell's top token.
 MAX_ANNOTATED_CELLS = 40 * 40
 
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def shown_token(token: str) -> str:
@@ -194,7 +191,7 @@ _CSS = ("<style>.cp-lens{font:12px system-ui,sans-serif}.cp-lens table{border-co
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"{_CSS}</head><body>{body}</body></html>")
 
 
@@ -203,7 +200,7 @@ def lens_html(result: Any, page: bool = True) -> str:
     cell is the top token, shaded by its probability, with the top-k in its tooltip (and the
     answer's probability and rank when given)."""
     has_answer = getattr(result, "answer_prob", None) is not None
-    head = "".join(f"<th>{_esc(repr(result.tokens[p]))}<br>{p}</th>" for p in result.positions)
+    head = "".join(f"<th>{esc(repr(result.tokens[p]))}<br>{p}</th>" for p in result.positions)
     body = []
     for i in reversed(range(len(result.layers))):
         cells = []
@@ -218,17 +215,17 @@ def lens_html(result: Any, page: bool = True) -> str:
                     f"KL {float(result.kl[i, j]):.3f}")
             shade = f"rgba(33,102,172,{0.08 + 0.8 * prob:.2f})"
             colour = "#fff" if prob > 0.6 else "#000"
-            cells.append(f"<td title='{_esc(tip)}' style='background:{shade};color:{colour}'>"
-                         f"{_esc(shown_token(result.top_tokens[i][j][0]))}</td>")
-        body.append(f"<tr><th>{_esc(result.layers[i])}</th>{''.join(cells)}</tr>")
+            cells.append(f"<td title='{esc(tip)}' style='background:{shade};color:{colour}'>"
+                         f"{esc(shown_token(result.top_tokens[i][j][0]))}</td>")
+        body.append(f"<tr><th>{esc(result.layers[i])}</th>{''.join(cells)}</tr>")
     note = ""
     if has_answer:
         ranks = ", ".join(f"{result.layers[i]}: {int(result.answer_rank[i, -1])}"
                           for i in range(len(result.layers)))
-        note = (f"<p>Rank of {_esc(repr(result.answer_text))} at the last position, by layer: "
-                f"{_esc(ranks)}</p>")
-    content = (f"<div class='cp-lens'><h3>Logit lens — {_esc(result.model_name)}</h3>"
-               f"<p>{_esc(result.prompt)}</p><table><tr><th>layer</th>{head}</tr>"
+        note = (f"<p>Rank of {esc(repr(result.answer_text))} at the last position, by layer: "
+                f"{esc(ranks)}</p>")
+    content = (f"<div class='cp-lens'><h3>Logit lens — {esc(result.model_name)}</h3>"
+               f"<p>{esc(result.prompt)}</p><table><tr><th>layer</th>{head}</tr>"
                f"{''.join(body)}</table>{note}</div>")
     return _page("Logit lens", content) if page else _CSS + content
 
@@ -242,15 +239,15 @@ def dla_html(result: Any, page: bool = True, k: int = 25) -> str:
     for name, value in top:
         width = 160 * abs(value) / scale
         colour = POSITIVE if value > 0 else NEGATIVE
-        rows.append(f"<tr><td style='text-align:left'>{_esc(name)}</td><td>{value:+.4f}</td>"
+        rows.append(f"<tr><td style='text-align:left'>{esc(name)}</td><td>{value:+.4f}</td>"
                     f"<td style='text-align:left'><span class='bar' style='width:{width:.0f}px;"
                     f"background:{colour}'></span></td></tr>")
     total = float(result.values.sum())
     cap = (f" (pre-cap; the model's capped difference is {result.model_logit_diff:.4f})"
            if result.softcap else "")
-    heading = _esc(_dla_heading(result)).replace("\n", "<br>")
+    heading = esc(_dla_heading(result)).replace("\n", "<br>")
     content = (f"<div class='cp-lens'><h3>{heading}</h3>"
-               f"<p>logit difference {result.logit_diff:.4f}{_esc(cap)}; the {len(result.names)} "
+               f"<p>logit difference {result.logit_diff:.4f}{esc(cap)}; the {len(result.names)} "
                f"parts sum to {total:.4f} (largest gap over prompts "
                f"{result.sum_error:.2g})</p><table><tr><th>part</th><th>value</th><th></th></tr>"
                f"{''.join(rows)}</table></div>")

@@ -16,6 +16,7 @@ Results are duck-typed (``effect_matrix``, ``axes``, ``shape``, ``normalized``, 
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,16 @@ def n_pairs_of(result: PatchingResult) -> int:
 
 def pairs_text(n: int) -> str:
     return f"{n} pair{'s' if n != 1 else ''}"
+
+
+def esc(value: Any) -> str:
+    """``value`` as text safe in HTML, quotes included (attributes and element text)."""
+    return html.escape(str(value), quote=True)
+
+
+def plotly_text(value: Any) -> str:
+    """Text for plotly to draw: plotly reads <b>, <br>, <a href> and entities in labels."""
+    return html.escape(str(value), quote=False)
 
 
 def position_roles(result: PatchingResult) -> list[str] | None:
