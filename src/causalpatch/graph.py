@@ -60,7 +60,7 @@ FORMAT_VERSION = 1
 CIRCUIT_FORMAT = "causalpatch.circuit"
 
 
-def _read_json_object(text_or_path: str | bytes | os.PathLike[str], what: str) -> dict:
+def read_json_object(text_or_path: str | bytes | os.PathLike[str], what: str) -> dict:
     """A JSON object from JSON text (``str``/``bytes`` starting with ``{``) or a file path.
 
     Raises:
@@ -417,7 +417,7 @@ class EdgeResult:
     @classmethod
     def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> EdgeResult:
         """Load :meth:`to_json`'s output (JSON text or a file path)."""
-        return cls.from_dict(_read_json_object(text_or_path, EDGES_FORMAT))
+        return cls.from_dict(read_json_object(text_or_path, EDGES_FORMAT))
 
     def to_html(self, path: str | os.PathLike[str] | None = None, title: str | None = None,
                 plotly: str = "inline", top_edges: int | None = None) -> str:
@@ -482,6 +482,12 @@ def head_writes(model: HookedModel, layer: int, z: torch.Tensor) -> torch.Tensor
     w, _ = model.runtime.output_projection(layer, "attn")  # [H * d_head, d_model]
     return torch.einsum("...he,hed->...hd", z.float(),
                         w.float().reshape(model.n_heads, model.d_head, -1))
+
+
+def sender_sites(sites: dict[str, list[Site]]) -> list[Site]:
+    """The sites :func:`sender_deltas` reads: the embedding (``resid_pre`` of layer 0), every
+    layer's ``attn.z`` and every MLP's output."""
+    return [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
 
 
 def sender_deltas(model: HookedModel, sites: dict[str, list[Site]],
@@ -654,7 +660,7 @@ class Circuit:
     @classmethod
     def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> Circuit:
         """Load :meth:`to_json`'s output (JSON text or a file path)."""
-        return cls.from_dict(_read_json_object(text_or_path, CIRCUIT_FORMAT))
+        return cls.from_dict(read_json_object(text_or_path, CIRCUIT_FORMAT))
 
     def __repr__(self) -> str:
         return (f"Circuit({self.n_edges} of {self.graph.n_edges} edges, "

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -56,7 +55,7 @@ from ..assemble import GroupValues, Scale, aggregate, answer_columns
 from ..engine import PairRun, Step, climb, row_bytes, run_layer, run_pair, unembed
 from ..errors import InvalidArgumentError, InvalidTypeError
 from ..graph import (Circuit, EdgeGraph, EdgeResult, check_separable, edge_sites, head_writes,
-                     select_edges)
+                     read_json_object, select_edges)
 from ..hooks import Hook, StopForward
 from ..metrics import Metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
@@ -66,7 +65,6 @@ if TYPE_CHECKING:
     from ..model import HookedModel
     from ..names import Site
 
-#: The circuit sizes of MIB's faithfulness curves, as fractions of the graph's edges.
 #: The ``format`` field of a saved :class:`CircuitEvaluation`.
 EVALUATION_FORMAT = "causalpatch.circuit_evaluation"
 
@@ -136,10 +134,10 @@ class CircuitEvaluation:
                 "CircuitEvaluation.to_dict()") from exc
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> CircuitEvaluation:
-        """Read a file :meth:`to_dict` was written to (``faithfulness.json``)."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+    def from_json(cls, text_or_path: str | bytes | os.PathLike[str]) -> CircuitEvaluation:
+        """Load :meth:`to_dict`'s output (JSON text, or a file such as the
+        ``faithfulness.json`` `causalpatch circuit` writes)."""
+        return cls.from_dict(read_json_object(text_or_path, EVALUATION_FORMAT))
 
 
 @dataclass
@@ -220,7 +218,6 @@ class FaithfulnessCurve:
 
         return report([self], path, title=title or f"causalpatch: {section_title(self)}",
                       plotly=plotly)
-
 
 
 def areas(fractions: Sequence[float], faithfulness: Sequence[float]) -> tuple[float, float]:

@@ -76,7 +76,8 @@ from ..engine import (PairRun, Step, cachers, climb, embed, gradient_pass, last_
                       unembed)
 from ..enums import Direction
 from ..errors import InvalidArgumentError, InvalidTypeError
-from ..graph import EdgeGraph, EdgeResult, check_separable, edge_sites, sender_deltas
+from ..graph import (EdgeGraph, EdgeResult, check_separable, edge_sites, sender_deltas,
+                     sender_sites)
 from ..hooks import Hook, StopForward
 from ..metrics import Metric
 from ..options import DEFAULT_MEMORY_MB, Progress, RunOptions, prepare_pairs
@@ -165,8 +166,7 @@ class _Receivers:
         receivers at a time: each layer's input gradients are contracted with the senders'
         differences as soon as they are computed, so no layer's are held past its own turn."""
         model, sites, graph = self.model, self.sites, self.graph
-        senders = [sites["resid_pre"][0].name, *(s.name for s in sites["attn.z"]),
-                   *(s.name for s in sites["mlp"])]
+        senders = [s.name for s in sender_sites(sites)]
         base_of = self.base_senders if self.base_senders is not None else base
         t0 = self.start
         deltas = sender_deltas(model, sites, {k: base_of[k][:, t0:] for k in senders},
@@ -520,7 +520,7 @@ def _gradient_factory(graph: EdgeGraph, pairs: list[Pair], m: Metric, denoise: b
         flat = [s for kind in sites.values() for s in kind]
 
         # the senders: the only sites whose base and source activations the scores need
-        senders = [sites["resid_pre"][0], *sites["attn.z"], *sites["mlp"]]
+        senders = sender_sites(sites)
         keep = {s.name for s in senders}
 
         def evaluate(group: list[int], cells: list[int], tick: Callable[[int], None] | None
