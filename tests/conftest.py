@@ -548,6 +548,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+class ForwardCounter:
+    """Counts forward passes of a wrapped model's HF module with a plain hook of the user's own
+    (``n``; remove it with ``handle.remove()``): a refusal before any compute leaves it at 0."""
+
+    def __init__(self, model: Any) -> None:
+        self.n = 0
+        self.handle = model.hf_model.register_forward_pre_hook(self._count)
+
+    def _count(self, module: Any, args: Any) -> None:
+        self.n += 1
+
+
 # -- models for prompts given as token ids ---------------------------------------------------
 @dataclass
 class TextPairs:

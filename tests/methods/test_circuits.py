@@ -26,8 +26,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import (IOI_PAIRS, REFERENCE, TextPairs, assert_matches_reference, first_tensor,
-                      reference_qkv, tiny_hf_model, tiny_model, tiny_tokenizer)
+from conftest import (IOI_PAIRS, REFERENCE, ForwardCounter, TextPairs, assert_matches_reference,
+                      first_tensor, reference_qkv, tiny_hf_model, tiny_model, tiny_tokenizer)
 
 from causalpatch import (Circuit, InterpretableModel, edge_attribution, evaluate_circuit,
                          faithfulness_curve)
@@ -557,7 +557,7 @@ def test_curve_checkpoint_and_progress(tmp_path, one_thread):
         first = faithfulness_curve(model, data, scores, sizes=[0, 50, 200], checkpoint=str(path),
                                    progress=lambda done, total: seen.append((done, total)))
         assert seen[-1] == (2 * 6, 2 * 6)
-        counter = _Counter(model)
+        counter = ForwardCounter(model)
         try:
             again = faithfulness_curve(model, data, scores, sizes=[0, 50, 200],
                                        checkpoint=str(path))
@@ -570,17 +570,6 @@ def test_curve_checkpoint_and_progress(tmp_path, one_thread):
 
 
 # -- bad input -------------------------------------------------------------------------------------
-class _Counter:
-    """Counts forward passes of the wrapped HF model with a plain hook of the user's own."""
-
-    def __init__(self, model) -> None:
-        self.n = 0
-        self.handle = model.hf_model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args) -> None:
-        self.n += 1
-
-
 def _bad_calls(model, g: EdgeGraph):
     other = Circuit.full(EdgeGraph(2, 4, 2))
     scores = torch.ones(g.n_edges)
@@ -624,7 +613,7 @@ def _bad_calls(model, g: EdgeGraph):
 def test_bad_input_is_refused_before_any_forward():
     model = tiny_model("llama")
     g = EdgeGraph.of(model)
-    counter = _Counter(model)
+    counter = ForwardCounter(model)
     before = model.hook_snapshot()
     try:
         for name, call, error, fragment in _bad_calls(model, g):

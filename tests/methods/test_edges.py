@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (FAMILIES, IOI_PAIRS, REFERENCE, assert_matches_reference, first_tensor,
-                      tiny_model)
+from conftest import (FAMILIES, IOI_PAIRS, REFERENCE, ForwardCounter, assert_matches_reference,
+                      first_tensor, tiny_model)
 
 from causalpatch import edge_attribution
 from causalpatch.errors import (InvalidArgumentError, InvalidTypeError, UnknownComponentError,
@@ -491,17 +491,6 @@ def test_result_views_and_json_round_trip(tmp_path, one_thread):
 
 
 # -- bad input -------------------------------------------------------------------------------------
-class _Counter:
-    """Counts forward passes of the wrapped HF model with a plain hook of the user's own."""
-
-    def __init__(self, model) -> None:
-        self.n = 0
-        self.handle = model.hf_model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args) -> None:
-        self.n += 1
-
-
 BAD = [
     ("method", dict(method="acdc"), InvalidArgumentError, "method must be one of"),
     ("ig_steps-0", dict(method="eap_ig", ig_steps=0), InvalidArgumentError, "ig_steps"),
@@ -524,7 +513,7 @@ BAD = [
 @pytest.mark.parametrize("name,kwargs,error,fragment", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_refused_before_any_forward(name, kwargs, error, fragment):
     model = tiny_model("llama")
-    counter = _Counter(model)
+    counter = ForwardCounter(model)
     before = model.hook_snapshot()
     args = dict(correct=CORRECT, incorrect=INCORRECT)
     args.update(kwargs)
@@ -561,7 +550,7 @@ def test_pairs_per_pass_follows_the_memory_budget(one_thread):
     # observed 6.0e-8 of the largest change between batch sizes (float32 batching order)
     assert_matches_reference(chosen.change, explicit.change, 0.0, rtol=1e-6, min_cells=50,
                              what="budget-chosen batch")
-    counter = _Counter(model)
+    counter = ForwardCounter(model)
     try:
         with pytest.raises(InvalidArgumentError, match="memory_mb=0.001 cannot hold one pair"):
             edge_attribution(model, data, memory_mb=0.001)
@@ -574,7 +563,7 @@ def test_empty_dataset_and_inseparable_heads_are_refused():
     from conftest import TextPairs
 
     model = tiny_model("llama")
-    counter = _Counter(model)
+    counter = ForwardCounter(model)
     try:
         with pytest.raises(InvalidArgumentError, match="no pairs"):
             edge_attribution(model, TextPairs([], [], [], []))
@@ -626,7 +615,7 @@ def test_run_options_checkpoint_and_progress(tmp_path, one_thread):
                              progress=lambda done, total: seen.append((done, total)))
     n = first.graph.n_edges
     assert seen[-1] == (2 * n, 2 * n)
-    calls = _Counter(model)
+    calls = ForwardCounter(model)
     try:
         again = edge_attribution(model, data, method="exact", checkpoint=str(path),
                                  batch_size=7)

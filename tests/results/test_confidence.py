@@ -320,6 +320,20 @@ def test_tracing_position_interval_is_the_components_ci_and_errors(small_llama):
 
 
 # -- edge attribution: intervals over pairs ------------------------------------------------------
+def _resampled_normalisation(patched: torch.Tensor, base: torch.Tensor, source: torch.Tensor,
+                             n_boot: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hand-written reference of ``ci()``: ``n_boot`` resamples of the pairs (seeded as
+    the results seed theirs), each pair set's ``(mean patched - mean base) / (mean source -
+    mean base)``, and the 2.5% and 97.5% quantiles. ``patched`` ``[n_pairs, ...]``, ``base`` and
+    ``source`` ``[n_pairs]`` (float64). Returns the resampled indices ``[n_boot, n_pairs]`` and
+    the bounds ``[2, ...]``."""
+    n = patched.shape[0]
+    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+    draws = torch.stack([(patched[i].mean(0) - base[i].mean()) / (source[i].mean() - base[i].mean())
+                         for i in idx])
+    return idx, torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+
+
 def test_edge_interval_equals_resampled_scores_and_round_trips(make_tiny_lm):
     """Each resample's score is normalize(mean_b(patched), mean_b(base), mean_b(source)) of
     the kept per-pair values; the reference draws the same indices and computes it so."""
@@ -341,12 +355,8 @@ def test_edge_interval_equals_resampled_scores_and_round_trips(make_tiny_lm):
     metrics = kept.extra["pair_metrics"]
     base = torch.tensor(metrics["base"], dtype=torch.float64)
     source = torch.tensor(metrics["source"], dtype=torch.float64)
-    patched = kept.per_pair.double() + base[:, None]
-    n = patched.shape[0]
-    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
-    draws = torch.stack([(patched[i].mean(0) - base[i].mean()) / (source[i].mean() - base[i].mean())
-                         for i in idx])
-    ref = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    idx, ref = _resampled_normalisation(kept.per_pair.double() + base[:, None], base, source,
+                                        n_boot, seed)
     # observed: 0 difference after float32 rounding (relative 6e-8 before it) on scores up
     # to 63 (the tiny model's gap is small); allowed: 10x that relative difference
     torch.testing.assert_close(lower, ref[0].float(), rtol=6e-7, atol=1e-8)
@@ -394,11 +404,7 @@ def _check_interval_by_hand(result: PatchingResult, n_boot: int = 200, seed: int
     source = torch.tensor(metrics["source"], dtype=torch.float64)
     gap = source.mean() - base.mean()
     patched = result.per_pair.double() * gap + base.reshape(-1, *[1] * result.effect_matrix.dim())
-    n = patched.shape[0]
-    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
-    draws = torch.stack([(patched[i].mean(0) - base[i].mean()) / (source[i].mean() - base[i].mean())
-                         for i in idx])
-    ref = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+    _, ref = _resampled_normalisation(patched, base, source, n_boot, seed)
     # observed: relative 6e-8 at most (float32 per-pair effects scaled back by the gap in
     # float64; bounds up to ~40 on the tiny model's small gap); allowed: 10x
     torch.testing.assert_close(lower, ref[0].float(), rtol=6e-7, atol=1e-7)
